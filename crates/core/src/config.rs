@@ -1,0 +1,140 @@
+//! Runtime configuration, defined once with its defaults.
+//!
+//! Every limit and timeout keel enforces lives here, so the binding, the docs and the tests
+//! all read one value. Durations are `Duration` inside Rust; the binding converts `*Ms` numbers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Default HTTP host.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+/// Default HTTP port.
+pub const DEFAULT_PORT: u16 = 6420;
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = ".keel";
+/// Default bound on the whole graceful drain.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default per-action timeout.
+pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default idle time before an actor sleeps.
+pub const DEFAULT_SLEEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default timeout of one lifecycle hook (create, wake, sleep).
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Sizes that bound what a client may send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest HTTP request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest incoming WebSocket message, in bytes.
+    pub max_ws_message_bytes: usize,
+    /// Largest key segment, in bytes.
+    pub max_key_segment_bytes: usize,
+    /// Largest key (sum of its segments), in bytes.
+    pub max_key_bytes: usize,
+    /// Messages one actor may hold queued before callers get `actor.overloaded`.
+    pub max_mailbox_len: usize,
+    /// Largest KV key, in bytes.
+    pub max_kv_key_bytes: usize,
+    /// Largest KV value, in bytes.
+    pub max_kv_value_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 20 * 1024 * 1024,
+            max_ws_message_bytes: 64 * 1024,
+            max_key_segment_bytes: 128,
+            max_key_bytes: 1024,
+            max_mailbox_len: 1024,
+            max_kv_key_bytes: 2 * 1024,
+            max_kv_value_bytes: 128 * 1024,
+        }
+    }
+}
+
+/// How hard SQLite works to make a commit survive power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: a committed write survives power loss.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL` in WAL mode: survives a process crash, but the last commits before
+    /// a power loss or OS crash may roll back.
+    Relaxed,
+}
+
+impl Durability {
+    /// Parses the configuration spelling (`full` or `relaxed`).
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "full" => Ok(Durability::Full),
+            "relaxed" => Ok(Durability::Relaxed),
+            other => Err(Error::config(format!(
+                "durability must be \"full\" or \"relaxed\", not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Everything a runtime needs to start.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where the HTTP server listens (serve mode only).
+    pub listen: SocketAddr,
+    /// The directory holding the database.
+    pub data_dir: PathBuf,
+    /// Commit durability.
+    pub durability: Durability,
+    /// Bound on the whole graceful drain.
+    pub drain_timeout: Duration,
+    /// Default per-action timeout (an actor type may override it).
+    pub action_timeout: Duration,
+    /// Default idle time before an actor sleeps (an actor type may override it).
+    pub sleep_timeout: Duration,
+    /// Timeout of one lifecycle hook.
+    pub hook_timeout: Duration,
+    /// Request and storage limits.
+    pub limits: Limits,
+    /// Dev mode: internal error messages reach clients.
+    pub dev: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            durability: Durability::Full,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            action_timeout: DEFAULT_ACTION_TIMEOUT,
+            sleep_timeout: DEFAULT_SLEEP_TIMEOUT,
+            hook_timeout: DEFAULT_HOOK_TIMEOUT,
+            limits: Limits::default(),
+            dev: false,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Checks values that would make the runtime misbehave.
+    pub fn validate(&self) -> Result<()> {
+        if self.limits.max_mailbox_len == 0 {
+            return Err(Error::config("the mailbox length must be at least 1"));
+        }
+        if self.action_timeout.is_zero() {
+            return Err(Error::config("the action timeout must be positive"));
+        }
+        if self.hook_timeout.is_zero() {
+            return Err(Error::config("the hook timeout must be positive"));
+        }
+        if self.limits.max_body_bytes == 0 {
+            return Err(Error::config("the body limit must be positive"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,366 @@
+//! The one error type of keel's core.
+//!
+//! Every failure that can reach a caller is a variant here, and every variant has a stable
+//! `group` and `code` (together written `group.code` in the docs) and exactly one HTTP status.
+//! The binding converts this type to a JS `KeelError` in one place, and the HTTP layer renders
+//! it as `{group, code, message, metadata}`; nothing downstream parses messages.
+
+use serde_json::Value;
+
+/// Result alias used throughout core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error keel reports, with a stable `group`/`code` per variant.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `register` was called after the registry left `Idle`.
+    #[error("actor types can only be registered before the registry starts")]
+    RegistryNotIdle,
+    /// The registry runs in the other mode (serve versus serverless).
+    #[error("the registry is running in {running} mode and cannot {wanted}")]
+    RegistryWrongMode {
+        running: &'static str,
+        wanted: &'static str,
+    },
+    /// `serve` was called twice.
+    #[error("the registry is already serving")]
+    RegistryAlreadyRunning,
+    /// The registry has shut down (or the drain gave up on this work).
+    #[error("the registry has shut down")]
+    RegistryShutDown,
+    /// The registry is draining and accepts no new work.
+    #[error("the registry is shutting down")]
+    RegistryShuttingDown,
+    /// Two actor types with one name.
+    #[error("an actor type named {name:?} is already registered")]
+    DuplicateActorType { name: String },
+    /// A configuration value is out of range or malformed.
+    #[error("invalid configuration: {message}")]
+    InvalidConfig { message: String },
+
+    /// No actor type has this name.
+    #[error("no actor type named {name:?} is registered")]
+    ActorTypeNotFound { name: String },
+    /// No actor with this key or id exists.
+    #[error("actor not found")]
+    ActorNotFound,
+    /// `create` found an actor with this key.
+    #[error("an actor with this key already exists")]
+    ActorAlreadyExists,
+    /// The actor's mailbox is full.
+    #[error("the actor is overloaded: its mailbox holds {capacity} messages")]
+    ActorOverloaded { capacity: usize },
+    /// The actor type has no action with this name.
+    #[error("actor type {actor_type:?} has no action named {action:?}")]
+    ActionNotFound { actor_type: String, action: String },
+    /// The action did not finish within its timeout.
+    #[error("the action did not finish within {timeout_ms} ms")]
+    ActionTimedOut { timeout_ms: u64 },
+    /// User code failed in a way that is not a `UserError`; the message is hidden unless dev
+    /// mode is on.
+    #[error("{message}")]
+    ActorInternal { message: String },
+    /// The actor's task stopped while the request was pending.
+    #[error("the actor stopped before replying")]
+    ActorStopped,
+
+    /// A `UserError` thrown by an action or hook: its code and message reach the client.
+    #[error("{message}")]
+    User {
+        code: String,
+        message: String,
+        metadata: Option<Value>,
+    },
+
+    /// The request body or its fields are malformed.
+    #[error("{message}")]
+    RequestMalformed { message: String },
+    /// The request body exceeds the configured limit.
+    #[error("the request body exceeds the limit of {limit} bytes")]
+    RequestTooLarge { limit: usize },
+    /// An actor key breaks the key rules.
+    #[error("invalid actor key: {message}")]
+    InvalidKey { message: String },
+    /// No route matches the request.
+    #[error("no route for {method} {path}")]
+    RouteNotFound { method: String, path: String },
+
+    /// Another process holds the data directory.
+    #[error("the data directory {path} is in use by another process")]
+    StorageLocked { path: String },
+    /// The database file is not a valid keel database.
+    #[error("the database at {path} is corrupt or not a keel database")]
+    StorageCorrupt {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer keel.
+    #[error("the database schema version {found} is newer than this keel supports ({supported})")]
+    StorageTooNew { found: i64, supported: i64 },
+    /// SQLite failed.
+    #[error("storage failed: {0}")]
+    Storage(#[from] rusqlite::Error),
+    /// The filesystem failed.
+    #[error("i/o failed: {context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The group-commit writer has stopped; nothing more can be made durable.
+    #[error("the storage writer has stopped")]
+    WriterClosed,
+}
+
+impl Error {
+    /// The error's group: the first half of `group.code`.
+    pub fn group(&self) -> &str {
+        use Error::*;
+        match self {
+            RegistryNotIdle
+            | RegistryWrongMode { .. }
+            | RegistryAlreadyRunning
+            | RegistryShutDown
+            | RegistryShuttingDown
+            | DuplicateActorType { .. }
+            | InvalidConfig { .. } => "registry",
+            ActorTypeNotFound { .. }
+            | ActorNotFound
+            | ActorAlreadyExists
+            | ActorOverloaded { .. }
+            | ActionNotFound { .. }
+            | ActionTimedOut { .. }
+            | ActorInternal { .. }
+            | ActorStopped => "actor",
+            User { .. } => "user",
+            RequestMalformed { .. }
+            | RequestTooLarge { .. }
+            | InvalidKey { .. }
+            | RouteNotFound { .. } => "request",
+            StorageLocked { .. }
+            | StorageCorrupt { .. }
+            | StorageTooNew { .. }
+            | Storage(_)
+            | Io { .. }
+            | WriterClosed => "storage",
+        }
+    }
+
+    /// The error's code within its group.
+    pub fn code(&self) -> &str {
+        use Error::*;
+        match self {
+            RegistryNotIdle => "not_idle",
+            RegistryWrongMode { .. } => "wrong_mode",
+            RegistryAlreadyRunning => "already_running",
+            RegistryShutDown => "shut_down",
+            RegistryShuttingDown => "shutting_down",
+            DuplicateActorType { .. } => "duplicate_actor_type",
+            InvalidConfig { .. } => "invalid_config",
+            ActorTypeNotFound { .. } => "type_not_found",
+            ActorNotFound => "not_found",
+            ActorAlreadyExists => "already_exists",
+            ActorOverloaded { .. } => "overloaded",
+            ActionNotFound { .. } => "action_not_found",
+            ActionTimedOut { .. } => "action_timed_out",
+            ActorInternal { .. } => "internal_error",
+            ActorStopped => "stopped",
+            User { code, .. } => code,
+            RequestMalformed { .. } => "malformed",
+            RequestTooLarge { .. } => "body_too_large",
+            InvalidKey { .. } => "invalid_key",
+            RouteNotFound { .. } => "route_not_found",
+            StorageLocked { .. } => "locked",
+            StorageCorrupt { .. } => "corrupt",
+            StorageTooNew { .. } => "too_new",
+            Storage(_) => "sqlite",
+            Io { .. } => "io",
+            WriterClosed => "writer_closed",
+        }
+    }
+
+    /// The HTTP status for this error: the one mapping keel uses everywhere.
+    pub fn http_status(&self) -> u16 {
+        use Error::*;
+        match self {
+            RequestMalformed { .. } | InvalidKey { .. } | User { .. } | InvalidConfig { .. } => {
+                400
+            }
+            ActorTypeNotFound { .. }
+            | ActorNotFound
+            | ActionNotFound { .. }
+            | RouteNotFound { .. } => 404,
+            ActorAlreadyExists
+            | RegistryNotIdle
+            | RegistryWrongMode { .. }
+            | RegistryAlreadyRunning
+            | DuplicateActorType { .. } => 409,
+            RequestTooLarge { .. } => 413,
+            ActorOverloaded { .. } => 429,
+            RegistryShuttingDown | RegistryShutDown | ActorStopped | StorageLocked { .. } => 503,
+            ActionTimedOut { .. } => 504,
+            ActorInternal { .. }
+            | StorageCorrupt { .. }
+            | StorageTooNew { .. }
+            | Storage(_)
+            | Io { .. }
+            | WriterClosed => 500,
+        }
+    }
+
+    /// Structured details that help a caller act on the error, if any.
+    pub fn metadata(&self) -> Option<Value> {
+        use Error::*;
+        match self {
+            User { metadata, .. } => metadata.clone(),
+            ActorOverloaded { capacity } => Some(serde_json::json!({ "capacity": capacity })),
+            ActionTimedOut { timeout_ms } => Some(serde_json::json!({ "timeoutMs": timeout_ms })),
+            RequestTooLarge { limit } => Some(serde_json::json!({ "limit": limit })),
+            _ => None,
+        }
+    }
+
+    /// The message a client sees. Internal failures keep their detail out of responses
+    /// unless `expose_internal` (dev mode) is set; the full error is logged instead.
+    pub fn public_message(&self, expose_internal: bool) -> String {
+        match self {
+            Error::ActorInternal { .. }
+            | Error::Storage(_)
+            | Error::Io { .. }
+            | Error::StorageCorrupt { .. }
+                if !expose_internal =>
+            {
+                "an internal error occurred".to_string()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// Renders the error as the wire body `{group, code, message, metadata}`.
+    pub fn to_body(&self, expose_internal: bool) -> Value {
+        serde_json::json!({
+            "group": self.group(),
+            "code": self.code(),
+            "message": self.public_message(expose_internal),
+            "metadata": self.metadata(),
+        })
+    }
+
+    /// A copy for fanning one failure out to several callers; the type is not `Clone` because
+    /// its sources are not. A copied source keeps its kind and text.
+    pub fn duplicate(&self) -> Error {
+        use Error::*;
+        match self {
+            RegistryNotIdle => RegistryNotIdle,
+            RegistryWrongMode { running, wanted } => RegistryWrongMode { running, wanted },
+            RegistryAlreadyRunning => RegistryAlreadyRunning,
+            RegistryShutDown => RegistryShutDown,
+            RegistryShuttingDown => RegistryShuttingDown,
+            DuplicateActorType { name } => DuplicateActorType { name: name.clone() },
+            InvalidConfig { message } => InvalidConfig { message: message.clone() },
+            ActorTypeNotFound { name } => ActorTypeNotFound { name: name.clone() },
+            ActorNotFound => ActorNotFound,
+            ActorAlreadyExists => ActorAlreadyExists,
+            ActorOverloaded { capacity } => ActorOverloaded { capacity: *capacity },
+            ActionNotFound { actor_type, action } => ActionNotFound {
+                actor_type: actor_type.clone(),
+                action: action.clone(),
+            },
+            ActionTimedOut { timeout_ms } => ActionTimedOut { timeout_ms: *timeout_ms },
+            ActorInternal { message } => ActorInternal { message: message.clone() },
+            ActorStopped => ActorStopped,
+            User {
+                code,
+                message,
+                metadata,
+            } => User {
+                code: code.clone(),
+                message: message.clone(),
+                metadata: metadata.clone(),
+            },
+            RequestMalformed { message } => RequestMalformed { message: message.clone() },
+            RequestTooLarge { limit } => RequestTooLarge { limit: *limit },
+            InvalidKey { message } => InvalidKey { message: message.clone() },
+            RouteNotFound { method, path } => RouteNotFound {
+                method: method.clone(),
+                path: path.clone(),
+            },
+            StorageLocked { path } => StorageLocked { path: path.clone() },
+            StorageCorrupt { path, source } => StorageCorrupt {
+                path: path.clone(),
+                source: copy_sqlite(source),
+            },
+            StorageTooNew { found, supported } => StorageTooNew {
+                found: *found,
+                supported: *supported,
+            },
+            Storage(source) => Storage(copy_sqlite(source)),
+            Io { context, source } => Io {
+                context: context.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            WriterClosed => WriterClosed,
+        }
+    }
+
+    /// Wraps an I/O error with what keel was doing.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An error for a malformed request.
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Error::RequestMalformed {
+            message: message.into(),
+        }
+    }
+
+    /// An error for a bad configuration value.
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            message: message.into(),
+        }
+    }
+}
+
+fn copy_sqlite(err: &rusqlite::Error) -> rusqlite::Error {
+    let code = err
+        .sqlite_error()
+        .copied()
+        .unwrap_or(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR));
+    rusqlite::Error::SqliteFailure(code, Some(err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_message_is_hidden_unless_dev() {
+        let err = Error::ActorInternal {
+            message: "secret detail".into(),
+        };
+        assert_eq!(err.to_body(false)["message"], "an internal error occurred");
+        assert_eq!(err.to_body(true)["message"], "secret detail");
+        assert_eq!(err.to_body(false)["code"], "internal_error");
+    }
+
+    #[test]
+    fn user_errors_keep_their_code() {
+        let err = Error::User {
+            code: "bad_name".into(),
+            message: "name required".into(),
+            metadata: Some(serde_json::json!({"field": "name"})),
+        };
+        let body = err.to_body(false);
+        assert_eq!(body["group"], "user");
+        assert_eq!(body["code"], "bad_name");
+        assert_eq!(body["message"], "name required");
+        assert_eq!(body["metadata"]["field"], "name");
+        assert_eq!(err.http_status(), 400);
+    }
+}

@@ -1,0 +1,36 @@
+//! keel's runtime: actors, durable state, an HTTP server and a bounded graceful shutdown.
+//!
+//! This crate knows nothing of JS. User code runs behind the [`host::Host`] trait, which the
+//! N-API binding implements by calling JS and the tests implement in Rust.
+//!
+//! # Layout
+//! - [`registry`]: the `Idle` / `BuildingServerless` / `Running` / `ShuttingDown` state machine.
+//! - [`runtime`]: a built runtime: the actor directory, request dispatch and the drain.
+//! - [`actor`]: one task per live actor, its mailbox and handle.
+//! - [`actor_type`]: what core knows of each registered actor type.
+//! - [`host`]: the seam to the code that runs user code.
+//! - [`store`]: the SQLite file, its lock, schema migrations and reads.
+//! - [`writer`]: the group-commit writer, which is also the output gate.
+//! - [`http`]: the versioned HTTP routes and the accept loop.
+//! - [`key`]: the canonical actor key codec.
+//! - [`config`]: every limit, timeout and default, defined once.
+//! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
+
+pub mod actor;
+pub mod actor_type;
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod http;
+pub mod key;
+pub mod registry;
+pub mod runtime;
+pub mod store;
+pub mod writer;
+
+pub use actor_type::{ActorType, ActorTypes};
+pub use config::{Durability, Limits, RuntimeConfig};
+pub use error::{Error, Result};
+pub use host::{ActionCall, ActionDone, ActorInfo, Host, StartRequest, Started, StopReason};
+pub use registry::{Mode, Registry};
+pub use runtime::{Resolve, Runtime, Target};

@@ -1,0 +1,312 @@
+//! The registry and its state machine: `Idle`, `BuildingServerless`, `Running`, `ShuttingDown`.
+//!
+//! What must stay true:
+//! - The state lock is a short synchronous section; no lock is held across an `.await`.
+//! - Concurrent first serverless requests cause exactly one build. A waiter subscribes to the
+//!   build's outcome while it holds the lock, so a builder that settles right after the waiter
+//!   lets go can never be missed.
+//! - `shutdown()` trips the root token before it takes the lock, is idempotent, and every
+//!   caller returns only after the drain is complete. The "stopped" latch is a `watch` value,
+//!   so it resolves for callers who arrive before, during or long after the stop.
+//! - A failed build returns the registry to `Idle` (definitions kept) and every waiter gets
+//!   the build's own error; a shutdown during a build makes the builder drain what it built.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::actor_type::{ActorType, ActorTypes};
+use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::http::{Request, Response};
+use crate::runtime::Runtime;
+
+/// How a running registry receives requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// keel owns an HTTP listener.
+    Serve,
+    /// A Fetch-style host hands requests over one at a time.
+    Serverless,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Serve => "serve",
+            Mode::Serverless => "serverless",
+        }
+    }
+}
+
+/// The published outcome of one serverless build; `None` while it runs.
+type BuildOutcome = Option<std::result::Result<(), Arc<Error>>>;
+
+enum State {
+    /// Accepts `register`; nothing is running.
+    Idle,
+    /// The first serverless request is building the runtime.
+    BuildingServerless {
+        /// Receives the build's outcome; waiters clone it while holding the lock.
+        outcome: watch::Receiver<BuildOutcome>,
+    },
+    /// A runtime is serving.
+    Running { mode: Mode, runtime: Arc<Runtime> },
+    /// Terminal: the drain has begun (and maybe finished; see the stopped latch).
+    ShuttingDown,
+}
+
+/// The user-facing registry: actor types plus the state machine around one runtime.
+pub struct Registry {
+    state: Mutex<State>,
+    types: Mutex<ActorTypes>,
+    host: Arc<dyn Host>,
+    /// Tripped first thing by `shutdown()`; the runtime's tokens are its children.
+    root: CancellationToken,
+    /// The stopped latch: `true` once the drain is complete. Never goes back to `false`.
+    stopped: watch::Sender<bool>,
+    /// How many runtimes this registry has built.
+    builds: AtomicU64,
+}
+
+impl Registry {
+    /// A new, idle registry whose user code runs on `host`.
+    pub fn new(host: Arc<dyn Host>) -> Registry {
+        Registry {
+            state: Mutex::new(State::Idle),
+            types: Mutex::new(ActorTypes::default()),
+            host,
+            root: CancellationToken::new(),
+            stopped: watch::Sender::new(false),
+            builds: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds an actor type. Only while `Idle`.
+    pub fn register(&self, actor_type: ActorType) -> Result<()> {
+        let state = self.state.lock();
+        if !matches!(*state, State::Idle) {
+            return Err(Error::RegistryNotIdle);
+        }
+        self.types.lock().add(actor_type)
+    }
+
+    /// The state's name, for diagnostics and tests.
+    pub fn state_name(&self) -> &'static str {
+        match &*self.state.lock() {
+            State::Idle => "idle",
+            State::BuildingServerless { .. } => "building_serverless",
+            State::Running {
+                mode: Mode::Serve, ..
+            } => "running_serve",
+            State::Running {
+                mode: Mode::Serverless,
+                ..
+            } => "running_serverless",
+            State::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// How many runtimes this registry has built (at most one per process lifetime of a
+    /// successful start; failed serverless builds count too).
+    pub fn build_count(&self) -> u64 {
+        self.builds.load(Ordering::Relaxed)
+    }
+
+    /// The running runtime, if any.
+    pub fn runtime(&self) -> Option<Arc<Runtime>> {
+        match &*self.state.lock() {
+            State::Running { runtime, .. } => Some(runtime.clone()),
+            _ => None,
+        }
+    }
+
+    fn build(&self, config: RuntimeConfig) -> Result<Runtime> {
+        self.builds.fetch_add(1, Ordering::Relaxed);
+        let types = Arc::new(self.types.lock().clone());
+        Runtime::open(config, types, self.host.clone(), &self.root)
+    }
+
+    /// Serves HTTP on `config.listen` until shutdown; `on_listening` gets the bound address.
+    /// Resolves after the drain has completed.
+    pub async fn serve(
+        &self,
+        config: RuntimeConfig,
+        on_listening: impl FnOnce(SocketAddr),
+    ) -> Result<()> {
+        let address = {
+            let mut state = self.state.lock();
+            match &*state {
+                State::Idle => {}
+                State::BuildingServerless { .. } => {
+                    return Err(Error::RegistryWrongMode {
+                        running: Mode::Serverless.as_str(),
+                        wanted: "serve",
+                    })
+                }
+                State::Running {
+                    mode: Mode::Serverless,
+                    ..
+                } => {
+                    return Err(Error::RegistryWrongMode {
+                        running: Mode::Serverless.as_str(),
+                        wanted: "serve",
+                    })
+                }
+                State::Running {
+                    mode: Mode::Serve, ..
+                } => return Err(Error::RegistryAlreadyRunning),
+                State::ShuttingDown => return Err(Error::RegistryShutDown),
+            }
+            let listener = std::net::TcpListener::bind(config.listen)
+                .and_then(|listener| {
+                    listener.set_nonblocking(true)?;
+                    Ok(listener)
+                })
+                .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+            let address = listener
+                .local_addr()
+                .map_err(|e| Error::io("reading the bound address", e))?;
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| Error::io("registering the listener", e))?;
+            let runtime = Arc::new(self.build(config)?);
+            runtime.serve(listener);
+            *state = State::Running {
+                mode: Mode::Serve,
+                runtime,
+            };
+            address
+        };
+        tracing::info!(%address, "listening");
+        on_listening(address);
+        self.wait_stopped().await;
+        Ok(())
+    }
+
+    /// Handles one serverless request, building the runtime on the first call.
+    pub async fn handle(&self, config: &RuntimeConfig, request: Request) -> Result<Response> {
+        let mut request = Some(request);
+        loop {
+            let mut outcome = {
+                let mut state = self.state.lock();
+                match &*state {
+                    State::Running {
+                        mode: Mode::Serverless,
+                        runtime,
+                    } => {
+                        let runtime = runtime.clone();
+                        drop(state);
+                        let request = request.take().expect("a request is handled once");
+                        return Ok(runtime.handle(request).await);
+                    }
+                    State::Running {
+                        mode: Mode::Serve, ..
+                    } => {
+                        return Err(Error::RegistryWrongMode {
+                            running: Mode::Serve.as_str(),
+                            wanted: "handle serverless requests",
+                        })
+                    }
+                    State::ShuttingDown => return Err(Error::RegistryShutDown),
+                    // Subscribing while locked: the builder publishes under this lock, so
+                    // this receiver sees the outcome whenever it lands.
+                    State::BuildingServerless { outcome } => outcome.clone(),
+                    State::Idle => {
+                        let (publish, outcome) = watch::channel(None);
+                        *state = State::BuildingServerless { outcome };
+                        drop(state);
+                        self.build_serverless(config.clone(), publish).await?;
+                        continue;
+                    }
+                }
+            };
+            let settled = outcome
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| Error::RegistryShutDown)?
+                .clone();
+            match settled {
+                Some(Err(err)) => return Err(err.duplicate()),
+                // Built: loop round to find the runtime under the lock.
+                _ => continue,
+            }
+        }
+    }
+
+    /// The builder's half of a serverless build. Publishes the outcome under the state lock.
+    async fn build_serverless(
+        &self,
+        config: RuntimeConfig,
+        publish: watch::Sender<BuildOutcome>,
+    ) -> Result<()> {
+        let built = self.build(config);
+        let mut state = self.state.lock();
+        match (&*state, built) {
+            (State::BuildingServerless { .. }, Ok(runtime)) => {
+                *state = State::Running {
+                    mode: Mode::Serverless,
+                    runtime: Arc::new(runtime),
+                };
+                publish.send_replace(Some(Ok(())));
+                Ok(())
+            }
+            (State::BuildingServerless { .. }, Err(err)) => {
+                *state = State::Idle;
+                publish.send_replace(Some(Err(Arc::new(err.duplicate()))));
+                Err(err)
+            }
+            (_, built) => {
+                // A shutdown arrived during the build and is waiting on the stopped latch,
+                // which this builder owns: drain what it built, then release the latch.
+                drop(state);
+                publish.send_replace(Some(Err(Arc::new(Error::RegistryShutDown))));
+                if let Ok(runtime) = built {
+                    runtime.drain().await;
+                }
+                self.stopped.send_replace(true);
+                Err(Error::RegistryShutDown)
+            }
+        }
+    }
+
+    /// Shuts down: trips the root token, drains the runtime (bounded by its drain timeout),
+    /// and resolves once the drain is complete. Idempotent; every caller waits for the same
+    /// drain.
+    pub async fn shutdown(&self) {
+        self.root.cancel();
+        let previous = std::mem::replace(&mut *self.state.lock(), State::ShuttingDown);
+        match previous {
+            State::Idle => {
+                self.stopped.send_replace(true);
+            }
+            State::Running { runtime, .. } => {
+                tracing::info!("shutdown begun");
+                runtime.drain().await;
+                tracing::info!("shutdown finished");
+                self.stopped.send_replace(true);
+            }
+            // The builder sees `ShuttingDown` when it settles and releases the latch.
+            State::BuildingServerless { .. } => {}
+            // Another caller is draining.
+            State::ShuttingDown => {}
+        }
+        self.wait_stopped().await;
+    }
+
+    /// Resolves once the registry has stopped; at once if it already has.
+    pub async fn wait_stopped(&self) {
+        let mut stopped = self.stopped.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we borrow it.
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.root.is_cancelled()
+    }
+}

@@ -1,0 +1,362 @@
+//! A built runtime: storage, the writer, the actor directory, and the drain.
+//!
+//! [`Runtime`] is what the registry builds when it starts serving (or on the first serverless
+//! request). It owns one cancellation tree: `stop` (a child of the registry's root token)
+//! begins the graceful drain, and `force` abandons what is left when the drain runs out of
+//! time. Every task it spawns (actors, the accept loop, connections) is tracked, so the drain
+//! can wait for all of them before it closes the writer and releases the data directory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::actor::{ActorHandle, ActorTask};
+use crate::actor_type::ActorTypes;
+use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
+use crate::host::{ActionCall, ActorInfo, Host};
+use crate::key;
+use crate::store::{ActorRecord, Store};
+use crate::writer::{CreateMode, Writer, WriterHandle, WriterStats};
+
+/// How a request by key finds its actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resolve {
+    /// The actor must exist (`actor.not_found` otherwise).
+    Get,
+    /// The actor must not exist (`actor.already_exists` otherwise).
+    Create,
+    /// Use the existing actor or create it.
+    #[default]
+    GetOrCreate,
+}
+
+/// Which actor a request is for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// By type name and key.
+    Key {
+        name: String,
+        key: Vec<String>,
+        mode: Resolve,
+        /// Creation input (JSON text), used only if this request creates the actor.
+        input: Option<String>,
+    },
+    /// By the actor's id.
+    Id(String),
+}
+
+/// The shared insides of a runtime, reached by every actor task and request handler.
+pub(crate) struct Core {
+    pub(crate) config: RuntimeConfig,
+    pub(crate) types: Arc<ActorTypes>,
+    pub(crate) host: Arc<dyn Host>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) writer: WriterHandle,
+    /// Cancelled when the graceful drain begins; actors and the accept loop watch it.
+    pub(crate) stop: CancellationToken,
+    /// Cancelled when the drain times out; everything still running gives up at once.
+    pub(crate) force: CancellationToken,
+    /// Every task the runtime spawns, so the drain can wait for all of them.
+    pub(crate) tracker: TaskTracker,
+    /// Set when the drain begins: new requests get `registry.shutting_down`.
+    draining: AtomicBool,
+    /// Live actors by id.
+    live: Mutex<HashMap<Arc<str>, (u64, ActorHandle)>>,
+    /// Actors resolved since start, by type name then canonical key.
+    known: Mutex<HashMap<Arc<str>, HashMap<String, Arc<ActorInfo>>>>,
+    /// Tags each spawned actor task so a stopping task only forgets itself.
+    next_generation: AtomicU64,
+}
+
+impl Core {
+    /// Whether the drain has begun.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Finds the actor for a request by key, creating it when the mode allows.
+    async fn resolve(
+        &self,
+        name: &str,
+        key: &[String],
+        mode: Resolve,
+        input: Option<String>,
+    ) -> Result<Arc<ActorInfo>> {
+        let actor_type = self.types.get(name)?;
+        key::validate(key, &self.config.limits)?;
+        let key_string = key::encode(key);
+        if let Some(info) = self
+            .known
+            .lock()
+            .get(name)
+            .and_then(|by_key| by_key.get(&key_string))
+        {
+            return match mode {
+                Resolve::Create => Err(Error::ActorAlreadyExists),
+                _ => Ok(info.clone()),
+            };
+        }
+        let record = match (self.store.find_by_key(name, &key_string)?, mode) {
+            (Some(_), Resolve::Create) => return Err(Error::ActorAlreadyExists),
+            (Some(record), _) => record,
+            (None, Resolve::Get) => return Err(Error::ActorNotFound),
+            (None, mode) => {
+                let record = ActorRecord {
+                    id: new_actor_id(),
+                    name: actor_type.name.clone(),
+                    key: key_string.clone(),
+                };
+                let create_mode = match mode {
+                    Resolve::Create => CreateMode::Create,
+                    _ => CreateMode::GetOrCreate,
+                };
+                let (record, created) = self.writer.create_actor(record, input, create_mode).await?;
+                if created {
+                    tracing::debug!(actor_id = %record.id, name, key = %key_string, "actor created");
+                }
+                record
+            }
+        };
+        let info = Arc::new(ActorInfo {
+            id: Arc::from(record.id),
+            name: Arc::from(actor_type.name.as_str()),
+            key: key.to_vec(),
+            key_string,
+        });
+        self.known
+            .lock()
+            .entry(info.name.clone())
+            .or_default()
+            .insert(info.key_string.clone(), info.clone());
+        Ok(info)
+    }
+
+    /// Finds an actor by id.
+    fn resolve_id(&self, id: &str) -> Result<Arc<ActorInfo>> {
+        if let Some((_, handle)) = self.live.lock().get(id) {
+            return Ok(handle.info.clone());
+        }
+        let record = self.store.find_by_id(id)?.ok_or(Error::ActorNotFound)?;
+        let actor_type = self.types.get(&record.name)?;
+        Ok(Arc::new(ActorInfo {
+            id: Arc::from(record.id),
+            name: Arc::from(actor_type.name.as_str()),
+            key: key::decode(&record.key)?,
+            key_string: record.key,
+        }))
+    }
+
+    /// The live actor's handle, spawning its task if it is not running.
+    fn handle_for(self: &Arc<Self>, info: &Arc<ActorInfo>) -> Result<ActorHandle> {
+        let mut live = self.live.lock();
+        if self.is_draining() {
+            return Err(Error::RegistryShuttingDown);
+        }
+        if let Some((_, handle)) = live.get(&info.id) {
+            if !handle.is_closed() {
+                return Ok(handle.clone());
+            }
+        }
+        let actor_type = self.types.get(&info.name)?.clone();
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (task, handle) = ActorTask::new(info.clone(), actor_type, self.clone(), generation);
+        live.insert(info.id.clone(), (generation, handle.clone()));
+        let span = ActorTask::span(info);
+        self.tracker.spawn(task.run().instrument(span));
+        Ok(handle)
+    }
+
+    /// Removes a stopping actor task from the live set, unless a newer task replaced it.
+    pub(crate) fn forget(&self, id: &str, generation: u64) {
+        let mut live = self.live.lock();
+        if live.get(id).is_some_and(|(g, _)| *g == generation) {
+            live.remove(id);
+        }
+    }
+
+    /// The number of live actors.
+    pub(crate) fn live_count(&self) -> usize {
+        self.live.lock().len()
+    }
+}
+
+/// Resolves a target to the actor's identity.
+pub(crate) async fn resolve_on(core: &Arc<Core>, target: Target) -> Result<Arc<ActorInfo>> {
+    if core.is_draining() {
+        return Err(Error::RegistryShuttingDown);
+    }
+    match target {
+        Target::Key {
+            name,
+            key,
+            mode,
+            input,
+        } => core.resolve(&name, &key, mode, input).await,
+        Target::Id(id) => core.resolve_id(&id),
+    }
+}
+
+/// Calls an action and returns its JSON result once the state it produced is durable.
+pub(crate) async fn call_on(
+    core: &Arc<Core>,
+    target: Target,
+    action: &str,
+    args: String,
+) -> Result<String> {
+    if core.is_draining() {
+        return Err(Error::RegistryShuttingDown);
+    }
+    let info = match target {
+        Target::Key {
+            name,
+            key,
+            mode,
+            input,
+        } => {
+            core.types.get(&name)?.check_action(action)?;
+            core.resolve(&name, &key, mode, input).await?
+        }
+        Target::Id(id) => {
+            let info = core.resolve_id(&id)?;
+            core.types.get(&info.name)?.check_action(action)?;
+            info
+        }
+    };
+    let handle = core.handle_for(&info)?;
+    let call = ActionCall {
+        action: action.to_string(),
+        args,
+    };
+    handle.action(call).await.map_err(|err| match err {
+        Error::ActorStopped if core.is_draining() => Error::RegistryShuttingDown,
+        other => other,
+    })
+}
+
+/// A generated actor id: 128 random bits in hex.
+fn new_actor_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// A built runtime. Dropping it without draining abandons in-flight work; call
+/// [`Runtime::drain`] for a clean stop.
+pub struct Runtime {
+    core: Arc<Core>,
+    /// Taken by the drain, which closes the writer once every actor has flushed.
+    writer: Mutex<Option<Writer>>,
+    /// The writer's counters, kept after the writer closes.
+    writer_stats: Arc<WriterStats>,
+    /// The HTTP routes over this runtime, shared by the listener and serverless requests.
+    router: axum::Router,
+}
+
+impl Runtime {
+    /// Opens storage and starts the writer. `root` is the registry's root token; the runtime's
+    /// drain token is its child, so tripping the root begins the drain's first phase at once.
+    pub fn open(
+        config: RuntimeConfig,
+        types: Arc<ActorTypes>,
+        host: Arc<dyn Host>,
+        root: &CancellationToken,
+    ) -> Result<Runtime> {
+        config.validate()?;
+        let store = Store::open(&config.data_dir, config.durability)?;
+        let writer = Writer::start(&store)?;
+        let writer_stats = writer.stats().clone();
+        let core = Arc::new(Core {
+            writer: writer.handle(),
+            store,
+            types,
+            host,
+            stop: root.child_token(),
+            force: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            live: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+            next_generation: AtomicU64::new(0),
+            config,
+        });
+        Ok(Runtime {
+            router: crate::http::router(core.clone()),
+            core,
+            writer: Mutex::new(Some(writer)),
+            writer_stats,
+        })
+    }
+
+    /// The configuration the runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.core.config
+    }
+
+    /// Resolves a target to the actor's identity without calling it.
+    pub async fn resolve(&self, target: Target) -> Result<Arc<ActorInfo>> {
+        resolve_on(&self.core, target).await
+    }
+
+    /// Calls an action and returns its JSON result once the state it produced is durable.
+    pub async fn call(&self, target: Target, action: &str, args: String) -> Result<String> {
+        call_on(&self.core, target, action, args).await
+    }
+
+    /// Serves HTTP on `listener` until the drain begins. The accept loop and every connection
+    /// are tracked tasks, so [`Runtime::drain`] waits for them.
+    pub fn serve(&self, listener: TcpListener) {
+        let core = self.core.clone();
+        let router = self.router.clone();
+        self.core
+            .tracker
+            .spawn(crate::http::accept_loop(core, listener, router).in_current_span());
+    }
+
+    /// Handles one request without a listener (serverless mode).
+    pub async fn handle(&self, request: crate::http::Request) -> crate::http::Response {
+        crate::http::handle(self.router.clone(), request).await
+    }
+
+    /// Group-commit counters.
+    pub fn writer_stats(&self) -> &Arc<WriterStats> {
+        &self.writer_stats
+    }
+
+    /// The number of live actors.
+    pub fn live_actors(&self) -> usize {
+        self.core.live_count()
+    }
+
+    /// The graceful drain: stop accepting, let queued and in-flight actions finish, stop and
+    /// flush every actor, close the connections and the writer, release the data directory.
+    /// Bounded by the configured drain timeout; past it, what is left fails with
+    /// `registry.shut_down`, and only work that was never acknowledged is lost.
+    pub async fn drain(&self) {
+        let core = &self.core;
+        core.draining.store(true, Ordering::Release);
+        core.stop.cancel();
+        core.tracker.close();
+        let timeout = core.config.drain_timeout;
+        let live = core.live_count();
+        tracing::debug!(live_actors = live, "drain begun");
+        if tokio::time::timeout(timeout, core.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                drain_timeout_ms = timeout.as_millis() as u64,
+                remaining_tasks = core.tracker.len(),
+                "drain timed out; abandoning the work that is left"
+            );
+            core.force.cancel();
+            core.tracker.wait().await;
+        }
+        let writer = self.writer.lock().take();
+        if let Some(writer) = writer {
+            writer.close().await;
+        }
+        core.store.close();
+    }
+}

@@ -1,0 +1,189 @@
+//! Conversions between JS-facing objects and core types: configuration in, errors out.
+//!
+//! This is the one place a core error becomes a JS-facing value: every async export resolves
+//! with an [`Outcome`] whose `error` the TypeScript layer turns into a `KeelError`, so `group`
+//! and `code` survive the async boundary as fields, never as text to parse.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keel_core::{ActorType, Durability, Error, Limits, RuntimeConfig};
+use napi_derive::napi;
+
+/// A structured keel error as it crosses to JS.
+#[napi(object)]
+#[derive(Debug, Clone)]
+pub struct ErrorInfo {
+    /// The error's group, such as `actor` or `registry`.
+    pub group: String,
+    /// The error's code within its group, such as `not_found`.
+    pub code: String,
+    /// A human-readable message.
+    pub message: String,
+    /// Structured details, if any.
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl ErrorInfo {
+    /// Converts a core error. Internal details stay hidden unless `dev` is set.
+    pub fn from_error(err: &Error, dev: bool) -> ErrorInfo {
+        ErrorInfo {
+            group: err.group().to_string(),
+            code: err.code().to_string(),
+            message: err.public_message(dev),
+            metadata: err.metadata(),
+        }
+    }
+
+    /// Converts an error reported by JS user code into a core error: a `UserError` keeps its
+    /// code and message; anything else is an internal error.
+    pub fn into_error(self) -> Error {
+        if self.group == "user" {
+            Error::User {
+                code: self.code,
+                message: self.message,
+                metadata: self.metadata,
+            }
+        } else {
+            Error::ActorInternal {
+                message: self.message,
+            }
+        }
+    }
+}
+
+/// The settled result of an async export: `error` is set exactly when it failed.
+#[napi(object)]
+pub struct Outcome {
+    /// The failure, if any.
+    pub error: Option<ErrorInfo>,
+}
+
+impl Outcome {
+    /// Wraps a core result.
+    pub fn from_result(result: keel_core::Result<()>, dev: bool) -> Outcome {
+        Outcome {
+            error: result.err().map(|err| ErrorInfo::from_error(&err, dev)),
+        }
+    }
+}
+
+/// How an actor type is registered from JS.
+#[napi(object)]
+pub struct ActorTypeOptions {
+    /// The names of the type's actions.
+    pub actions: Vec<String>,
+    /// Overrides the runtime's action timeout for this type, in milliseconds.
+    pub action_timeout_ms: Option<u32>,
+}
+
+impl ActorTypeOptions {
+    /// The core definition of a type named `name`.
+    pub fn into_actor_type(self, name: String) -> Result<ActorType, Error> {
+        let mut actor_type = ActorType::new(name, self.actions);
+        if let Some(ms) = self.action_timeout_ms {
+            actor_type.action_timeout = Some(positive_ms("actionTimeoutMs", ms)?);
+        }
+        Ok(actor_type)
+    }
+}
+
+/// Runtime settings from `setup()`; every field is optional and falls back to core's default.
+#[napi(object)]
+#[derive(Default, Clone)]
+pub struct RuntimeOptions {
+    /// Host to listen on (serve mode). Default `127.0.0.1`.
+    pub host: Option<String>,
+    /// Port to listen on (serve mode); 0 picks a free one. Default 6420.
+    pub port: Option<u32>,
+    /// Directory holding the database. Default `./.keel`.
+    pub data_dir: Option<String>,
+    /// `full` (default) or `relaxed`.
+    pub durability: Option<String>,
+    /// Bound on the whole graceful drain, in milliseconds. Default 20000.
+    pub drain_timeout_ms: Option<u32>,
+    /// Default per-action timeout, in milliseconds. Default 60000.
+    pub action_timeout_ms: Option<u32>,
+    /// Timeout of one lifecycle hook, in milliseconds. Default 15000.
+    pub hook_timeout_ms: Option<u32>,
+    /// Largest HTTP request body, in bytes. Default 20 MiB.
+    pub max_body_bytes: Option<u32>,
+    /// Messages one actor may hold queued. Default 1024.
+    pub max_mailbox_len: Option<u32>,
+    /// Largest key segment, in bytes. Default 128.
+    pub max_key_segment_bytes: Option<u32>,
+    /// Largest key, in bytes. Default 1024.
+    pub max_key_bytes: Option<u32>,
+    /// Dev mode: internal error messages reach clients.
+    pub dev: Option<bool>,
+}
+
+impl RuntimeOptions {
+    /// The core configuration these options describe.
+    pub fn to_config(&self) -> Result<RuntimeConfig, Error> {
+        let mut config = RuntimeConfig::default();
+        let host = self
+            .host
+            .clone()
+            .unwrap_or_else(|| keel_core::config::DEFAULT_HOST.to_string());
+        let port = match self.port {
+            Some(port) => u16::try_from(port)
+                .map_err(|_| Error::config(format!("port {port} is out of range")))?,
+            None => keel_core::config::DEFAULT_PORT,
+        };
+        config.listen = resolve_listen(&host, port)?;
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = PathBuf::from(dir);
+        }
+        if let Some(durability) = &self.durability {
+            config.durability = Durability::parse(durability)?;
+        }
+        if let Some(ms) = self.drain_timeout_ms {
+            config.drain_timeout = Duration::from_millis(ms.into());
+        }
+        if let Some(ms) = self.action_timeout_ms {
+            config.action_timeout = positive_ms("actionTimeoutMs", ms)?;
+        }
+        if let Some(ms) = self.hook_timeout_ms {
+            config.hook_timeout = positive_ms("hookTimeoutMs", ms)?;
+        }
+        let defaults = Limits::default();
+        config.limits = Limits {
+            max_body_bytes: self
+                .max_body_bytes
+                .map_or(defaults.max_body_bytes, |v| v as usize),
+            max_mailbox_len: self
+                .max_mailbox_len
+                .map_or(defaults.max_mailbox_len, |v| v as usize),
+            max_key_segment_bytes: self
+                .max_key_segment_bytes
+                .map_or(defaults.max_key_segment_bytes, |v| v as usize),
+            max_key_bytes: self
+                .max_key_bytes
+                .map_or(defaults.max_key_bytes, |v| v as usize),
+            ..defaults
+        };
+        config.dev = self.dev.unwrap_or(false);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn positive_ms(name: &str, ms: u32) -> Result<Duration, Error> {
+    if ms == 0 {
+        return Err(Error::config(format!("{name} must be positive")));
+    }
+    Ok(Duration::from_millis(ms.into()))
+}
+
+fn resolve_listen(host: &str, port: u16) -> Result<SocketAddr, Error> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| Error::config(format!("cannot resolve host {host:?}")))
+}

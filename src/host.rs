@@ -1,0 +1,261 @@
+//! Core's [`Host`] implemented by calling JS.
+//!
+//! Every call into user code (start, action, stop) becomes an [`Invocation`]. Invocations are
+//! queued and sent to JS in batches, one threadsafe-function call per batch, and JS reports
+//! results back in batches through `CoreRegistry.complete`. So a burst of actions across many
+//! actors costs one JS↔Rust hop each way, not one per action. A batch call returns as soon as
+//! JS has started the invocations, so a slow action never holds up the others in its batch.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keel_core::{ActionCall, ActionDone, ActorInfo, Error, Host, StartRequest, Started, StopReason};
+use napi::bindgen_prelude::Buffer;
+use napi::threadsafe_function::ThreadsafeFunction;
+use napi::Status;
+use napi_derive::napi;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::convert::ErrorInfo;
+
+/// The most invocations sent to JS in one call.
+const MAX_BATCH_LEN: usize = 1024;
+
+/// One call into user code, as JS receives it.
+#[napi(object)]
+pub struct Invocation {
+    /// Matches the invocation to its [`Completion`].
+    pub id: u32,
+    /// `start`, `action` or `stop`.
+    pub kind: String,
+    /// The actor's id.
+    pub actor_id: String,
+    /// The actor type (on `start` only; JS keeps it with the instance).
+    pub actor_type: Option<String>,
+    /// The key segments (on `start` only).
+    pub key: Option<Vec<String>>,
+    /// The action name (on `action`).
+    pub action: Option<String>,
+    /// The arguments as a JSON array (on `action`).
+    pub args: Option<String>,
+    /// The last committed state (on `start`, when the actor has one).
+    pub state: Option<Buffer>,
+    /// The creation input as JSON (on `start` of an actor whose state was never created).
+    pub input: Option<String>,
+    /// Why the instance stops (on `stop`).
+    pub reason: Option<String>,
+}
+
+/// The result of one invocation, as JS reports it.
+#[napi(object)]
+pub struct Completion {
+    /// The invocation's id.
+    pub id: u32,
+    /// The result as JSON (on `action`).
+    pub output: Option<String>,
+    /// The new state, when it changed.
+    pub state: Option<Buffer>,
+    /// Set when user code failed.
+    pub error: Option<ErrorInfo>,
+}
+
+/// The JS function that receives batches; weak, so it never keeps Node alive by itself.
+pub type DispatchFn = ThreadsafeFunction<Vec<Invocation>, (), Vec<Invocation>, Status, false, true>;
+
+/// What a finished invocation carries back to the waiting Rust future.
+struct Reply {
+    output: Option<String>,
+    state: Option<Vec<u8>>,
+    error: Option<ErrorInfo>,
+}
+
+/// Calls JS for core.
+pub struct JsHost {
+    /// Batches leave through this function; JS answers through [`JsHost::complete`].
+    dispatch: Arc<DispatchFn>,
+    /// Waiting invocations by id; the entry is removed on completion or when the waiter
+    /// gives up (a timeout drops it).
+    pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
+    next_id: AtomicU32,
+    /// Feeds the batching task; the task ends when this sender is dropped with the host.
+    queue: mpsc::UnboundedSender<Invocation>,
+    /// The receiving end, until the batching task takes it on first use.
+    queue_rx: Mutex<Option<mpsc::UnboundedReceiver<Invocation>>>,
+    started: AtomicBool,
+}
+
+impl JsHost {
+    /// A host that sends batches to `dispatch`.
+    pub fn new(dispatch: DispatchFn) -> Arc<JsHost> {
+        let (queue, queue_rx) = mpsc::unbounded_channel();
+        Arc::new(JsHost {
+            dispatch: Arc::new(dispatch),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            queue,
+            queue_rx: Mutex::new(Some(queue_rx)),
+            started: AtomicBool::new(false),
+        })
+    }
+
+    /// Takes completions reported by JS and wakes their waiters.
+    pub fn complete(&self, completions: Vec<Completion>) {
+        let mut pending = self.pending.lock();
+        for completion in completions {
+            if let Some(waiter) = pending.remove(&completion.id) {
+                // The waiter may have timed out since; its result is no longer wanted.
+                let _ = waiter.send(Reply {
+                    output: completion.output,
+                    state: completion.state.map(|buffer| buffer.to_vec()),
+                    error: completion.error,
+                });
+            }
+        }
+    }
+
+    fn ensure_batcher(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(rx) = self.queue_rx.lock().take() else {
+            return;
+        };
+        let host = Arc::downgrade(self);
+        let dispatch = self.dispatch.clone();
+        tokio::spawn(run_batcher(rx, dispatch, host));
+    }
+
+    async fn invoke(self: &Arc<Self>, invocation: Invocation) -> Result<Reply, Error> {
+        self.ensure_batcher();
+        let id = invocation.id;
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let _guard = PendingGuard { host: self, id };
+        self.queue
+            .send(invocation)
+            .map_err(|_| Error::RegistryShutDown)?;
+        rx.await.map_err(|_| Error::ActorInternal {
+            message: "the JS host dropped the invocation".into(),
+        })
+    }
+
+    fn next_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn invocation(&self, kind: &str, actor: &ActorInfo) -> Invocation {
+        Invocation {
+            id: self.next_id(),
+            kind: kind.to_string(),
+            actor_id: actor.id.to_string(),
+            actor_type: None,
+            key: None,
+            action: None,
+            args: None,
+            state: None,
+            input: None,
+            reason: None,
+        }
+    }
+}
+
+/// Removes a waiter's entry when it stops waiting, whether it got a reply or not.
+struct PendingGuard<'a> {
+    host: &'a JsHost,
+    id: u32,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.host.pending.lock().remove(&self.id);
+    }
+}
+
+/// Sends queued invocations to JS, one batch per call. While a call is in flight, new
+/// invocations accumulate into the next batch.
+async fn run_batcher(
+    mut rx: mpsc::UnboundedReceiver<Invocation>,
+    dispatch: Arc<DispatchFn>,
+    host: std::sync::Weak<JsHost>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_LEN {
+            match rx.try_recv() {
+                Ok(invocation) => batch.push(invocation),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<u32> = batch.iter().map(|invocation| invocation.id).collect();
+        if let Err(err) = dispatch.call_async_catch(batch).await {
+            tracing::error!(error = %err, invocations = ids.len(), "dispatching to JS failed");
+            let Some(host) = host.upgrade() else { return };
+            let mut pending = host.pending.lock();
+            for id in ids {
+                if let Some(waiter) = pending.remove(&id) {
+                    // The waiter may have given up already.
+                    let _ = waiter.send(Reply {
+                        output: None,
+                        state: None,
+                        error: Some(ErrorInfo {
+                            group: "actor".into(),
+                            code: "internal_error".into(),
+                            message: format!("dispatching to JS failed: {err}"),
+                            metadata: None,
+                        }),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn check(reply: Reply, what: &str) -> Result<Reply, Error> {
+    match reply.error {
+        Some(info) => {
+            let err = info.into_error();
+            if let Error::ActorInternal { message } = &err {
+                tracing::warn!(call = what, error = %message, "user code threw");
+            }
+            Err(err)
+        }
+        None => Ok(reply),
+    }
+}
+
+/// The weak-`Arc` wrapper core holds; it keeps the host itself reachable for `complete`.
+pub struct SharedHost(pub Arc<JsHost>);
+
+#[async_trait]
+impl Host for SharedHost {
+    async fn start(&self, actor: &Arc<ActorInfo>, request: StartRequest) -> keel_core::Result<Started> {
+        let mut invocation = self.0.invocation("start", actor);
+        invocation.actor_type = Some(actor.name.to_string());
+        invocation.key = Some(actor.key.clone());
+        invocation.state = request.state.map(Buffer::from);
+        invocation.input = request.input;
+        let reply = check(self.0.invoke(invocation).await?, "start")?;
+        Ok(Started { state: reply.state })
+    }
+
+    async fn action(&self, actor: &Arc<ActorInfo>, call: ActionCall) -> keel_core::Result<ActionDone> {
+        let mut invocation = self.0.invocation("action", actor);
+        invocation.action = Some(call.action);
+        invocation.args = Some(call.args);
+        let reply = check(self.0.invoke(invocation).await?, "action")?;
+        Ok(ActionDone {
+            output: reply.output.unwrap_or_else(|| "null".to_string()),
+            state: reply.state,
+        })
+    }
+
+    async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> keel_core::Result<Option<Vec<u8>>> {
+        let mut invocation = self.0.invocation("stop", actor);
+        invocation.reason = Some(reason.as_str().to_string());
+        let reply = check(self.0.invoke(invocation).await?, "stop")?;
+        Ok(reply.state)
+    }
+}

@@ -1,0 +1,183 @@
+// A typed HTTP client for keel: `createClient<typeof registry>(url)`.
+import type { ActorDefinition, AnyActorDefinition } from "./actor";
+import { KeelError, type ErrorBody } from "./errors";
+
+/** Anything with actor definitions, such as a `Registry` from `setup()`. */
+export interface RegistryLike {
+  readonly definitions: Record<string, AnyActorDefinition>;
+}
+
+type ActionsOf<D> = D extends ActorDefinition<any, any, infer A> ? A : never;
+type InputOf<D> = D extends ActorDefinition<any, infer I, any> ? I : never;
+
+/** The client-side form of an actor's actions: the context is dropped, results are promised. */
+export type ActionMethods<A> = {
+  [K in keyof A]: A[K] extends (c: any, ...args: infer P) => infer R ? (...args: P) => Promise<Awaited<R>> : never;
+};
+
+/** A handle to one actor; its methods call the actor's actions. */
+export type ActorHandle<D> = ActionMethods<ActionsOf<D>> & {
+  /** Resolves the handle to the actor's id (creating the actor if the handle allows). */
+  resolve(): Promise<string>;
+};
+
+/** Options for `getOrCreate` and `create`. */
+export interface CreateOptions<I> {
+  /** Passed to `createState` when this call creates the actor. */
+  input?: I;
+}
+
+/** Finds actors of one type. */
+export interface ActorAccessor<D> {
+  /** A handle to the actor with this key, created on first use. */
+  getOrCreate(key?: string | readonly string[], options?: CreateOptions<InputOf<D>>): ActorHandle<D>;
+  /** A handle to an existing actor; calls fail with `actor.not_found` if there is none. */
+  get(key?: string | readonly string[]): ActorHandle<D>;
+  /** Creates the actor (`actor.already_exists` if the key is taken) and returns a handle. */
+  create(key?: string | readonly string[], options?: CreateOptions<InputOf<D>>): Promise<ActorHandle<D>>;
+  /** A handle to the actor with this id. */
+  getForId(actorId: string): ActorHandle<D>;
+}
+
+/** The typed client for a registry. */
+export type Client<R extends RegistryLike> = {
+  [K in keyof R["definitions"]]: ActorAccessor<R["definitions"][K]>;
+};
+
+/** Client settings. */
+export interface ClientOptions {
+  /** Extra headers for every request. */
+  headers?: Record<string, string>;
+  /** A `fetch` implementation (defaults to the global one). */
+  fetch?: typeof fetch;
+}
+
+type Mode = "get" | "create" | "getOrCreate";
+type Target = { kind: "key"; key: string[]; mode: Mode; input?: unknown } | { kind: "id"; id: string };
+
+function normalizeKey(key: string | readonly string[] | undefined): string[] {
+  if (key === undefined) return [];
+  if (typeof key === "string") return [key];
+  if (!Array.isArray(key) || key.some((segment) => typeof segment !== "string")) {
+    throw new KeelError({ group: "request", code: "invalid_key", message: "a key is a string or an array of strings" });
+  }
+  return [...key];
+}
+
+class Transport {
+  private readonly base: string;
+  private readonly fetch: typeof fetch;
+  constructor(
+    url: string,
+    private readonly options: ClientOptions,
+  ) {
+    this.base = url.replace(/\/+$/, "");
+    this.fetch = options.fetch ?? globalThis.fetch;
+  }
+
+  async post(path: string, body: unknown): Promise<any> {
+    let response: Response;
+    try {
+      response = await this.fetch(`${this.base}${path}`, {
+        method: "POST",
+        headers: { "content-type": "application/json", ...this.options.headers },
+        body: JSON.stringify(body),
+      });
+    } catch (cause) {
+      throw new KeelError(
+        { group: "client", code: "unreachable", message: `cannot reach ${this.base}: ${(cause as Error)?.message ?? cause}` },
+        { cause },
+      );
+    }
+    const text = await response.text();
+    let parsed: any;
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      throw new KeelError({
+        group: "client",
+        code: "bad_response",
+        message: `the server answered ${response.status} with a body that is not JSON`,
+      });
+    }
+    if (!response.ok) {
+      const body = parsed as Partial<ErrorBody>;
+      throw new KeelError({
+        group: body.group ?? "client",
+        code: body.code ?? "bad_response",
+        message: body.message ?? `the server answered ${response.status}`,
+        metadata: body.metadata ?? undefined,
+      });
+    }
+    return parsed;
+  }
+}
+
+function makeHandle(transport: Transport, name: string, target: Target): any {
+  const encodedName = encodeURIComponent(name);
+  const call = async (action: string, args: unknown[]) => {
+    const encodedAction = encodeURIComponent(action);
+    const reply =
+      target.kind === "key"
+        ? await transport.post(`/v1/actors/${encodedName}/actions/${encodedAction}`, {
+            key: target.key,
+            args,
+            mode: target.mode,
+            input: target.input,
+          })
+        : await transport.post(`/v1/ids/${encodeURIComponent(target.id)}/actions/${encodedAction}`, { args });
+    return reply.output;
+  };
+  const resolve = async (): Promise<string> => {
+    if (target.kind === "id") return target.id;
+    const reply = await transport.post(`/v1/actors/${encodedName}/resolve`, {
+      key: target.key,
+      mode: target.mode,
+      input: target.input,
+    });
+    return reply.actorId;
+  };
+  return new Proxy(Object.create(null), {
+    get(_target, property) {
+      if (typeof property !== "string") return undefined;
+      // Not a thenable: `await handle` must yield the handle itself.
+      if (property === "then") return undefined;
+      if (property === "resolve") return resolve;
+      return (...args: unknown[]) => call(property, args);
+    },
+  });
+}
+
+/** Creates a typed client for the registry served at `url`. */
+export function createClient<R extends RegistryLike>(url: string, options: ClientOptions = {}): Client<R> {
+  const transport = new Transport(url, options);
+  const accessors = new Map<string, ActorAccessor<AnyActorDefinition>>();
+  const accessorFor = (name: string): ActorAccessor<AnyActorDefinition> => {
+    let accessor = accessors.get(name);
+    if (accessor !== undefined) return accessor;
+    accessor = {
+      getOrCreate: (key, opts) =>
+        makeHandle(transport, name, { kind: "key", key: normalizeKey(key), mode: "getOrCreate", input: opts?.input }),
+      get: (key) => makeHandle(transport, name, { kind: "key", key: normalizeKey(key), mode: "get" }),
+      create: async (key, opts) => {
+        const reply = await transport.post(`/v1/actors/${encodeURIComponent(name)}/resolve`, {
+          key: normalizeKey(key),
+          mode: "create",
+          input: opts?.input,
+        });
+        return makeHandle(transport, name, { kind: "id", id: reply.actorId });
+      },
+      getForId: (actorId) => makeHandle(transport, name, { kind: "id", id: actorId }),
+    };
+    accessors.set(name, accessor);
+    return accessor;
+  };
+  return new Proxy(Object.create(null), {
+    get(_target, property) {
+      if (typeof property !== "string" || property === "then") return undefined;
+      return accessorFor(property);
+    },
+  }) as Client<R>;
+}
+
+export { KeelError } from "./errors";

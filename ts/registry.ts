@@ -1,0 +1,205 @@
+import type { AnyActorDefinition } from "./actor";
+import { KeelError, type ErrorBody } from "./errors";
+import { JsHost } from "./host";
+import { CoreRegistry, type RuntimeOptions } from "./native";
+import { forgetRegistry, handleSignalsFor } from "./signals";
+
+/** Settings for `setup()`. Each falls back to its `KEEL_*` environment variable, then its default. */
+export interface SetupConfig<U extends Record<string, AnyActorDefinition>> {
+  /** The actor types, by the name clients use. */
+  use: U;
+  /** Host to listen on. `KEEL_HOST`, default `127.0.0.1`. */
+  host?: string;
+  /** Port to listen on; 0 picks a free one. `KEEL_PORT`, default 6420. */
+  port?: number;
+  /** Data directory. `KEEL_DATA_DIR`, default `./.keel`. */
+  dataDir?: string;
+  /** `full` (default): commits survive power loss; `relaxed`: they survive a process crash. */
+  durability?: "full" | "relaxed";
+  /** Bound on the whole graceful drain. Default 20000. */
+  drainTimeoutMs?: number;
+  /** How long a signal-triggered shutdown may take before keel re-raises. Default 30000; must exceed `drainTimeoutMs`. */
+  gracePeriodMs?: number;
+  /** Default per-action timeout. Default 60000. */
+  actionTimeoutMs?: number;
+  /** Timeout of one lifecycle hook. Default 15000. */
+  hookTimeoutMs?: number;
+  /** Largest HTTP request body in bytes. Default 20 MiB. */
+  maxBodyBytes?: number;
+  /** Messages one actor may hold queued. Default 1024. */
+  maxMailboxLen?: number;
+  /** Don't install SIGINT/SIGTERM handlers in `start()`. */
+  disableSignalHandlers?: boolean;
+  /** Dev mode: internal error messages reach clients. `KEEL_DEV=1`. */
+  dev?: boolean;
+}
+
+/** Where a started registry listens. */
+export interface ListenInfo {
+  host: string;
+  port: number;
+  /** `http://host:port`, ready for `createClient`. */
+  url: string;
+}
+
+const DEFAULT_DRAIN_TIMEOUT_MS = 20_000;
+const DEFAULT_GRACE_PERIOD_MS = 30_000;
+
+function envNumber(name: string): number | undefined {
+  const raw = process.env[name];
+  if (raw === undefined || raw === "") return undefined;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 0) {
+    throw new KeelError({
+      group: "registry",
+      code: "invalid_config",
+      message: `${name} must be a non-negative integer, not ${JSON.stringify(raw)}`,
+    });
+  }
+  return value;
+}
+
+function fail(body: ErrorBody | null | undefined): void {
+  if (body) throw new KeelError(body);
+}
+
+/** A set of actor types and the runtime that serves them. */
+export class Registry<U extends Record<string, AnyActorDefinition>> {
+  /** The actor types; used by `createClient<typeof registry>` for types. */
+  readonly definitions: U;
+  private readonly config: SetupConfig<U>;
+  private readonly host: JsHost;
+  private readonly native: CoreRegistry;
+  private listenInfo: Promise<ListenInfo> | undefined;
+  private resolveListening: ((info: ListenInfo) => void) | undefined;
+  private rejectListening: ((err: unknown) => void) | undefined;
+  private serving: Promise<void> | undefined;
+
+  constructor(config: SetupConfig<U>) {
+    if (config === null || typeof config !== "object" || typeof config.use !== "object") {
+      throw new TypeError("setup() takes { use: { name: actor(...) } }");
+    }
+    this.config = config;
+    this.definitions = config.use;
+    const definitions = new Map<string, AnyActorDefinition>();
+    for (const [name, def] of Object.entries(config.use)) {
+      if (def?.kind !== "keel.actor") throw new TypeError(`use.${name} is not an actor()`);
+      definitions.set(name, def);
+    }
+    this.host = new JsHost(definitions);
+    this.native = new CoreRegistry(this.host.dispatch);
+    const native = this.native;
+    this.host.complete = (completions) => native.complete(completions);
+    for (const [name, def] of definitions) {
+      fail(
+        this.native.register(name, {
+          actions: Object.keys(def.config.actions),
+          actionTimeoutMs: def.config.options?.actionTimeoutMs,
+        }),
+      );
+    }
+  }
+
+  /** The options passed to the native runtime, with environment fallbacks applied. */
+  runtimeOptions(): RuntimeOptions {
+    const c = this.config;
+    return {
+      host: c.host ?? (process.env.KEEL_HOST || undefined),
+      port: c.port ?? envNumber("KEEL_PORT"),
+      dataDir: c.dataDir ?? (process.env.KEEL_DATA_DIR || undefined),
+      durability: c.durability,
+      drainTimeoutMs: c.drainTimeoutMs,
+      actionTimeoutMs: c.actionTimeoutMs,
+      hookTimeoutMs: c.hookTimeoutMs,
+      maxBodyBytes: c.maxBodyBytes,
+      maxMailboxLen: c.maxMailboxLen,
+      dev: c.dev ?? process.env.KEEL_DEV === "1",
+    };
+  }
+
+  private gracePeriodMs(): number {
+    const grace = this.config.gracePeriodMs ?? DEFAULT_GRACE_PERIOD_MS;
+    const drain = this.config.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
+    if (!(grace > drain)) {
+      throw new KeelError({
+        group: "registry",
+        code: "invalid_config",
+        message: `gracePeriodMs (${grace}) must exceed drainTimeoutMs (${drain})`,
+      });
+    }
+    return grace;
+  }
+
+  /**
+   * Starts the HTTP server and installs SIGINT/SIGTERM handlers (unless disabled). The
+   * returned promise resolves after a shutdown has drained; `listening()` tells the address.
+   */
+  start(): Promise<void> {
+    if (this.serving !== undefined) return this.serving;
+    let options: RuntimeOptions;
+    let grace: number;
+    try {
+      options = this.runtimeOptions();
+      grace = this.gracePeriodMs();
+      fail(this.native.validateOptions(options));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    const listening = this.listening();
+    // A failed start also rejects `listening()`; callers who never asked for it should not
+    // see an unhandled rejection from it.
+    listening.catch(() => {});
+    this.serving = this.native
+      .serve(options, (address) => {
+        const index = address.lastIndexOf(":");
+        const host = address.slice(0, index).replace(/^\[|\]$/g, "");
+        const port = Number(address.slice(index + 1));
+        const urlHost = host.includes(":") ? `[${host}]` : host;
+        this.resolveListening?.({ host, port, url: `http://${urlHost}:${port}` });
+      })
+      .then((outcome) => {
+        forgetRegistry(this);
+        if (outcome.error) {
+          const err = new KeelError(outcome.error);
+          this.rejectListening?.(err);
+          throw err;
+        }
+      });
+    if (!this.config.disableSignalHandlers) handleSignalsFor(this, grace);
+    return this.serving;
+  }
+
+  /** Resolves with the address once the server listens. */
+  listening(): Promise<ListenInfo> {
+    if (this.listenInfo === undefined) {
+      this.listenInfo = new Promise<ListenInfo>((resolve, reject) => {
+        this.resolveListening = resolve;
+        this.rejectListening = reject;
+      });
+    }
+    return this.listenInfo;
+  }
+
+  /**
+   * Shuts down gracefully: new requests get `registry.shutting_down`, in-flight actions
+   * finish, every actor is flushed, the server closes. Idempotent; every caller resolves
+   * after the drain is complete.
+   */
+  async shutdown(): Promise<void> {
+    await this.native.shutdown();
+    forgetRegistry(this);
+    this.rejectListening?.(
+      new KeelError({ group: "registry", code: "shut_down", message: "the registry has shut down" }),
+    );
+  }
+
+  /** The state machine's current state (for diagnostics). */
+  get state(): string {
+    return this.native.state;
+  }
+}
+
+/** Builds a registry from actor definitions. */
+export function setup<const U extends Record<string, AnyActorDefinition>>(config: SetupConfig<U>): Registry<U> {
+  return new Registry(config);
+}
