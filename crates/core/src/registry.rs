@@ -190,20 +190,20 @@ impl Registry {
 
     /// Handles one serverless request, building the runtime on the first call.
     pub async fn handle(&self, config: &RuntimeConfig, request: Request) -> Result<Response> {
-        let mut request = Some(request);
+        /// What the request does next, decided under the lock and done after it.
+        enum Next {
+            Handle(Arc<Runtime>),
+            Build(watch::Sender<BuildOutcome>),
+            Wait(watch::Receiver<BuildOutcome>),
+        }
         loop {
-            let mut outcome = {
+            let next = {
                 let mut state = self.state.lock();
                 match &*state {
                     State::Running {
                         mode: Mode::Serverless,
                         runtime,
-                    } => {
-                        let runtime = runtime.clone();
-                        drop(state);
-                        let request = request.take().expect("a request is handled once");
-                        return Ok(runtime.handle(request).await);
-                    }
+                    } => Next::Handle(runtime.clone()),
                     State::Running {
                         mode: Mode::Serve, ..
                     } => {
@@ -215,25 +215,28 @@ impl Registry {
                     State::ShuttingDown => return Err(Error::RegistryShutDown),
                     // Subscribing while locked: the builder publishes under this lock, so
                     // this receiver sees the outcome whenever it lands.
-                    State::BuildingServerless { outcome } => outcome.clone(),
+                    State::BuildingServerless { outcome } => Next::Wait(outcome.clone()),
                     State::Idle => {
                         let (publish, outcome) = watch::channel(None);
                         *state = State::BuildingServerless { outcome };
-                        drop(state);
-                        self.build_serverless(config.clone(), publish).await?;
-                        continue;
+                        Next::Build(publish)
                     }
                 }
             };
-            let settled = outcome
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| Error::RegistryShutDown)?
-                .clone();
-            match settled {
-                Some(Err(err)) => return Err(err.duplicate()),
-                // Built: loop round to find the runtime under the lock.
-                _ => continue,
+            match next {
+                Next::Handle(runtime) => return Ok(runtime.handle(request).await),
+                Next::Build(publish) => self.build_serverless(config.clone(), publish).await?,
+                Next::Wait(mut outcome) => {
+                    let settled = outcome
+                        .wait_for(Option::is_some)
+                        .await
+                        .map_err(|_| Error::RegistryShutDown)?
+                        .clone();
+                    if let Some(Err(err)) = settled {
+                        return Err(err.duplicate());
+                    }
+                    // Built: loop round to find the runtime under the lock.
+                }
             }
         }
     }
@@ -245,33 +248,36 @@ impl Registry {
         publish: watch::Sender<BuildOutcome>,
     ) -> Result<()> {
         let built = self.build(config);
-        let mut state = self.state.lock();
-        match (&*state, built) {
-            (State::BuildingServerless { .. }, Ok(runtime)) => {
-                *state = State::Running {
-                    mode: Mode::Serverless,
-                    runtime: Arc::new(runtime),
-                };
-                publish.send_replace(Some(Ok(())));
-                Ok(())
-            }
-            (State::BuildingServerless { .. }, Err(err)) => {
-                *state = State::Idle;
-                publish.send_replace(Some(Err(Arc::new(err.duplicate()))));
-                Err(err)
-            }
-            (_, built) => {
-                // A shutdown arrived during the build and is waiting on the stopped latch,
-                // which this builder owns: drain what it built, then release the latch.
-                drop(state);
-                publish.send_replace(Some(Err(Arc::new(Error::RegistryShutDown))));
-                if let Ok(runtime) = built {
-                    runtime.drain().await;
+        let orphan = {
+            let mut state = self.state.lock();
+            let building = matches!(*state, State::BuildingServerless { .. });
+            match built {
+                Ok(runtime) if building => {
+                    *state = State::Running {
+                        mode: Mode::Serverless,
+                        runtime: Arc::new(runtime),
+                    };
+                    publish.send_replace(Some(Ok(())));
+                    return Ok(());
                 }
-                self.stopped.send_replace(true);
-                Err(Error::RegistryShutDown)
+                Err(err) if building => {
+                    *state = State::Idle;
+                    publish.send_replace(Some(Err(Arc::new(err.duplicate()))));
+                    return Err(err);
+                }
+                built => {
+                    publish.send_replace(Some(Err(Arc::new(Error::RegistryShutDown))));
+                    built.ok()
+                }
             }
+        };
+        // A shutdown arrived during the build and is waiting on the stopped latch, which this
+        // builder owns: drain what it built, then release the latch.
+        if let Some(runtime) = orphan {
+            runtime.drain().await;
         }
+        self.stopped.send_replace(true);
+        Err(Error::RegistryShutDown)
     }
 
     /// Shuts down: trips the root token, drains the runtime (bounded by its drain timeout),

@@ -1,0 +1,240 @@
+//! The registry state machine and the drain, over a real listener and a real SQLite file.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use common::{committed_count, config, CounterHost};
+use keel_core::{ActorType, Registry, RuntimeConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn registry(host: Arc<CounterHost>) -> Arc<Registry> {
+    let registry = Registry::new(host);
+    registry
+        .register(ActorType::new("counter", common::ACTIONS.iter().copied()))
+        .unwrap();
+    Arc::new(registry)
+}
+
+/// Sends one HTTP/1.1 request over a fresh connection and returns (status, body).
+async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+/// Starts serving in the background and returns the bound address.
+async fn serve(registry: &Arc<Registry>, config: RuntimeConfig) -> (std::net::SocketAddr, tokio::task::JoinHandle<keel_core::Result<()>>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let serving = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            registry
+                .serve(config, move |addr| {
+                    tx.send(addr).unwrap();
+                })
+                .await
+        })
+    };
+    (rx.await.unwrap(), serving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_http_and_shutdown_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(CounterHost::new());
+    let (addr, serving) = serve(&registry, config(dir.path())).await;
+    assert_eq!(registry.state_name(), "running_serve");
+
+    let (status, body) = post(addr, "/v1/actors/counter/actions/increment", r#"{"key":["h"],"args":[4]}"#).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"output":4}"#));
+
+    // Every cell of the table that `serve` and `register` have in `Running(Serve)`.
+    let err = registry.serve(config(dir.path()), |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), "already_running");
+    let err = registry.register(ActorType::new("late", ["x"])).unwrap_err();
+    assert_eq!(err.code(), "not_idle");
+    let request = axum::http::Request::post("/health").body(Body::empty()).unwrap();
+    let err = registry.handle(&config(dir.path()), request).await.unwrap_err();
+    assert_eq!(err.code(), "wrong_mode");
+
+    registry.shutdown().await;
+    assert_eq!(registry.state_name(), "shutting_down");
+    serving.await.unwrap().unwrap();
+    let err = registry.serve(config(dir.path()), |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), "shut_down");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
+    // The data directory is released: a new registry can open it at once.
+    let again = registry_with(dir.path()).await;
+    again.shutdown().await;
+}
+
+async fn registry_with(dir: &std::path::Path) -> Arc<Registry> {
+    let registry = registry(CounterHost::new());
+    let request = axum::http::Request::post("/v1/actors/counter/actions/get")
+        .body(Body::from(r#"{"key":["h"]}"#))
+        .unwrap();
+    let response = registry.handle(&config(dir), request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    registry
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_actions_and_persists_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(CounterHost::new());
+    let (addr, serving) = serve(&registry, config(dir.path())).await;
+    let calls: Vec<_> = ["s1", "s2", "s3"]
+        .into_iter()
+        .map(|key| {
+            tokio::spawn(async move {
+                post(addr, "/v1/actors/counter/actions/slow", &format!(r#"{{"key":["{key}"],"args":[300]}}"#)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    registry.shutdown().await;
+    for call in calls {
+        assert_eq!(call.await.unwrap(), (200, r#"{"output":1}"#.to_string()));
+    }
+    serving.await.unwrap().unwrap();
+    for key in ["s1", "s2", "s3"] {
+        assert_eq!(committed_count(dir.path(), key), Some(1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_cannot_finish_is_forced_at_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = CounterHost::new();
+    let registry = registry(host.clone());
+    let mut config = config(dir.path());
+    config.drain_timeout = Duration::from_millis(300);
+    let (addr, serving) = serve(&registry, config).await;
+    let acknowledged = post(addr, "/v1/actors/counter/actions/increment", r#"{"key":["f"]}"#).await;
+    assert_eq!(acknowledged.0, 200);
+    let blocked = tokio::spawn(async move { post(addr, "/v1/actors/counter/actions/block", r#"{"key":["f"]}"#).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    registry.shutdown().await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(3), "drain took {took:?}");
+    serving.await.unwrap().unwrap();
+    // The blocked request was abandoned (its connection dropped or it got an error), and the
+    // acknowledged increment is on disk.
+    let (status, _) = blocked.await.unwrap_or((0, String::new()));
+    assert_ne!(status, 200);
+    assert_eq!(committed_count(dir.path(), "f"), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_serverless_requests_build_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(CounterHost::new());
+    let config = config(dir.path());
+    let requests = (0..20).map(|i| {
+        let registry = registry.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let request = axum::http::Request::post("/v1/actors/counter/actions/increment")
+                .body(Body::from(format!(r#"{{"key":["k{i}"]}}"#)))
+                .unwrap();
+            registry.handle(&config, request).await.unwrap().status()
+        })
+    });
+    for status in futures::future::join_all(requests).await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(registry.build_count(), 1);
+    assert_eq!(registry.state_name(), "running_serverless");
+    let err = registry.serve(config.clone(), |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), "wrong_mode");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_build_returns_to_idle_and_a_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let holder = registry(CounterHost::new());
+    let held = registry_with(dir.path()).await;
+    let registry = holder;
+    let config = config(dir.path());
+    let request = || axum::http::Request::get("/health").body(Body::empty()).unwrap();
+    let err = registry.handle(&config, request()).await.unwrap_err();
+    assert_eq!((err.group(), err.code()), ("storage", "locked"));
+    assert_eq!(registry.state_name(), "idle");
+    held.shutdown().await;
+    assert_eq!(registry.handle(&config, request()).await.unwrap().status(), 200);
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stopped_latch_holds_for_early_and_late_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(CounterHost::new());
+    let (_addr, serving) = serve(&registry, config(dir.path())).await;
+    let early = {
+        let registry = registry.clone();
+        tokio::spawn(async move { registry.wait_stopped().await })
+    };
+    let (a, b) = tokio::join!(registry.shutdown(), registry.shutdown());
+    let _ = (a, b);
+    early.await.unwrap();
+    serving.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Long after the stop, with nobody having waited in between.
+    tokio::time::timeout(Duration::from_secs(1), registry.wait_stopped()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), registry.shutdown()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_idle_is_immediate_and_final() {
+    let registry = registry(CounterHost::new());
+    registry.shutdown().await;
+    let err = registry.register(ActorType::new("x", ["y"])).unwrap_err();
+    assert_eq!(err.code(), "not_idle");
+    let request = axum::http::Request::post("/health").body(Body::empty()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = registry.handle(&config(dir.path()), request).await.unwrap_err();
+    assert_eq!(err.code(), "shut_down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_errors_are_structured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.limits.max_body_bytes = 1024;
+    let registry = registry(CounterHost::new());
+    let (addr, serving) = serve(&registry, config).await;
+    let cases = [
+        ("/v1/actors/counter/actions/increment", "{not json", 400, "malformed"),
+        ("/v1/actors/counter/actions/increment", r#"{"key":["a"],"args":5}"#, 400, "malformed"),
+        ("/v1/actors/counter/actions/increment", r#"{"args":[]}"#, 400, "malformed"),
+        ("/v1/actors/ghost/actions/increment", r#"{"key":[]}"#, 404, "type_not_found"),
+        ("/v1/actors/counter/actions/ghost", r#"{"key":[]}"#, 404, "action_not_found"),
+        ("/v1/actors/counter/actions/fail", r#"{"key":[]}"#, 400, "nope"),
+        ("/nowhere", "{}", 404, "route_not_found"),
+    ];
+    for (path, body, status, code) in cases {
+        let (got_status, got_body) = post(addr, path, body).await;
+        let json: serde_json::Value = serde_json::from_str(&got_body).unwrap();
+        assert_eq!((got_status, json["code"].as_str().unwrap()), (status, code), "{path} {body}");
+        assert!(json["group"].is_string() && json["message"].is_string());
+    }
+    let big = format!(r#"{{"key":["a"],"args":["{}"]}}"#, "x".repeat(2048));
+    let (status, body) = post(addr, "/v1/actors/counter/actions/increment", &big).await;
+    assert_eq!(status, 413);
+    assert!(body.contains("body_too_large"));
+    registry.shutdown().await;
+    serving.await.unwrap().unwrap();
+}
