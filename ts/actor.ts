@@ -28,19 +28,22 @@ export interface ActorOptions {
 }
 
 /** What `actor()` takes. Give either `state` (an initial value) or `createState`. */
-export interface ActorConfig<S, I, A extends Record<string, Action<S>>> {
+export interface ActorConfig<S, I, A> {
   /** The initial state of a new actor (copied per actor). */
   state?: S;
   /** Builds a new actor's state from the `input` given at creation. */
   createState?: (c: CreateContext, input: I) => S | Promise<S>;
-  /** The actor's actions, callable by clients. */
-  actions: A;
+  /**
+   * The actor's actions, callable by clients. `NoInfer` makes TypeScript take the state type
+   * from `state` or `createState` first, so each action's `c` is typed without annotations.
+   */
+  actions: A & Record<string, Action<NoInfer<S>>>;
   /** Per-type options. */
   options?: ActorOptions;
 }
 
 /** An actor type, ready to be passed to `setup({ use })`. */
-export interface ActorDefinition<S, I, A extends Record<string, Action<S>>> {
+export interface ActorDefinition<S, I, A> {
   readonly kind: "keel.actor";
   readonly config: ActorConfig<S, I, A>;
 }
@@ -49,7 +52,7 @@ export interface ActorDefinition<S, I, A extends Record<string, Action<S>>> {
 export type AnyActorDefinition = ActorDefinition<any, any, any>;
 
 /** Defines an actor type. State, input and action types are inferred from `config`. */
-export function actor<S, I = undefined, A extends Record<string, Action<S>> = Record<never, never>>(
+export function actor<S, I = undefined, A = Record<never, never>>(
   config: ActorConfig<S, I, A>,
 ): ActorDefinition<S, I, A> {
   if (config === null || typeof config !== "object") {
@@ -58,7 +61,7 @@ export function actor<S, I = undefined, A extends Record<string, Action<S>> = Re
   if (config.actions === null || typeof config.actions !== "object") {
     throw new TypeError("actor() needs an `actions` object");
   }
-  for (const [name, fn] of Object.entries(config.actions)) {
+  for (const [name, fn] of Object.entries(config.actions as Record<string, unknown>)) {
     if (typeof fn !== "function") throw new TypeError(`action ${JSON.stringify(name)} is not a function`);
   }
   if (config.state !== undefined && config.createState !== undefined) {

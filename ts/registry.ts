@@ -187,6 +187,9 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
    */
   async shutdown(): Promise<void> {
     await this.native.shutdown();
+    // The `start()` promise settles before any `shutdown()` caller resumes, so code after an
+    // awaited `start()` runs before a signal handler ends the process.
+    await this.serving?.catch(() => {});
     forgetRegistry(this);
     this.rejectListening?.(
       new KeelError({ group: "registry", code: "shut_down", message: "the registry has shut down" }),

@@ -57,6 +57,8 @@ function onSignal(signal: HandledSignal): void {
   const all = [...registries].map((registry) => registry.shutdown());
   void Promise.allSettled(all).then(() => {
     clearTimeout(grace);
-    reraise(signal);
+    // One more turn lets the app's own reactions to the shutdown (such as code after an
+    // awaited `start()`) run before the process ends.
+    setImmediate(() => reraise(signal));
   });
 }

@@ -1,0 +1,62 @@
+// Compile-time tests of the client's inferred types, checked by `tsc --noEmit` in `npm test`.
+// Each `@ts-expect-error` must be an error, or tsc fails the build.
+import { actor, setup } from "keel";
+import { createClient } from "keel/client";
+
+const counter = actor({
+  state: { count: 0 },
+  actions: {
+    increment: (c, amount: number) => {
+      c.state.count += amount;
+      return c.state.count;
+    },
+    rename: async (c, name: string, loud?: boolean) => (loud ? name.toUpperCase() : name),
+    getCount: (c) => c.state.count,
+  },
+});
+
+const greeter = actor({
+  createState: (_c, input: { greeting: string }) => ({ greeting: input.greeting }),
+  actions: {
+    greet: (c, name: string) => `${c.state.greeting}, ${name}`,
+  },
+});
+
+const registry = setup({ use: { counter, greeter } });
+const client = createClient<typeof registry>("http://127.0.0.1:6420");
+
+async function check(): Promise<void> {
+  const room = client.counter.getOrCreate(["room-1"]);
+  const n: number = await room.increment(5);
+  const s: string = await room.rename("ada", true);
+  const count: number = await room.getCount();
+  void [n, s, count];
+
+  // @ts-expect-error: the argument must be a number.
+  await room.increment("5");
+  // @ts-expect-error: a missing argument.
+  await room.increment();
+  // @ts-expect-error: the result is a number, not a string.
+  const wrong: string = await room.getCount();
+  // @ts-expect-error: no such action.
+  await room.decrement(1);
+  // @ts-expect-error: no such actor type.
+  client.nothing.getOrCreate([]);
+
+  client.greeter.getOrCreate(["g"], { input: { greeting: "hi" } });
+  // @ts-expect-error: the input has the wrong shape.
+  client.greeter.getOrCreate(["g"], { input: { greeting: 5 } });
+  const greeting: string = await client.greeter.get(["g"]).greet("bob");
+  void [wrong, greeting];
+
+  const state = actor({
+    state: { items: [] as string[] },
+    actions: {
+      // @ts-expect-error: the state has no `count`.
+      bad: (c) => c.state.count,
+      good: (c) => c.state.items.length,
+    },
+  });
+  void state;
+}
+void check;
