@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use keel_core::{ActionCall, ActionDone, ActorInfo, Error, Host, StartRequest, Started, StopReason};
+use keel_core::{
+    ActionCall, ActionDone, ActorInfo, Error, Host, StartRequest, Started, StopReason,
+};
 use napi::bindgen_prelude::Buffer;
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi::Status;
@@ -231,7 +233,11 @@ pub struct SharedHost(pub Arc<JsHost>);
 
 #[async_trait]
 impl Host for SharedHost {
-    async fn start(&self, actor: &Arc<ActorInfo>, request: StartRequest) -> keel_core::Result<Started> {
+    async fn start(
+        &self,
+        actor: &Arc<ActorInfo>,
+        request: StartRequest,
+    ) -> keel_core::Result<Started> {
         let mut invocation = self.0.invocation("start", actor);
         invocation.actor_type = Some(actor.name.to_string());
         invocation.key = Some(actor.key.clone());
@@ -241,7 +247,11 @@ impl Host for SharedHost {
         Ok(Started { state: reply.state })
     }
 
-    async fn action(&self, actor: &Arc<ActorInfo>, call: ActionCall) -> keel_core::Result<ActionDone> {
+    async fn action(
+        &self,
+        actor: &Arc<ActorInfo>,
+        call: ActionCall,
+    ) -> keel_core::Result<ActionDone> {
         let mut invocation = self.0.invocation("action", actor);
         invocation.action = Some(call.action);
         invocation.args = Some(call.args);
@@ -252,7 +262,11 @@ impl Host for SharedHost {
         })
     }
 
-    async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> keel_core::Result<Option<Vec<u8>>> {
+    async fn stop(
+        &self,
+        actor: &Arc<ActorInfo>,
+        reason: StopReason,
+    ) -> keel_core::Result<Option<Vec<u8>>> {
         let mut invocation = self.0.invocation("stop", actor);
         invocation.reason = Some(reason.as_str().to_string());
         let reply = check(self.0.invoke(invocation).await?, "stop")?;

@@ -22,7 +22,10 @@ pub struct ActorType {
 
 impl ActorType {
     /// A type with the given actions and default options.
-    pub fn new(name: impl Into<String>, actions: impl IntoIterator<Item = impl Into<String>>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        actions: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         ActorType {
             name: name.into(),
             actions: actions.into_iter().map(Into::into).collect(),
@@ -67,9 +70,11 @@ impl ActorTypes {
 
     /// Finds a type; an unknown name is `actor.type_not_found`.
     pub fn get(&self, name: &str) -> Result<&Arc<ActorType>> {
-        self.types.get(name).ok_or_else(|| Error::ActorTypeNotFound {
-            name: name.to_string(),
-        })
+        self.types
+            .get(name)
+            .ok_or_else(|| Error::ActorTypeNotFound {
+                name: name.to_string(),
+            })
     }
 
     /// The number of registered types.

@@ -184,9 +184,7 @@ impl Error {
     pub fn http_status(&self) -> u16 {
         use Error::*;
         match self {
-            RequestMalformed { .. } | InvalidKey { .. } | User { .. } | InvalidConfig { .. } => {
-                400
-            }
+            RequestMalformed { .. } | InvalidKey { .. } | User { .. } | InvalidConfig { .. } => 400,
             ActorTypeNotFound { .. }
             | ActorNotFound
             | ActionNotFound { .. }
@@ -258,17 +256,25 @@ impl Error {
             RegistryShutDown => RegistryShutDown,
             RegistryShuttingDown => RegistryShuttingDown,
             DuplicateActorType { name } => DuplicateActorType { name: name.clone() },
-            InvalidConfig { message } => InvalidConfig { message: message.clone() },
+            InvalidConfig { message } => InvalidConfig {
+                message: message.clone(),
+            },
             ActorTypeNotFound { name } => ActorTypeNotFound { name: name.clone() },
             ActorNotFound => ActorNotFound,
             ActorAlreadyExists => ActorAlreadyExists,
-            ActorOverloaded { capacity } => ActorOverloaded { capacity: *capacity },
+            ActorOverloaded { capacity } => ActorOverloaded {
+                capacity: *capacity,
+            },
             ActionNotFound { actor_type, action } => ActionNotFound {
                 actor_type: actor_type.clone(),
                 action: action.clone(),
             },
-            ActionTimedOut { timeout_ms } => ActionTimedOut { timeout_ms: *timeout_ms },
-            ActorInternal { message } => ActorInternal { message: message.clone() },
+            ActionTimedOut { timeout_ms } => ActionTimedOut {
+                timeout_ms: *timeout_ms,
+            },
+            ActorInternal { message } => ActorInternal {
+                message: message.clone(),
+            },
             ActorStopped => ActorStopped,
             User {
                 code,
@@ -279,9 +285,13 @@ impl Error {
                 message: message.clone(),
                 metadata: metadata.clone(),
             },
-            RequestMalformed { message } => RequestMalformed { message: message.clone() },
+            RequestMalformed { message } => RequestMalformed {
+                message: message.clone(),
+            },
             RequestTooLarge { limit } => RequestTooLarge { limit: *limit },
-            InvalidKey { message } => InvalidKey { message: message.clone() },
+            InvalidKey { message } => InvalidKey {
+                message: message.clone(),
+            },
             RouteNotFound { method, path } => RouteNotFound {
                 method: method.clone(),
                 path: path.clone(),

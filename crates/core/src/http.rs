@@ -317,7 +317,8 @@ async fn read_body(core: &Core, headers: &HeaderMap, body: Body) -> Result<axum:
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|err| Error::malformed(format!("invalid JSON body: {err}")))
+    serde_json::from_slice(bytes)
+        .map_err(|err| Error::malformed(format!("invalid JSON body: {err}")))
 }
 
 /// The action arguments as JSON array text; absent means no arguments.
@@ -340,7 +341,8 @@ fn json_response(status: StatusCode, body: String) -> Response {
 
 /// Renders an error with its one status mapping.
 pub fn error_response(err: &Error, expose_internal: bool) -> Response {
-    let status = StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
         tracing::warn!(group = err.group(), code = err.code(), error = %err, "request failed");
     } else {

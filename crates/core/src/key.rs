@@ -179,7 +179,11 @@ mod tests {
         let mut seen = std::collections::HashMap::new();
         for a in &segments {
             for b in segments.iter().take(12) {
-                for k in [vec![a.clone()], vec![a.clone(), b.clone()], vec![b.clone(), a.clone(), b.clone()]] {
+                for k in [
+                    vec![a.clone()],
+                    vec![a.clone(), b.clone()],
+                    vec![b.clone(), a.clone(), b.clone()],
+                ] {
                     let encoded = encode(&k);
                     assert_eq!(decode(&encoded).unwrap(), k);
                     if let Some(previous) = seen.insert(encoded.clone(), k.clone()) {
@@ -202,7 +206,10 @@ mod tests {
         let limits = Limits::default();
         assert!(validate(&key(&["x"]), &limits).is_ok());
         let long = "x".repeat(limits.max_key_segment_bytes + 1);
-        assert_eq!(validate(&[long], &limits).unwrap_err().code(), "invalid_key");
+        assert_eq!(
+            validate(&[long], &limits).unwrap_err().code(),
+            "invalid_key"
+        );
         let many: Vec<String> = (0..20).map(|_| "y".repeat(100)).collect();
         assert_eq!(validate(&many, &limits).unwrap_err().code(), "invalid_key");
     }

@@ -52,6 +52,9 @@ pub enum Target {
     Id(String),
 }
 
+/// Resolved actors of one type, by canonical key.
+type KnownByKey = HashMap<String, Arc<ActorInfo>>;
+
 /// The shared insides of a runtime, reached by every actor task and request handler.
 pub(crate) struct Core {
     pub(crate) config: RuntimeConfig,
@@ -70,7 +73,7 @@ pub(crate) struct Core {
     /// Live actors by id.
     live: Mutex<HashMap<Arc<str>, (u64, ActorHandle)>>,
     /// Actors resolved since start, by type name then canonical key.
-    known: Mutex<HashMap<Arc<str>, HashMap<String, Arc<ActorInfo>>>>,
+    known: Mutex<HashMap<Arc<str>, KnownByKey>>,
     /// Tags each spawned actor task so a stopping task only forgets itself.
     next_generation: AtomicU64,
 }
@@ -117,7 +120,8 @@ impl Core {
                     Resolve::Create => CreateMode::Create,
                     _ => CreateMode::GetOrCreate,
                 };
-                let (record, created) = self.writer.create_actor(record, input, create_mode).await?;
+                let (record, created) =
+                    self.writer.create_actor(record, input, create_mode).await?;
                 if created {
                     tracing::debug!(actor_id = %record.id, name, key = %key_string, "actor created");
                 }
@@ -344,7 +348,10 @@ impl Runtime {
         let timeout = core.config.drain_timeout;
         let live = core.live_count();
         tracing::debug!(live_actors = live, "drain begun");
-        if tokio::time::timeout(timeout, core.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(timeout, core.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 drain_timeout_ms = timeout.as_millis() as u64,
                 remaining_tasks = core.tracker.len(),

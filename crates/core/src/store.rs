@@ -181,7 +181,8 @@ impl Store {
     /// Closes the read connections and releases the directory lock. The writer must already
     /// be closed; reads fail afterwards with `registry.shut_down`.
     pub fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         self.readers.lock().clear();
         if let Some(lock) = self.lock.lock().take() {
             if let Err(err) = lock.unlock() {

@@ -139,14 +139,13 @@ impl WriterHandle {
     /// Queues a commit whose `release` runs after it is durable. If the writer has stopped,
     /// `release` runs at once with `storage.writer_closed`.
     pub fn commit(&self, actor_id: Arc<str>, state: Option<Vec<u8>>, release: Release) {
-        if let Err(mpsc::error::SendError(op)) = self.tx.send(WriteOp::Commit {
+        let op = WriteOp::Commit {
             actor_id,
             state,
             release,
-        }) {
-            if let WriteOp::Commit { release, .. } = op {
-                release(Err(Error::WriterClosed));
-            }
+        };
+        if let Err(mpsc::error::SendError(WriteOp::Commit { release, .. })) = self.tx.send(op) {
+            release(Err(Error::WriterClosed));
         }
     }
 
@@ -217,7 +216,10 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<WriteOp>, stats: &W
 
 /// What one op in a batch produced, held until the commit decides its fate.
 enum Outcome {
-    Created(oneshot::Sender<Result<(ActorRecord, bool)>>, Result<(ActorRecord, bool)>),
+    Created(
+        oneshot::Sender<Result<(ActorRecord, bool)>>,
+        Result<(ActorRecord, bool)>,
+    ),
     Release(Release),
 }
 
@@ -338,4 +340,3 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
-

@@ -25,12 +25,18 @@ async fn messages_to_one_actor_run_in_arrival_order() {
     let host = CounterHost::new();
     let runtime = open(dir.path(), host.clone());
     // Warm the actor so every call below goes straight to its mailbox.
-    runtime.call(counter("order"), "get", "[]".into()).await.unwrap();
+    runtime
+        .call(counter("order"), "get", "[]".into())
+        .await
+        .unwrap();
     let calls = (0..200).map(|i| runtime.call(counter("order"), "append", format!("[{i}]")));
     for result in join_all(calls).await {
         result.unwrap();
     }
-    let seen = runtime.call(counter("order"), "seen", "[]".into()).await.unwrap();
+    let seen = runtime
+        .call(counter("order"), "seen", "[]".into())
+        .await
+        .unwrap();
     let expected: Vec<i64> = (0..200).collect();
     assert_eq!(serde_json::from_str::<Vec<i64>>(&seen).unwrap(), expected);
     runtime.drain().await;
@@ -46,12 +52,18 @@ async fn no_reply_leaves_before_its_state_is_committed() {
         let path = dir.path().to_path_buf();
         tasks.push(tokio::spawn(async move {
             for _ in 0..25 {
-                let output = runtime.call(counter(key), "increment", "[1]".into()).await.unwrap();
+                let output = runtime
+                    .call(counter(key), "increment", "[1]".into())
+                    .await
+                    .unwrap();
                 let replied: i64 = output.parse().unwrap();
                 // Read the file through a separate connection the moment the reply arrives:
                 // the committed count must already include this increment.
                 let committed = committed_count(&path, key).unwrap();
-                assert!(committed >= replied, "reply {replied} left before commit ({committed})");
+                assert!(
+                    committed >= replied,
+                    "reply {replied} left before commit ({committed})"
+                );
             }
         }));
     }
@@ -67,13 +79,26 @@ async fn writes_from_many_actors_share_transactions() {
     let runtime = open(dir.path(), CounterHost::new());
     let keys: Vec<String> = (0..64).map(|i| format!("a{i}")).collect();
     // Create every actor first so the measured round is only state writes.
-    join_all(keys.iter().map(|k| runtime.call(counter(k), "get", "[]".into()))).await;
+    join_all(
+        keys.iter()
+            .map(|k| runtime.call(counter(k), "get", "[]".into())),
+    )
+    .await;
     let before = runtime.writer_stats().transactions.load(Ordering::Relaxed);
-    let results = join_all(keys.iter().map(|k| runtime.call(counter(k), "increment", "[1]".into()))).await;
-    assert!(results.iter().all(|r| r.as_ref().ok().map(String::as_str) == Some("1")));
+    let results = join_all(
+        keys.iter()
+            .map(|k| runtime.call(counter(k), "increment", "[1]".into())),
+    )
+    .await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().ok().map(String::as_str) == Some("1")));
     let transactions = runtime.writer_stats().transactions.load(Ordering::Relaxed) - before;
     assert!(transactions >= 1);
-    assert!(transactions < 64, "64 actors' writes took {transactions} transactions");
+    assert!(
+        transactions < 64,
+        "64 actors' writes took {transactions} transactions"
+    );
     runtime.drain().await;
 }
 
@@ -82,14 +107,25 @@ async fn state_survives_reopening_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = open(dir.path(), CounterHost::new());
     for _ in 0..10 {
-        runtime.call(counter("durable"), "increment", "[3]".into()).await.unwrap();
+        runtime
+            .call(counter("durable"), "increment", "[3]".into())
+            .await
+            .unwrap();
     }
-    let id = runtime.resolve(counter("durable")).await.unwrap().id.clone();
+    let id = runtime
+        .resolve(counter("durable"))
+        .await
+        .unwrap()
+        .id
+        .clone();
     runtime.drain().await;
     drop(runtime);
 
     let runtime = open(dir.path(), CounterHost::new());
-    let output = runtime.call(counter("durable"), "get", "[]".into()).await.unwrap();
+    let output = runtime
+        .call(counter("durable"), "get", "[]".into())
+        .await
+        .unwrap();
     assert_eq!(output, "30");
     let again = runtime.resolve(counter("durable")).await.unwrap();
     assert_eq!(again.id, id, "the id is stable across restarts");
@@ -108,9 +144,13 @@ async fn a_full_mailbox_is_overloaded() {
     let mut config = common::config(dir.path());
     config.limits.max_mailbox_len = 2;
     let runtime = Arc::new(
-        keel_core::Runtime::open(config, common::types(), host.clone(), &Default::default()).unwrap(),
+        keel_core::Runtime::open(config, common::types(), host.clone(), &Default::default())
+            .unwrap(),
     );
-    runtime.call(counter("busy"), "get", "[]".into()).await.unwrap();
+    runtime
+        .call(counter("busy"), "get", "[]".into())
+        .await
+        .unwrap();
     // One call is taken off the mailbox and blocks; two more fill the mailbox.
     let mut pending = Vec::new();
     for _ in 0..3 {
@@ -124,13 +164,22 @@ async fn a_full_mailbox_is_overloaded() {
         .call(counter("busy"), "get", "[]".into())
         .await
         .unwrap_err();
-    assert_eq!((err.group(), err.code(), err.http_status()), ("actor", "overloaded", 429));
+    assert_eq!(
+        (err.group(), err.code(), err.http_status()),
+        ("actor", "overloaded", 429)
+    );
     host.gate.add_permits(3);
     for task in pending {
         task.await.unwrap().unwrap();
     }
     // The actor keeps working once the queue drains.
-    assert_eq!(runtime.call(counter("busy"), "get", "[]".into()).await.unwrap(), "3");
+    assert_eq!(
+        runtime
+            .call(counter("busy"), "get", "[]".into())
+            .await
+            .unwrap(),
+        "3"
+    );
     runtime.drain().await;
 }
 
@@ -139,34 +188,87 @@ async fn the_error_contract() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = open(dir.path(), CounterHost::new());
 
-    let err = runtime.call(key_target("x", Resolve::Get), "get", "[]".into()).await.unwrap_err();
-    assert_eq!((err.group(), err.code(), err.http_status()), ("actor", "not_found", 404));
+    let err = runtime
+        .call(key_target("x", Resolve::Get), "get", "[]".into())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.group(), err.code(), err.http_status()),
+        ("actor", "not_found", 404)
+    );
 
-    runtime.call(key_target("x", Resolve::Create), "increment", "[1]".into()).await.unwrap();
-    let err = runtime.call(key_target("x", Resolve::Create), "get", "[]".into()).await.unwrap_err();
+    runtime
+        .call(key_target("x", Resolve::Create), "increment", "[1]".into())
+        .await
+        .unwrap();
+    let err = runtime
+        .call(key_target("x", Resolve::Create), "get", "[]".into())
+        .await
+        .unwrap_err();
     assert_eq!((err.code(), err.http_status()), ("already_exists", 409));
-    assert_eq!(runtime.call(key_target("x", Resolve::Get), "get", "[]".into()).await.unwrap(), "1");
+    assert_eq!(
+        runtime
+            .call(key_target("x", Resolve::Get), "get", "[]".into())
+            .await
+            .unwrap(),
+        "1"
+    );
 
-    let err = runtime.call(counter("x"), "nope", "[]".into()).await.unwrap_err();
+    let err = runtime
+        .call(counter("x"), "nope", "[]".into())
+        .await
+        .unwrap_err();
     assert_eq!((err.code(), err.http_status()), ("action_not_found", 404));
 
     let err = runtime
-        .call(Target::Key { name: "ghost".into(), key: vec![], mode: Resolve::GetOrCreate, input: None }, "get", "[]".into())
+        .call(
+            Target::Key {
+                name: "ghost".into(),
+                key: vec![],
+                mode: Resolve::GetOrCreate,
+                input: None,
+            },
+            "get",
+            "[]".into(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), "type_not_found");
 
-    let err = runtime.call(Target::Id("0".repeat(32)), "get", "[]".into()).await.unwrap_err();
+    let err = runtime
+        .call(Target::Id("0".repeat(32)), "get", "[]".into())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "not_found");
 
     // A user error reaches the caller intact, and the actor keeps working.
-    let err = runtime.call(counter("x"), "fail", "[]".into()).await.unwrap_err();
-    assert_eq!((err.group(), err.code(), err.http_status()), ("user", "nope", 400));
+    let err = runtime
+        .call(counter("x"), "fail", "[]".into())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.group(), err.code(), err.http_status()),
+        ("user", "nope", 400)
+    );
     assert_eq!(err.metadata().unwrap()["why"], "testing");
-    assert_eq!(runtime.call(counter("x"), "increment", "[1]".into()).await.unwrap(), "2");
+    assert_eq!(
+        runtime
+            .call(counter("x"), "increment", "[1]".into())
+            .await
+            .unwrap(),
+        "2"
+    );
 
-    let long_key = Target::Key { name: "counter".into(), key: vec!["k".repeat(129)], mode: Resolve::GetOrCreate, input: None };
-    let err = runtime.call(long_key, "get", "[]".into()).await.unwrap_err();
+    let long_key = Target::Key {
+        name: "counter".into(),
+        key: vec!["k".repeat(129)],
+        mode: Resolve::GetOrCreate,
+        input: None,
+    };
+    let err = runtime
+        .call(long_key, "get", "[]".into())
+        .await
+        .unwrap_err();
     assert_eq!((err.code(), err.http_status()), ("invalid_key", 400));
     runtime.drain().await;
 }
@@ -181,9 +283,21 @@ async fn input_reaches_the_new_actor_once() {
         mode: Resolve::GetOrCreate,
         input: Some(format!(r#"{{"start":{start}}}"#)),
     };
-    assert_eq!(runtime.call(with_input(40), "increment", "[2]".into()).await.unwrap(), "42");
+    assert_eq!(
+        runtime
+            .call(with_input(40), "increment", "[2]".into())
+            .await
+            .unwrap(),
+        "42"
+    );
     // A later getOrCreate with other input finds the existing actor.
-    assert_eq!(runtime.call(with_input(7), "get", "[]".into()).await.unwrap(), "42");
+    assert_eq!(
+        runtime
+            .call(with_input(7), "get", "[]".into())
+            .await
+            .unwrap(),
+        "42"
+    );
     runtime.drain().await;
 }
 
@@ -191,12 +305,18 @@ async fn input_reaches_the_new_actor_once() {
 async fn concurrent_get_or_create_of_one_key_makes_one_actor() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = open(dir.path(), CounterHost::new());
-    let results = join_all((0..32).map(|_| runtime.call(counter("race"), "increment", "[1]".into()))).await;
-    let mut outputs: Vec<i64> = results.into_iter().map(|r| r.unwrap().parse().unwrap()).collect();
+    let results =
+        join_all((0..32).map(|_| runtime.call(counter("race"), "increment", "[1]".into()))).await;
+    let mut outputs: Vec<i64> = results
+        .into_iter()
+        .map(|r| r.unwrap().parse().unwrap())
+        .collect();
     outputs.sort();
     assert_eq!(outputs, (1..=32).collect::<Vec<_>>());
     runtime.drain().await;
     let conn = rusqlite::Connection::open(dir.path().join(keel_core::store::DB_FILE)).unwrap();
-    let rows: i64 = conn.query_row("SELECT count(*) FROM actors", [], |r| r.get(0)).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM actors", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(rows, 1);
 }

@@ -29,12 +29,22 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Strin
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
     (status, body)
 }
 
 /// Starts serving in the background and returns the bound address.
-async fn serve(registry: &Arc<Registry>, config: RuntimeConfig) -> (std::net::SocketAddr, tokio::task::JoinHandle<keel_core::Result<()>>) {
+async fn serve(
+    registry: &Arc<Registry>,
+    config: RuntimeConfig,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<keel_core::Result<()>>,
+) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let serving = {
         let registry = registry.clone();
@@ -56,24 +66,45 @@ async fn serve_answers_http_and_shutdown_drains() {
     let (addr, serving) = serve(&registry, config(dir.path())).await;
     assert_eq!(registry.state_name(), "running_serve");
 
-    let (status, body) = post(addr, "/v1/actors/counter/actions/increment", r#"{"key":["h"],"args":[4]}"#).await;
+    let (status, body) = post(
+        addr,
+        "/v1/actors/counter/actions/increment",
+        r#"{"key":["h"],"args":[4]}"#,
+    )
+    .await;
     assert_eq!((status, body.as_str()), (200, r#"{"output":4}"#));
 
     // Every cell of the table that `serve` and `register` have in `Running(Serve)`.
-    let err = registry.serve(config(dir.path()), |_| {}).await.unwrap_err();
+    let err = registry
+        .serve(config(dir.path()), |_| {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "already_running");
-    let err = registry.register(ActorType::new("late", ["x"])).unwrap_err();
+    let err = registry
+        .register(ActorType::new("late", ["x"]))
+        .unwrap_err();
     assert_eq!(err.code(), "not_idle");
-    let request = axum::http::Request::post("/health").body(Body::empty()).unwrap();
-    let err = registry.handle(&config(dir.path()), request).await.unwrap_err();
+    let request = axum::http::Request::post("/health")
+        .body(Body::empty())
+        .unwrap();
+    let err = registry
+        .handle(&config(dir.path()), request)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "wrong_mode");
 
     registry.shutdown().await;
     assert_eq!(registry.state_name(), "shutting_down");
     serving.await.unwrap().unwrap();
-    let err = registry.serve(config(dir.path()), |_| {}).await.unwrap_err();
+    let err = registry
+        .serve(config(dir.path()), |_| {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "shut_down");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
     // The data directory is released: a new registry can open it at once.
     let again = registry_with(dir.path()).await;
     again.shutdown().await;
@@ -98,7 +129,12 @@ async fn drain_finishes_in_flight_actions_and_persists_them() {
         .into_iter()
         .map(|key| {
             tokio::spawn(async move {
-                post(addr, "/v1/actors/counter/actions/slow", &format!(r#"{{"key":["{key}"],"args":[300]}}"#)).await
+                post(
+                    addr,
+                    "/v1/actors/counter/actions/slow",
+                    &format!(r#"{{"key":["{key}"],"args":[300]}}"#),
+                )
+                .await
             })
         })
         .collect();
@@ -121,14 +157,24 @@ async fn a_drain_that_cannot_finish_is_forced_at_the_timeout() {
     let mut config = config(dir.path());
     config.drain_timeout = Duration::from_millis(300);
     let (addr, serving) = serve(&registry, config).await;
-    let acknowledged = post(addr, "/v1/actors/counter/actions/increment", r#"{"key":["f"]}"#).await;
+    let acknowledged = post(
+        addr,
+        "/v1/actors/counter/actions/increment",
+        r#"{"key":["f"]}"#,
+    )
+    .await;
     assert_eq!(acknowledged.0, 200);
-    let blocked = tokio::spawn(async move { post(addr, "/v1/actors/counter/actions/block", r#"{"key":["f"]}"#).await });
+    let blocked = tokio::spawn(async move {
+        post(addr, "/v1/actors/counter/actions/block", r#"{"key":["f"]}"#).await
+    });
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = std::time::Instant::now();
     registry.shutdown().await;
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(3), "drain took {took:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "drain took {took:?}"
+    );
     serving.await.unwrap().unwrap();
     // The blocked request was abandoned (its connection dropped or it got an error), and the
     // acknowledged increment is on disk.
@@ -169,12 +215,19 @@ async fn a_failed_build_returns_to_idle_and_a_retry_succeeds() {
     let held = registry_with(dir.path()).await;
     let registry = holder;
     let config = config(dir.path());
-    let request = || axum::http::Request::get("/health").body(Body::empty()).unwrap();
+    let request = || {
+        axum::http::Request::get("/health")
+            .body(Body::empty())
+            .unwrap()
+    };
     let err = registry.handle(&config, request()).await.unwrap_err();
     assert_eq!((err.group(), err.code()), ("storage", "locked"));
     assert_eq!(registry.state_name(), "idle");
     held.shutdown().await;
-    assert_eq!(registry.handle(&config, request()).await.unwrap().status(), 200);
+    assert_eq!(
+        registry.handle(&config, request()).await.unwrap().status(),
+        200
+    );
     registry.shutdown().await;
 }
 
@@ -193,8 +246,12 @@ async fn the_stopped_latch_holds_for_early_and_late_waiters() {
     serving.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // Long after the stop, with nobody having waited in between.
-    tokio::time::timeout(Duration::from_secs(1), registry.wait_stopped()).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(1), registry.shutdown()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), registry.wait_stopped())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), registry.shutdown())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,9 +260,14 @@ async fn shutdown_while_idle_is_immediate_and_final() {
     registry.shutdown().await;
     let err = registry.register(ActorType::new("x", ["y"])).unwrap_err();
     assert_eq!(err.code(), "not_idle");
-    let request = axum::http::Request::post("/health").body(Body::empty()).unwrap();
+    let request = axum::http::Request::post("/health")
+        .body(Body::empty())
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let err = registry.handle(&config(dir.path()), request).await.unwrap_err();
+    let err = registry
+        .handle(&config(dir.path()), request)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "shut_down");
 }
 
@@ -217,18 +279,52 @@ async fn http_errors_are_structured() {
     let registry = registry(CounterHost::new());
     let (addr, serving) = serve(&registry, config).await;
     let cases = [
-        ("/v1/actors/counter/actions/increment", "{not json", 400, "malformed"),
-        ("/v1/actors/counter/actions/increment", r#"{"key":["a"],"args":5}"#, 400, "malformed"),
-        ("/v1/actors/counter/actions/increment", r#"{"args":[]}"#, 400, "malformed"),
-        ("/v1/actors/ghost/actions/increment", r#"{"key":[]}"#, 404, "type_not_found"),
-        ("/v1/actors/counter/actions/ghost", r#"{"key":[]}"#, 404, "action_not_found"),
-        ("/v1/actors/counter/actions/fail", r#"{"key":[]}"#, 400, "nope"),
+        (
+            "/v1/actors/counter/actions/increment",
+            "{not json",
+            400,
+            "malformed",
+        ),
+        (
+            "/v1/actors/counter/actions/increment",
+            r#"{"key":["a"],"args":5}"#,
+            400,
+            "malformed",
+        ),
+        (
+            "/v1/actors/counter/actions/increment",
+            r#"{"args":[]}"#,
+            400,
+            "malformed",
+        ),
+        (
+            "/v1/actors/ghost/actions/increment",
+            r#"{"key":[]}"#,
+            404,
+            "type_not_found",
+        ),
+        (
+            "/v1/actors/counter/actions/ghost",
+            r#"{"key":[]}"#,
+            404,
+            "action_not_found",
+        ),
+        (
+            "/v1/actors/counter/actions/fail",
+            r#"{"key":[]}"#,
+            400,
+            "nope",
+        ),
         ("/nowhere", "{}", 404, "route_not_found"),
     ];
     for (path, body, status, code) in cases {
         let (got_status, got_body) = post(addr, path, body).await;
         let json: serde_json::Value = serde_json::from_str(&got_body).unwrap();
-        assert_eq!((got_status, json["code"].as_str().unwrap()), (status, code), "{path} {body}");
+        assert_eq!(
+            (got_status, json["code"].as_str().unwrap()),
+            (status, code),
+            "{path} {body}"
+        );
         assert!(json["group"].is_string() && json["message"].is_string());
     }
     let big = format!(r#"{{"key":["a"],"args":["{}"]}}"#, "x".repeat(2048));

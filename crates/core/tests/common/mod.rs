@@ -19,7 +19,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// The actions of the `counter` type.
-pub const ACTIONS: &[&str] = &["increment", "get", "append", "fail", "slow", "block", "seen"];
+pub const ACTIONS: &[&str] = &[
+    "increment",
+    "get",
+    "append",
+    "fail",
+    "slow",
+    "block",
+    "seen",
+];
 
 /// A counter host. Every actor's live state is held here between calls, as JS would.
 pub struct CounterHost {
@@ -79,9 +87,10 @@ impl Host for CounterHost {
 
     async fn action(&self, actor: &Arc<ActorInfo>, call: ActionCall) -> Result<ActionDone> {
         let id = actor.id.to_string();
-        self.log
-            .lock()
-            .push(format!("{}:{}:{}", actor.key_string, call.action, call.args));
+        self.log.lock().push(format!(
+            "{}:{}:{}",
+            actor.key_string, call.action, call.args
+        ));
         let args: Vec<Value> = serde_json::from_str(&call.args).unwrap();
         let amount = args.first().and_then(Value::as_i64).unwrap_or(1);
         match call.action.as_str() {
@@ -135,7 +144,9 @@ impl Host for CounterHost {
 /// The counter type registered under `counter`.
 pub fn types() -> Arc<ActorTypes> {
     let mut types = ActorTypes::default();
-    types.add(ActorType::new("counter", ACTIONS.iter().copied())).unwrap();
+    types
+        .add(ActorType::new("counter", ACTIONS.iter().copied()))
+        .unwrap();
     Arc::new(types)
 }
 
@@ -174,5 +185,9 @@ pub fn committed_count(dir: &Path, key: &str) -> Option<i64> {
         )
         .ok()
         .flatten();
-    state.map(|bytes| serde_json::from_slice::<Value>(&bytes).unwrap()["count"].as_i64().unwrap())
+    state.map(|bytes| {
+        serde_json::from_slice::<Value>(&bytes).unwrap()["count"]
+            .as_i64()
+            .unwrap()
+    })
 }
