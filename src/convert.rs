@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_core::{ActorType, Durability, Error, Limits, RuntimeConfig};
+use napi::bindgen_prelude::Buffer;
 use napi_derive::napi;
 
 /// A structured keel error as it crosses to JS.
@@ -186,4 +187,76 @@ fn resolve_listen(host: &str, port: u16) -> Result<SocketAddr, Error> {
         .ok()
         .and_then(|mut addrs| addrs.next())
         .ok_or_else(|| Error::config(format!("cannot resolve host {host:?}")))
+}
+
+/// A Fetch `Request`, flattened for the serverless handler.
+#[napi(object)]
+pub struct HttpRequest {
+    /// The method, such as `POST`.
+    pub method: String,
+    /// The full URL; only its path and query are used.
+    pub url: String,
+    /// Header name and value pairs.
+    pub headers: Vec<Vec<String>>,
+    /// The body, if any.
+    pub body: Option<Buffer>,
+}
+
+impl HttpRequest {
+    /// The request as core handles it.
+    pub fn into_http(self) -> Result<keel_core::http::Request, Error> {
+        let path = match self.url.find("://") {
+            Some(scheme_end) => {
+                let rest = &self.url[scheme_end + 3..];
+                rest.find('/').map_or("/", |slash| &rest[slash..])
+            }
+            None => self.url.as_str(),
+        };
+        let mut builder = axum::http::Request::builder()
+            .method(self.method.as_str())
+            .uri(path);
+        for pair in &self.headers {
+            if let [name, value] = pair.as_slice() {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+        }
+        let body = self.body.map(|b| b.to_vec()).unwrap_or_default();
+        builder
+            .body(axum::body::Body::from(body))
+            .map_err(|err| Error::malformed(format!("invalid request: {err}")))
+    }
+}
+
+/// A response for the serverless handler to turn into a Fetch `Response`.
+#[napi(object)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u32,
+    /// Header name and value pairs.
+    pub headers: Vec<Vec<String>>,
+    /// The whole body.
+    pub body: Buffer,
+}
+
+impl HttpResponse {
+    /// Collects a core response.
+    pub async fn from_http(response: keel_core::http::Response) -> HttpResponse {
+        let (parts, body) = response.into_parts();
+        let headers = parts
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                Some(vec![name.to_string(), value.to_str().ok()?.to_string()])
+            })
+            .collect();
+        let body = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .map(|bytes| bytes.to_vec())
+            .unwrap_or_default();
+        HttpResponse {
+            status: u32::from(parts.status.as_u16()),
+            headers,
+            body: body.into(),
+        }
+    }
 }

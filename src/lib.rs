@@ -19,7 +19,9 @@ use napi::threadsafe_function::ThreadsafeFunction;
 use napi::Status;
 use napi_derive::napi;
 
-use crate::convert::{ActorTypeOptions, ErrorInfo, Outcome, RuntimeOptions};
+use crate::convert::{
+    ActorTypeOptions, ErrorInfo, HttpRequest, HttpResponse, Outcome, RuntimeOptions,
+};
 use crate::host::{Completion, DispatchFn, JsHost, SharedHost};
 
 /// Called once with the bound address (`host:port`) when the server listens. Weak: the
@@ -85,6 +87,27 @@ impl CoreRegistry {
             })
             .await;
         Outcome::from_result(result, dev)
+    }
+
+    /// Handles one request in serverless mode, building the runtime on the first call. Every
+    /// failure, including the registry's own (`registry.wrong_mode`, `registry.shut_down`, a
+    /// failed build), comes back as a JSON error response with its mapped status.
+    #[napi]
+    pub async fn handle_request(
+        &self,
+        options: RuntimeOptions,
+        request: HttpRequest,
+    ) -> HttpResponse {
+        let dev = options.dev.unwrap_or(false);
+        let response = match options.to_config() {
+            Ok(config) => match request.into_http() {
+                Ok(request) => self.registry.handle(&config, request).await,
+                Err(err) => Err(err),
+            },
+            Err(err) => Err(err),
+        };
+        let response = response.unwrap_or_else(|err| keel_core::http::error_response(&err, dev));
+        HttpResponse::from_http(response).await
     }
 
     /// Shuts down and resolves once the drain is complete. Idempotent.

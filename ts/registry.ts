@@ -74,6 +74,7 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
   private resolveListening: ((info: ListenInfo) => void) | undefined;
   private rejectListening: ((err: unknown) => void) | undefined;
   private serving: Promise<void> | undefined;
+  private serverlessOptions: RuntimeOptions | undefined;
 
   constructor(config: SetupConfig<U>) {
     if (config === null || typeof config !== "object" || typeof config.use !== "object") {
@@ -135,7 +136,6 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
    * returned promise resolves after a shutdown has drained; `listening()` tells the address.
    */
   start(): Promise<void> {
-    if (this.serving !== undefined) return this.serving;
     let options: RuntimeOptions;
     let grace: number;
     try {
@@ -145,11 +145,13 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     } catch (err) {
       return Promise.reject(err);
     }
-    const listening = this.listening();
-    // A failed start also rejects `listening()`; callers who never asked for it should not
-    // see an unhandled rejection from it.
-    listening.catch(() => {});
-    this.serving = this.native
+    const first = this.serving === undefined;
+    if (first) {
+      // A failed start also rejects `listening()`; callers who never asked for it should not
+      // see an unhandled rejection from it.
+      this.listening().catch(() => {});
+    }
+    const serving = this.native
       .serve(options, (address) => {
         const index = address.lastIndexOf(":");
         const host = address.slice(0, index).replace(/^\[|\]$/g, "");
@@ -158,15 +160,23 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
         this.resolveListening?.({ host, port, url: `http://${urlHost}:${port}` });
       })
       .then((outcome) => {
-        forgetRegistry(this);
-        if (outcome.error) {
-          const err = new KeelError(outcome.error);
+        if (!outcome.error) return;
+        const err = new KeelError(outcome.error);
+        // Only the start that owns the server settles `listening()`; a second `start()` is
+        // refused by the state machine without touching the first.
+        if (first) {
+          forgetRegistry(this);
           this.rejectListening?.(err);
-          throw err;
+          // The registry went back to idle: a later `start()` may try again.
+          this.serving = undefined;
+          this.listenInfo = undefined;
         }
+        throw err;
       });
+    if (!first) return serving;
+    this.serving = serving;
     if (!this.config.disableSignalHandlers) handleSignalsFor(this, grace);
-    return this.serving;
+    return serving;
   }
 
   /** Resolves with the address once the server listens. */
@@ -194,6 +204,32 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     this.rejectListening?.(
       new KeelError({ group: "registry", code: "shut_down", message: "the registry has shut down" }),
     );
+  }
+
+  /**
+   * Serves keel's routes from inside a Fetch-style host (serverless mode): Hono, Next.js route
+   * handlers, or a `node:http` adapter. The first call builds the runtime, once, however many
+   * calls arrive together. Installs no signal handlers. Errors, including the registry's own
+   * (such as `registry.shut_down` after `shutdown()`), come back as JSON error responses.
+   */
+  readonly handler = async (request: Request): Promise<Response> => {
+    this.serverlessOptions ??= this.runtimeOptions();
+    const hasBody = request.method !== "GET" && request.method !== "HEAD";
+    const body = hasBody ? Buffer.from(await request.arrayBuffer()) : undefined;
+    const response = await this.native.handleRequest(this.serverlessOptions, {
+      method: request.method,
+      url: request.url,
+      headers: [...request.headers],
+      body,
+    });
+    const headers = new Headers(response.headers.map(([name, value]) => [name, value] as [string, string]));
+    const empty = response.status === 204 || response.status === 304 || request.method === "HEAD";
+    return new Response(empty ? null : new Uint8Array(response.body), { status: response.status, headers });
+  };
+
+  /** How many runtimes this registry has built (1 once started; for diagnostics and tests). */
+  get buildCount(): number {
+    return this.native.buildCount;
   }
 
   /** The state machine's current state (for diagnostics). */

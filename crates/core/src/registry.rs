@@ -247,7 +247,19 @@ impl Registry {
         config: RuntimeConfig,
         publish: watch::Sender<BuildOutcome>,
     ) -> Result<()> {
-        let built = self.build(config);
+        // Opening storage is blocking I/O that may wait on SQLite's busy timeout; keep it off
+        // the async workers, and hold no lock meanwhile.
+        let types = Arc::new(self.types.lock().clone());
+        let host = self.host.clone();
+        let root = self.root.clone();
+        self.builds.fetch_add(1, Ordering::Relaxed);
+        let built = tokio::task::spawn_blocking(move || Runtime::open(config, types, host, &root))
+            .await
+            .unwrap_or_else(|join| {
+                Err(Error::ActorInternal {
+                    message: format!("the build panicked: {join}"),
+                })
+            });
         let orphan = {
             let mut state = self.state.lock();
             let building = matches!(*state, State::BuildingServerless { .. });

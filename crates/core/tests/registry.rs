@@ -334,3 +334,96 @@ async fn http_errors_are_structured() {
     registry.shutdown().await;
     serving.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_never_misses_the_builder_settling() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.durability = keel_core::Durability::Relaxed;
+    for iteration in 0..1000 {
+        let registry = registry(CounterHost::new());
+        let request = || {
+            axum::http::Request::get("/health")
+                .body(Body::empty())
+                .unwrap()
+        };
+        // Two first requests race: one builds, the other parks in `BuildingServerless` (or
+        // finds the runtime already built). Neither may hang.
+        let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(
+                tokio::spawn({
+                    let registry = registry.clone();
+                    let config = config.clone();
+                    async move {
+                        registry
+                            .handle(&config, request())
+                            .await
+                            .map(|r| r.status())
+                    }
+                }),
+                tokio::spawn({
+                    let registry = registry.clone();
+                    let config = config.clone();
+                    async move {
+                        registry
+                            .handle(&config, request())
+                            .await
+                            .map(|r| r.status())
+                    }
+                }),
+            )
+        })
+        .await
+        .unwrap_or_else(|_| panic!("a request hung in iteration {iteration}"));
+        assert_eq!(a.unwrap().unwrap(), 200);
+        assert_eq!(b.unwrap().unwrap(), 200);
+        assert_eq!(registry.build_count(), 1);
+        registry.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_slow_build_drains_what_the_builder_built() {
+    let dir = tempfile::tempdir().unwrap();
+    // Another SQLite user holds the database file exclusively, so the build waits on it.
+    let blocker = rusqlite::Connection::open(dir.path().join(keel_core::store::DB_FILE)).unwrap();
+    blocker
+        .execute_batch("CREATE TABLE other (x); BEGIN EXCLUSIVE; INSERT INTO other VALUES (1);")
+        .unwrap();
+    let registry = registry(CounterHost::new());
+    let config = config(dir.path());
+    let requests: Vec<_> = (0..3)
+        .map(|_| {
+            let registry = registry.clone();
+            let config = config.clone();
+            tokio::spawn(async move {
+                let request = axum::http::Request::get("/health")
+                    .body(Body::empty())
+                    .unwrap();
+                registry.handle(&config, request).await.map(|r| r.status())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(registry.state_name(), "building_serverless");
+    let shutdown = tokio::spawn({
+        let registry = registry.clone();
+        async move { registry.shutdown().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!shutdown.is_finished(), "shutdown waits for the builder");
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    for request in requests {
+        let err = request.await.unwrap().unwrap_err();
+        assert_eq!((err.group(), err.code()), ("registry", "shut_down"));
+    }
+    assert_eq!(registry.state_name(), "shutting_down");
+    assert_eq!(registry.build_count(), 1);
+    // Nothing was left running: the data directory is free again.
+    drop(keel_core::store::Store::open(dir.path(), keel_core::Durability::Full).unwrap());
+}
