@@ -273,7 +273,7 @@ impl ActorTask {
         while let Ok(command) = self.rx.try_recv() {
             command.fail(Error::RegistryShutDown);
         }
-        tracing::warn!("actor abandoned by a forced drain");
+        tracing::debug!("actor abandoned by a forced drain");
         self.core.forget(&self.info.id, self.generation);
     }
 }

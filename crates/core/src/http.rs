@@ -92,26 +92,32 @@ pub(crate) async fn accept_loop(core: Arc<Core>, listener: TcpListener, router: 
     tracing::debug!("listener closed");
 }
 
-/// Runs one connection until the peer closes it; when the drain begins, the connection ends
-/// after its current response; a forced drain drops it at once.
+/// How long a connection may still write once the drain is forced: long enough for the
+/// `registry.shut_down` replies of abandoned requests to go out, short enough that a peer that
+/// never reads cannot hold the process.
+const FORCED_WRITE_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Runs one connection until the peer closes it. When the drain begins the connection ends
+/// after its current response; once the drain is forced it gets a last moment to write the
+/// errors of abandoned requests, then it is dropped.
 async fn serve_connection<C>(core: Arc<Core>, connection: C)
 where
     C: std::future::Future<Output = hyper::Result<()>> + GracefulConnection,
 {
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
-        // A forced drain outranks everything: drop the connection mid-request.
-        biased;
-        _ = core.force.cancelled() => return,
         // The drain has begun: finish the current response, then close.
         _ = core.stop.cancelled() => connection.as_mut().graceful_shutdown(),
         // The peer closed the connection (or it failed).
         result = connection.as_mut() => return log_connection_end(result),
     }
+    let forced = async {
+        core.force.cancelled().await;
+        tokio::time::sleep(FORCED_WRITE_GRACE).await;
+    };
     tokio::select! {
-        // Forced while finishing the last response.
-        biased;
-        _ = core.force.cancelled() => {}
+        // Forced, and the last replies had their moment.
+        _ = forced => {}
         // The last response went out.
         result = connection.as_mut() => log_connection_end(result),
     }

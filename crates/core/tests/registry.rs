@@ -176,10 +176,11 @@ async fn a_drain_that_cannot_finish_is_forced_at_the_timeout() {
         "drain took {took:?}"
     );
     serving.await.unwrap().unwrap();
-    // The blocked request was abandoned (its connection dropped or it got an error), and the
-    // acknowledged increment is on disk.
-    let (status, _) = blocked.await.unwrap_or((0, String::new()));
-    assert_ne!(status, 200);
+    // The blocked request was failed with `registry.shut_down`, and the acknowledged increment
+    // is on disk.
+    let (status, body) = blocked.await.unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains(r#""code":"shut_down""#), "{body}");
     assert_eq!(committed_count(dir.path(), "f"), Some(1));
 }
 
