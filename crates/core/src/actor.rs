@@ -102,8 +102,10 @@ impl ActorTask {
     }
 
     /// The actor's span: every line the actor or its children log carries its identity.
+    /// It is an `error`-level span so that it stays enabled under any filter that lets a
+    /// single line through: a `warn` logged with `KEEL_LOG=warn` still names its actor.
     pub(crate) fn span(info: &ActorInfo) -> tracing::Span {
-        tracing::info_span!(
+        tracing::error_span!(
             "actor",
             actor_id = %info.id,
             name = %info.name,
