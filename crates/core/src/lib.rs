@@ -13,6 +13,7 @@
 //! - [`writer`]: the group-commit writer, which is also the output gate.
 //! - [`http`]: the versioned HTTP routes and the accept loop.
 //! - [`key`]: the canonical actor key codec.
+//! - [`logging`]: the one log schema (JSON, logfmt, pretty) and the process-wide subscriber.
 //! - [`config`]: every limit, timeout and default, defined once.
 //! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
 
@@ -23,6 +24,7 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod key;
+pub mod logging;
 pub mod registry;
 pub mod runtime;
 pub mod store;
