@@ -38,18 +38,25 @@ impl ErrorInfo {
     }
 
     /// Converts an error reported by JS user code into a core error: a `UserError` keeps its
-    /// code and message; anything else is an internal error.
+    /// code and message, a KV limit error keeps its own code; anything else is internal.
     pub fn into_error(self) -> Error {
-        if self.group == "user" {
-            Error::User {
+        let limit = || {
+            self.metadata
+                .as_ref()
+                .and_then(|m| m["limit"].as_u64())
+                .unwrap_or_default() as usize
+        };
+        match (self.group.as_str(), self.code.as_str()) {
+            ("user", _) => Error::User {
                 code: self.code,
                 message: self.message,
                 metadata: self.metadata,
-            }
-        } else {
-            Error::ActorInternal {
+            },
+            ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
+            ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
+            _ => Error::ActorInternal {
                 message: self.message,
-            }
+            },
         }
     }
 }
@@ -77,6 +84,8 @@ pub struct ActorTypeOptions {
     pub actions: Vec<String>,
     /// Overrides the runtime's action timeout for this type, in milliseconds.
     pub action_timeout_ms: Option<u32>,
+    /// Overrides the runtime's idle time before sleep for this type, in milliseconds.
+    pub sleep_timeout_ms: Option<u32>,
 }
 
 impl ActorTypeOptions {
@@ -85,6 +94,9 @@ impl ActorTypeOptions {
         let mut actor_type = ActorType::new(name, self.actions);
         if let Some(ms) = self.action_timeout_ms {
             actor_type.action_timeout = Some(positive_ms("actionTimeoutMs", ms)?);
+        }
+        if let Some(ms) = self.sleep_timeout_ms {
+            actor_type.sleep_timeout = Some(positive_ms("sleepTimeoutMs", ms)?);
         }
         Ok(actor_type)
     }
@@ -108,6 +120,8 @@ pub struct RuntimeOptions {
     pub action_timeout_ms: Option<u32>,
     /// Timeout of one lifecycle hook, in milliseconds. Default 15000.
     pub hook_timeout_ms: Option<u32>,
+    /// Idle time before an actor sleeps, in milliseconds. Default 30000.
+    pub sleep_timeout_ms: Option<u32>,
     /// Largest HTTP request body, in bytes. Default 20 MiB.
     pub max_body_bytes: Option<u32>,
     /// Messages one actor may hold queued. Default 1024.
@@ -148,6 +162,9 @@ impl RuntimeOptions {
         }
         if let Some(ms) = self.hook_timeout_ms {
             config.hook_timeout = positive_ms("hookTimeoutMs", ms)?;
+        }
+        if let Some(ms) = self.sleep_timeout_ms {
+            config.sleep_timeout = positive_ms("sleepTimeoutMs", ms)?;
         }
         let defaults = Limits::default();
         config.limits = Limits {

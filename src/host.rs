@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keel_core::{
-    ActionCall, ActionDone, ActorInfo, Error, Host, StartRequest, Started, StopReason,
+    ActionCall, ActionDone, ActorInfo, Effects, Encoding, Error, Host, KvWrite, Payload, Schedule,
+    ScheduleOp, StartRequest, StopReason,
 };
 use napi::bindgen_prelude::Buffer;
 use napi::threadsafe_function::ThreadsafeFunction;
@@ -41,14 +42,36 @@ pub struct Invocation {
     pub key: Option<Vec<String>>,
     /// The action name (on `action`).
     pub action: Option<String>,
-    /// The arguments as a JSON array (on `action`).
-    pub args: Option<String>,
+    /// The arguments, an encoded array (on `action`).
+    pub args: Option<Buffer>,
+    /// `json` or `cbor`: how `args` (or `input`) is encoded.
+    pub encoding: Option<String>,
+    /// `json` or `cbor`: how to encode the output (on `action`).
+    pub output_encoding: Option<String>,
     /// The last committed state (on `start`, when the actor has one).
     pub state: Option<Buffer>,
-    /// The creation input as JSON (on `start` of an actor whose state was never created).
-    pub input: Option<String>,
-    /// Why the instance stops (on `stop`).
+    /// The creation input (on `start` of a new actor created with one), in `encoding`.
+    pub input: Option<Buffer>,
+    /// Why the instance stops (on `stop`): `sleep`, `shutdown` or `destroy`.
     pub reason: Option<String>,
+}
+
+/// One key-value write reported by JS; no `value` means delete.
+#[napi(object)]
+pub struct KvWriteJs {
+    pub key: Buffer,
+    pub value: Option<Buffer>,
+}
+
+/// One schedule change reported by JS: an add (with `atMs`, `action`, `args`) or a cancel.
+#[napi(object)]
+pub struct ScheduleOpJs {
+    pub id: String,
+    /// When it falls due, in epoch milliseconds; absent for a cancel.
+    pub at_ms: Option<f64>,
+    pub action: Option<String>,
+    /// The arguments as a CBOR array.
+    pub args: Option<Buffer>,
 }
 
 /// The result of one invocation, as JS reports it.
@@ -56,11 +79,19 @@ pub struct Invocation {
 pub struct Completion {
     /// The invocation's id.
     pub id: u32,
-    /// The result as JSON (on `action`).
-    pub output: Option<String>,
+    /// The encoded result (on `action`).
+    pub output: Option<Buffer>,
     /// The new state, when it changed.
     pub state: Option<Buffer>,
-    /// Set when user code failed.
+    /// Key-value writes, in order.
+    pub kv: Option<Vec<KvWriteJs>>,
+    /// Schedule changes, in order.
+    pub schedules: Option<Vec<ScheduleOpJs>>,
+    /// User code asked to sleep.
+    pub sleep: Option<bool>,
+    /// User code asked to be destroyed.
+    pub destroy: Option<bool>,
+    /// Set when user code failed; the call then has no effects.
     pub error: Option<ErrorInfo>,
 }
 
@@ -69,9 +100,66 @@ pub type DispatchFn = ThreadsafeFunction<Vec<Invocation>, (), Vec<Invocation>, S
 
 /// What a finished invocation carries back to the waiting Rust future.
 struct Reply {
-    output: Option<String>,
-    state: Option<Vec<u8>>,
+    output: Option<Vec<u8>>,
+    effects: Effects,
     error: Option<ErrorInfo>,
+}
+
+impl Reply {
+    fn from_completion(completion: Completion) -> Reply {
+        let kv = completion
+            .kv
+            .unwrap_or_default()
+            .into_iter()
+            .map(|write| match write.value {
+                Some(value) => KvWrite::Put {
+                    key: write.key.to_vec(),
+                    value: value.to_vec(),
+                },
+                None => KvWrite::Delete {
+                    key: write.key.to_vec(),
+                },
+            })
+            .collect();
+        let schedules = completion
+            .schedules
+            .unwrap_or_default()
+            .into_iter()
+            .map(|op| match (op.at_ms, op.action, op.args) {
+                (Some(at_ms), Some(action), Some(args)) => ScheduleOp::Add(Schedule {
+                    id: op.id,
+                    at_ms: at_ms as i64,
+                    action,
+                    args: args.to_vec(),
+                }),
+                _ => ScheduleOp::Cancel { id: op.id },
+            })
+            .collect();
+        Reply {
+            output: completion.output.map(|b| b.to_vec()),
+            effects: Effects {
+                state: completion.state.map(|b| b.to_vec()),
+                kv,
+                schedules,
+                sleep: completion.sleep.unwrap_or(false),
+                destroy: completion.destroy.unwrap_or(false),
+            },
+            error: completion.error,
+        }
+    }
+
+    fn failed(message: String) -> Reply {
+        Reply {
+            output: None,
+            effects: Effects::default(),
+            error: Some(ErrorInfo {
+                group: "actor".into(),
+                code: "internal_error".into(),
+                message,
+                metadata: None,
+            }),
+        }
+    }
 }
 
 /// Calls JS for core.
@@ -109,11 +197,7 @@ impl JsHost {
         for completion in completions {
             if let Some(waiter) = pending.remove(&completion.id) {
                 // The waiter may have timed out since; its result is no longer wanted.
-                let _ = waiter.send(Reply {
-                    output: completion.output,
-                    state: completion.state.map(|buffer| buffer.to_vec()),
-                    error: completion.error,
-                });
+                let _ = waiter.send(Reply::from_completion(completion));
             }
         }
     }
@@ -127,7 +211,13 @@ impl JsHost {
         };
         let host = Arc::downgrade(self);
         let dispatch = self.dispatch.clone();
-        tokio::spawn(run_batcher(rx, dispatch, host));
+        // Its own span: the batcher serves every actor, so it must not inherit the identity
+        // of whichever actor happened to start it.
+        let span = tracing::debug_span!(parent: None, "js_batcher");
+        tokio::spawn(tracing::Instrument::instrument(
+            run_batcher(rx, dispatch, host),
+            span,
+        ));
     }
 
     async fn invoke(self: &Arc<Self>, invocation: Invocation) -> Result<Reply, Error> {
@@ -144,19 +234,17 @@ impl JsHost {
         })
     }
 
-    fn next_id(&self) -> u32 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
     fn invocation(&self, kind: &str, actor: &ActorInfo) -> Invocation {
         Invocation {
-            id: self.next_id(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
             kind: kind.to_string(),
             actor_id: actor.id.to_string(),
             actor_type: None,
             key: None,
             action: None,
             args: None,
+            encoding: None,
+            output_encoding: None,
             state: None,
             input: None,
             reason: None,
@@ -199,16 +287,7 @@ async fn run_batcher(
             for id in ids {
                 if let Some(waiter) = pending.remove(&id) {
                     // The waiter may have given up already.
-                    let _ = waiter.send(Reply {
-                        output: None,
-                        state: None,
-                        error: Some(ErrorInfo {
-                            group: "actor".into(),
-                            code: "internal_error".into(),
-                            message: format!("dispatching to JS failed: {err}"),
-                            metadata: None,
-                        }),
-                    });
+                    let _ = waiter.send(Reply::failed(format!("dispatching to JS failed: {err}")));
                 }
             }
         }
@@ -228,7 +307,7 @@ fn check(reply: Reply, what: &str) -> Result<Reply, Error> {
     }
 }
 
-/// The weak-`Arc` wrapper core holds; it keeps the host itself reachable for `complete`.
+/// The host core holds: the JS host behind an `Arc`, which the binding keeps too.
 pub struct SharedHost(pub Arc<JsHost>);
 
 #[async_trait]
@@ -237,14 +316,17 @@ impl Host for SharedHost {
         &self,
         actor: &Arc<ActorInfo>,
         request: StartRequest,
-    ) -> keel_core::Result<Started> {
+    ) -> keel_core::Result<Effects> {
         let mut invocation = self.0.invocation("start", actor);
         invocation.actor_type = Some(actor.name.to_string());
         invocation.key = Some(actor.key.clone());
         invocation.state = request.state.map(Buffer::from);
-        invocation.input = request.input;
+        if let Some(input) = request.input {
+            invocation.encoding = Some(input.encoding.as_str().to_string());
+            invocation.input = Some(Buffer::from(input.bytes));
+        }
         let reply = check(self.0.invoke(invocation).await?, "start")?;
-        Ok(Started { state: reply.state })
+        Ok(reply.effects)
     }
 
     async fn action(
@@ -254,22 +336,29 @@ impl Host for SharedHost {
     ) -> keel_core::Result<ActionDone> {
         let mut invocation = self.0.invocation("action", actor);
         invocation.action = Some(call.action);
-        invocation.args = Some(call.args);
+        invocation.encoding = Some(call.args.encoding.as_str().to_string());
+        invocation.args = Some(Buffer::from(call.args.bytes));
+        invocation.output_encoding = Some(call.output.as_str().to_string());
         let reply = check(self.0.invoke(invocation).await?, "action")?;
+        let output = match call.output {
+            Encoding::Json => Payload::json(
+                reply
+                    .output
+                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                    .unwrap_or_else(|| "null".to_string()),
+            ),
+            Encoding::Cbor => Payload::cbor(reply.output.unwrap_or_else(|| vec![0xf7])),
+        };
         Ok(ActionDone {
-            output: reply.output.unwrap_or_else(|| "null".to_string()),
-            state: reply.state,
+            output,
+            effects: reply.effects,
         })
     }
 
-    async fn stop(
-        &self,
-        actor: &Arc<ActorInfo>,
-        reason: StopReason,
-    ) -> keel_core::Result<Option<Vec<u8>>> {
+    async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> keel_core::Result<Effects> {
         let mut invocation = self.0.invocation("stop", actor);
         invocation.reason = Some(reason.as_str().to_string());
         let reply = check(self.0.invoke(invocation).await?, "stop")?;
-        Ok(reply.state)
+        Ok(reply.effects)
     }
 }

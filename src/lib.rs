@@ -15,6 +15,7 @@ mod logging;
 use std::sync::Arc;
 
 use keel_core::Registry;
+use napi::bindgen_prelude::Buffer;
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi::Status;
 use napi_derive::napi;
@@ -116,6 +117,98 @@ impl CoreRegistry {
         self.registry.shutdown().await;
     }
 
+    /// Reads KV values of a live actor (after its own pending commits land).
+    #[napi]
+    pub async fn kv_get(&self, actor_id: String, keys: Vec<Buffer>) -> KvGetResult {
+        let keys: Vec<Vec<u8>> = keys.iter().map(|key| key.to_vec()).collect();
+        match self.running() {
+            Ok(runtime) => match runtime.kv_get(&actor_id, keys).await {
+                Ok(values) => KvGetResult {
+                    error: None,
+                    values: Some(values.into_iter().map(|v| v.map(Buffer::from)).collect()),
+                },
+                Err(err) => KvGetResult::failed(&err),
+            },
+            Err(err) => KvGetResult::failed(&err),
+        }
+    }
+
+    /// Lists KV entries of a live actor by prefix, in key order (or reverse).
+    #[napi]
+    pub async fn kv_list(
+        &self,
+        actor_id: String,
+        prefix: Buffer,
+        limit: u32,
+        reverse: bool,
+    ) -> KvListResult {
+        let prefix = prefix.to_vec();
+        let listed = match self.running() {
+            Ok(runtime) => {
+                runtime
+                    .kv_list(&actor_id, prefix, limit as usize, reverse)
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        match listed {
+            Ok(entries) => KvListResult {
+                error: None,
+                entries: Some(
+                    entries
+                        .into_iter()
+                        .map(|(key, value)| KvEntry {
+                            key: key.into(),
+                            value: value.into(),
+                        })
+                        .collect(),
+                ),
+            },
+            Err(err) => KvListResult {
+                error: Some(ErrorInfo::from_error(&err, false)),
+                entries: None,
+            },
+        }
+    }
+
+    /// Lists the pending schedules of a live actor.
+    #[napi]
+    pub async fn schedule_list(&self, actor_id: String) -> ScheduleListResult {
+        let listed = match self.running() {
+            Ok(runtime) => runtime.schedules(&actor_id).await,
+            Err(err) => Err(err),
+        };
+        match listed {
+            Ok(schedules) => ScheduleListResult {
+                error: None,
+                schedules: Some(
+                    schedules
+                        .into_iter()
+                        .map(|stored| ScheduleInfo {
+                            id: stored.schedule.id,
+                            at_ms: stored.schedule.at_ms as f64,
+                            action: stored.schedule.action,
+                            args: stored.schedule.args.into(),
+                            attempts: stored.attempts,
+                        })
+                        .collect(),
+                ),
+            },
+            Err(err) => ScheduleListResult {
+                error: Some(ErrorInfo::from_error(&err, false)),
+                schedules: None,
+            },
+        }
+    }
+
+    /// The number of live (awake) actors.
+    #[napi(getter)]
+    pub fn live_actors(&self) -> u32 {
+        self.registry
+            .runtime()
+            .map_or(0, |runtime| runtime.live_actors() as u32)
+    }
+
     /// Takes a batch of results from JS user code.
     #[napi]
     pub fn complete(&self, completions: Vec<Completion>) {
@@ -134,4 +227,61 @@ impl CoreRegistry {
     pub fn build_count(&self) -> u32 {
         self.registry.build_count() as u32
     }
+}
+
+impl CoreRegistry {
+    fn running(&self) -> keel_core::Result<Arc<keel_core::Runtime>> {
+        self.registry
+            .runtime()
+            .ok_or(keel_core::Error::RegistryShutDown)
+    }
+}
+
+/// The values `kvGet` read, in key order; `null` where a key is absent.
+#[napi(object)]
+pub struct KvGetResult {
+    pub error: Option<ErrorInfo>,
+    pub values: Option<Vec<Option<Buffer>>>,
+}
+
+impl KvGetResult {
+    fn failed(err: &keel_core::Error) -> KvGetResult {
+        KvGetResult {
+            error: Some(ErrorInfo::from_error(err, false)),
+            values: None,
+        }
+    }
+}
+
+/// One KV entry.
+#[napi(object)]
+pub struct KvEntry {
+    pub key: Buffer,
+    pub value: Buffer,
+}
+
+/// The entries `kvList` found.
+#[napi(object)]
+pub struct KvListResult {
+    pub error: Option<ErrorInfo>,
+    pub entries: Option<Vec<KvEntry>>,
+}
+
+/// One pending schedule.
+#[napi(object)]
+pub struct ScheduleInfo {
+    pub id: String,
+    pub at_ms: f64,
+    pub action: String,
+    /// The arguments as a CBOR array.
+    pub args: Buffer,
+    /// How many runs have failed so far.
+    pub attempts: u32,
+}
+
+/// The schedules `scheduleList` found.
+#[napi(object)]
+pub struct ScheduleListResult {
+    pub error: Option<ErrorInfo>,
+    pub schedules: Option<Vec<ScheduleInfo>>,
 }

@@ -1,13 +1,71 @@
+/** A KV key: a string or bytes. Strings and byte keys are separate key spaces. */
+export type KvKey = string | Uint8Array;
+
+/** Options for `c.kv.list`. */
+export interface KvListOptions {
+  /** Only keys starting with this (a string prefix lists string keys, bytes list byte keys). */
+  prefix?: KvKey;
+  /** At most this many entries (default 1000). */
+  limit?: number;
+  /** Largest key first. */
+  reverse?: boolean;
+}
+
+/** The actor's durable key-value store. Writes commit with the action, like state. */
+export interface ActorKv {
+  /** The value at `key`, or `undefined`. */
+  get<T = unknown>(key: KvKey): Promise<T | undefined>;
+  /** Sets `key` (at most 2 KiB) to `value` (at most 128 KiB encoded). */
+  put(key: KvKey, value: unknown): Promise<void>;
+  /** Removes `key`. */
+  delete(key: KvKey): Promise<void>;
+  /** Entries in key order. */
+  list<T = unknown>(options?: KvListOptions): Promise<Array<[KvKey, T]>>;
+}
+
+/** A pending schedule, as `c.schedule.list()` reports it. */
+export interface ScheduledCall {
+  id: string;
+  /** When it falls due, in epoch milliseconds. */
+  at: number;
+  action: string;
+  args: unknown[];
+}
+
+/** Durable schedules: run an action later, even across restarts and sleep. */
+export interface ActorSchedule<A> {
+  /** Runs `action` with `args` after `ms` milliseconds; returns the schedule's id. */
+  after<K extends keyof A & string>(ms: number, action: K, ...args: ArgsOf<A[K]>): string;
+  /** Runs `action` with `args` at `epochMs`; returns the schedule's id. */
+  at<K extends keyof A & string>(epochMs: number, action: K, ...args: ArgsOf<A[K]>): string;
+  /** Cancels a schedule; no error if it already ran. */
+  cancel(id: string): void;
+  /** The actor's pending schedules, soonest first. */
+  list(): Promise<ScheduledCall[]>;
+}
+
+type ArgsOf<F> = F extends (c: any, ...args: infer P) => any ? P : unknown[];
+
 /** What every action and hook receives as `c`. */
-export interface ActorContext<S> {
+export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   /** The actor's durable state. Changes made by an action are committed before its reply. */
   state: S;
+  /** Per-wake values (connections, caches); never persisted, rebuilt on every wake. */
+  vars: V;
   /** The actor's stable id. */
   readonly actorId: string;
   /** The actor type name. */
   readonly name: string;
   /** The actor's key. */
   readonly key: readonly string[];
+  /** The actor's durable key-value store. */
+  readonly kv: ActorKv;
+  /** Durable schedules. */
+  readonly schedule: ActorSchedule<A>;
+  /** Sleep once this call finishes (the next message wakes the actor). */
+  sleep(): void;
+  /** Destroy the actor once this call finishes: run `onDestroy`, delete state, KV and schedules. */
+  destroy(): void;
 }
 
 /** The context `createState` receives (there is no state yet). */
@@ -19,42 +77,60 @@ export interface CreateContext {
 
 /** An action: a function of the context and the caller's arguments. */
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
-export type Action<S> = (c: ActorContext<S>, ...args: any[]) => unknown;
+export type Action<S, V = any> = (c: ActorContext<S, V, any>, ...args: any[]) => unknown;
 
 /** Per-type options. */
 export interface ActorOptions {
   /** Per-action timeout for this type, in milliseconds (default: the registry's, 60000). */
   actionTimeoutMs?: number;
+  /** Idle time before this type's actors sleep, in milliseconds (default: the registry's, 30000). */
+  sleepTimeoutMs?: number;
 }
 
+type Hook<S, V, A> = (c: ActorContext<S, V, A>) => void | Promise<void>;
+
 /** What `actor()` takes. Give either `state` (an initial value) or `createState`. */
-export interface ActorConfig<S, I, A> {
+export interface ActorConfig<S, I, V, A> {
   /** The initial state of a new actor (copied per actor). */
   state?: S;
   /** Builds a new actor's state from the `input` given at creation. */
   createState?: (c: CreateContext, input: I) => S | Promise<S>;
+  /** The initial vars of every wake (copied). */
+  vars?: V;
+  /** Builds the vars of every wake. */
+  createVars?: (c: ActorContext<NoInfer<S>, undefined, NoInfer<A>>) => V | Promise<V>;
+  /** Runs once in the actor's life, after its state is created. Throwing creates no actor. */
+  onCreate?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, input: I) => void | Promise<void>;
+  /** Runs on every start, the first included. */
+  onWake?: Hook<NoInfer<S>, NoInfer<V>, NoInfer<A>>;
+  /** Runs before the actor sleeps and before a graceful shutdown; its changes are saved. */
+  onSleep?: Hook<NoInfer<S>, NoInfer<V>, NoInfer<A>>;
+  /** Runs when the actor is destroyed, before its data is deleted. */
+  onDestroy?: Hook<NoInfer<S>, NoInfer<V>, NoInfer<A>>;
   /**
    * The actor's actions, callable by clients. `NoInfer` makes TypeScript take the state type
    * from `state` or `createState` first, so each action's `c` is typed without annotations.
    */
-  actions: A & Record<string, Action<NoInfer<S>>>;
+  actions: A & Record<string, Action<NoInfer<S>, NoInfer<V>>>;
   /** Per-type options. */
   options?: ActorOptions;
 }
 
 /** An actor type, ready to be passed to `setup({ use })`. */
-export interface ActorDefinition<S, I, A> {
+export interface ActorDefinition<S, I, A, V = undefined> {
   readonly kind: "keel.actor";
-  readonly config: ActorConfig<S, I, A>;
+  readonly config: ActorConfig<S, I, V, A>;
 }
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
-export type AnyActorDefinition = ActorDefinition<any, any, any>;
+export type AnyActorDefinition = ActorDefinition<any, any, any, any>;
 
-/** Defines an actor type. State, input and action types are inferred from `config`. */
-export function actor<S, I = undefined, A = Record<never, never>>(
-  config: ActorConfig<S, I, A>,
-): ActorDefinition<S, I, A> {
+const HOOKS = ["createState", "createVars", "onCreate", "onWake", "onSleep", "onDestroy"] as const;
+
+/** Defines an actor type. State, input, vars and action types are inferred from `config`. */
+export function actor<S, I = undefined, A = Record<never, never>, V = undefined>(
+  config: ActorConfig<S, I, V, A>,
+): ActorDefinition<S, I, A, V> {
   if (config === null || typeof config !== "object") {
     throw new TypeError("actor() takes a configuration object");
   }
@@ -64,8 +140,15 @@ export function actor<S, I = undefined, A = Record<never, never>>(
   for (const [name, fn] of Object.entries(config.actions as Record<string, unknown>)) {
     if (typeof fn !== "function") throw new TypeError(`action ${JSON.stringify(name)} is not a function`);
   }
+  for (const hook of HOOKS) {
+    const fn = (config as unknown as Record<string, unknown>)[hook];
+    if (fn !== undefined && typeof fn !== "function") throw new TypeError(`${hook} must be a function`);
+  }
   if (config.state !== undefined && config.createState !== undefined) {
     throw new TypeError("actor() takes `state` or `createState`, not both");
+  }
+  if (config.vars !== undefined && config.createVars !== undefined) {
+    throw new TypeError("actor() takes `vars` or `createVars`, not both");
   }
   return { kind: "keel.actor", config };
 }

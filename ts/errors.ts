@@ -53,10 +53,24 @@ export class UserError extends Error {
   }
 }
 
+/** Metadata as plain JSON data, or `undefined` if it cannot be expressed as JSON. */
+function plainMetadata(metadata: unknown): unknown {
+  if (metadata === undefined) return undefined;
+  try {
+    const text = JSON.stringify(metadata);
+    return text === undefined ? undefined : JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
 /** Converts an error thrown by user code into the structured form core expects. */
 export function errorInfoOf(err: unknown): ErrorBody {
   if (err instanceof UserError) {
-    return { group: "user", code: err.code, message: err.message, metadata: err.metadata };
+    return { group: "user", code: String(err.code), message: String(err.message), metadata: plainMetadata(err.metadata) };
+  }
+  if (err instanceof KeelError) {
+    return { group: err.group, code: err.code, message: err.message, metadata: plainMetadata(err.metadata) };
   }
   const message = err instanceof Error ? err.message : String(err);
   return { group: "actor", code: "internal_error", message };

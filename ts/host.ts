@@ -1,30 +1,91 @@
 // Runs user code for core. Core sends invocations in batches; results go back in batches
 // through `complete`, flushed once per microtask turn, so a burst of actions costs one hop
-// each way. Each actor's instance (its live state) lives here between invocations.
-import type { ActorContext, AnyActorDefinition, CreateContext } from "./actor";
-import { errorInfoOf } from "./errors";
-import type { Completion, Invocation } from "./native";
+// each way. Each actor's instance (its live state and vars) lives here between invocations.
+//
+// Everything a call changes (state, KV writes, schedules, sleep/destroy requests) is collected
+// per call and reported with its completion; core commits it atomically with the reply. A
+// call that throws reports nothing, and its state changes are rolled back.
+import { randomUUID } from "node:crypto";
+import type { ActorContext, AnyActorDefinition, KvKey, KvListOptions, ScheduledCall } from "./actor";
+import { decode, encode } from "./cbor";
+import { KeelError, errorInfoOf } from "./errors";
+import type { Completion, CoreRegistry, Invocation } from "./native";
+
+/** Largest KV key, in bytes. */
+export const MAX_KV_KEY_BYTES = 2 * 1024;
+/** Largest KV value, encoded, in bytes. */
+export const MAX_KV_VALUE_BYTES = 128 * 1024;
+const DEFAULT_KV_LIST_LIMIT = 1000;
+
+const STRING_KEY = 0x73; // "s"
+const BYTES_KEY = 0x62; // "b"
+
+function encodeKey(key: KvKey): Buffer {
+  let encoded: Buffer;
+  if (typeof key === "string") encoded = Buffer.concat([Buffer.of(STRING_KEY), Buffer.from(key, "utf8")]);
+  else if (key instanceof Uint8Array) encoded = Buffer.concat([Buffer.of(BYTES_KEY), key]);
+  else throw new TypeError("a KV key is a string or a Uint8Array");
+  if (encoded.length - 1 > MAX_KV_KEY_BYTES) {
+    throw new KeelError({
+      group: "kv",
+      code: "key_too_large",
+      message: `a KV key is ${encoded.length - 1} bytes; the limit is ${MAX_KV_KEY_BYTES}`,
+      metadata: { limit: MAX_KV_KEY_BYTES },
+    });
+  }
+  return encoded;
+}
+
+function decodeKey(encoded: Buffer): KvKey {
+  return encoded[0] === STRING_KEY ? encoded.subarray(1).toString("utf8") : new Uint8Array(encoded.subarray(1));
+}
+
+function failOn(result: { error?: { group: string; code: string; message: string; metadata?: unknown } | null }): void {
+  if (result.error) throw new KeelError(result.error);
+}
+
+/** What one call changed, reported with its completion. */
+class Effects {
+  readonly kv = new Map<string, { key: Buffer; value: Buffer | null }>();
+  readonly schedules: Array<{ id: string; atMs?: number; action?: string; args?: Buffer }> = [];
+  readonly added = new Map<string, ScheduledCall>();
+  readonly cancelled = new Set<string>();
+  sleep = false;
+  destroy = false;
+}
 
 interface Instance {
   readonly def: AnyActorDefinition;
-  readonly ctx: ActorContext<unknown>;
+  readonly ctx: ActorContext<unknown, unknown>;
   state: unknown;
-  /** The state as last committed (or handed to core to commit), encoded. */
-  snapshot: string;
+  vars: unknown;
+  /** The state as last reported to core, encoded. */
+  snapshot: Buffer;
+  /** The effects of the call in progress. */
+  effects: Effects;
 }
 
-/** State is stored as JSON text; see docs/configuration.md for what survives. */
-function encodeState(state: unknown): string {
-  const text = JSON.stringify(state);
-  return text === undefined ? "null" : text;
+function decodePayload(bytes: Buffer | undefined, encoding: string | undefined): unknown {
+  if (bytes === undefined) return undefined;
+  return encoding === "cbor" ? decode(bytes) : JSON.parse(bytes.toString("utf8"));
+}
+
+function encodePayload(value: unknown, encoding: string | undefined): Buffer {
+  if (encoding === "cbor") return Buffer.from(encode(value));
+  const text = JSON.stringify(value);
+  return Buffer.from(text === undefined ? "null" : text, "utf8");
+}
+
+function encodeState(state: unknown): Buffer {
+  return Buffer.from(encode(state));
 }
 
 export class JsHost {
   private readonly instances = new Map<string, Instance>();
   private completions: Completion[] = [];
   private flushScheduled = false;
-  /** Set once the native registry exists; completions go there. */
-  complete: ((completions: Completion[]) => void) | undefined;
+  /** Set once the native registry exists. */
+  native: CoreRegistry | undefined;
 
   constructor(private readonly definitions: ReadonlyMap<string, AnyActorDefinition>) {}
 
@@ -46,7 +107,7 @@ export class JsHost {
           completion = await this.start(invocation);
           break;
         case "stop":
-          completion = this.stop(invocation);
+          completion = await this.stop(invocation);
           break;
         default:
           throw new Error(`unknown invocation kind ${invocation.kind}`);
@@ -61,48 +122,39 @@ export class JsHost {
     const name = invocation.actorType!;
     const def = this.definitions.get(name);
     if (def === undefined) throw new Error(`no definition for actor type ${name}`);
+    const config = def.config;
     const identity = {
       actorId: invocation.actorId,
       name,
       key: Object.freeze([...(invocation.key ?? [])]),
     };
-    let state: unknown;
-    let snapshot: string;
-    let changed = false;
-    if (invocation.state !== undefined) {
-      snapshot = invocation.state.toString("utf8");
-      state = JSON.parse(snapshot);
+    const instance = this.newInstance(def, identity);
+    const isNew = invocation.state === undefined;
+    let input: unknown;
+    if (isNew) {
+      input = decodePayload(invocation.input, invocation.encoding);
+      instance.state =
+        config.createState !== undefined
+          ? await config.createState(Object.freeze({ ...identity }), input)
+          : config.state === undefined
+            ? null
+            : structuredClone(config.state);
+      instance.snapshot = Buffer.alloc(0);
     } else {
-      const input = invocation.input === undefined ? undefined : JSON.parse(invocation.input);
-      const config = def.config;
-      if (config.createState !== undefined) {
-        state = await config.createState(Object.freeze({ ...identity }) as CreateContext, input);
-      } else {
-        state = config.state === undefined ? null : structuredClone(config.state);
-      }
-      snapshot = encodeState(state);
-      changed = true;
+      instance.snapshot = invocation.state!;
+      instance.state = decode(instance.snapshot);
     }
-    const instance: Instance = {
-      def,
-      state,
-      snapshot,
-      ctx: undefined as unknown as ActorContext<unknown>,
-    };
-    (instance as { ctx: ActorContext<unknown> }).ctx = Object.freeze({
-      ...identity,
-      get state() {
-        return instance.state;
-      },
-      set state(value: unknown) {
-        instance.state = value;
-      },
-    });
+    instance.vars =
+      config.createVars !== undefined
+        ? await config.createVars(instance.ctx as never)
+        : config.vars === undefined
+          ? undefined
+          : structuredClone(config.vars);
+    if (isNew) await config.onCreate?.(instance.ctx as never, input);
+    await config.onWake?.(instance.ctx as never);
+    const completion = this.finishCall(invocation.id, instance);
     this.instances.set(invocation.actorId, instance);
-    return {
-      id: invocation.id,
-      state: changed ? Buffer.from(snapshot, "utf8") : undefined,
-    };
+    return completion;
   }
 
   private async action(invocation: Invocation): Promise<Completion> {
@@ -110,29 +162,159 @@ export class JsHost {
     if (instance === undefined) throw new Error("the actor's instance is not started");
     const fn = instance.def.config.actions[invocation.action!];
     if (typeof fn !== "function") throw new Error(`unknown action ${invocation.action}`);
-    const args = JSON.parse(invocation.args ?? "[]") as unknown[];
-    let result: unknown;
+    instance.effects = new Effects();
     try {
-      result = await fn(instance.ctx, ...args);
+      const args = decodePayload(invocation.args, invocation.encoding) as unknown[];
+      const result = await fn(instance.ctx, ...args);
+      const output = encodePayload(result, invocation.outputEncoding);
+      return { ...this.finishCall(invocation.id, instance), output };
     } catch (err) {
-      // A throwing action changes nothing: go back to the last committed state.
-      instance.state = JSON.parse(instance.snapshot);
+      // A throwing action changes nothing: back to the last reported state, effects dropped.
+      instance.state = decode(instance.snapshot);
+      instance.effects = new Effects();
       throw err;
     }
-    const output = JSON.stringify(result) ?? "null";
-    const snapshot = encodeState(instance.state);
-    if (snapshot === instance.snapshot) return { id: invocation.id, output };
-    instance.snapshot = snapshot;
-    return { id: invocation.id, output, state: Buffer.from(snapshot, "utf8") };
   }
 
-  private stop(invocation: Invocation): Completion {
+  private async stop(invocation: Invocation): Promise<Completion> {
     const instance = this.instances.get(invocation.actorId);
-    this.instances.delete(invocation.actorId);
     if (instance === undefined) return { id: invocation.id };
+    if (invocation.reason === "reset") {
+      // An action timed out and may still run: drop the instance without hooks. Whatever the
+      // late code does now touches only this discarded object; core starts a fresh one.
+      this.instances.delete(invocation.actorId);
+      return { id: invocation.id };
+    }
+    instance.effects = new Effects();
+    try {
+      const config = instance.def.config;
+      if (invocation.reason === "destroy") await config.onDestroy?.(instance.ctx as never);
+      else await config.onSleep?.(instance.ctx as never);
+      return this.finishCall(invocation.id, instance);
+    } finally {
+      this.instances.delete(invocation.actorId);
+    }
+  }
+
+  /** Builds the completion of a call: the state if it changed, and the call's effects. */
+  private finishCall(id: number, instance: Instance): Completion {
     const snapshot = encodeState(instance.state);
-    if (snapshot === instance.snapshot) return { id: invocation.id };
-    return { id: invocation.id, state: Buffer.from(snapshot, "utf8") };
+    const effects = instance.effects;
+    instance.effects = new Effects();
+    const completion: Completion = { id };
+    if (!snapshot.equals(instance.snapshot)) {
+      instance.snapshot = snapshot;
+      completion.state = snapshot;
+    }
+    if (effects.kv.size > 0) completion.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
+    if (effects.schedules.length > 0) completion.schedules = effects.schedules;
+    if (effects.sleep) completion.sleep = true;
+    if (effects.destroy) completion.destroy = true;
+    return completion;
+  }
+
+  private newInstance(def: AnyActorDefinition, identity: { actorId: string; name: string; key: readonly string[] }): Instance {
+    const host = this;
+    const instance: Instance = {
+      def,
+      state: undefined,
+      vars: undefined,
+      snapshot: Buffer.alloc(0),
+      effects: new Effects(),
+      ctx: undefined as never,
+    };
+    const actions = def.config.actions as Record<string, unknown>;
+    const schedule = (atMs: number, action: string, args: unknown[]): string => {
+      if (typeof actions[action] !== "function") throw new TypeError(`cannot schedule unknown action ${JSON.stringify(action)}`);
+      if (!Number.isFinite(atMs)) throw new TypeError("a schedule time must be a finite number");
+      const id = randomUUID();
+      const encodedArgs = Buffer.from(encode(args));
+      instance.effects.schedules.push({ id, atMs: Math.round(atMs), action, args: encodedArgs });
+      instance.effects.added.set(id, { id, at: Math.round(atMs), action, args });
+      return id;
+    };
+    const ctx = {
+      ...identity,
+      get state() {
+        return instance.state;
+      },
+      set state(value: unknown) {
+        instance.state = value;
+      },
+      get vars() {
+        return instance.vars;
+      },
+      set vars(value: unknown) {
+        instance.vars = value;
+      },
+      kv: {
+        async get(key: KvKey) {
+          const encoded = encodeKey(key);
+          const pending = instance.effects.kv.get(encoded.toString("hex"));
+          if (pending !== undefined) return pending.value === null ? undefined : decode(pending.value);
+          const result = await host.native!.kvGet(identity.actorId, [encoded]);
+          failOn(result);
+          const value = result.values![0];
+          return value == null ? undefined : decode(value);
+        },
+        async put(key: KvKey, value: unknown) {
+          const encoded = encodeKey(key);
+          const bytes = Buffer.from(encode(value));
+          if (bytes.length > MAX_KV_VALUE_BYTES) {
+            throw new KeelError({
+              group: "kv",
+              code: "value_too_large",
+              message: `a KV value is ${bytes.length} bytes encoded; the limit is ${MAX_KV_VALUE_BYTES}`,
+              metadata: { limit: MAX_KV_VALUE_BYTES },
+            });
+          }
+          instance.effects.kv.set(encoded.toString("hex"), { key: encoded, value: bytes });
+        },
+        async delete(key: KvKey) {
+          const encoded = encodeKey(key);
+          instance.effects.kv.set(encoded.toString("hex"), { key: encoded, value: null });
+        },
+        async list(options: KvListOptions = {}) {
+          const limit = options.limit ?? DEFAULT_KV_LIST_LIMIT;
+          const prefix = options.prefix === undefined ? Buffer.alloc(0) : encodeKey(options.prefix);
+          const pending = [...instance.effects.kv.values()].filter(({ key }) => key.subarray(0, prefix.length).equals(prefix));
+          const result = await host.native!.kvList(identity.actorId, prefix, limit + pending.length, options.reverse ?? false);
+          failOn(result);
+          const merged = new Map<string, { key: Buffer; value: Buffer | null }>();
+          for (const entry of result.entries!) merged.set(entry.key.toString("hex"), entry);
+          for (const entry of pending) merged.set(entry.key.toString("hex"), entry);
+          const entries = [...merged.values()].filter((entry) => entry.value !== null);
+          entries.sort((a, b) => Buffer.compare(a.key, b.key) * (options.reverse ? -1 : 1));
+          return entries.slice(0, limit).map(({ key, value }) => [decodeKey(key), decode(value!)] as [KvKey, unknown]);
+        },
+      },
+      schedule: {
+        after: (ms: number, action: string, ...args: unknown[]) => schedule(Date.now() + ms, action, args),
+        at: (epochMs: number, action: string, ...args: unknown[]) => schedule(epochMs, action, args),
+        cancel(id: string) {
+          instance.effects.schedules.push({ id });
+          instance.effects.added.delete(id);
+          instance.effects.cancelled.add(id);
+        },
+        async list(): Promise<ScheduledCall[]> {
+          const result = await host.native!.scheduleList(identity.actorId);
+          failOn(result);
+          const listed = result
+            .schedules!.filter((s) => !instance.effects.cancelled.has(s.id))
+            .map((s) => ({ id: s.id, at: s.atMs, action: s.action, args: decode(s.args) as unknown[] }));
+          listed.push(...instance.effects.added.values());
+          return listed.sort((a, b) => a.at - b.at || (a.id < b.id ? -1 : 1));
+        },
+      },
+      sleep() {
+        instance.effects.sleep = true;
+      },
+      destroy() {
+        instance.effects.destroy = true;
+      },
+    };
+    (instance as { ctx: unknown }).ctx = Object.freeze(ctx);
+    return instance;
   }
 
   private push(completion: Completion): void {
@@ -146,6 +328,6 @@ export class JsHost {
     this.flushScheduled = false;
     const completions = this.completions;
     this.completions = [];
-    this.complete?.(completions);
+    this.native?.complete(completions);
   };
 }

@@ -89,13 +89,13 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     }
     this.host = new JsHost(definitions);
     this.native = new CoreRegistry(this.host.dispatch);
-    const native = this.native;
-    this.host.complete = (completions) => native.complete(completions);
+    this.host.native = this.native;
     for (const [name, def] of definitions) {
       fail(
         this.native.register(name, {
-          actions: Object.keys(def.config.actions),
+          actions: Object.keys(def.config.actions as object),
           actionTimeoutMs: def.config.options?.actionTimeoutMs,
+          sleepTimeoutMs: def.config.options?.sleepTimeoutMs,
         }),
       );
     }

@@ -2,28 +2,42 @@
 //!
 //! Every message to an actor goes through its bounded mailbox and is handled in arrival
 //! order, one at a time, by [`ActorTask::run`]. The task never waits for durability itself:
-//! it hands each result to the writer, whose commit releases the reply (the output gate), and
-//! moves on to the next message, so one actor's pipelined calls share commits too.
+//! it hands each call's effects to the writer, whose commit releases the reply (the output
+//! gate), and moves on to the next message, so one actor's pipelined calls share commits too.
+//!
+//! Life cycle: start (load, create or wake) → serve messages → stop, for one of three reasons:
+//! idle for the sleep timeout (or `c.sleep()`), the registry's drain, or `c.destroy()`. To
+//! stop, the task closes its mailbox, handles what was already queued, runs the stop hook,
+//! flushes, and only then leaves the live set and signals `stopped`. A caller whose message
+//! found the mailbox closed waits for that signal and tries again with a fresh task, so two
+//! instances of one actor never overlap and a woken actor always loads flushed state.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::actor_type::ActorType;
+use crate::alarms::{retry_delay, SCHEDULE_MAX_ATTEMPTS};
 use crate::error::{Error, Result};
-use crate::host::{ActionCall, ActorInfo, StartRequest, StopReason};
+use crate::host::{ActionCall, ActorInfo, Effects, Encoding, Payload, StartRequest, StopReason};
 use crate::runtime::Core;
+use crate::store::StoredSchedule;
+use crate::writer::{Release, Settle, Writes};
 
 /// A message to an actor.
 pub(crate) enum Command {
-    /// Runs an action; the reply carries its JSON result once the state it produced is durable.
+    /// Runs an action; the reply carries its output once the effects it produced are durable.
     Action {
         call: ActionCall,
-        reply: oneshot::Sender<Result<String>>,
+        reply: oneshot::Sender<Result<Payload>>,
     },
+    /// Runs a schedule that fell due.
+    Alarm { stored: StoredSchedule },
 }
 
 impl Command {
@@ -31,6 +45,8 @@ impl Command {
         match self {
             // The caller may have stopped waiting.
             Command::Action { reply, .. } => drop(reply.send(Err(err))),
+            // The schedule stays in the database and fires again after a restart or a wake.
+            Command::Alarm { .. } => {}
         }
     }
 }
@@ -40,28 +56,47 @@ impl Command {
 pub(crate) struct ActorHandle {
     /// Who the actor is.
     pub(crate) info: Arc<ActorInfo>,
-    /// The actor's mailbox; the task closes it when the drain begins and drops it on exit.
+    /// The actor's mailbox; the task closes it when it begins to stop and drops it on exit.
     tx: mpsc::Sender<Command>,
+    /// Becomes `true` once the task has stopped and left the live set.
+    stopped: watch::Receiver<bool>,
+    /// Commits sent to the writer and not yet durable.
+    pending_commits: Arc<AtomicUsize>,
 }
 
 impl ActorHandle {
-    /// Sends an action and waits for its gated reply.
-    pub(crate) async fn action(&self, call: ActionCall) -> Result<String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Command::Action { call, reply })
-            .map_err(|err| match err {
-                mpsc::error::TrySendError::Full(_) => Error::ActorOverloaded {
-                    capacity: self.tx.max_capacity(),
-                },
-                mpsc::error::TrySendError::Closed(_) => Error::ActorStopped,
-            })?;
-        rx.await.map_err(|_| Error::ActorStopped)?
+    /// Queues a message without waiting: `actor.overloaded` if the mailbox is full,
+    /// `actor.stopped` if the actor is stopping. On failure the message comes back, so a
+    /// caller can deliver it to the actor's next task.
+    pub(crate) fn try_deliver(&self, command: Command) -> Result<(), Box<(Error, Command)>> {
+        self.tx.try_send(command).map_err(|err| {
+            Box::new(match err {
+                mpsc::error::TrySendError::Full(command) => (
+                    Error::ActorOverloaded {
+                        capacity: self.tx.max_capacity(),
+                    },
+                    command,
+                ),
+                mpsc::error::TrySendError::Closed(command) => (Error::ActorStopped, command),
+            })
+        })
     }
 
-    /// Whether the actor's task has stopped taking messages.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+    /// Like [`ActorHandle::try_deliver`], dropping the message on failure.
+    pub(crate) fn send(&self, command: Command) -> Result<()> {
+        self.try_deliver(command).map_err(|failed| failed.0)
+    }
+
+    /// Resolves once the task has stopped and left the live set.
+    pub(crate) async fn wait_stopped(&self) {
+        let mut stopped = self.stopped.clone();
+        // An error means the task is gone, which is what we wait for.
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    }
+
+    /// Whether commits of this actor are still on their way to disk.
+    pub(crate) fn has_pending_commits(&self) -> bool {
+        self.pending_commits.load(Ordering::Acquire) > 0
     }
 }
 
@@ -72,12 +107,18 @@ pub(crate) struct ActorTask {
     core: Arc<Core>,
     /// The mailbox; every [`ActorHandle`] holds a sender.
     rx: mpsc::Receiver<Command>,
-    /// A child of the runtime's root token: cancelled when the graceful drain begins.
+    /// A child of the runtime's stop token: cancelled when the graceful drain begins.
     stop: CancellationToken,
     /// Cancelled when the drain runs out of time: abandon work at once.
     force: CancellationToken,
     /// Tells this task's entry in the live set apart from a later task for the same actor.
     generation: u64,
+    /// Set to `true` when the task has stopped; handles wait on it before retrying.
+    stopped: watch::Sender<bool>,
+    /// Shared with the handles; counts commits not yet durable.
+    pending_commits: Arc<AtomicUsize>,
+    /// Why the task is stopping, once it has decided to.
+    stopping: Option<StopReason>,
 }
 
 impl ActorTask {
@@ -89,6 +130,8 @@ impl ActorTask {
         generation: u64,
     ) -> (ActorTask, ActorHandle) {
         let (tx, rx) = mpsc::channel(core.config.limits.max_mailbox_len);
+        let (stopped, stopped_rx) = watch::channel(false);
+        let pending_commits = Arc::new(AtomicUsize::new(0));
         let task = ActorTask {
             stop: core.stop.child_token(),
             force: core.force.clone(),
@@ -97,8 +140,17 @@ impl ActorTask {
             actor_type,
             core,
             rx,
+            stopped,
+            pending_commits: pending_commits.clone(),
+            stopping: None,
         };
-        (task, ActorHandle { info, tx })
+        let handle = ActorHandle {
+            info,
+            tx,
+            stopped: stopped_rx,
+            pending_commits,
+        };
+        (task, handle)
     }
 
     /// The actor's span: every line the actor or its children log carries its identity.
@@ -113,107 +165,286 @@ impl ActorTask {
         )
     }
 
-    /// Starts the instance, handles messages until the drain closes the mailbox, then stops
-    /// the instance and flushes its state.
+    /// Starts the instance, handles messages until the actor stops, then stops the instance
+    /// and flushes its state.
     pub(crate) async fn run(mut self) {
         if let Err(err) = self.start().await {
             tracing::warn!(error = %err, "actor failed to start");
-            self.rx.close();
-            while let Ok(command) = self.rx.try_recv() {
-                command.fail(err.duplicate());
-            }
-            self.core.forget(&self.info.id, self.generation);
+            self.close_and_fail(|| err.duplicate());
+            self.exit();
             return;
         }
         tracing::debug!("actor started");
-        loop {
-            tokio::select! {
-                // Lifecycle first: once the drain begins, take no new messages but finish the
-                // queued ones, which were already accepted.
-                biased;
-                _ = self.stop.cancelled(), if !self.rx.is_closed() => self.rx.close(),
-                // The next message; `None` once the mailbox is closed and empty.
-                command = self.rx.recv() => match command {
-                    Some(command) => self.handle(command).await,
-                    None => break,
-                },
-            }
-            if self.force.is_cancelled() {
-                self.abandon();
-                return;
+        match self.serve().await {
+            Some(reason) => self.finish(reason).await,
+            None => {
+                self.close_and_fail(|| Error::RegistryShutDown);
+                tracing::debug!("actor abandoned by a forced drain");
+                self.exit();
             }
         }
-        self.finish(StopReason::Shutdown).await;
     }
 
+    /// Loads the actor and starts its instance. A new actor whose creation fails is deleted,
+    /// so a failed create hook leaves no actor behind.
     async fn start(&mut self) -> Result<()> {
         let snapshot = self
             .core
             .store
             .load(&self.info.id)?
             .ok_or(Error::ActorNotFound)?;
+        let is_new = snapshot.state.is_none();
         let request = StartRequest {
             state: snapshot.state,
             input: snapshot.input,
         };
         let timeout = self.core.config.hook_timeout;
-        let started = self
-            .guarded(timeout, "start", self.core.host.start(&self.info, request))
-            .await?;
-        if let Some(state) = started.state {
-            self.core.writer.commit(
-                self.info.id.clone(),
-                Some(state),
-                Box::new(|result| {
-                    if let Err(err) = result {
-                        tracing::error!(error = %err, "persisting the created state failed");
+        let started = self.guarded(
+            timeout,
+            Call::Hook("start"),
+            self.core.host.start(&self.info, request),
+        );
+        match started.await {
+            Ok(effects) => {
+                self.commit(effects, None, Box::new(log_commit_failure));
+                Ok(())
+            }
+            Err(err) => {
+                if is_new {
+                    self.core.forget_key(&self.info);
+                    if let Err(delete) = self.core.writer.delete_actor(self.info.id.clone()).await {
+                        tracing::error!(error = %delete, "deleting the actor whose creation failed failed");
                     }
-                }),
-            );
+                }
+                Err(err)
+            }
         }
-        Ok(())
+    }
+
+    /// Handles messages until the actor stops. Returns why it stopped, or `None` if the drain
+    /// was forced.
+    async fn serve(&mut self) -> Option<StopReason> {
+        let idle = self
+            .actor_type
+            .sleep_timeout
+            .unwrap_or(self.core.config.sleep_timeout);
+        let mut idle_deadline = Instant::now() + idle;
+        loop {
+            tokio::select! {
+                // Lifecycle first: once the drain begins, take no new messages but finish the
+                // queued ones, which were already accepted.
+                biased;
+                _ = self.stop.cancelled(), if self.stopping.is_none() => {
+                    self.begin_stopping(StopReason::Shutdown);
+                }
+                // The next message; `None` once the mailbox is closed and empty.
+                command = self.rx.recv() => match command {
+                    Some(command) => {
+                        self.handle(command).await;
+                        idle_deadline = Instant::now() + idle;
+                    }
+                    None => return self.stopping.or(Some(StopReason::Shutdown)),
+                },
+                // Idle for the whole sleep timeout: sleep.
+                _ = tokio::time::sleep_until(idle_deadline), if self.stopping.is_none() => {
+                    self.begin_stopping(StopReason::Sleep);
+                }
+            }
+            if self.force.is_cancelled() {
+                return None;
+            }
+        }
+    }
+
+    /// Closes the mailbox so the queue drains, remembering why. Destroying fails what is
+    /// queued (the actor is gone); sleeping and shutting down handle it first.
+    fn begin_stopping(&mut self, reason: StopReason) {
+        if reason == StopReason::Destroy {
+            self.stopping = Some(reason);
+            self.close_and_fail(|| Error::ActorNotFound);
+            return;
+        }
+        if self.stopping.is_none() {
+            self.stopping = Some(reason);
+            self.rx.close();
+        }
     }
 
     async fn handle(&mut self, command: Command) {
         match command {
-            Command::Action { call, reply } => {
-                let span = tracing::debug_span!("action", action = %call.action);
+            Command::Action { call, reply } => self.handle_action(call, reply).await,
+            Command::Alarm { stored } => self.handle_alarm(stored).await,
+        }
+    }
+
+    async fn handle_action(&mut self, call: ActionCall, reply: oneshot::Sender<Result<Payload>>) {
+        let span = tracing::debug_span!("action", action = %call.action);
+        let timeout = self
+            .actor_type
+            .action_timeout
+            .unwrap_or(self.core.config.action_timeout);
+        let name = call.action.clone();
+        let action = self.core.host.action(&self.info, call);
+        let result = self
+            .guarded(timeout, Call::Action(&name), action)
+            .instrument(span.clone())
+            .await;
+        if matches!(result, Err(Error::ActionTimedOut { .. })) {
+            self.reset_instance().await;
+        }
+        let _entered = span.enter();
+        match result {
+            Ok(done) => {
+                tracing::trace!("action finished");
+                let output = done.output;
+                self.commit(
+                    done.effects,
+                    None,
+                    Box::new(move |durable| {
+                        // The caller may have stopped waiting.
+                        let _ = reply.send(durable.map(|()| output));
+                    }),
+                );
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "action failed");
+                // Even an error waits for earlier outputs, so replies leave in order.
+                self.commit(
+                    Effects::default(),
+                    None,
+                    Box::new(move |durable| {
+                        // The caller may have stopped waiting.
+                        let _ = reply.send(durable.and(Err(err)));
+                    }),
+                );
+            }
+        }
+    }
+
+    /// Runs a due schedule and settles it in the same commit as the action's effects.
+    async fn handle_alarm(&mut self, stored: StoredSchedule) {
+        let schedule = stored.schedule;
+        let span =
+            tracing::debug_span!("alarm", schedule_id = %schedule.id, action = %schedule.action);
+        // It may have been cancelled (or run) since the timer read it; ask the database once
+        // this actor's own commits have landed.
+        self.settle_commits().await;
+        match self.core.store.schedule(&schedule.id) {
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, schedule_id = %schedule.id, "reading a due schedule failed");
+                return;
+            }
+        }
+        let result = match self.actor_type.check_action(&schedule.action) {
+            Ok(()) => {
+                let call = ActionCall {
+                    action: schedule.action.clone(),
+                    args: Payload::cbor(schedule.args.clone()),
+                    output: Encoding::Cbor,
+                };
                 let timeout = self
                     .actor_type
                     .action_timeout
                     .unwrap_or(self.core.config.action_timeout);
-                let action = self.core.host.action(&self.info, call);
                 let result = self
-                    .guarded(timeout, "action", action)
+                    .guarded(
+                        timeout,
+                        Call::Action(&schedule.action),
+                        self.core.host.action(&self.info, call),
+                    )
                     .instrument(span.clone())
                     .await;
-                let _entered = span.enter();
-                match result {
-                    Ok(done) => {
-                        tracing::trace!("action finished");
-                        let output = done.output;
-                        self.core.writer.commit(
-                            self.info.id.clone(),
-                            done.state,
-                            Box::new(move |durable| {
-                                // The caller may have stopped waiting.
-                                let _ = reply.send(durable.map(|()| output));
-                            }),
-                        );
-                    }
-                    Err(err) => {
-                        tracing::debug!(error = %err, "action failed");
-                        // Even an error waits for earlier outputs, so replies leave in order.
-                        self.core.writer.commit(
-                            self.info.id.clone(),
-                            None,
-                            Box::new(move |durable| {
-                                // The caller may have stopped waiting.
-                                let _ = reply.send(durable.and(Err(err)));
-                            }),
-                        );
+                if matches!(result, Err(Error::ActionTimedOut { .. })) {
+                    self.reset_instance().await;
+                }
+                result
+            }
+            Err(err) => Err(err),
+        };
+        let _entered = span.enter();
+        let (effects, settle) = match result {
+            Ok(done) => {
+                tracing::debug!("schedule ran");
+                (done.effects, Settle::Done)
+            }
+            Err(Error::RegistryShutDown) if self.force.is_cancelled() => return,
+            Err(err) => {
+                let attempts = stored.attempts + 1;
+                if attempts >= SCHEDULE_MAX_ATTEMPTS {
+                    tracing::warn!(error = %err, attempts, action = %schedule.action, "schedule failed; giving up");
+                    (Effects::default(), Settle::Done)
+                } else {
+                    let delay = retry_delay(attempts);
+                    tracing::debug!(error = %err, attempts, delay_ms = delay.as_millis() as u64, "schedule failed; will retry");
+                    let at_ms = self.core.clock.now_ms() + delay.as_millis() as i64;
+                    (Effects::default(), Settle::Retry { at_ms, attempts })
+                }
+            }
+        };
+        let retry = match &settle {
+            Settle::Retry { at_ms, .. } => Some((schedule.id.clone(), *at_ms)),
+            Settle::Done => None,
+        };
+        let core = self.core.clone();
+        let actor_id = self.info.id.clone();
+        self.commit(
+            effects,
+            Some((schedule.id, settle)),
+            Box::new(move |durable| match durable {
+                Ok(()) => {
+                    if let Some((id, at_ms)) = retry {
+                        core.alarms.add(id, actor_id, at_ms);
                     }
                 }
+                Err(err) => log_commit_failure(Err(err)),
+            }),
+        );
+    }
+
+    /// Hands effects to the writer. `release` runs once they are durable; schedule changes
+    /// reach the alarm timer then, and sleep or destroy requests take effect at once.
+    fn commit(&mut self, effects: Effects, settle: Option<(String, Settle)>, release: Release) {
+        if effects.destroy {
+            self.begin_stopping(StopReason::Destroy);
+        } else if effects.sleep {
+            self.begin_stopping(StopReason::Sleep);
+        }
+        let writes = (effects.writes() || settle.is_some()).then(|| {
+            Box::new(Writes {
+                state: effects.state,
+                kv: effects.kv,
+                schedules: effects.schedules,
+                settle,
+            })
+        });
+        let schedule_ops = writes
+            .as_ref()
+            .map(|writes| writes.schedules.clone())
+            .unwrap_or_default();
+        let pending = self.pending_commits.clone();
+        pending.fetch_add(1, Ordering::AcqRel);
+        let core = self.core.clone();
+        let actor_id = self.info.id.clone();
+        self.core.writer.commit(
+            self.info.id.clone(),
+            writes,
+            Box::new(move |durable| {
+                if durable.is_ok() && !schedule_ops.is_empty() {
+                    core.alarms.apply(&actor_id, &schedule_ops);
+                }
+                pending.fetch_sub(1, Ordering::AcqRel);
+                release(durable);
+            }),
+        );
+    }
+
+    /// Waits until this actor's commits so far are durable.
+    async fn settle_commits(&self) {
+        if self.pending_commits.load(Ordering::Acquire) > 0 {
+            if let Err(err) = self.core.writer.flush().await {
+                tracing::warn!(error = %err, "waiting for the actor's commits failed");
             }
         }
     }
@@ -222,7 +453,7 @@ impl ActorTask {
     async fn guarded<T>(
         &self,
         timeout: Duration,
-        what: &'static str,
+        what: Call<'_>,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         tokio::select! {
@@ -233,49 +464,104 @@ impl ActorTask {
             result = tokio::time::timeout(timeout, call) => match result {
                 Ok(result) => result,
                 Err(_) => {
-                    tracing::warn!(call = what, timeout_ms = timeout.as_millis() as u64, "user code timed out");
-                    Err(Error::ActionTimedOut { timeout_ms: timeout.as_millis() as u64 })
+                    let timeout_ms = timeout.as_millis() as u64;
+                    match what {
+                        Call::Action(action) => {
+                            tracing::warn!(action, timeout_ms, "action timed out");
+                            Err(Error::ActionTimedOut { timeout_ms })
+                        }
+                        Call::Hook(hook) => {
+                            tracing::warn!(hook, timeout_ms, "hook timed out");
+                            Err(Error::HookTimedOut { hook, timeout_ms })
+                        }
+                    }
                 }
             },
         }
     }
 
-    /// Stops the instance and waits until its last state is durable.
-    async fn finish(self, reason: StopReason) {
+    /// After an action timed out, its user code may still be running and may still change
+    /// the instance. Replace the instance with a fresh one loaded from committed state, so
+    /// nothing the late code does can leak into later calls or be lost from them.
+    async fn reset_instance(&mut self) {
+        self.settle_commits().await;
         let timeout = self.core.config.hook_timeout;
-        match self
-            .guarded(timeout, "stop", self.core.host.stop(&self.info, reason))
-            .await
-        {
-            Ok(state) => {
-                if state.is_some() {
-                    self.core.writer.commit(
-                        self.info.id.clone(),
-                        state,
-                        Box::new(|result| {
-                            if let Err(err) = result {
-                                tracing::error!(error = %err, "persisting the final state failed");
-                            }
-                        }),
-                    );
-                }
+        let reset = self.guarded(
+            timeout,
+            Call::Hook("reset"),
+            self.core.host.stop(&self.info, StopReason::Reset),
+        );
+        if let Err(err) = reset.await {
+            tracing::warn!(error = %err, "discarding the timed-out instance failed");
+        }
+        if let Err(err) = self.start().await {
+            tracing::warn!(error = %err, "restarting the actor after a timeout failed; stopping it");
+            self.close_and_fail(|| err.duplicate());
+            self.stopping = Some(StopReason::Reset);
+        }
+    }
+
+    /// Stops the instance, flushes, and leaves.
+    async fn finish(mut self, reason: StopReason) {
+        let timeout = self.core.config.hook_timeout;
+        let stopped = self.guarded(
+            timeout,
+            Call::Hook(reason.as_str()),
+            self.core.host.stop(&self.info, reason),
+        );
+        match stopped.await {
+            Ok(effects) if reason != StopReason::Destroy => {
+                let effects = Effects {
+                    sleep: false,
+                    destroy: false,
+                    ..effects
+                };
+                self.commit(effects, None, Box::new(log_commit_failure));
             }
-            Err(err) => tracing::warn!(error = %err, "stopping the actor failed"),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, reason = reason.as_str(), "stopping the actor failed")
+            }
+        }
+        if reason == StopReason::Destroy {
+            self.core.forget_key(&self.info);
+            if let Err(err) = self.core.writer.delete_actor(self.info.id.clone()).await {
+                tracing::error!(error = %err, "deleting the destroyed actor failed");
+            }
         }
         if let Err(err) = self.core.writer.flush().await {
             tracing::error!(error = %err, "flushing the actor's state failed");
         }
         tracing::debug!(reason = reason.as_str(), "actor stopped");
-        self.core.forget(&self.info.id, self.generation);
+        self.exit();
     }
 
-    /// The drain ran out of time: fail whatever is still queued and exit.
-    fn abandon(mut self) {
+    /// Closes the mailbox and fails whatever is queued.
+    fn close_and_fail(&mut self, err: impl Fn() -> Error) {
         self.rx.close();
         while let Ok(command) = self.rx.try_recv() {
-            command.fail(Error::RegistryShutDown);
+            command.fail(err());
         }
-        tracing::debug!("actor abandoned by a forced drain");
+    }
+
+    /// Leaves the live set and wakes the callers waiting to retry.
+    fn exit(self) {
         self.core.forget(&self.info.id, self.generation);
+        self.stopped.send_replace(true);
+    }
+}
+
+/// What a guarded host call is, for its timeout error and warning.
+#[derive(Clone, Copy)]
+enum Call<'a> {
+    /// An action, by name.
+    Action(&'a str),
+    /// A lifecycle hook.
+    Hook(&'static str),
+}
+
+fn log_commit_failure(result: Result<()>) {
+    if let Err(err) = result {
+        tracing::error!(error = %err, "committing the actor's effects failed");
     }
 }

@@ -18,6 +18,8 @@ pub struct ActorType {
     pub actions: HashSet<String>,
     /// Overrides the runtime's default action timeout.
     pub action_timeout: Option<Duration>,
+    /// Overrides the runtime's default idle time before sleep.
+    pub sleep_timeout: Option<Duration>,
 }
 
 impl ActorType {
@@ -30,6 +32,7 @@ impl ActorType {
             name: name.into(),
             actions: actions.into_iter().map(Into::into).collect(),
             action_timeout: None,
+            sleep_timeout: None,
         }
     }
 

@@ -56,6 +56,9 @@ pub enum Error {
     /// The action did not finish within its timeout.
     #[error("the action did not finish within {timeout_ms} ms")]
     ActionTimedOut { timeout_ms: u64 },
+    /// A lifecycle hook (create, wake, sleep, destroy) did not finish within its timeout.
+    #[error("the {hook} hook did not finish within {timeout_ms} ms")]
+    HookTimedOut { hook: &'static str, timeout_ms: u64 },
     /// User code failed in a way that is not a `UserError`; the message is hidden unless dev
     /// mode is on.
     #[error("{message}")]
@@ -71,6 +74,13 @@ pub enum Error {
         message: String,
         metadata: Option<Value>,
     },
+
+    /// A KV key is longer than the limit.
+    #[error("a KV key is longer than {limit} bytes")]
+    KvKeyTooLarge { limit: usize },
+    /// A KV value, encoded, is larger than the limit.
+    #[error("a KV value is larger than {limit} bytes")]
+    KvValueTooLarge { limit: usize },
 
     /// The request body or its fields are malformed.
     #[error("{message}")]
@@ -131,9 +141,11 @@ impl Error {
             | ActorOverloaded { .. }
             | ActionNotFound { .. }
             | ActionTimedOut { .. }
+            | HookTimedOut { .. }
             | ActorInternal { .. }
             | ActorStopped => "actor",
             User { .. } => "user",
+            KvKeyTooLarge { .. } | KvValueTooLarge { .. } => "kv",
             RequestMalformed { .. }
             | RequestTooLarge { .. }
             | InvalidKey { .. }
@@ -164,9 +176,12 @@ impl Error {
             ActorOverloaded { .. } => "overloaded",
             ActionNotFound { .. } => "action_not_found",
             ActionTimedOut { .. } => "action_timed_out",
+            HookTimedOut { .. } => "hook_timed_out",
             ActorInternal { .. } => "internal_error",
             ActorStopped => "stopped",
             User { code, .. } => code,
+            KvKeyTooLarge { .. } => "key_too_large",
+            KvValueTooLarge { .. } => "value_too_large",
             RequestMalformed { .. } => "malformed",
             RequestTooLarge { .. } => "body_too_large",
             InvalidKey { .. } => "invalid_key",
@@ -194,10 +209,10 @@ impl Error {
             | RegistryWrongMode { .. }
             | RegistryAlreadyRunning
             | DuplicateActorType { .. } => 409,
-            RequestTooLarge { .. } => 413,
+            RequestTooLarge { .. } | KvKeyTooLarge { .. } | KvValueTooLarge { .. } => 413,
             ActorOverloaded { .. } => 429,
             RegistryShuttingDown | RegistryShutDown | ActorStopped | StorageLocked { .. } => 503,
-            ActionTimedOut { .. } => 504,
+            ActionTimedOut { .. } | HookTimedOut { .. } => 504,
             ActorInternal { .. }
             | StorageCorrupt { .. }
             | StorageTooNew { .. }
@@ -214,7 +229,12 @@ impl Error {
             User { metadata, .. } => metadata.clone(),
             ActorOverloaded { capacity } => Some(serde_json::json!({ "capacity": capacity })),
             ActionTimedOut { timeout_ms } => Some(serde_json::json!({ "timeoutMs": timeout_ms })),
-            RequestTooLarge { limit } => Some(serde_json::json!({ "limit": limit })),
+            HookTimedOut { hook, timeout_ms } => {
+                Some(serde_json::json!({ "hook": hook, "timeoutMs": timeout_ms }))
+            }
+            RequestTooLarge { limit } | KvKeyTooLarge { limit } | KvValueTooLarge { limit } => {
+                Some(serde_json::json!({ "limit": limit }))
+            }
             _ => None,
         }
     }
@@ -275,6 +295,12 @@ impl Error {
             ActorInternal { message } => ActorInternal {
                 message: message.clone(),
             },
+            HookTimedOut { hook, timeout_ms } => HookTimedOut {
+                hook,
+                timeout_ms: *timeout_ms,
+            },
+            KvKeyTooLarge { limit } => KvKeyTooLarge { limit: *limit },
+            KvValueTooLarge { limit } => KvValueTooLarge { limit: *limit },
             ActorStopped => ActorStopped,
             User {
                 code,

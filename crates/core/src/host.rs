@@ -3,7 +3,12 @@
 //! Core never sees JS. It asks a [`Host`] to start an actor's instance, run an action, and stop
 //! the instance; the binding implements this trait by calling JS, and core's own tests
 //! implement it in Rust. State crosses the seam as opaque bytes whose encoding the host
-//! chooses; action arguments and results cross as JSON text.
+//! chooses (keel's JS host uses CBOR); action arguments and results cross as a [`Payload`] in
+//! the encoding the client used.
+//!
+//! Everything user code changes during one call (state, KV, schedules, and requests to sleep
+//! or be destroyed) comes back as one [`Effects`] value, which core commits atomically with the
+//! call's output. A call that fails has no effects.
 
 use std::sync::Arc;
 
@@ -24,21 +29,121 @@ pub struct ActorInfo {
     pub key_string: String,
 }
 
+/// How a payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// UTF-8 JSON text.
+    #[default]
+    Json,
+    /// CBOR, with keel's tags for JS types (see docs/protocol.md).
+    Cbor,
+}
+
+impl Encoding {
+    /// The name used across the seam and in storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Cbor => "cbor",
+        }
+    }
+
+    /// Parses [`Encoding::as_str`]'s output.
+    pub fn parse(name: &str) -> Option<Encoding> {
+        match name {
+            "json" => Some(Encoding::Json),
+            "cbor" => Some(Encoding::Cbor),
+            _ => None,
+        }
+    }
+}
+
+/// Encoded bytes and their encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    pub encoding: Encoding,
+    pub bytes: Vec<u8>,
+}
+
+impl Payload {
+    /// A JSON payload.
+    pub fn json(text: impl Into<String>) -> Payload {
+        Payload {
+            encoding: Encoding::Json,
+            bytes: text.into().into_bytes(),
+        }
+    }
+
+    /// A CBOR payload.
+    pub fn cbor(bytes: Vec<u8>) -> Payload {
+        Payload {
+            encoding: Encoding::Cbor,
+            bytes,
+        }
+    }
+}
+
+/// One change to an actor's key-value store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvWrite {
+    /// Sets `key` to `value`.
+    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Removes `key`.
+    Delete { key: Vec<u8> },
+}
+
+/// A durable schedule: run `action` with `args` at `at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    /// Unique id, chosen by the host.
+    pub id: String,
+    /// When it falls due, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// The action to run.
+    pub action: String,
+    /// Its arguments, as a CBOR array.
+    pub args: Vec<u8>,
+}
+
+/// One change to an actor's schedules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScheduleOp {
+    /// Adds a schedule.
+    Add(Schedule),
+    /// Cancels a schedule by id (no error if it already ran or never existed).
+    Cancel { id: String },
+}
+
+/// Everything one call into user code changed, committed atomically with its output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// The actor's new state, if it changed.
+    pub state: Option<Vec<u8>>,
+    /// Key-value writes, in order.
+    pub kv: Vec<KvWrite>,
+    /// Schedule changes, in order.
+    pub schedules: Vec<ScheduleOp>,
+    /// User code asked the actor to sleep after this call.
+    pub sleep: bool,
+    /// User code asked the actor to be destroyed after this call.
+    pub destroy: bool,
+}
+
+impl Effects {
+    /// Whether committing these effects writes anything.
+    pub fn writes(&self) -> bool {
+        self.state.is_some() || !self.kv.is_empty() || !self.schedules.is_empty()
+    }
+}
+
 /// Asks the host to bring up an actor's instance.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
-    /// The last committed state, or `None` for an actor whose state was never created.
+    /// The last committed state, or `None` for a new actor: the host then creates the state
+    /// (from `input`) and runs its create hook.
     pub state: Option<Vec<u8>>,
-    /// The creation input (JSON text), present only while the state was never created.
-    pub input: Option<String>,
-}
-
-/// What the host reports after starting an instance.
-#[derive(Debug, Clone, Default)]
-pub struct Started {
-    /// The state to persist: the freshly created state of a new actor, or state that wake
-    /// hooks changed. `None` when nothing changed.
-    pub state: Option<Vec<u8>>,
+    /// The creation input, present only for a new actor that was created with one.
+    pub input: Option<Payload>,
 }
 
 /// One action call.
@@ -46,48 +151,58 @@ pub struct Started {
 pub struct ActionCall {
     /// The action's name.
     pub action: String,
-    /// The arguments, as a JSON array.
-    pub args: String,
+    /// The arguments, an array in `args.encoding`.
+    pub args: Payload,
+    /// The encoding the caller wants the output in.
+    pub output: Encoding,
 }
 
 /// The result of one action.
 #[derive(Debug, Clone)]
 pub struct ActionDone {
-    /// The return value, as JSON text.
-    pub output: String,
-    /// The actor's new state, if the action changed it.
-    pub state: Option<Vec<u8>>,
+    /// The return value.
+    pub output: Payload,
+    /// What the action changed.
+    pub effects: Effects,
 }
 
 /// Why an instance is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
+    /// It was idle for its sleep timeout, or asked to sleep; the next message wakes it.
+    Sleep,
     /// The registry is shutting down gracefully.
     Shutdown,
-    /// The actor's task is ending for another reason (its start failed, or it crashed).
-    Crash,
+    /// It asked to be destroyed: its state, KV and schedules are deleted after the hook.
+    Destroy,
+    /// An action timed out and may still be running: discard the instance without hooks;
+    /// core starts a fresh one from committed state.
+    Reset,
 }
 
 impl StopReason {
     /// The name used across the seam and in logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            StopReason::Sleep => "sleep",
             StopReason::Shutdown => "shutdown",
-            StopReason::Crash => "crash",
+            StopReason::Destroy => "destroy",
+            StopReason::Reset => "reset",
         }
     }
 }
 
 /// Runs user code on core's behalf. Every call may fail with a `user` error (a `UserError`
-/// thrown by user code) or `actor.internal_error`.
+/// thrown by user code) or `actor.internal_error`; a failed call has no effects.
 #[async_trait]
 pub trait Host: Send + Sync + 'static {
-    /// Brings up the instance of `actor`.
-    async fn start(&self, actor: &Arc<ActorInfo>, request: StartRequest) -> Result<Started>;
+    /// Brings up the instance of `actor`: creates the state of a new actor (running its
+    /// create hook) and runs the wake hook.
+    async fn start(&self, actor: &Arc<ActorInfo>, request: StartRequest) -> Result<Effects>;
 
     /// Runs one action on a started instance.
     async fn action(&self, actor: &Arc<ActorInfo>, call: ActionCall) -> Result<ActionDone>;
 
-    /// Tears down the instance and returns its final state if it changed.
-    async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> Result<Option<Vec<u8>>>;
+    /// Runs the sleep (or destroy) hook and tears the instance down.
+    async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> Result<Effects>;
 }

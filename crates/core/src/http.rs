@@ -21,7 +21,9 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tracing::Instrument;
 
+use crate::cbor;
 use crate::error::{Error, Result};
+use crate::host::{Encoding, Payload};
 use crate::runtime::{Core, Resolve, Target};
 
 /// An HTTP request as keel handles it.
@@ -162,33 +164,17 @@ async fn route_not_found(State(core): State<Arc<Core>>, request: Request) -> Res
     error_response(&err, core.config.dev)
 }
 
-/// The body of `POST /v1/actors/{name}/actions/{action}`.
+/// The JSON form of a request body; every route takes a subset of these fields.
 #[derive(Deserialize)]
-struct ActionByKeyBody<'a> {
-    key: Vec<String>,
+struct JsonEnvelope<'a> {
+    #[serde(default)]
+    key: Option<Vec<String>>,
     #[serde(borrow, default)]
     args: Option<&'a RawValue>,
     #[serde(default)]
     mode: Option<ModeField>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
-}
-
-/// The body of `POST /v1/actors/{name}/resolve`.
-#[derive(Deserialize)]
-struct ResolveBody<'a> {
-    key: Vec<String>,
-    #[serde(default)]
-    mode: Option<ModeField>,
-    #[serde(borrow, default)]
-    input: Option<&'a RawValue>,
-}
-
-/// The body of `POST /v1/ids/{id}/actions/{action}`.
-#[derive(Deserialize)]
-struct ActionByIdBody<'a> {
-    #[serde(borrow, default)]
-    args: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -209,6 +195,101 @@ impl From<Option<ModeField>> for Resolve {
     }
 }
 
+/// A request body, decoded from JSON or CBOR. `args` and `input` stay in the client's
+/// encoding for the host to decode.
+struct Envelope {
+    key: Option<Vec<String>>,
+    args: Payload,
+    mode: Resolve,
+    input: Option<Payload>,
+}
+
+impl Envelope {
+    fn parse(bytes: &[u8], encoding: Encoding) -> Result<Envelope> {
+        match encoding {
+            Encoding::Json => {
+                let body: JsonEnvelope = serde_json::from_slice(bytes)
+                    .map_err(|err| Error::malformed(format!("invalid JSON body: {err}")))?;
+                let args = match body.args {
+                    None => Payload::json("[]"),
+                    Some(raw) if raw.get().trim_start().starts_with('[') => {
+                        Payload::json(raw.get())
+                    }
+                    Some(_) => return Err(Error::malformed("\"args\" must be an array")),
+                };
+                Ok(Envelope {
+                    key: body.key,
+                    args,
+                    mode: body.mode.into(),
+                    input: body.input.map(|raw| Payload::json(raw.get())),
+                })
+            }
+            Encoding::Cbor => {
+                let mut envelope = Envelope {
+                    key: None,
+                    args: Payload::cbor(vec![0x80]),
+                    mode: Resolve::GetOrCreate,
+                    input: None,
+                };
+                for (name, range) in cbor::map_entries(bytes)? {
+                    match name.as_str() {
+                        "key" => envelope.key = Some(cbor::text_array(bytes, range.start)?),
+                        "args" if cbor::is_array(bytes, range.start) => {
+                            envelope.args = Payload::cbor(bytes[range].to_vec())
+                        }
+                        "args" => return Err(Error::malformed("\"args\" must be an array")),
+                        "mode" => {
+                            envelope.mode = match cbor::text(bytes, range.start)?.as_str() {
+                                "get" => Resolve::Get,
+                                "create" => Resolve::Create,
+                                "getOrCreate" => Resolve::GetOrCreate,
+                                other => {
+                                    return Err(Error::malformed(format!("unknown mode {other:?}")))
+                                }
+                            }
+                        }
+                        "input" => envelope.input = Some(Payload::cbor(bytes[range].to_vec())),
+                        // Unknown fields are ignored, as in JSON bodies.
+                        _ => {}
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+    }
+
+    fn require_key(&mut self) -> Result<Vec<String>> {
+        self.key
+            .take()
+            .ok_or_else(|| Error::malformed("the body needs a \"key\" array"))
+    }
+}
+
+/// The encoding of a request body, from its `content-type`.
+fn request_encoding(headers: &HeaderMap) -> Encoding {
+    let cbor = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with(CBOR_TYPE));
+    if cbor {
+        Encoding::Cbor
+    } else {
+        Encoding::Json
+    }
+}
+
+/// The encoding of a successful response: what `accept` names, else the request's own.
+fn response_encoding(headers: &HeaderMap, request: Encoding) -> Encoding {
+    match headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        Some(accept) if accept.contains(CBOR_TYPE) => Encoding::Cbor,
+        Some(accept) if accept.contains("application/json") => Encoding::Json,
+        _ => request,
+    }
+}
+
+/// The media type of CBOR bodies.
+pub const CBOR_TYPE: &str = "application/cbor";
+
 async fn action_by_key(
     State(core): State<Arc<Core>>,
     path: std::result::Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
@@ -216,18 +297,19 @@ async fn action_by_key(
     body: Body,
 ) -> Response {
     let dev = core.config.dev;
+    let encoding = request_encoding(&headers);
+    let output = response_encoding(&headers, encoding);
     let result = async {
         let Path((name, action)) = path.map_err(|e| Error::malformed(e.body_text()))?;
         let bytes = read_body(&core, &headers, body).await?;
-        let body: ActionByKeyBody = parse_json(&bytes)?;
-        let args = args_of(body.args)?;
+        let mut envelope = Envelope::parse(&bytes, encoding)?;
         let target = Target::Key {
             name,
-            key: body.key,
-            mode: body.mode.into(),
-            input: body.input.map(|raw| raw.get().to_string()),
+            key: envelope.require_key()?,
+            mode: envelope.mode,
+            input: envelope.input,
         };
-        crate::runtime::call_on(&core, target, &action, args).await
+        crate::runtime::call_on(&core, target, &action, envelope.args, output).await
     }
     .await;
     respond(result, dev)
@@ -240,12 +322,13 @@ async fn action_by_id(
     body: Body,
 ) -> Response {
     let dev = core.config.dev;
+    let encoding = request_encoding(&headers);
+    let output = response_encoding(&headers, encoding);
     let result = async {
         let Path((id, action)) = path.map_err(|e| Error::malformed(e.body_text()))?;
         let bytes = read_body(&core, &headers, body).await?;
-        let body: ActionByIdBody = parse_json(&bytes)?;
-        let args = args_of(body.args)?;
-        crate::runtime::call_on(&core, Target::Id(id), &action, args).await
+        let envelope = Envelope::parse(&bytes, encoding)?;
+        crate::runtime::call_on(&core, Target::Id(id), &action, envelope.args, output).await
     }
     .await;
     respond(result, dev)
@@ -258,20 +341,18 @@ async fn resolve(
     body: Body,
 ) -> Response {
     let dev = core.config.dev;
+    let encoding = request_encoding(&headers);
     let result = async {
         let Path(name) = path.map_err(|e| Error::malformed(e.body_text()))?;
         let bytes = read_body(&core, &headers, body).await?;
-        let body: ResolveBody = parse_json(&bytes)?;
-        let info = crate::runtime::resolve_on(
-            &core,
-            Target::Key {
-                name,
-                key: body.key,
-                mode: body.mode.into(),
-                input: body.input.map(|raw| raw.get().to_string()),
-            },
-        )
-        .await?;
+        let mut envelope = Envelope::parse(&bytes, encoding)?;
+        let target = Target::Key {
+            name,
+            key: envelope.require_key()?,
+            mode: envelope.mode,
+            input: envelope.input,
+        };
+        let info = crate::runtime::resolve_on(&core, target).await?;
         Ok(serde_json::json!({
             "actorId": &*info.id,
             "name": &*info.name,
@@ -286,15 +367,22 @@ async fn resolve(
     }
 }
 
-fn respond(result: Result<String>, dev: bool) -> Response {
+fn respond(result: Result<Payload>, dev: bool) -> Response {
     match result {
-        Ok(output) => {
-            let mut body = String::with_capacity(output.len() + 12);
-            body.push_str(r#"{"output":"#);
-            body.push_str(&output);
-            body.push('}');
-            json_response(StatusCode::OK, body)
-        }
+        Ok(output) => match output.encoding {
+            Encoding::Json => {
+                let mut body = Vec::with_capacity(output.bytes.len() + 12);
+                body.extend_from_slice(br#"{"output":"#);
+                body.extend_from_slice(&output.bytes);
+                body.push(b'}');
+                bytes_response(StatusCode::OK, body, "application/json")
+            }
+            Encoding::Cbor => bytes_response(
+                StatusCode::OK,
+                cbor::output_envelope(&output.bytes),
+                CBOR_TYPE,
+            ),
+        },
         Err(err) => error_response(&err, dev),
     }
 }
@@ -322,26 +410,15 @@ async fn read_body(core: &Core, headers: &HeaderMap, body: Body) -> Result<axum:
     })
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
-    serde_json::from_slice(bytes)
-        .map_err(|err| Error::malformed(format!("invalid JSON body: {err}")))
-}
-
-/// The action arguments as JSON array text; absent means no arguments.
-fn args_of(args: Option<&RawValue>) -> Result<String> {
-    match args {
-        None => Ok("[]".to_string()),
-        Some(raw) if raw.get().trim_start().starts_with('[') => Ok(raw.get().to_string()),
-        Some(_) => Err(Error::malformed("\"args\" must be a JSON array")),
-    }
-}
-
 fn json_response(status: StatusCode, body: String) -> Response {
+    bytes_response(status, body.into_bytes(), "application/json")
+}
+
+fn bytes_response(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> Response {
     let mut response = (status, body).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -352,7 +429,7 @@ pub fn error_response(err: &Error, expose_internal: bool) -> Response {
     if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
         tracing::warn!(group = err.group(), code = err.code(), error = %err, "request failed");
     } else {
-        tracing::debug!(group = err.group(), code = err.code(), error = %err, "request rejected");
+        tracing::trace!(group = err.group(), code = err.code(), error = %err, "request rejected");
     }
     json_response(status, err.to_body(expose_internal).to_string())
 }

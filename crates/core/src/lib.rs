@@ -8,6 +8,9 @@
 //! - [`runtime`]: a built runtime: the actor directory, request dispatch and the drain.
 //! - [`actor`]: one task per live actor, its mailbox and handle.
 //! - [`actor_type`]: what core knows of each registered actor type.
+//! - [`alarms`]: the timer that fires durable schedules.
+//! - [`clock`]: epoch time derived from tokio's clock.
+//! - [`cbor`]: just enough CBOR to read a request envelope.
 //! - [`host`]: the seam to the code that runs user code.
 //! - [`store`]: the SQLite file, its lock, schema migrations and reads.
 //! - [`writer`]: the group-commit writer, which is also the output gate.
@@ -19,6 +22,9 @@
 
 pub mod actor;
 pub mod actor_type;
+pub mod alarms;
+pub mod cbor;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod host;
@@ -33,6 +39,9 @@ pub mod writer;
 pub use actor_type::{ActorType, ActorTypes};
 pub use config::{Durability, Limits, RuntimeConfig};
 pub use error::{Error, Result};
-pub use host::{ActionCall, ActionDone, ActorInfo, Host, StartRequest, Started, StopReason};
+pub use host::{
+    ActionCall, ActionDone, ActorInfo, Effects, Encoding, Host, KvWrite, Payload, Schedule,
+    ScheduleOp, StartRequest, StopReason,
+};
 pub use registry::{Mode, Registry};
 pub use runtime::{Resolve, Runtime, Target};

@@ -16,13 +16,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::actor::{ActorHandle, ActorTask};
+use crate::actor::{ActorHandle, ActorTask, Command};
 use crate::actor_type::ActorTypes;
+use crate::alarms::Alarms;
+use crate::clock::Clock;
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
-use crate::host::{ActionCall, ActorInfo, Host};
+use crate::host::{ActionCall, ActorInfo, Encoding, Host, Payload};
 use crate::key;
-use crate::store::{ActorRecord, Store};
+use crate::store::{ActorRecord, Store, StoredSchedule};
 use crate::writer::{CreateMode, Writer, WriterHandle, WriterStats};
 
 /// How a request by key finds its actor.
@@ -45,8 +47,8 @@ pub enum Target {
         name: String,
         key: Vec<String>,
         mode: Resolve,
-        /// Creation input (JSON text), used only if this request creates the actor.
-        input: Option<String>,
+        /// Creation input, used only if this request creates the actor.
+        input: Option<Payload>,
     },
     /// By the actor's id.
     Id(String),
@@ -68,6 +70,10 @@ pub(crate) struct Core {
     pub(crate) force: CancellationToken,
     /// Every task the runtime spawns, so the drain can wait for all of them.
     pub(crate) tracker: TaskTracker,
+    /// The clock schedules are measured on.
+    pub(crate) clock: Clock,
+    /// Pending schedules, for the alarm timer.
+    pub(crate) alarms: Alarms,
     /// Set when the drain begins: new requests get `registry.shutting_down`.
     draining: AtomicBool,
     /// Live actors by id.
@@ -90,7 +96,7 @@ impl Core {
         name: &str,
         key: &[String],
         mode: Resolve,
-        input: Option<String>,
+        input: Option<Payload>,
     ) -> Result<Arc<ActorInfo>> {
         let actor_type = self.types.get(name)?;
         key::validate(key, &self.config.limits)?;
@@ -142,8 +148,15 @@ impl Core {
         Ok(info)
     }
 
+    /// Forgets a resolved key, after its actor was deleted.
+    pub(crate) fn forget_key(&self, info: &ActorInfo) {
+        if let Some(by_key) = self.known.lock().get_mut(&*info.name) {
+            by_key.remove(&info.key_string);
+        }
+    }
+
     /// Finds an actor by id.
-    fn resolve_id(&self, id: &str) -> Result<Arc<ActorInfo>> {
+    pub(crate) fn resolve_id(&self, id: &str) -> Result<Arc<ActorInfo>> {
         if let Some((_, handle)) = self.live.lock().get(id) {
             return Ok(handle.info.clone());
         }
@@ -158,15 +171,16 @@ impl Core {
     }
 
     /// The live actor's handle, spawning its task if it is not running.
-    fn handle_for(self: &Arc<Self>, info: &Arc<ActorInfo>) -> Result<ActorHandle> {
+    pub(crate) fn handle_for(self: &Arc<Self>, info: &Arc<ActorInfo>) -> Result<ActorHandle> {
         let mut live = self.live.lock();
         if self.is_draining() {
             return Err(Error::RegistryShuttingDown);
         }
+        // A stopping task keeps its entry until it has flushed and left: its closed handle
+        // makes callers wait for that, so a new task never loads state the old one has yet
+        // to write.
         if let Some((_, handle)) = live.get(&info.id) {
-            if !handle.is_closed() {
-                return Ok(handle.clone());
-            }
+            return Ok(handle.clone());
         }
         let actor_type = self.types.get(&info.name)?.clone();
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -189,6 +203,34 @@ impl Core {
     pub(crate) fn live_count(&self) -> usize {
         self.live.lock().len()
     }
+
+    /// Waits until every commit of a live actor is durable, so a read sees its own writes.
+    async fn settle_commits(&self, actor_id: &str) -> Result<()> {
+        let pending = self
+            .live
+            .lock()
+            .get(actor_id)
+            .is_some_and(|(_, handle)| handle.has_pending_commits());
+        if pending {
+            self.writer.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Runs a read on the blocking pool once the actor's own commits are durable.
+    async fn read<T: Send + 'static>(
+        &self,
+        actor_id: &str,
+        read: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.settle_commits(actor_id).await?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|err| Error::ActorInternal {
+                message: format!("a storage read panicked: {err}"),
+            })?
+    }
 }
 
 /// Resolves a target to the actor's identity.
@@ -207,41 +249,66 @@ pub(crate) async fn resolve_on(core: &Arc<Core>, target: Target) -> Result<Arc<A
     }
 }
 
-/// Calls an action and returns its JSON result once the state it produced is durable.
+/// Calls an action and returns its output once the effects it produced are durable.
 pub(crate) async fn call_on(
     core: &Arc<Core>,
     target: Target,
     action: &str,
-    args: String,
-) -> Result<String> {
+    args: Payload,
+    output: Encoding,
+) -> Result<Payload> {
     if core.is_draining() {
         return Err(Error::RegistryShuttingDown);
     }
-    let info = match target {
-        Target::Key {
-            name,
-            key,
-            mode,
-            input,
-        } => {
-            core.types.get(&name)?.check_action(action)?;
-            core.resolve(&name, &key, mode, input).await?
-        }
-        Target::Id(id) => {
-            let info = core.resolve_id(&id)?;
-            core.types.get(&info.name)?.check_action(action)?;
-            info
-        }
+    if let Target::Key { name, .. } = &target {
+        core.types.get(name)?.check_action(action)?;
+    }
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let mut command = Command::Action {
+        call: ActionCall {
+            action: action.to_string(),
+            args,
+            output,
+        },
+        reply,
     };
-    let handle = core.handle_for(&info)?;
-    let call = ActionCall {
-        action: action.to_string(),
-        args,
-    };
-    handle.action(call).await.map_err(|err| match err {
-        Error::ActorStopped if core.is_draining() => Error::RegistryShuttingDown,
-        other => other,
-    })
+    loop {
+        let info = match &target {
+            Target::Key {
+                name,
+                key,
+                mode,
+                input,
+            } => core.resolve(name, key, *mode, input.clone()).await?,
+            Target::Id(id) => {
+                let info = core.resolve_id(id)?;
+                core.types.get(&info.name)?.check_action(action)?;
+                info
+            }
+        };
+        let handle = core.handle_for(&info)?;
+        let failed = match handle.try_deliver(command) {
+            Ok(()) => break,
+            Err(failed) => *failed,
+        };
+        match failed {
+            // The actor is stopping (to sleep, or destroyed): once it has left, deliver to
+            // its next task. The message was not taken, so this cannot run it twice.
+            (Error::ActorStopped, returned) if !core.is_draining() => {
+                handle.wait_stopped().await;
+                command = returned;
+            }
+            (Error::ActorStopped, _) => return Err(Error::RegistryShuttingDown),
+            (err, _) => return Err(err),
+        }
+    }
+    rx.await.map_err(|_| {
+        if core.is_draining() {
+            Error::RegistryShutDown
+        } else {
+            Error::ActorStopped
+        }
+    })?
 }
 
 /// A generated actor id: 128 random bits in hex.
@@ -282,12 +349,19 @@ impl Runtime {
             stop: root.child_token(),
             force: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            clock: Clock::new(),
+            alarms: Alarms::default(),
             draining: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
             config,
         });
+        for (id, actor_id, at_ms) in core.store.all_schedules()? {
+            core.alarms.add(id, Arc::from(actor_id), at_ms);
+        }
+        core.tracker
+            .spawn(crate::alarms::run(core.clone()).in_current_span());
         Ok(Runtime {
             router: crate::http::router(core.clone()),
             core,
@@ -306,9 +380,57 @@ impl Runtime {
         resolve_on(&self.core, target).await
     }
 
-    /// Calls an action and returns its JSON result once the state it produced is durable.
-    pub async fn call(&self, target: Target, action: &str, args: String) -> Result<String> {
-        call_on(&self.core, target, action, args).await
+    /// Calls an action and returns its output once the effects it produced are durable.
+    pub async fn call(
+        &self,
+        target: Target,
+        action: &str,
+        args: Payload,
+        output: Encoding,
+    ) -> Result<Payload> {
+        call_on(&self.core, target, action, args, output).await
+    }
+
+    /// Reads an actor's KV values (after its own pending commits land).
+    pub async fn kv_get(&self, actor_id: &str, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        let id = actor_id.to_string();
+        self.core
+            .read(actor_id, move |store| store.kv_get(&id, &keys))
+            .await
+    }
+
+    /// Lists an actor's KV entries by prefix (after its own pending commits land).
+    pub async fn kv_list(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let id = actor_id.to_string();
+        self.core
+            .read(actor_id, move |store| {
+                store.kv_list(&id, &prefix, limit, reverse)
+            })
+            .await
+    }
+
+    /// An actor's pending schedules (after its own pending commits land).
+    pub async fn schedules(&self, actor_id: &str) -> Result<Vec<StoredSchedule>> {
+        let id = actor_id.to_string();
+        self.core
+            .read(actor_id, move |store| store.schedules_of(&id))
+            .await
+    }
+
+    /// The clock schedules are measured on, in epoch milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        self.core.clock.now_ms()
+    }
+
+    /// How many schedules are pending.
+    pub fn pending_schedules(&self) -> usize {
+        self.core.alarms.len()
     }
 
     /// Serves HTTP on `listener` until the drain begins. The accept loop and every connection

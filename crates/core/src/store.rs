@@ -16,6 +16,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::config::Durability;
 use crate::error::{Error, Result};
+use crate::host::{Encoding, Payload, Schedule};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "keel.db";
@@ -24,16 +25,32 @@ pub const LOCK_FILE: &str = "LOCK";
 
 /// Forward migrations; entry `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
-    // Version 1: the actor directory and each actor's state.
+    // Version 1: the actor directory, each actor's state, its key-value store and schedules.
     "CREATE TABLE actors (
-        id          TEXT PRIMARY KEY,
-        name        TEXT NOT NULL,
-        key         TEXT NOT NULL,
-        created_at  INTEGER NOT NULL,
-        input       TEXT,
-        state       BLOB,
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL,
+        key             TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        input           BLOB,
+        input_encoding  TEXT,
+        state           BLOB,
         UNIQUE (name, key)
-    ) STRICT;",
+    ) STRICT;
+    CREATE TABLE kv (
+        actor_id  TEXT NOT NULL,
+        key       BLOB NOT NULL,
+        value     BLOB NOT NULL,
+        PRIMARY KEY (actor_id, key)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE schedules (
+        id        TEXT PRIMARY KEY,
+        actor_id  TEXT NOT NULL,
+        at_ms     INTEGER NOT NULL,
+        action    TEXT NOT NULL,
+        args      BLOB NOT NULL,
+        attempts  INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    CREATE INDEX schedules_by_actor ON schedules (actor_id, at_ms);",
 ];
 
 /// The schema version this build writes.
@@ -55,8 +72,19 @@ pub struct ActorRecord {
 pub struct ActorSnapshot {
     /// The last committed state; `None` until the actor's state was first created.
     pub state: Option<Vec<u8>>,
-    /// The creation input (JSON), kept until the state is first created.
-    pub input: Option<String>,
+    /// The creation input, kept until the state is first created.
+    pub input: Option<Payload>,
+}
+
+/// A stored schedule and how often it has failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSchedule {
+    /// The actor it belongs to.
+    pub actor_id: String,
+    /// The schedule itself.
+    pub schedule: Schedule,
+    /// How many runs have failed so far.
+    pub attempts: u32,
 }
 
 /// The open database: the process lock, the path, and the read pool.
@@ -238,14 +266,106 @@ impl Store {
     /// Loads what an actor's task needs to start.
     pub fn load(&self, id: &str) -> Result<Option<ActorSnapshot>> {
         self.read(|conn| {
-            conn.prepare_cached("SELECT state, input FROM actors WHERE id = ?1")?
+            conn.prepare_cached("SELECT state, input, input_encoding FROM actors WHERE id = ?1")?
                 .query_row([id], |row| {
+                    let input: Option<Vec<u8>> = row.get(1)?;
+                    let encoding: Option<String> = row.get(2)?;
                     Ok(ActorSnapshot {
                         state: row.get(0)?,
-                        input: row.get(1)?,
+                        input: input.map(|bytes| Payload {
+                            encoding: encoding
+                                .as_deref()
+                                .and_then(Encoding::parse)
+                                .unwrap_or_default(),
+                            bytes,
+                        }),
                     })
                 })
                 .optional()
+        })
+    }
+
+    /// Reads KV values; `None` where a key is absent.
+    pub fn kv_get(&self, actor_id: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.read(|conn| {
+            let mut select =
+                conn.prepare_cached("SELECT value FROM kv WHERE actor_id = ?1 AND key = ?2")?;
+            keys.iter()
+                .map(|key| {
+                    select
+                        .query_row((actor_id, key), |row| row.get(0))
+                        .optional()
+                })
+                .collect()
+        })
+    }
+
+    /// Lists KV entries whose key starts with `prefix`, in key order (or reverse), at most
+    /// `limit` of them.
+    pub fn kv_list(
+        &self,
+        actor_id: &str,
+        prefix: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let order = if reverse { "DESC" } else { "ASC" };
+        // Keys with the prefix are exactly those in [prefix, successor(prefix)).
+        let upper = prefix_successor(prefix);
+        let sql = match upper {
+            Some(_) => format!(
+                "SELECT key, value FROM kv WHERE actor_id = ?1 AND key >= ?2 AND key < ?3 \
+                 ORDER BY key {order} LIMIT ?4"
+            ),
+            None => format!(
+                "SELECT key, value FROM kv WHERE actor_id = ?1 AND key >= ?2 \
+                 ORDER BY key {order} LIMIT ?4"
+            ),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let mut select = conn.prepare_cached(&sql)?;
+            let upper = upper.unwrap_or_default();
+            let rows = select
+                .query_map(rusqlite::params![actor_id, prefix, upper, limit], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?;
+            rows.collect()
+        })
+    }
+
+    /// An actor's pending schedules, soonest first.
+    pub fn schedules_of(&self, actor_id: &str) -> Result<Vec<StoredSchedule>> {
+        self.read(|conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT id, at_ms, action, args, attempts FROM schedules \
+                 WHERE actor_id = ?1 ORDER BY at_ms, id",
+            )?;
+            let rows = select.query_map([actor_id], |row| schedule_row(row, actor_id))?;
+            rows.collect()
+        })
+    }
+
+    /// One schedule by id, if it is still pending.
+    pub fn schedule(&self, id: &str) -> Result<Option<StoredSchedule>> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT id, at_ms, action, args, attempts, actor_id FROM schedules WHERE id = ?1",
+            )?
+            .query_row([id], |row| {
+                let actor_id: String = row.get(5)?;
+                schedule_row(row, &actor_id)
+            })
+            .optional()
+        })
+    }
+
+    /// Every pending schedule, for the alarm timer at start-up.
+    pub fn all_schedules(&self) -> Result<Vec<(String, String, i64)>> {
+        self.read(|conn| {
+            let mut select = conn.prepare_cached("SELECT id, actor_id, at_ms FROM schedules")?;
+            let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+            rows.collect()
         })
     }
 
@@ -255,9 +375,43 @@ impl Store {
     }
 }
 
+fn schedule_row(row: &rusqlite::Row<'_>, actor_id: &str) -> rusqlite::Result<StoredSchedule> {
+    Ok(StoredSchedule {
+        actor_id: actor_id.to_string(),
+        schedule: Schedule {
+            id: row.get(0)?,
+            at_ms: row.get(1)?,
+            action: row.get(2)?,
+            args: row.get(3)?,
+        },
+        attempts: row.get(4)?,
+    })
+}
+
+/// The smallest byte string greater than every string that starts with `prefix`, or `None`
+/// if there is none (the prefix is empty or all `0xff`).
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last < 0xff {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_successors() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(&[0x61, 0xff]), Some(vec![0x62]));
+        assert_eq!(prefix_successor(&[0xff, 0xff]), None);
+        assert_eq!(prefix_successor(b""), None);
+    }
 
     #[test]
     fn a_second_open_of_one_directory_is_refused() {

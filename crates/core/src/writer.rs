@@ -8,15 +8,14 @@
 //! disk). Ops that write nothing still wait for every earlier op's commit, so replies from
 //! one actor leave in order.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
+use crate::host::{KvWrite, Payload, ScheduleOp};
 use crate::store::{ActorRecord, Store};
 
 /// The most ops one transaction takes; a longer queue is split over several commits.
@@ -34,20 +33,66 @@ pub enum CreateMode {
     GetOrCreate,
 }
 
+/// What happens to a schedule after one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// It ran (or gave up): delete it.
+    Done,
+    /// It failed: run it again at `at_ms`, counting the failure.
+    Retry { at_ms: i64, attempts: u32 },
+}
+
+/// Everything one commit writes for one actor.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// The actor's new state.
+    pub state: Option<Vec<u8>>,
+    /// Key-value writes, in order.
+    pub kv: Vec<KvWrite>,
+    /// Schedule changes, in order.
+    pub schedules: Vec<ScheduleOp>,
+    /// The outcome of the schedule whose run produced this commit.
+    pub settle: Option<(String, Settle)>,
+}
+
+impl Writes {
+    /// Only a new state.
+    pub fn state(state: Option<Vec<u8>>) -> Option<Box<Writes>> {
+        state.map(|state| {
+            Box::new(Writes {
+                state: Some(state),
+                ..Writes::default()
+            })
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.state.is_none()
+            && self.kv.is_empty()
+            && self.schedules.is_empty()
+            && self.settle.is_none()
+    }
+}
+
 /// One unit of work for the writer.
 pub enum WriteOp {
     /// Inserts an actor row (or finds the existing one) and replies once durable.
     CreateActor {
         record: ActorRecord,
-        input: Option<String>,
+        input: Option<Payload>,
         mode: CreateMode,
         /// Receives the row that holds the key, and whether this op created it.
         reply: oneshot::Sender<Result<(ActorRecord, bool)>>,
     },
-    /// Stores an actor's new state (if any), then releases the output that waited on it.
+    /// Applies an actor's writes (if any), then releases the output that waited on them.
     Commit {
         actor_id: Arc<str>,
-        state: Option<Vec<u8>>,
+        writes: Option<Box<Writes>>,
+        release: Release,
+    },
+    /// Deletes an actor with its KV and schedules.
+    DeleteActor {
+        actor_id: Arc<str>,
         release: Release,
     },
     /// Commits what came before, then stops the thread; later sends fail.
@@ -77,25 +122,25 @@ pub struct WriterHandle {
 /// Owns the writer thread; `join` waits for it to finish what was queued.
 pub struct Writer {
     handle: Option<WriterHandle>,
-    thread: Option<JoinHandle<()>>,
+    /// The writer runs as a blocking task: tokio's test clock does not auto-advance while it
+    /// runs, so tests with paused time move time only when they say so.
+    thread: Option<tokio::task::JoinHandle<()>>,
     stats: Arc<WriterStats>,
 }
 
 impl Writer {
-    /// Starts the writer thread over a new writer connection to `store`.
+    /// Starts the writer thread over a new writer connection to `store`. Must be called
+    /// within a tokio runtime.
     pub fn start(store: &Store) -> Result<Writer> {
         let conn = store.connect(true)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
         let span = tracing::Span::current();
-        let thread = std::thread::Builder::new()
-            .name("keel-writer".into())
-            .spawn(move || {
-                let _entered = span.enter();
-                run(conn, rx, &thread_stats);
-            })
-            .map_err(|e| Error::io("spawning the writer thread", e))?;
+        let thread = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            run(conn, rx, &thread_stats);
+        });
         Ok(Writer {
             handle: Some(WriterHandle {
                 tx,
@@ -125,7 +170,7 @@ impl Writer {
         }
         if let Some(thread) = self.thread.take() {
             // A panic in the writer thread has already been reported by the panic hook.
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            let _ = thread.await;
         }
     }
 }
@@ -138,15 +183,31 @@ impl WriterHandle {
 
     /// Queues a commit whose `release` runs after it is durable. If the writer has stopped,
     /// `release` runs at once with `storage.writer_closed`.
-    pub fn commit(&self, actor_id: Arc<str>, state: Option<Vec<u8>>, release: Release) {
+    pub fn commit(&self, actor_id: Arc<str>, writes: Option<Box<Writes>>, release: Release) {
+        let writes = writes.filter(|writes| !writes.is_empty());
         let op = WriteOp::Commit {
             actor_id,
-            state,
+            writes,
             release,
         };
         if let Err(mpsc::error::SendError(WriteOp::Commit { release, .. })) = self.tx.send(op) {
             release(Err(Error::WriterClosed));
         }
+    }
+
+    /// Deletes an actor's row, KV and schedules; resolves once durable.
+    pub async fn delete_actor(&self, actor_id: Arc<str>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let release: Release = Box::new(move |result| {
+            // The caller may have stopped waiting.
+            let _ = tx.send(result);
+        });
+        if let Err(mpsc::error::SendError(WriteOp::DeleteActor { release, .. })) =
+            self.tx.send(WriteOp::DeleteActor { actor_id, release })
+        {
+            release(Err(Error::WriterClosed));
+        }
+        rx.await.map_err(|_| Error::WriterClosed)?
     }
 
     /// Resolves once everything queued before it is durable.
@@ -167,7 +228,7 @@ impl WriterHandle {
     pub async fn create_actor(
         &self,
         record: ActorRecord,
-        input: Option<String>,
+        input: Option<Payload>,
         mode: CreateMode,
     ) -> Result<(ActorRecord, bool)> {
         let (reply, rx) = oneshot::channel();
@@ -226,8 +287,8 @@ enum Outcome {
 fn apply(conn: &mut Connection, batch: &mut Vec<WriteOp>, stats: &WriterStats) {
     let count = batch.len() as u64;
     let writes = batch.iter().any(|op| match op {
-        WriteOp::CreateActor { .. } => true,
-        WriteOp::Commit { state, .. } => state.is_some(),
+        WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } => true,
+        WriteOp::Commit { writes, .. } => writes.is_some(),
         WriteOp::Close => false,
     });
     let mut outcomes = Vec::with_capacity(batch.len());
@@ -236,7 +297,7 @@ fn apply(conn: &mut Connection, batch: &mut Vec<WriteOp>, stats: &WriterStats) {
     } else {
         outcomes.extend(batch.drain(..).map(|op| match op {
             WriteOp::Commit { release, .. } => Outcome::Release(release),
-            WriteOp::CreateActor { .. } | WriteOp::Close => {
+            WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } | WriteOp::Close => {
                 unreachable!("a batch without writes holds only commits")
             }
         }));
@@ -273,8 +334,6 @@ fn write_batch(
     outcomes: &mut Vec<Outcome>,
 ) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // Only an actor's last state in the batch needs writing.
-    let mut states: HashMap<Arc<str>, Vec<u8>> = HashMap::new();
     for op in ops {
         match op {
             WriteOp::CreateActor {
@@ -288,32 +347,88 @@ fn write_batch(
             }
             WriteOp::Commit {
                 actor_id,
-                state,
+                writes,
                 release,
             } => {
-                if let Some(state) = state {
-                    states.insert(actor_id, state);
+                if let Some(writes) = writes {
+                    apply_writes(&tx, &actor_id, *writes)?;
+                }
+                outcomes.push(Outcome::Release(release));
+            }
+            WriteOp::DeleteActor { actor_id, release } => {
+                for sql in [
+                    "DELETE FROM kv WHERE actor_id = ?1",
+                    "DELETE FROM schedules WHERE actor_id = ?1",
+                    "DELETE FROM actors WHERE id = ?1",
+                ] {
+                    tx.prepare_cached(sql)?.execute([&*actor_id])?;
                 }
                 outcomes.push(Outcome::Release(release));
             }
             WriteOp::Close => unreachable!("the loop keeps close out of batches"),
         }
     }
-    {
-        let mut update =
-            tx.prepare_cached("UPDATE actors SET state = ?2, input = NULL WHERE id = ?1")?;
-        for (id, state) in &states {
-            update.execute((&**id, state))?;
-        }
-    }
     tx.commit()?;
+    Ok(())
+}
+
+fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) -> Result<()> {
+    if let Some(state) = writes.state {
+        tx.prepare_cached(
+            "UPDATE actors SET state = ?2, input = NULL, input_encoding = NULL WHERE id = ?1",
+        )?
+        .execute((actor_id, state))?;
+    }
+    for write in writes.kv {
+        match write {
+            KvWrite::Put { key, value } => tx
+                .prepare_cached(
+                    "INSERT INTO kv (actor_id, key, value) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (actor_id, key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute((actor_id, key, value))?,
+            KvWrite::Delete { key } => tx
+                .prepare_cached("DELETE FROM kv WHERE actor_id = ?1 AND key = ?2")?
+                .execute((actor_id, key))?,
+        };
+    }
+    for op in writes.schedules {
+        match op {
+            ScheduleOp::Add(schedule) => tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO schedules (id, actor_id, at_ms, action, args, attempts) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+                )?
+                .execute((
+                    &schedule.id,
+                    actor_id,
+                    schedule.at_ms,
+                    &schedule.action,
+                    &schedule.args,
+                ))?,
+            ScheduleOp::Cancel { id } => tx
+                .prepare_cached("DELETE FROM schedules WHERE id = ?1 AND actor_id = ?2")?
+                .execute((id, actor_id))?,
+        };
+    }
+    match writes.settle {
+        Some((id, Settle::Done)) => {
+            tx.prepare_cached("DELETE FROM schedules WHERE id = ?1")?
+                .execute([id])?;
+        }
+        Some((id, Settle::Retry { at_ms, attempts })) => {
+            tx.prepare_cached("UPDATE schedules SET at_ms = ?2, attempts = ?3 WHERE id = ?1")?
+                .execute((id, at_ms, attempts))?;
+        }
+        None => {}
+    }
     Ok(())
 }
 
 fn create_actor(
     tx: &rusqlite::Transaction<'_>,
     record: ActorRecord,
-    input: Option<String>,
+    input: Option<Payload>,
     mode: CreateMode,
 ) -> Result<(ActorRecord, bool)> {
     let existing: Option<String> = tx
@@ -326,10 +441,22 @@ fn create_actor(
             CreateMode::GetOrCreate => Ok((ActorRecord { id, ..record }, false)),
         };
     }
+    let (input, encoding) = match input {
+        Some(payload) => (Some(payload.bytes), Some(payload.encoding.as_str())),
+        None => (None, None),
+    };
     tx.prepare_cached(
-        "INSERT INTO actors (id, name, key, created_at, input) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO actors (id, name, key, created_at, input, input_encoding) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute((&record.id, &record.name, &record.key, now_ms(), &input))?;
+    .execute((
+        &record.id,
+        &record.name,
+        &record.key,
+        now_ms(),
+        input,
+        encoding,
+    ))?;
     Ok((record, true))
 }
 

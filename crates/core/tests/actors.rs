@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use common::{committed_count, counter, open, CounterHost};
+use common::{call, committed_count, counter, open, CounterHost};
 use futures::future::join_all;
 use keel_core::{Resolve, Target};
 
@@ -25,16 +25,15 @@ async fn messages_to_one_actor_run_in_arrival_order() {
     let host = CounterHost::new();
     let runtime = open(dir.path(), host.clone());
     // Warm the actor so every call below goes straight to its mailbox.
-    runtime
-        .call(counter("order"), "get", "[]".into())
-        .await
-        .unwrap();
-    let calls = (0..200).map(|i| runtime.call(counter("order"), "append", format!("[{i}]")));
+    call(&runtime, counter("order"), "get", "[]").await.unwrap();
+    let args: Vec<String> = (0..200).map(|i| format!("[{i}]")).collect();
+    let calls = args
+        .iter()
+        .map(|a| call(&runtime, counter("order"), "append", a));
     for result in join_all(calls).await {
         result.unwrap();
     }
-    let seen = runtime
-        .call(counter("order"), "seen", "[]".into())
+    let seen = call(&runtime, counter("order"), "seen", "[]")
         .await
         .unwrap();
     let expected: Vec<i64> = (0..200).collect();
@@ -52,8 +51,7 @@ async fn no_reply_leaves_before_its_state_is_committed() {
         let path = dir.path().to_path_buf();
         tasks.push(tokio::spawn(async move {
             for _ in 0..25 {
-                let output = runtime
-                    .call(counter(key), "increment", "[1]".into())
+                let output = call(&runtime, counter(key), "increment", "[1]")
                     .await
                     .unwrap();
                 let replied: i64 = output.parse().unwrap();
@@ -79,15 +77,11 @@ async fn writes_from_many_actors_share_transactions() {
     let runtime = open(dir.path(), CounterHost::new());
     let keys: Vec<String> = (0..64).map(|i| format!("a{i}")).collect();
     // Create every actor first so the measured round is only state writes.
-    join_all(
-        keys.iter()
-            .map(|k| runtime.call(counter(k), "get", "[]".into())),
-    )
-    .await;
+    join_all(keys.iter().map(|k| call(&runtime, counter(k), "get", "[]"))).await;
     let before = runtime.writer_stats().transactions.load(Ordering::Relaxed);
     let results = join_all(
         keys.iter()
-            .map(|k| runtime.call(counter(k), "increment", "[1]".into())),
+            .map(|k| call(&runtime, counter(k), "increment", "[1]")),
     )
     .await;
     assert!(results
@@ -107,8 +101,7 @@ async fn state_survives_reopening_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = open(dir.path(), CounterHost::new());
     for _ in 0..10 {
-        runtime
-            .call(counter("durable"), "increment", "[3]".into())
+        call(&runtime, counter("durable"), "increment", "[3]")
             .await
             .unwrap();
     }
@@ -122,15 +115,13 @@ async fn state_survives_reopening_the_database() {
     drop(runtime);
 
     let runtime = open(dir.path(), CounterHost::new());
-    let output = runtime
-        .call(counter("durable"), "get", "[]".into())
+    let output = call(&runtime, counter("durable"), "get", "[]")
         .await
         .unwrap();
     assert_eq!(output, "30");
     let again = runtime.resolve(counter("durable")).await.unwrap();
     assert_eq!(again.id, id, "the id is stable across restarts");
-    let by_id = runtime
-        .call(Target::Id(id.to_string()), "get", "[]".into())
+    let by_id = call(&runtime, Target::Id(id.to_string()), "get", "[]")
         .await
         .unwrap();
     assert_eq!(by_id, "30");
@@ -147,21 +138,17 @@ async fn a_full_mailbox_is_overloaded() {
         keel_core::Runtime::open(config, common::types(), host.clone(), &Default::default())
             .unwrap(),
     );
-    runtime
-        .call(counter("busy"), "get", "[]".into())
-        .await
-        .unwrap();
+    call(&runtime, counter("busy"), "get", "[]").await.unwrap();
     // One call is taken off the mailbox and blocks; two more fill the mailbox.
     let mut pending = Vec::new();
     for _ in 0..3 {
         let runtime = runtime.clone();
         pending.push(tokio::spawn(async move {
-            runtime.call(counter("busy"), "block", "[]".into()).await
+            call(&runtime, counter("busy"), "block", "[]").await
         }));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let err = runtime
-        .call(counter("busy"), "get", "[]".into())
+    let err = call(&runtime, counter("busy"), "get", "[]")
         .await
         .unwrap_err();
     assert_eq!(
@@ -174,10 +161,7 @@ async fn a_full_mailbox_is_overloaded() {
     }
     // The actor keeps working once the queue drains.
     assert_eq!(
-        runtime
-            .call(counter("busy"), "get", "[]".into())
-            .await
-            .unwrap(),
+        call(&runtime, counter("busy"), "get", "[]").await.unwrap(),
         "3"
     );
     runtime.drain().await;
@@ -188,8 +172,7 @@ async fn the_error_contract() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = open(dir.path(), CounterHost::new());
 
-    let err = runtime
-        .call(key_target("x", Resolve::Get), "get", "[]".into())
+    let err = call(&runtime, key_target("x", Resolve::Get), "get", "[]")
         .await
         .unwrap_err();
     assert_eq!(
@@ -197,53 +180,52 @@ async fn the_error_contract() {
         ("actor", "not_found", 404)
     );
 
-    runtime
-        .call(key_target("x", Resolve::Create), "increment", "[1]".into())
-        .await
-        .unwrap();
-    let err = runtime
-        .call(key_target("x", Resolve::Create), "get", "[]".into())
+    call(
+        &runtime,
+        key_target("x", Resolve::Create),
+        "increment",
+        "[1]",
+    )
+    .await
+    .unwrap();
+    let err = call(&runtime, key_target("x", Resolve::Create), "get", "[]")
         .await
         .unwrap_err();
     assert_eq!((err.code(), err.http_status()), ("already_exists", 409));
     assert_eq!(
-        runtime
-            .call(key_target("x", Resolve::Get), "get", "[]".into())
+        call(&runtime, key_target("x", Resolve::Get), "get", "[]")
             .await
             .unwrap(),
         "1"
     );
 
-    let err = runtime
-        .call(counter("x"), "nope", "[]".into())
+    let err = call(&runtime, counter("x"), "nope", "[]")
         .await
         .unwrap_err();
     assert_eq!((err.code(), err.http_status()), ("action_not_found", 404));
 
-    let err = runtime
-        .call(
-            Target::Key {
-                name: "ghost".into(),
-                key: vec![],
-                mode: Resolve::GetOrCreate,
-                input: None,
-            },
-            "get",
-            "[]".into(),
-        )
-        .await
-        .unwrap_err();
+    let err = call(
+        &runtime,
+        Target::Key {
+            name: "ghost".into(),
+            key: vec![],
+            mode: Resolve::GetOrCreate,
+            input: None,
+        },
+        "get",
+        "[]",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), "type_not_found");
 
-    let err = runtime
-        .call(Target::Id("0".repeat(32)), "get", "[]".into())
+    let err = call(&runtime, Target::Id("0".repeat(32)), "get", "[]")
         .await
         .unwrap_err();
     assert_eq!(err.code(), "not_found");
 
     // A user error reaches the caller intact, and the actor keeps working.
-    let err = runtime
-        .call(counter("x"), "fail", "[]".into())
+    let err = call(&runtime, counter("x"), "fail", "[]")
         .await
         .unwrap_err();
     assert_eq!(
@@ -252,8 +234,7 @@ async fn the_error_contract() {
     );
     assert_eq!(err.metadata().unwrap()["why"], "testing");
     assert_eq!(
-        runtime
-            .call(counter("x"), "increment", "[1]".into())
+        call(&runtime, counter("x"), "increment", "[1]")
             .await
             .unwrap(),
         "2"
@@ -265,10 +246,7 @@ async fn the_error_contract() {
         mode: Resolve::GetOrCreate,
         input: None,
     };
-    let err = runtime
-        .call(long_key, "get", "[]".into())
-        .await
-        .unwrap_err();
+    let err = call(&runtime, long_key, "get", "[]").await.unwrap_err();
     assert_eq!((err.code(), err.http_status()), ("invalid_key", 400));
     runtime.drain().await;
 }
@@ -281,21 +259,17 @@ async fn input_reaches_the_new_actor_once() {
         name: "counter".into(),
         key: vec!["in".into()],
         mode: Resolve::GetOrCreate,
-        input: Some(format!(r#"{{"start":{start}}}"#)),
+        input: Some(keel_core::Payload::json(format!(r#"{{"start":{start}}}"#))),
     };
     assert_eq!(
-        runtime
-            .call(with_input(40), "increment", "[2]".into())
+        call(&runtime, with_input(40), "increment", "[2]")
             .await
             .unwrap(),
         "42"
     );
     // A later getOrCreate with other input finds the existing actor.
     assert_eq!(
-        runtime
-            .call(with_input(7), "get", "[]".into())
-            .await
-            .unwrap(),
+        call(&runtime, with_input(7), "get", "[]").await.unwrap(),
         "42"
     );
     runtime.drain().await;
@@ -306,7 +280,7 @@ async fn concurrent_get_or_create_of_one_key_makes_one_actor() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = open(dir.path(), CounterHost::new());
     let results =
-        join_all((0..32).map(|_| runtime.call(counter("race"), "increment", "[1]".into()))).await;
+        join_all((0..32).map(|_| call(&runtime, counter("race"), "increment", "[1]"))).await;
     let mut outputs: Vec<i64> = results
         .into_iter()
         .map(|r| r.unwrap().parse().unwrap())

@@ -523,12 +523,10 @@ async fn a_runtime_round_trip_is_quiet_at_info() {
 
     let dir = tempfile::tempdir().unwrap();
     let runtime = common::open(dir.path(), common::CounterHost::new());
-    runtime
-        .call(common::counter("quiet"), "increment", "[1]".into())
+    common::call(&runtime, common::counter("quiet"), "increment", "[1]")
         .await
         .unwrap();
-    runtime
-        .call(common::counter("quiet"), "fail", "[]".into())
+    common::call(&runtime, common::counter("quiet"), "fail", "[]")
         .await
         .unwrap_err();
     runtime.drain().await;

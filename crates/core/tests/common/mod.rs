@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::{
-    ActionCall, ActionDone, ActorInfo, ActorType, ActorTypes, Error, Host, Result, Runtime,
-    RuntimeConfig, StartRequest, Started, StopReason, Target,
+    ActionCall, ActionDone, ActorInfo, ActorType, ActorTypes, Effects, Encoding, Error, Host,
+    KvWrite, Payload, Result, Runtime, RuntimeConfig, Schedule, ScheduleOp, StartRequest,
+    StopReason, Target,
 };
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -27,6 +28,12 @@ pub const ACTIONS: &[&str] = &[
     "slow",
     "block",
     "seen",
+    "kv_put",
+    "schedule",
+    "cancel",
+    "sleep",
+    "destroy",
+    "flaky",
 ];
 
 /// A counter host. Every actor's live state is held here between calls, as JS would.
@@ -39,6 +46,10 @@ pub struct CounterHost {
     /// How many instances were started and stopped.
     pub starts: Mutex<u32>,
     pub stops: Mutex<u32>,
+    /// Every stop, as `key:reason`.
+    pub stop_log: Mutex<Vec<String>>,
+    /// How many more times `flaky` fails before it succeeds.
+    pub flaky_failures: Mutex<u32>,
 }
 
 impl CounterHost {
@@ -49,6 +60,8 @@ impl CounterHost {
             gate: Arc::new(Semaphore::new(0)),
             starts: Mutex::new(0),
             stops: Mutex::new(0),
+            stop_log: Mutex::new(Vec::new()),
+            flaky_failures: Mutex::new(0),
         })
     }
 
@@ -57,31 +70,58 @@ impl CounterHost {
         let state = states.get_mut(id).expect("the instance was started");
         let output = f(state);
         ActionDone {
-            output: output.to_string(),
-            state: Some(serde_json::to_vec(state).unwrap()),
+            output: Payload::json(output.to_string()),
+            effects: Effects {
+                state: Some(serde_json::to_vec(state).unwrap()),
+                ..Effects::default()
+            },
+        }
+    }
+
+    fn read(&self, id: &str, field: &str) -> ActionDone {
+        ActionDone {
+            output: Payload::json(self.states.lock()[id][field].to_string()),
+            effects: Effects::default(),
+        }
+    }
+
+    fn effects(effects: Effects) -> ActionDone {
+        ActionDone {
+            output: Payload::json("null"),
+            effects,
         }
     }
 }
 
 #[async_trait]
 impl Host for CounterHost {
-    async fn start(&self, actor: &Arc<ActorInfo>, request: StartRequest) -> Result<Started> {
+    async fn start(&self, actor: &Arc<ActorInfo>, request: StartRequest) -> Result<Effects> {
         *self.starts.lock() += 1;
         let (state, created) = match request.state {
             Some(bytes) => (serde_json::from_slice(&bytes).unwrap(), false),
             None => {
-                let start = request
+                let input = request
                     .input
-                    .map(|input| serde_json::from_str::<Value>(&input).unwrap()["start"].clone())
-                    .and_then(|v| v.as_i64())
-                    .unwrap_or(0);
+                    .map(|input| serde_json::from_slice::<Value>(&input.bytes).unwrap());
+                if input
+                    .as_ref()
+                    .is_some_and(|input| input["refuse"] == json!(true))
+                {
+                    return Err(Error::User {
+                        code: "refused".into(),
+                        message: "the create hook refused".into(),
+                        metadata: None,
+                    });
+                }
+                let start = input.and_then(|input| input["start"].as_i64()).unwrap_or(0);
                 (json!({ "count": start, "seen": [] }), true)
             }
         };
         let bytes = serde_json::to_vec(&state).unwrap();
         self.states.lock().insert(actor.id.to_string(), state);
-        Ok(Started {
+        Ok(Effects {
             state: created.then_some(bytes),
+            ..Effects::default()
         })
     }
 
@@ -89,23 +129,75 @@ impl Host for CounterHost {
         let id = actor.id.to_string();
         self.log.lock().push(format!(
             "{}:{}:{}",
-            actor.key_string, call.action, call.args
+            actor.key_string,
+            call.action,
+            String::from_utf8_lossy(&call.args.bytes)
         ));
-        let args: Vec<Value> = serde_json::from_str(&call.args).unwrap();
+        let args: Vec<Value> = match call.args.encoding {
+            Encoding::Json => serde_json::from_slice(&call.args.bytes).unwrap(),
+            // Schedules carry CBOR; this host stores its schedule args as JSON text in a CBOR
+            // text string with a one-byte length, which is all the tests need.
+            Encoding::Cbor => serde_json::from_slice(&call.args.bytes[2..]).unwrap(),
+        };
         let amount = args.first().and_then(Value::as_i64).unwrap_or(1);
         match call.action.as_str() {
             "increment" => Ok(self.update(&id, |s| {
                 s["count"] = json!(s["count"].as_i64().unwrap() + amount);
                 s["count"].clone()
             })),
-            "get" => Ok(ActionDone {
-                output: self.states.lock()[&id]["count"].to_string(),
-                state: None,
-            }),
-            "seen" => Ok(ActionDone {
-                output: self.states.lock()[&id]["seen"].to_string(),
-                state: None,
-            }),
+            "get" => Ok(self.read(&id, "count")),
+            "seen" => Ok(self.read(&id, "seen")),
+            "kv_put" => Ok(Self::effects(Effects {
+                kv: vec![KvWrite::Put {
+                    key: args[0].as_str().unwrap().as_bytes().to_vec(),
+                    value: args[1].as_str().unwrap().as_bytes().to_vec(),
+                }],
+                ..Effects::default()
+            })),
+            "schedule" => {
+                // args: [id, at_ms, action, arg]
+                let inner = json!([args[3].clone()]).to_string();
+                assert!(inner.len() < 256, "the test host keeps schedule args short");
+                let mut encoded = vec![0x78, inner.len() as u8];
+                encoded.extend_from_slice(inner.as_bytes());
+                Ok(Self::effects(Effects {
+                    schedules: vec![ScheduleOp::Add(Schedule {
+                        id: args[0].as_str().unwrap().to_string(),
+                        at_ms: args[1].as_i64().unwrap(),
+                        action: args[2].as_str().unwrap().to_string(),
+                        args: encoded,
+                    })],
+                    ..Effects::default()
+                }))
+            }
+            "cancel" => Ok(Self::effects(Effects {
+                schedules: vec![ScheduleOp::Cancel {
+                    id: args[0].as_str().unwrap().to_string(),
+                }],
+                ..Effects::default()
+            })),
+            "sleep" => Ok(Self::effects(Effects {
+                sleep: true,
+                ..Effects::default()
+            })),
+            "destroy" => Ok(Self::effects(Effects {
+                destroy: true,
+                ..Effects::default()
+            })),
+            "flaky" => {
+                let mut failures = self.flaky_failures.lock();
+                if *failures > 0 {
+                    *failures -= 1;
+                    return Err(Error::ActorInternal {
+                        message: "flaky failure".into(),
+                    });
+                }
+                drop(failures);
+                Ok(self.update(&id, |s| {
+                    s["seen"].as_array_mut().unwrap().push(json!("flaky"));
+                    json!(null)
+                }))
+            }
             "append" => Ok(self.update(&id, |s| {
                 s["seen"].as_array_mut().unwrap().push(json!(amount));
                 json!(null)
@@ -134,10 +226,13 @@ impl Host for CounterHost {
         }
     }
 
-    async fn stop(&self, actor: &Arc<ActorInfo>, _reason: StopReason) -> Result<Option<Vec<u8>>> {
+    async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> Result<Effects> {
         *self.stops.lock() += 1;
+        self.stop_log
+            .lock()
+            .push(format!("{}:{}", actor.key_string, reason.as_str()));
         self.states.lock().remove(&*actor.id);
-        Ok(None)
+        Ok(Effects::default())
     }
 }
 
@@ -172,6 +267,14 @@ pub fn counter(key: &str) -> Target {
         mode: keel_core::Resolve::GetOrCreate,
         input: None,
     }
+}
+
+/// Calls an action with JSON args and returns its JSON output.
+pub async fn call(runtime: &Runtime, target: Target, action: &str, args: &str) -> Result<String> {
+    let output = runtime
+        .call(target, action, Payload::json(args), Encoding::Json)
+        .await?;
+    Ok(String::from_utf8(output.bytes).unwrap())
 }
 
 /// Reads an actor's committed count straight from the database file.

@@ -1,0 +1,203 @@
+//! Just enough CBOR (RFC 8949) for core to read a request envelope.
+//!
+//! A CBOR request body is a map with text keys (`key`, `args`, `mode`, `input`). Core needs
+//! the key and mode, and passes `args` and `input` on to the host untouched, as the exact
+//! bytes the client sent. So this module only walks items to find their extent and decodes
+//! text strings and arrays of them; every other value stays opaque bytes.
+
+use crate::error::{Error, Result};
+
+/// Nesting deeper than this is refused, so a hostile body cannot exhaust the stack.
+const MAX_DEPTH: usize = 128;
+
+fn malformed(message: &str) -> Error {
+    Error::malformed(format!("invalid CBOR body: {message}"))
+}
+
+/// Reads an item's head at `pos`: (major type, additional info, argument, position after
+/// the head). For indefinite lengths (info 31) the argument is 0.
+fn head(bytes: &[u8], pos: usize) -> Result<(u8, u8, u64, usize)> {
+    let first = *bytes.get(pos).ok_or_else(|| malformed("truncated"))?;
+    let major = first >> 5;
+    let info = first & 0x1f;
+    let (argument, next) = match info {
+        0..=23 => (u64::from(info), pos + 1),
+        24..=27 => {
+            let width = 1usize << (info - 24);
+            let end = pos + 1 + width;
+            let slice = bytes
+                .get(pos + 1..end)
+                .ok_or_else(|| malformed("truncated"))?;
+            let value = slice.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+            (value, end)
+        }
+        31 if matches!(major, 2..=5 | 7) => (0, pos + 1),
+        _ => return Err(malformed("reserved additional information")),
+    };
+    Ok((major, info, argument, next))
+}
+
+/// Returns the position just after the item that starts at `pos`.
+pub fn skip(bytes: &[u8], pos: usize) -> Result<usize> {
+    skip_at_depth(bytes, pos, 0)
+}
+
+fn skip_at_depth(bytes: &[u8], pos: usize, depth: usize) -> Result<usize> {
+    if depth > MAX_DEPTH {
+        return Err(malformed("nested too deeply"));
+    }
+    let (major, info, argument, mut next) = head(bytes, pos)?;
+    let indefinite = info == 31;
+    match major {
+        0 | 1 => Ok(next),
+        2 | 3 if indefinite => loop {
+            if bytes.get(next) == Some(&0xff) {
+                return Ok(next + 1);
+            }
+            next = skip_at_depth(bytes, next, depth + 1)?;
+        },
+        2 | 3 => {
+            let end = usize::try_from(argument)
+                .ok()
+                .and_then(|len| next.checked_add(len))
+                .filter(|end| *end <= bytes.len())
+                .ok_or_else(|| malformed("truncated string"))?;
+            Ok(end)
+        }
+        4 | 5 => {
+            let per_entry = if major == 5 { 2 } else { 1 };
+            if indefinite {
+                loop {
+                    if bytes.get(next) == Some(&0xff) {
+                        return Ok(next + 1);
+                    }
+                    for _ in 0..per_entry {
+                        next = skip_at_depth(bytes, next, depth + 1)?;
+                    }
+                }
+            }
+            let count = argument
+                .checked_mul(per_entry)
+                .filter(|count| *count <= bytes.len() as u64)
+                .ok_or_else(|| malformed("length exceeds the body"))?;
+            for _ in 0..count {
+                next = skip_at_depth(bytes, next, depth + 1)?;
+            }
+            Ok(next)
+        }
+        6 => skip_at_depth(bytes, next, depth + 1),
+        7 if indefinite => Err(malformed("unexpected break")),
+        7 => Ok(next),
+        _ => unreachable!("the major type has three bits"),
+    }
+}
+
+/// Decodes a definite-length text string at `pos`.
+pub fn text(bytes: &[u8], pos: usize) -> Result<String> {
+    let (major, info, argument, next) = head(bytes, pos)?;
+    if major != 3 || info == 31 {
+        return Err(malformed("expected a text string"));
+    }
+    let end = skip(bytes, pos)?;
+    debug_assert_eq!(end - next, argument as usize);
+    String::from_utf8(bytes[next..end].to_vec()).map_err(|_| malformed("text is not UTF-8"))
+}
+
+/// Decodes a definite-length array of text strings at `pos`.
+pub fn text_array(bytes: &[u8], pos: usize) -> Result<Vec<String>> {
+    let (major, info, count, mut next) = head(bytes, pos)?;
+    if major != 4 || info == 31 {
+        return Err(malformed("expected an array of text strings"));
+    }
+    let mut items = Vec::new();
+    for _ in 0..count {
+        items.push(text(bytes, next)?);
+        next = skip(bytes, next)?;
+    }
+    Ok(items)
+}
+
+/// Splits a whole body that is one map with text keys into (key, value range) entries.
+pub fn map_entries(bytes: &[u8]) -> Result<Vec<(String, std::ops::Range<usize>)>> {
+    let (major, info, count, mut next) = head(bytes, 0)?;
+    if major != 5 || info == 31 {
+        return Err(malformed("the body must be a map"));
+    }
+    let mut entries = Vec::new();
+    for _ in 0..count {
+        let key = text(bytes, next)?;
+        next = skip(bytes, next)?;
+        let end = skip(bytes, next)?;
+        entries.push((key, next..end));
+        next = end;
+    }
+    if next != bytes.len() {
+        return Err(malformed("trailing bytes after the map"));
+    }
+    Ok(entries)
+}
+
+/// Whether the item at `pos` is an array.
+pub fn is_array(bytes: &[u8], pos: usize) -> bool {
+    bytes.get(pos).is_some_and(|b| b >> 5 == 4)
+}
+
+/// Writes `{"output": <output>}` as CBOR, with `output` copied verbatim.
+pub fn output_envelope(output: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(output.len() + 8);
+    body.push(0xa1); // a map of one entry
+    body.push(0x66); // a text string of six bytes
+    body.extend_from_slice(b"output");
+    body.extend_from_slice(output);
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_an_envelope() {
+        // {"key": ["a", "bc"], "args": [1, {"x": h'00ff'}], "mode": "get"}
+        let body = [
+            0xa3, 0x63, b'k', b'e', b'y', 0x82, 0x61, b'a', 0x62, b'b', b'c', 0x64, b'a', b'r',
+            b'g', b's', 0x82, 0x01, 0xa1, 0x61, b'x', 0x42, 0x00, 0xff, 0x64, b'm', b'o', b'd',
+            b'e', 0x63, b'g', b'e', b't',
+        ];
+        let entries = map_entries(&body).unwrap();
+        let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["key", "args", "mode"]);
+        assert_eq!(text_array(&body, entries[0].1.start).unwrap(), ["a", "bc"]);
+        assert_eq!(
+            &body[entries[1].1.clone()],
+            &[0x82, 0x01, 0xa1, 0x61, b'x', 0x42, 0x00, 0xff]
+        );
+        assert!(is_array(&body, entries[1].1.start));
+        assert_eq!(text(&body, entries[2].1.start).unwrap(), "get");
+    }
+
+    #[test]
+    fn walks_tags_floats_and_indefinite_items() {
+        // [tag 1 (1.5), undefined, indefinite ["a" ...], f64]
+        let item = [
+            0x84, 0xc1, 0xf9, 0x3e, 0x00, 0xf7, 0x9f, 0x61, b'a', 0xff, 0xfb, 0, 0, 0, 0, 0, 0, 0,
+            0,
+        ];
+        assert_eq!(skip(&item, 0).unwrap(), item.len());
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(skip(&[0x82, 0x01], 0).is_err(), "truncated array");
+        assert!(
+            skip(&[0x5a, 0xff, 0xff, 0xff, 0xff], 0).is_err(),
+            "string longer than the body"
+        );
+        assert!(skip(&[0x1c], 0).is_err(), "reserved info");
+        assert!(map_entries(&[0x80]).is_err(), "not a map");
+        assert!(map_entries(&[0xa0, 0x00]).is_err(), "trailing bytes");
+        let deep = vec![0x81; 1000];
+        assert!(skip(&deep, 0).is_err(), "too deep");
+        assert!(skip(&[0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], 0).is_err());
+    }
+}
