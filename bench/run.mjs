@@ -8,11 +8,11 @@
 //
 // Options:
 //   --no-build           reuse bench/.native/keel.node instead of running cargo
-//   --rounds N           repeat every measurement N times and report medians (default 1)
+//   --rounds N           repeat every measurement N times and report medians (default 3)
 //   --seq-calls N        calls in the sequential workload (default 2000)
 //   --concurrency N      actors (= requests in flight) in the concurrent workload (default 64)
 //   --duration S         length of the concurrent workload in seconds (default 5)
-//   --max-calls N        call budget of the concurrent workload (default 100000)
+//   --max-calls N        call budget of the concurrent workload (default 250000)
 
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -24,13 +24,14 @@ const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(benchDir, "..");
 const nativeDir = path.join(benchDir, ".native");
 const addonPath = path.join(nativeDir, "keel.node");
+const buildInfoPath = path.join(nativeDir, "build.json");
 const resultsDir = path.join(benchDir, "results");
 
 // ---------------------------------------------------------------------------------------------
 // Options
 
 function parseArgs(argv) {
-  const opts = { build: true, rounds: 1, seqCalls: 2000, concurrency: 64, durationS: 5, maxCalls: 100_000 };
+  const opts = { build: true, rounds: 3, seqCalls: 2000, concurrency: 64, durationS: 5, maxCalls: 250_000 };
   const numeric = { "--rounds": "rounds", "--seq-calls": "seqCalls", "--concurrency": "concurrency", "--duration": "durationS", "--max-calls": "maxCalls" };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -96,6 +97,14 @@ function buildAddon() {
   const tmp = `${addonPath}.${process.pid}.tmp`;
   fs.copyFileSync(built, tmp);
   fs.renameSync(tmp, addonPath);
+  // Record what the addon was built from, so a later `--no-build` run reports that and not
+  // whatever the tree holds by then.
+  fs.writeFileSync(buildInfoPath, JSON.stringify({ builtAt: new Date().toISOString(), ...gitInfo() }, null, 2) + "\n");
+}
+
+function addonInfo() {
+  const built = fs.existsSync(buildInfoPath) ? JSON.parse(fs.readFileSync(buildInfoPath, "utf8")) : null;
+  return { path: path.relative(repoRoot, addonPath), profile: "release", bytes: fs.statSync(addonPath).size, builtFrom: built };
 }
 
 function checkRootBuilt() {
@@ -107,9 +116,9 @@ function checkRootBuilt() {
 }
 
 function gitInfo() {
-  const git = (...args) => spawnSync("git", args, { cwd: repoRoot, encoding: "utf8" }).stdout?.trim() ?? "";
+  const git = (...args) => spawnSync("git", args, { cwd: repoRoot, encoding: "utf8" }).stdout ?? "";
   return {
-    commit: git("rev-parse", "HEAD"),
+    commit: git("rev-parse", "HEAD").trim(),
     // Uncommitted engine changes are compiled into the addon too; record that they existed.
     dirtyEngineFiles: git("status", "--porcelain", "--", "crates", "src", "ts", "Cargo.toml", "Cargo.lock")
       .split("\n")
@@ -291,6 +300,8 @@ const median = (xs) => {
 function summarize(rounds) {
   return {
     callsPerSec: round3(median(rounds.map((r) => r.callsPerSec))),
+    // The spread across rounds: on a shared machine it says how far to trust the median.
+    callsPerSecRange: [Math.min(...rounds.map((r) => r.callsPerSec)), Math.max(...rounds.map((r) => r.callsPerSec))],
     p50Ms: round3(median(rounds.map((r) => r.latencyMs.p50))),
     p99Ms: round3(median(rounds.map((r) => r.latencyMs.p99))),
     calls: rounds.reduce((n, r) => n + r.calls, 0),
@@ -325,6 +336,15 @@ async function main() {
   ensureDeps();
   if (opts.build) buildAddon();
   else if (!fs.existsSync(addonPath)) throw new Error(`--no-build given but ${addonPath} does not exist`);
+  else {
+    // dist/ comes from the current tree; an addon built from another one may not match its
+    // native interface (the keel server then dies on its first call).
+    const builtFrom = addonInfo().builtFrom;
+    const now = gitInfo();
+    if (!builtFrom || builtFrom.commit !== now.commit || builtFrom.dirtyEngineFiles.length || now.dirtyEngineFiles.length) {
+      console.error(`warning: --no-build reuses an addon built from ${builtFrom?.commit ?? "an unknown tree"}; the tree is now at ${now.commit}${now.dirtyEngineFiles.length ? " with uncommitted engine changes" : ""}`);
+    }
+  }
 
   const disk = probeDisk();
   if (disk.tmpfs) console.error(`warning: ${disk.dataDirParent} is tmpfs; fsync costs nothing there and the figures will not reflect a disk`);
@@ -374,8 +394,9 @@ async function main() {
       loadavgStart,
       loadavgEnd: os.loadavg(),
     },
+    // The tree the JS layer (dist/) was loaded from; the addon's own source is in addon.builtFrom.
     git: gitInfo(),
-    addon: { path: path.relative(repoRoot, addonPath), profile: "release", bytes: fs.statSync(addonPath).size },
+    addon: addonInfo(),
     disk,
     options: opts,
     workloads: workloads(opts),
