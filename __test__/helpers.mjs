@@ -36,8 +36,8 @@ export async function post(url, path, body, headers = {}) {
  * `listening <port>`. `child.lines` collects every stdout line; `child.exited` resolves with
  * { code, signal }.
  */
-export function startServer(t, { dataDir, env = {}, script = join(fixtures, "server.mjs"), args = [] } = {}) {
-  const child = spawn(process.execPath, [script, ...args], {
+export function startServer(t, { dataDir, env = {}, script = join(fixtures, "server.mjs"), args = [], nodeArgs = [] } = {}) {
+  const child = spawn(process.execPath, [...nodeArgs, script, ...args], {
     env: { ...process.env, KEEL_DATA_DIR: dataDir, KEEL_PORT: "0", KEEL_LOG: process.env.KEEL_LOG ?? "warn", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });

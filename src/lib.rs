@@ -8,6 +8,11 @@
 //! - `host`: the batched JS host.
 //! - `logging`: the process-wide subscriber.
 
+/// mimalloc returns freed memory to the OS promptly (glibc keeps per-thread arenas), so the
+/// process shrinks again after a burst of actors goes to sleep.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod convert;
 mod host;
 mod logging;

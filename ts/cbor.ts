@@ -25,7 +25,7 @@ export class UnsupportedValueError extends TypeError {
 }
 
 class Writer {
-  private buffer = new Uint8Array(256);
+  private buffer: Uint8Array<ArrayBuffer> = new Uint8Array(256);
   private view = new DataView(this.buffer.buffer);
   length = 0;
 
@@ -85,7 +85,7 @@ class Writer {
     this.length += 8;
   }
 
-  result(): Uint8Array {
+  result(): Uint8Array<ArrayBuffer> {
     return this.buffer.slice(0, this.length);
   }
 }
@@ -193,7 +193,7 @@ function encodeValue(w: Writer, value: unknown, path: string, seen: Set<object>)
 }
 
 /** Encodes a value; throws `UnsupportedValueError` for what keel cannot store. */
-export function encode(value: unknown): Uint8Array {
+export function encode(value: unknown): Uint8Array<ArrayBuffer> {
   const w = new Writer();
   encodeValue(w, value, "", new Set());
   return w.result();

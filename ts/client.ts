@@ -1,5 +1,6 @@
 // A typed HTTP client for keel: `createClient<typeof registry>(url)`.
 import type { ActorDefinition, AnyActorDefinition } from "./actor";
+import { decode, encode } from "./cbor";
 import { KeelError, type ErrorBody } from "./errors";
 
 /** Anything with actor definitions, such as a `Registry` from `setup()`. */
@@ -75,13 +76,18 @@ class Transport {
     this.fetch = options.fetch ?? globalThis.fetch;
   }
 
-  async post(path: string, body: unknown): Promise<any> {
+  /** POSTs `body` (CBOR unless `json`) and returns the decoded reply. */
+  async post(path: string, body: unknown, json = false): Promise<any> {
+    // Encoding fails (with a TypeError naming the value) before anything is sent.
+    const payload = json ? JSON.stringify(body) : encode(body);
     let response: Response;
     try {
       response = await this.fetch(`${this.base}${path}`, {
         method: "POST",
-        headers: { "content-type": "application/json", ...this.options.headers },
-        body: JSON.stringify(body),
+        headers: json
+          ? { "content-type": "application/json", ...this.options.headers }
+          : { "content-type": "application/cbor", accept: "application/cbor", ...this.options.headers },
+        body: payload,
       });
     } catch (cause) {
       throw new KeelError(
@@ -89,19 +95,20 @@ class Transport {
         { cause },
       );
     }
-    const text = await response.text();
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    const isCbor = (response.headers.get("content-type") ?? "").startsWith("application/cbor");
     let parsed: any;
     try {
-      parsed = JSON.parse(text);
+      parsed = isCbor ? decode(bytes) : JSON.parse(new TextDecoder().decode(bytes));
     } catch {
       throw new KeelError({
         group: "client",
         code: "bad_response",
-        message: `the server answered ${response.status} with a body that is not JSON`,
+        message: `the server answered ${response.status} with a body that cannot be decoded`,
       });
     }
     if (!response.ok) {
-      const body = parsed as Partial<ErrorBody>;
+      const body = (parsed ?? {}) as Partial<ErrorBody>;
       throw new KeelError({
         group: body.group ?? "client",
         code: body.code ?? "bad_response",

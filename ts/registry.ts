@@ -24,6 +24,8 @@ export interface SetupConfig<U extends Record<string, AnyActorDefinition>> {
   actionTimeoutMs?: number;
   /** Timeout of one lifecycle hook. Default 15000. */
   hookTimeoutMs?: number;
+  /** Idle time before an actor sleeps (per-type `options.sleepTimeoutMs` overrides it). Default 30000. */
+  sleepTimeoutMs?: number;
   /** Largest HTTP request body in bytes. Default 20 MiB. */
   maxBodyBytes?: number;
   /** Messages one actor may hold queued. Default 1024. */
@@ -112,6 +114,7 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
       drainTimeoutMs: c.drainTimeoutMs,
       actionTimeoutMs: c.actionTimeoutMs,
       hookTimeoutMs: c.hookTimeoutMs,
+      sleepTimeoutMs: c.sleepTimeoutMs,
       maxBodyBytes: c.maxBodyBytes,
       maxMailboxLen: c.maxMailboxLen,
       dev: c.dev ?? process.env.KEEL_DEV === "1",
@@ -230,6 +233,11 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
   /** How many runtimes this registry has built (1 once started; for diagnostics and tests). */
   get buildCount(): number {
     return this.native.buildCount;
+  }
+
+  /** How many actors are awake right now (for diagnostics and tests). */
+  get liveActors(): number {
+    return this.native.liveActors;
   }
 
   /** The state machine's current state (for diagnostics). */

@@ -78,7 +78,7 @@ pub(crate) struct Core {
     draining: AtomicBool,
     /// Live actors by id.
     live: Mutex<HashMap<Arc<str>, (u64, ActorHandle)>>,
-    /// Actors resolved since start, by type name then canonical key.
+    /// Resolved keys of live (or just-resolved) actors, by type name then canonical key.
     known: Mutex<HashMap<Arc<str>, KnownByKey>>,
     /// Tags each spawned actor task so a stopping task only forgets itself.
     next_generation: AtomicU64,
@@ -148,10 +148,16 @@ impl Core {
         Ok(info)
     }
 
-    /// Forgets a resolved key, after its actor was deleted.
+    /// Forgets a resolved key (after its actor stopped or was deleted).
     pub(crate) fn forget_key(&self, info: &ActorInfo) {
-        if let Some(by_key) = self.known.lock().get_mut(&*info.name) {
-            by_key.remove(&info.key_string);
+        let mut known = self.known.lock();
+        if let Some(by_key) = known.get_mut(&*info.name) {
+            if by_key
+                .get(&info.key_string)
+                .is_some_and(|k| k.id == info.id)
+            {
+                by_key.remove(&info.key_string);
+            }
         }
     }
 
@@ -192,10 +198,14 @@ impl Core {
     }
 
     /// Removes a stopping actor task from the live set, unless a newer task replaced it.
+    /// Its resolved key goes too, so the directory's memory follows the live actors, not
+    /// every actor ever touched; the next request by key looks it up again.
     pub(crate) fn forget(&self, id: &str, generation: u64) {
         let mut live = self.live.lock();
         if live.get(id).is_some_and(|(g, _)| *g == generation) {
-            live.remove(id);
+            if let Some((_, handle)) = live.remove(id) {
+                self.forget_key(&handle.info);
+            }
         }
     }
 

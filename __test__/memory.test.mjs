@@ -1,0 +1,55 @@
+// Sleeping actors cost no memory: 10,000 actors wake, sleep, and leave nothing behind.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { createClient } from "keel";
+import { fixtures, startServer, tempDir } from "./helpers.mjs";
+
+const MiB = 1024 * 1024;
+const settle = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+test("10,000 actors created and asleep leave memory near the baseline", async (t) => {
+  const server = await startServer(t, { dataDir: tempDir(t), script: join(fixtures, "many.mjs"), nodeArgs: ["--expose-gc"] });
+  const client = createClient(server.url);
+  const probe = () => client.probe.getOrCreate(["probe"]).memory();
+  const allAsleep = async () => {
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      const memory = await probe();
+      if (memory.live <= 1) return memory; // only the probe is awake
+      assert.ok(Date.now() < deadline, `${memory.live} actors still awake`);
+      await settle(100);
+    }
+  };
+  const wave = async (prefix, count) => {
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: 64 }, async () => {
+        while (next < count) {
+          const i = next++;
+          assert.equal(await client.tiny.getOrCreate([`${prefix}-${i}`]).touch(), 1);
+        }
+      }),
+    );
+  };
+
+  await wave("warm", 1000);
+  const baseline = await allAsleep();
+  await wave("first", 10_000);
+  const peak = await probe();
+  const afterFirst = await allAsleep();
+  await wave("second", 10_000);
+  const afterSecond = await allAsleep();
+  t.diagnostic(`rss MiB: baseline ${(baseline.rss / MiB).toFixed(1)}, peak ${(peak.rss / MiB).toFixed(1)}, ` +
+    `asleep ${(afterFirst.rss / MiB).toFixed(1)}, after 10,000 more ${(afterSecond.rss / MiB).toFixed(1)}`);
+
+  // No JS object of a sleeping actor survives a full GC.
+  assert.ok(afterFirst.heapUsed < baseline.heapUsed + 4 * MiB, `heap ${baseline.heapUsed} -> ${afterFirst.heapUsed}`);
+  assert.ok(afterSecond.heapUsed < baseline.heapUsed + 4 * MiB, `heap ${baseline.heapUsed} -> ${afterSecond.heapUsed}`);
+  // The process keeps what its busiest moment needed (allocator and V8 pools), but sleeping
+  // actors themselves cost nothing: 10,000 more of them do not grow it.
+  assert.ok(afterSecond.rss < afterFirst.rss + 12 * MiB, `rss grew ${(afterSecond.rss - afterFirst.rss) / MiB} MiB for 10,000 more sleeping actors`);
+  assert.ok(afterFirst.rss <= peak.rss + 12 * MiB);
+  server.kill("SIGTERM");
+  await server.exited;
+});
