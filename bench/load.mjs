@@ -2,8 +2,11 @@
 // shares an event loop (or its pauses) with the server it measures.
 //
 // Usage: node load.mjs '<json config>'
-//   config: { port, workload: "sequential" | "concurrent", calls, actors, durationMs,
-//             maxCalls, warmupCallsPerActor, timeCapMs, requestTimeoutMs }
+//   config: { port, workload, timeCapMs, requestTimeoutMs, ...per-workload fields }
+//   - "sequential" | "concurrent": { actors, maxCalls, durationMs, warmupCallsPerActor }
+//   - "wake":   { probePort, actors }                         (keel only, see lifecycle below)
+//   - "memory": { probePort, actors, concurrency, warmupActors }
+//   - "alarms": { actors, alarmsPerActor, leadMs, warmupAlarmsPerActor }
 // Prints one JSON result line on stdout; progress and errors go to stderr.
 //
 // Every request goes to 127.0.0.1 only, and every loop is bounded both in calls and in time.
@@ -15,20 +18,24 @@ const HOST = "127.0.0.1";
 
 // One socket per in-flight request: with keep-alive each actor loop reuses its own
 // connection, so the figures measure request handling, not TCP handshakes.
-const agent = new http.Agent({ keepAlive: true, maxSockets: config.actors, noDelay: true });
+const agent = new http.Agent({ keepAlive: true, maxSockets: config.concurrency ?? config.actors, noDelay: true });
 
 /** POSTs a JSON body; resolves `{status, body}` or rejects on a network error or timeout. */
 function post(path, payload) {
-  const text = JSON.stringify(payload);
+  return request("POST", config.port, path, JSON.stringify(payload));
+}
+
+/** One HTTP request to 127.0.0.1:`port`; resolves `{status, body}` with the body parsed as JSON. */
+function request(method, port, path, text) {
   return new Promise((resolve, reject) => {
     const req = http.request(
       {
         host: HOST,
-        port: config.port,
-        method: "POST",
+        port,
+        method,
         path,
         agent,
-        headers: { "content-type": "application/json", "content-length": Buffer.byteLength(text) },
+        headers: text === undefined ? {} : { "content-type": "application/json", "content-length": Buffer.byteLength(text) },
         timeout: config.requestTimeoutMs,
       },
       (res) => {
@@ -51,6 +58,13 @@ function post(path, payload) {
     req.on("error", reject);
     req.end(text);
   });
+}
+
+/** Calls `action` on the actor `name`/`key`; resolves the output or rejects with the error. */
+async function call(name, key, action, args = []) {
+  const { status, body } = await post(`/v1/actors/${name}/actions/${action}`, { key, args });
+  if (status !== 200) throw new Error(`${name}.${action} ${JSON.stringify(key)}: HTTP ${status}: ${JSON.stringify(body).slice(0, 200)}`);
+  return body.output;
 }
 
 const increment = (key) => post("/v1/actors/counter/actions/increment", { key, args: [1] });
@@ -96,7 +110,7 @@ function percentile(sorted, p) {
 
 const round3 = (x) => (x === null ? null : Math.round(x * 1000) / 1000);
 
-async function main() {
+async function counterWorkload() {
   const actors = Array.from({ length: config.actors }, (_, i) => newActor(i));
   const errors = [];
 
@@ -168,8 +182,7 @@ async function main() {
       mismatches: mismatches.slice(0, 10),
     },
   };
-  agent.destroy();
-  process.stdout.write(JSON.stringify(result) + "\n");
+  return result;
 }
 
 // A hard stop in case a server hangs beyond the per-request timeouts.
@@ -178,6 +191,261 @@ const hardStop = setTimeout(() => {
   process.exit(4);
 }, config.timeCapMs);
 hardStop.unref();
+
+// ---------------------------------------------------------------------------------------------
+// Life-cycle workloads (keel only; the actor types are in servers/lifecycle.mjs). `wake` and
+// `memory` read the server's probe (servers/keel.mjs, KEEL_BENCH_PROBE=1): a separate listener
+// that is not an actor, so asking it wakes nothing.
+
+const sleepMs = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** The server's probe (see servers/keel.mjs), after a full GC if `gc`. */
+async function probe(gc = false) {
+  const { status, body } = await request("GET", config.probePort, gc ? "/probe?gc=1" : "/probe");
+  if (status !== 200) throw new Error(`probe: HTTP ${status}`);
+  return body;
+}
+
+/** Polls the probe until no actor is awake; resolves how long that took. Bounded by `timeoutMs`. */
+async function untilAllAsleep(timeoutMs = 60_000) {
+  const start = performance.now();
+  for (let polls = 0; ; polls++) {
+    const { live } = await probe();
+    if (live === 0) return performance.now() - start;
+    if (performance.now() - start > timeoutMs) throw new Error(`${live} actors still awake after ${timeoutMs} ms`);
+    await sleepMs(polls < 20 ? 10 : 50);
+  }
+}
+
+/** Runs `fn(i)` for i in [0, count) with `concurrency` loops; every call is awaited. */
+async function forEachConcurrently(count, concurrency, fn) {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(concurrency, count) }, async () => {
+      while (next < count) await fn(next++);
+    }),
+  );
+}
+
+function latencySummary(times) {
+  const sorted = Float64Array.from(times).sort();
+  return {
+    count: sorted.length,
+    p50: round3(percentile(sorted, 50)),
+    p99: round3(percentile(sorted, 99)),
+    mean: round3(sorted.length ? sorted.reduce((a, b) => a + b, 0) / sorted.length : null),
+    max: round3(percentile(sorted, 100)),
+  };
+}
+
+/**
+ * Wake latency. Every call is one at a time, `touch` on a `napper` (a durable write, like the
+ * counter's increment). Awake: each actor is created by one call, then the next call to it is
+ * timed while it is certainly awake. Then every actor is put to sleep (`nap`) and, once the
+ * probe says none is awake, one call to each is timed: each of those wakes its actor. The
+ * outputs must count on across the sleep (1, 2, then 3), which checks that the state survived.
+ */
+async function wake() {
+  const n = config.actors;
+  const mismatches = [];
+  let mismatchCount = 0;
+  const expect = (key, got, want) => {
+    if (got === want) return;
+    mismatchCount += 1;
+    if (mismatches.length < 10) mismatches.push({ key, got, want });
+  };
+
+  // Warm-up: the same cycle on other actors, untimed, so both paths are compiled and the
+  // sockets are open before anything is timed.
+  const warm = Math.min(100, n);
+  for (let i = 0; i < warm; i++) {
+    await call("napper", [`warm-${i}`], "touch");
+    await call("napper", [`warm-${i}`], "touch");
+    await call("napper", [`warm-${i}`], "nap");
+  }
+  await untilAllAsleep();
+  for (let i = 0; i < warm; i++) await call("napper", [`warm-${i}`], "touch");
+
+  const awake = [];
+  for (let i = 0; i < n; i++) {
+    const key = [`wake-${i}`];
+    expect(key, await call("napper", key, "touch"), 1);
+    const t0 = performance.now();
+    const out = await call("napper", key, "touch");
+    awake.push(performance.now() - t0);
+    expect(key, out, 2);
+  }
+
+  for (let i = 0; i < n; i++) await call("napper", [`wake-${i}`], "nap");
+  const waitedMs = await untilAllAsleep();
+
+  const asleep = [];
+  for (let i = 0; i < n; i++) {
+    const key = [`wake-${i}`];
+    const t0 = performance.now();
+    const out = await call("napper", key, "touch");
+    asleep.push(performance.now() - t0);
+    expect(key, out, 3);
+  }
+
+  return {
+    workload: "wake",
+    actors: n,
+    awakeMs: latencySummary(awake),
+    wakeMs: latencySummary(asleep),
+    waitAllAsleepMs: round3(waitedMs),
+    verify: { ok: mismatchCount === 0, mismatchCount, mismatches },
+  };
+}
+
+/**
+ * Memory per actor, from the server's RSS (after a full GC) at four points:
+ *   base:    after a warm-up wave of `warmupActors` actors that woke and slept again;
+ *   asleep:  after `actors` more were created, touched and put to sleep, at most
+ *            `concurrency` of them awake at a time (so what remains is the cost of sleeping);
+ *   awake:   after another `actors` were created and touched, all of them still awake
+ *            (`resident` sleeps after 10 minutes);
+ *   napped:  after those went to sleep too (what the process gives back).
+ */
+async function memory() {
+  const n = config.actors;
+  const c = config.concurrency;
+  const errors = [];
+  const touchAndNap = (prefix) => async (i) => {
+    const key = [`${prefix}-${i}`];
+    const out = await call("resident", key, "touch");
+    if (out !== 1) errors.push(`${key}: touch returned ${out}`);
+    await call("resident", key, "nap");
+  };
+
+  await forEachConcurrently(config.warmupActors, c, touchAndNap("warm"));
+  await untilAllAsleep();
+  const base = await probe(true);
+
+  await forEachConcurrently(n, c, touchAndNap("sleeper"));
+  await untilAllAsleep();
+  const asleep = await probe(true);
+
+  await forEachConcurrently(n, c, async (i) => {
+    const out = await call("resident", [`awake-${i}`], "touch");
+    if (out !== 1) errors.push(`awake-${i}: touch returned ${out}`);
+  });
+  const awake = await probe(true);
+  if (awake.live !== n) errors.push(`expected ${n} awake actors, the probe counted ${awake.live}`);
+
+  await forEachConcurrently(n, c, (i) => call("resident", [`awake-${i}`], "nap"));
+  await untilAllAsleep();
+  const napped = await probe(true);
+  if (process.env.BENCH_EXPERIMENT) for (let k = 0; k < 8; k++) { await sleepMs(1000); const q = await probe(true); (await import("node:fs")).appendFileSync("/tmp/bench-exp.log", `t+${k+1}s ${JSON.stringify(q)}\n`); }
+
+  const perActor = (to, from, field) => Math.round((to[field] - from[field]) / n);
+  return {
+    workload: "memory",
+    actors: n,
+    gc: base.gc,
+    probes: { base, asleep, awake, napped },
+    bytesPerActor: {
+      asleep: perActor(asleep, base, "rss"),
+      awake: perActor(awake, asleep, "rss"),
+      // What stays in the process after the awake ones slept too (allocator and V8 pools).
+      napped: perActor(napped, asleep, "rss"),
+    },
+    heapBytesPerActor: {
+      asleep: perActor(asleep, base, "heapUsed"),
+      awake: perActor(awake, asleep, "heapUsed"),
+      napped: perActor(napped, asleep, "heapUsed"),
+    },
+    errors: errors.length,
+    verify: { ok: errors.length === 0 && base.gc, firstErrors: errors.slice(0, 5) },
+  };
+}
+
+/** Sums `firedCount` over the timer actors: `{fired, firstAt, lastAt}` (min first, max last). */
+async function firedTotals(keys) {
+  const counts = await Promise.all(keys.map((key) => call("timer", key, "firedCount")));
+  return {
+    fired: counts.reduce((n, c) => n + c.fired, 0),
+    firstAt: Math.min(...counts.map((c) => c.firstAt ?? Infinity)),
+    lastAt: Math.max(...counts.map((c) => c.lastAt ?? -Infinity)),
+    perActor: counts.map((c) => c.fired),
+  };
+}
+
+/** Polls until `want` alarms fired in total; bounded by `timeoutMs`. */
+async function untilFired(keys, want, timeoutMs) {
+  const start = Date.now();
+  for (;;) {
+    const totals = await firedTotals(keys);
+    if (totals.fired >= want || Date.now() - start > timeoutMs) return totals;
+    await sleepMs(100);
+  }
+}
+
+/**
+ * Schedule throughput. Each of `actors` timer actors sets `alarmsPerActor` schedules in one
+ * action, all due at the same epoch millisecond `leadMs` from now. The span runs from that due
+ * time to the last `fired` run (its own Date.now(), noted in state, so the slow poll does not
+ * blur it); alarms/s = alarms / span. A warm-up burst runs first, and afterwards the count must
+ * be exact and stay so for a second (every alarm ran once).
+ */
+async function alarms() {
+  const keys = Array.from({ length: config.actors }, (_, i) => [`timer-${i}`]);
+  const perActor = config.alarmsPerActor;
+  const total = perActor * keys.length;
+
+  // Warm-up: creates the actors and runs a small burst through the same path.
+  const warmDue = Date.now() + 300;
+  await Promise.all(keys.map((key) => call("timer", key, "setManyAt", [config.warmupAlarmsPerActor, warmDue])));
+  const warmWant = config.warmupAlarmsPerActor * keys.length;
+  const warm = await untilFired(keys, warmWant, 60_000);
+  if (warm.fired !== warmWant) throw new Error(`warm-up: ${warm.fired} of ${warmWant} alarms fired`);
+
+  const setupStart = Date.now();
+  const dueAt = setupStart + config.leadMs;
+  await Promise.all(keys.map((key) => call("timer", key, "setManyAt", [perActor, dueAt])));
+  const setupMs = Date.now() - setupStart;
+  if (Date.now() >= dueAt) throw new Error(`setting ${total} schedules took ${setupMs} ms, past the ${config.leadMs} ms lead; raise --alarm-lead`);
+
+  await sleepMs(dueAt - Date.now());
+  const want = warmWant + total;
+  const done = await untilFired(keys, want, config.timeCapMs - config.leadMs - 20_000);
+  const seenAt = Date.now();
+  await sleepMs(1000);
+  const after = await firedTotals(keys);
+
+  const spanMs = done.lastAt - dueAt;
+  const ok = done.fired === want && after.fired === want;
+  return {
+    workload: "alarms",
+    actors: keys.length,
+    alarms: total,
+    setupMs,
+    leadMs: config.leadMs,
+    firstLagMs: done.firstAt - dueAt,
+    spanMs,
+    alarmsPerSec: spanMs > 0 ? Math.round((total / spanMs) * 1000 * 10) / 10 : null,
+    pollSawAllAfterMs: seenAt - dueAt,
+    fired: after.fired - warmWant,
+    verify: {
+      ok,
+      expected: total,
+      firedAtFirstCheck: done.fired - warmWant,
+      firedOneSecondLater: after.fired - warmWant,
+      perActorMin: Math.min(...after.perActor) - config.warmupAlarmsPerActor,
+      perActorMax: Math.max(...after.perActor) - config.warmupAlarmsPerActor,
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async function main() {
+  const workload = { sequential: counterWorkload, concurrent: counterWorkload, wake, memory, alarms }[config.workload];
+  if (!workload) throw new Error(`unknown workload ${config.workload}`);
+  const result = await workload();
+  agent.destroy();
+  process.stdout.write(JSON.stringify(result) + "\n");
+}
 
 main().catch((err) => {
   console.error("load:", err);

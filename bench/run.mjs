@@ -4,15 +4,27 @@
 //
 // Steps: install bench deps if needed, build the release addon, then for each workload start a
 // fresh server child (keel, then the baseline), drive it from a separate load-generator child,
-// verify the durable counts, and print/write the figures.
+// verify the durable counts, and print/write the figures. The life-cycle workloads (wake,
+// memory, alarms) run on keel only.
 //
 // Options:
+//   --keel-dir PATH      benchmark the keel tree at PATH (its dist/ and its own release
+//                        `<binaryName>.<platform>.node`, built there beforehand with
+//                        `napi build --platform --release`); implies --no-build.
+//                        Default: this repo, with the addon from bench/.native/
 //   --no-build           reuse bench/.native/keel.node instead of running cargo
+//   --only LIST          run only these workloads (comma-separated, from
+//                        sequential,concurrent,wake,memory,alarms)
 //   --rounds N           repeat every measurement N times and report medians (default 3)
 //   --seq-calls N        calls in the sequential workload (default 2000)
 //   --concurrency N      actors (= requests in flight) in the concurrent workload (default 64)
 //   --duration S         length of the concurrent workload in seconds (default 5)
 //   --max-calls N        call budget of the concurrent workload (default 250000)
+//   --wake-actors N      actors woken (one call each) in the wake workload (default 1000)
+//   --mem-actors N       actors per wave in the memory workload (default 10000)
+//   --alarms N           schedules fired in one burst in the alarms workload (default 20000)
+//   --alarm-actors N     actors sharing that burst (default 20)
+//   --alarm-lead MS      time between setting the schedules and their due time (default 3000)
 
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -23,20 +35,62 @@ import { fileURLToPath } from "node:url";
 const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(benchDir, "..");
 const nativeDir = path.join(benchDir, ".native");
-const addonPath = path.join(nativeDir, "keel.node");
+const nativeAddonPath = path.join(nativeDir, "keel.node");
 const buildInfoPath = path.join(nativeDir, "build.json");
 const resultsDir = path.join(benchDir, "results");
+
+// The keel tree under test and the addon its servers load; main() sets them from --keel-dir.
+let keelDir = repoRoot;
+let addonPath = nativeAddonPath;
+
+const COUNTER_WORKLOADS = ["sequential", "concurrent"];
+const LIFECYCLE_WORKLOADS = ["wake", "memory", "alarms"];
 
 // ---------------------------------------------------------------------------------------------
 // Options
 
 function parseArgs(argv) {
-  const opts = { build: true, rounds: 3, seqCalls: 2000, concurrency: 64, durationS: 5, maxCalls: 250_000 };
-  const numeric = { "--rounds": "rounds", "--seq-calls": "seqCalls", "--concurrency": "concurrency", "--duration": "durationS", "--max-calls": "maxCalls" };
+  const opts = {
+    build: true,
+    keelDir: null,
+    only: [...COUNTER_WORKLOADS, ...LIFECYCLE_WORKLOADS],
+    rounds: 3,
+    seqCalls: 2000,
+    concurrency: 64,
+    durationS: 5,
+    maxCalls: 250_000,
+    wakeActors: 1000,
+    memActors: 10_000,
+    alarms: 20_000,
+    alarmActors: 20,
+    alarmLeadMs: 3000,
+  };
+  const numeric = {
+    "--rounds": "rounds",
+    "--seq-calls": "seqCalls",
+    "--concurrency": "concurrency",
+    "--duration": "durationS",
+    "--max-calls": "maxCalls",
+    "--wake-actors": "wakeActors",
+    "--mem-actors": "memActors",
+    "--alarms": "alarms",
+    "--alarm-actors": "alarmActors",
+    "--alarm-lead": "alarmLeadMs",
+  };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === "--no-build") opts.build = false;
-    else if (arg in numeric) {
+    else if (arg === "--keel-dir") {
+      if (!argv[i + 1]) throw new Error("--keel-dir needs a path");
+      opts.keelDir = path.resolve(argv[++i]);
+      opts.build = false;
+    } else if (arg === "--only") {
+      const names = (argv[++i] ?? "").split(",").filter(Boolean);
+      const known = [...COUNTER_WORKLOADS, ...LIFECYCLE_WORKLOADS];
+      const unknown = names.filter((n) => !known.includes(n));
+      if (!names.length || unknown.length) throw new Error(`--only takes a comma-separated list from ${known.join(",")}`);
+      opts.only = names;
+    } else if (arg in numeric) {
       const value = Number(argv[++i]);
       if (!(value > 0)) throw new Error(`${arg} needs a positive number`);
       opts[numeric[arg]] = value;
@@ -46,6 +100,12 @@ function parseArgs(argv) {
   opts.durationS = Math.min(opts.durationS, 60);
   opts.rounds = Math.min(Math.floor(opts.rounds), 10);
   opts.concurrency = Math.min(Math.floor(opts.concurrency), 1024);
+  opts.wakeActors = Math.min(Math.floor(opts.wakeActors), 20_000);
+  opts.memActors = Math.min(Math.floor(opts.memActors), 100_000);
+  opts.alarmActors = Math.min(Math.floor(opts.alarmActors), 1000);
+  opts.alarms = Math.min(Math.floor(opts.alarms / opts.alarmActors) * opts.alarmActors, 1_000_000);
+  opts.alarmLeadMs = Math.min(opts.alarmLeadMs, 60_000);
+  if (opts.alarms < opts.alarmActors) throw new Error("--alarms must be at least --alarm-actors");
   return opts;
 }
 
@@ -94,29 +154,56 @@ function buildAddon() {
   const built = path.join(cargoTargetDir(), "release", "libkeel.so");
   fs.mkdirSync(nativeDir, { recursive: true });
   // Copy then rename so a server never maps a half-written file.
-  const tmp = `${addonPath}.${process.pid}.tmp`;
+  const tmp = `${nativeAddonPath}.${process.pid}.tmp`;
   fs.copyFileSync(built, tmp);
-  fs.renameSync(tmp, addonPath);
+  fs.renameSync(tmp, nativeAddonPath);
   // Record what the addon was built from, so a later `--no-build` run reports that and not
   // whatever the tree holds by then.
   fs.writeFileSync(buildInfoPath, JSON.stringify({ builtAt: new Date().toISOString(), ...gitInfo() }, null, 2) + "\n");
 }
 
 function addonInfo() {
+  if (keelDir !== repoRoot) {
+    // The tree's own addon: built there, from that tree's sources.
+    return { path: addonPath, profile: "release", bytes: fs.statSync(addonPath).size, builtFrom: { mtime: fs.statSync(addonPath).mtime.toISOString(), ...gitInfo() } };
+  }
   const built = fs.existsSync(buildInfoPath) ? JSON.parse(fs.readFileSync(buildInfoPath, "utf8")) : null;
   return { path: path.relative(repoRoot, addonPath), profile: "release", bytes: fs.statSync(addonPath).size, builtFrom: built };
 }
 
 function checkRootBuilt() {
   for (const file of ["dist/index.js", "index.js"]) {
-    if (!fs.existsSync(path.join(repoRoot, file))) {
-      throw new Error(`${file} is missing at the repo root: run \`npm install\` there first`);
+    if (!fs.existsSync(path.join(keelDir, file))) {
+      throw new Error(
+        keelDir === repoRoot
+          ? `${file} is missing at the repo root: run \`npm install\` there first`
+          : `${file} is missing in ${keelDir}: run \`npx napi build --platform --release\` and \`npx tsc -p tsconfig.json\` there first`,
+      );
     }
   }
 }
 
+/**
+ * The release addon of another keel tree (--keel-dir): napi names it
+ * `<napi.binaryName>.<platform>.node`, next to the tree's index.js. A debug build there has the
+ * same name, so refuse one that carries DWARF debug info: the release profile has none, and
+ * the debug profile keeps line tables.
+ */
+function treeAddon(dir) {
+  const binaryName = JSON.parse(fs.readFileSync(path.join(dir, "package.json"), "utf8")).napi?.binaryName ?? "keel";
+  const candidates = fs.readdirSync(dir).filter((f) => f.startsWith(`${binaryName}.`) && f.endsWith(".node"));
+  if (candidates.length !== 1) {
+    throw new Error(`expected one ${binaryName}.<platform>.node in ${dir}, found ${candidates.length ? candidates.join(", ") : "none"}; build it there with \`npx napi build --platform --release\``);
+  }
+  const file = path.join(dir, candidates[0]);
+  if (fs.readFileSync(file).includes(".debug_info\0")) {
+    throw new Error(`${file} has debug info, so it is not a release build; rebuild it with \`npx napi build --platform --release\``);
+  }
+  return file;
+}
+
 function gitInfo() {
-  const git = (...args) => spawnSync("git", args, { cwd: repoRoot, encoding: "utf8" }).stdout ?? "";
+  const git = (...args) => spawnSync("git", args, { cwd: keelDir, encoding: "utf8" }).stdout ?? "";
   return {
     commit: git("rev-parse", "HEAD").trim(),
     // Uncommitted engine changes are compiled into the addon too; record that they existed.
@@ -180,12 +267,18 @@ function exited(child, timeoutMs) {
 }
 
 /** Starts a server child on a fresh data dir and waits for its ready line. */
-async function startServer(kind) {
+async function startServer(kind, { probe = false } = {}) {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), `keel-bench-${kind}-`));
   const env = { ...process.env };
-  if (kind === "keel") env.NAPI_RS_NATIVE_LIBRARY_PATH = addonPath;
-  else delete env.NAPI_RS_NATIVE_LIBRARY_PATH;
-  const child = spawn(process.execPath, [path.join(benchDir, "servers", `${kind}.mjs`), dataDir], {
+  delete env.KEEL_BENCH_PROBE;
+  if (kind === "keel") {
+    env.NAPI_RS_NATIVE_LIBRARY_PATH = addonPath;
+    env.KEEL_BENCH_KEEL_DIR = keelDir;
+    // The life-cycle workloads read memory and the awake count from the server's probe.
+    if (probe) env.KEEL_BENCH_PROBE = "1";
+  } else delete env.NAPI_RS_NATIVE_LIBRARY_PATH;
+  const nodeArgs = probe ? ["--expose-gc"] : [];
+  const child = spawn(process.execPath, [...nodeArgs, path.join(benchDir, "servers", `${kind}.mjs`), dataDir], {
     cwd: benchDir,
     env,
     stdio: ["pipe", "pipe", "pipe"],
@@ -210,7 +303,7 @@ async function startServer(kind) {
     fs.rmSync(dataDir, { recursive: true, force: true });
     throw err;
   });
-  return { kind, child, out, dataDir, port: ready.port };
+  return { kind, child, out, dataDir, port: ready.port, probePort: ready.probePort ?? null };
 }
 
 /** Asks a server to shut down (by closing its stdin) and removes its data dir. */
@@ -246,7 +339,11 @@ async function runLoad(config) {
 // Workloads
 
 function workloads(opts) {
-  return [
+  return [...counterWorkloads(opts), ...lifecycleWorkloads(opts)];
+}
+
+function counterWorkloads(opts) {
+  const all = [
     {
       // One client, one actor, one request at a time: the latency of a single durable call.
       name: "sequential",
@@ -264,22 +361,58 @@ function workloads(opts) {
       warmupCallsPerActor: 10,
     },
   ];
+  return all.filter((w) => opts.only.includes(w.name));
+}
+
+/** keel-only workloads: the server runs with its probe and --expose-gc (see load.mjs). */
+function lifecycleWorkloads(opts) {
+  const all = [
+    {
+      // One call at a time to an awake actor, then to each of them asleep (which wakes it).
+      name: "wake",
+      actors: opts.wakeActors,
+      timeCapMs: 300_000,
+    },
+    {
+      // RSS after a full GC, over waves of actors asleep and awake.
+      name: "memory",
+      actors: opts.memActors,
+      concurrency: 64,
+      warmupActors: 1000,
+      timeCapMs: 300_000,
+    },
+    {
+      // One burst of schedules all due at the same millisecond.
+      name: "alarms",
+      actors: opts.alarmActors,
+      alarmsPerActor: opts.alarms / opts.alarmActors,
+      warmupAlarmsPerActor: 50,
+      leadMs: opts.alarmLeadMs,
+      timeCapMs: opts.alarmLeadMs + 300_000,
+    },
+  ];
+  return all.filter((w) => opts.only.includes(w.name));
 }
 
 async function measure(kind, workload) {
-  const server = await startServer(kind);
+  const lifecycle = LIFECYCLE_WORKLOADS.includes(workload.name);
+  const server = await startServer(kind, { probe: lifecycle });
   let result;
   try {
-    result = await runLoad({
-      port: server.port,
-      workload: workload.name,
-      actors: workload.actors,
-      maxCalls: workload.maxCalls,
-      durationMs: workload.durationMs,
-      warmupCallsPerActor: workload.warmupCallsPerActor,
-      requestTimeoutMs: 30_000,
-      timeCapMs: workload.durationMs + 120_000,
-    });
+    result = await runLoad(
+      lifecycle
+        ? { ...workload, workload: workload.name, port: server.port, probePort: server.probePort, requestTimeoutMs: 30_000 }
+        : {
+            port: server.port,
+            workload: workload.name,
+            actors: workload.actors,
+            maxCalls: workload.maxCalls,
+            durationMs: workload.durationMs,
+            warmupCallsPerActor: workload.warmupCallsPerActor,
+            requestTimeoutMs: 30_000,
+            timeCapMs: workload.durationMs + 120_000,
+          },
+    );
   } finally {
     const clean = await stopServer(server);
     if (!clean) console.error(`warning: ${kind} server did not shut down cleanly:\n${server.out.stderr}`);
@@ -289,6 +422,18 @@ async function measure(kind, workload) {
 
 // ---------------------------------------------------------------------------------------------
 // Reporting
+
+function describeLifecycle(r) {
+  if (r.workload === "wake") {
+    return `awake p50 ${r.awakeMs.p50} ms p99 ${r.awakeMs.p99} ms; asleep p50 ${r.wakeMs.p50} ms p99 ${r.wakeMs.p99} ms; ${r.actors} actors all asleep after ${r.waitAllAsleepMs} ms`;
+  }
+  if (r.workload === "memory") {
+    const mib = (b) => (b / 1048576).toFixed(1);
+    const p = r.probes;
+    return `RSS MiB base ${mib(p.base.rss)}, +${r.actors} asleep ${mib(p.asleep.rss)}, +${r.actors} awake ${mib(p.awake.rss)}, all asleep ${mib(p.napped.rss)}; bytes/actor awake ${r.bytesPerActor.awake}, asleep ${r.bytesPerActor.asleep}`;
+  }
+  return `${r.alarms} alarms: set in ${r.setupMs} ms, first ${r.firstLagMs} ms after due, last ${r.spanMs} ms after due: ${r.alarmsPerSec} alarms/s; fired ${r.fired}`;
+}
 
 const median = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
@@ -308,6 +453,86 @@ function summarize(rounds) {
     errors: rounds.reduce((n, r) => n + r.errors + r.warmupErrors, 0),
     verified: rounds.every((r) => r.verify.ok),
   };
+}
+
+/** Medians over rounds of the life-cycle figures, with their ratios. */
+function summarizeLifecycle(name, rounds, summary) {
+  const med = (pick) => round3(median(rounds.map(pick)));
+  const verified = rounds.every((r) => r.verify.ok);
+  if (name === "wake") {
+    const awake = { p50Ms: med((r) => r.awakeMs.p50), p99Ms: med((r) => r.awakeMs.p99) };
+    const wake = { p50Ms: med((r) => r.wakeMs.p50), p99Ms: med((r) => r.wakeMs.p99) };
+    return {
+      actors: rounds[0].actors,
+      awake,
+      wake,
+      ratio: { p50Ms: round3(wake.p50Ms / awake.p50Ms), p99Ms: round3(wake.p99Ms / awake.p99Ms) },
+      waitAllAsleepMs: med((r) => r.waitAllAsleepMs),
+      verified,
+    };
+  }
+  if (name === "memory") {
+    return {
+      actors: rounds[0].actors,
+      bytesPerActor: {
+        awake: Math.round(median(rounds.map((r) => r.bytesPerActor.awake))),
+        asleep: Math.round(median(rounds.map((r) => r.bytesPerActor.asleep))),
+        napped: Math.round(median(rounds.map((r) => r.bytesPerActor.napped))),
+      },
+      bytesPerActorRange: {
+        awake: [Math.min(...rounds.map((r) => r.bytesPerActor.awake)), Math.max(...rounds.map((r) => r.bytesPerActor.awake))],
+        asleep: [Math.min(...rounds.map((r) => r.bytesPerActor.asleep)), Math.max(...rounds.map((r) => r.bytesPerActor.asleep))],
+      },
+      heapBytesPerActor: {
+        awake: Math.round(median(rounds.map((r) => r.heapBytesPerActor.awake))),
+        asleep: Math.round(median(rounds.map((r) => r.heapBytesPerActor.asleep))),
+      },
+      baseRssBytes: Math.round(median(rounds.map((r) => r.probes.base.rss))),
+      verified,
+    };
+  }
+  // alarms: plain calls/s of the concurrent workload (keel, same run) is the reference.
+  const alarmsPerSec = med((r) => r.alarmsPerSec);
+  const reference = summary.concurrent?.keel.callsPerSec ?? null;
+  return {
+    actors: rounds[0].actors,
+    alarms: rounds[0].alarms,
+    alarmsPerSec,
+    alarmsPerSecRange: [Math.min(...rounds.map((r) => r.alarmsPerSec)), Math.max(...rounds.map((r) => r.alarmsPerSec))],
+    firstLagMs: med((r) => r.firstLagMs),
+    spanMs: med((r) => r.spanMs),
+    setupMs: med((r) => r.setupMs),
+    referenceCallsPerSec: reference,
+    ratio: { alarmsPerCall: reference ? round3(alarmsPerSec / reference) : null },
+    verified,
+  };
+}
+
+function printLifecycleTable(summary) {
+  const rows = [["workload", "figure", "keel", "reference", "ratio", "verified"]];
+  const x = (r) => (r === null || r === undefined ? "" : `${r.toFixed(2)}x`);
+  const yes = (w) => (w.verified ? "yes" : "NO");
+  if (summary.wake) {
+    const w = summary.wake;
+    rows.push(["wake", "p50 ms, asleep vs awake", w.wake.p50Ms.toFixed(3), w.awake.p50Ms.toFixed(3), x(w.ratio.p50Ms), yes(w)]);
+    rows.push(["wake", "p99 ms, asleep vs awake", w.wake.p99Ms.toFixed(3), w.awake.p99Ms.toFixed(3), x(w.ratio.p99Ms), yes(w)]);
+  }
+  if (summary.memory) {
+    const m = summary.memory;
+    rows.push(["memory", "RSS bytes/actor, awake", String(m.bytesPerActor.awake), "", "", yes(m)]);
+    rows.push(["memory", "RSS bytes/actor, asleep", String(m.bytesPerActor.asleep), "", "", yes(m)]);
+  }
+  if (summary.alarms) {
+    const a = summary.alarms;
+    rows.push(["alarms", "alarms/s vs calls/s (concurrent)", a.alarmsPerSec.toFixed(1), a.referenceCallsPerSec === null ? "" : a.referenceCallsPerSec.toFixed(1), x(a.ratio.alarmsPerCall), yes(a)]);
+    rows.push(["alarms", "first alarm late by ms", a.firstLagMs.toFixed(0), "", "", yes(a)]);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
+  const line = (row) => row.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join("  ");
+  console.log(line(rows[0]));
+  console.log(widths.map((w) => "-".repeat(w)).join("  "));
+  for (const row of rows.slice(1)) console.log(line(row));
+  console.log("life cycle (keel only): wake ratio = call to an asleep actor / call to an awake one; memory = RSS delta after a full GC over the wave; alarms ratio = alarms fired/s / plain calls/s.");
 }
 
 function printTable(summary) {
@@ -332,9 +557,19 @@ function printTable(summary) {
 
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
-  checkRootBuilt();
+  if (opts.keelDir) {
+    // Another tree, built there beforehand: run.mjs never builds it (see --keel-dir above).
+    keelDir = opts.keelDir;
+    checkRootBuilt();
+    addonPath = treeAddon(keelDir);
+    const tree = gitInfo();
+    console.error(`keel tree: ${keelDir} at ${tree.commit || "(not a git checkout)"}; addon ${addonPath}`);
+    if (tree.dirtyEngineFiles.length) console.error(`warning: ${keelDir} has uncommitted engine changes: ${tree.dirtyEngineFiles.join(", ")}`);
+  } else checkRootBuilt();
   ensureDeps();
-  if (opts.build) buildAddon();
+  if (opts.keelDir) {
+    // Nothing to build or compare: the addon and dist/ come from the same tree.
+  } else if (opts.build) buildAddon();
   else if (!fs.existsSync(addonPath)) throw new Error(`--no-build given but ${addonPath} does not exist`);
   else {
     // dist/ comes from the current tree; an addon built from another one may not match its
@@ -356,7 +591,7 @@ async function main() {
   for (let round = 0; round < opts.rounds; round++) {
     // Alternate which server goes first so neither always gets the quieter slot.
     const order = round % 2 === 0 ? ["keel", "baseline"] : ["baseline", "keel"];
-    for (const workload of workloads(opts)) {
+    for (const workload of counterWorkloads(opts)) {
       for (const kind of order) {
         console.error(`round ${round + 1}/${opts.rounds}: ${workload.name} on ${kind} ...`);
         const result = await measure(kind, workload);
@@ -367,10 +602,17 @@ async function main() {
         ((raw[workload.name] ??= {})[kind] ??= []).push(result);
       }
     }
+    for (const workload of lifecycleWorkloads(opts)) {
+      console.error(`round ${round + 1}/${opts.rounds}: ${workload.name} on keel ...`);
+      const result = await measure("keel", workload);
+      console.error(`  ${describeLifecycle(result)}, verified: ${result.verify.ok}`);
+      ((raw[workload.name] ??= {}).keel ??= []).push(result);
+    }
   }
 
   const summary = {};
   for (const [name, byKind] of Object.entries(raw)) {
+    if (LIFECYCLE_WORKLOADS.includes(name)) continue;
     const keel = summarize(byKind.keel);
     const baseline = summarize(byKind.baseline);
     summary[name] = {
@@ -382,6 +624,10 @@ async function main() {
         p99Ms: round3(keel.p99Ms / baseline.p99Ms),
       },
     };
+  }
+  // After the loop above: the alarms figures take the concurrent workload's calls/s as reference.
+  for (const name of LIFECYCLE_WORKLOADS) {
+    if (raw[name]) summary[name] = summarizeLifecycle(name, raw[name].keel, summary);
   }
 
   const report = {
@@ -408,12 +654,18 @@ async function main() {
   fs.writeFileSync(out, JSON.stringify(report, null, 2) + "\n");
 
   console.log("");
-  printTable(summary);
+  if (Object.keys(summary).some((name) => COUNTER_WORKLOADS.includes(name))) printTable(summary);
+  if (Object.keys(summary).some((name) => LIFECYCLE_WORKLOADS.includes(name))) {
+    console.log("");
+    printLifecycleTable(summary);
+  }
   console.log(`\nwritten to ${path.relative(process.cwd(), out) || out}`);
 
-  const failed = Object.values(summary).some((w) => !w.keel.verified || !w.baseline.verified || w.keel.errors || w.baseline.errors);
+  const failed = Object.entries(summary).some(([name, w]) =>
+    COUNTER_WORKLOADS.includes(name) ? !w.keel.verified || !w.baseline.verified || w.keel.errors || w.baseline.errors : !w.verified,
+  );
   if (failed) {
-    console.error("FAILED: some calls errored or a durable count did not match its acknowledged increments (see latest.json)");
+    console.error("FAILED: some calls errored, a durable count did not match its acknowledged increments, or a life-cycle check failed (see latest.json)");
     process.exitCode = 1;
   }
 }

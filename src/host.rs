@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keel_core::{
-    ActionCall, ActionDone, ActorInfo, Effects, Encoding, Error, Host, KvWrite, Payload, Schedule,
-    ScheduleOp, StartRequest, StopReason,
+    ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Error, Host, KvWrite,
+    Outbound, Payload, RawRequest, RawResponse, RawSocketEvent, Schedule, ScheduleOp, StartRequest,
+    StopReason,
 };
 use napi::bindgen_prelude::Buffer;
 use napi::threadsafe_function::ThreadsafeFunction;
@@ -52,8 +53,27 @@ pub struct Invocation {
     pub state: Option<Buffer>,
     /// The creation input (on `start` of a new actor created with one), in `encoding`.
     pub input: Option<Buffer>,
-    /// Why the instance stops (on `stop`): `sleep`, `shutdown` or `destroy`.
+    /// Why the instance stops (on `stop`: `sleep`, `shutdown`, `destroy` or `reset`), or the
+    /// close reason (on `ws_close`).
     pub reason: Option<String>,
+    /// The connection (on `connect`, `disconnect`, and `action` over a connection).
+    pub conn_id: Option<String>,
+    /// The connection parameters (on `connect`), in `encoding`.
+    pub params: Option<Buffer>,
+    /// The HTTP method (on `request`).
+    pub method: Option<String>,
+    /// The path below the actor's raw route, with the query (on `request`, `ws_open`).
+    pub path: Option<String>,
+    /// Header name and value pairs (on `request`, `ws_open`).
+    pub headers: Option<Vec<Vec<String>>>,
+    /// The request body (on `request`) or message data (on `ws_message`).
+    pub body: Option<Buffer>,
+    /// The raw socket (on `ws_open`, `ws_message`, `ws_close`).
+    pub socket_id: Option<String>,
+    /// Whether the message is binary (on `ws_message`).
+    pub binary: Option<bool>,
+    /// The close code (on `ws_close`).
+    pub code: Option<u32>,
 }
 
 /// One key-value write reported by JS; no `value` means delete.
@@ -74,6 +94,32 @@ pub struct ScheduleOpJs {
     pub args: Option<Buffer>,
 }
 
+/// An event for connections reported by JS: to one connection (`to`) or broadcast.
+#[napi(object)]
+pub struct OutboundJs {
+    pub to: Option<String>,
+    pub event: String,
+    /// The data as JSON, when a JSON connection wants it.
+    pub json: Option<Buffer>,
+    /// The data as CBOR, when a CBOR connection wants it.
+    pub cbor: Option<Buffer>,
+}
+
+/// A connection JS closes, with its reason.
+#[napi(object)]
+pub struct DisconnectJs {
+    pub conn_id: String,
+    pub reason: String,
+}
+
+/// `onRequest`'s response.
+#[napi(object)]
+pub struct ResponseJs {
+    pub status: u32,
+    pub headers: Vec<Vec<String>>,
+    pub body: Buffer,
+}
+
 /// The result of one invocation, as JS reports it.
 #[napi(object)]
 pub struct Completion {
@@ -91,6 +137,12 @@ pub struct Completion {
     pub sleep: Option<bool>,
     /// User code asked to be destroyed.
     pub destroy: Option<bool>,
+    /// Events for connections.
+    pub messages: Option<Vec<OutboundJs>>,
+    /// Connections to close.
+    pub disconnects: Option<Vec<DisconnectJs>>,
+    /// The response (on `request`).
+    pub response: Option<ResponseJs>,
     /// Set when user code failed; the call then has no effects.
     pub error: Option<ErrorInfo>,
 }
@@ -102,6 +154,7 @@ pub type DispatchFn = ThreadsafeFunction<Vec<Invocation>, (), Vec<Invocation>, S
 struct Reply {
     output: Option<Vec<u8>>,
     effects: Effects,
+    response: Option<RawResponse>,
     error: Option<ErrorInfo>,
 }
 
@@ -135,6 +188,23 @@ impl Reply {
                 _ => ScheduleOp::Cancel { id: op.id },
             })
             .collect();
+        let messages = completion
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(|message| Outbound {
+                to: message.to,
+                event: message.event,
+                json: message.json.map(|b| b.to_vec()),
+                cbor: message.cbor.map(|b| b.to_vec()),
+            })
+            .collect();
+        let disconnects = completion
+            .disconnects
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| (d.conn_id, d.reason))
+            .collect();
         Reply {
             output: completion.output.map(|b| b.to_vec()),
             effects: Effects {
@@ -143,7 +213,21 @@ impl Reply {
                 schedules,
                 sleep: completion.sleep.unwrap_or(false),
                 destroy: completion.destroy.unwrap_or(false),
+                messages,
+                disconnects,
             },
+            response: completion.response.map(|r| RawResponse {
+                status: u16::try_from(r.status).unwrap_or(500),
+                headers: r
+                    .headers
+                    .into_iter()
+                    .filter_map(|pair| match <[String; 2]>::try_from(pair) {
+                        Ok([name, value]) => Some((name, value)),
+                        Err(_) => None,
+                    })
+                    .collect(),
+                body: r.body.to_vec(),
+            }),
             error: completion.error,
         }
     }
@@ -152,6 +236,7 @@ impl Reply {
         Reply {
             output: None,
             effects: Effects::default(),
+            response: None,
             error: Some(ErrorInfo {
                 group: "actor".into(),
                 code: "internal_error".into(),
@@ -248,6 +333,15 @@ impl JsHost {
             state: None,
             input: None,
             reason: None,
+            conn_id: None,
+            params: None,
+            method: None,
+            path: None,
+            headers: None,
+            body: None,
+            socket_id: None,
+            binary: None,
+            code: None,
         }
     }
 }
@@ -339,6 +433,7 @@ impl Host for SharedHost {
         invocation.encoding = Some(call.args.encoding.as_str().to_string());
         invocation.args = Some(Buffer::from(call.args.bytes));
         invocation.output_encoding = Some(call.output.as_str().to_string());
+        invocation.conn_id = call.conn_id;
         let reply = check(self.0.invoke(invocation).await?, "action")?;
         let output = match call.output {
             Encoding::Json => Payload::json(
@@ -361,4 +456,96 @@ impl Host for SharedHost {
         let reply = check(self.0.invoke(invocation).await?, "stop")?;
         Ok(reply.effects)
     }
+
+    async fn connect(
+        &self,
+        actor: &Arc<ActorInfo>,
+        request: ConnectRequest,
+    ) -> keel_core::Result<Effects> {
+        let mut invocation = self.0.invocation("connect", actor);
+        invocation.conn_id = Some(request.conn_id);
+        invocation.encoding = Some(request.params.encoding.as_str().to_string());
+        invocation.params = Some(Buffer::from(request.params.bytes));
+        let reply = check(self.0.invoke(invocation).await?, "connect")?;
+        Ok(reply.effects)
+    }
+
+    async fn disconnect(
+        &self,
+        actor: &Arc<ActorInfo>,
+        conn_id: &str,
+    ) -> keel_core::Result<Effects> {
+        let mut invocation = self.0.invocation("disconnect", actor);
+        invocation.conn_id = Some(conn_id.to_string());
+        let reply = check(self.0.invoke(invocation).await?, "disconnect")?;
+        Ok(reply.effects)
+    }
+
+    async fn request(
+        &self,
+        actor: &Arc<ActorInfo>,
+        request: RawRequest,
+    ) -> keel_core::Result<(RawResponse, Effects)> {
+        let mut invocation = self.0.invocation("request", actor);
+        invocation.method = Some(request.method);
+        invocation.path = Some(request.path);
+        invocation.headers = Some(pairs(request.headers));
+        invocation.body = Some(Buffer::from(request.body));
+        let reply = check(self.0.invoke(invocation).await?, "request")?;
+        let response = reply.response.ok_or_else(|| Error::ActorInternal {
+            message: "onRequest returned no Response".into(),
+        })?;
+        Ok((response, reply.effects))
+    }
+
+    async fn raw_socket(
+        &self,
+        actor: &Arc<ActorInfo>,
+        event: RawSocketEvent,
+    ) -> keel_core::Result<Effects> {
+        let invocation = match event {
+            RawSocketEvent::Open {
+                socket_id,
+                path,
+                headers,
+            } => {
+                let mut invocation = self.0.invocation("ws_open", actor);
+                invocation.socket_id = Some(socket_id);
+                invocation.path = Some(path);
+                invocation.headers = Some(pairs(headers));
+                invocation
+            }
+            RawSocketEvent::Message {
+                socket_id,
+                data,
+                binary,
+            } => {
+                let mut invocation = self.0.invocation("ws_message", actor);
+                invocation.socket_id = Some(socket_id);
+                invocation.body = Some(Buffer::from(data));
+                invocation.binary = Some(binary);
+                invocation
+            }
+            RawSocketEvent::Close {
+                socket_id,
+                code,
+                reason,
+            } => {
+                let mut invocation = self.0.invocation("ws_close", actor);
+                invocation.socket_id = Some(socket_id);
+                invocation.code = Some(u32::from(code));
+                invocation.reason = Some(reason);
+                invocation
+            }
+        };
+        let reply = check(self.0.invoke(invocation).await?, "websocket")?;
+        Ok(reply.effects)
+    }
+}
+
+fn pairs(headers: Vec<(String, String)>) -> Vec<Vec<String>> {
+    headers
+        .into_iter()
+        .map(|(name, value)| vec![name, value])
+        .collect()
 }

@@ -214,6 +214,23 @@ impl CoreRegistry {
             .map_or(0, |runtime| runtime.live_actors() as u32)
     }
 
+    /// Sends a message on a raw WebSocket; returns an error object if the socket is gone.
+    #[napi]
+    pub fn raw_send(&self, socket_id: String, data: Buffer, binary: bool) -> Option<ErrorInfo> {
+        self.running()
+            .and_then(|runtime| runtime.raw_send(&socket_id, data.to_vec(), binary))
+            .err()
+            .map(|err| ErrorInfo::from_error(&err, false))
+    }
+
+    /// Closes a raw WebSocket (no error if it is already gone).
+    #[napi]
+    pub fn raw_close(&self, socket_id: String, code: u32, reason: String) {
+        if let Ok(runtime) = self.running() {
+            runtime.raw_close(&socket_id, u16::try_from(code).unwrap_or(1000), &reason);
+        }
+    }
+
     /// Takes a batch of results from JS user code.
     #[napi]
     pub fn complete(&self, completions: Vec<Completion>) {

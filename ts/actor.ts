@@ -46,6 +46,47 @@ export interface ActorSchedule<A> {
 
 type ArgsOf<F> = F extends (c: any, ...args: infer P) => any ? P : unknown[];
 
+/** A client connected to the actor over WebSocket. */
+export interface Conn<CS = unknown, P = unknown> {
+  /** The connection's id. */
+  readonly id: string;
+  /** The parameters the client connected with. */
+  readonly params: P;
+  /** Per-connection state from `createConnState` (not persisted). */
+  state: CS;
+  /** Sends an event to this connection only (after the call's effects are durable). */
+  send(event: string, data?: unknown): void;
+  /** Closes this connection (after the call's effects are durable). */
+  disconnect(reason?: string): void;
+}
+
+/** A raw WebSocket handed to `onWebSocket`. */
+export interface RawWebSocket {
+  /** The path below the actor's raw route, with the query string. */
+  readonly path: string;
+  /** The upgrade request's headers. */
+  readonly headers: Readonly<Record<string, string>>;
+  /** Sends a text (string) or binary (Uint8Array) message at once. */
+  send(data: string | Uint8Array): void;
+  /** Closes the socket. */
+  close(code?: number, reason?: string): void;
+  /** `message` gets `{ data }` (string or Uint8Array); `close` gets `{ code, reason }`. */
+  addEventListener(type: "message", listener: (event: { data: string | Uint8Array }) => unknown): void;
+  addEventListener(type: "close", listener: (event: { code: number; reason: string }) => unknown): void;
+}
+
+/** Declares an event's payload type: `events: { message: event<string>() }`. */
+export interface EventType<T> {
+  readonly kind: "keel.event";
+  /** Never set; carries the payload type. */
+  readonly payload?: T;
+}
+
+/** Declares an event with payload type `T`, for typed `conn.on` in clients. */
+export function event<T = unknown>(): EventType<T> {
+  return { kind: "keel.event" };
+}
+
 /** What every action and hook receives as `c`. */
 export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   /** The actor's durable state. Changes made by an action are committed before its reply. */
@@ -62,6 +103,12 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   readonly kv: ActorKv;
   /** Durable schedules. */
   readonly schedule: ActorSchedule<A>;
+  /** Open connections, by id. */
+  readonly conns: ReadonlyMap<string, Conn<any, any>>;
+  /** The connection an action was called over, if any. */
+  readonly conn: Conn<any, any> | undefined;
+  /** Sends an event to every connection subscribed to it (after the call's effects are durable). */
+  broadcast(event: string, data?: unknown): void;
   /** Sleep once this call finishes (the next message wakes the actor). */
   sleep(): void;
   /** Destroy the actor once this call finishes: run `onDestroy`, delete state, KV and schedules. */
@@ -90,7 +137,7 @@ export interface ActorOptions {
 type Hook<S, V, A> = (c: ActorContext<S, V, A>) => void | Promise<void>;
 
 /** What `actor()` takes. Give either `state` (an initial value) or `createState`. */
-export interface ActorConfig<S, I, V, A> {
+export interface ActorConfig<S, I, V, A, E = Record<never, never>> {
   /** The initial state of a new actor (copied per actor). */
   state?: S;
   /** Builds a new actor's state from the `input` given at creation. */
@@ -107,6 +154,20 @@ export interface ActorConfig<S, I, V, A> {
   onSleep?: Hook<NoInfer<S>, NoInfer<V>, NoInfer<A>>;
   /** Runs when the actor is destroyed, before its data is deleted. */
   onDestroy?: Hook<NoInfer<S>, NoInfer<V>, NoInfer<A>>;
+  /** Declared events, so clients' `conn.on` is typed: `{ message: event<string>() }`. */
+  events?: E & Record<string, EventType<unknown>>;
+  /** Runs before a connection is admitted; throw (e.g. a `UserError`) to refuse it. */
+  onBeforeConnect?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, params: any) => void | Promise<void>;
+  /** Builds a connection's state from its parameters. */
+  createConnState?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, params: any) => unknown;
+  /** Runs once a connection is admitted. */
+  onConnect?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, conn: Conn<any, any>) => void | Promise<void>;
+  /** Runs after a connection closed. */
+  onDisconnect?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, conn: Conn<any, any>) => void | Promise<void>;
+  /** Answers raw HTTP requests on `/v1/actors/{name}/raw/{key}/...`. */
+  onRequest?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, request: Request) => Response | Promise<Response>;
+  /** Takes raw WebSockets on `/v1/actors/{name}/raw/{key}/...`. */
+  onWebSocket?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, ws: RawWebSocket) => void | Promise<void>;
   /**
    * The actor's actions, callable by clients. `NoInfer` makes TypeScript take the state type
    * from `state` or `createState` first, so each action's `c` is typed without annotations.
@@ -117,20 +178,33 @@ export interface ActorConfig<S, I, V, A> {
 }
 
 /** An actor type, ready to be passed to `setup({ use })`. */
-export interface ActorDefinition<S, I, A, V = undefined> {
+export interface ActorDefinition<S, I, A, V = undefined, E = Record<never, never>> {
   readonly kind: "keel.actor";
-  readonly config: ActorConfig<S, I, V, A>;
+  readonly config: ActorConfig<S, I, V, A, E>;
 }
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
-export type AnyActorDefinition = ActorDefinition<any, any, any, any>;
+export type AnyActorDefinition = ActorDefinition<any, any, any, any, any>;
 
-const HOOKS = ["createState", "createVars", "onCreate", "onWake", "onSleep", "onDestroy"] as const;
+const HOOKS = [
+  "createState",
+  "createVars",
+  "onCreate",
+  "onWake",
+  "onSleep",
+  "onDestroy",
+  "onBeforeConnect",
+  "createConnState",
+  "onConnect",
+  "onDisconnect",
+  "onRequest",
+  "onWebSocket",
+] as const;
 
 /** Defines an actor type. State, input, vars and action types are inferred from `config`. */
-export function actor<S, I = undefined, A = Record<never, never>, V = undefined>(
-  config: ActorConfig<S, I, V, A>,
-): ActorDefinition<S, I, A, V> {
+export function actor<S, I = undefined, A = Record<never, never>, V = undefined, E = Record<never, never>>(
+  config: ActorConfig<S, I, V, A, E>,
+): ActorDefinition<S, I, A, V, E> {
   if (config === null || typeof config !== "object") {
     throw new TypeError("actor() takes a configuration object");
   }

@@ -152,7 +152,7 @@ function encodeValue(w: Writer, value: unknown, path: string, seen: Set<object>)
       w.head(4, object.length);
       for (let i = 0; i < object.length; i++) encodeValue(w, object[i], `${path}[${i}]`, seen);
     } else if (object instanceof Uint8Array) {
-      if (object.constructor !== Uint8Array && !Buffer.isBuffer(object)) {
+      if (object.constructor !== Uint8Array && !(typeof Buffer !== "undefined" && Buffer.isBuffer(object))) {
         throw new UnsupportedValueError(path, `a ${object.constructor.name}`);
       }
       w.head(2, object.length);

@@ -1,6 +1,7 @@
 // A typed HTTP client for keel: `createClient<typeof registry>(url)`.
 import type { ActorDefinition, AnyActorDefinition } from "./actor";
 import { decode, encode } from "./cbor";
+import { ActorConnectionImpl, type ConnectionStatus, type ReconnectOptions } from "./connection";
 import { KeelError, type ErrorBody } from "./errors";
 
 /** Anything with actor definitions, such as a `Registry` from `setup()`. */
@@ -8,8 +9,36 @@ export interface RegistryLike {
   readonly definitions: Record<string, AnyActorDefinition>;
 }
 
-type ActionsOf<D> = D extends ActorDefinition<any, any, infer A> ? A : never;
-type InputOf<D> = D extends ActorDefinition<any, infer I, any> ? I : never;
+type ActionsOf<D> = D extends ActorDefinition<any, any, infer A, any, any> ? A : never;
+type InputOf<D> = D extends ActorDefinition<any, infer I, any, any, any> ? I : never;
+type EventsOf<D> = D extends ActorDefinition<any, any, any, any, infer E> ? E : never;
+type EventData<T> = T extends { readonly payload?: infer P } ? P : unknown;
+
+/** Options for `handle.connect`. */
+export interface ConnectOptions {
+  /** Reconnection with backoff (the default), or `false` to give up when the socket drops. */
+  reconnect?: ReconnectOptions | false;
+  /** A WebSocket constructor (defaults to the global one, or the `ws` package in Node). */
+  WebSocket?: typeof WebSocket;
+}
+
+/** A live connection: events, actions over the socket, status, reconnection. */
+export type ActorConnection<D> = ActionMethods<ActionsOf<D>> & {
+  /** Listens for a declared event; returns a function that stops listening. */
+  on<K extends keyof EventsOf<D> & string>(event: K, listener: (data: EventData<EventsOf<D>[K]>) => void): () => void;
+  /** Resolves once admitted; rejects with the structured error if refused. */
+  readonly ready: Promise<void>;
+  /** `connecting`, `open`, `reconnecting` or `closed`. */
+  readonly status: ConnectionStatus;
+  /** Listens for status changes. */
+  onStatusChange(listener: (status: ConnectionStatus) => void): () => void;
+  /** Listens for errors: a refusal, or calls lost with a dropped socket. */
+  onError(listener: (err: KeelError) => void): () => void;
+  /** The actor's id once connected. */
+  readonly actorId: string | undefined;
+  /** Closes the connection for good. */
+  dispose(): void;
+};
 
 /** The client-side form of an actor's actions: the context is dropped, results are promised. */
 export type ActionMethods<A> = {
@@ -20,6 +49,10 @@ export type ActionMethods<A> = {
 export type ActorHandle<D> = ActionMethods<ActionsOf<D>> & {
   /** Resolves the handle to the actor's id (creating the actor if the handle allows). */
   resolve(): Promise<string>;
+  /** Opens a live connection with `params` (handles from `getForId` cannot connect). */
+  connect(params?: unknown, options?: ConnectOptions): ActorConnection<D>;
+  /** Calls an action by name (for names the typed methods cannot reach, such as `then`). */
+  action(name: string, ...args: unknown[]): Promise<unknown>;
 };
 
 /** Options for `getOrCreate` and `create`. */
@@ -66,7 +99,7 @@ function normalizeKey(key: string | readonly string[] | undefined): string[] {
 }
 
 class Transport {
-  private readonly base: string;
+  readonly base: string;
   private readonly fetch: typeof fetch;
   constructor(
     url: string,
@@ -120,6 +153,34 @@ class Transport {
   }
 }
 
+const CONNECTION_MEMBERS = new Set(["on", "ready", "status", "onStatusChange", "onError", "actorId", "dispose", "connId", "call"]);
+
+function makeConnection(url: string, name: string, target: Target, params: unknown, options: ConnectOptions = {}): any {
+  if (target.kind !== "key") {
+    throw new KeelError({ group: "client", code: "unsupported", message: "connect() needs a handle by key, not by id" });
+  }
+  const connection = new ActorConnectionImpl({
+    url: `${url}/v1/actors/${encodeURIComponent(name)}/connect`,
+    key: target.key,
+    mode: target.mode,
+    input: target.input,
+    params,
+    reconnect: options.reconnect,
+    WebSocket: options.WebSocket,
+  });
+  return new Proxy(connection, {
+    get(object, property, receiver) {
+      if (typeof property !== "string") return Reflect.get(object, property, receiver);
+      if (property === "then") return undefined;
+      if (CONNECTION_MEMBERS.has(property)) {
+        const value = Reflect.get(object, property, object);
+        return typeof value === "function" ? value.bind(object) : value;
+      }
+      return (...args: unknown[]) => object.call(property, args);
+    },
+  });
+}
+
 function makeHandle(transport: Transport, name: string, target: Target): any {
   const encodedName = encodeURIComponent(name);
   const call = async (action: string, args: unknown[]) => {
@@ -150,6 +211,8 @@ function makeHandle(transport: Transport, name: string, target: Target): any {
       // Not a thenable: `await handle` must yield the handle itself.
       if (property === "then") return undefined;
       if (property === "resolve") return resolve;
+      if (property === "connect") return (params?: unknown, options?: ConnectOptions) => makeConnection(transport.base, name, target, params, options);
+      if (property === "action") return (action: string, ...args: unknown[]) => call(action, args);
       return (...args: unknown[]) => call(property, args);
     },
   });
@@ -188,3 +251,4 @@ export function createClient<R extends RegistryLike>(url: string, options: Clien
 }
 
 export { KeelError } from "./errors";
+export type { ConnectionStatus, ReconnectOptions } from "./connection";

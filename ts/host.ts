@@ -6,7 +6,7 @@
 // per call and reported with its completion; core commits it atomically with the reply. A
 // call that throws reports nothing, and its state changes are rolled back.
 import { randomUUID } from "node:crypto";
-import type { ActorContext, AnyActorDefinition, KvKey, KvListOptions, ScheduledCall } from "./actor";
+import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
 import { decode, encode } from "./cbor";
 import { KeelError, errorInfoOf } from "./errors";
 import type { Completion, CoreRegistry, Invocation } from "./native";
@@ -46,12 +46,26 @@ function failOn(result: { error?: { group: string; code: string; message: string
 
 /** What one call changed, reported with its completion. */
 class Effects {
+  readonly messages: Array<{ to?: string; event: string; data: unknown }> = [];
+  readonly disconnects: Array<{ connId: string; reason: string }> = [];
   readonly kv = new Map<string, { key: Buffer; value: Buffer | null }>();
   readonly schedules: Array<{ id: string; atMs?: number; action?: string; args?: Buffer }> = [];
   readonly added = new Map<string, ScheduledCall>();
   readonly cancelled = new Set<string>();
   sleep = false;
   destroy = false;
+}
+
+/** A connection as the host keeps it: the user-facing `Conn` plus its frame encoding. */
+interface ConnEntry {
+  readonly conn: Conn;
+  readonly encoding: string;
+}
+
+/** A raw socket as the host keeps it. */
+interface RawSocketEntry {
+  readonly ws: RawWebSocket;
+  readonly listeners: { message: Array<(event: { data: string | Uint8Array }) => unknown>; close: Array<(event: { code: number; reason: string }) => unknown> };
 }
 
 interface Instance {
@@ -63,6 +77,12 @@ interface Instance {
   snapshot: Buffer;
   /** The effects of the call in progress. */
   effects: Effects;
+  /** Open connections. */
+  readonly conns: Map<string, ConnEntry>;
+  /** The connection the current action came over. */
+  currentConn: Conn | undefined;
+  /** Open raw sockets. */
+  readonly sockets: Map<string, RawSocketEntry>;
 }
 
 function decodePayload(bytes: Buffer | undefined, encoding: string | undefined): unknown {
@@ -108,6 +128,20 @@ export class JsHost {
           break;
         case "stop":
           completion = await this.stop(invocation);
+          break;
+        case "connect":
+          completion = await this.connect(invocation);
+          break;
+        case "disconnect":
+          completion = await this.disconnect(invocation);
+          break;
+        case "request":
+          completion = await this.request(invocation);
+          break;
+        case "ws_open":
+        case "ws_message":
+        case "ws_close":
+          completion = await this.rawSocket(invocation);
           break;
         default:
           throw new Error(`unknown invocation kind ${invocation.kind}`);
@@ -157,23 +191,161 @@ export class JsHost {
     return completion;
   }
 
-  private async action(invocation: Invocation): Promise<Completion> {
+  private instance(invocation: Invocation): Instance {
     const instance = this.instances.get(invocation.actorId);
     if (instance === undefined) throw new Error("the actor's instance is not started");
-    const fn = instance.def.config.actions[invocation.action!];
-    if (typeof fn !== "function") throw new Error(`unknown action ${invocation.action}`);
+    return instance;
+  }
+
+  /**
+   * Runs one call of user code with fresh effects. A call that throws changes nothing: the
+   * state goes back to the last reported one and its effects are dropped.
+   */
+  private async guarded<T>(instance: Instance, body: () => Promise<T>): Promise<T> {
     instance.effects = new Effects();
     try {
-      const args = decodePayload(invocation.args, invocation.encoding) as unknown[];
-      const result = await fn(instance.ctx, ...args);
-      const output = encodePayload(result, invocation.outputEncoding);
-      return { ...this.finishCall(invocation.id, instance), output };
+      return await body();
     } catch (err) {
-      // A throwing action changes nothing: back to the last reported state, effects dropped.
       instance.state = decode(instance.snapshot);
       instance.effects = new Effects();
       throw err;
     }
+  }
+
+  private async action(invocation: Invocation): Promise<Completion> {
+    const instance = this.instance(invocation);
+    const fn = instance.def.config.actions[invocation.action!];
+    if (typeof fn !== "function") throw new Error(`unknown action ${invocation.action}`);
+    return this.guarded(instance, async () => {
+      instance.currentConn = invocation.connId === undefined ? undefined : instance.conns.get(invocation.connId)?.conn;
+      try {
+        const args = decodePayload(invocation.args, invocation.encoding) as unknown[];
+        const result = await fn(instance.ctx, ...args);
+        const output = encodePayload(result, invocation.outputEncoding);
+        return { ...this.finishCall(invocation.id, instance), output };
+      } finally {
+        instance.currentConn = undefined;
+      }
+    });
+  }
+
+  private async connect(invocation: Invocation): Promise<Completion> {
+    const instance = this.instance(invocation);
+    const config = instance.def.config;
+    const connId = invocation.connId!;
+    return this.guarded(instance, async () => {
+      const params = decodePayload(invocation.params, invocation.encoding);
+      await config.onBeforeConnect?.(instance.ctx as never, params);
+      const state =
+        config.createConnState !== undefined ? await config.createConnState(instance.ctx as never, params) : undefined;
+      const conn: Conn = {
+        id: connId,
+        params,
+        state,
+        send(event: string, data?: unknown) {
+          instance.effects.messages.push({ to: connId, event: String(event), data });
+        },
+        disconnect(reason = "") {
+          instance.effects.disconnects.push({ connId, reason: String(reason) });
+        },
+      };
+      instance.conns.set(connId, { conn, encoding: invocation.encoding ?? "json" });
+      try {
+        await config.onConnect?.(instance.ctx as never, conn);
+        return this.finishCall(invocation.id, instance);
+      } catch (err) {
+        instance.conns.delete(connId);
+        throw err;
+      }
+    });
+  }
+
+  private async disconnect(invocation: Invocation): Promise<Completion> {
+    const instance = this.instance(invocation);
+    const entry = instance.conns.get(invocation.connId!);
+    if (entry === undefined) return { id: invocation.id };
+    instance.conns.delete(invocation.connId!);
+    return this.guarded(instance, async () => {
+      await instance.def.config.onDisconnect?.(instance.ctx as never, entry.conn);
+      return this.finishCall(invocation.id, instance);
+    });
+  }
+
+  private async request(invocation: Invocation): Promise<Completion> {
+    const instance = this.instance(invocation);
+    const handler = instance.def.config.onRequest;
+    return this.guarded(instance, async () => {
+      let response: Response;
+      if (handler === undefined) {
+        response = Response.json(
+          { group: "request", code: "route_not_found", message: "this actor type has no onRequest handler", metadata: null },
+          { status: 404 },
+        );
+      } else {
+        const method = invocation.method ?? "GET";
+        const hasBody = method !== "GET" && method !== "HEAD";
+        const request = new Request(`http://actor${invocation.path ?? "/"}`, {
+          method,
+          headers: (invocation.headers ?? []).map(([name, value]) => [name, value] as [string, string]),
+          body: hasBody && invocation.body !== undefined ? new Uint8Array(invocation.body) : undefined,
+        });
+        response = await handler(instance.ctx as never, request);
+        if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
+      }
+      const body = Buffer.from(await response.arrayBuffer());
+      return {
+        ...this.finishCall(invocation.id, instance),
+        response: { status: response.status, headers: [...response.headers].map(([n, v]) => [n, v]), body },
+      };
+    });
+  }
+
+  private async rawSocket(invocation: Invocation): Promise<Completion> {
+    const instance = this.instance(invocation);
+    const socketId = invocation.socketId!;
+    return this.guarded(instance, async () => {
+      if (invocation.kind === "ws_open") {
+        const handler = instance.def.config.onWebSocket;
+        if (handler === undefined) throw new Error("this actor type has no onWebSocket handler");
+        const entry = this.newRawSocket(socketId, invocation);
+        instance.sockets.set(socketId, entry);
+        await handler(instance.ctx as never, entry.ws);
+      } else if (invocation.kind === "ws_message") {
+        const entry = instance.sockets.get(socketId);
+        const bytes = invocation.body ?? Buffer.alloc(0);
+        const data = invocation.binary ? new Uint8Array(bytes) : bytes.toString("utf8");
+        for (const listener of entry?.listeners.message ?? []) await listener({ data });
+      } else {
+        const entry = instance.sockets.get(socketId);
+        instance.sockets.delete(socketId);
+        const event = { code: invocation.code ?? 1005, reason: invocation.reason ?? "" };
+        for (const listener of entry?.listeners.close ?? []) await listener(event);
+      }
+      return this.finishCall(invocation.id, instance);
+    });
+  }
+
+  private newRawSocket(socketId: string, invocation: Invocation): RawSocketEntry {
+    const host = this;
+    const listeners: RawSocketEntry["listeners"] = { message: [], close: [] };
+    const ws: RawWebSocket = {
+      path: invocation.path ?? "/",
+      headers: Object.freeze(Object.fromEntries((invocation.headers ?? []).map(([n, v]) => [n, v]))),
+      send(data: string | Uint8Array) {
+        const binary = typeof data !== "string";
+        const bytes = binary ? Buffer.from(data as Uint8Array) : Buffer.from(data as string, "utf8");
+        const error = host.native!.rawSend(socketId, bytes, binary);
+        if (error) throw new KeelError(error);
+      },
+      close(code = 1000, reason = "") {
+        host.native!.rawClose(socketId, code, reason);
+      },
+      addEventListener(type: "message" | "close", listener: (event: never) => unknown) {
+        if (type !== "message" && type !== "close") throw new TypeError(`unknown event ${type}`);
+        (listeners[type] as unknown[]).push(listener);
+      },
+    } as RawWebSocket;
+    return { ws, listeners };
   }
 
   private async stop(invocation: Invocation): Promise<Completion> {
@@ -210,7 +382,26 @@ export class JsHost {
     if (effects.schedules.length > 0) completion.schedules = effects.schedules;
     if (effects.sleep) completion.sleep = true;
     if (effects.destroy) completion.destroy = true;
+    if (effects.messages.length > 0) completion.messages = effects.messages.map((m) => this.encodeMessage(instance, m));
+    if (effects.disconnects.length > 0) completion.disconnects = effects.disconnects;
     return completion;
+  }
+
+  /** Encodes an event's data once for each encoding its recipients use. */
+  private encodeMessage(instance: Instance, message: { to?: string; event: string; data: unknown }) {
+    const encodings = new Set<string>();
+    if (message.to !== undefined) {
+      const entry = instance.conns.get(message.to);
+      if (entry !== undefined) encodings.add(entry.encoding);
+    } else {
+      for (const entry of instance.conns.values()) encodings.add(entry.encoding);
+    }
+    return {
+      to: message.to,
+      event: message.event,
+      json: encodings.has("json") ? encodePayload(message.data, "json") : undefined,
+      cbor: encodings.has("cbor") ? encodePayload(message.data, "cbor") : undefined,
+    };
   }
 
   private newInstance(def: AnyActorDefinition, identity: { actorId: string; name: string; key: readonly string[] }): Instance {
@@ -221,8 +412,33 @@ export class JsHost {
       vars: undefined,
       snapshot: Buffer.alloc(0),
       effects: new Effects(),
+      conns: new Map(),
+      currentConn: undefined,
+      sockets: new Map(),
       ctx: undefined as never,
     };
+    const connsView: ReadonlyMap<string, Conn> = {
+      get size() {
+        return instance.conns.size;
+      },
+      get: (id: string) => instance.conns.get(id)?.conn,
+      has: (id: string) => instance.conns.has(id),
+      forEach(callback: (conn: Conn, id: string, map: ReadonlyMap<string, Conn>) => void) {
+        for (const [id, entry] of instance.conns) callback(entry.conn, id, this);
+      },
+      *entries() {
+        for (const [id, entry] of instance.conns) yield [id, entry.conn] as [string, Conn];
+      },
+      *keys() {
+        yield* instance.conns.keys();
+      },
+      *values() {
+        for (const entry of instance.conns.values()) yield entry.conn;
+      },
+      [Symbol.iterator]() {
+        return this.entries();
+      },
+    } as ReadonlyMap<string, Conn>;
     const actions = def.config.actions as Record<string, unknown>;
     const schedule = (atMs: number, action: string, args: unknown[]): string => {
       if (typeof actions[action] !== "function") throw new TypeError(`cannot schedule unknown action ${JSON.stringify(action)}`);
@@ -305,6 +521,13 @@ export class JsHost {
           listed.push(...instance.effects.added.values());
           return listed.sort((a, b) => a.at - b.at || (a.id < b.id ? -1 : 1));
         },
+      },
+      conns: connsView,
+      get conn() {
+        return instance.currentConn;
+      },
+      broadcast(event: string, data?: unknown) {
+        instance.effects.messages.push({ event: String(event), data });
       },
       sleep() {
         instance.effects.sleep = true;

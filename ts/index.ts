@@ -1,8 +1,23 @@
-export { actor } from "./actor";
-export type { ActorConfig, ActorContext, ActorDefinition, ActorOptions, CreateContext, Action } from "./actor";
+export { actor, event } from "./actor";
+export type {
+  ActorConfig,
+  ActorContext,
+  ActorDefinition,
+  ActorKv,
+  ActorOptions,
+  ActorSchedule,
+  Action,
+  Conn,
+  CreateContext,
+  EventType,
+  KvKey,
+  KvListOptions,
+  RawWebSocket,
+  ScheduledCall,
+} from "./actor";
 export { KeelError, UserError } from "./errors";
 export type { ErrorBody } from "./errors";
 export { Registry, setup } from "./registry";
 export type { ListenInfo, SetupConfig } from "./registry";
 export { createClient } from "./client";
-export type { ActorAccessor, ActorHandle, Client, ClientOptions } from "./client";
+export type { ActorAccessor, ActorConnection, ActorHandle, Client, ClientOptions, ConnectOptions } from "./client";

@@ -1,26 +1,36 @@
 // keel server for the bench, run as a child process by run.mjs.
 //
 // Usage: node servers/keel.mjs <dataDir>
-// Expects NAPI_RS_NATIVE_LIBRARY_PATH to point at the release addon. Prints one JSON line
-// `{"ready":true,"port":N,"addon":"..."}` on stdout once listening, then serves until its
-// stdin closes (the parent closing it, or the parent dying) or it gets SIGTERM.
+// Expects NAPI_RS_NATIVE_LIBRARY_PATH to point at the release addon, and KEEL_BENCH_KEEL_DIR at
+// the keel tree whose dist/ to load (default: this repo). Prints one JSON line
+// `{"ready":true,"port":N,"addon":"...","probePort":N|null}` on stdout once listening, then
+// serves until its stdin closes (the parent closing it, or the parent dying) or it gets SIGTERM.
+//
+// With KEEL_BENCH_PROBE=1 it also answers `GET /probe` on a second, plain node:http listener
+// (127.0.0.1, port `probePort`): `{live, rss, vmRss, rssAnon, rssFile, rssShmem, heapTotal,
+// heapUsed, external}`, where `live` is `registry.liveActors`, the rss* fields come from
+// /proc/self/status, and with `?gc=1` the figures are read after a full GC (the process must
+// run with --expose-gc). The probe is not an actor, so asking never wakes one or counts as one.
 
+import http from "node:http";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { actions, initialState } from "./counter.mjs";
+import * as lifecycle from "./lifecycle.mjs";
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const keelDir = process.env.KEEL_BENCH_KEEL_DIR || repoRoot;
 const dataDir = process.argv[2];
 if (!dataDir) {
   console.error("usage: node servers/keel.mjs <dataDir>");
   process.exit(2);
 }
 
-// keel is CommonJS (dist/index.js); load it from the repo root exactly as a user would.
+// keel is CommonJS (dist/index.js); load it from the keel tree exactly as a user would.
 const require = createRequire(import.meta.url);
-const { actor, setup } = require(repoRoot);
+const { actor, setup } = require(keelDir);
 
 // The napi loader falls back to the debug addon at the repo root when the override fails to
 // load, and a debug build would make every figure meaningless. So check which addon file
@@ -38,8 +48,11 @@ if (!wanted || !mapped.has(wanted) || mapped.size !== 1) {
 }
 
 const counter = actor({ state: initialState(), actions });
+const napper = actor(lifecycle.napper);
+const resident = actor(lifecycle.resident);
+const timer = actor(lifecycle.timer);
 const registry = setup({
-  use: { counter },
+  use: { counter, napper, resident, timer },
   host: "127.0.0.1",
   port: 0,
   dataDir,
@@ -49,12 +62,44 @@ const registry = setup({
 
 const serving = registry.start();
 const { port } = await registry.listening();
-process.stdout.write(JSON.stringify({ ready: true, port, addon: wanted }) + "\n");
+const probe = process.env.KEEL_BENCH_PROBE === "1" ? await startProbe() : null;
+process.stdout.write(JSON.stringify({ ready: true, port, addon: wanted, probePort: probe?.address().port ?? null }) + "\n");
+
+function startProbe() {
+  // VmRSS and its split (anonymous memory, mapped files, shared memory), in bytes.
+  const status = () => {
+    const fields = { VmRSS: "vmRss", RssAnon: "rssAnon", RssFile: "rssFile", RssShmem: "rssShmem" };
+    const out = {};
+    for (const line of readFileSync("/proc/self/status", "utf8").split("\n")) {
+      const [name, value] = line.split(":");
+      if (name in fields) out[fields[name]] = Number.parseInt(value, 10) * 1024;
+    }
+    return out;
+  };
+  const server = http.createServer((req, res) => {
+    if (req.method !== "GET" || !req.url.startsWith("/probe")) {
+      res.writeHead(404).end();
+      return;
+    }
+    // Twice: the first pass can leave finalizers whose memory only the second one frees.
+    if (req.url.includes("gc=1") && globalThis.gc) {
+      globalThis.gc();
+      globalThis.gc();
+    }
+    const { rss, heapTotal, heapUsed, external } = process.memoryUsage();
+    const body = JSON.stringify({ live: registry.liveActors, rss, ...status(), heapTotal, heapUsed, external, gc: Boolean(globalThis.gc) });
+    res.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body) }).end(body);
+  });
+  server.keepAliveTimeout = 60_000;
+  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
+}
 
 let stopping = false;
 function stop() {
   if (stopping) return;
   stopping = true;
+  probe?.close();
+  probe?.closeAllConnections();
   registry.shutdown().catch((err) => {
     console.error("keel server: shutdown failed:", err);
     process.exitCode = 1;

@@ -21,10 +21,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use std::collections::HashMap;
+
 use crate::actor_type::ActorType;
 use crate::alarms::{retry_delay, SCHEDULE_MAX_ATTEMPTS};
+use crate::conn::{self, close, ConnHandle};
 use crate::error::{Error, Result};
-use crate::host::{ActionCall, ActorInfo, Effects, Encoding, Payload, StartRequest, StopReason};
+use crate::host::{
+    ActionCall, ActorInfo, ConnectRequest, Effects, Encoding, Payload, RawRequest, RawResponse,
+    RawSocketEvent, StartRequest, StopReason,
+};
 use crate::runtime::Core;
 use crate::store::StoredSchedule;
 use crate::writer::{Release, Settle, Writes};
@@ -38,15 +44,38 @@ pub(crate) enum Command {
     },
     /// Runs a schedule that fell due.
     Alarm { stored: StoredSchedule },
+    /// Admits a connection; on success the actor queues its `ready` frame itself.
+    Connect {
+        conn: ConnHandle,
+        params: Payload,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// A connection's socket ended.
+    Disconnect { conn_id: Arc<str> },
+    /// A raw HTTP request for `onRequest`.
+    Request {
+        request: RawRequest,
+        reply: oneshot::Sender<Result<RawResponse>>,
+    },
+    /// A raw WebSocket event for `onWebSocket`; `socket` is set on open.
+    RawSocket {
+        event: RawSocketEvent,
+        socket: Option<ConnHandle>,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 impl Command {
     fn fail(self, err: Error) {
+        // In every arm the caller may have stopped waiting.
         match self {
-            // The caller may have stopped waiting.
             Command::Action { reply, .. } => drop(reply.send(Err(err))),
             // The schedule stays in the database and fires again after a restart or a wake.
             Command::Alarm { .. } => {}
+            Command::Connect { reply, .. } => drop(reply.send(Err(err))),
+            Command::Disconnect { .. } => {}
+            Command::Request { reply, .. } => drop(reply.send(Err(err))),
+            Command::RawSocket { reply, .. } => drop(reply.send(Err(err))),
         }
     }
 }
@@ -119,6 +148,13 @@ pub(crate) struct ActorTask {
     pending_commits: Arc<AtomicUsize>,
     /// Why the task is stopping, once it has decided to.
     stopping: Option<StopReason>,
+    /// Open connections, by id.
+    conns: HashMap<Arc<str>, ConnHandle>,
+    /// The same connections as a list, shared with commits that fan events out after they
+    /// are durable; rebuilt when a connection comes or goes.
+    conn_list: Arc<Vec<ConnHandle>>,
+    /// Open raw sockets, by id; like connections, they keep the actor awake.
+    raw_sockets: HashMap<String, ConnHandle>,
 }
 
 impl ActorTask {
@@ -143,6 +179,9 @@ impl ActorTask {
             stopped,
             pending_commits: pending_commits.clone(),
             stopping: None,
+            conns: HashMap::new(),
+            conn_list: Arc::new(Vec::new()),
+            raw_sockets: HashMap::new(),
         };
         let handle = ActorHandle {
             info,
@@ -245,8 +284,8 @@ impl ActorTask {
                     }
                     None => return self.stopping.or(Some(StopReason::Shutdown)),
                 },
-                // Idle for the whole sleep timeout: sleep.
-                _ = tokio::time::sleep_until(idle_deadline), if self.stopping.is_none() => {
+                // Idle for the whole sleep timeout, with nobody connected: sleep.
+                _ = tokio::time::sleep_until(idle_deadline), if self.stopping.is_none() && self.is_unattended() => {
                     self.begin_stopping(StopReason::Sleep);
                 }
             }
@@ -270,10 +309,164 @@ impl ActorTask {
         }
     }
 
+    /// Whether no client holds the actor awake.
+    fn is_unattended(&self) -> bool {
+        self.conns.is_empty() && self.raw_sockets.is_empty()
+    }
+
     async fn handle(&mut self, command: Command) {
         match command {
             Command::Action { call, reply } => self.handle_action(call, reply).await,
             Command::Alarm { stored } => self.handle_alarm(stored).await,
+            Command::Connect {
+                conn,
+                params,
+                reply,
+            } => self.handle_connect(conn, params, reply).await,
+            Command::Disconnect { conn_id } => self.handle_disconnect(conn_id).await,
+            Command::Request { request, reply } => self.handle_request(request, reply).await,
+            Command::RawSocket {
+                event,
+                socket,
+                reply,
+            } => self.handle_raw_socket(event, socket, reply).await,
+        }
+    }
+
+    async fn handle_connect(
+        &mut self,
+        conn: ConnHandle,
+        params: Payload,
+        reply: oneshot::Sender<Result<()>>,
+    ) {
+        let request = ConnectRequest {
+            conn_id: conn.id.to_string(),
+            params,
+        };
+        let timeout = self.core.config.hook_timeout;
+        let result = self
+            .guarded(
+                timeout,
+                Call::Hook("connect"),
+                self.core.host.connect(&self.info, request),
+            )
+            .await;
+        match result {
+            Ok(effects) => {
+                self.conns.insert(conn.id.clone(), conn.clone());
+                self.conn_list = Arc::new(self.conns.values().cloned().collect());
+                // The new connection hears `ready` before any event of its own connect.
+                let ready = conn::ready_frame(conn.encoding, &self.info.id, &conn.id);
+                self.commit(
+                    effects,
+                    None,
+                    Box::new(move |durable| {
+                        if durable.is_ok() {
+                            conn.push(ready);
+                        }
+                        // The socket task may have ended meanwhile.
+                        let _ = reply.send(durable);
+                    }),
+                );
+            }
+            Err(err) => {
+                // The socket task may have ended meanwhile.
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+
+    async fn handle_disconnect(&mut self, conn_id: Arc<str>) {
+        if self.conns.remove(&conn_id).is_none() {
+            return;
+        }
+        self.conn_list = Arc::new(self.conns.values().cloned().collect());
+        let timeout = self.core.config.hook_timeout;
+        let result = self
+            .guarded(
+                timeout,
+                Call::Hook("disconnect"),
+                self.core.host.disconnect(&self.info, &conn_id),
+            )
+            .await;
+        match result {
+            Ok(effects) => self.commit(effects, None, Box::new(log_commit_failure)),
+            Err(err) => tracing::warn!(error = %err, "the disconnect hook failed"),
+        }
+    }
+
+    async fn handle_request(
+        &mut self,
+        request: RawRequest,
+        reply: oneshot::Sender<Result<RawResponse>>,
+    ) {
+        let timeout = self
+            .actor_type
+            .action_timeout
+            .unwrap_or(self.core.config.action_timeout);
+        let result = self
+            .guarded(
+                timeout,
+                Call::Action("onRequest"),
+                self.core.host.request(&self.info, request),
+            )
+            .await;
+        match result {
+            Ok((response, effects)) => self.commit(
+                effects,
+                None,
+                Box::new(move |durable| {
+                    // The caller may have stopped waiting.
+                    let _ = reply.send(durable.map(|()| response));
+                }),
+            ),
+            Err(err) => self.commit(
+                Effects::default(),
+                None,
+                Box::new(move |durable| {
+                    // The caller may have stopped waiting.
+                    let _ = reply.send(durable.and(Err(err)));
+                }),
+            ),
+        }
+    }
+
+    async fn handle_raw_socket(
+        &mut self,
+        event: RawSocketEvent,
+        socket: Option<ConnHandle>,
+        reply: oneshot::Sender<Result<()>>,
+    ) {
+        match (&event, socket) {
+            (RawSocketEvent::Open { socket_id, .. }, Some(socket)) => {
+                self.raw_sockets.insert(socket_id.clone(), socket);
+            }
+            (RawSocketEvent::Close { socket_id, .. }, _) => {
+                self.raw_sockets.remove(socket_id);
+            }
+            _ => {}
+        }
+        let timeout = self.core.config.hook_timeout;
+        let result = self
+            .guarded(
+                timeout,
+                Call::Hook("websocket"),
+                self.core.host.raw_socket(&self.info, event),
+            )
+            .await;
+        match result {
+            Ok(effects) => self.commit(
+                effects,
+                None,
+                Box::new(move |durable| {
+                    // The socket task may have ended meanwhile.
+                    let _ = reply.send(durable);
+                }),
+            ),
+            Err(err) => {
+                // The socket task may have ended meanwhile.
+                let _ = reply.send(Err(err));
+            }
         }
     }
 
@@ -343,6 +536,7 @@ impl ActorTask {
                     action: schedule.action.clone(),
                     args: Payload::cbor(schedule.args.clone()),
                     output: Encoding::Cbor,
+                    conn_id: None,
                 };
                 let timeout = self
                     .actor_type
@@ -427,14 +621,30 @@ impl ActorTask {
         pending.fetch_add(1, Ordering::AcqRel);
         let core = self.core.clone();
         let actor_id = self.info.id.clone();
+        let messages = effects.messages;
+        let disconnects = effects.disconnects;
+        let conns =
+            (!messages.is_empty() || !disconnects.is_empty()).then(|| self.conn_list.clone());
         self.core.writer.commit(
             self.info.id.clone(),
             writes,
             Box::new(move |durable| {
-                if durable.is_ok() && !schedule_ops.is_empty() {
-                    core.alarms.apply(&actor_id, &schedule_ops);
+                if durable.is_ok() {
+                    if !schedule_ops.is_empty() {
+                        core.alarms.apply(&actor_id, &schedule_ops);
+                    }
+                    if let Some(conns) = conns {
+                        conn::deliver(&conns, &messages);
+                        for (conn_id, reason) in &disconnects {
+                            if let Some(conn) = conns.iter().find(|c| *c.id == **conn_id) {
+                                conn.close(close::NORMAL, reason);
+                            }
+                        }
+                    }
                 }
                 pending.fetch_sub(1, Ordering::AcqRel);
+                // The reply goes after the events, so a caller sees its own action's events
+                // before its result.
                 release(durable);
             }),
         );
@@ -532,12 +742,22 @@ impl ActorTask {
         if let Err(err) = self.core.writer.flush().await {
             tracing::error!(error = %err, "flushing the actor's state failed");
         }
+        let (code, why) = match reason {
+            StopReason::Destroy => (close::NORMAL, "actor destroyed"),
+            _ => (close::GOING_AWAY, "actor stopping"),
+        };
+        for conn in self.conns.values().chain(self.raw_sockets.values()) {
+            conn.close(code, why);
+        }
         tracing::debug!(reason = reason.as_str(), "actor stopped");
         self.exit();
     }
 
-    /// Closes the mailbox and fails whatever is queued.
+    /// Closes the mailbox and fails whatever is queued; open sockets close too.
     fn close_and_fail(&mut self, err: impl Fn() -> Error) {
+        for conn in self.conns.values().chain(self.raw_sockets.values()) {
+            conn.close(close::GOING_AWAY, "actor stopped");
+        }
         self.rx.close();
         while let Ok(command) = self.rx.try_recv() {
             command.fail(err());

@@ -103,6 +103,15 @@ pub fn text(bytes: &[u8], pos: usize) -> Result<String> {
     String::from_utf8(bytes[next..end].to_vec()).map_err(|_| malformed("text is not UTF-8"))
 }
 
+/// Decodes an unsigned integer at `pos`.
+pub fn uint(bytes: &[u8], pos: usize) -> Result<u64> {
+    let (major, info, argument, _) = head(bytes, pos)?;
+    if major != 0 || info == 31 {
+        return Err(malformed("expected an unsigned integer"));
+    }
+    Ok(argument)
+}
+
 /// Decodes a definite-length array of text strings at `pos`.
 pub fn text_array(bytes: &[u8], pos: usize) -> Result<Vec<String>> {
     let (major, info, count, mut next) = head(bytes, pos)?;
@@ -145,11 +154,71 @@ pub fn is_array(bytes: &[u8], pos: usize) -> bool {
 /// Writes `{"output": <output>}` as CBOR, with `output` copied verbatim.
 pub fn output_envelope(output: &[u8]) -> Vec<u8> {
     let mut body = Vec::with_capacity(output.len() + 8);
-    body.push(0xa1); // a map of one entry
-    body.push(0x66); // a text string of six bytes
-    body.extend_from_slice(b"output");
+    write_head(&mut body, 5, 1);
+    write_text(&mut body, "output");
     body.extend_from_slice(output);
     body
+}
+
+/// Writes an item head: major type and argument, in the shortest form.
+pub fn write_head(out: &mut Vec<u8>, major: u8, argument: u64) {
+    let m = major << 5;
+    match argument {
+        0..=23 => out.push(m | argument as u8),
+        24..=0xff => out.extend_from_slice(&[m | 24, argument as u8]),
+        0x100..=0xffff => {
+            out.push(m | 25);
+            out.extend_from_slice(&(argument as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(m | 26);
+            out.extend_from_slice(&(argument as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(m | 27);
+            out.extend_from_slice(&argument.to_be_bytes());
+        }
+    }
+}
+
+/// Writes a text string.
+pub fn write_text(out: &mut Vec<u8>, text: &str) {
+    write_head(out, 3, text.len() as u64);
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Writes a JSON value as the equivalent CBOR.
+pub fn write_json(out: &mut Vec<u8>, value: &serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Null => out.push(0xf6),
+        Value::Bool(false) => out.push(0xf4),
+        Value::Bool(true) => out.push(0xf5),
+        Value::Number(number) => {
+            if let Some(n) = number.as_u64() {
+                write_head(out, 0, n);
+            } else if let Some(n) = number.as_i64() {
+                write_head(out, 1, (-1 - n) as u64);
+            } else {
+                out.push(0xfb);
+                out.extend_from_slice(&number.as_f64().unwrap_or(f64::NAN).to_be_bytes());
+            }
+        }
+        Value::String(text) => write_text(out, text),
+        Value::Array(items) => {
+            write_head(out, 4, items.len() as u64);
+            for item in items {
+                write_json(out, item);
+            }
+        }
+        Value::Object(map) => {
+            write_head(out, 5, map.len() as u64);
+            for (key, item) in map {
+                write_text(out, key);
+                write_json(out, item);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -184,6 +253,19 @@ mod tests {
             0,
         ];
         assert_eq!(skip(&item, 0).unwrap(), item.len());
+    }
+
+    #[test]
+    fn writes_json_values_that_read_back() {
+        let value = serde_json::json!({"a": [1, -2, 1.5, "x", null, true], "b": {"c": 300}});
+        let mut out = Vec::new();
+        write_json(&mut out, &value);
+        assert_eq!(skip(&out, 0).unwrap(), out.len());
+        let entries = map_entries(&out).unwrap();
+        assert_eq!(entries.len(), 2);
+        let mut head = Vec::new();
+        write_head(&mut head, 0, 70_000);
+        assert_eq!(head, [0x1a, 0x00, 0x01, 0x11, 0x70]);
     }
 
     #[test]

@@ -114,6 +114,20 @@ pub enum ScheduleOp {
     Cancel { id: String },
 }
 
+/// An event for connected clients, encoded by the host once per encoding in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// One connection's id (`conn.send`), or `None` for every subscribed connection
+    /// (`c.broadcast`).
+    pub to: Option<String>,
+    /// The event name.
+    pub event: String,
+    /// The data as JSON, for JSON connections.
+    pub json: Option<Vec<u8>>,
+    /// The data as CBOR, for CBOR connections.
+    pub cbor: Option<Vec<u8>>,
+}
+
 /// Everything one call into user code changed, committed atomically with its output.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Effects {
@@ -127,13 +141,67 @@ pub struct Effects {
     pub sleep: bool,
     /// User code asked the actor to be destroyed after this call.
     pub destroy: bool,
+    /// Events for connections, sent once the rest is durable.
+    pub messages: Vec<Outbound>,
+    /// Connections to close once the rest is durable: (connection id, reason).
+    pub disconnects: Vec<(String, String)>,
 }
 
 impl Effects {
-    /// Whether committing these effects writes anything.
+    /// Whether committing these effects writes anything to the database.
     pub fn writes(&self) -> bool {
         self.state.is_some() || !self.kv.is_empty() || !self.schedules.is_empty()
     }
+}
+
+/// A client asks to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// The connection's id, unique within the process.
+    pub conn_id: String,
+    /// The connection parameters the client sent, in `params.encoding`.
+    pub params: Payload,
+}
+
+/// A raw HTTP request for the actor's `onRequest`.
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    pub method: String,
+    /// The path below the actor's raw route, with the query string.
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// The actor's raw HTTP response.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Something that happened on a raw WebSocket handed to the actor's `onWebSocket`.
+#[derive(Debug, Clone)]
+pub enum RawSocketEvent {
+    /// A socket opened on the actor's raw route.
+    Open {
+        socket_id: String,
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+    /// A message arrived.
+    Message {
+        socket_id: String,
+        data: Vec<u8>,
+        binary: bool,
+    },
+    /// The socket closed.
+    Close {
+        socket_id: String,
+        code: u16,
+        reason: String,
+    },
 }
 
 /// Asks the host to bring up an actor's instance.
@@ -155,6 +223,8 @@ pub struct ActionCall {
     pub args: Payload,
     /// The encoding the caller wants the output in.
     pub output: Encoding,
+    /// The connection the call came over, if any (`c.conn` in JS).
+    pub conn_id: Option<String>,
 }
 
 /// The result of one action.
@@ -205,4 +275,39 @@ pub trait Host: Send + Sync + 'static {
 
     /// Runs the sleep (or destroy) hook and tears the instance down.
     async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> Result<Effects>;
+
+    /// Admits a connection (`onBeforeConnect`, `createConnState`, `onConnect`); an error
+    /// rejects it.
+    async fn connect(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) -> Result<Effects> {
+        let _ = (actor, request);
+        Err(unsupported("connections"))
+    }
+
+    /// A connection closed (`onDisconnect`).
+    async fn disconnect(&self, actor: &Arc<ActorInfo>, conn_id: &str) -> Result<Effects> {
+        let _ = (actor, conn_id);
+        Err(unsupported("connections"))
+    }
+
+    /// Answers a raw HTTP request (`onRequest`).
+    async fn request(
+        &self,
+        actor: &Arc<ActorInfo>,
+        request: RawRequest,
+    ) -> Result<(RawResponse, Effects)> {
+        let _ = (actor, request);
+        Err(unsupported("raw requests"))
+    }
+
+    /// Delivers a raw WebSocket event (`onWebSocket`).
+    async fn raw_socket(&self, actor: &Arc<ActorInfo>, event: RawSocketEvent) -> Result<Effects> {
+        let _ = (actor, event);
+        Err(unsupported("raw WebSockets"))
+    }
+}
+
+fn unsupported(what: &str) -> crate::error::Error {
+    crate::error::Error::ActorInternal {
+        message: format!("this host does not support {what}"),
+    }
 }

@@ -8,10 +8,11 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -41,6 +42,9 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
         .route("/v1/actors/{name}/actions/{action}", post(action_by_key))
         .route("/v1/actors/{name}/resolve", post(resolve))
         .route("/v1/ids/{id}/actions/{action}", post(action_by_id))
+        .route("/v1/actors/{name}/connect", get(connect))
+        .route("/v1/actors/{name}/raw/{key}", any(raw))
+        .route("/v1/actors/{name}/raw/{key}/{*path}", any(raw))
         .fallback(route_not_found)
         .method_not_allowed_fallback(route_not_found)
         .with_state(core)
@@ -162,6 +166,137 @@ async fn route_not_found(State(core): State<Arc<Core>>, request: Request) -> Res
         path: request.uri().path().to_string(),
     };
     error_response(&err, core.config.dev)
+}
+
+/// `GET /v1/actors/{name}/connect`: a WebSocket speaking keel's connection protocol.
+async fn connect(
+    State(core): State<Arc<Core>>,
+    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
+    upgrade: std::result::Result<
+        WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    let dev = core.config.dev;
+    let result = (|| {
+        let Path(name) = path.map_err(|e| Error::malformed(e.body_text()))?;
+        let upgrade = upgrade.map_err(|e| {
+            Error::malformed(format!(
+                "a WebSocket upgrade is required: {}",
+                e.body_text()
+            ))
+        })?;
+        if core.is_draining() {
+            return Err(Error::RegistryShuttingDown);
+        }
+        core.types.get(&name)?;
+        Ok((name, upgrade))
+    })();
+    match result {
+        Ok((name, upgrade)) => {
+            let limit = core.config.limits.max_ws_message_bytes;
+            let task_core = core.clone();
+            upgrade
+                .max_message_size(limit)
+                .max_frame_size(limit)
+                .on_upgrade(move |socket| {
+                    let tracker = task_core.tracker.clone();
+                    // The socket is a tracked task, so the drain waits for it.
+                    tracker.track_future(crate::conn::serve_keel_socket(task_core, socket, name))
+                })
+        }
+        Err(err) => error_response(&err, dev),
+    }
+}
+
+/// The path of the raw routes: the actor type and its canonical key string, and what follows.
+#[derive(Deserialize)]
+struct RawPath {
+    name: String,
+    key: String,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+/// `ANY /v1/actors/{name}/raw/{key}[/{*path}]`: the actor's `onRequest`, or its
+/// `onWebSocket` for a WebSocket upgrade.
+async fn raw(
+    State(core): State<Arc<Core>>,
+    path: std::result::Result<Path<RawPath>, axum::extract::rejection::PathRejection>,
+    upgrade: std::result::Result<
+        WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+    request: Request,
+) -> Response {
+    let dev = core.config.dev;
+    let result = async {
+        let Path(raw_path) = path.map_err(|e| Error::malformed(e.body_text()))?;
+        let key = crate::key::decode(&raw_path.key)?;
+        let info = crate::runtime::resolve_on(
+            &core,
+            Target::Key {
+                name: raw_path.name,
+                key,
+                mode: Resolve::GetOrCreate,
+                input: None,
+            },
+        )
+        .await?;
+        let mut sub_path = format!("/{}", raw_path.path.unwrap_or_default());
+        if let Some(query) = request.uri().query() {
+            sub_path.push('?');
+            sub_path.push_str(query);
+        }
+        let headers: Vec<(String, String)> = request
+            .headers()
+            .iter()
+            .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+            .collect();
+        if let Ok(upgrade) = upgrade {
+            let limit = core.config.limits.max_ws_message_bytes;
+            let task_core = core.clone();
+            return Ok(upgrade
+                .max_message_size(limit)
+                .max_frame_size(limit)
+                .on_upgrade(move |socket| {
+                    let tracker = task_core.tracker.clone();
+                    tracker.track_future(crate::conn::serve_raw_socket(
+                        task_core, socket, info, sub_path, headers,
+                    ))
+                }));
+        }
+        let method = request.method().to_string();
+        let request_headers = request.headers().clone();
+        let body = read_body(&core, &request_headers, request.into_body()).await?;
+        let raw_request = crate::host::RawRequest {
+            method,
+            path: sub_path,
+            headers,
+            body: body.to_vec(),
+        };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        core.deliver(
+            &info,
+            crate::actor::Command::Request {
+                request: raw_request,
+                reply,
+            },
+        )
+        .await?;
+        let response = rx.await.map_err(|_| Error::ActorStopped)??;
+        let mut builder = axum::http::Response::builder().status(response.status);
+        for (name, value) in &response.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        builder
+            .body(Body::from(response.body))
+            .map_err(|err| Error::ActorInternal {
+                message: format!("onRequest returned an invalid response: {err}"),
+            })
+    }
+    .await;
+    result.unwrap_or_else(|err| error_response(&err, dev))
 }
 
 /// The JSON form of a request body; every route takes a subset of these fields.

@@ -10,7 +10,8 @@
 //! - [`actor_type`]: what core knows of each registered actor type.
 //! - [`alarms`]: the timer that fires durable schedules.
 //! - [`clock`]: epoch time derived from tokio's clock.
-//! - [`cbor`]: just enough CBOR to read a request envelope.
+//! - [`cbor`]: just enough CBOR to read and write envelopes.
+//! - [`conn`]: WebSocket connections, keel's protocol and raw sockets.
 //! - [`host`]: the seam to the code that runs user code.
 //! - [`store`]: the SQLite file, its lock, schema migrations and reads.
 //! - [`writer`]: the group-commit writer, which is also the output gate.
@@ -26,6 +27,7 @@ pub mod alarms;
 pub mod cbor;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod host;
 pub mod http;
@@ -40,8 +42,9 @@ pub use actor_type::{ActorType, ActorTypes};
 pub use config::{Durability, Limits, RuntimeConfig};
 pub use error::{Error, Result};
 pub use host::{
-    ActionCall, ActionDone, ActorInfo, Effects, Encoding, Host, KvWrite, Payload, Schedule,
-    ScheduleOp, StartRequest, StopReason,
+    ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Host, KvWrite, Outbound,
+    Payload, RawRequest, RawResponse, RawSocketEvent, Schedule, ScheduleOp, StartRequest,
+    StopReason,
 };
 pub use registry::{Mode, Registry};
 pub use runtime::{Resolve, Runtime, Target};

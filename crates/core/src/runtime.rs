@@ -76,6 +76,8 @@ pub(crate) struct Core {
     pub(crate) alarms: Alarms,
     /// Set when the drain begins: new requests get `registry.shutting_down`.
     draining: AtomicBool,
+    /// Open raw WebSockets by id, so the host can send on them.
+    pub(crate) raw_sockets: Mutex<HashMap<Arc<str>, crate::conn::ConnHandle>>,
     /// Live actors by id.
     live: Mutex<HashMap<Arc<str>, (u64, ActorHandle)>>,
     /// Resolved keys of live (or just-resolved) actors, by type name then canonical key.
@@ -87,7 +89,7 @@ pub(crate) struct Core {
 impl Core {
     /// Whether the drain has begun.
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.load(Ordering::Acquire) || self.stop.is_cancelled()
     }
 
     /// Finds the actor for a request by key, creating it when the mode allows.
@@ -197,6 +199,32 @@ impl Core {
         Ok(handle)
     }
 
+    /// Delivers a command to the actor, waking it if it sleeps. If the actor is stopping (to
+    /// sleep, or destroyed), waits until it has left and delivers to its next task; the
+    /// command was not taken, so it never runs twice.
+    pub(crate) async fn deliver(
+        self: &Arc<Self>,
+        info: &Arc<ActorInfo>,
+        command: Command,
+    ) -> Result<()> {
+        let mut command = command;
+        loop {
+            let handle = self.handle_for(info)?;
+            let failed = match handle.try_deliver(command) {
+                Ok(()) => return Ok(()),
+                Err(failed) => *failed,
+            };
+            match failed {
+                (Error::ActorStopped, returned) if !self.is_draining() => {
+                    handle.wait_stopped().await;
+                    command = returned;
+                }
+                (Error::ActorStopped, _) => return Err(Error::RegistryShuttingDown),
+                (err, _) => return Err(err),
+            }
+        }
+    }
+
     /// Removes a stopping actor task from the live set, unless a newer task replaced it.
     /// Its resolved key goes too, so the directory's memory follows the live actors, not
     /// every actor ever touched; the next request by key looks it up again.
@@ -274,44 +302,29 @@ pub(crate) async fn call_on(
         core.types.get(name)?.check_action(action)?;
     }
     let (reply, rx) = tokio::sync::oneshot::channel();
-    let mut command = Command::Action {
+    let command = Command::Action {
         call: ActionCall {
             action: action.to_string(),
             args,
             output,
+            conn_id: None,
         },
         reply,
     };
-    loop {
-        let info = match &target {
-            Target::Key {
-                name,
-                key,
-                mode,
-                input,
-            } => core.resolve(name, key, *mode, input.clone()).await?,
-            Target::Id(id) => {
-                let info = core.resolve_id(id)?;
-                core.types.get(&info.name)?.check_action(action)?;
-                info
-            }
-        };
-        let handle = core.handle_for(&info)?;
-        let failed = match handle.try_deliver(command) {
-            Ok(()) => break,
-            Err(failed) => *failed,
-        };
-        match failed {
-            // The actor is stopping (to sleep, or destroyed): once it has left, deliver to
-            // its next task. The message was not taken, so this cannot run it twice.
-            (Error::ActorStopped, returned) if !core.is_draining() => {
-                handle.wait_stopped().await;
-                command = returned;
-            }
-            (Error::ActorStopped, _) => return Err(Error::RegistryShuttingDown),
-            (err, _) => return Err(err),
+    let info = match &target {
+        Target::Key {
+            name,
+            key,
+            mode,
+            input,
+        } => core.resolve(name, key, *mode, input.clone()).await?,
+        Target::Id(id) => {
+            let info = core.resolve_id(id)?;
+            core.types.get(&info.name)?.check_action(action)?;
+            info
         }
-    }
+    };
+    core.deliver(&info, command).await?;
     rx.await.map_err(|_| {
         if core.is_draining() {
             Error::RegistryShutDown
@@ -363,6 +376,7 @@ impl Runtime {
             alarms: Alarms::default(),
             draining: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
+            raw_sockets: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
             config,
@@ -466,6 +480,19 @@ impl Runtime {
     /// The number of live actors.
     pub fn live_actors(&self) -> usize {
         self.core.live_count()
+    }
+
+    /// Sends a message on a raw WebSocket (from `onWebSocket` code).
+    pub fn raw_send(&self, socket_id: &str, data: Vec<u8>, binary: bool) -> Result<()> {
+        let socket = self.core.raw_sockets.lock().get(socket_id).cloned();
+        socket.ok_or(Error::ActorStopped)?.send_raw(data, binary)
+    }
+
+    /// Closes a raw WebSocket.
+    pub fn raw_close(&self, socket_id: &str, code: u16, reason: &str) {
+        if let Some(socket) = self.core.raw_sockets.lock().get(socket_id).cloned() {
+            socket.close(code, reason);
+        }
     }
 
     /// The graceful drain: stop accepting, let queued and in-flight actions finish, stop and

@@ -1,0 +1,797 @@
+//! WebSocket connections: keel's connection protocol and raw sockets.
+//!
+//! Each socket is served by two tracked tasks: a reader, which decodes messages and turns
+//! them into actor commands, and a writer, which drains a bounded outgoing queue onto the
+//! socket. Actors never write to a socket directly: they push frames through a
+//! [`ConnHandle`]. If a client stops reading and its queue passes the bound, the connection
+//! is closed (1013, "try again later") instead of slowing the actor or other clients.
+//!
+//! The protocol (docs/protocol.md): the client's first message is `init` (key, mode, input,
+//! params, subscriptions); then `call`, `sub` and `unsub`. The server answers `ready` or
+//! `error`, `reply` per call, and `event`s. Text frames carry JSON and binary frames CBOR;
+//! the `init` frame picks the connection's encoding.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::RwLock;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::actor::Command;
+use crate::cbor;
+use crate::error::{Error, Result};
+use crate::host::{ActionCall, ActorInfo, Encoding, Outbound, Payload, RawSocketEvent};
+use crate::runtime::{Core, Resolve, Target};
+
+/// The most frames one connection may have queued.
+pub const MAX_OUTGOING_FRAMES: usize = 1024;
+/// The most bytes one connection may have queued before it counts as a slow consumer.
+pub const MAX_OUTGOING_BYTES: usize = 4 * 1024 * 1024;
+/// How long a new socket may take to send `init`.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing socket gets to flush its close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Close codes keel uses.
+pub mod close {
+    /// Normal closure (`conn.disconnect`, destroy).
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Undecodable data in a message.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A protocol violation or a rejected connection.
+    pub const POLICY: u16 = 1008;
+    /// A message larger than the limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// A slow consumer whose outgoing queue overflowed.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// The actor's side of one socket: push frames, close it. Cloneable.
+#[derive(Clone)]
+pub(crate) struct ConnHandle {
+    /// The connection's id.
+    pub(crate) id: Arc<str>,
+    /// The encoding of the connection's frames.
+    pub(crate) encoding: Encoding,
+    /// The outgoing queue; the writer task holds the receiver.
+    tx: mpsc::Sender<Message>,
+    /// Bytes queued and not yet written.
+    queued_bytes: Arc<AtomicUsize>,
+    /// Events this connection subscribed to; the reader updates it.
+    subscriptions: Arc<RwLock<HashSet<String>>>,
+    /// Cancelled to close the connection; carries the close frame to send.
+    closing: Arc<Closing>,
+}
+
+/// A close request shared by both tasks of a socket.
+struct Closing {
+    token: CancellationToken,
+    frame: parking_lot::Mutex<Option<CloseFrame>>,
+    /// Whether queued frames go out before the close frame (not for a slow consumer).
+    flush: std::sync::atomic::AtomicBool,
+}
+
+impl ConnHandle {
+    fn new(id: Arc<str>, encoding: Encoding) -> (ConnHandle, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(MAX_OUTGOING_FRAMES);
+        let handle = ConnHandle {
+            id,
+            encoding,
+            tx,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            subscriptions: Arc::new(RwLock::new(HashSet::new())),
+            closing: Arc::new(Closing {
+                token: CancellationToken::new(),
+                frame: parking_lot::Mutex::new(None),
+                flush: std::sync::atomic::AtomicBool::new(true),
+            }),
+        };
+        (handle, rx)
+    }
+
+    /// Queues a frame. A client too slow to keep its queue under the bound is closed.
+    pub(crate) fn push(&self, frame: Message) {
+        let len = frame_len(&frame);
+        let queued = self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len;
+        if queued > MAX_OUTGOING_BYTES || self.tx.try_send(frame).is_err() {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            if !self.closing.token.is_cancelled() {
+                tracing::debug!(conn_id = %self.id, "slow consumer; closing the connection");
+                self.closing.flush.store(false, Ordering::Release);
+                self.close(
+                    close::TRY_AGAIN_LATER,
+                    "slow consumer: outgoing buffer full",
+                );
+            }
+        }
+    }
+
+    /// Closes the connection with `code` and `reason` (once; later calls are ignored), after
+    /// the frames already queued.
+    pub(crate) fn close(&self, code: u16, reason: &str) {
+        let mut frame = self.closing.frame.lock();
+        if frame.is_none() {
+            *frame = Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            });
+        }
+        drop(frame);
+        self.closing.token.cancel();
+    }
+
+    /// Whether the connection wants `event`.
+    fn subscribed(&self, event: &str) -> bool {
+        self.subscriptions.read().contains(event)
+    }
+
+    /// Sends a raw WebSocket message (raw sockets only).
+    pub(crate) fn send_raw(&self, data: Vec<u8>, binary: bool) -> Result<()> {
+        if self.closing.token.is_cancelled() {
+            return Err(Error::ActorStopped);
+        }
+        let frame = if binary {
+            Message::Binary(data.into())
+        } else {
+            let text = String::from_utf8(data)
+                .map_err(|_| Error::malformed("a text message must be UTF-8"))?;
+            Message::Text(text.into())
+        };
+        self.push(frame);
+        Ok(())
+    }
+}
+
+fn frame_len(frame: &Message) -> usize {
+    match frame {
+        Message::Text(text) => text.len(),
+        Message::Binary(data) => data.len(),
+        _ => 0,
+    }
+}
+
+/// Sends events to connections: each `to` connection, or every subscribed one. Frames are
+/// built once per encoding and shared.
+pub(crate) fn deliver(conns: &[ConnHandle], messages: &[Outbound]) {
+    for message in messages {
+        let mut json = None;
+        let mut cbor = None;
+        for conn in conns {
+            let wanted = match &message.to {
+                Some(id) => **id == *conn.id,
+                None => conn.subscribed(&message.event),
+            };
+            if !wanted {
+                continue;
+            }
+            let frame = match conn.encoding {
+                Encoding::Json => json
+                    .get_or_insert_with(|| event_frame(Encoding::Json, message))
+                    .clone(),
+                Encoding::Cbor => cbor
+                    .get_or_insert_with(|| event_frame(Encoding::Cbor, message))
+                    .clone(),
+            };
+            if let Some(frame) = frame {
+                conn.push(frame);
+            }
+        }
+    }
+}
+
+fn event_frame(encoding: Encoding, message: &Outbound) -> Option<Message> {
+    match encoding {
+        Encoding::Json => {
+            let data = message.json.as_deref()?;
+            let mut text = String::with_capacity(data.len() + message.event.len() + 32);
+            text.push_str(r#"{"t":"event","event":"#);
+            text.push_str(&serde_json::to_string(&message.event).ok()?);
+            text.push_str(r#","data":"#);
+            text.push_str(std::str::from_utf8(data).ok()?);
+            text.push('}');
+            Some(Message::Text(text.into()))
+        }
+        Encoding::Cbor => {
+            let data = message.cbor.as_deref()?;
+            let mut out = Vec::with_capacity(data.len() + message.event.len() + 24);
+            cbor::write_head(&mut out, 5, 3);
+            cbor::write_text(&mut out, "t");
+            cbor::write_text(&mut out, "event");
+            cbor::write_text(&mut out, "event");
+            cbor::write_text(&mut out, &message.event);
+            cbor::write_text(&mut out, "data");
+            out.extend_from_slice(data);
+            Some(Message::Binary(out.into()))
+        }
+    }
+}
+
+/// `{"t":"ready",...}` for a connection.
+pub(crate) fn ready_frame(encoding: Encoding, actor_id: &str, conn_id: &str) -> Message {
+    let value = serde_json::json!({ "t": "ready", "actorId": actor_id, "connId": conn_id });
+    value_frame(encoding, &value)
+}
+
+fn error_frame(encoding: Encoding, id: Option<u64>, err: &Error, dev: bool) -> Message {
+    let mut value = serde_json::json!({ "t": if id.is_some() { "reply" } else { "error" }, "error": err.to_body(dev) });
+    if let Some(id) = id {
+        value["id"] = id.into();
+    }
+    value_frame(encoding, &value)
+}
+
+fn value_frame(encoding: Encoding, value: &serde_json::Value) -> Message {
+    match encoding {
+        Encoding::Json => Message::Text(value.to_string().into()),
+        Encoding::Cbor => {
+            let mut out = Vec::new();
+            cbor::write_json(&mut out, value);
+            Message::Binary(out.into())
+        }
+    }
+}
+
+fn reply_frame(encoding: Encoding, id: u64, output: &[u8]) -> Message {
+    match encoding {
+        Encoding::Json => {
+            let mut text = format!(r#"{{"t":"reply","id":{id},"output":"#);
+            text.push_str(&String::from_utf8_lossy(output));
+            text.push('}');
+            Message::Text(text.into())
+        }
+        Encoding::Cbor => {
+            let mut out = Vec::with_capacity(output.len() + 24);
+            cbor::write_head(&mut out, 5, 3);
+            cbor::write_text(&mut out, "t");
+            cbor::write_text(&mut out, "reply");
+            cbor::write_text(&mut out, "id");
+            cbor::write_head(&mut out, 0, id);
+            cbor::write_text(&mut out, "output");
+            out.extend_from_slice(output);
+            Message::Binary(out.into())
+        }
+    }
+}
+
+/// One decoded client message.
+enum ClientMessage {
+    Init {
+        key: Vec<String>,
+        mode: Resolve,
+        input: Option<Payload>,
+        params: Payload,
+        subscriptions: Vec<String>,
+    },
+    Call {
+        id: u64,
+        action: String,
+        args: Payload,
+    },
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+#[derive(Deserialize)]
+struct JsonMessage<'a> {
+    t: String,
+    #[serde(default)]
+    key: Option<Vec<String>>,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+    #[serde(default)]
+    subs: Option<Vec<String>>,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(borrow, default)]
+    args: Option<&'a RawValue>,
+    #[serde(default)]
+    event: Option<String>,
+}
+
+fn parse_mode(mode: Option<&str>) -> Result<Resolve> {
+    match mode {
+        None | Some("getOrCreate") => Ok(Resolve::GetOrCreate),
+        Some("get") => Ok(Resolve::Get),
+        Some("create") => Ok(Resolve::Create),
+        Some(other) => Err(Error::malformed(format!("unknown mode {other:?}"))),
+    }
+}
+
+impl ClientMessage {
+    fn parse(frame: &Message, encoding: Encoding) -> Result<ClientMessage> {
+        match (frame, encoding) {
+            (Message::Text(text), Encoding::Json) => Self::parse_json(text.as_bytes()),
+            (Message::Binary(data), Encoding::Cbor) => Self::parse_cbor(data),
+            _ => Err(Error::malformed(
+                "a connection's messages keep the encoding of its init message",
+            )),
+        }
+    }
+
+    fn parse_json(bytes: &[u8]) -> Result<ClientMessage> {
+        let message: JsonMessage = serde_json::from_slice(bytes)
+            .map_err(|err| Error::malformed(format!("invalid JSON message: {err}")))?;
+        let missing = |field: &str| Error::malformed(format!("the message needs {field:?}"));
+        Ok(match message.t.as_str() {
+            "init" => ClientMessage::Init {
+                key: message.key.ok_or_else(|| missing("key"))?,
+                mode: parse_mode(message.mode.as_deref())?,
+                input: message.input.map(|raw| Payload::json(raw.get())),
+                params: Payload::json(message.params.map_or("null", RawValue::get)),
+                subscriptions: message.subs.unwrap_or_default(),
+            },
+            "call" => {
+                let args = message.args.map_or("[]", RawValue::get);
+                if !args.trim_start().starts_with('[') {
+                    return Err(Error::malformed("\"args\" must be an array"));
+                }
+                ClientMessage::Call {
+                    id: message.id.ok_or_else(|| missing("id"))?,
+                    action: message.action.ok_or_else(|| missing("action"))?,
+                    args: Payload::json(args),
+                }
+            }
+            "sub" => ClientMessage::Subscribe(message.event.ok_or_else(|| missing("event"))?),
+            "unsub" => ClientMessage::Unsubscribe(message.event.ok_or_else(|| missing("event"))?),
+            other => return Err(Error::malformed(format!("unknown message type {other:?}"))),
+        })
+    }
+
+    fn parse_cbor(bytes: &[u8]) -> Result<ClientMessage> {
+        let mut t = None;
+        let mut key = None;
+        let mut mode = None;
+        let mut input = None;
+        let mut params = None;
+        let mut subs = Vec::new();
+        let mut id = None;
+        let mut action = None;
+        let mut args = None;
+        let mut event = None;
+        for (name, range) in cbor::map_entries(bytes)? {
+            let at = range.start;
+            match name.as_str() {
+                "t" => t = Some(cbor::text(bytes, at)?),
+                "key" => key = Some(cbor::text_array(bytes, at)?),
+                "mode" => mode = Some(cbor::text(bytes, at)?),
+                "input" => input = Some(Payload::cbor(bytes[range].to_vec())),
+                "params" => params = Some(Payload::cbor(bytes[range].to_vec())),
+                "subs" => subs = cbor::text_array(bytes, at)?,
+                "id" => id = Some(cbor::uint(bytes, at)?),
+                "action" => action = Some(cbor::text(bytes, at)?),
+                "args" if cbor::is_array(bytes, at) => {
+                    args = Some(Payload::cbor(bytes[range].to_vec()))
+                }
+                "args" => return Err(Error::malformed("\"args\" must be an array")),
+                "event" => event = Some(cbor::text(bytes, at)?),
+                _ => {}
+            }
+        }
+        let missing = |field: &str| Error::malformed(format!("the message needs {field:?}"));
+        Ok(match t.as_deref() {
+            Some("init") => ClientMessage::Init {
+                key: key.ok_or_else(|| missing("key"))?,
+                mode: parse_mode(mode.as_deref())?,
+                input,
+                params: params.unwrap_or_else(|| Payload::cbor(vec![0xf6])),
+                subscriptions: subs,
+            },
+            Some("call") => ClientMessage::Call {
+                id: id.ok_or_else(|| missing("id"))?,
+                action: action.ok_or_else(|| missing("action"))?,
+                args: args.unwrap_or_else(|| Payload::cbor(vec![0x80])),
+            },
+            Some("sub") => ClientMessage::Subscribe(event.ok_or_else(|| missing("event"))?),
+            Some("unsub") => ClientMessage::Unsubscribe(event.ok_or_else(|| missing("event"))?),
+            Some(other) => return Err(Error::malformed(format!("unknown message type {other:?}"))),
+            None => return Err(missing("t")),
+        })
+    }
+}
+
+/// Splits a socket into a writer task (tracked) and returns the reader half and the handle.
+fn split(
+    core: &Arc<Core>,
+    socket: WebSocket,
+    id: Arc<str>,
+    encoding: Encoding,
+    span: tracing::Span,
+) -> (futures_util::stream::SplitStream<WebSocket>, ConnHandle) {
+    let (mut sink, stream) = socket.split();
+    let (handle, mut rx) = ConnHandle::new(id, encoding);
+    let writer_handle = handle.clone();
+    let force = core.force.clone();
+    core.tracker.spawn(
+        async move {
+            let closing = writer_handle.closing.token.clone();
+            loop {
+                tokio::select! {
+                    // A close request outranks queued frames: a slow consumer must not hold it up.
+                    biased;
+                    _ = closing.cancelled() => break,
+                    // A forced drain drops the socket.
+                    _ = force.cancelled() => return,
+                    // The next queued frame; `None` when every handle is gone.
+                    frame = rx.recv() => {
+                        let Some(frame) = frame else { break };
+                        let len = frame_len(&frame);
+                        let sent = tokio::select! {
+                            // Closing while a write is stuck on a client that does not read.
+                            biased;
+                            _ = closing.cancelled() => break,
+                            sent = sink.send(frame) => sent,
+                        };
+                        writer_handle.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                        if sent.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let frame = writer_handle.closing.frame.lock().take();
+            let flush = writer_handle.closing.flush.load(Ordering::Acquire);
+            let finish = async {
+                // What was queued before the close (an error, a last event) goes first.
+                while let (true, Ok(queued)) = (flush, rx.try_recv()) {
+                    if sink.send(queued).await.is_err() {
+                        return;
+                    }
+                }
+                // The peer may already be gone.
+                let _ = sink.send(Message::Close(frame)).await;
+            };
+            // A peer that never reads gets no more than the close timeout.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, finish).await;
+        }
+        .instrument(span),
+    );
+    (stream, handle)
+}
+
+/// Serves one socket of keel's connection protocol for actor type `name`.
+pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: String) {
+    let dev = core.config.dev;
+    let mut socket = socket;
+    // The first message names the actor and fixes the encoding.
+    let first = tokio::select! {
+        biased;
+        _ = core.stop.cancelled() => return,
+        first = tokio::time::timeout(INIT_TIMEOUT, socket.recv()) => first,
+    };
+    let first = match first {
+        Ok(Some(Ok(frame))) => frame,
+        Ok(Some(Err(err))) => {
+            let (code, reason) = classify_read_error(&err);
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })))
+                .await;
+            return;
+        }
+        Ok(None) => return,
+        Err(_) => {
+            let frame = CloseFrame {
+                code: close::POLICY,
+                reason: "no init message".into(),
+            };
+            let _ = socket.send(Message::Close(Some(frame))).await;
+            return;
+        }
+    };
+    let encoding = match first {
+        Message::Binary(_) => Encoding::Cbor,
+        _ => Encoding::Json,
+    };
+    let init = ClientMessage::parse(&first, encoding);
+    let (key, mode, input, params, subscriptions) = match init {
+        Ok(ClientMessage::Init {
+            key,
+            mode,
+            input,
+            params,
+            subscriptions,
+        }) => (key, mode, input, params, subscriptions),
+        Ok(_) => {
+            return reject(
+                socket,
+                encoding,
+                &Error::malformed("the first message must be init"),
+                dev,
+            )
+            .await
+        }
+        Err(err) => return reject(socket, encoding, &err, dev).await,
+    };
+    let target = Target::Key {
+        name,
+        key,
+        mode,
+        input,
+    };
+    let info = match crate::runtime::resolve_on(&core, target).await {
+        Ok(info) => info,
+        Err(err) => return reject(socket, encoding, &err, dev).await,
+    };
+    let conn_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
+    let span = tracing::debug_span!(parent: &crate::actor::ActorTask::span(&info), "connection", conn_id = %conn_id);
+    let (mut stream, conn) = split(&core, socket, conn_id.clone(), encoding, span.clone());
+    conn.subscriptions.write().extend(subscriptions);
+
+    async {
+        let accepted = connect(&core, &info, &conn, params).await;
+        if let Err(err) = accepted {
+            tracing::debug!(error = %err, "connection rejected");
+            conn.push(error_frame(encoding, None, &err, dev));
+            conn.close(close::POLICY, "connection rejected");
+            return;
+        }
+        tracing::debug!("connection open");
+        read_loop(&core, &info, &conn, &mut stream).await;
+        // Tell the actor, whichever way the socket ended.
+        if let Ok(handle) = core.handle_for(&info) {
+            // A stopping actor closes its connections itself.
+            let _ = handle.send(Command::Disconnect {
+                conn_id: conn.id.clone(),
+            });
+        }
+        tracing::debug!("connection closed");
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn reject(mut socket: WebSocket, encoding: Encoding, err: &Error, dev: bool) {
+    let _ = socket.send(error_frame(encoding, None, err, dev)).await;
+    let frame = CloseFrame {
+        code: close::POLICY,
+        reason: Utf8Bytes::from(format!("{}.{}", err.group(), err.code())),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+}
+
+/// Asks the actor (waking it if needed) to admit the connection.
+async fn connect(
+    core: &Arc<Core>,
+    info: &Arc<ActorInfo>,
+    conn: &ConnHandle,
+    params: Payload,
+) -> Result<()> {
+    let (reply, rx) = oneshot::channel();
+    let command = Command::Connect {
+        conn: conn.clone(),
+        params,
+        reply,
+    };
+    core.deliver(info, command).await?;
+    rx.await.map_err(|_| Error::ActorStopped)?
+}
+
+async fn read_loop(
+    core: &Arc<Core>,
+    info: &Arc<ActorInfo>,
+    conn: &ConnHandle,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) {
+    let dev = core.config.dev;
+    loop {
+        let next = tokio::select! {
+            // Closed by the actor, the server, or a slow-consumer overflow.
+            biased;
+            _ = conn.closing.token.cancelled() => return,
+            // The next message from the client.
+            next = stream.next() => next,
+        };
+        let frame = match next {
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) => {
+                let (code, reason) = classify_read_error(&err);
+                conn.close(code, &reason);
+                return;
+            }
+            None => return,
+        };
+        if matches!(frame, Message::Close(_)) {
+            return;
+        }
+        if matches!(frame, Message::Ping(_) | Message::Pong(_)) {
+            continue;
+        }
+        match ClientMessage::parse(&frame, conn.encoding) {
+            Ok(ClientMessage::Call { id, action, args }) => {
+                call(core, info, conn, id, action, args);
+            }
+            Ok(ClientMessage::Subscribe(event)) => {
+                conn.subscriptions.write().insert(event);
+            }
+            Ok(ClientMessage::Unsubscribe(event)) => {
+                conn.subscriptions.write().remove(&event);
+            }
+            Ok(ClientMessage::Init { .. }) => {
+                conn.push(error_frame(
+                    conn.encoding,
+                    None,
+                    &Error::malformed("init was already sent"),
+                    dev,
+                ));
+                conn.close(close::POLICY, "init was already sent");
+                return;
+            }
+            Err(err) => {
+                conn.push(error_frame(conn.encoding, None, &err, dev));
+                let code = if matches!(err, Error::RequestMalformed { .. }) {
+                    close::POLICY
+                } else {
+                    close::INVALID_PAYLOAD
+                };
+                conn.close(code, "malformed message");
+                return;
+            }
+        }
+    }
+}
+
+/// Runs one action for a connection; the reply is queued when it is ready.
+fn call(
+    core: &Arc<Core>,
+    info: &Arc<ActorInfo>,
+    conn: &ConnHandle,
+    id: u64,
+    action: String,
+    args: Payload,
+) {
+    let core = core.clone();
+    let info = info.clone();
+    let conn = conn.clone();
+    let task_core = core.clone();
+    core.tracker.spawn(
+        async move {
+            let dev = task_core.config.dev;
+            let output = conn.encoding;
+            let result = async {
+                task_core.types.get(&info.name)?.check_action(&action)?;
+                let handle = task_core.handle_for(&info)?;
+                let (reply, rx) = oneshot::channel();
+                let call = ActionCall {
+                    action,
+                    args,
+                    output,
+                    conn_id: Some(conn.id.to_string()),
+                };
+                handle.send(Command::Action { call, reply })?;
+                rx.await.map_err(|_| Error::ActorStopped)?
+            }
+            .await;
+            let frame = match result {
+                Ok(payload) => reply_frame(output, id, &payload.bytes),
+                Err(err) => error_frame(output, Some(id), &err, dev),
+            };
+            conn.push(frame);
+        }
+        .in_current_span(),
+    );
+}
+
+fn classify_read_error(err: &axum::Error) -> (u16, String) {
+    let text = err.to_string();
+    if text.contains("too long")
+        || text.contains("too big")
+        || text.contains("Space limit")
+        || text.contains("Message too long")
+    {
+        (close::TOO_BIG, "message too big".to_string())
+    } else if text.contains("UTF-8") || text.contains("utf-8") {
+        (close::INVALID_PAYLOAD, "invalid UTF-8".to_string())
+    } else {
+        (close::POLICY, "protocol error".to_string())
+    }
+}
+
+/// Serves a raw WebSocket handed to the actor's `onWebSocket`.
+pub(crate) async fn serve_raw_socket(
+    core: Arc<Core>,
+    socket: WebSocket,
+    info: Arc<ActorInfo>,
+    path: String,
+    headers: Vec<(String, String)>,
+) {
+    let socket_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
+    let span = tracing::debug_span!(parent: &crate::actor::ActorTask::span(&info), "raw_socket", socket_id = %socket_id);
+    let (mut stream, conn) = split(
+        &core,
+        socket,
+        socket_id.clone(),
+        Encoding::Json,
+        span.clone(),
+    );
+    async {
+        core.raw_sockets
+            .lock()
+            .insert(socket_id.clone(), conn.clone());
+        let open = RawSocketEvent::Open {
+            socket_id: socket_id.to_string(),
+            path,
+            headers,
+        };
+        if let Err(err) = raw_event(&core, &info, Some(conn.clone()), open).await {
+            tracing::debug!(error = %err, "raw socket refused");
+            conn.close(close::POLICY, &format!("{}.{}", err.group(), err.code()));
+        } else {
+            let (code, reason) = loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = conn.closing.token.cancelled() => break (close::GOING_AWAY, String::new()),
+                    next = stream.next() => next,
+                };
+                let (data, binary) = match next {
+                    Some(Ok(Message::Text(text))) => (text.as_bytes().to_vec(), false),
+                    Some(Ok(Message::Binary(data))) => (data.to_vec(), true),
+                    Some(Ok(Message::Close(frame))) => {
+                        break frame.map_or((close::NORMAL, String::new()), |f| {
+                            (f.code, f.reason.to_string())
+                        })
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(err)) => {
+                        let (code, reason) = classify_read_error(&err);
+                        conn.close(code, &reason);
+                        break (code, reason);
+                    }
+                    None => break (1006, String::new()),
+                };
+                let message = RawSocketEvent::Message {
+                    socket_id: socket_id.to_string(),
+                    data,
+                    binary,
+                };
+                if let Err(err) = raw_event(&core, &info, None, message).await {
+                    tracing::debug!(error = %err, "delivering a raw message failed");
+                }
+            };
+            let closed = RawSocketEvent::Close {
+                socket_id: socket_id.to_string(),
+                code,
+                reason,
+            };
+            // The actor may be stopping; its instance goes with it.
+            let _ = raw_event(&core, &info, None, closed).await;
+        }
+        core.raw_sockets.lock().remove(&socket_id);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Delivers a raw socket event through the actor's mailbox, in order with its other work.
+async fn raw_event(
+    core: &Arc<Core>,
+    info: &Arc<ActorInfo>,
+    socket: Option<ConnHandle>,
+    event: RawSocketEvent,
+) -> Result<()> {
+    let (reply, rx) = oneshot::channel();
+    let command = Command::RawSocket {
+        event,
+        socket,
+        reply,
+    };
+    core.deliver(info, command).await?;
+    rx.await.map_err(|_| Error::ActorStopped)?
+}

@@ -1,0 +1,293 @@
+// A live connection to one actor over WebSocket: events, actions over the same socket, and
+// reconnection with backoff. Works in browsers (global WebSocket) and in Node 20, where the
+// `ws` package stands in for the missing global.
+import { decode, encode } from "./cbor";
+import { KeelError, type ErrorBody } from "./errors";
+
+/** Where a connection stands. */
+export type ConnectionStatus = "connecting" | "open" | "reconnecting" | "closed";
+
+/** Reconnection settings. */
+export interface ReconnectOptions {
+  /** Delay before the first retry, in milliseconds (default 250). */
+  initialDelayMs?: number;
+  /** Longest delay between retries (default 10000). */
+  maxDelayMs?: number;
+  /** Give up after this many failed attempts in a row (default: never). */
+  maxAttempts?: number;
+}
+
+/** What a connection needs to (re)connect. */
+export interface ConnectTarget {
+  url: string;
+  key: string[];
+  mode: "get" | "create" | "getOrCreate";
+  input?: unknown;
+  params?: unknown;
+  reconnect?: ReconnectOptions | false;
+  /** A WebSocket constructor; defaults to the global one, else the `ws` package. */
+  WebSocket?: typeof WebSocket;
+}
+
+type Listener = (data: any) => void;
+
+interface PendingCall {
+  resolve: (value: unknown) => void;
+  reject: (err: unknown) => void;
+}
+
+const OPEN = 1;
+
+function loadWebSocket(): typeof WebSocket {
+  if (typeof globalThis.WebSocket === "function") return globalThis.WebSocket;
+  // Node 20 has no global WebSocket; `ws` implements the same interface.
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return require("ws") as typeof WebSocket;
+}
+
+/** A connection to one actor. Action methods are added by the handle's proxy. */
+export class ActorConnectionImpl {
+  /** The actor's id, once connected. */
+  actorId: string | undefined;
+  /** This connection's id, once connected (a new one after each reconnect). */
+  connId: string | undefined;
+  private socket: WebSocket | undefined;
+  private statusValue: ConnectionStatus = "connecting";
+  private readonly listeners = new Map<string, Set<Listener>>();
+  private readonly statusListeners = new Set<(status: ConnectionStatus) => void>();
+  private readonly errorListeners = new Set<(err: KeelError) => void>();
+  private readonly pending = new Map<number, PendingCall>();
+  /** Calls made before the connection was ready, sent once it is. */
+  private queued: Array<{ id: number; action: string; args: unknown[] }> = [];
+  private nextCallId = 1;
+  private attempts = 0;
+  private retryTimer: ReturnType<typeof setTimeout> | undefined;
+  private disposed = false;
+  private readonly WebSocketImpl: typeof WebSocket;
+  private firstReady: { promise: Promise<void>; resolve: () => void; reject: (err: unknown) => void };
+
+  constructor(private readonly target: ConnectTarget) {
+    this.WebSocketImpl = target.WebSocket ?? loadWebSocket();
+    let resolve!: () => void;
+    let reject!: (err: unknown) => void;
+    const promise = new Promise<void>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    // Nobody has to await `ready`; a refusal is also reported through `onError`.
+    promise.catch(() => {});
+    this.firstReady = { promise, resolve, reject };
+    this.open();
+  }
+
+  /** Resolves once the connection is first admitted; rejects if it is refused. */
+  get ready(): Promise<void> {
+    return this.firstReady.promise;
+  }
+
+  /** Where the connection stands. */
+  get status(): ConnectionStatus {
+    return this.statusValue;
+  }
+
+  /** Listens for an event; returns a function that stops listening. */
+  on(event: string, listener: Listener): () => void {
+    let set = this.listeners.get(event);
+    if (set === undefined) {
+      set = new Set();
+      this.listeners.set(event, set);
+      this.sendFrame({ t: "sub", event });
+    }
+    set.add(listener);
+    return () => {
+      const current = this.listeners.get(event);
+      if (current === undefined || !current.delete(listener) || current.size > 0) return;
+      this.listeners.delete(event);
+      this.sendFrame({ t: "unsub", event });
+    };
+  }
+
+  /** Listens for status changes; returns a function that stops listening. */
+  onStatusChange(listener: (status: ConnectionStatus) => void): () => void {
+    this.statusListeners.add(listener);
+    return () => this.statusListeners.delete(listener);
+  }
+
+  /** Listens for connection errors (a refusal, a dropped call); returns an unsubscribe. */
+  onError(listener: (err: KeelError) => void): () => void {
+    this.errorListeners.add(listener);
+    return () => this.errorListeners.delete(listener);
+  }
+
+  /** Calls an action over the connection. */
+  call(action: string, args: unknown[]): Promise<unknown> {
+    if (this.disposed || this.statusValue === "closed") {
+      return Promise.reject(new KeelError({ group: "client", code: "closed", message: "the connection is closed" }));
+    }
+    const id = this.nextCallId++;
+    // Encode now, so an unsupported value fails this call rather than the socket.
+    encode(args);
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      if (this.statusValue === "open") this.sendFrame({ t: "call", id, action, args });
+      else this.queued.push({ id, action, args });
+    });
+  }
+
+  /** Closes the connection for good. */
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    if (this.retryTimer !== undefined) clearTimeout(this.retryTimer);
+    this.failPending(new KeelError({ group: "client", code: "closed", message: "the connection was disposed" }), true);
+    this.socket?.close(1000, "disposed");
+    this.setStatus("closed");
+  }
+
+  private setStatus(status: ConnectionStatus): void {
+    if (this.statusValue === status) return;
+    this.statusValue = status;
+    for (const listener of this.statusListeners) listener(status);
+  }
+
+  private emitError(err: KeelError): void {
+    for (const listener of this.errorListeners) listener(err);
+  }
+
+  private url(): string {
+    const base = this.target.url.replace(/\/+$/, "").replace(/^http/, "ws");
+    return base;
+  }
+
+  private open(): void {
+    const socket = new this.WebSocketImpl(this.url());
+    socket.binaryType = "arraybuffer";
+    this.socket = socket;
+    socket.onopen = () => {
+      const init: Record<string, unknown> = {
+        t: "init",
+        key: this.target.key,
+        mode: this.target.mode,
+        params: this.target.params ?? null,
+        subs: [...this.listeners.keys()],
+      };
+      if (this.target.input !== undefined) init.input = this.target.input;
+      socket.send(encode(init));
+    };
+    socket.onmessage = (event: MessageEvent) => this.onFrame(event.data);
+    socket.onclose = (event: CloseEvent) => this.onClose(socket, event.code, event.reason);
+    socket.onerror = () => {
+      // The close event follows and decides what happens next.
+    };
+  }
+
+  private onFrame(data: unknown): void {
+    let message: any;
+    try {
+      const bytes = data instanceof ArrayBuffer ? new Uint8Array(data) : (data as Uint8Array);
+      message = typeof data === "string" ? JSON.parse(data) : decode(bytes);
+    } catch {
+      this.emitError(new KeelError({ group: "client", code: "bad_response", message: "undecodable message from the server" }));
+      return;
+    }
+    switch (message?.t) {
+      case "ready": {
+        this.actorId = message.actorId;
+        this.connId = message.connId;
+        this.attempts = 0;
+        this.setStatus("open");
+        this.firstReady.resolve();
+        const queued = this.queued;
+        this.queued = [];
+        for (const call of queued) this.sendFrame({ t: "call", ...call });
+        break;
+      }
+      case "reply": {
+        const call = this.pending.get(message.id);
+        if (call === undefined) return;
+        this.pending.delete(message.id);
+        if (message.error) call.reject(new KeelError(message.error as ErrorBody));
+        else call.resolve(message.output);
+        break;
+      }
+      case "event": {
+        for (const listener of [...(this.listeners.get(message.event) ?? [])]) {
+          try {
+            listener(message.data);
+          } catch (err) {
+            // A throwing listener must not break the connection; report it and go on.
+            queueMicrotask(() => {
+              throw err;
+            });
+          }
+        }
+        break;
+      }
+      case "error": {
+        const err = new KeelError(message.error as ErrorBody);
+        this.refused = err;
+        this.emitError(err);
+        break;
+      }
+    }
+  }
+
+  /** The structured error of a refused connection, which ends reconnection. */
+  private refused: KeelError | undefined;
+
+  private onClose(socket: WebSocket, code: number, reason: string): void {
+    if (socket !== this.socket || this.disposed) return;
+    const lost = new KeelError({
+      group: "client",
+      code: "connection_lost",
+      message: `the connection closed (${code}${reason ? `: ${reason}` : ""}) before the reply`,
+      metadata: { closeCode: code },
+    });
+    // Calls in flight may or may not have run: fail them. Queued ones wait for the next socket.
+    this.failPending(lost, false);
+    const options = this.target.reconnect === false ? undefined : (this.target.reconnect ?? {});
+    // 1000: the actor closed this connection on purpose; 1007/1008: it refused what we sent.
+    // Reconnecting would not help; 1001 (going away), 1006, 1011 and 1013 are worth a retry.
+    const final = code === 1000 || code === 1007 || code === 1008;
+    const refused =
+      this.refused ??
+      (final && code !== 1000
+        ? new KeelError({ group: "client", code: "refused", message: `the server closed the connection: ${reason || code}`, metadata: { closeCode: code } })
+        : undefined);
+    if (final || refused !== undefined || options === undefined || (options.maxAttempts !== undefined && this.attempts >= options.maxAttempts)) {
+      const err = refused ?? lost;
+      this.failPending(err, true);
+      this.firstReady.reject(err);
+      this.setStatus("closed");
+      return;
+    }
+    this.setStatus("reconnecting");
+    const initial = options.initialDelayMs ?? 250;
+    const max = options.maxDelayMs ?? 10_000;
+    const delay = Math.min(max, initial * 2 ** this.attempts) * (0.5 + Math.random() / 2);
+    this.attempts++;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      if (!this.disposed) this.open();
+    }, delay);
+  }
+
+  private failPending(err: KeelError, includingQueued: boolean): void {
+    const queuedIds = new Set(this.queued.map((call) => call.id));
+    for (const [id, call] of this.pending) {
+      if (!includingQueued && queuedIds.has(id)) continue;
+      this.pending.delete(id);
+      call.reject(err);
+    }
+    if (includingQueued) this.queued = [];
+  }
+
+  private sendFrame(message: Record<string, unknown>): void {
+    const socket = this.socket;
+    if (socket === undefined || socket.readyState !== OPEN || this.statusValue !== "open") {
+      // Subscriptions travel with the next init; calls are queued by `call`.
+      return;
+    }
+    socket.send(encode(message));
+  }
+}
