@@ -1,6 +1,6 @@
 // Compile-time tests of the client's inferred types, checked by `tsc --noEmit` in `npm test`.
 // Each `@ts-expect-error` must be an error, or tsc fails the build.
-import { actor, setup } from "keel";
+import { actor, event, setup } from "keel";
 import { createClient } from "keel/client";
 
 const counter = actor({
@@ -22,7 +22,19 @@ const greeter = actor({
   },
 });
 
-const registry = setup({ use: { counter, greeter } });
+const chat = actor({
+  state: { log: [] as string[] },
+  events: { message: event<string>(), joined: event<{ name: string }>() },
+  actions: {
+    send: (c, text: string) => {
+      c.state.log.push(text);
+      c.broadcast("message", text);
+      return c.state.log.length;
+    },
+  },
+});
+
+const registry = setup({ use: { counter, greeter, chat } });
 const client = createClient<typeof registry>("http://127.0.0.1:6420");
 
 async function check(): Promise<void> {
@@ -48,6 +60,22 @@ async function check(): Promise<void> {
   client.greeter.getOrCreate(["g"], { input: { greeting: 5 } });
   const greeting: string = await client.greeter.get(["g"]).greet("bob");
   void [wrong, greeting];
+
+  const conn = client.chat.getOrCreate(["room"]).connect({ name: "ada" });
+  conn.on("message", (text) => {
+    const upper: string = text.toUpperCase();
+    void upper;
+  });
+  conn.on("joined", (who) => {
+    const name: string = who.name;
+    void name;
+  });
+  // @ts-expect-error: no such event.
+  conn.on("typo", () => {});
+  const sent: number = await conn.send("hi");
+  // @ts-expect-error: the argument must be a string.
+  await conn.send(5);
+  void sent;
 
   const state = actor({
     state: { items: [] as string[] },

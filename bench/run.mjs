@@ -378,7 +378,7 @@ function lifecycleWorkloads(opts) {
       name: "memory",
       actors: opts.memActors,
       concurrency: 64,
-      warmupActors: 1000,
+      warmupActors: opts.memActors,
       timeCapMs: 300_000,
     },
     {

@@ -795,3 +795,126 @@ async fn raw_event(
     core.deliver(info, command).await?;
     rx.await.map_err(|_| Error::ActorStopped)?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: &str, encoding: Encoding) -> (ConnHandle, mpsc::Receiver<Message>) {
+        ConnHandle::new(Arc::from(id), encoding)
+    }
+
+    fn outbound(to: Option<&str>, event: &str) -> Outbound {
+        Outbound {
+            to: to.map(str::to_string),
+            event: event.to_string(),
+            json: Some(b"\"hi\"".to_vec()),
+            cbor: Some(vec![0x62, b'h', b'i']),
+        }
+    }
+
+    #[test]
+    fn broadcasts_reach_subscribers_and_sends_reach_their_target() {
+        let (a, mut a_rx) = conn("a", Encoding::Json);
+        let (b, mut b_rx) = conn("b", Encoding::Cbor);
+        let (c, mut c_rx) = conn("c", Encoding::Json);
+        a.subscriptions.write().insert("chat".into());
+        b.subscriptions.write().insert("chat".into());
+        deliver(
+            &[a.clone(), b.clone(), c.clone()],
+            &[
+                outbound(None, "chat"),
+                outbound(Some("c"), "direct"),
+                outbound(None, "other"),
+            ],
+        );
+        let Ok(Message::Text(text)) = a_rx.try_recv() else {
+            panic!("a gets a JSON frame")
+        };
+        assert_eq!(text.as_str(), r#"{"t":"event","event":"chat","data":"hi"}"#);
+        assert!(a_rx.try_recv().is_err(), "a is not subscribed to the rest");
+        let Ok(Message::Binary(data)) = b_rx.try_recv() else {
+            panic!("b gets a CBOR frame")
+        };
+        let entries = cbor::map_entries(&data).unwrap();
+        assert_eq!(cbor::text(&data, entries[1].1.start).unwrap(), "chat");
+        assert_eq!(&data[entries[2].1.clone()], &[0x62, b'h', b'i']);
+        let Ok(Message::Text(direct)) = c_rx.try_recv() else {
+            panic!("c gets its direct event")
+        };
+        assert!(direct.as_str().contains(r#""event":"direct""#));
+        assert!(c_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_slow_consumer_is_closed_at_the_bound_and_nothing_else_is_blocked() {
+        let (slow, _slow_rx) = conn("slow", Encoding::Json);
+        let (fast, mut fast_rx) = conn("fast", Encoding::Json);
+        let frame = Message::Text("x".repeat(64 * 1024).into());
+        let fits = MAX_OUTGOING_BYTES / (64 * 1024);
+        for _ in 0..fits {
+            slow.push(frame.clone());
+        }
+        assert!(!slow.closing.token.is_cancelled(), "within the bound");
+        slow.push(frame.clone());
+        assert!(slow.closing.token.is_cancelled(), "past the bound");
+        let close = slow.closing.frame.lock().clone().unwrap();
+        assert_eq!(close.code, close::TRY_AGAIN_LATER);
+        assert!(
+            !slow.closing.flush.load(Ordering::Acquire),
+            "a slow consumer's queue is dropped"
+        );
+        // Another connection is untouched.
+        fast.push(frame);
+        assert!(fast_rx.try_recv().is_ok());
+        assert!(!fast.closing.token.is_cancelled());
+    }
+
+    #[test]
+    fn too_many_frames_also_count_as_slow() {
+        let (slow, _rx) = conn("slow", Encoding::Json);
+        for _ in 0..MAX_OUTGOING_FRAMES {
+            slow.push(Message::Text("a".into()));
+        }
+        assert!(!slow.closing.token.is_cancelled());
+        slow.push(Message::Text("a".into()));
+        assert!(slow.closing.token.is_cancelled());
+    }
+
+    #[test]
+    fn client_messages_parse_in_both_encodings() {
+        let json = Message::Text(r#"{"t":"call","id":3,"action":"send","args":["x"]}"#.into());
+        let ClientMessage::Call { id, action, args } =
+            ClientMessage::parse(&json, Encoding::Json).unwrap()
+        else {
+            panic!("a call")
+        };
+        assert_eq!(
+            (id, action.as_str(), args.bytes.as_slice()),
+            (3, "send", br#"["x"]"#.as_slice())
+        );
+        let mut cbor_frame = Vec::new();
+        cbor::write_json(
+            &mut cbor_frame,
+            &serde_json::json!({"t": "sub", "event": "chat"}),
+        );
+        let parsed =
+            ClientMessage::parse(&Message::Binary(cbor_frame.into()), Encoding::Cbor).unwrap();
+        assert!(matches!(parsed, ClientMessage::Subscribe(event) if event == "chat"));
+        for bad in [
+            r#"{"t":"call","id":1}"#,
+            r#"{"t":"nope"}"#,
+            r#"{"t":"call","id":1,"action":"a","args":5}"#,
+            "[]",
+        ] {
+            assert!(
+                ClientMessage::parse(&Message::Text(bad.into()), Encoding::Json).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(
+            ClientMessage::parse(&Message::Binary(vec![0xa0].into()), Encoding::Json).is_err(),
+            "encodings do not mix"
+        );
+    }
+}
