@@ -240,10 +240,11 @@ function latencySummary(times) {
 
 /**
  * Wake latency. Every call is one at a time, `touch` on a `napper` (a durable write, like the
- * counter's increment). Awake: each actor is created by one call, then the next call to it is
- * timed while it is certainly awake. Then every actor is put to sleep (`nap`) and, once the
- * probe says none is awake, one call to each is timed: each of those wakes its actor. The
- * outputs must count on across the sleep (1, 2, then 3), which checks that the state survived.
+ * counter's increment). Each actor is created by one untimed call; then every actor is put to
+ * sleep (`nap`) and, once the probe says none is awake, each actor gets two timed calls back to
+ * back: the first wakes it, the second finds it awake. Pairing them on the same actor at the
+ * same moment keeps a noisy machine's drift out of the ratio. The outputs must count on across
+ * the sleep (1, then 2 and 3), which checks that the state survived.
  */
 async function wake() {
   const n = config.actors;
@@ -254,38 +255,33 @@ async function wake() {
     mismatchCount += 1;
     if (mismatches.length < 10) mismatches.push({ key, got, want });
   };
+  const timedTouch = async (key, want, into) => {
+    const t0 = performance.now();
+    const out = await call("napper", key, "touch");
+    into.push(performance.now() - t0);
+    expect(key, out, want);
+  };
 
   // Warm-up: the same cycle on other actors, untimed, so both paths are compiled and the
-  // sockets are open before anything is timed.
+  // socket is open before anything is timed.
   const warm = Math.min(100, n);
+  for (let i = 0; i < warm; i++) await call("napper", [`warm-${i}`], "touch");
+  for (let i = 0; i < warm; i++) await call("napper", [`warm-${i}`], "nap");
+  await untilAllAsleep();
   for (let i = 0; i < warm; i++) {
     await call("napper", [`warm-${i}`], "touch");
     await call("napper", [`warm-${i}`], "touch");
-    await call("napper", [`warm-${i}`], "nap");
-  }
-  await untilAllAsleep();
-  for (let i = 0; i < warm; i++) await call("napper", [`warm-${i}`], "touch");
-
-  const awake = [];
-  for (let i = 0; i < n; i++) {
-    const key = [`wake-${i}`];
-    expect(key, await call("napper", key, "touch"), 1);
-    const t0 = performance.now();
-    const out = await call("napper", key, "touch");
-    awake.push(performance.now() - t0);
-    expect(key, out, 2);
   }
 
+  for (let i = 0; i < n; i++) expect([`wake-${i}`], await call("napper", [`wake-${i}`], "touch"), 1);
   for (let i = 0; i < n; i++) await call("napper", [`wake-${i}`], "nap");
   const waitedMs = await untilAllAsleep();
 
   const asleep = [];
+  const awake = [];
   for (let i = 0; i < n; i++) {
-    const key = [`wake-${i}`];
-    const t0 = performance.now();
-    const out = await call("napper", key, "touch");
-    asleep.push(performance.now() - t0);
-    expect(key, out, 3);
+    await timedTouch([`wake-${i}`], 2, asleep);
+    await timedTouch([`wake-${i}`], 3, awake);
   }
 
   return {
@@ -300,7 +296,9 @@ async function wake() {
 
 /**
  * Memory per actor, from the server's RSS (after a full GC) at four points:
- *   base:    after a warm-up wave of `warmupActors` actors that woke and slept again;
+ *   base:    after a warm-up wave of `warmupActors` actors that woke and slept again, the
+ *            same shape as the next wave, so V8's young generation and the allocators have
+ *            already grown to what that traffic needs;
  *   asleep:  after `actors` more were created, touched and put to sleep, at most
  *            `concurrency` of them awake at a time (so what remains is the cost of sleeping);
  *   awake:   after another `actors` were created and touched, all of them still awake
@@ -336,9 +334,16 @@ async function memory() {
   await forEachConcurrently(n, c, (i) => call("resident", [`awake-${i}`], "nap"));
   await untilAllAsleep();
   const napped = await probe(true);
-  if (process.env.BENCH_EXPERIMENT) for (let k = 0; k < 8; k++) { await sleepMs(1000); const q = await probe(true); (await import("node:fs")).appendFileSync("/tmp/bench-exp.log", `t+${k+1}s ${JSON.stringify(q)}\n`); }
 
   const perActor = (to, from, field) => Math.round((to[field] - from[field]) / n);
+  // Where the RSS went: V8's heap (used, and committed), the other anonymous memory (the Rust
+  // engine, Node's own allocations) and mapped files.
+  const breakdown = (to, from) => {
+    const out = {};
+    for (const field of ["rss", "rssAnon", "rssFile", "heapTotal", "heapUsed", "external"]) out[field] = perActor(to, from, field);
+    out.anonOutsideV8Heap = Math.round((to.rssAnon - to.heapTotal - (from.rssAnon - from.heapTotal)) / n);
+    return out;
+  };
   return {
     workload: "memory",
     actors: n,
@@ -350,11 +355,7 @@ async function memory() {
       // What stays in the process after the awake ones slept too (allocator and V8 pools).
       napped: perActor(napped, asleep, "rss"),
     },
-    heapBytesPerActor: {
-      asleep: perActor(asleep, base, "heapUsed"),
-      awake: perActor(awake, asleep, "heapUsed"),
-      napped: perActor(napped, asleep, "heapUsed"),
-    },
+    breakdownPerActor: { asleep: breakdown(asleep, base), awake: breakdown(awake, asleep), napped: breakdown(napped, asleep) },
     errors: errors.length,
     verify: { ok: errors.length === 0 && base.gc, firstErrors: errors.slice(0, 5) },
   };

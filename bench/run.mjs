@@ -163,7 +163,7 @@ function buildAddon() {
 }
 
 function addonInfo() {
-  if (keelDir !== repoRoot) {
+  if (addonPath !== nativeAddonPath) {
     // The tree's own addon: built there, from that tree's sources.
     return { path: addonPath, profile: "release", bytes: fs.statSync(addonPath).size, builtFrom: { mtime: fs.statSync(addonPath).mtime.toISOString(), ...gitInfo() } };
   }
@@ -482,10 +482,11 @@ function summarizeLifecycle(name, rounds, summary) {
       bytesPerActorRange: {
         awake: [Math.min(...rounds.map((r) => r.bytesPerActor.awake)), Math.max(...rounds.map((r) => r.bytesPerActor.awake))],
         asleep: [Math.min(...rounds.map((r) => r.bytesPerActor.asleep)), Math.max(...rounds.map((r) => r.bytesPerActor.asleep))],
+        napped: [Math.min(...rounds.map((r) => r.bytesPerActor.napped)), Math.max(...rounds.map((r) => r.bytesPerActor.napped))],
       },
-      heapBytesPerActor: {
-        awake: Math.round(median(rounds.map((r) => r.heapBytesPerActor.awake))),
-        asleep: Math.round(median(rounds.map((r) => r.heapBytesPerActor.asleep))),
+      heapUsedBytesPerActor: {
+        awake: Math.round(median(rounds.map((r) => r.breakdownPerActor.awake.heapUsed))),
+        asleep: Math.round(median(rounds.map((r) => r.breakdownPerActor.asleep.heapUsed))),
       },
       baseRssBytes: Math.round(median(rounds.map((r) => r.probes.base.rss))),
       verified,
@@ -521,6 +522,7 @@ function printLifecycleTable(summary) {
     const m = summary.memory;
     rows.push(["memory", "RSS bytes/actor, awake", String(m.bytesPerActor.awake), "", "", yes(m)]);
     rows.push(["memory", "RSS bytes/actor, asleep", String(m.bytesPerActor.asleep), "", "", yes(m)]);
+    rows.push(["memory", "RSS bytes/actor, awake then asleep", String(m.bytesPerActor.napped), "", "", yes(m)]);
   }
   if (summary.alarms) {
     const a = summary.alarms;
@@ -538,6 +540,7 @@ function printLifecycleTable(summary) {
 function printTable(summary) {
   const rows = [["workload", "server", "calls/s", "p50 ms", "p99 ms", "calls", "errors", "verified"]];
   for (const [name, w] of Object.entries(summary)) {
+    if (!COUNTER_WORKLOADS.includes(name)) continue;
     for (const kind of ["keel", "baseline"]) {
       const s = w[kind];
       rows.push([name, kind, s.callsPerSec.toFixed(1), s.p50Ms.toFixed(3), s.p99Ms.toFixed(3), String(s.calls), String(s.errors), s.verified ? "yes" : "NO"]);
