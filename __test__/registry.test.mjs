@@ -178,3 +178,43 @@ test("as PID 1, SIGTERM ends the server with status 143", { skip: !canUnshare &&
   const { code } = await exited;
   assert.equal(code, 143);
 });
+
+test("start-up errors are structured: a port in use, a bad option, a bad grace period", async (t) => {
+  const holder = registryIn(t);
+  holder.start();
+  const { port } = await holder.listening();
+  const clash = registryIn(t, { port });
+  await assert.rejects(clash.start(), { group: "registry", code: "address_in_use" });
+  await assert.rejects(clash.listening(), { code: "address_in_use" });
+  await clash.shutdown();
+  await holder.shutdown();
+
+  const fractional = registryIn(t, { port: 1.5 });
+  await assert.rejects(fractional.start(), { group: "registry", code: "invalid_config", message: /port must be a whole number/ });
+  await assert.rejects(fractional.listening(), { code: "invalid_config" });
+  const negative = registryIn(t, { actionTimeoutMs: -1 });
+  await assert.rejects(negative.start(), { code: "invalid_config" });
+  const grace = setup({ use: { counter }, port: 0, dataDir: tempDir(t), drainTimeoutMs: 40_000 });
+  await assert.rejects(grace.start(), { code: "invalid_config", message: /gracePeriodMs \(30000\) must exceed drainTimeoutMs \(40000\)/ });
+  // Without signal handlers there is no grace period to check.
+  const noSignals = registryIn(t, { drainTimeoutMs: 40_000 });
+  noSignals.start();
+  await noSignals.listening();
+  for (const r of [fractional, negative, grace, noSignals]) await r.shutdown();
+});
+
+test("the serverless handler strips its basePath, and a wrong method is 405", async (t) => {
+  const registry = registryIn(t, { basePath: "/api/keel/" });
+  const mounted = await registry.handler(
+    new Request("http://host.test/api/keel/v1/actors/counter/actions/increment", { method: "POST", body: '{"key":["m"],"args":[3]}' }),
+  );
+  assert.deepEqual([mounted.status, await mounted.json()], [200, { output: 3 }]);
+  const wrongMethod = await registry.handler(new Request("http://host.test/api/keel/v1/actors/counter/actions/increment"));
+  assert.equal(wrongMethod.status, 405);
+  assert.equal((await wrongMethod.json()).code, "method_not_allowed");
+  const positional = await registry.handler(
+    new Request("http://host.test/api/keel/v1/actors/counter/actions/increment", { method: "POST", body: '[["m"],[1]]' }),
+  );
+  assert.equal(positional.status, 400);
+  await registry.shutdown();
+});

@@ -92,6 +92,11 @@ impl CoreRegistry {
                 });
             })
             .await;
+        if let Err(err) = &result {
+            if err.http_status() >= 500 {
+                tracing::error!(group = err.group(), code = err.code(), error = %err, "the server failed to start");
+            }
+        }
         Outcome::from_result(result, dev)
     }
 

@@ -4,7 +4,10 @@ import { JsHost } from "./host";
 import { CoreRegistry, type RuntimeOptions } from "./native";
 import { forgetRegistry, handleSignalsFor } from "./signals";
 
-/** Settings for `setup()`. Each falls back to its `KEEL_*` environment variable, then its default. */
+/**
+ * Settings for `setup()`. `host`, `port`, `dataDir` and `dev` fall back to `KEEL_HOST`,
+ * `KEEL_PORT`, `KEEL_DATA_DIR` and `KEEL_DEV`; every option then falls back to its default.
+ */
 export interface SetupConfig<U extends Record<string, AnyActorDefinition>> {
   /** The actor types, by the name clients use. */
   use: U;
@@ -30,6 +33,12 @@ export interface SetupConfig<U extends Record<string, AnyActorDefinition>> {
   maxBodyBytes?: number;
   /** Messages one actor may hold queued. Default 1024. */
   maxMailboxLen?: number;
+  /** Largest key segment in bytes. Default 128. */
+  maxKeySegmentBytes?: number;
+  /** Largest key (its canonical string) in bytes. Default 1024. */
+  maxKeyBytes?: number;
+  /** In serverless mode, the path prefix the host mounts keel under (such as `/api/keel`). */
+  basePath?: string;
   /** Don't install SIGINT/SIGTERM handlers in `start()`. */
   disableSignalHandlers?: boolean;
   /** Dev mode: internal error messages reach clients. `KEEL_DEV=1`. */
@@ -63,6 +72,34 @@ function envNumber(name: string): number | undefined {
 
 function fail(body: ErrorBody | null | undefined): void {
   if (body) throw new KeelError(body);
+}
+
+function invalidConfig(message: string): KeelError {
+  return new KeelError({ group: "registry", code: "invalid_config", message });
+}
+
+/** Numeric options: whole numbers within their range, or a clear error. */
+const NUMERIC_OPTIONS: Record<string, [min: number, max: number]> = {
+  port: [0, 65535],
+  drainTimeoutMs: [0, 2 ** 32 - 1],
+  gracePeriodMs: [1, 2 ** 32 - 1],
+  actionTimeoutMs: [1, 2 ** 32 - 1],
+  hookTimeoutMs: [1, 2 ** 32 - 1],
+  sleepTimeoutMs: [1, 2 ** 32 - 1],
+  maxBodyBytes: [1, 2 ** 32 - 1],
+  maxMailboxLen: [1, 2 ** 32 - 1],
+  maxKeySegmentBytes: [1, 2 ** 32 - 1],
+  maxKeyBytes: [1, 2 ** 32 - 1],
+};
+
+function checkNumbers(options: Record<string, unknown>): void {
+  for (const [name, [min, max]] of Object.entries(NUMERIC_OPTIONS)) {
+    const value = options[name];
+    if (value === undefined) continue;
+    if (typeof value !== "number" || !Number.isInteger(value) || value < min || value > max) {
+      throw invalidConfig(`${name} must be a whole number from ${min} to ${max}, not ${JSON.stringify(value)}`);
+    }
+  }
 }
 
 /** A set of actor types and the runtime that serves them. */
@@ -117,20 +154,26 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
       sleepTimeoutMs: c.sleepTimeoutMs,
       maxBodyBytes: c.maxBodyBytes,
       maxMailboxLen: c.maxMailboxLen,
+      maxKeySegmentBytes: c.maxKeySegmentBytes,
+      maxKeyBytes: c.maxKeyBytes,
       dev: c.dev ?? process.env.KEEL_DEV === "1",
     };
   }
 
+  /** The runtime options, checked: numbers are whole and in range. */
+  private checkedOptions(): RuntimeOptions {
+    checkNumbers(this.config as unknown as Record<string, unknown>);
+    const options = this.runtimeOptions();
+    checkNumbers(options as Record<string, unknown>);
+    fail(this.native.validateOptions(options));
+    return options;
+  }
+
+  /** The signal handlers' grace period, which must exceed the drain timeout. */
   private gracePeriodMs(): number {
     const grace = this.config.gracePeriodMs ?? DEFAULT_GRACE_PERIOD_MS;
     const drain = this.config.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
-    if (!(grace > drain)) {
-      throw new KeelError({
-        group: "registry",
-        code: "invalid_config",
-        message: `gracePeriodMs (${grace}) must exceed drainTimeoutMs (${drain})`,
-      });
-    }
+    if (!(grace > drain)) throw invalidConfig(`gracePeriodMs (${grace}) must exceed drainTimeoutMs (${drain})`);
     return grace;
   }
 
@@ -140,20 +183,20 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
    */
   start(): Promise<void> {
     let options: RuntimeOptions;
-    let grace: number;
+    let grace = 0;
     try {
-      options = this.runtimeOptions();
-      grace = this.gracePeriodMs();
-      fail(this.native.validateOptions(options));
+      options = this.checkedOptions();
+      if (!this.config.disableSignalHandlers) grace = this.gracePeriodMs();
     } catch (err) {
+      if (this.serving === undefined) {
+        // `listening()` must not wait for a start that never began.
+        this.freshListening();
+        this.rejectListening?.(err);
+      }
       return Promise.reject(err);
     }
     const first = this.serving === undefined;
-    if (first) {
-      // A failed start also rejects `listening()`; callers who never asked for it should not
-      // see an unhandled rejection from it.
-      this.listening().catch(() => {});
-    }
+    if (first) this.freshListening();
     const serving = this.native
       .serve(options, (address) => {
         const index = address.lastIndexOf(":");
@@ -172,7 +215,6 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
           this.rejectListening?.(err);
           // The registry went back to idle: a later `start()` may try again.
           this.serving = undefined;
-          this.listenInfo = undefined;
         }
         throw err;
       });
@@ -182,12 +224,32 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     return serving;
   }
 
+  /**
+   * A new `listening()` promise for a start that is beginning, unless one is still pending.
+   * A failed start rejects it, and a caller who never asked for it sees no unhandled
+   * rejection.
+   */
+  private freshListening(): void {
+    if (this.listenInfo !== undefined && this.resolveListening !== undefined && !this.listenSettled) return;
+    this.listenInfo = undefined;
+    this.listenSettled = false;
+    this.listening().catch(() => {});
+  }
+
+  private listenSettled = false;
+
   /** Resolves with the address once the server listens. */
   listening(): Promise<ListenInfo> {
     if (this.listenInfo === undefined) {
       this.listenInfo = new Promise<ListenInfo>((resolve, reject) => {
-        this.resolveListening = resolve;
-        this.rejectListening = reject;
+        this.resolveListening = (info) => {
+          this.listenSettled = true;
+          resolve(info);
+        };
+        this.rejectListening = (err) => {
+          this.listenSettled = true;
+          reject(err);
+        };
       });
     }
     return this.listenInfo;
@@ -216,12 +278,26 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
    * (such as `registry.shut_down` after `shutdown()`), come back as JSON error responses.
    */
   readonly handler = async (request: Request): Promise<Response> => {
-    this.serverlessOptions ??= this.runtimeOptions();
+    try {
+      this.serverlessOptions ??= this.checkedOptions();
+    } catch (err) {
+      const body = err instanceof KeelError ? { group: err.group, code: err.code, message: err.message, metadata: null } : { group: "registry", code: "invalid_config", message: String(err), metadata: null };
+      return Response.json(body, { status: 500 });
+    }
+    let url = request.url;
+    const base = this.config.basePath?.replace(/\/+$/, "");
+    if (base) {
+      const parsed = new URL(url);
+      if (parsed.pathname === base || parsed.pathname.startsWith(`${base}/`)) {
+        parsed.pathname = parsed.pathname.slice(base.length) || "/";
+        url = parsed.toString();
+      }
+    }
     const hasBody = request.method !== "GET" && request.method !== "HEAD";
     const body = hasBody ? Buffer.from(await request.arrayBuffer()) : undefined;
     const response = await this.native.handleRequest(this.serverlessOptions, {
       method: request.method,
-      url: request.url,
+      url,
       headers: [...request.headers],
       body,
     });

@@ -9,15 +9,14 @@ type Stoppable = { shutdown(): Promise<void> };
 const SIGNALS = ["SIGINT", "SIGTERM"] as const;
 type HandledSignal = (typeof SIGNALS)[number];
 
-const registries = new Set<Stoppable>();
+/** Registries to shut down on a signal, with their grace periods. */
+const registries = new Map<Stoppable, number>();
 let installed = false;
 let draining = false;
-let gracePeriodMs = 30_000;
 
 /** Adds a registry to shut down on a signal, installing the listeners on first use. */
 export function handleSignalsFor(registry: Stoppable, graceMs: number): void {
-  registries.add(registry);
-  gracePeriodMs = Math.max(gracePeriodMs === 30_000 ? graceMs : gracePeriodMs, graceMs);
+  registries.set(registry, graceMs);
   if (installed) return;
   installed = true;
   for (const signal of SIGNALS) process.on(signal, onSignal);
@@ -53,8 +52,10 @@ function onSignal(signal: HandledSignal): void {
     return;
   }
   draining = true;
+  // The longest grace period of the registries being shut down bounds the whole shutdown.
+  const gracePeriodMs = Math.max(0, ...registries.values());
   const grace = setTimeout(() => reraise(signal), gracePeriodMs);
-  const all = [...registries].map((registry) => registry.shutdown());
+  const all = [...registries.keys()].map((registry) => registry.shutdown());
   void Promise.allSettled(all).then(() => {
     clearTimeout(grace);
     // One more turn lets the app's own reactions to the shutdown (such as code after an

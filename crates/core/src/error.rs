@@ -34,6 +34,13 @@ pub enum Error {
     /// Two actor types with one name.
     #[error("an actor type named {name:?} is already registered")]
     DuplicateActorType { name: String },
+    /// The server could not listen on its address.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A configuration value is out of range or malformed.
     #[error("invalid configuration: {message}")]
     InvalidConfig { message: String },
@@ -91,6 +98,9 @@ pub enum Error {
     /// An actor key breaks the key rules.
     #[error("invalid actor key: {message}")]
     InvalidKey { message: String },
+    /// The route exists but not for this method.
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
     /// No route matches the request.
     #[error("no route for {method} {path}")]
     RouteNotFound { method: String, path: String },
@@ -112,7 +122,7 @@ pub enum Error {
     #[error("storage failed: {0}")]
     Storage(#[from] rusqlite::Error),
     /// The filesystem failed.
-    #[error("i/o failed: {context}")]
+    #[error("i/o failed: {context}: {source}")]
     Io {
         context: String,
         #[source]
@@ -134,6 +144,7 @@ impl Error {
             | RegistryShutDown
             | RegistryShuttingDown
             | DuplicateActorType { .. }
+            | Bind { .. }
             | InvalidConfig { .. } => "registry",
             ActorTypeNotFound { .. }
             | ActorNotFound
@@ -149,6 +160,7 @@ impl Error {
             RequestMalformed { .. }
             | RequestTooLarge { .. }
             | InvalidKey { .. }
+            | MethodNotAllowed { .. }
             | RouteNotFound { .. } => "request",
             StorageLocked { .. }
             | StorageCorrupt { .. }
@@ -170,6 +182,10 @@ impl Error {
             RegistryShuttingDown => "shutting_down",
             DuplicateActorType { .. } => "duplicate_actor_type",
             InvalidConfig { .. } => "invalid_config",
+            Bind { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+                "address_in_use"
+            }
+            Bind { .. } => "bind_failed",
             ActorTypeNotFound { .. } => "type_not_found",
             ActorNotFound => "not_found",
             ActorAlreadyExists => "already_exists",
@@ -186,6 +202,7 @@ impl Error {
             RequestTooLarge { .. } => "body_too_large",
             InvalidKey { .. } => "invalid_key",
             RouteNotFound { .. } => "route_not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
             StorageLocked { .. } => "locked",
             StorageCorrupt { .. } => "corrupt",
             StorageTooNew { .. } => "too_new",
@@ -209,7 +226,9 @@ impl Error {
             | RegistryWrongMode { .. }
             | RegistryAlreadyRunning
             | DuplicateActorType { .. } => 409,
+            Bind { .. } => 500,
             RequestTooLarge { .. } | KvKeyTooLarge { .. } | KvValueTooLarge { .. } => 413,
+            MethodNotAllowed { .. } => 405,
             ActorOverloaded { .. } => 429,
             RegistryShuttingDown | RegistryShutDown | ActorStopped | StorageLocked { .. } => 503,
             ActionTimedOut { .. } | HookTimedOut { .. } => 504,
@@ -301,6 +320,14 @@ impl Error {
             },
             KvKeyTooLarge { limit } => KvKeyTooLarge { limit: *limit },
             KvValueTooLarge { limit } => KvValueTooLarge { limit: *limit },
+            Bind { address, source } => Bind {
+                address: address.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            MethodNotAllowed { method, path } => MethodNotAllowed {
+                method: method.clone(),
+                path: path.clone(),
+            },
             ActorStopped => ActorStopped,
             User {
                 code,

@@ -46,7 +46,7 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
         .route("/v1/actors/{name}/raw/{key}", any(raw))
         .route("/v1/actors/{name}/raw/{key}/{*path}", any(raw))
         .fallback(route_not_found)
-        .method_not_allowed_fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(core)
 }
 
@@ -299,6 +299,14 @@ async fn raw(
     result.unwrap_or_else(|err| error_response(&err, dev))
 }
 
+async fn method_not_allowed(State(core): State<Arc<Core>>, request: Request) -> Response {
+    let err = Error::MethodNotAllowed {
+        method: request.method().to_string(),
+        path: request.uri().path().to_string(),
+    };
+    error_response(&err, core.config.dev)
+}
+
 /// The JSON form of a request body; every route takes a subset of these fields.
 #[derive(Deserialize)]
 struct JsonEnvelope<'a> {
@@ -343,6 +351,9 @@ impl Envelope {
     fn parse(bytes: &[u8], encoding: Encoding) -> Result<Envelope> {
         match encoding {
             Encoding::Json => {
+                if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+                    return Err(Error::malformed("the body must be a JSON object"));
+                }
                 let body: JsonEnvelope = serde_json::from_slice(bytes)
                     .map_err(|err| Error::malformed(format!("invalid JSON body: {err}")))?;
                 let args = match body.args {
@@ -561,7 +572,9 @@ fn bytes_response(status: StatusCode, body: Vec<u8>, content_type: &'static str)
 pub fn error_response(err: &Error, expose_internal: bool) -> Response {
     let status =
         StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+    // User code that threw was logged where it threw, with the actor's identity.
+    let logged = matches!(err, Error::ActorInternal { .. });
+    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE && !logged {
         tracing::warn!(group = err.group(), code = err.code(), error = %err, "request failed");
     } else {
         tracing::trace!(group = err.group(), code = err.code(), error = %err, "request rejected");

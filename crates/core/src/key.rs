@@ -71,8 +71,9 @@ pub fn decode(canonical: &str) -> Result<Vec<String>> {
 }
 
 /// Checks a key against the configured size limits.
+/// The key's size is its canonical string's length, so separators, escapes and empty
+/// segments count too and many empty segments cannot slip past the limit.
 pub fn validate(key: &[String], limits: &Limits) -> Result<()> {
-    let mut total = 0usize;
     for segment in key {
         if segment.len() > limits.max_key_segment_bytes {
             return Err(invalid(format!(
@@ -81,8 +82,8 @@ pub fn validate(key: &[String], limits: &Limits) -> Result<()> {
                 limits.max_key_segment_bytes
             )));
         }
-        total += segment.len();
     }
+    let total = encode(key).len();
     if total > limits.max_key_bytes {
         return Err(invalid(format!(
             "the key is {total} bytes; the limit is {}",
@@ -212,5 +213,10 @@ mod tests {
         );
         let many: Vec<String> = (0..20).map(|_| "y".repeat(100)).collect();
         assert_eq!(validate(&many, &limits).unwrap_err().code(), "invalid_key");
+        let empties = vec![String::new(); 100_000];
+        assert_eq!(
+            validate(&empties, &limits).unwrap_err().code(),
+            "invalid_key"
+        );
     }
 }

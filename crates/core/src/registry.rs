@@ -168,7 +168,10 @@ impl Registry {
                     listener.set_nonblocking(true)?;
                     Ok(listener)
                 })
-                .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+                .map_err(|source| Error::Bind {
+                    address: config.listen.to_string(),
+                    source,
+                })?;
             let address = listener
                 .local_addr()
                 .map_err(|e| Error::io("reading the bound address", e))?;
