@@ -263,3 +263,13 @@ test("a broadcast is never seen before the state that produced it is durable", a
   restarted.kill("SIGTERM");
   await restarted.exited;
 });
+
+test("a connection holds its actor awake; it sleeps once the last one leaves", async (t) => {
+  const { registry, client } = await start(t, { sleepTimeoutMs: 150 });
+  const conn = client.room.getOrCreate(["awake"]).connect({ name: "ada" });
+  await conn.ready;
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  assert.equal(registry.liveActors, 1, "still awake with a connection open past the sleep timeout");
+  conn.dispose();
+  await until("the actor sleeps", () => registry.liveActors === 0);
+});
