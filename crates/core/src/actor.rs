@@ -411,24 +411,7 @@ impl ActorTask {
                 self.core.host.request(&self.info, request),
             )
             .await;
-        match result {
-            Ok((response, effects)) => self.commit(
-                effects,
-                None,
-                Box::new(move |durable| {
-                    // The caller may have stopped waiting.
-                    let _ = reply.send(durable.map(|()| response));
-                }),
-            ),
-            Err(err) => self.commit(
-                Effects::default(),
-                None,
-                Box::new(move |durable| {
-                    // The caller may have stopped waiting.
-                    let _ = reply.send(durable.and(Err(err)));
-                }),
-            ),
-        }
+        self.commit_reply(result, reply);
     }
 
     async fn handle_raw_socket(
@@ -454,20 +437,7 @@ impl ActorTask {
                 self.core.host.raw_socket(&self.info, event),
             )
             .await;
-        match result {
-            Ok(effects) => self.commit(
-                effects,
-                None,
-                Box::new(move |durable| {
-                    // The socket task may have ended meanwhile.
-                    let _ = reply.send(durable);
-                }),
-            ),
-            Err(err) => {
-                // The socket task may have ended meanwhile.
-                let _ = reply.send(Err(err));
-            }
-        }
+        self.commit_reply(result.map(|effects| ((), effects)), reply);
     }
 
     async fn handle_action(&mut self, call: ActionCall, reply: oneshot::Sender<Result<Payload>>) {
@@ -486,32 +456,33 @@ impl ActorTask {
             self.reset_instance().await;
         }
         let _entered = span.enter();
-        match result {
-            Ok(done) => {
-                tracing::trace!("action finished");
-                let output = done.output;
-                self.commit(
-                    done.effects,
-                    None,
-                    Box::new(move |durable| {
-                        // The caller may have stopped waiting.
-                        let _ = reply.send(durable.map(|()| output));
-                    }),
-                );
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "action failed");
-                // Even an error waits for earlier outputs, so replies leave in order.
-                self.commit(
-                    Effects::default(),
-                    None,
-                    Box::new(move |durable| {
-                        // The caller may have stopped waiting.
-                        let _ = reply.send(durable.and(Err(err)));
-                    }),
-                );
-            }
+        match &result {
+            Ok(_) => tracing::trace!("action finished"),
+            Err(err) => tracing::debug!(error = %err, "action failed"),
         }
+        self.commit_reply(result.map(|done| (done.output, done.effects)), reply);
+    }
+
+    /// Commits a call's outcome and replies once it is durable: the value and its effects on
+    /// success; on failure no effects, and the error still waits for earlier outputs, so
+    /// replies leave in order.
+    fn commit_reply<T: Send + 'static>(
+        &mut self,
+        result: Result<(T, Effects)>,
+        reply: oneshot::Sender<Result<T>>,
+    ) {
+        let (effects, outcome) = match result {
+            Ok((value, effects)) => (effects, Ok(value)),
+            Err(err) => (Effects::default(), Err(err)),
+        };
+        self.commit(
+            effects,
+            None,
+            Box::new(move |durable| {
+                // The caller may have stopped waiting.
+                let _ = reply.send(durable.and(outcome));
+            }),
+        );
     }
 
     /// Runs a due schedule and settles it in the same commit as the action's effects.

@@ -470,8 +470,10 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
     let mut socket = socket;
     // The first message names the actor and fixes the encoding.
     let first = tokio::select! {
+        // The drain began before the client introduced itself: just drop the socket.
         biased;
         _ = core.stop.cancelled() => return,
+        // The init message, within its timeout.
         first = tokio::time::timeout(INIT_TIMEOUT, socket.recv()) => first,
     };
     let first = match first {
@@ -736,8 +738,10 @@ pub(crate) async fn serve_raw_socket(
         } else {
             let (code, reason) = loop {
                 let next = tokio::select! {
+                    // Closed by user code or the actor stopping.
                     biased;
                     _ = conn.closing.token.cancelled() => break (close::GOING_AWAY, String::new()),
+                    // The next message from the peer.
                     next = stream.next() => next,
                 };
                 let (data, binary) = match next {
