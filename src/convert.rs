@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keel_core::{ActorType, Durability, Error, Limits, RuntimeConfig};
+use keel_core::{
+    ActorType, Durability, Error, InspectorConfig, InspectorToken, Limits, RuntimeConfig,
+};
 use napi::bindgen_prelude::Buffer;
 use napi_derive::napi;
 
@@ -130,8 +132,14 @@ pub struct RuntimeOptions {
     pub max_key_segment_bytes: Option<u32>,
     /// Largest key, in bytes. Default 1024.
     pub max_key_bytes: Option<u32>,
-    /// Dev mode: internal error messages reach clients.
+    /// Dev mode: internal error messages reach clients, and the inspector generates a token
+    /// when none is given.
     pub dev: Option<bool>,
+    /// The inspector's bearer token (16 to 512 visible ASCII characters). Without one the
+    /// inspector is off, except in dev mode.
+    pub inspector_token: Option<String>,
+    /// Let the inspector answer peers off the loopback interface, and serverless requests.
+    pub inspector_allow_remote: Option<bool>,
 }
 
 impl RuntimeOptions {
@@ -183,6 +191,14 @@ impl RuntimeOptions {
             ..defaults
         };
         config.dev = self.dev.unwrap_or(false);
+        config.inspector = InspectorConfig {
+            token: self
+                .inspector_token
+                .clone()
+                .filter(|token| !token.is_empty())
+                .map(InspectorToken::new),
+            allow_remote: self.inspector_allow_remote.unwrap_or(false),
+        };
         config.validate()?;
         Ok(config)
     }

@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::convert::ErrorInfo;
+use crate::logging::{ActorSpans, HostCall};
 
 /// The most invocations sent to JS in one call.
 const MAX_BATCH_LEN: usize = 1024;
@@ -260,6 +261,8 @@ pub struct JsHost {
     /// The receiving end, until the batching task takes it on first use.
     queue_rx: Mutex<Option<mpsc::UnboundedReceiver<Invocation>>>,
     started: AtomicBool,
+    /// Each live actor's current span, for lines its user code logs.
+    pub spans: ActorSpans,
 }
 
 impl JsHost {
@@ -273,6 +276,7 @@ impl JsHost {
             queue,
             queue_rx: Mutex::new(Some(queue_rx)),
             started: AtomicBool::new(false),
+            spans: ActorSpans::default(),
         })
     }
 
@@ -411,6 +415,7 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: StartRequest,
     ) -> keel_core::Result<Effects> {
+        let _span = self.0.spans.enter(actor, HostCall::Start);
         let mut invocation = self.0.invocation("start", actor);
         invocation.actor_type = Some(actor.name.to_string());
         invocation.key = Some(actor.key.clone());
@@ -428,6 +433,7 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         call: ActionCall,
     ) -> keel_core::Result<ActionDone> {
+        let _span = self.0.spans.enter(actor, HostCall::Action);
         let mut invocation = self.0.invocation("action", actor);
         invocation.action = Some(call.action);
         invocation.encoding = Some(call.args.encoding.as_str().to_string());
@@ -451,6 +457,7 @@ impl Host for SharedHost {
     }
 
     async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> keel_core::Result<Effects> {
+        let _span = self.0.spans.enter(actor, HostCall::Stop);
         let mut invocation = self.0.invocation("stop", actor);
         invocation.reason = Some(reason.as_str().to_string());
         let reply = check(self.0.invoke(invocation).await?, "stop")?;

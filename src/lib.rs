@@ -6,7 +6,7 @@
 //! # Layout
 //! - `convert`: options in, errors out (the one conversion of core errors for JS).
 //! - `host`: the batched JS host.
-//! - `logging`: the process-wide subscriber.
+//! - `logging`: the process-wide subscriber, and `c.log` lines inside their actor's span.
 
 /// mimalloc returns freed memory to the OS promptly (glibc keeps per-thread arenas), so the
 /// process shrinks again after a burst of actors goes to sleep.
@@ -48,7 +48,8 @@ impl CoreRegistry {
     pub fn new(
         #[napi(ts_arg_type = "(batch: Invocation[]) => void")] dispatch: DispatchFn,
     ) -> CoreRegistry {
-        logging::init();
+        // Without options this cannot fail; `setup()` calls `initLogging` with its own first.
+        let _ = logging::init(None);
         let host = JsHost::new(dispatch);
         let registry = Arc::new(Registry::new(Arc::new(SharedHost(host.clone()))));
         CoreRegistry { registry, host }
@@ -209,6 +210,13 @@ impl CoreRegistry {
                 schedules: None,
             },
         }
+    }
+
+    /// The registry's metrics as a Prometheus text page (format 0.0.4), at any time: before
+    /// the runtime is built, while it serves, and during and after a shutdown.
+    #[napi]
+    pub fn metrics_text(&self) -> String {
+        self.registry.metrics().render()
     }
 
     /// The number of live (awake) actors.

@@ -1,20 +1,276 @@
-//! The process-wide tracing subscriber, installed once however many registries exist.
+//! The process-wide tracing subscriber, installed once however many registries exist, and the
+//! lines user code logs through `c.log`.
 //!
 //! The line schema and the formats belong to core (`keel_core::logging`), so that any host
-//! prints the same lines; this module only installs them from the environment: `KEEL_LOG`
-//! takes EnvFilter syntax (default `info`, which is quiet: milestones only) and
-//! `KEEL_LOG_FORMAT` picks `pretty` (the default on a terminal), `json`, or `logfmt` (the
-//! default otherwise). A malformed value falls back to its default with a warning.
+//! prints the same lines; this module only decides what to install and when. The first
+//! registry installs: from `setup({ logging })` where given, else from `KEEL_LOG` (EnvFilter
+//! syntax, default `info`, which is quiet: milestones only) and `KEEL_LOG_FORMAT` (`pretty`
+//! on a terminal, `json`, or `logfmt` otherwise). A malformed environment value falls back to
+//! its default with a warning; a malformed `setup()` value is an error. A later registry that
+//! asks for different settings is ignored with one warning, since a process has one
+//! subscriber.
+//!
+//! User lines: each live actor's current span (its `actor` span, or the `action` span inside
+//! it while an action runs) is remembered in [`ActorSpans`] by the host calls, so a JS line is
+//! logged inside the very span a Rust line from the same place would be.
 
-use std::sync::Once;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-static INIT: Once = Once::new();
+use keel_core::logging::LogSettings;
+use keel_core::{ActorInfo, Error};
+use napi::bindgen_prelude::Env;
+use napi_derive::napi;
+use parking_lot::Mutex;
+use tracing::level_filters::LevelFilter;
+use tracing::{Level, Span};
 
-/// Installs keel's subscriber unless one is already installed.
-pub fn init() {
-    INIT.call_once(|| {
-        // `false` means another subscriber (an embedding app's) already owns the process: it
-        // is kept.
-        let _installed = keel_core::logging::init_from_env();
+use crate::convert::ErrorInfo;
+use crate::CoreRegistry;
+
+/// What the first registry installed, or `None` before that.
+static INSTALLED: Mutex<Option<LogSettings>> = Mutex::new(None);
+
+/// `setup({ logging })`: every field falls back to its environment variable.
+#[napi(object)]
+#[derive(Default, Clone)]
+pub struct LoggingOptions {
+    /// Filter in `EnvFilter` syntax, such as `info` or `warn,keel::js=debug`. `KEEL_LOG`,
+    /// default `info`.
+    pub level: Option<String>,
+    /// `pretty`, `json` or `logfmt`. `KEEL_LOG_FORMAT`, default `pretty` on a terminal and
+    /// `logfmt` otherwise.
+    pub format: Option<String>,
+}
+
+/// Installs keel's subscriber unless this process already has one. With `options`, checks
+/// them first (`registry.invalid_config` if malformed); if another registry installed
+/// different settings, these are ignored with one warning.
+pub fn init(options: Option<&LoggingOptions>) -> Result<(), Error> {
+    let options = options.cloned().unwrap_or_default();
+    let given = options.level.is_some() || options.format.is_some();
+    let (settings, problems) =
+        LogSettings::resolve(options.level.as_deref(), options.format.as_deref())?;
+    let mut installed = INSTALLED.lock();
+    match &*installed {
+        None => {
+            // `false` means another subscriber (an embedding app's) already owns the process:
+            // it is kept.
+            let _mine = settings.install(problems);
+            *installed = Some(settings);
+        }
+        Some(current) if given && *current != settings => {
+            tracing::warn!(
+                installed_level = %current.directives,
+                installed_format = %current.format,
+                ignored_level = %settings.directives,
+                ignored_format = %settings.format,
+                "logging is configured once per process; ignoring different settings"
+            );
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+/// Installs the logger before the first registry is built; with `options` from
+/// `setup({ logging })`, falling back to `KEEL_LOG` and `KEEL_LOG_FORMAT`. Returns an error
+/// object for malformed options instead of throwing.
+#[napi]
+pub fn init_logging(options: Option<LoggingOptions>) -> Option<ErrorInfo> {
+    init(options.as_ref())
+        .err()
+        .map(|err| ErrorInfo::from_error(&err, false))
+}
+
+/// The most verbose level any line can be logged at: 0 off, 1 error, 2 warn, 3 info, 4 debug,
+/// 5 trace. JS skips `c.log` calls above it without crossing into Rust; it can only change
+/// when the first registry installs the logger.
+#[napi]
+pub fn log_max_level() -> u32 {
+    match LevelFilter::current().into_level() {
+        None => 0,
+        Some(Level::ERROR) => 1,
+        Some(Level::WARN) => 2,
+        Some(Level::INFO) => 3,
+        Some(Level::DEBUG) => 4,
+        Some(Level::TRACE) => 5,
+    }
+}
+
+/// The span a live actor's user code logs in, kept by the host calls (see the module doc).
+#[derive(Default)]
+pub struct ActorSpans {
+    by_actor: Mutex<HashMap<Arc<str>, Spans>>,
+    next_call: AtomicU64,
+}
+
+/// One live actor's spans.
+struct Spans {
+    /// The actor's own span, from its start call.
+    actor: Span,
+    /// The span of the call in progress (an action's), and the call's number.
+    call: Option<(u64, Span)>,
+}
+
+/// Which host call is beginning.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum HostCall {
+    /// Starting the instance: the current span is the actor's.
+    Start,
+    /// An action or a schedule's run: the current span is the call's, inside the actor's.
+    Action,
+    /// Stopping the instance: the actor's spans are forgotten when the call ends.
+    Stop,
+}
+
+impl ActorSpans {
+    /// Remembers the current span for `actor` until the returned guard drops. Call it at the
+    /// start of every host call, inside the span core runs the call in.
+    pub fn enter<'a>(&'a self, actor: &ActorInfo, call: HostCall) -> CallGuard<'a> {
+        let current = Span::current();
+        let number = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let mut by_actor = self.by_actor.lock();
+        let spans = by_actor.entry(actor.id.clone()).or_insert_with(|| Spans {
+            actor: current.clone(),
+            call: None,
+        });
+        match call {
+            HostCall::Start => spans.actor = current,
+            HostCall::Action => spans.call = Some((number, current)),
+            HostCall::Stop => {}
+        }
+        CallGuard {
+            spans: self,
+            actor_id: actor.id.clone(),
+            call,
+            number,
+        }
+    }
+
+    /// The span a line of `actor_id` is logged in now, if the actor is live.
+    fn current(&self, actor_id: &str) -> Option<Span> {
+        let by_actor = self.by_actor.lock();
+        let spans = by_actor.get(actor_id)?;
+        Some(match &spans.call {
+            Some((_, call)) => call.clone(),
+            None => spans.actor.clone(),
+        })
+    }
+}
+
+/// Ends what [`ActorSpans::enter`] began.
+pub struct CallGuard<'a> {
+    spans: &'a ActorSpans,
+    actor_id: Arc<str>,
+    call: HostCall,
+    number: u64,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        let mut by_actor = self.spans.by_actor.lock();
+        match self.call {
+            HostCall::Stop => {
+                by_actor.remove(&self.actor_id);
+            }
+            HostCall::Action => {
+                if let Some(spans) = by_actor.get_mut(&self.actor_id) {
+                    // A later call (after a timeout) may own the slot by now.
+                    if spans.call.as_ref().is_some_and(|(n, _)| *n == self.number) {
+                        spans.call = None;
+                    }
+                }
+            }
+            HostCall::Start => {}
+        }
+    }
+}
+
+/// A `c.log` level: `error`, `warn`, `info` or `debug`.
+fn parse_level(level: &str) -> Option<Level> {
+    match level {
+        "error" => Some(Level::ERROR),
+        "warn" => Some(Level::WARN),
+        "info" => Some(Level::INFO),
+        "debug" => Some(Level::DEBUG),
+        _ => None,
+    }
+}
+
+fn throw_bad_level(env: &Env, level: &str) -> napi::Result<()> {
+    let shown: String = level.chars().take(32).collect();
+    env.throw_type_error(
+        &format!("unknown log level {shown:?}; expected error, warn, info or debug"),
+        None,
+    )
+}
+
+/// Logs `msg` at `level` inside `span`, if the filter lets it through there.
+fn emit_in(span: &Span, level: Level, msg: &str, fields: Option<&str>) {
+    span.in_scope(|| {
+        if keel_core::logging::js_enabled(level) {
+            keel_core::logging::emit_json(level, msg, fields);
+        }
     });
+}
+
+#[napi]
+impl CoreRegistry {
+    /// Logs a line from an actor's user code (`c.log`) inside the actor's current span, under
+    /// target `keel::js`. `fields` is a JSON object's text, written as the line's own fields.
+    /// Returns `false`, logging nothing, when the actor is not live here; the caller then uses
+    /// `logDetached`. Throws a `TypeError` for a level other than error, warn, info or debug.
+    #[napi]
+    pub fn log(
+        &self,
+        env: Env,
+        actor_id: String,
+        level: String,
+        msg: String,
+        fields: Option<String>,
+    ) -> napi::Result<bool> {
+        let Some(level) = parse_level(&level) else {
+            throw_bad_level(&env, &level)?;
+            return Ok(false);
+        };
+        let Some(span) = self.host.spans.current(&actor_id) else {
+            return Ok(false);
+        };
+        emit_in(&span, level, &msg, fields.as_deref());
+        Ok(true)
+    }
+
+    /// Like `log`, for an actor that is not live here (user code still running after its
+    /// actor stopped): the line gets a fresh `actor` span with the same fields.
+    #[napi]
+    #[allow(clippy::too_many_arguments)] // Mirrors `log`, plus the identity it cannot look up.
+    pub fn log_detached(
+        &self,
+        env: Env,
+        actor_id: String,
+        name: String,
+        key: Vec<String>,
+        level: String,
+        msg: String,
+        fields: Option<String>,
+    ) -> napi::Result<()> {
+        let Some(level) = parse_level(&level) else {
+            return throw_bad_level(&env, &level);
+        };
+        let info = ActorInfo {
+            id: Arc::from(actor_id),
+            name: Arc::from(name),
+            key_string: keel_core::key::encode(&key),
+            key,
+        };
+        emit_in(
+            &keel_core::actor::span(&info),
+            level,
+            &msg,
+            fields.as_deref(),
+        );
+        Ok(())
+    }
 }

@@ -35,6 +35,13 @@ use crate::runtime::Core;
 use crate::store::StoredSchedule;
 use crate::writer::{Release, Settle, Writes};
 
+/// The span every line about `actor` is logged in: an `error`-level `actor` span with its
+/// `actor_id`, `name` and `key`, as the actor's own task uses. A host logging for user code
+/// outside the task (a late callback, say) enters one of these.
+pub fn span(info: &ActorInfo) -> tracing::Span {
+    ActorTask::span(info)
+}
+
 /// A message to an actor.
 pub(crate) enum Command {
     /// Runs an action; the reply carries its output once the effects it produced are durable.
@@ -448,10 +455,12 @@ impl ActorTask {
             .unwrap_or(self.core.config.action_timeout);
         let name = call.action.clone();
         let action = self.core.host.action(&self.info, call);
+        let started = std::time::Instant::now();
         let result = self
             .guarded(timeout, Call::Action(&name), action)
             .instrument(span.clone())
             .await;
+        self.core.metrics.action_done(&result, started.elapsed());
         if matches!(result, Err(Error::ActionTimedOut { .. })) {
             self.reset_instance().await;
         }
@@ -513,6 +522,7 @@ impl ActorTask {
                     .actor_type
                     .action_timeout
                     .unwrap_or(self.core.config.action_timeout);
+                let started = std::time::Instant::now();
                 let result = self
                     .guarded(
                         timeout,
@@ -521,6 +531,7 @@ impl ActorTask {
                     )
                     .instrument(span.clone())
                     .await;
+                self.core.metrics.action_done(&result, started.elapsed());
                 if matches!(result, Err(Error::ActionTimedOut { .. })) {
                     self.reset_instance().await;
                 }

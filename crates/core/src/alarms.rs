@@ -155,9 +155,12 @@ fn fire(core: &Arc<Core>, id: String, actor_id: Arc<str>) {
             return;
         }
     };
-    if let Err(err) = handle.send(Command::Alarm { stored }) {
-        tracing::debug!(error = %err, schedule_id = %id, "actor busy; offering the schedule again later");
-        let retry_at = core.clock.now_ms() + BUSY_RETRY.as_millis() as i64;
-        core.alarms.add(id, actor_id, retry_at);
+    match handle.send(Command::Alarm { stored }) {
+        Ok(()) => core.metrics.schedule_fired(),
+        Err(err) => {
+            tracing::debug!(error = %err, schedule_id = %id, "actor busy; offering the schedule again later");
+            let retry_at = core.clock.now_ms() + BUSY_RETRY.as_millis() as i64;
+            core.alarms.add(id, actor_id, retry_at);
+        }
     }
 }

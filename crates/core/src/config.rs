@@ -102,6 +102,8 @@ pub struct RuntimeConfig {
     pub limits: Limits,
     /// Dev mode: internal error messages reach clients.
     pub dev: bool,
+    /// Who may use the inspector API.
+    pub inspector: InspectorConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -116,6 +118,7 @@ impl Default for RuntimeConfig {
             hook_timeout: DEFAULT_HOOK_TIMEOUT,
             limits: Limits::default(),
             dev: false,
+            inspector: InspectorConfig::default(),
         }
     }
 }
@@ -135,6 +138,68 @@ impl RuntimeConfig {
         if self.limits.max_body_bytes == 0 {
             return Err(Error::config("the body limit must be positive"));
         }
+        if let Some(token) = &self.inspector.token {
+            token.validate()?;
+        }
         Ok(())
+    }
+}
+
+/// Who may use the inspector API (`/v1/inspector/...`).
+///
+/// With a token, the inspector answers requests that carry it as a bearer token. Without one,
+/// dev mode generates a token when the runtime starts and prints it once on stderr; outside
+/// dev mode the inspector is off and its routes answer `request.route_not_found`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InspectorConfig {
+    /// The bearer token the inspector requires.
+    pub token: Option<InspectorToken>,
+    /// Answer peers that are not on the loopback interface, and requests with no peer address
+    /// at all (serverless mode). Off by default.
+    pub allow_remote: bool,
+}
+
+/// The shortest inspector token keel accepts.
+pub const MIN_INSPECTOR_TOKEN_LEN: usize = 16;
+/// The longest inspector token keel accepts.
+pub const MAX_INSPECTOR_TOKEN_LEN: usize = 512;
+
+/// A secret token. Its `Debug` form is redacted, so a logged configuration never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InspectorToken(String);
+
+impl InspectorToken {
+    /// Wraps a token; [`RuntimeConfig::validate`] checks it.
+    pub fn new(token: impl Into<String>) -> InspectorToken {
+        InspectorToken(token.into())
+    }
+
+    /// The token itself. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// A token must be 16 to 512 visible ASCII characters, so that it fits an HTTP header
+    /// unchanged and is not trivially guessable. The message never repeats the token.
+    fn validate(&self) -> Result<()> {
+        let len = self.0.len();
+        if !(MIN_INSPECTOR_TOKEN_LEN..=MAX_INSPECTOR_TOKEN_LEN).contains(&len) {
+            return Err(Error::config(format!(
+                "the inspector token must be {MIN_INSPECTOR_TOKEN_LEN} to \
+                 {MAX_INSPECTOR_TOKEN_LEN} characters long"
+            )));
+        }
+        if !self.0.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::config(
+                "the inspector token may hold only visible ASCII characters (no spaces)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for InspectorToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InspectorToken(<redacted>)")
     }
 }

@@ -105,6 +105,15 @@ pub enum Error {
     #[error("no route for {method} {path}")]
     RouteNotFound { method: String, path: String },
 
+    /// The request needs a valid inspector token and did not carry one. The message never
+    /// says what was sent.
+    #[error("a valid inspector token is required")]
+    Unauthorized,
+    /// The request may not use this route from where it came (the inspector answers only
+    /// loopback peers unless configured otherwise).
+    #[error("{message}")]
+    Forbidden { message: String },
+
     /// Another process holds the data directory.
     #[error("the data directory {path} is in use by another process")]
     StorageLocked { path: String },
@@ -162,6 +171,7 @@ impl Error {
             | InvalidKey { .. }
             | MethodNotAllowed { .. }
             | RouteNotFound { .. } => "request",
+            Unauthorized | Forbidden { .. } => "auth",
             StorageLocked { .. }
             | StorageCorrupt { .. }
             | StorageTooNew { .. }
@@ -203,6 +213,8 @@ impl Error {
             InvalidKey { .. } => "invalid_key",
             RouteNotFound { .. } => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
+            Unauthorized => "unauthorized",
+            Forbidden { .. } => "forbidden",
             StorageLocked { .. } => "locked",
             StorageCorrupt { .. } => "corrupt",
             StorageTooNew { .. } => "too_new",
@@ -217,6 +229,8 @@ impl Error {
         use Error::*;
         match self {
             RequestMalformed { .. } | InvalidKey { .. } | User { .. } | InvalidConfig { .. } => 400,
+            Unauthorized => 401,
+            Forbidden { .. } => 403,
             ActorTypeNotFound { .. }
             | ActorNotFound
             | ActionNotFound { .. }
@@ -348,6 +362,10 @@ impl Error {
             RouteNotFound { method, path } => RouteNotFound {
                 method: method.clone(),
                 path: path.clone(),
+            },
+            Unauthorized => Unauthorized,
+            Forbidden { message } => Forbidden {
+                message: message.clone(),
             },
             StorageLocked { path } => StorageLocked { path: path.clone() },
             StorageCorrupt { path, source } => StorageCorrupt {

@@ -304,6 +304,12 @@ pub trait Host: Send + Sync + 'static {
         let _ = (actor, event);
         Err(unsupported("raw WebSockets"))
     }
+
+    /// How this host encodes state and KV values, so that tools showing them (the inspector)
+    /// can say so. keel's JS host uses CBOR.
+    fn state_encoding(&self) -> Encoding {
+        Encoding::Cbor
+    }
 }
 
 fn unsupported(what: &str) -> crate::error::Error {

@@ -35,10 +35,17 @@ pub type Response = axum::http::Response<Body>;
 /// The protocol version, the first segment of every versioned route.
 pub const PROTOCOL_VERSION: &str = "v1";
 
+/// The address of the peer a request came from, set by the accept loop; serverless requests
+/// have none.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Builds the router over a runtime's core.
 pub(crate) fn router(core: Arc<Core>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(crate::inspector::routes(&core))
         .route("/v1/actors/{name}/actions/{action}", post(action_by_key))
         .route("/v1/actors/{name}/resolve", post(resolve))
         .route("/v1/ids/{id}/actions/{action}", post(action_by_id))
@@ -82,7 +89,12 @@ pub(crate) async fn accept_loop(core: Arc<Core>, listener: TcpListener, router: 
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "setting TCP_NODELAY failed");
                 }
-                let service = TowerToHyperService::new(router.clone());
+                let service = TowerToHyperService::new(router.clone().map_request(
+                    move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                        request.extensions_mut().insert(PeerAddr(peer));
+                        request
+                    },
+                ));
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .keep_alive(true)
@@ -158,6 +170,16 @@ async fn health(State(core): State<Arc<Core>>) -> Response {
         return error_response(&Error::RegistryShuttingDown, core.config.dev);
     }
     json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_string())
+}
+
+/// The Prometheus page; answered during a drain too, for as long as connections are served.
+async fn metrics(State(core): State<Arc<Core>>) -> Response {
+    let page = core.metrics.render();
+    bytes_response(
+        StatusCode::OK,
+        page.into_bytes(),
+        crate::metrics::CONTENT_TYPE,
+    )
 }
 
 async fn route_not_found(State(core): State<Arc<Core>>, request: Request) -> Response {
@@ -461,7 +483,7 @@ async fn action_by_key(
     respond(result, dev)
 }
 
-async fn action_by_id(
+pub(crate) async fn action_by_id(
     State(core): State<Arc<Core>>,
     path: std::result::Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,

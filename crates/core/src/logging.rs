@@ -219,33 +219,77 @@ pub fn init(filter_directives: &str, format: LogFormat) -> Result<bool> {
 /// the process: its default is used instead, and once the subscriber is installed a warning
 /// names the variable. Returns whether the subscriber was installed.
 pub fn init_from_env() -> bool {
-    let mut problems = Vec::new();
-    let directives = match std::env::var(FILTER_ENV) {
-        Ok(value) => match filter(&value) {
-            Ok(_) => value,
-            Err(err) => {
-                problems.push(format!("{FILTER_ENV}: {}", config_message(err)));
-                DEFAULT_FILTER.to_string()
-            }
-        },
-        Err(std::env::VarError::NotPresent) => DEFAULT_FILTER.to_string(),
-        Err(std::env::VarError::NotUnicode(_)) => {
-            problems.push(format!("{FILTER_ENV} is not valid UTF-8"));
-            DEFAULT_FILTER.to_string()
-        }
-    };
-    let format = LogFormat::from_env().unwrap_or_else(|err| {
-        problems.push(config_message(err));
-        LogFormat::default_for(std::io::stderr().is_terminal())
-    });
-    // The filter was checked above, so only an existing subscriber stops the install.
-    let installed = init(&directives, format).unwrap_or(false);
-    if installed {
-        for problem in problems {
-            tracing::warn!(error = %problem, "ignoring a malformed logging setting");
-        }
+    let (settings, problems) = LogSettings::from_env();
+    settings.install(problems)
+}
+
+/// A filter and a format: what [`init`] installs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// The filter, in `EnvFilter` syntax.
+    pub directives: String,
+    /// The line format.
+    pub format: LogFormat,
+}
+
+impl LogSettings {
+    /// The settings [`FILTER_ENV`] and [`FORMAT_ENV`] ask for. A malformed value is replaced
+    /// by its default and described in the returned problems.
+    pub fn from_env() -> (LogSettings, Vec<String>) {
+        LogSettings::resolve(None, None).expect("settings from the environment always resolve")
     }
-    installed
+
+    /// Settings given in code, each falling back to its environment variable (then to its
+    /// default) when `None`. A malformed value given in code is an `InvalidConfig` error; a
+    /// malformed environment value falls back as in [`LogSettings::from_env`].
+    pub fn resolve(
+        level: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<(LogSettings, Vec<String>)> {
+        let mut problems = Vec::new();
+        let directives = match level {
+            Some(level) => {
+                filter(level)?;
+                level.to_string()
+            }
+            None => match std::env::var(FILTER_ENV) {
+                Ok(value) => match filter(&value) {
+                    Ok(_) => value,
+                    Err(err) => {
+                        problems.push(format!("{FILTER_ENV}: {}", config_message(err)));
+                        DEFAULT_FILTER.to_string()
+                    }
+                },
+                Err(std::env::VarError::NotPresent) => DEFAULT_FILTER.to_string(),
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    problems.push(format!("{FILTER_ENV} is not valid UTF-8"));
+                    DEFAULT_FILTER.to_string()
+                }
+            },
+        };
+        let format = match format {
+            Some(format) => LogFormat::parse(format)?,
+            None => LogFormat::from_env().unwrap_or_else(|err| {
+                problems.push(config_message(err));
+                LogFormat::default_for(std::io::stderr().is_terminal())
+            }),
+        };
+        Ok((LogSettings { directives, format }, problems))
+    }
+
+    /// Installs these settings with [`init`], then warns about each of `problems`. Returns
+    /// whether the subscriber was installed.
+    pub fn install(&self, problems: Vec<String>) -> bool {
+        // The filter was checked when the settings were resolved, so only an existing
+        // subscriber stops the install.
+        let installed = init(&self.directives, self.format).unwrap_or(false);
+        if installed {
+            for problem in problems {
+                tracing::warn!(error = %problem, "ignoring a malformed logging setting");
+            }
+        }
+        installed
+    }
 }
 
 /// Logs a line from user code through the current subscriber, inside the current span (the
@@ -273,6 +317,36 @@ pub fn emit(level: Level, msg: &str, fields: &[(String, Value)]) {
         Level::INFO => emit_at!(Level::INFO),
         Level::DEBUG => emit_at!(Level::DEBUG),
         Level::TRACE => emit_at!(Level::TRACE),
+    }
+}
+
+/// [`emit`] for fields already encoded as one JSON object, as a JS host gets them from
+/// `JSON.stringify`: the text travels as it is, with no decoding and re-encoding on the way.
+/// A text that is not a JSON object shows up as a plain `keel.fields` string field.
+pub fn emit_json(level: Level, msg: &str, fields: Option<&str>) {
+    macro_rules! emit_at {
+        ($level:expr) => {
+            tracing::event!(target: JS_TARGET, $level, { FIELDS_KEY } = fields, "{}", msg)
+        };
+    }
+    match level {
+        Level::ERROR => emit_at!(Level::ERROR),
+        Level::WARN => emit_at!(Level::WARN),
+        Level::INFO => emit_at!(Level::INFO),
+        Level::DEBUG => emit_at!(Level::DEBUG),
+        Level::TRACE => emit_at!(Level::TRACE),
+    }
+}
+
+/// Whether a line from user code at `level` would be written, inside the current span. A
+/// host checks this before it pays for encoding the line's fields.
+pub fn js_enabled(level: Level) -> bool {
+    match level {
+        Level::ERROR => tracing::enabled!(target: JS_TARGET, Level::ERROR),
+        Level::WARN => tracing::enabled!(target: JS_TARGET, Level::WARN),
+        Level::INFO => tracing::enabled!(target: JS_TARGET, Level::INFO),
+        Level::DEBUG => tracing::enabled!(target: JS_TARGET, Level::DEBUG),
+        Level::TRACE => tracing::enabled!(target: JS_TARGET, Level::TRACE),
     }
 }
 

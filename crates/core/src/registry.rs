@@ -12,7 +12,6 @@
 //!   the build's own error; a shutdown during a build makes the builder drain what it built.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -24,6 +23,7 @@ use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::http::{Request, Response};
+use crate::metrics::{Metrics, ShutdownPhase};
 use crate::runtime::Runtime;
 
 /// How a running registry receives requests.
@@ -70,8 +70,8 @@ pub struct Registry {
     root: CancellationToken,
     /// The stopped latch: `true` once the drain is complete. Never goes back to `false`.
     stopped: watch::Sender<bool>,
-    /// How many runtimes this registry has built.
-    builds: AtomicU64,
+    /// Counters that outlive any one runtime (builds among them), shared with the runtime.
+    metrics: Arc<Metrics>,
 }
 
 impl Registry {
@@ -83,7 +83,7 @@ impl Registry {
             host,
             root: CancellationToken::new(),
             stopped: watch::Sender::new(false),
-            builds: AtomicU64::new(0),
+            metrics: Arc::default(),
         }
     }
 
@@ -115,7 +115,13 @@ impl Registry {
     /// How many runtimes this registry has built (at most one per process lifetime of a
     /// successful start; failed serverless builds count too).
     pub fn build_count(&self) -> u64 {
-        self.builds.load(Ordering::Relaxed)
+        self.metrics.runtime_builds()
+    }
+
+    /// The registry's metrics; [`Metrics::render`] writes them as a Prometheus page at any
+    /// time, during and after a shutdown included.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The running runtime, if any.
@@ -127,9 +133,15 @@ impl Registry {
     }
 
     fn build(&self, config: RuntimeConfig) -> Result<Runtime> {
-        self.builds.fetch_add(1, Ordering::Relaxed);
+        self.metrics.runtime_built();
         let types = Arc::new(self.types.lock().clone());
-        Runtime::open(config, types, self.host.clone(), &self.root)
+        Runtime::open_with(
+            config,
+            types,
+            self.host.clone(),
+            &self.root,
+            self.metrics.clone(),
+        )
     }
 
     /// Serves HTTP on `config.listen` until shutdown; `on_listening` gets the bound address.
@@ -255,14 +267,17 @@ impl Registry {
         let types = Arc::new(self.types.lock().clone());
         let host = self.host.clone();
         let root = self.root.clone();
-        self.builds.fetch_add(1, Ordering::Relaxed);
-        let built = tokio::task::spawn_blocking(move || Runtime::open(config, types, host, &root))
-            .await
-            .unwrap_or_else(|join| {
-                Err(Error::ActorInternal {
-                    message: format!("the build panicked: {join}"),
-                })
-            });
+        let metrics = self.metrics.clone();
+        self.metrics.runtime_built();
+        let built = tokio::task::spawn_blocking(move || {
+            Runtime::open_with(config, types, host, &root, metrics)
+        })
+        .await
+        .unwrap_or_else(|join| {
+            Err(Error::ActorInternal {
+                message: format!("the build panicked: {join}"),
+            })
+        });
         let orphan = {
             let mut state = self.state.lock();
             let building = matches!(*state, State::BuildingServerless { .. });
@@ -300,9 +315,11 @@ impl Registry {
     /// drain.
     pub async fn shutdown(&self) {
         self.root.cancel();
+        self.metrics.enter_phase(ShutdownPhase::Draining);
         let previous = std::mem::replace(&mut *self.state.lock(), State::ShuttingDown);
         match previous {
             State::Idle => {
+                self.metrics.enter_phase(ShutdownPhase::Stopped);
                 self.stopped.send_replace(true);
             }
             State::Running { runtime, .. } => {
@@ -317,6 +334,7 @@ impl Registry {
             State::ShuttingDown => {}
         }
         self.wait_stopped().await;
+        self.metrics.enter_phase(ShutdownPhase::Stopped);
     }
 
     /// Resolves once the registry has stopped; at once if it already has.

@@ -23,7 +23,9 @@ use crate::clock::Clock;
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::host::{ActionCall, ActorInfo, Encoding, Host, Payload};
+use crate::inspector::Connections;
 use crate::key;
+use crate::metrics::{Metrics, ShutdownPhase};
 use crate::store::{ActorRecord, Store, StoredSchedule};
 use crate::writer::{CreateMode, Writer, WriterHandle, WriterStats};
 
@@ -74,6 +76,10 @@ pub(crate) struct Core {
     pub(crate) clock: Clock,
     /// Pending schedules, for the alarm timer.
     pub(crate) alarms: Alarms,
+    /// Counters and histograms, shared with the registry.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Open actor connections, for the inspector and the connections gauge.
+    pub(crate) connections: Arc<Connections>,
     /// Set when the drain begins: new requests get `registry.shutting_down`.
     draining: AtomicBool,
     /// Open raw WebSockets by id, so the host can send on them.
@@ -242,6 +248,11 @@ impl Core {
         self.live.lock().len()
     }
 
+    /// Whether the actor has a live task.
+    pub(crate) fn is_awake(&self, id: &str) -> bool {
+        self.live.lock().contains_key(id)
+    }
+
     /// Waits until every commit of a live actor is durable, so a read sees its own writes.
     async fn settle_commits(&self, actor_id: &str) -> Result<()> {
         let pending = self
@@ -256,7 +267,7 @@ impl Core {
     }
 
     /// Runs a read on the blocking pool once the actor's own commits are durable.
-    async fn read<T: Send + 'static>(
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         actor_id: &str,
         read: impl FnOnce(&Store) -> Result<T> + Send + 'static,
@@ -360,6 +371,17 @@ impl Runtime {
         host: Arc<dyn Host>,
         root: &CancellationToken,
     ) -> Result<Runtime> {
+        Runtime::open_with(config, types, host, root, Arc::default())
+    }
+
+    /// [`Runtime::open`], counting into `metrics` (a registry's, which outlive its runtime).
+    pub fn open_with(
+        config: RuntimeConfig,
+        types: Arc<ActorTypes>,
+        host: Arc<dyn Host>,
+        root: &CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Result<Runtime> {
         config.validate()?;
         let store = Store::open(&config.data_dir, config.durability)?;
         let writer = Writer::start(&store)?;
@@ -374,6 +396,8 @@ impl Runtime {
             tracker: TaskTracker::new(),
             clock: Clock::new(),
             alarms: Alarms::default(),
+            connections: Arc::new(Connections::new(metrics.clone())),
+            metrics,
             draining: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             raw_sockets: Mutex::new(HashMap::new()),
@@ -381,6 +405,7 @@ impl Runtime {
             next_generation: AtomicU64::new(0),
             config,
         });
+        core.metrics.attach(&core, writer_stats.clone());
         for (id, actor_id, at_ms) in core.store.all_schedules()? {
             core.alarms.add(id, Arc::from(actor_id), at_ms);
         }
@@ -472,6 +497,11 @@ impl Runtime {
         crate::http::handle(self.router.clone(), request).await
     }
 
+    /// The runtime's counters and histograms.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.core.metrics
+    }
+
     /// Group-commit counters.
     pub fn writer_stats(&self) -> &Arc<WriterStats> {
         &self.writer_stats
@@ -502,6 +532,7 @@ impl Runtime {
     pub async fn drain(&self) {
         let core = &self.core;
         core.draining.store(true, Ordering::Release);
+        core.metrics.enter_phase(ShutdownPhase::Draining);
         core.stop.cancel();
         core.tracker.close();
         let timeout = core.config.drain_timeout;
@@ -516,13 +547,16 @@ impl Runtime {
                 remaining_tasks = core.tracker.len(),
                 "drain timed out; abandoning the work that is left"
             );
+            core.metrics.enter_phase(ShutdownPhase::Forced);
             core.force.cancel();
             core.tracker.wait().await;
         }
+        core.metrics.enter_phase(ShutdownPhase::Closing);
         let writer = self.writer.lock().take();
         if let Some(writer) = writer {
             writer.close().await;
         }
         core.store.close();
+        core.metrics.enter_phase(ShutdownPhase::Stopped);
     }
 }

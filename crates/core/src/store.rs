@@ -67,6 +67,19 @@ pub struct ActorRecord {
     pub key: String,
 }
 
+/// One actor as the inspector lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorListing {
+    /// Stable, generated id.
+    pub id: String,
+    /// Actor type name.
+    pub name: String,
+    /// Canonical key string.
+    pub key: String,
+    /// When the actor was created, in epoch milliseconds.
+    pub created_at_ms: i64,
+}
+
 /// What an actor's task loads when it starts.
 #[derive(Debug, Clone, Default)]
 pub struct ActorSnapshot {
@@ -369,10 +382,77 @@ impl Store {
         })
     }
 
+    /// Actors in `(name, key)` order, of type `name` if given, strictly after the actor
+    /// `after` names by `(name, key)`, at most `limit` of them.
+    pub fn list_actors(
+        &self,
+        name: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<ActorListing>> {
+        let (after_name, after_key) = after.unzip();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT id, name, key, created_at FROM actors \
+                 WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR (name, key) > (?2, ?3)) \
+                 ORDER BY name, key LIMIT ?4",
+            )?;
+            let rows = select.query_map(
+                rusqlite::params![name, after_name, after_key, limit],
+                listing_row,
+            )?;
+            rows.collect()
+        })
+    }
+
+    /// One actor's listing by id.
+    pub fn actor_listing(&self, id: &str) -> Result<Option<ActorListing>> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT id, name, key, created_at FROM actors WHERE id = ?1")?
+                .query_row([id], listing_row)
+                .optional()
+        })
+    }
+
+    /// KV entries whose key starts with `prefix` and comes strictly after `after` (if given),
+    /// in key order, at most `limit` of them.
+    pub fn kv_page(
+        &self,
+        actor_id: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let upper = prefix_successor(prefix);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT key, value FROM kv WHERE actor_id = ?1 AND key >= ?2 \
+                 AND (?3 IS NULL OR key < ?3) AND (?4 IS NULL OR key > ?4) \
+                 ORDER BY key LIMIT ?5",
+            )?;
+            let rows = select.query_map(
+                rusqlite::params![actor_id, prefix, upper, after, limit],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            rows.collect()
+        })
+    }
+
     /// Counts the actors in the directory.
     pub fn actor_count(&self) -> Result<u64> {
         self.read(|conn| conn.query_row("SELECT count(*) FROM actors", [], |row| row.get(0)))
     }
+}
+
+fn listing_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ActorListing> {
+    Ok(ActorListing {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        key: row.get(2)?,
+        created_at_ms: row.get(3)?,
+    })
 }
 
 fn schedule_row(row: &rusqlite::Row<'_>, actor_id: &str) -> rusqlite::Result<StoredSchedule> {

@@ -106,6 +106,8 @@ pub struct WriterStats {
     pub transactions: AtomicU64,
     /// Ops applied.
     pub ops: AtomicU64,
+    /// How long each committed transaction took, fsync included.
+    pub commit_seconds: crate::metrics::Histogram<crate::metrics::CommitBuckets>,
 }
 
 /// The sending side of the writer. Cloneable; the thread stops once every handle is dropped
@@ -292,6 +294,7 @@ fn apply(conn: &mut Connection, batch: &mut Vec<WriteOp>, stats: &WriterStats) {
         WriteOp::Close => false,
     });
     let mut outcomes = Vec::with_capacity(batch.len());
+    let started = std::time::Instant::now();
     let result = if writes {
         write_batch(conn, batch.drain(..), &mut outcomes)
     } else {
@@ -305,6 +308,7 @@ fn apply(conn: &mut Connection, batch: &mut Vec<WriteOp>, stats: &WriterStats) {
     };
     if writes && result.is_ok() {
         stats.transactions.fetch_add(1, Ordering::Relaxed);
+        stats.commit_seconds.observe(started.elapsed());
     }
     stats.ops.fetch_add(count, Ordering::Relaxed);
     if let Err(err) = &result {

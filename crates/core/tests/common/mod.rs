@@ -226,6 +226,10 @@ impl Host for CounterHost {
         }
     }
 
+    fn state_encoding(&self) -> Encoding {
+        Encoding::Json
+    }
+
     async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> Result<Effects> {
         *self.stops.lock() += 1;
         self.stop_log

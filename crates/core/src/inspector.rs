@@ -1,0 +1,613 @@
+//! The inspector: an HTTP API under `/v1/inspector/` for looking into a running runtime.
+//!
+//! It lists actors (awake and asleep, from the database), reads an actor's committed state,
+//! KV entries, schedules and open connections, and calls actions. It reads without waking
+//! anyone: a sleeping actor stays asleep. Values that the host encodes (state, KV keys and
+//! values, schedule arguments) leave as base64 with the host's encoding named, for a client
+//! that knows the encoding (keel's TypeScript inspector client) to decode.
+//!
+//! Who may use it (see [`InspectorConfig`]):
+//! - With a configured token, or in dev mode (which generates one and prints it once on
+//!   stderr), every request must carry `Authorization: Bearer <token>`; anything else gets
+//!   `401 auth.unauthorized`. Without a token outside dev mode the routes do not exist
+//!   (`404 request.route_not_found`).
+//! - Only loopback peers are answered (`403 auth.forbidden` otherwise) unless `allow_remote`
+//!   is set. A serverless request has no peer address, so it too needs `allow_remote`.
+//!
+//! What must stay true:
+//! - The token never reaches a log line, an error message or a `Debug` form, and is compared
+//!   in time that does not depend on how much of it a guess got right.
+//! - The peer check runs before the token check, so a remote peer learns nothing about the
+//!   token.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::{InspectorConfig, RuntimeConfig};
+use crate::error::{Error, Result};
+use crate::http::{error_response, PeerAddr};
+use crate::key;
+use crate::metrics::Metrics;
+use crate::runtime::Core;
+use crate::store::ActorListing;
+
+/// The most items one inspector page holds.
+pub const MAX_PAGE_LEN: usize = 1000;
+/// Items per page when `limit` is not given.
+pub const DEFAULT_PAGE_LEN: usize = 100;
+/// The `WWW-Authenticate` challenge of a `401`.
+const CHALLENGE: &str = "Bearer realm=\"keel-inspector\"";
+
+/// The inspector's routes over `core`, or no routes at all when the inspector is off.
+pub(crate) fn routes(core: &Arc<Core>) -> Router<Arc<Core>> {
+    let Some(auth) = Auth::from_config(&core.config) else {
+        return Router::new();
+    };
+    Router::new()
+        .route("/v1/inspector/actors", get(list_actors))
+        .route("/v1/inspector/actors/{id}", get(actor))
+        .route("/v1/inspector/actors/{id}/state", get(state))
+        .route("/v1/inspector/actors/{id}/kv", get(kv))
+        .route("/v1/inspector/actors/{id}/schedules", get(schedules))
+        .route("/v1/inspector/actors/{id}/connections", get(connections))
+        .route(
+            "/v1/inspector/actors/{id}/actions/{action}",
+            post(crate::http::action_by_id),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(auth),
+            authorize,
+        ))
+}
+
+/// Who may use the inspector.
+struct Auth {
+    /// The token requests must carry.
+    token: Vec<u8>,
+    /// Whether peers off the loopback interface (and unknown peers) are answered.
+    allow_remote: bool,
+}
+
+impl Auth {
+    /// The configured token, or in dev mode a generated one, announced once; `None` when the
+    /// inspector is off.
+    fn from_config(config: &RuntimeConfig) -> Option<Auth> {
+        let InspectorConfig {
+            token,
+            allow_remote,
+        } = &config.inspector;
+        let token = match token {
+            Some(token) => token.expose().as_bytes().to_vec(),
+            None if config.dev => {
+                let token = generate_token();
+                tracing::info!(
+                    "inspector enabled with a generated token; it is printed once on stderr and never logged"
+                );
+                // Deliberately not a log line: logs are shipped and stored, the token must not be.
+                eprintln!("keel inspector token (dev mode, generated for this run): {token}");
+                token.into_bytes()
+            }
+            None => return None,
+        };
+        Some(Auth {
+            token,
+            allow_remote: *allow_remote,
+        })
+    }
+
+    fn peer_allowed(&self, peer: Option<SocketAddr>) -> bool {
+        self.allow_remote || peer.is_some_and(|peer| peer.ip().to_canonical().is_loopback())
+    }
+
+    fn token_presented(&self, headers: &HeaderMap) -> bool {
+        bearer_token(headers).is_some_and(|presented| tokens_match(presented, &self.token))
+    }
+}
+
+/// 32 random bytes as 64 hex digits.
+fn generate_token() -> String {
+    rand::random::<[u8; 32]>()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header (scheme in any case).
+fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let scheme = b"bearer ";
+    if value.len() < scheme.len() || !value[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        return None;
+    }
+    let credentials = value[scheme.len()..].trim_ascii();
+    (!credentials.is_empty()).then_some(credentials)
+}
+
+/// Compares a presented token with the expected one. The loop always runs over every byte of
+/// the expected token and never exits early; which presented byte it reads depends only on
+/// the position and on the presented length, which the caller already knows. So the time
+/// taken tells nothing about how many bytes were right, nor the expected token's length.
+fn tokens_match(presented: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u64::from(presented.len() != expected.len());
+    let len = presented.len().max(1);
+    for (i, want) in expected.iter().enumerate() {
+        let got = if presented.is_empty() {
+            0
+        } else {
+            presented[i % len]
+        };
+        diff |= u64::from(got ^ want);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// The route layer in front of every inspector route: peer check, then token check.
+async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
+    let peer = request.extensions().get::<PeerAddr>().map(|peer| peer.0);
+    if !auth.peer_allowed(peer) {
+        let err = Error::Forbidden {
+            message:
+                "the inspector answers only loopback peers unless inspector.allowRemote is set"
+                    .into(),
+        };
+        return error_response(&err, false);
+    }
+    if !auth.token_presented(request.headers()) {
+        let mut response = error_response(&Error::Unauthorized, false);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(CHALLENGE),
+        );
+        return response;
+    }
+    next.run(request).await
+}
+
+/// Open actor connections, by actor: what the inspector lists, and the source of the
+/// `keel_connections_open` gauge. The connection layer calls [`Connections::opened`] when a
+/// connection is accepted and [`Connections::closed`] when it ends, whatever ended it.
+pub(crate) struct Connections {
+    by_actor: Mutex<HashMap<Arc<str>, Vec<ConnectionInfo>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// What the inspector shows of one open connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionInfo {
+    /// The connection's id, unique within its actor.
+    pub(crate) id: String,
+    /// When it opened, in epoch milliseconds.
+    pub(crate) opened_at_ms: i64,
+    /// Whatever the connection layer wants shown (its params, say), as JSON.
+    pub(crate) details: Value,
+}
+
+impl Connections {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Connections {
+        Connections {
+            by_actor: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Records an open connection of `actor_id`.
+    #[allow(dead_code)] // The WebSocket layer is the caller; until it exists nothing opens.
+    pub(crate) fn opened(&self, actor_id: Arc<str>, info: ConnectionInfo) {
+        self.by_actor.lock().entry(actor_id).or_default().push(info);
+        self.metrics.connection_opened();
+    }
+
+    /// Forgets a connection; a connection that was never recorded is ignored.
+    #[allow(dead_code)] // The WebSocket layer is the caller; until it exists nothing closes.
+    pub(crate) fn closed(&self, actor_id: &str, id: &str) {
+        let mut by_actor = self.by_actor.lock();
+        let Some(open) = by_actor.get_mut(actor_id) else {
+            return;
+        };
+        let before = open.len();
+        open.retain(|info| info.id != id);
+        let removed = before - open.len();
+        if open.is_empty() {
+            by_actor.remove(actor_id);
+        }
+        drop(by_actor);
+        for _ in 0..removed {
+            self.metrics.connection_closed();
+        }
+    }
+
+    /// The open connections of `actor_id`, oldest first.
+    pub(crate) fn of(&self, actor_id: &str) -> Vec<ConnectionInfo> {
+        self.by_actor
+            .lock()
+            .get(actor_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Query parameters of the listing routes.
+#[derive(Deserialize, Default)]
+struct PageQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+    /// `actors`: only this actor type.
+    name: Option<String>,
+    /// `kv`: only keys with this prefix (base64url).
+    prefix: Option<String>,
+}
+
+impl PageQuery {
+    fn limit(&self) -> Result<usize> {
+        match self.limit {
+            None => Ok(DEFAULT_PAGE_LEN),
+            Some(limit) if (1..=MAX_PAGE_LEN).contains(&limit) => Ok(limit),
+            Some(_) => Err(Error::malformed(format!(
+                "limit must be from 1 to {MAX_PAGE_LEN}"
+            ))),
+        }
+    }
+}
+
+type QueryResult = std::result::Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>;
+type IdPath = std::result::Result<Path<String>, axum::extract::rejection::PathRejection>;
+
+/// Renders a handler's result: the JSON value, or the error with its status.
+fn reply(core: &Core, result: Result<Value>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(err) => error_response(&err, core.config.dev),
+    }
+}
+
+fn listing_json(core: &Core, listing: &ActorListing) -> Result<Value> {
+    Ok(json!({
+        "actorId": listing.id,
+        "name": listing.name,
+        "key": key::decode(&listing.key)?,
+        "createdAt": listing.created_at_ms,
+        "awake": core.is_awake(&listing.id),
+    }))
+}
+
+/// The actor's listing, or `actor.not_found`.
+async fn find(core: &Arc<Core>, id: &str) -> Result<ActorListing> {
+    let owned = id.to_string();
+    core.read(id, move |store| store.actor_listing(&owned))
+        .await?
+        .ok_or(Error::ActorNotFound)
+}
+
+async fn list_actors(State(core): State<Arc<Core>>, query: QueryResult) -> Response {
+    let result = async {
+        let Query(query) = query.map_err(|err| Error::malformed(err.body_text()))?;
+        let limit = query.limit()?;
+        let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let name = query.name.clone();
+        let store = core.store.clone();
+        let listings = tokio::task::spawn_blocking(move || {
+            let after = after.as_ref().map(|(n, k)| (n.as_str(), k.as_str()));
+            store.list_actors(name.as_deref(), after, limit)
+        })
+        .await
+        .map_err(|err| Error::ActorInternal {
+            message: format!("a storage read panicked: {err}"),
+        })??;
+        let next = (listings.len() == limit)
+            .then(|| listings.last().map(encode_cursor))
+            .flatten();
+        let actors = listings
+            .iter()
+            .map(|listing| listing_json(&core, listing))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(json!({ "actors": actors, "nextCursor": next }))
+    }
+    .await;
+    reply(&core, result)
+}
+
+async fn actor(State(core): State<Arc<Core>>, id: IdPath) -> Response {
+    let result = async {
+        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        listing_json(&core, &find(&core, &id).await?)
+    }
+    .await;
+    reply(&core, result)
+}
+
+async fn state(State(core): State<Arc<Core>>, id: IdPath) -> Response {
+    let result = async {
+        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        let owned = id.clone();
+        let snapshot = core
+            .read(&id, move |store| store.load(&owned))
+            .await?
+            .ok_or(Error::ActorNotFound)?;
+        Ok(json!({
+            "actorId": id,
+            "encoding": core.host.state_encoding().as_str(),
+            "state": snapshot.state.as_deref().map(base64::encode),
+        }))
+    }
+    .await;
+    reply(&core, result)
+}
+
+async fn kv(State(core): State<Arc<Core>>, id: IdPath, query: QueryResult) -> Response {
+    let result = async {
+        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        let Query(query) = query.map_err(|err| Error::malformed(err.body_text()))?;
+        let limit = query.limit()?;
+        let prefix = match &query.prefix {
+            Some(prefix) => base64::decode(prefix)
+                .ok_or_else(|| Error::malformed("prefix must be base64url"))?,
+            None => Vec::new(),
+        };
+        let after = match &query.cursor {
+            Some(cursor) => Some(
+                base64::decode(cursor).ok_or_else(|| Error::malformed("invalid cursor"))?,
+            ),
+            None => None,
+        };
+        find(&core, &id).await?;
+        let owned = id.clone();
+        let entries = core
+            .read(&id, move |store| {
+                store.kv_page(&owned, &prefix, after.as_deref(), limit)
+            })
+            .await?;
+        let next = (entries.len() == limit)
+            .then(|| entries.last().map(|(key, _)| base64::encode_url(key)))
+            .flatten();
+        let entries: Vec<Value> = entries
+            .iter()
+            .map(|(key, value)| json!({ "key": base64::encode(key), "value": base64::encode(value) }))
+            .collect();
+        Ok(json!({
+            "actorId": id,
+            "encoding": core.host.state_encoding().as_str(),
+            "entries": entries,
+            "nextCursor": next,
+        }))
+    }
+    .await;
+    reply(&core, result)
+}
+
+async fn schedules(State(core): State<Arc<Core>>, id: IdPath) -> Response {
+    let result = async {
+        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        find(&core, &id).await?;
+        let owned = id.clone();
+        let stored = core
+            .read(&id, move |store| store.schedules_of(&owned))
+            .await?;
+        let schedules: Vec<Value> = stored
+            .iter()
+            .map(|stored| {
+                json!({
+                    "id": stored.schedule.id,
+                    "at": stored.schedule.at_ms,
+                    "action": stored.schedule.action,
+                    "args": base64::encode(&stored.schedule.args),
+                    "attempts": stored.attempts,
+                })
+            })
+            .collect();
+        Ok(json!({ "actorId": id, "encoding": "cbor", "schedules": schedules }))
+    }
+    .await;
+    reply(&core, result)
+}
+
+async fn connections(State(core): State<Arc<Core>>, id: IdPath) -> Response {
+    let result = async {
+        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        find(&core, &id).await?;
+        let connections: Vec<Value> = core
+            .connections
+            .of(&id)
+            .into_iter()
+            .map(|info| {
+                json!({
+                    "id": info.id,
+                    "openedAt": info.opened_at_ms,
+                    "details": info.details,
+                })
+            })
+            .collect();
+        Ok(json!({ "actorId": id, "connections": connections }))
+    }
+    .await;
+    reply(&core, result)
+}
+
+/// An actors cursor: the last listed `(name, key)` as a JSON pair, base64url.
+fn encode_cursor(listing: &ActorListing) -> String {
+    base64::encode_url(json!([listing.name, listing.key]).to_string().as_bytes())
+}
+
+fn decode_cursor(cursor: &str) -> Result<(String, String)> {
+    base64::decode(cursor)
+        .and_then(|bytes| serde_json::from_slice::<(String, String)>(&bytes).ok())
+        .ok_or_else(|| Error::malformed("invalid cursor"))
+}
+
+/// Base64 (RFC 4648): the standard alphabet with padding for bodies, the URL alphabet
+/// without padding for query parameters; decoding takes either.
+mod base64 {
+    const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    /// Standard alphabet, padded.
+    pub(super) fn encode(bytes: &[u8]) -> String {
+        encode_with(bytes, STANDARD, true)
+    }
+
+    /// URL alphabet, unpadded.
+    pub(super) fn encode_url(bytes: &[u8]) -> String {
+        encode_with(bytes, URL, false)
+    }
+
+    fn encode_with(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
+        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+            let digits = chunk.len() + 1;
+            for i in 0..4 {
+                if i < digits {
+                    out.push(char::from(alphabet[(n >> (18 - 6 * i)) as usize & 63]));
+                } else if pad {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    /// Decodes either alphabet, padded or not; `None` for anything malformed.
+    pub(super) fn decode(text: &str) -> Option<Vec<u8>> {
+        let text = text.trim_end_matches('=');
+        if text.len() % 4 == 1 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(text.len() * 3 / 4);
+        let mut acc = 0u32;
+        let mut bits = 0;
+        for c in text.bytes() {
+            let value = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' | b'-' => 62,
+                b'/' | b'_' => 63,
+                _ => return None,
+            };
+            acc = (acc << 6) | u32::from(value);
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
+        }
+        // Leftover bits must be zero padding, or the text was not canonical.
+        (acc == 0).then_some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        let expected = b"0123456789abcdef0123456789abcdef";
+        assert!(tokens_match(expected, expected));
+        assert!(!tokens_match(b"", expected));
+        assert!(!tokens_match(b"0123456789abcdef", expected), "a prefix");
+        assert!(!tokens_match(
+            b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            expected
+        ));
+        let mut wrong = *expected;
+        wrong[31] ^= 1;
+        assert!(!tokens_match(&wrong, expected), "the last byte counts");
+        wrong = *expected;
+        wrong[0] ^= 0x80;
+        assert!(!tokens_match(&wrong, expected), "the first byte counts");
+    }
+
+    #[test]
+    fn bearer_credentials_are_read_in_any_case() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bEaReR  abc "),
+        );
+        assert_eq!(bearer_token(&headers), Some(&b"abc"[..]));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer_token(&headers), None);
+    }
+
+    #[test]
+    fn generated_tokens_are_long_and_distinct() {
+        let (a, b) = (generate_token(), generate_token());
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn loopback_peers_only_unless_remote_is_allowed() {
+        let auth = Auth {
+            token: b"x".to_vec(),
+            allow_remote: false,
+        };
+        let peer = |text: &str| Some(text.parse::<SocketAddr>().unwrap());
+        assert!(auth.peer_allowed(peer("127.0.0.1:1")));
+        assert!(auth.peer_allowed(peer("[::1]:1")));
+        assert!(auth.peer_allowed(peer("[::ffff:127.0.0.1]:1")));
+        assert!(!auth.peer_allowed(peer("10.0.0.1:1")));
+        assert!(!auth.peer_allowed(None), "no peer address: serverless");
+        let open = Auth {
+            allow_remote: true,
+            ..auth
+        };
+        assert!(open.peer_allowed(peer("10.0.0.1:1")) && open.peer_allowed(None));
+    }
+
+    #[test]
+    fn base64_round_trips_in_both_alphabets() {
+        for len in 0..70u8 {
+            let bytes: Vec<u8> = (0..len).map(|i| i.wrapping_mul(37) ^ 0xfa).collect();
+            assert_eq!(base64::decode(&base64::encode(&bytes)).unwrap(), bytes);
+            assert_eq!(base64::decode(&base64::encode_url(&bytes)).unwrap(), bytes);
+        }
+        assert_eq!(base64::encode(b"hello"), "aGVsbG8=");
+        assert_eq!(base64::encode_url(&[0xfb, 0xff]), "-_8");
+        assert_eq!(base64::decode("a"), None);
+        assert_eq!(base64::decode("a*=="), None);
+        assert_eq!(base64::decode("aGVsbG9="), None, "non-zero leftover bits");
+    }
+
+    #[test]
+    fn connections_feed_the_gauge() {
+        let metrics = Arc::new(Metrics::default());
+        let connections = Connections::new(metrics.clone());
+        let info = |id: &str| ConnectionInfo {
+            id: id.into(),
+            opened_at_ms: 1,
+            details: Value::Null,
+        };
+        let actor: Arc<str> = Arc::from("a");
+        connections.opened(actor.clone(), info("1"));
+        connections.opened(actor.clone(), info("2"));
+        assert!(metrics.render().contains("keel_connections_open 2\n"));
+        connections.closed("a", "1");
+        connections.closed("a", "1");
+        connections.closed("b", "1");
+        assert_eq!(connections.of("a").len(), 1);
+        assert!(metrics.render().contains("keel_connections_open 1\n"));
+        connections.closed("a", "2");
+        assert!(connections.of("a").is_empty());
+        assert!(metrics.render().contains("keel_connections_open 0\n"));
+    }
+}
