@@ -1,3 +1,5 @@
+import type { ActorLog } from "./log";
+
 /** A KV key: a string or bytes. Strings and byte keys are separate key spaces. */
 export type KvKey = string | Uint8Array;
 
@@ -109,6 +111,8 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   readonly conn: Conn<any, any> | undefined;
   /** Sends an event to every connection subscribed to it (after the call's effects are durable). */
   broadcast(event: string, data?: unknown): void;
+  /** Structured log lines through keel's logger, carrying this actor's identity. */
+  readonly log: ActorLog;
   /** Sleep once this call finishes (the next message wakes the actor). */
   sleep(): void;
   /** Destroy the actor once this call finishes: run `onDestroy`, delete state, KV and schedules. */
@@ -120,6 +124,8 @@ export interface CreateContext {
   readonly actorId: string;
   readonly name: string;
   readonly key: readonly string[];
+  /** Structured log lines through keel's logger, carrying this actor's identity. */
+  readonly log: ActorLog;
 }
 
 /** An action: a function of the context and the caller's arguments. */

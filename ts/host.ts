@@ -9,6 +9,7 @@ import { randomUUID } from "node:crypto";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
 import { decode, encode } from "./cbor";
 import { KeelError, errorInfoOf } from "./errors";
+import { createActorLog } from "./log";
 import type { Completion, CoreRegistry, Invocation } from "./native";
 
 /** Largest KV key, in bytes. */
@@ -106,6 +107,8 @@ export class JsHost {
   private flushScheduled = false;
   /** Set once the native registry exists. */
   native: CoreRegistry | undefined;
+  /** The most verbose level `c.log` can write (see `logMaxLevel()`); set with `native`. */
+  logMaxLevel = 0;
 
   constructor(private readonly definitions: ReadonlyMap<string, AnyActorDefinition>) {}
 
@@ -169,7 +172,7 @@ export class JsHost {
       input = decodePayload(invocation.input, invocation.encoding);
       instance.state =
         config.createState !== undefined
-          ? await config.createState(Object.freeze({ ...identity }), input)
+          ? await config.createState(Object.freeze({ ...identity, log: instance.ctx.log }), input)
           : config.state === undefined
             ? null
             : structuredClone(config.state);
@@ -451,6 +454,7 @@ export class JsHost {
     };
     const ctx = {
       ...identity,
+      log: createActorLog(host, identity),
       get state() {
         return instance.state;
       },

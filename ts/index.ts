@@ -16,8 +16,11 @@ export type {
   ScheduledCall,
 } from "./actor";
 export { KeelError, UserError } from "./errors";
+export { createInspector } from "./inspector";
+export type { InspectedActor, InspectedConnection, InspectedSchedule, Inspector, InspectorOptions } from "./inspector";
+export type { ActorLog, LogFields, LogLevel } from "./log";
 export type { ErrorBody } from "./errors";
 export { Registry, setup } from "./registry";
-export type { ListenInfo, SetupConfig } from "./registry";
+export type { InspectorConfig, ListenInfo, LoggingConfig, SetupConfig } from "./registry";
 export { createClient } from "./client";
 export type { ActorAccessor, ActorConnection, ActorHandle, Client, ClientOptions, ConnectOptions } from "./client";

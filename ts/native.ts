@@ -6,9 +6,12 @@ export type {
   Completion,
   ErrorInfo,
   Invocation,
+  LoggingOptions,
   Outcome,
   RuntimeOptions,
 } from "../index.js";
 
 export const CoreRegistry = binding.CoreRegistry;
 export type CoreRegistry = binding.CoreRegistry;
+export const initLogging = binding.initLogging;
+export const logMaxLevel = binding.logMaxLevel;

@@ -1,7 +1,7 @@
 import type { AnyActorDefinition } from "./actor";
 import { KeelError, type ErrorBody } from "./errors";
 import { JsHost } from "./host";
-import { CoreRegistry, type RuntimeOptions } from "./native";
+import { CoreRegistry, initLogging, logMaxLevel, type RuntimeOptions } from "./native";
 import { forgetRegistry, handleSignalsFor } from "./signals";
 
 /**
@@ -41,8 +41,28 @@ export interface SetupConfig<U extends Record<string, AnyActorDefinition>> {
   basePath?: string;
   /** Don't install SIGINT/SIGTERM handlers in `start()`. */
   disableSignalHandlers?: boolean;
-  /** Dev mode: internal error messages reach clients. `KEEL_DEV=1`. */
+  /** Dev mode: internal error messages reach clients; the inspector generates a token if none is set. `KEEL_DEV=1`. */
   dev?: boolean;
+  /** The process's logger, set up by the first registry; see docs/observability.md. */
+  logging?: LoggingConfig;
+  /** The inspector API under `/v1/inspector/`; see docs/observability.md. */
+  inspector?: InspectorConfig;
+}
+
+/** `setup({ logging })`. Each field falls back to its environment variable, then its default. */
+export interface LoggingConfig {
+  /** Filter in `EnvFilter` syntax, such as `"info"` or `"warn,keel::js=debug"`. `KEEL_LOG`, default `"info"`. */
+  level?: string;
+  /** Line format. `KEEL_LOG_FORMAT`, default `"pretty"` on a terminal and `"logfmt"` otherwise. */
+  format?: "pretty" | "json" | "logfmt";
+}
+
+/** `setup({ inspector })`. */
+export interface InspectorConfig {
+  /** Bearer token (16 to 512 visible ASCII characters). `KEEL_INSPECTOR_TOKEN`; without one the inspector is off outside dev mode. */
+  token?: string;
+  /** Answer peers off the loopback interface, and serverless requests. Default `false`. */
+  allowRemote?: boolean;
 }
 
 /** Where a started registry listens. */
@@ -126,9 +146,12 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
       if (def?.kind !== "keel.actor") throw new TypeError(`use.${name} is not an actor()`);
       definitions.set(name, def);
     }
+    // The first registry of the process installs the logger; later ones only check theirs.
+    fail(initLogging(config.logging));
     this.host = new JsHost(definitions);
     this.native = new CoreRegistry(this.host.dispatch);
     this.host.native = this.native;
+    this.host.logMaxLevel = logMaxLevel();
     for (const [name, def] of definitions) {
       fail(
         this.native.register(name, {
@@ -157,6 +180,8 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
       maxKeySegmentBytes: c.maxKeySegmentBytes,
       maxKeyBytes: c.maxKeyBytes,
       dev: c.dev ?? process.env.KEEL_DEV === "1",
+      inspectorToken: c.inspector?.token ?? (process.env.KEEL_INSPECTOR_TOKEN || undefined),
+      inspectorAllowRemote: c.inspector?.allowRemote,
     };
   }
 
@@ -314,6 +339,14 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
   /** How many actors are awake right now (for diagnostics and tests). */
   get liveActors(): number {
     return this.native.liveActors;
+  }
+
+  /**
+   * keel's metrics as a Prometheus text page (format 0.0.4), the same page `/metrics` serves;
+   * readable at any time, during and after a shutdown too.
+   */
+  metrics(): string {
+    return this.native.metricsText();
   }
 
   /** The state machine's current state (for diagnostics). */
