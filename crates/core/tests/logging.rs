@@ -484,6 +484,68 @@ fn user_lines_obey_the_filter() {
 }
 
 #[test]
+fn pre_encoded_user_fields_make_the_same_line_as_decoded_ones() {
+    let (json, logfmt) = json_and_logfmt(|| {
+        let _actor = actor_span("a7").entered();
+        logging::emit(
+            Level::WARN,
+            "from js",
+            &[
+                ("n".to_string(), json!(2)),
+                ("who".to_string(), json!("ann")),
+            ],
+        );
+        logging::emit_json(Level::WARN, "from js", Some(r#"{"n":2,"who":"ann"}"#));
+        logging::emit_json(Level::WARN, "no fields", None);
+        logging::emit_json(Level::WARN, "not an object", Some("[1,2]"));
+    });
+    assert_same_lines(&json, &logfmt);
+    let objects = json.json_lines();
+    let without_ts = |object: &Map<String, Value>| {
+        let mut object = object.clone();
+        object.remove("ts");
+        object
+    };
+    assert_eq!(without_ts(&objects[0]), without_ts(&objects[1]));
+    assert_eq!(
+        keys(&objects[2]),
+        ["ts", "level", "target", "msg", "actor_id", "name", "key"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+    assert_eq!(objects[3]["keel.fields"], "[1,2]");
+}
+
+#[test]
+fn user_line_checks_follow_the_filter_inside_the_span() {
+    let (subscriber, _out) = capture("warn,[actor{name=counter}]=debug", LogFormat::Json);
+    tracing::subscriber::with_default(subscriber, || {
+        assert!(logging::js_enabled(Level::WARN));
+        assert!(
+            !logging::js_enabled(Level::DEBUG),
+            "outside the actor's span"
+        );
+        let _actor = actor_span("a8").entered();
+        assert!(logging::js_enabled(Level::DEBUG), "inside the actor's span");
+        assert!(!logging::js_enabled(Level::TRACE));
+    });
+}
+
+#[test]
+fn settings_given_in_code_win_and_must_be_well_formed() {
+    let (settings, problems) =
+        logging::LogSettings::resolve(Some("debug,keel::js=warn"), Some("json")).unwrap();
+    assert_eq!(settings.directives, "debug,keel::js=warn");
+    assert_eq!(settings.format, LogFormat::Json);
+    assert!(problems.is_empty());
+    for (level, format) in [(Some("[unclosed"), None), (None, Some("xml"))] {
+        let err = logging::LogSettings::resolve(level, format).unwrap_err();
+        assert_eq!(err.code(), "invalid_config", "{err}");
+    }
+}
+
+#[test]
 fn pretty_lines_show_span_fields_and_color_only_when_asked() {
     let plain = Capture::default();
     let colored = Capture::default();
