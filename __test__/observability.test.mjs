@@ -110,6 +110,17 @@ test("setup({ logging }) wins over the environment and is installed once per pro
   assert.ok(!objects.some((o) => o.level === "debug" && o.target !== "keel::js"), "core stays at info");
 });
 
+test("a span directive lets one actor's c.log debug lines through, as it does its Rust lines", async (t) => {
+  const lines = await run(t, { KEEL_LOG: "warn,[actor{key=loud}]=debug", KEEL_LOG_FORMAT: "json" }, async (server) => {
+    for (const key of ["loud", "quiet"]) await post(server.url, "/v1/actors/watched/actions/bump", { key: [key] });
+  });
+  const debug = lines.map((line) => JSON.parse(line)).filter((o) => o.level === "debug");
+  const bumped = debug.filter((o) => o.msg === "bumped");
+  assert.deepEqual(bumped.map((o) => [o.key, o.action, o.count]), [["loud", "bump", 1]]);
+  assert.ok(debug.some((o) => o.msg === "actor started" && o.key === "loud"), "the Rust debug line passes too");
+  assert.ok(debug.every((o) => o.key === "loud"), "nothing at debug outside the loud actor");
+});
+
 test("malformed logging settings and c.log misuse are clear errors", async (t) => {
   const counter = actor({ state: {}, actions: { noop: () => null } });
   assert.throws(() => setup({ use: { counter }, logging: { format: "xml" } }), (err) => {

@@ -29,8 +29,15 @@ use tracing::{Level, Span};
 use crate::convert::ErrorInfo;
 use crate::CoreRegistry;
 
-/// What the first registry installed, or `None` before that.
-static INSTALLED: Mutex<Option<LogSettings>> = Mutex::new(None);
+/// What the first registry asked for, or `None` before that.
+static INSTALLED: Mutex<Option<Installed>> = Mutex::new(None);
+
+/// The settings the first registry asked for, and whether they became the process's
+/// subscriber (an embedding app may own it instead).
+struct Installed {
+    settings: LogSettings,
+    ours: bool,
+}
 
 /// `setup({ logging })`: every field falls back to its environment variable.
 #[napi(object)]
@@ -57,10 +64,12 @@ pub fn init(options: Option<&LoggingOptions>) -> Result<(), Error> {
         None => {
             // `false` means another subscriber (an embedding app's) already owns the process:
             // it is kept.
-            let _mine = settings.install(problems);
-            *installed = Some(settings);
+            let ours = settings.install(problems);
+            *installed = Some(Installed { settings, ours });
         }
-        Some(current) if given && *current != settings => {
+        Some(Installed {
+            settings: current, ..
+        }) if given && *current != settings => {
             tracing::warn!(
                 installed_level = %current.directives,
                 installed_format = %current.format,
@@ -84,12 +93,37 @@ pub fn init_logging(options: Option<LoggingOptions>) -> Option<ErrorInfo> {
         .map(|err| ErrorInfo::from_error(&err, false))
 }
 
-/// The most verbose level any line can be logged at: 0 off, 1 error, 2 warn, 3 info, 4 debug,
-/// 5 trace. JS skips `c.log` calls above it without crossing into Rust; it can only change
+/// The most verbose level a `c.log` line can be written at: 0 off, 1 error, 2 warn, 3 info,
+/// 4 debug, 5 trace. JS skips calls above it without crossing into Rust; it can only change
 /// when the first registry installs the logger.
+///
+/// With keel's own subscriber and a filter without span directives (`[...]`), a user line's
+/// fate depends only on its level, so this is exact for target `keel::js`; otherwise it is
+/// the most verbose level of any target, and Rust decides inside the actor's span.
 #[napi]
 pub fn log_max_level() -> u32 {
-    match LevelFilter::current().into_level() {
+    let exact = INSTALLED
+        .lock()
+        .as_ref()
+        .is_some_and(|installed| installed.ours && !installed.settings.directives.contains('['));
+    if exact {
+        let levels = [
+            Level::TRACE,
+            Level::DEBUG,
+            Level::INFO,
+            Level::WARN,
+            Level::ERROR,
+        ];
+        let max = levels
+            .into_iter()
+            .find(|level| keel_core::logging::js_enabled(*level));
+        return level_number(max);
+    }
+    level_number(LevelFilter::current().into_level())
+}
+
+fn level_number(level: Option<Level>) -> u32 {
+    match level {
         None => 0,
         Some(Level::ERROR) => 1,
         Some(Level::WARN) => 2,
@@ -149,14 +183,14 @@ impl ActorSpans {
         }
     }
 
-    /// The span a line of `actor_id` is logged in now, if the actor is live.
-    fn current(&self, actor_id: &str) -> Option<Span> {
+    /// The spans a line of `actor_id` is logged in now, outermost first, if the actor is live.
+    fn current(&self, actor_id: &str) -> Option<(Span, Option<Span>)> {
         let by_actor = self.by_actor.lock();
         let spans = by_actor.get(actor_id)?;
-        Some(match &spans.call {
-            Some((_, call)) => call.clone(),
-            None => spans.actor.clone(),
-        })
+        Some((
+            spans.actor.clone(),
+            spans.call.as_ref().map(|(_, call)| call.clone()),
+        ))
     }
 }
 
@@ -207,13 +241,15 @@ fn throw_bad_level(env: &Env, level: &str) -> napi::Result<()> {
     )
 }
 
-/// Logs `msg` at `level` inside `span`, if the filter lets it through there.
-fn emit_in(span: &Span, level: Level, msg: &str, fields: Option<&str>) {
-    span.in_scope(|| {
-        if keel_core::logging::js_enabled(level) {
-            keel_core::logging::emit_json(level, msg, fields);
-        }
-    });
+/// Logs `msg` at `level` inside `actor` and then `call`, if the filter lets it through there.
+/// Both spans are entered, outermost first, as core's instrumented tasks enter them: a filter
+/// with span directives (`[actor{name=room}]=debug`) only sees spans entered on this thread.
+fn emit_in(actor: &Span, call: Option<&Span>, level: Level, msg: &str, fields: Option<&str>) {
+    let _actor = actor.enter();
+    let _call = call.map(Span::enter);
+    if keel_core::logging::js_enabled(level) {
+        keel_core::logging::emit_json(level, msg, fields);
+    }
 }
 
 #[napi]
@@ -235,10 +271,10 @@ impl CoreRegistry {
             throw_bad_level(&env, &level)?;
             return Ok(false);
         };
-        let Some(span) = self.host.spans.current(&actor_id) else {
+        let Some((actor, call)) = self.host.spans.current(&actor_id) else {
             return Ok(false);
         };
-        emit_in(&span, level, &msg, fields.as_deref());
+        emit_in(&actor, call.as_ref(), level, &msg, fields.as_deref());
         Ok(true)
     }
 
@@ -265,12 +301,8 @@ impl CoreRegistry {
             key_string: keel_core::key::encode(&key),
             key,
         };
-        emit_in(
-            &keel_core::actor::span(&info),
-            level,
-            &msg,
-            fields.as_deref(),
-        );
+        let span = keel_core::actor::span(&info);
+        emit_in(&span, None, level, &msg, fields.as_deref());
         Ok(())
     }
 }
