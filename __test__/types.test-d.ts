@@ -1,6 +1,6 @@
 // Compile-time tests of the client's inferred types, checked by `tsc --noEmit` in `npm test`.
 // Each `@ts-expect-error` must be an error, or tsc fails the build.
-import { actor, event, setup } from "keel";
+import { actor, createInspector, event, setup } from "keel";
 import { createClient } from "keel/client";
 
 const counter = actor({
@@ -77,6 +77,12 @@ async function check(): Promise<void> {
   await conn.send(5);
   void sent;
 
+  const inspector = createInspector("http://127.0.0.1:6420", { token: "t" });
+  const { actors, nextCursor } = await inspector.actors({ name: "counter", limit: 10 });
+  const awake: boolean = actors[0].awake;
+  const next: string | null = nextCursor;
+  void [awake, next];
+
   const state = actor({
     state: { items: [] as string[] },
     actions: {
@@ -86,5 +92,27 @@ async function check(): Promise<void> {
     },
   });
   void state;
+
+  const logged = actor({
+    createState: (c) => {
+      c.log.info("creating", { key: c.key });
+      return {};
+    },
+    actions: {
+      fine: (c) => {
+        c.log.debug("fixed message");
+        c.log.warn("with fields", { n: 1, nested: { ok: true } });
+      },
+      // @ts-expect-error: there is no trace level in `c.log`.
+      noTrace: (c) => c.log.trace("x"),
+      // @ts-expect-error: fields are an object, not a list.
+      noList: (c) => c.log.info("x", [1, 2]),
+    },
+  });
+  void logged;
+
+  setup({ use: { counter }, logging: { level: "info,keel::js=debug", format: "json" }, inspector: { token: "t", allowRemote: false } });
+  // @ts-expect-error: an unknown log format.
+  setup({ use: { counter }, logging: { format: "xml" } });
 }
 void check;
