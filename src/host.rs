@@ -415,7 +415,7 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: StartRequest,
     ) -> keel_core::Result<Effects> {
-        let _span = self.0.spans.enter(actor, HostCall::Start);
+        let span = self.0.spans.enter(actor, HostCall::Start);
         let mut invocation = self.0.invocation("start", actor);
         invocation.actor_type = Some(actor.name.to_string());
         invocation.key = Some(actor.key.clone());
@@ -425,6 +425,7 @@ impl Host for SharedHost {
             invocation.input = Some(Buffer::from(input.bytes));
         }
         let reply = check(self.0.invoke(invocation).await?, "start")?;
+        span.started();
         Ok(reply.effects)
     }
 

@@ -151,7 +151,8 @@ struct Spans {
 /// Which host call is beginning.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum HostCall {
-    /// Starting the instance: the current span is the actor's.
+    /// Starting the instance: the current span is the actor's. Unless the call reports
+    /// [`CallGuard::started`], the actor is forgotten when it ends (it failed to start).
     Start,
     /// An action or a schedule's run: the current span is the call's, inside the actor's.
     Action,
@@ -180,6 +181,7 @@ impl ActorSpans {
             actor_id: actor.id.clone(),
             call,
             number,
+            started: false,
         }
     }
 
@@ -200,6 +202,15 @@ pub struct CallGuard<'a> {
     actor_id: Arc<str>,
     call: HostCall,
     number: u64,
+    /// A start call succeeded: keep the actor's spans until it stops.
+    started: bool,
+}
+
+impl CallGuard<'_> {
+    /// Reports that a start call succeeded, so the actor's spans stay until it stops.
+    pub fn started(mut self) {
+        self.started = true;
+    }
 }
 
 impl Drop for CallGuard<'_> {
@@ -207,6 +218,10 @@ impl Drop for CallGuard<'_> {
         let mut by_actor = self.spans.by_actor.lock();
         match self.call {
             HostCall::Stop => {
+                by_actor.remove(&self.actor_id);
+            }
+            // An instance that failed to start (or timed out starting) gets no stop call.
+            HostCall::Start if !self.started => {
                 by_actor.remove(&self.actor_id);
             }
             HostCall::Action => {
