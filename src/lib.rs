@@ -29,6 +29,7 @@ use crate::convert::{
     ActorTypeOptions, ErrorInfo, HttpRequest, HttpResponse, Outcome, RuntimeOptions,
 };
 use crate::host::{Completion, DispatchFn, JsHost, SharedHost};
+pub use crate::logging::{init_logging, log_max_level};
 
 /// Called once with the bound address (`host:port`) when the server listens. Weak: the
 /// pending `serve` promise is what keeps Node alive.
