@@ -329,3 +329,40 @@ test("/metrics is Prometheus text and its counters move with actions", async (t)
   assert.equal(sample(drained, "keel_shutdown_phase", { phase: "running" }), 0);
   assert.equal(sample(drained, "keel_actions_total", { outcome: "ok" }), sample(after, "keel_actions_total", { outcome: "ok" }));
 });
+
+test("open connections show in /metrics and in the inspector until they close", async (t) => {
+  const { room } = await import("./fixtures/chat.mjs");
+  const token = "connections-token-0123456789";
+  const registry = setup({ use: { room }, port: 0, dataDir: tempDir(t), disableSignalHandlers: true, inspector: { token } });
+  const serving = registry.start();
+  const { url } = await registry.listening();
+  t.after(async () => {
+    await registry.shutdown();
+    await serving;
+  });
+  const open = () => sample(parsePrometheus(registry.metrics()), "keel_connections_open");
+  const until = async (what, condition) => {
+    for (let i = 0; i < 500 && !(await condition()); i++) await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.ok(await condition(), `timed out waiting for ${what}`);
+  };
+  const client = createClient(url);
+  const ada = client.room.getOrCreate(["lobby"]).connect({ name: "ada" });
+  const bob = client.room.getOrCreate(["lobby"]).connect({ name: "bob" });
+  await Promise.all([ada.ready, bob.ready]);
+  assert.equal(open(), 2);
+  const inspector = createInspector(url, { token });
+  const [{ actorId }] = (await inspector.actors()).actors;
+  const listed = await inspector.connections(actorId);
+  assert.equal(listed.length, 2);
+  for (const conn of listed) {
+    assert.match(conn.id, /^[0-9a-f]{16}$/);
+    assert.ok(conn.openedAt > 0);
+    assert.deepEqual(conn.details, { encoding: "cbor" }, "params stay out: they may hold credentials");
+  }
+  ada.dispose();
+  await until("ada's connection leaves", () => open() === 1);
+  assert.equal((await inspector.connections(actorId)).length, 1);
+  bob.dispose();
+  await until("bob's connection leaves", () => open() === 0);
+  assert.deepEqual(await inspector.connections(actorId), []);
+});

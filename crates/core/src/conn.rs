@@ -546,6 +546,9 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
             return;
         }
         tracing::debug!("connection open");
+        let _listed = core
+            .connections
+            .open(info.id.clone(), inspector_info(&core, &conn));
         read_loop(&core, &info, &conn, &mut stream).await;
         // Tell the actor, whichever way the socket ended.
         if let Ok(handle) = core.handle_for(&info) {
@@ -558,6 +561,16 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
     }
     .instrument(span)
     .await;
+}
+
+/// What the inspector shows of a connection. Its params are left out: they often carry
+/// credentials.
+fn inspector_info(core: &Core, conn: &ConnHandle) -> crate::inspector::ConnectionInfo {
+    crate::inspector::ConnectionInfo {
+        id: conn.id.to_string(),
+        opened_at_ms: core.clock.now_ms(),
+        details: serde_json::json!({ "encoding": conn.encoding.as_str() }),
+    }
 }
 
 async fn reject(mut socket: WebSocket, encoding: Encoding, err: &Error, dev: bool) {

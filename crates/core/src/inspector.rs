@@ -175,8 +175,8 @@ async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) 
 }
 
 /// Open actor connections, by actor: what the inspector lists, and the source of the
-/// `keel_connections_open` gauge. The connection layer calls [`Connections::opened`] when a
-/// connection is accepted and [`Connections::closed`] when it ends, whatever ended it.
+/// `keel_connections_open` gauge. The connection layer holds the guard [`Connections::open`]
+/// returns for as long as a connection is admitted, so however it ends, it leaves.
 pub(crate) struct Connections {
     by_actor: Mutex<HashMap<Arc<str>, Vec<ConnectionInfo>>>,
     metrics: Arc<Metrics>,
@@ -201,15 +201,28 @@ impl Connections {
         }
     }
 
-    /// Records an open connection of `actor_id`.
-    #[allow(dead_code)] // The WebSocket layer is the caller; until it exists nothing opens.
+    /// Records an open connection of `actor_id` until the returned guard drops.
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        actor_id: Arc<str>,
+        info: ConnectionInfo,
+    ) -> OpenConnection {
+        let id = info.id.clone();
+        self.opened(actor_id.clone(), info);
+        OpenConnection {
+            connections: self.clone(),
+            actor_id,
+            id,
+        }
+    }
+
+    /// Records an open connection of `actor_id`; pair it with [`Connections::closed`].
     pub(crate) fn opened(&self, actor_id: Arc<str>, info: ConnectionInfo) {
         self.by_actor.lock().entry(actor_id).or_default().push(info);
         self.metrics.connection_opened();
     }
 
     /// Forgets a connection; a connection that was never recorded is ignored.
-    #[allow(dead_code)] // The WebSocket layer is the caller; until it exists nothing closes.
     pub(crate) fn closed(&self, actor_id: &str, id: &str) {
         let mut by_actor = self.by_actor.lock();
         let Some(open) = by_actor.get_mut(actor_id) else {
@@ -234,6 +247,19 @@ impl Connections {
             .get(actor_id)
             .cloned()
             .unwrap_or_default()
+    }
+}
+
+/// An admitted connection, listed until this guard drops.
+pub(crate) struct OpenConnection {
+    connections: Arc<Connections>,
+    actor_id: Arc<str>,
+    id: String,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.connections.closed(&self.actor_id, &self.id);
     }
 }
 

@@ -361,7 +361,7 @@ impl Metrics {
         page.header(
             "keel_connections_open",
             "gauge",
-            "Open actor connections (WebSocket).",
+            "Open actor connections (keel protocol WebSockets admitted by their actor).",
         );
         page.sample(
             "keel_connections_open",
