@@ -4,6 +4,8 @@
 // Usage: node load.mjs '<json config>'
 //   config: { port, workload, timeCapMs, requestTimeoutMs, ...per-workload fields }
 //   - "sequential" | "concurrent": { actors, maxCalls, durationMs, warmupCallsPerActor }
+//   - "ws-sequential" | "ws-concurrent": the same, over one WebSocket connection per actor
+//   - "broadcast": { actors, connections, bursts, warmupBursts, payloadBytes, connectConcurrency }
 //   - "wake":   { probePort, actors }                         (keel only, see lifecycle below)
 //   - "memory": { probePort, actors, concurrency, warmupActors }
 //   - "alarms": { actors, alarmsPerActor, leadMs, warmupAlarmsPerActor }
@@ -12,6 +14,8 @@
 // Every request goes to 127.0.0.1 only, and every loop is bounded both in calls and in time.
 
 import http from "node:http";
+import { readFileSync } from "node:fs";
+import WebSocket from "ws";
 
 const config = JSON.parse(process.argv[2]);
 const HOST = "127.0.0.1";
@@ -67,9 +71,6 @@ async function call(name, key, action, args = []) {
   return body.output;
 }
 
-const increment = (key) => post("/v1/actors/counter/actions/increment", { key, args: [1] });
-const getCount = (key) => post("/v1/actors/counter/actions/getCount", { key, args: [] });
-
 /**
  * Per-actor bookkeeping. `acked` counts increments that got a 200: the durable count must equal
  * it at the end. `unknown` counts increments that failed without a reply, whose effect we can't
@@ -79,26 +80,65 @@ function newActor(i) {
   return { key: [`${config.workload}-${i}`], acked: 0, unknown: 0, outputMismatches: 0 };
 }
 
+/** An error the server answered (HTTP status or an error reply): nothing was committed. */
+function answered(message) {
+  const err = new Error(message);
+  err.answered = true;
+  return err;
+}
+
+/**
+ * One call on `actor`: over its WebSocket connection if it has one (the ws-* workloads),
+ * else over HTTP. Resolves the output; rejects with `err.answered` set if the server refused.
+ */
+async function callOn(actor, action, args) {
+  if (actor.conn) return actor.conn.call(action, args);
+  const { status, body } = await post(`/v1/actors/counter/actions/${action}`, { key: actor.key, args });
+  if (status !== 200) throw answered(`HTTP ${status}: ${JSON.stringify(body).slice(0, 200)}`);
+  return body.output;
+}
+
 /**
  * Sends one increment and records it. With one request in flight per actor, the reply must be
  * exactly the number of increments acknowledged so far, so each reply is checked too.
  */
 async function step(actor, errors) {
   try {
-    const { status, body } = await increment(actor.key);
-    if (status !== 200) {
-      // A rejection the server answered: nothing was committed.
-      errors.push(`HTTP ${status}: ${JSON.stringify(body).slice(0, 200)}`);
-      return false;
-    }
+    const output = await callOn(actor, "increment", [1]);
     actor.acked += 1;
-    if (body.output !== actor.acked) actor.outputMismatches += 1;
+    if (output !== actor.acked) actor.outputMismatches += 1;
     return true;
   } catch (err) {
-    actor.unknown += 1;
+    // A refusal committed nothing; a lost socket or a timeout leaves the effect unknown.
+    if (!err.answered) actor.unknown += 1;
     errors.push(String(err.message ?? err));
     return false;
   }
+}
+
+/**
+ * CPU time used so far, in ms: this process's (`client`) and the server's (`server`, from
+ * /proc/<serverPid>/stat, in clock ticks of 10 ms), so a workload can say where its time went.
+ */
+const CLK_TCK = 100; // USER_HZ, which /proc reports in; 100 on Linux/x86-64
+function cpuNow() {
+  const { user, system } = process.cpuUsage();
+  let server = null;
+  try {
+    const stat = readFileSync(`/proc/${config.serverPid}/stat`, "utf8");
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    server = ((Number(fields[11]) + Number(fields[12])) * 1000) / CLK_TCK;
+  } catch {
+    // No pid given, or the server is gone: report the client's only.
+  }
+  return { client: (user + system) / 1000, server };
+}
+
+/** CPU ms used since `from` (a `cpuNow()`), each side divided by `per`. */
+function cpuSince(from, per = 1) {
+  const now = cpuNow();
+  const div = (x) => (x === null ? null : round3(x / per));
+  return { client: div(now.client - from.client), server: from.server === null || now.server === null ? null : div(now.server - from.server) };
 }
 
 /** Nearest-rank percentile of a sorted array. */
@@ -113,6 +153,13 @@ const round3 = (x) => (x === null ? null : Math.round(x * 1000) / 1000);
 async function counterWorkload() {
   const actors = Array.from({ length: config.actors }, (_, i) => newActor(i));
   const errors = [];
+  const overWs = config.workload.startsWith("ws-");
+  if (overWs) {
+    // One connection per actor, opened (and admitted) before anything is timed.
+    await forEachConcurrently(actors.length, 16, async (i) => {
+      actors[i].conn = await openConnection("counter", actors[i].key);
+    });
+  }
 
   // Warm-up: creates every actor (its first call pays for creation and the first insert),
   // opens the keep-alive sockets and lets V8 optimise the hot paths on both sides. These
@@ -131,6 +178,7 @@ async function counterWorkload() {
   const latencies = new Float64Array(config.maxCalls);
   let issued = 0;
   let completed = 0;
+  const cpuStart = cpuNow();
   const start = performance.now();
   const deadline = start + config.durationMs;
   await Promise.all(
@@ -144,23 +192,26 @@ async function counterWorkload() {
     }),
   );
   const elapsedMs = performance.now() - start;
+  const cpuMs = cpuSince(cpuStart);
 
   // Correctness: the durable count of every actor must equal its acknowledged increments.
   const mismatches = [];
   for (const actor of actors) {
-    const { status, body } = await getCount(actor.key);
     const expected = actor.acked;
-    const actual = status === 200 ? body.output : `HTTP ${status}`;
+    const actual = await callOn(actor, "getCount", []).catch((err) => String(err.message ?? err));
     const consistent = actor.unknown === 0 ? actual === expected : actual >= expected && actual <= expected + actor.unknown;
     if (!consistent || actor.outputMismatches > 0) {
       mismatches.push({ key: actor.key, expected, actual, unknown: actor.unknown, outputMismatches: actor.outputMismatches });
     }
   }
 
+  if (overWs) await closeAll(actors.map((a) => a.conn));
+
   const sorted = latencies.subarray(0, completed).sort();
   const sum = sorted.reduce((a, b) => a + b, 0);
   const result = {
     workload: config.workload,
+    transport: overWs ? "ws" : "http",
     actors: config.actors,
     warmupCalls,
     calls: completed,
@@ -169,6 +220,9 @@ async function counterWorkload() {
     firstErrors: errors.slice(0, 5),
     elapsedMs: round3(elapsedMs),
     callsPerSec: Math.round((completed / elapsedMs) * 1000 * 10) / 10,
+    // CPU time of the timed phase, and per call in µs (ms per 1,000 calls).
+    cpuMs,
+    cpuUsPerCall: { client: round3((cpuMs.client / completed) * 1000), server: cpuMs.server === null ? null : round3((cpuMs.server / completed) * 1000) },
     latencyMs: {
       p50: round3(percentile(sorted, 50)),
       p99: round3(percentile(sorted, 99)),
@@ -439,9 +493,260 @@ async function alarms() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// WebSocket workloads. The client is a raw `ws` socket speaking the JSON frames of keel's
+// connection protocol (text frames), the same code against both servers, so the client's cost
+// is the same for both.
+
+/** The soft limit on open files of this process (each socket is one). */
+function fdLimit() {
+  const line = readFileSync("/proc/self/limits", "utf8")
+    .split("\n")
+    .find((l) => l.startsWith("Max open files"));
+  return line ? Number(line.split(/\s{2,}/)[1]) : null;
+}
+
+/**
+ * Opens a connection to the actor `name`/`key` and sends `init`; resolves once the server
+ * answers `ready`. The connection has `call(action, args)`, which resolves the reply's output
+ * or rejects (with `err.answered` set when the server replied with an error), and passes each
+ * `event` frame to `onEvent(message, receivedAt)`.
+ */
+function openConnection(name, key, { subs = [], onEvent = null } = {}) {
+  return new Promise((resolve, reject) => {
+    const url = `ws://${HOST}:${config.port}/v1/actors/${encodeURIComponent(name)}/connect`;
+    const ws = new WebSocket(url, { perMessageDeflate: false, handshakeTimeout: config.requestTimeoutMs });
+    const pending = new Map();
+    let nextId = 1;
+    let ready = false;
+    let closed = null;
+    const conn = {
+      ws,
+      call(action, args = []) {
+        if (closed) return Promise.reject(closed);
+        return new Promise((res, rej) => {
+          const id = nextId++;
+          const timer = setTimeout(() => {
+            pending.delete(id);
+            rej(new Error(`${action} timed out after ${config.requestTimeoutMs} ms`));
+          }, config.requestTimeoutMs);
+          pending.set(id, { res, rej, timer });
+          ws.send(JSON.stringify({ t: "call", id, action, args }));
+        });
+      },
+    };
+    ws.on("open", () => ws.send(JSON.stringify({ t: "init", key, params: null, subs })));
+    ws.on("message", (data, isBinary) => {
+      const receivedAt = performance.now();
+      let msg;
+      try {
+        if (isBinary) throw new Error("a binary frame on a JSON connection");
+        msg = JSON.parse(data.toString("utf8"));
+      } catch (err) {
+        ws.terminate();
+        closed = err;
+        return;
+      }
+      if (msg.t === "reply") {
+        const call = pending.get(msg.id);
+        if (!call) return;
+        pending.delete(msg.id);
+        clearTimeout(call.timer);
+        if (msg.error) call.rej(answered(`${msg.error.group}.${msg.error.code}: ${msg.error.message}`));
+        else call.res(msg.output);
+      } else if (msg.t === "event") {
+        onEvent?.(msg, receivedAt);
+      } else if (msg.t === "ready") {
+        ready = true;
+        resolve(conn);
+      } else if (msg.t === "error" && !ready) {
+        reject(new Error(`connection refused: ${JSON.stringify(msg.error).slice(0, 200)}`));
+      }
+    });
+    ws.on("error", (err) => {
+      if (!ready) reject(err.code === "EMFILE" ? new Error(`out of file descriptors (limit ${fdLimit()}): ${err.message}`) : err);
+    });
+    ws.on("close", (code, reason) => {
+      closed = new Error(`socket closed (${code} ${reason})`);
+      if (!ready) reject(closed);
+      for (const call of pending.values()) {
+        clearTimeout(call.timer);
+        call.rej(closed);
+      }
+      pending.clear();
+    });
+  });
+}
+
+/** Closes connections with a close handshake; stragglers are terminated after 5 s. */
+async function closeAll(conns) {
+  const open = conns.filter((c) => c && c.ws.readyState !== WebSocket.CLOSED);
+  const done = Promise.all(open.map((c) => new Promise((resolve) => {
+    c.ws.once("close", resolve);
+    c.ws.close(1000);
+  })));
+  const timer = setTimeout(() => open.forEach((c) => c.ws.terminate()), 5000);
+  await done;
+  clearTimeout(timer);
+}
+
+/**
+ * Broadcast fan-out. `connections` sockets spread evenly over `actors` rooms, all subscribed
+ * to the room's event. A burst sends one `broadcast` action to every room (over the room's
+ * first connection), as fast as the client can, and ends once every connection has received
+ * that burst's event and every action its reply. Timed: from sending the burst's first action
+ * to the last connection receiving its event (fan-out), and per connection from sending its
+ * room's action to receiving the event (delivery). Bursts run one after another, after
+ * `warmupBursts` untimed ones. Checks: each connection gets exactly its room's event once
+ * per burst; each reply is the room's count so far; at the end each room's `sent` equals the
+ * number of bursts.
+ */
+async function broadcast() {
+  const rooms = config.actors;
+  const perRoom = config.connections / rooms;
+  const total = config.connections;
+  if (!Number.isInteger(perRoom)) throw new Error("connections must be a multiple of actors");
+  const EVENT = "tick";
+
+  const errors = [];
+  const problem = (text) => {
+    if (errors.length < 1000) errors.push(text);
+  };
+  // Per connection: the burst it last received, and when.
+  const lastBurst = new Int32Array(total).fill(-1);
+  const sentAt = new Float64Array(rooms);
+  let burst = -1;
+  let received = 0;
+  let allReceived = null;
+  const onEvent = (index, room) => (msg, at) => {
+    const data = msg.data;
+    if (msg.event !== EVENT || data?.room !== room || data?.burst !== burst) {
+      return problem(`connection ${index}: unexpected event ${JSON.stringify(msg).slice(0, 120)} in burst ${burst}`);
+    }
+    if (lastBurst[index] === burst) return problem(`connection ${index}: burst ${burst} received twice`);
+    lastBurst[index] = burst;
+    deliveries[deliveryCount++] = at - sentAt[room];
+    lastArrival = Math.max(lastArrival, at);
+    if (++received === total) allReceived?.();
+  };
+  let deliveries = new Float64Array(total);
+  let deliveryCount = 0;
+  let lastArrival = 0;
+
+  // Open every connection, `connectConcurrency` handshakes at a time.
+  const conns = new Array(total);
+  const connectStart = performance.now();
+  await forEachConcurrently(total, config.connectConcurrency, async (i) => {
+    const room = Math.floor(i / perRoom);
+    conns[i] = await openConnection("room", [`room-${room}`], { subs: [EVENT], onEvent: onEvent(i, room) });
+  });
+  const connectMs = performance.now() - connectStart;
+
+  const pad = "x".repeat(Math.max(0, config.payloadBytes - JSON.stringify({ burst: 0, room: 0, pad: "" }).length));
+  const payloadBytes = JSON.stringify({ burst: 0, room: 0, pad }).length;
+  const replyTimes = [];
+  let replyMismatches = 0;
+
+  /** One burst; resolves `{fanoutMs}` once every event and every reply arrived. */
+  async function runBurst(n, timed) {
+    burst = n;
+    received = 0;
+    lastArrival = 0;
+    if (timed === false) deliveryCount = 0;
+    const everyEvent = new Promise((resolve) => (allReceived = resolve));
+    const start = performance.now();
+    const replies = [];
+    for (let room = 0; room < rooms; room++) {
+      sentAt[room] = performance.now();
+      const t0 = sentAt[room];
+      replies.push(
+        conns[room * perRoom].call("broadcast", [{ burst: n, room, pad }]).then(
+          (output) => {
+            if (timed) replyTimes.push(performance.now() - t0);
+            if (output !== n + 1) replyMismatches += 1;
+          },
+          (err) => problem(`room ${room}: broadcast failed: ${err.message}`),
+        ),
+      );
+    }
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`burst ${n}: ${received} of ${total} events after ${config.requestTimeoutMs} ms`)), config.requestTimeoutMs);
+    });
+    try {
+      await Promise.race([Promise.all([everyEvent, Promise.all(replies)]), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+    return { fanoutMs: lastArrival - start };
+  }
+
+  for (let n = 0; n < config.warmupBursts; n++) await runBurst(n, false);
+  deliveries = new Float64Array(total * config.bursts);
+  deliveryCount = 0;
+  const bursts = [];
+  const cpuStart = cpuNow();
+  for (let n = config.warmupBursts; n < config.warmupBursts + config.bursts; n++) bursts.push((await runBurst(n, true)).fanoutMs);
+  const cpuMsPerBurst = cpuSince(cpuStart, config.bursts);
+
+  // Every room counted every burst (keel: in its durable state; the baseline: in memory).
+  const want = config.warmupBursts + config.bursts;
+  let countMismatches = 0;
+  for (let room = 0; room < rooms; room++) {
+    const sent = await conns[room * perRoom].call("sent", []).catch((err) => String(err.message ?? err));
+    if (sent !== want) {
+      countMismatches += 1;
+      problem(`room ${room}: sent ${JSON.stringify(sent)}, want ${want}`);
+    }
+  }
+  await closeAll(conns);
+
+  const fanout = Float64Array.from(bursts).sort();
+  return {
+    workload: "broadcast",
+    rooms,
+    connections: total,
+    connectionsPerRoom: perRoom,
+    payloadBytes,
+    bursts: config.bursts,
+    warmupBursts: config.warmupBursts,
+    connectMs: round3(connectMs),
+    fdLimit: fdLimit(),
+    fanoutMs: {
+      median: round3(percentile(fanout, 50)),
+      min: round3(fanout[0]),
+      max: round3(fanout[fanout.length - 1]),
+      perBurst: bursts.map(round3),
+    },
+    eventsPerSec: Math.round((total / percentile(fanout, 50)) * 1000 * 10) / 10,
+    // CPU per burst (both sides run on the same machine): which one bounds the fan-out.
+    cpuMsPerBurst,
+    deliveryMs: latencySummary(deliveries.subarray(0, deliveryCount)),
+    replyMs: latencySummary(replyTimes),
+    errors: errors.length,
+    verify: {
+      ok: errors.length === 0 && replyMismatches === 0 && countMismatches === 0 && deliveryCount === total * config.bursts,
+      deliveries: deliveryCount,
+      expectedDeliveries: total * config.bursts,
+      replyMismatches,
+      countMismatches,
+      firstErrors: errors.slice(0, 5),
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
 
 async function main() {
-  const workload = { sequential: counterWorkload, concurrent: counterWorkload, wake, memory, alarms }[config.workload];
+  const workload = {
+    sequential: counterWorkload,
+    concurrent: counterWorkload,
+    "ws-sequential": counterWorkload,
+    "ws-concurrent": counterWorkload,
+    broadcast,
+    wake,
+    memory,
+    alarms,
+  }[config.workload];
   if (!workload) throw new Error(`unknown workload ${config.workload}`);
   const result = await workload();
   agent.destroy();

@@ -1,11 +1,13 @@
 #!/usr/bin/env node
-// `npm run bench`: keel vs a plain node:http + better-sqlite3 server, same HTTP protocol, same
-// durability promise (reply after an fsynced commit). See bench/README.md.
+// `npm run bench`: keel vs a plain node:http + ws + better-sqlite3 server, same HTTP and
+// WebSocket protocol, same durability promise (reply after an fsynced commit). See
+// bench/README.md.
 //
 // Steps: install bench deps if needed, build the release addon, then for each workload start a
 // fresh server child (keel, then the baseline), drive it from a separate load-generator child,
 // verify the durable counts, and print/write the figures. The life-cycle workloads (wake,
-// memory, alarms) run on keel only.
+// memory, alarms) run on keel only. The ws-* workloads are sequential and concurrent again,
+// over WebSocket connections; broadcast measures event fan-out to 1,000 connections.
 //
 // Options:
 //   --keel-dir PATH      benchmark the keel tree at PATH (its dist/ and its own release
@@ -13,8 +15,8 @@
 //                        `napi build --platform --release`); implies --no-build.
 //                        Default: this repo, with the addon from bench/.native/
 //   --no-build           reuse bench/.native/keel.node instead of running cargo
-//   --only LIST          run only these workloads (comma-separated, from
-//                        sequential,concurrent,wake,memory,alarms)
+//   --only LIST          run only these workloads (comma-separated, from sequential,
+//                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms)
 //   --rounds N           repeat every measurement N times and report medians (default 3)
 //   --seq-calls N        calls in the sequential workload (default 2000)
 //   --concurrency N      actors (= requests in flight) in the concurrent workload (default 64)
@@ -25,6 +27,10 @@
 //   --alarms N           schedules fired in one burst in the alarms workload (default 20000)
 //   --alarm-actors N     actors sharing that burst (default 20)
 //   --alarm-lead MS      time between setting the schedules and their due time (default 3000)
+//   --fanout-conns N     connections in the broadcast workload (default 1000)
+//   --fanout-actors N    rooms (actors) they are spread over (default 100)
+//   --fanout-bursts N    timed bursts of one broadcast per room (default 10)
+//   --fanout-payload N   approximate event payload, in bytes of JSON (default 100)
 
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -43,8 +49,12 @@ const resultsDir = path.join(benchDir, "results");
 let keelDir = repoRoot;
 let addonPath = nativeAddonPath;
 
-const COUNTER_WORKLOADS = ["sequential", "concurrent"];
+// Calls on the counter, keel vs the baseline: over HTTP, then over WebSocket connections.
+const COUNTER_WORKLOADS = ["sequential", "concurrent", "ws-sequential", "ws-concurrent"];
+// Event fan-out over WebSocket connections, keel vs the baseline.
+const FANOUT_WORKLOADS = ["broadcast"];
 const LIFECYCLE_WORKLOADS = ["wake", "memory", "alarms"];
+const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS];
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -53,7 +63,7 @@ function parseArgs(argv) {
   const opts = {
     build: true,
     keelDir: null,
-    only: [...COUNTER_WORKLOADS, ...LIFECYCLE_WORKLOADS],
+    only: ALL_WORKLOADS,
     rounds: 3,
     seqCalls: 2000,
     concurrency: 64,
@@ -64,6 +74,10 @@ function parseArgs(argv) {
     alarms: 20_000,
     alarmActors: 20,
     alarmLeadMs: 3000,
+    fanoutConns: 1000,
+    fanoutActors: 100,
+    fanoutBursts: 10,
+    fanoutPayload: 100,
   };
   const numeric = {
     "--rounds": "rounds",
@@ -76,6 +90,10 @@ function parseArgs(argv) {
     "--alarms": "alarms",
     "--alarm-actors": "alarmActors",
     "--alarm-lead": "alarmLeadMs",
+    "--fanout-conns": "fanoutConns",
+    "--fanout-actors": "fanoutActors",
+    "--fanout-bursts": "fanoutBursts",
+    "--fanout-payload": "fanoutPayload",
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -86,7 +104,7 @@ function parseArgs(argv) {
       opts.build = false;
     } else if (arg === "--only") {
       const names = (argv[++i] ?? "").split(",").filter(Boolean);
-      const known = [...COUNTER_WORKLOADS, ...LIFECYCLE_WORKLOADS];
+      const known = ALL_WORKLOADS;
       const unknown = names.filter((n) => !known.includes(n));
       if (!names.length || unknown.length) throw new Error(`--only takes a comma-separated list from ${known.join(",")}`);
       opts.only = names;
@@ -106,6 +124,11 @@ function parseArgs(argv) {
   opts.alarms = Math.min(Math.floor(opts.alarms / opts.alarmActors) * opts.alarmActors, 1_000_000);
   opts.alarmLeadMs = Math.min(opts.alarmLeadMs, 60_000);
   if (opts.alarms < opts.alarmActors) throw new Error("--alarms must be at least --alarm-actors");
+  opts.fanoutActors = Math.min(Math.floor(opts.fanoutActors), 1000);
+  opts.fanoutConns = Math.min(Math.floor(opts.fanoutConns / opts.fanoutActors) * opts.fanoutActors, 10_000);
+  opts.fanoutBursts = Math.min(Math.floor(opts.fanoutBursts), 1000);
+  opts.fanoutPayload = Math.min(Math.floor(opts.fanoutPayload), 65_536);
+  if (opts.fanoutConns < opts.fanoutActors) throw new Error("--fanout-conns must be at least --fanout-actors");
   return opts;
 }
 
@@ -119,8 +142,9 @@ function run(cmd, args, options = {}) {
   if (res.status !== 0) throw new Error(`${cmd} ${args.join(" ")} exited with ${res.status}`);
 }
 
-function canLoadBetterSqlite() {
-  const res = spawnSync(process.execPath, ["-e", "new (require('better-sqlite3'))(':memory:').close()"], {
+/** Whether bench/'s own dependencies are installed: better-sqlite3 (built) and ws. */
+function canLoadDeps() {
+  const res = spawnSync(process.execPath, ["-e", "new (require('better-sqlite3'))(':memory:').close(); require('ws')"], {
     cwd: benchDir,
     stdio: "ignore",
   });
@@ -128,12 +152,12 @@ function canLoadBetterSqlite() {
 }
 
 function ensureDeps() {
-  if (fs.existsSync(path.join(benchDir, "node_modules")) && canLoadBetterSqlite()) return;
+  if (fs.existsSync(path.join(benchDir, "node_modules")) && canLoadDeps()) return;
   // better-sqlite3 compiles SQLite from source here (its prebuilt download is unreachable);
   // bench/package.json's allowScripts entry is what lets npm run that build.
   run("npm", ["install", "--prefix", "bench", "--no-audit", "--no-fund"], { cwd: repoRoot });
-  if (!canLoadBetterSqlite()) {
-    throw new Error("better-sqlite3 still does not load; try `npm rebuild better-sqlite3 --prefix bench`");
+  if (!canLoadDeps()) {
+    throw new Error("better-sqlite3 or ws still does not load; try `npm rebuild better-sqlite3 --prefix bench`");
   }
 }
 
@@ -211,6 +235,16 @@ function gitInfo() {
       .split("\n")
       .filter(Boolean),
   };
+}
+
+/** The soft limit on open files (from /proc/self/limits; children inherit it). */
+function openFilesLimit() {
+  try {
+    const line = fs.readFileSync("/proc/self/limits", "utf8").split("\n").find((l) => l.startsWith("Max open files"));
+    return line ? Number(line.split(/\s{2,}/)[1]) : null;
+  } catch {
+    return null;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,7 +373,7 @@ async function runLoad(config) {
 // Workloads
 
 function workloads(opts) {
-  return [...counterWorkloads(opts), ...lifecycleWorkloads(opts)];
+  return [...counterWorkloads(opts), ...fanoutWorkloads(opts), ...lifecycleWorkloads(opts)];
 }
 
 function counterWorkloads(opts) {
@@ -359,6 +393,38 @@ function counterWorkloads(opts) {
       maxCalls: opts.maxCalls,
       durationMs: opts.durationS * 1000,
       warmupCallsPerActor: 10,
+    },
+    {
+      // The same two over WebSocket: one connection per actor, JSON frames, one call in flight.
+      name: "ws-sequential",
+      actors: 1,
+      maxCalls: opts.seqCalls,
+      durationMs: 120_000,
+      warmupCallsPerActor: 100,
+    },
+    {
+      name: "ws-concurrent",
+      actors: opts.concurrency,
+      maxCalls: opts.maxCalls,
+      durationMs: opts.durationS * 1000,
+      warmupCallsPerActor: 10,
+    },
+  ];
+  return all.filter((w) => opts.only.includes(w.name));
+}
+
+/** Event fan-out over WebSocket connections (see load.mjs, `broadcast`). */
+function fanoutWorkloads(opts) {
+  const all = [
+    {
+      name: "broadcast",
+      actors: opts.fanoutActors,
+      connections: opts.fanoutConns,
+      bursts: opts.fanoutBursts,
+      warmupBursts: 2,
+      payloadBytes: opts.fanoutPayload,
+      connectConcurrency: 50,
+      timeCapMs: 300_000,
     },
   ];
   return all.filter((w) => opts.only.includes(w.name));
@@ -400,10 +466,11 @@ async function measure(kind, workload) {
   let result;
   try {
     result = await runLoad(
-      lifecycle
-        ? { ...workload, workload: workload.name, port: server.port, probePort: server.probePort, requestTimeoutMs: 30_000 }
+      lifecycle || FANOUT_WORKLOADS.includes(workload.name)
+        ? { ...workload, workload: workload.name, port: server.port, probePort: server.probePort, serverPid: server.child.pid, requestTimeoutMs: 30_000 }
         : {
             port: server.port,
+            serverPid: server.child.pid,
             workload: workload.name,
             actors: workload.actors,
             maxCalls: workload.maxCalls,
@@ -449,10 +516,72 @@ function summarize(rounds) {
     callsPerSecRange: [Math.min(...rounds.map((r) => r.callsPerSec)), Math.max(...rounds.map((r) => r.callsPerSec))],
     p50Ms: round3(median(rounds.map((r) => r.latencyMs.p50))),
     p99Ms: round3(median(rounds.map((r) => r.latencyMs.p99))),
+    // CPU per call in µs, the server's and the load generator's (same machine, 10 ms ticks).
+    cpuUsPerCall: {
+      server: round3(median(rounds.map((r) => r.cpuUsPerCall?.server ?? NaN))),
+      client: round3(median(rounds.map((r) => r.cpuUsPerCall?.client ?? NaN))),
+    },
     calls: rounds.reduce((n, r) => n + r.calls, 0),
     errors: rounds.reduce((n, r) => n + r.errors + r.warmupErrors, 0),
     verified: rounds.every((r) => r.verify.ok),
   };
+}
+
+/** Medians over rounds of the broadcast figures of one server. */
+function summarizeFanout(rounds) {
+  const med = (pick) => round3(median(rounds.map(pick)));
+  const fanouts = rounds.map((r) => r.fanoutMs.median);
+  return {
+    rooms: rounds[0].rooms,
+    connections: rounds[0].connections,
+    payloadBytes: rounds[0].payloadBytes,
+    burstsPerRound: rounds[0].bursts,
+    fanoutMs: med((r) => r.fanoutMs.median),
+    fanoutMsRange: [Math.min(...fanouts), Math.max(...fanouts)],
+    eventsPerSec: med((r) => r.eventsPerSec),
+    deliveryP50Ms: med((r) => r.deliveryMs.p50),
+    deliveryP99Ms: med((r) => r.deliveryMs.p99),
+    replyP50Ms: med((r) => r.replyMs.p50),
+    replyP99Ms: med((r) => r.replyMs.p99),
+    connectMs: med((r) => r.connectMs),
+    cpuMsPerBurst: { client: med((r) => r.cpuMsPerBurst.client), server: med((r) => r.cpuMsPerBurst.server ?? NaN) },
+    errors: rounds.reduce((n, r) => n + r.errors, 0),
+    verified: rounds.every((r) => r.verify.ok),
+  };
+}
+
+function describeFanout(r) {
+  return (
+    `${r.connections} connections over ${r.rooms} rooms opened in ${r.connectMs} ms; fan-out median ${r.fanoutMs.median} ms ` +
+    `(${r.fanoutMs.min}..${r.fanoutMs.max}) over ${r.bursts} bursts; delivery p50 ${r.deliveryMs.p50} ms p99 ${r.deliveryMs.p99} ms; ` +
+    `reply p99 ${r.replyMs.p99} ms; ${r.errors} errors`
+  );
+}
+
+function printFanoutTable(summary) {
+  const rows = [["workload", "server", "fan-out ms", "events/s", "delivery p50 ms", "delivery p99 ms", "CPU ms/burst srv+client", "connect ms", "errors", "verified"]];
+  for (const name of FANOUT_WORKLOADS) {
+    const w = summary[name];
+    if (!w) continue;
+    for (const kind of ["keel", "baseline"]) {
+      const s = w[kind];
+      const cpu = `${s.cpuMsPerBurst.server.toFixed(0)}+${s.cpuMsPerBurst.client.toFixed(0)}`;
+      rows.push([name, kind, s.fanoutMs.toFixed(3), s.eventsPerSec.toFixed(0), s.deliveryP50Ms.toFixed(3), s.deliveryP99Ms.toFixed(3), cpu, s.connectMs.toFixed(0), String(s.errors), s.verified ? "yes" : "NO"]);
+    }
+    const r = w.ratio;
+    rows.push([name, "keel/baseline", `${r.fanoutMs.toFixed(2)}x`, "", `${r.deliveryP50Ms.toFixed(2)}x`, `${r.deliveryP99Ms.toFixed(2)}x`, "", "", "", ""]);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
+  const line = (row) => row.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join("  ");
+  console.log(line(rows[0]));
+  console.log(widths.map((w) => "-".repeat(w)).join("  "));
+  for (const row of rows.slice(1)) console.log(line(row));
+  const b = summary.broadcast.keel;
+  console.log(
+    `broadcast: ${b.connections} connections, ${b.connections / b.rooms} per room, one action per room per burst, ~${b.payloadBytes}-byte payload; ` +
+      "fan-out = first action sent to last event received (median burst); delivery = action sent to event received, per connection; ratio below 1x means keel delivers sooner.",
+  );
+  console.log("NOTE: the baseline does no durable write; keel does one commit per action (the room counts its broadcasts in durable state) and sends the events after it.");
 }
 
 /** Medians over rounds of the life-cycle figures, with their ratios. */
@@ -538,15 +667,15 @@ function printLifecycleTable(summary) {
 }
 
 function printTable(summary) {
-  const rows = [["workload", "server", "calls/s", "p50 ms", "p99 ms", "calls", "errors", "verified"]];
+  const rows = [["workload", "server", "calls/s", "p50 ms", "p99 ms", "server CPU µs/call", "calls", "errors", "verified"]];
   for (const [name, w] of Object.entries(summary)) {
     if (!COUNTER_WORKLOADS.includes(name)) continue;
     for (const kind of ["keel", "baseline"]) {
       const s = w[kind];
-      rows.push([name, kind, s.callsPerSec.toFixed(1), s.p50Ms.toFixed(3), s.p99Ms.toFixed(3), String(s.calls), String(s.errors), s.verified ? "yes" : "NO"]);
+      rows.push([name, kind, s.callsPerSec.toFixed(1), s.p50Ms.toFixed(3), s.p99Ms.toFixed(3), s.cpuUsPerCall.server.toFixed(0), String(s.calls), String(s.errors), s.verified ? "yes" : "NO"]);
     }
     const r = w.ratio;
-    rows.push([name, "keel/baseline", `${r.callsPerSec.toFixed(2)}x`, `${r.p50Ms.toFixed(2)}x`, `${r.p99Ms.toFixed(2)}x`, "", "", ""]);
+    rows.push([name, "keel/baseline", `${r.callsPerSec.toFixed(2)}x`, `${r.p50Ms.toFixed(2)}x`, `${r.p99Ms.toFixed(2)}x`, "", "", "", ""]);
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
   const line = (row) => row.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join("  ");
@@ -605,6 +734,14 @@ async function main() {
         ((raw[workload.name] ??= {})[kind] ??= []).push(result);
       }
     }
+    for (const workload of fanoutWorkloads(opts)) {
+      for (const kind of order) {
+        console.error(`round ${round + 1}/${opts.rounds}: ${workload.name} on ${kind} ...`);
+        const result = await measure(kind, workload);
+        console.error(`  ${describeFanout(result)}, verified: ${result.verify.ok}`);
+        ((raw[workload.name] ??= {})[kind] ??= []).push(result);
+      }
+    }
     for (const workload of lifecycleWorkloads(opts)) {
       console.error(`round ${round + 1}/${opts.rounds}: ${workload.name} on keel ...`);
       const result = await measure("keel", workload);
@@ -616,6 +753,21 @@ async function main() {
   const summary = {};
   for (const [name, byKind] of Object.entries(raw)) {
     if (LIFECYCLE_WORKLOADS.includes(name)) continue;
+    if (FANOUT_WORKLOADS.includes(name)) {
+      const keel = summarizeFanout(byKind.keel);
+      const baseline = summarizeFanout(byKind.baseline);
+      summary[name] = {
+        keel,
+        baseline,
+        ratio: {
+          fanoutMs: round3(keel.fanoutMs / baseline.fanoutMs),
+          deliveryP50Ms: round3(keel.deliveryP50Ms / baseline.deliveryP50Ms),
+          deliveryP99Ms: round3(keel.deliveryP99Ms / baseline.deliveryP99Ms),
+        },
+        durableWrites: { keel: "one commit per broadcast action", baseline: "none" },
+      };
+      continue;
+    }
     const keel = summarize(byKind.keel);
     const baseline = summarize(byKind.baseline);
     summary[name] = {
@@ -642,6 +794,8 @@ async function main() {
       node: process.version,
       loadavgStart,
       loadavgEnd: os.loadavg(),
+      // Each WebSocket is a file descriptor in both the load generator and the server.
+      openFilesLimit: openFilesLimit(),
     },
     // The tree the JS layer (dist/) was loaded from; the addon's own source is in addon.builtFrom.
     git: gitInfo(),
@@ -658,14 +812,22 @@ async function main() {
 
   console.log("");
   if (Object.keys(summary).some((name) => COUNTER_WORKLOADS.includes(name))) printTable(summary);
+  if (Object.keys(summary).some((name) => FANOUT_WORKLOADS.includes(name))) {
+    console.log("");
+    printFanoutTable(summary);
+  }
   if (Object.keys(summary).some((name) => LIFECYCLE_WORKLOADS.includes(name))) {
     console.log("");
     printLifecycleTable(summary);
   }
+  const la = report.machine;
+  console.log(`\nload average (1/5/15 min): ${la.loadavgStart.map((x) => x.toFixed(2)).join(" ")} at the start, ${la.loadavgEnd.map((x) => x.toFixed(2)).join(" ")} at the end; ${la.cpus} CPUs`);
   console.log(`\nwritten to ${path.relative(process.cwd(), out) || out}`);
 
   const failed = Object.entries(summary).some(([name, w]) =>
-    COUNTER_WORKLOADS.includes(name) ? !w.keel.verified || !w.baseline.verified || w.keel.errors || w.baseline.errors : !w.verified,
+    COUNTER_WORKLOADS.includes(name) || FANOUT_WORKLOADS.includes(name)
+      ? !w.keel.verified || !w.baseline.verified || w.keel.errors || w.baseline.errors
+      : !w.verified,
   );
   if (failed) {
     console.error("FAILED: some calls errored, a durable count did not match its acknowledged increments, or a life-cycle check failed (see latest.json)");

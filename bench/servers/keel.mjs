@@ -19,6 +19,7 @@ import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { actions, initialState } from "./counter.mjs";
 import * as lifecycle from "./lifecycle.mjs";
+import { room as roomConfig } from "./room.mjs";
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const keelDir = process.env.KEEL_BENCH_KEEL_DIR || repoRoot;
@@ -51,8 +52,11 @@ const counter = actor({ state: initialState(), actions });
 const napper = actor(lifecycle.napper);
 const resident = actor(lifecycle.resident);
 const timer = actor(lifecycle.timer);
+// The broadcast workload's actor; the WebSocket workloads reach `counter` and `room` at
+// /v1/actors/{name}/connect.
+const room = actor(roomConfig);
 const registry = setup({
-  use: { counter, napper, resident, timer },
+  use: { counter, napper, resident, timer, room },
   host: "127.0.0.1",
   port: 0,
   dataDir,
