@@ -273,3 +273,56 @@ test("a connection holds its actor awake; it sleeps once the last one leaves", a
   conn.dispose();
   await until("the actor sleeps", () => registry.liveActors === 0);
 });
+
+test("calls over one connection run in the order they were sent", async (t) => {
+  const { client } = await start(t);
+  const conn = client.room.getOrCreate(["order"]).connect({ name: "ada" });
+  await conn.ready;
+  const results = await Promise.all(Array.from({ length: 300 }, (_, i) => conn.append(i)));
+  assert.deepEqual(results, Array.from({ length: 300 }, (_, i) => i + 1));
+  assert.deepEqual(await conn.messages(), Array.from({ length: 300 }, (_, i) => i));
+  conn.dispose();
+});
+
+test("ready comes before the events of a connection's own connect", async (t) => {
+  const { url } = await start(t);
+  const ws = new WebSocket(`${url.replace("http", "ws")}/v1/actors/room/connect`);
+  const messages = [];
+  ws.on("message", (data) => messages.push(JSON.parse(String(data))));
+  await new Promise((resolve) => ws.on("open", resolve));
+  ws.send(JSON.stringify({ t: "init", key: ["first"], params: { name: "ada" }, subs: ["joined"] }));
+  await until("ready and both events", () => messages.length >= 3);
+  assert.deepEqual(messages.map((m) => m.t === "event" ? `${m.t}:${m.event}` : m.t), ["ready", "event:joined", "event:welcome"]);
+  ws.close();
+});
+
+test("destroy closes connections normally after the reply, and sleep does not re-wake", async (t) => {
+  const { registry, client } = await start(t);
+  const conn = client.room.getOrCreate(["doomed"]).connect({ name: "ada" }, { reconnect: { initialDelayMs: 10 } });
+  await conn.ready;
+  assert.equal(await conn.destroyRoom(), "bye", "the reply arrives before the close");
+  await until("closed for good", () => conn.status === "closed");
+  await until("the actor is gone", () => registry.liveActors === 0);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.equal(registry.liveActors, 0, "nothing woke it again");
+
+  const napper = client.room.getOrCreate(["napper"]).connect({ name: "bob" }, { reconnect: false });
+  await napper.ready;
+  await napper.nap();
+  await until("the actor sleeps", () => registry.liveActors === 0);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.equal(registry.liveActors, 0, "the closing socket did not wake it");
+});
+
+test("an event listener added while connecting is subscribed", async (t) => {
+  const { client } = await start(t);
+  const conn = client.room.getOrCreate(["late"]).connect({ name: "ada" });
+  // Let the socket open and init go out, but add the listener before `ready` arrives.
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  const seen = [];
+  conn.on("message", (m) => seen.push(m));
+  await conn.ready;
+  await client.room.getOrCreate(["late"]).send("hi");
+  await until("the late listener hears it", () => seen.includes("hi"));
+  conn.dispose();
+});

@@ -173,6 +173,7 @@ export class ActorConnectionImpl {
       };
       if (this.target.input !== undefined) init.input = this.target.input;
       socket.send(encode(init));
+      this.initSent.add(socket);
     };
     socket.onmessage = (event: MessageEvent) => this.onFrame(event.data);
     socket.onclose = (event: CloseEvent) => this.onClose(socket, event.code, event.reason);
@@ -284,10 +285,14 @@ export class ActorConnectionImpl {
 
   private sendFrame(message: Record<string, unknown>): void {
     const socket = this.socket;
-    if (socket === undefined || socket.readyState !== OPEN || this.statusValue !== "open") {
-      // Subscriptions travel with the next init; calls are queued by `call`.
+    if (socket === undefined || socket.readyState !== OPEN || !this.initSent.has(socket)) {
+      // Subscriptions travel with the next init; calls are queued by `call`. Once init is on
+      // its way, later frames follow it and the server reads them in order.
       return;
     }
     socket.send(encode(message));
   }
+
+  /** Sockets whose init has been sent. */
+  private readonly initSent = new WeakSet<object>();
 }

@@ -399,10 +399,20 @@ export class JsHost {
     } else {
       for (const entry of instance.conns.values()) encodings.add(entry.encoding);
     }
+    // CBOR carries every supported value; a value JSON cannot express (a BigInt) must not
+    // fail the call for CBOR clients, so JSON connections just do not get that event.
+    let json: Buffer | undefined;
+    if (encodings.has("json")) {
+      try {
+        json = encodePayload(message.data, "json");
+      } catch {
+        json = undefined;
+      }
+    }
     return {
       to: message.to,
       event: message.event,
-      json: encodings.has("json") ? encodePayload(message.data, "json") : undefined,
+      json,
       cbor: encodings.has("cbor") ? encodePayload(message.data, "cbor") : undefined,
     };
   }

@@ -153,6 +153,13 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     this.host.native = this.native;
     this.host.logMaxLevel = logMaxLevel();
     for (const [name, def] of definitions) {
+      const options = def.config.options ?? {};
+      for (const option of ["actionTimeoutMs", "sleepTimeoutMs"] as const) {
+        const value = options[option];
+        if (value !== undefined && (typeof value !== "number" || !Number.isInteger(value) || value < 1 || value > 2 ** 32 - 1)) {
+          throw invalidConfig(`use.${name}.options.${option} must be a whole number from 1 to ${2 ** 32 - 1}, not ${JSON.stringify(value)}`);
+        }
+      }
       fail(
         this.native.register(name, {
           actions: Object.keys(def.config.actions as object),
@@ -307,7 +314,7 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
       this.serverlessOptions ??= this.checkedOptions();
     } catch (err) {
       const body = err instanceof KeelError ? { group: err.group, code: err.code, message: err.message, metadata: null } : { group: "registry", code: "invalid_config", message: String(err), metadata: null };
-      return Response.json(body, { status: 500 });
+      return Response.json(body, { status: 400 });
     }
     let url = request.url;
     const base = this.config.basePath?.replace(/\/+$/, "");

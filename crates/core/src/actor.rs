@@ -217,6 +217,7 @@ impl ActorTask {
         if let Err(err) = self.start().await {
             tracing::warn!(error = %err, "actor failed to start");
             self.close_and_fail(|| err.duplicate());
+            self.close_sockets(close::GOING_AWAY, "actor failed to start");
             self.exit();
             return;
         }
@@ -225,6 +226,7 @@ impl ActorTask {
             Some(reason) => self.finish(reason).await,
             None => {
                 self.close_and_fail(|| Error::RegistryShutDown);
+                self.close_sockets(close::GOING_AWAY, "server shutting down");
                 tracing::debug!("actor abandoned by a forced drain");
                 self.exit();
             }
@@ -418,6 +420,9 @@ impl ActorTask {
                 self.core.host.request(&self.info, request),
             )
             .await;
+        if matches!(result, Err(Error::ActionTimedOut { .. })) {
+            self.reset_instance().await;
+        }
         self.commit_reply(result, reply);
     }
 
@@ -611,7 +616,11 @@ impl ActorTask {
             self.info.id.clone(),
             writes,
             Box::new(move |durable| {
-                if durable.is_ok() {
+                let ok = durable.is_ok();
+                // The call's own output first: a new connection's `ready` precedes the
+                // events of its connect.
+                release(durable);
+                if ok {
                     if !schedule_ops.is_empty() {
                         core.alarms.apply(&actor_id, &schedule_ops);
                     }
@@ -625,9 +634,6 @@ impl ActorTask {
                     }
                 }
                 pending.fetch_sub(1, Ordering::AcqRel);
-                // The reply goes after the events, so a caller sees its own action's events
-                // before its result.
-                release(durable);
             }),
         );
     }
@@ -676,6 +682,9 @@ impl ActorTask {
     /// the instance. Replace the instance with a fresh one loaded from committed state, so
     /// nothing the late code does can leak into later calls or be lost from them.
     async fn reset_instance(&mut self) {
+        // Connections belong to the instance being discarded; their clients reconnect to the
+        // fresh one (1011 is a retryable close).
+        self.close_sockets(close::INTERNAL, "actor reset after a timeout");
         self.settle_commits().await;
         let timeout = self.core.config.hook_timeout;
         let reset = self.guarded(
@@ -689,6 +698,7 @@ impl ActorTask {
         if let Err(err) = self.start().await {
             tracing::warn!(error = %err, "restarting the actor after a timeout failed; stopping it");
             self.close_and_fail(|| err.duplicate());
+            self.close_sockets(close::GOING_AWAY, "actor stopped");
             self.stopping = Some(StopReason::Reset);
         }
     }
@@ -724,22 +734,26 @@ impl ActorTask {
         if let Err(err) = self.core.writer.flush().await {
             tracing::error!(error = %err, "flushing the actor's state failed");
         }
-        let (code, why) = match reason {
-            StopReason::Destroy => (close::NORMAL, "actor destroyed"),
-            _ => (close::GOING_AWAY, "actor stopping"),
-        };
-        for conn in self.conns.values().chain(self.raw_sockets.values()) {
-            conn.close(code, why);
+        match reason {
+            StopReason::Destroy => self.close_sockets(close::NORMAL, "actor destroyed"),
+            _ => self.close_sockets(close::GOING_AWAY, "actor stopping"),
         }
         tracing::debug!(reason = reason.as_str(), "actor stopped");
         self.exit();
     }
 
-    /// Closes the mailbox and fails whatever is queued; open sockets close too.
-    fn close_and_fail(&mut self, err: impl Fn() -> Error) {
+    /// Closes every open socket (after what is queued on it).
+    fn close_sockets(&mut self, code: u16, reason: &str) {
         for conn in self.conns.values().chain(self.raw_sockets.values()) {
-            conn.close(close::GOING_AWAY, "actor stopped");
+            conn.close(code, reason);
         }
+        self.conns.clear();
+        self.raw_sockets.clear();
+        self.conn_list = Arc::new(Vec::new());
+    }
+
+    /// Closes the mailbox and fails whatever is queued.
+    fn close_and_fail(&mut self, err: impl Fn() -> Error) {
         self.rx.close();
         while let Ok(command) = self.rx.try_recv() {
             command.fail(err());

@@ -52,6 +52,8 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     /// A message larger than the limit.
     pub const TOO_BIG: u16 = 1009;
+    /// The actor's instance was reset (an action timed out); reconnecting is fine.
+    pub const INTERNAL: u16 = 1011;
     /// A slow consumer whose outgoing queue overflowed.
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
@@ -550,9 +552,10 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
             .connections
             .open(info.id.clone(), inspector_info(&core, &conn));
         read_loop(&core, &info, &conn, &mut stream).await;
-        // Tell the actor, whichever way the socket ended.
-        if let Ok(handle) = core.handle_for(&info) {
-            // A stopping actor closes its connections itself.
+        // Tell the actor, whichever way the socket ended, unless it has already left: a
+        // stopping actor forgets its connections itself, and must not be woken for this.
+        if let Some(handle) = core.live_handle(&info.id) {
+            // The actor may be stopping; then it has forgotten the connection already.
             let _ = handle.send(Command::Disconnect {
                 conn_id: conn.id.clone(),
             });
@@ -631,7 +634,7 @@ async fn read_loop(
         }
         match ClientMessage::parse(&frame, conn.encoding) {
             Ok(ClientMessage::Call { id, action, args }) => {
-                call(core, info, conn, id, action, args);
+                call(core, info, conn, id, action, args).await;
             }
             Ok(ClientMessage::Subscribe(event)) => {
                 conn.subscriptions.write().insert(event);
@@ -663,8 +666,10 @@ async fn read_loop(
     }
 }
 
-/// Runs one action for a connection; the reply is queued when it is ready.
-fn call(
+/// Runs one action for a connection. The call enters the actor's mailbox before the reader
+/// takes the next message, so one connection's calls run in the order it sent them; only
+/// the wait for the reply happens on its own task, so replies do not hold up reading.
+async fn call(
     core: &Arc<Core>,
     info: &Arc<ActorInfo>,
     conn: &ConnHandle,
@@ -672,29 +677,29 @@ fn call(
     action: String,
     args: Payload,
 ) {
-    let core = core.clone();
-    let info = info.clone();
+    let dev = core.config.dev;
+    let output = conn.encoding;
+    let delivered = async {
+        core.types.get(&info.name)?.check_action(&action)?;
+        let (reply, rx) = oneshot::channel();
+        let call = ActionCall {
+            action,
+            args,
+            output,
+            conn_id: Some(conn.id.to_string()),
+        };
+        core.deliver(info, Command::Action { call, reply }).await?;
+        Ok(rx)
+    }
+    .await;
+    let rx = match delivered {
+        Ok(rx) => rx,
+        Err(err) => return conn.push(error_frame(output, Some(id), &err, dev)),
+    };
     let conn = conn.clone();
-    let task_core = core.clone();
     core.tracker.spawn(
         async move {
-            let dev = task_core.config.dev;
-            let output = conn.encoding;
-            let result = async {
-                task_core.types.get(&info.name)?.check_action(&action)?;
-                let handle = task_core.handle_for(&info)?;
-                let (reply, rx) = oneshot::channel();
-                let call = ActionCall {
-                    action,
-                    args,
-                    output,
-                    conn_id: Some(conn.id.to_string()),
-                };
-                handle.send(Command::Action { call, reply })?;
-                rx.await.map_err(|_| Error::ActorStopped)?
-            }
-            .await;
-            let frame = match result {
+            let frame = match rx.await.unwrap_or(Err(Error::ActorStopped)) {
                 Ok(payload) => reply_frame(output, id, &payload.bytes),
                 Err(err) => error_frame(output, Some(id), &err, dev),
             };

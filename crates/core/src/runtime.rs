@@ -205,6 +205,11 @@ impl Core {
         Ok(handle)
     }
 
+    /// The handle of a live actor, without waking one.
+    pub(crate) fn live_handle(&self, id: &str) -> Option<ActorHandle> {
+        self.live.lock().get(id).map(|(_, handle)| handle.clone())
+    }
+
     /// Delivers a command to the actor, waking it if it sleeps. If the actor is stopping (to
     /// sleep, or destroyed), waits until it has left and delivers to its next task; the
     /// command was not taken, so it never runs twice.
