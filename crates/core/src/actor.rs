@@ -617,13 +617,14 @@ impl ActorTask {
             writes,
             Box::new(move |durable| {
                 let ok = durable.is_ok();
-                // The call's own output first: a new connection's `ready` precedes the
-                // events of its connect.
+                // Schedules are armed before the caller hears back.
+                if ok && !schedule_ops.is_empty() {
+                    core.alarms.apply(&actor_id, &schedule_ops);
+                }
+                // The call's own output before its events: a new connection's `ready`
+                // precedes the events of its connect.
                 release(durable);
                 if ok {
-                    if !schedule_ops.is_empty() {
-                        core.alarms.apply(&actor_id, &schedule_ops);
-                    }
                     if let Some(conns) = conns {
                         conn::deliver(&conns, &messages);
                         for (conn_id, reason) in &disconnects {
