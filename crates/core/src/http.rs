@@ -215,20 +215,29 @@ async fn connect(
         Ok((name, upgrade))
     })();
     match result {
-        Ok((name, upgrade)) => {
-            let limit = core.config.limits.max_ws_message_bytes;
-            let task_core = core.clone();
-            upgrade
-                .max_message_size(limit)
-                .max_frame_size(limit)
-                .on_upgrade(move |socket| {
-                    let tracker = task_core.tracker.clone();
-                    // The socket is a tracked task, so the drain waits for it.
-                    tracker.track_future(crate::conn::serve_keel_socket(task_core, socket, name))
-                })
-        }
+        Ok((name, upgrade)) => upgrade_socket(&core, upgrade, move |core, socket| {
+            crate::conn::serve_keel_socket(core, socket, name)
+        }),
         Err(err) => error_response(&err, dev),
     }
+}
+
+/// Accepts a WebSocket upgrade with the message size limit, serving the socket on a tracked
+/// task so the drain waits for it.
+fn upgrade_socket<F, Fut>(core: &Arc<Core>, upgrade: WebSocketUpgrade, serve: F) -> Response
+where
+    F: FnOnce(Arc<Core>, axum::extract::ws::WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let limit = core.config.limits.max_ws_message_bytes;
+    let core = core.clone();
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| {
+            let tracker = core.tracker.clone();
+            tracker.track_future(serve(core, socket))
+        })
 }
 
 /// The path of the raw routes: the actor type and its canonical key string, and what follows.
@@ -276,17 +285,9 @@ async fn raw(
             .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
             .collect();
         if let Ok(upgrade) = upgrade {
-            let limit = core.config.limits.max_ws_message_bytes;
-            let task_core = core.clone();
-            return Ok(upgrade
-                .max_message_size(limit)
-                .max_frame_size(limit)
-                .on_upgrade(move |socket| {
-                    let tracker = task_core.tracker.clone();
-                    tracker.track_future(crate::conn::serve_raw_socket(
-                        task_core, socket, info, sub_path, headers,
-                    ))
-                }));
+            return Ok(upgrade_socket(&core, upgrade, move |core, socket| {
+                crate::conn::serve_raw_socket(core, socket, info, sub_path, headers)
+            }));
         }
         let method = request.method().to_string();
         let request_headers = request.headers().clone();

@@ -3,10 +3,11 @@
 
 mod common;
 
+use common::{eventually, handle};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::{call, counter, CounterHost};
 use keel_core::config::InspectorConfig;
@@ -16,49 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "s3cr3t-t0ken-for-tests-0123456789";
-
-/// Waits (bounded, real time) until `condition` holds.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-fn request(
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> keel_core::http::Request {
-    let mut builder = axum::http::Request::builder().method(method).uri(path);
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    builder
-        .body(axum::body::Body::from(body.to_string()))
-        .unwrap()
-}
-
-/// A serverless request: status, headers and body.
-async fn handle(
-    runtime: &Runtime,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, axum::http::HeaderMap, String) {
-    let response = runtime.handle(request(method, path, headers, "")).await;
-    let (parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-    (
-        parts.status.as_u16(),
-        parts.headers,
-        String::from_utf8(bytes.to_vec()).unwrap(),
-    )
-}
 
 async fn http(
     addr: SocketAddr,

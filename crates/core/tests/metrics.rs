@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{eventually, handle, request};
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -308,49 +310,6 @@ fn the_parser_refuses_what_the_format_does_not_allow() {
 
 // ---------------------------------------------------------------------------------------
 // Helpers.
-
-/// Waits (bounded, real time) until `condition` holds.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-fn request(
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> keel_core::http::Request {
-    let mut builder = axum::http::Request::builder().method(method).uri(path);
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    builder
-        .body(axum::body::Body::from(body.to_string()))
-        .unwrap()
-}
-
-/// A serverless request: status, headers and body.
-async fn handle(
-    runtime: &Runtime,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, axum::http::HeaderMap, String) {
-    let response = runtime.handle(request(method, path, headers, "")).await;
-    let (parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-    (
-        parts.status.as_u16(),
-        parts.headers,
-        String::from_utf8(bytes.to_vec()).unwrap(),
-    )
-}
 
 async fn metrics(runtime: &Runtime) -> BTreeMap<String, Family> {
     let (status, headers, body) = handle(runtime, "GET", "/metrics", &[]).await;
