@@ -130,6 +130,12 @@ impl ActorHandle {
         let _ = stopped.wait_for(|stopped| *stopped).await;
     }
 
+    /// Whether the task has ended: it signalled `stopped`, or it is gone without signalling
+    /// (a panic in user-facing code unwinds the task).
+    pub(crate) fn has_exited(&self) -> bool {
+        *self.stopped.borrow() || self.stopped.has_changed().is_err()
+    }
+
     /// Whether commits of this actor are still on their way to disk.
     pub(crate) fn has_pending_commits(&self) -> bool {
         self.pending_commits.load(Ordering::Acquire) > 0

@@ -193,8 +193,13 @@ impl Core {
         // A stopping task keeps its entry until it has flushed and left: its closed handle
         // makes callers wait for that, so a new task never loads state the old one has yet
         // to write.
+        // A task that died without leaving (it panicked) is replaced, or callers would wait
+        // on it forever.
         if let Some((_, handle)) = live.get(&info.id) {
-            return Ok(handle.clone());
+            if !handle.has_exited() {
+                return Ok(handle.clone());
+            }
+            tracing::warn!(actor_id = %info.id, "replacing an actor task that ended without stopping");
         }
         let actor_type = self.types.get(&info.name)?.clone();
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);

@@ -294,3 +294,28 @@ async fn concurrent_get_or_create_of_one_key_makes_one_actor() {
         .unwrap();
     assert_eq!(rows, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_user_code_stops_one_actor_and_the_next_call_starts_a_fresh_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = open(dir.path(), CounterHost::new());
+    call(&runtime, counter("p"), "increment", "[5]")
+        .await
+        .unwrap();
+    let err = call(&runtime, counter("p"), "panic", "[]")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "stopped");
+    // Other actors are untouched, and the panicked one comes back from its committed state.
+    call(&runtime, counter("other"), "increment", "[1]")
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        call(&runtime, counter("p"), "get", "[]"),
+    )
+    .await
+    .expect("the next call does not wait on the dead task");
+    assert_eq!(again.unwrap(), "5");
+    runtime.drain().await;
+}

@@ -34,6 +34,7 @@ pub const ACTIONS: &[&str] = &[
     "sleep",
     "destroy",
     "flaky",
+    "panic",
 ];
 
 /// A counter host. Every actor's live state is held here between calls, as JS would.
@@ -184,6 +185,7 @@ impl Host for CounterHost {
                 destroy: true,
                 ..Effects::default()
             })),
+            "panic" => panic!("the host panicked on purpose"),
             "flaky" => {
                 let mut failures = self.flaky_failures.lock();
                 if *failures > 0 {
