@@ -10,10 +10,13 @@ test("SIGINT drains in-flight actions, persists them, and exits by SIGINT", asyn
   const client = createClient(server.url);
   const inFlight = ["a", "b", "c"].map((key) => client.counter.getOrCreate([key]).slowIncrement(1000));
   await new Promise((resolve) => setTimeout(resolve, 200));
+  const signalledAt = Date.now();
   server.kill("SIGINT");
   assert.deepEqual(await Promise.all(inFlight), [1, 1, 1]);
   const { code, signal } = await server.exited;
   assert.deepEqual({ code, signal }, { code: null, signal: "SIGINT" });
+  // The fixture's drain timeout is 5 s: the exit comes within it plus a second.
+  assert.ok(Date.now() - signalledAt < 6000, `exit took ${Date.now() - signalledAt} ms`);
   assert.ok(server.lines.includes("drained"), "the serve promise resolved before the exit");
 
   const again = await startServer(t, { dataDir });
