@@ -407,6 +407,13 @@ async fn shutdown_during_a_slow_build_drains_what_the_builder_built() {
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(registry.state_name(), "building_serverless");
+    // The table's cells for `BuildingServerless`.
+    let err = registry.serve(config.clone(), |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), "wrong_mode");
+    let err = registry
+        .register(ActorType::new("late", ["x"]))
+        .unwrap_err();
+    assert_eq!(err.code(), "not_idle");
     let shutdown = tokio::spawn({
         let registry = registry.clone();
         async move { registry.shutdown().await }
