@@ -32,6 +32,12 @@ pub type Request = axum::http::Request<Body>;
 /// An HTTP response as keel produces it.
 pub type Response = axum::http::Response<Body>;
 
+/// A path extractor whose rejection the handler turns into keel's own error.
+type PathOf<T> = std::result::Result<Path<T>, axum::extract::rejection::PathRejection>;
+/// A WebSocket upgrade, if the request is one.
+type MaybeUpgrade =
+    std::result::Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
+
 /// The protocol version, the first segment of every versioned route.
 pub const PROTOCOL_VERSION: &str = "v1";
 
@@ -193,11 +199,8 @@ async fn route_not_found(State(core): State<Arc<Core>>, request: Request) -> Res
 /// `GET /v1/actors/{name}/connect`: a WebSocket speaking keel's connection protocol.
 async fn connect(
     State(core): State<Arc<Core>>,
-    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
-    upgrade: std::result::Result<
-        WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    path: PathOf<String>,
+    upgrade: MaybeUpgrade,
 ) -> Response {
     let dev = core.config.dev;
     let result = (|| {
@@ -253,11 +256,8 @@ struct RawPath {
 /// `onWebSocket` for a WebSocket upgrade.
 async fn raw(
     State(core): State<Arc<Core>>,
-    path: std::result::Result<Path<RawPath>, axum::extract::rejection::PathRejection>,
-    upgrade: std::result::Result<
-        WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    path: PathOf<RawPath>,
+    upgrade: MaybeUpgrade,
     request: Request,
 ) -> Response {
     let dev = core.config.dev;
@@ -461,7 +461,7 @@ pub const CBOR_TYPE: &str = "application/cbor";
 
 async fn action_by_key(
     State(core): State<Arc<Core>>,
-    path: std::result::Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    path: PathOf<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -486,7 +486,7 @@ async fn action_by_key(
 
 pub(crate) async fn action_by_id(
     State(core): State<Arc<Core>>,
-    path: std::result::Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    path: PathOf<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -505,7 +505,7 @@ pub(crate) async fn action_by_id(
 
 async fn resolve(
     State(core): State<Arc<Core>>,
-    path: std::result::Result<Path<String>, axum::extract::rejection::PathRejection>,
+    path: PathOf<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
