@@ -350,29 +350,18 @@ async fn a_waiter_never_misses_the_builder_settling() {
         };
         // Two first requests race: one builds, the other parks in `BuildingServerless` (or
         // finds the runtime already built). Neither may hang.
+        let first_request = || {
+            let registry = registry.clone();
+            let config = config.clone();
+            tokio::spawn(async move {
+                registry
+                    .handle(&config, request())
+                    .await
+                    .map(|r| r.status())
+            })
+        };
         let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(
-                tokio::spawn({
-                    let registry = registry.clone();
-                    let config = config.clone();
-                    async move {
-                        registry
-                            .handle(&config, request())
-                            .await
-                            .map(|r| r.status())
-                    }
-                }),
-                tokio::spawn({
-                    let registry = registry.clone();
-                    let config = config.clone();
-                    async move {
-                        registry
-                            .handle(&config, request())
-                            .await
-                            .map(|r| r.status())
-                    }
-                }),
-            )
+            tokio::join!(first_request(), first_request())
         })
         .await
         .unwrap_or_else(|_| panic!("a request hung in iteration {iteration}"));
