@@ -204,7 +204,7 @@ async fn connect(
 ) -> Response {
     let dev = core.config.dev;
     let result = (|| {
-        let Path(name) = path.map_err(|e| Error::malformed(e.body_text()))?;
+        let Path(name) = path?;
         let upgrade = upgrade.map_err(|e| {
             Error::malformed(format!(
                 "a WebSocket upgrade is required: {}",
@@ -262,7 +262,7 @@ async fn raw(
 ) -> Response {
     let dev = core.config.dev;
     let result = async {
-        let Path(raw_path) = path.map_err(|e| Error::malformed(e.body_text()))?;
+        let Path(raw_path) = path?;
         let key = crate::key::decode(&raw_path.key)?;
         let info = crate::runtime::resolve_on(
             &core,
@@ -427,10 +427,41 @@ impl Envelope {
         }
     }
 
-    fn require_key(&mut self) -> Result<Vec<String>> {
-        self.key
-            .take()
-            .ok_or_else(|| Error::malformed("the body needs a \"key\" array"))
+    /// Reads a body up to the limit and decodes it in the request's encoding.
+    async fn read(
+        core: &Core,
+        headers: &HeaderMap,
+        body: Body,
+        encoding: Encoding,
+    ) -> Result<Envelope> {
+        let bytes = read_body(core, headers, body).await?;
+        Envelope::parse(&bytes, encoding)
+    }
+
+    /// The target of a by-key route for actor type `name`, and the call's arguments.
+    fn into_key_target(self, name: String) -> Result<(Target, Payload)> {
+        let key = self
+            .key
+            .ok_or_else(|| Error::malformed("the body needs a \"key\" array"))?;
+        let target = Target::Key {
+            name,
+            key,
+            mode: self.mode,
+            input: self.input,
+        };
+        Ok((target, self.args))
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for Error {
+    fn from(rejection: axum::extract::rejection::PathRejection) -> Error {
+        Error::malformed(rejection.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for Error {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Error {
+        Error::malformed(rejection.body_text())
     }
 }
 
@@ -469,16 +500,10 @@ async fn action_by_key(
     let encoding = request_encoding(&headers);
     let output = response_encoding(&headers, encoding);
     let result = async {
-        let Path((name, action)) = path.map_err(|e| Error::malformed(e.body_text()))?;
-        let bytes = read_body(&core, &headers, body).await?;
-        let mut envelope = Envelope::parse(&bytes, encoding)?;
-        let target = Target::Key {
-            name,
-            key: envelope.require_key()?,
-            mode: envelope.mode,
-            input: envelope.input,
-        };
-        crate::runtime::call_on(&core, target, &action, envelope.args, output).await
+        let Path((name, action)) = path?;
+        let envelope = Envelope::read(&core, &headers, body, encoding).await?;
+        let (target, args) = envelope.into_key_target(name)?;
+        crate::runtime::call_on(&core, target, &action, args, output).await
     }
     .await;
     respond(result, dev)
@@ -494,9 +519,8 @@ pub(crate) async fn action_by_id(
     let encoding = request_encoding(&headers);
     let output = response_encoding(&headers, encoding);
     let result = async {
-        let Path((id, action)) = path.map_err(|e| Error::malformed(e.body_text()))?;
-        let bytes = read_body(&core, &headers, body).await?;
-        let envelope = Envelope::parse(&bytes, encoding)?;
+        let Path((id, action)) = path?;
+        let envelope = Envelope::read(&core, &headers, body, encoding).await?;
         crate::runtime::call_on(&core, Target::Id(id), &action, envelope.args, output).await
     }
     .await;
@@ -512,15 +536,9 @@ async fn resolve(
     let dev = core.config.dev;
     let encoding = request_encoding(&headers);
     let result = async {
-        let Path(name) = path.map_err(|e| Error::malformed(e.body_text()))?;
-        let bytes = read_body(&core, &headers, body).await?;
-        let mut envelope = Envelope::parse(&bytes, encoding)?;
-        let target = Target::Key {
-            name,
-            key: envelope.require_key()?,
-            mode: envelope.mode,
-            input: envelope.input,
-        };
+        let Path(name) = path?;
+        let envelope = Envelope::read(&core, &headers, body, encoding).await?;
+        let (target, _) = envelope.into_key_target(name)?;
         let info = crate::runtime::resolve_on(&core, target).await?;
         Ok(serde_json::json!({
             "actorId": &*info.id,

@@ -317,7 +317,7 @@ async fn find(core: &Arc<Core>, id: &str) -> Result<ActorListing> {
 
 async fn list_actors(State(core): State<Arc<Core>>, query: QueryResult) -> Response {
     let result = async {
-        let Query(query) = query.map_err(|err| Error::malformed(err.body_text()))?;
+        let Query(query) = query?;
         let limit = query.limit()?;
         let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
         let name = query.name.clone();
@@ -345,7 +345,7 @@ async fn list_actors(State(core): State<Arc<Core>>, query: QueryResult) -> Respo
 
 async fn actor(State(core): State<Arc<Core>>, id: IdPath) -> Response {
     let result = async {
-        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        let Path(id) = id?;
         listing_json(&core, &find(&core, &id).await?)
     }
     .await;
@@ -354,7 +354,7 @@ async fn actor(State(core): State<Arc<Core>>, id: IdPath) -> Response {
 
 async fn state(State(core): State<Arc<Core>>, id: IdPath) -> Response {
     let result = async {
-        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        let Path(id) = id?;
         let owned = id.clone();
         let snapshot = core
             .read(&id, move |store| store.load(&owned))
@@ -372,8 +372,8 @@ async fn state(State(core): State<Arc<Core>>, id: IdPath) -> Response {
 
 async fn kv(State(core): State<Arc<Core>>, id: IdPath, query: QueryResult) -> Response {
     let result = async {
-        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
-        let Query(query) = query.map_err(|err| Error::malformed(err.body_text()))?;
+        let Path(id) = id?;
+        let Query(query) = query?;
         let limit = query.limit()?;
         let prefix = match &query.prefix {
             Some(prefix) => base64::decode(prefix)
@@ -413,7 +413,7 @@ async fn kv(State(core): State<Arc<Core>>, id: IdPath, query: QueryResult) -> Re
 
 async fn schedules(State(core): State<Arc<Core>>, id: IdPath) -> Response {
     let result = async {
-        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        let Path(id) = id?;
         find(&core, &id).await?;
         let owned = id.clone();
         let stored = core
@@ -439,7 +439,7 @@ async fn schedules(State(core): State<Arc<Core>>, id: IdPath) -> Response {
 
 async fn connections(State(core): State<Arc<Core>>, id: IdPath) -> Response {
     let result = async {
-        let Path(id) = id.map_err(|err| Error::malformed(err.body_text()))?;
+        let Path(id) = id?;
         find(&core, &id).await?;
         let connections: Vec<Value> = core
             .connections
