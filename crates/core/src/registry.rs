@@ -343,9 +343,4 @@ impl Registry {
         // The sender lives as long as `self`, so this cannot fail while we borrow it.
         let _ = stopped.wait_for(|stopped| *stopped).await;
     }
-
-    /// Whether shutdown has begun.
-    pub fn is_shutting_down(&self) -> bool {
-        self.root.is_cancelled()
-    }
 }

@@ -439,11 +439,6 @@ impl Store {
             rows.collect()
         })
     }
-
-    /// Counts the actors in the directory.
-    pub fn actor_count(&self) -> Result<u64> {
-        self.read(|conn| conn.query_row("SELECT count(*) FROM actors", [], |row| row.get(0)))
-    }
 }
 
 fn listing_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ActorListing> {

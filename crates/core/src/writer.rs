@@ -118,7 +118,6 @@ pub struct WriterHandle {
     /// mailboxes, so the queue is bounded by the work already admitted; blocking an actor on
     /// the writer would only move the queue elsewhere.
     tx: mpsc::UnboundedSender<WriteOp>,
-    stats: Arc<WriterStats>,
 }
 
 /// Owns the writer thread; `join` waits for it to finish what was queued.
@@ -144,10 +143,7 @@ impl Writer {
             run(conn, rx, &thread_stats);
         });
         Ok(Writer {
-            handle: Some(WriterHandle {
-                tx,
-                stats: stats.clone(),
-            }),
+            handle: Some(WriterHandle { tx }),
             thread: Some(thread),
             stats,
         })
@@ -241,11 +237,6 @@ impl WriterHandle {
             reply,
         })?;
         rx.await.map_err(|_| Error::WriterClosed)?
-    }
-
-    /// The writer's counters.
-    pub fn stats(&self) -> &Arc<WriterStats> {
-        &self.stats
     }
 }
 
