@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::faults::FaultInjector;
 
 /// Default HTTP host.
 pub const DEFAULT_HOST: &str = "127.0.0.1";
@@ -104,6 +105,9 @@ pub struct RuntimeConfig {
     pub dev: bool,
     /// Who may use the inspector API.
     pub inspector: InspectorConfig,
+    /// Faults to inject on the commit path, for tests (see `faults.rs`). `None`, the default
+    /// and the only value the binding uses, checks no failpoint.
+    pub faults: Option<FaultInjector>,
 }
 
 impl Default for RuntimeConfig {
@@ -119,6 +123,7 @@ impl Default for RuntimeConfig {
             limits: Limits::default(),
             dev: false,
             inspector: InspectorConfig::default(),
+            faults: None,
         }
     }
 }

@@ -160,7 +160,14 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&self.path, flags).map_err(|e| self.classify(e))?;
+        // With faults configured for this database, the connection opens through their VFS.
+        let conn = match crate::faults::FaultState::for_path(&self.path) {
+            Some(_) => {
+                Connection::open_with_flags_and_vfs(&self.path, flags, crate::faults::VFS_NAME)
+            }
+            None => Connection::open_with_flags(&self.path, flags),
+        }
+        .map_err(|e| self.classify(e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // The first statement that reads the file is where a corrupt file shows itself.
         let mode: String = conn
