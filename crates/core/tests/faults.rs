@@ -1,0 +1,200 @@
+//! Failed commits and injected faults: a commit SQLite refuses changes nothing (not the
+//! database, not the actor's memory), the writer recovers once the fault is gone, and crashes
+//! at the failpoints lose nothing that was acknowledged.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::{call, committed_count, counter, CounterHost};
+use keel_core::faults::{Failpoint, Fault, FaultInjector, Faults};
+use keel_core::{Runtime, RuntimeConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Fails every commit before its WAL write while `failing` is set.
+#[derive(Default)]
+struct Switch {
+    failing: AtomicBool,
+}
+
+impl Faults for Switch {
+    fn check(&self, point: Failpoint) -> Fault {
+        if point == Failpoint::BeforeWalWrite && self.failing.load(Ordering::Acquire) {
+            Fault::Fail
+        } else {
+            Fault::Continue
+        }
+    }
+}
+
+fn open_with(dir: &std::path::Path, host: Arc<CounterHost>, faults: Arc<Switch>) -> Runtime {
+    let config = RuntimeConfig {
+        faults: Some(FaultInjector(faults)),
+        ..common::config(dir)
+    };
+    Runtime::open(config, common::types(), host, &CancellationToken::new()).unwrap()
+}
+
+fn assert_storage_error(result: keel_core::Result<String>) {
+    let err = result.expect_err("the commit was refused");
+    assert_eq!((err.group(), err.code()), ("storage", "sqlite"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_changes_nothing_and_the_writer_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Switch::default());
+    let runtime = open_with(dir.path(), CounterHost::new(), faults.clone());
+    assert_eq!(
+        call(&runtime, counter("c"), "increment", "[1]")
+            .await
+            .unwrap(),
+        "1"
+    );
+
+    faults.failing.store(true, Ordering::Release);
+    for _ in 0..3 {
+        assert_storage_error(call(&runtime, counter("c"), "increment", "[1]").await);
+    }
+    assert_storage_error(call(&runtime, counter("c"), "kv_put", r#"["k","v"]"#).await);
+    let at = runtime.now_ms() + 60_000;
+    let schedule = format!(r#"["s1",{at},"increment","1"]"#);
+    assert_storage_error(call(&runtime, counter("c"), "schedule", &schedule).await);
+    // Reads still work while commits fail, and show the last committed state.
+    assert_eq!(
+        call(&runtime, counter("c"), "get", "[]").await.unwrap(),
+        "1"
+    );
+    let info = runtime.resolve(counter("c")).await.unwrap();
+    assert_eq!(
+        runtime.kv_get(&info.id, vec![b"k".to_vec()]).await.unwrap(),
+        vec![None]
+    );
+    assert!(runtime.schedules(&info.id).await.unwrap().is_empty());
+    assert_eq!(runtime.pending_schedules(), 0);
+    assert_eq!(committed_count(dir.path(), "c"), Some(1));
+
+    // Once the fault is gone, the same runtime commits again.
+    faults.failing.store(false, Ordering::Release);
+    assert_eq!(
+        call(&runtime, counter("c"), "increment", "[1]")
+            .await
+            .unwrap(),
+        "2"
+    );
+    runtime.drain().await;
+
+    // After a restart, exactly the acknowledged writes are there.
+    assert_eq!(committed_count(dir.path(), "c"), Some(2));
+    let runtime = open_with(dir.path(), CounterHost::new(), faults);
+    assert_eq!(
+        call(&runtime, counter("c"), "get", "[]").await.unwrap(),
+        "2"
+    );
+    let info = runtime.resolve(counter("c")).await.unwrap();
+    assert_eq!(
+        runtime.kv_get(&info.id, vec![b"k".to_vec()]).await.unwrap(),
+        vec![None]
+    );
+    runtime.drain().await;
+}
+
+/// Holds the next commit before its WAL write until the test lets it go, then fails it.
+#[derive(Default)]
+struct Hold {
+    step: std::sync::Mutex<HoldStep>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum HoldStep {
+    #[default]
+    Idle,
+    Armed,
+    Holding,
+    Released,
+}
+
+impl Hold {
+    fn set(&self, step: HoldStep) {
+        *self.step.lock().unwrap() = step;
+        self.changed.notify_all();
+    }
+
+    fn is(&self, step: HoldStep) -> bool {
+        *self.step.lock().unwrap() == step
+    }
+}
+
+impl Faults for Hold {
+    fn check(&self, point: Failpoint) -> Fault {
+        let mut step = self.step.lock().unwrap();
+        if point != Failpoint::BeforeWalWrite || *step != HoldStep::Armed {
+            return Fault::Continue;
+        }
+        *step = HoldStep::Holding;
+        self.changed.notify_all();
+        let mut step = self
+            .changed
+            .wait_while(step, |step| *step != HoldStep::Released)
+            .unwrap();
+        *step = HoldStep::Idle;
+        Fault::Fail
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_ran_on_top_of_a_failed_commit_fails_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let hold = Arc::new(Hold::default());
+    let host = CounterHost::new();
+    let config = RuntimeConfig {
+        faults: Some(FaultInjector(hold.clone())),
+        ..common::config(dir.path())
+    };
+    let runtime = Arc::new(
+        Runtime::open(config, common::types(), host.clone(), &CancellationToken::new()).unwrap(),
+    );
+    assert_eq!(
+        call(&runtime, counter("p"), "increment", "[1]")
+            .await
+            .unwrap(),
+        "1"
+    );
+
+    // The next commit is held in the writer. The call behind it runs on the same instance,
+    // on top of that change, before the commit fails.
+    hold.set(HoldStep::Armed);
+    let spawn_increment = || {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { call(&runtime, counter("p"), "increment", "[1]").await })
+    };
+    let first = spawn_increment();
+    common::eventually("the first commit is held", || hold.is(HoldStep::Holding)).await;
+    let second = spawn_increment();
+    let increments = || {
+        host.log
+            .lock()
+            .iter()
+            .filter(|line| line.ends_with(":increment:[1]"))
+            .count()
+    };
+    common::eventually("the second call ran", || increments() == 3).await;
+    hold.set(HoldStep::Released);
+    assert_storage_error(first.await.unwrap());
+    assert_storage_error(second.await.unwrap());
+
+    assert_eq!(
+        call(&runtime, counter("p"), "get", "[]").await.unwrap(),
+        "1"
+    );
+    assert_eq!(
+        call(&runtime, counter("p"), "increment", "[1]")
+            .await
+            .unwrap(),
+        "2"
+    );
+    runtime.drain().await;
+    assert_eq!(committed_count(dir.path(), "p"), Some(2));
+}
