@@ -154,7 +154,13 @@ async fn a_call_that_ran_on_top_of_a_failed_commit_fails_too() {
         ..common::config(dir.path())
     };
     let runtime = Arc::new(
-        Runtime::open(config, common::types(), host.clone(), &CancellationToken::new()).unwrap(),
+        Runtime::open(
+            config,
+            common::types(),
+            host.clone(),
+            &CancellationToken::new(),
+        )
+        .unwrap(),
     );
     assert_eq!(
         call(&runtime, counter("p"), "increment", "[1]")
