@@ -764,24 +764,14 @@ impl Run {
         }
     }
 
-    /// Faults off, a clean restart, then time moves on until every acknowledged schedule has
-    /// fired (invariant 4).
+    /// Faults off; time moves on until every acknowledged schedule has fired (invariant 4),
+    /// first in the running runtime (a schedule whose run failed to commit is offered again
+    /// without a restart), then after a clean restart, which settles the unknown ones.
     async fn quiesce(&mut self) {
         self.faults.off.store(true, Ordering::Release);
+        self.fire_acknowledged("before a restart").await;
         self.restart().await;
-        for _ in 0..QUIESCE_STEPS {
-            if self.unfired().await.is_empty() {
-                break;
-            }
-            tokio::time::advance(Duration::from_secs(2)).await;
-            settle().await;
-        }
-        let unfired = self.unfired().await;
-        assert!(
-            unfired.is_empty(),
-            "seed {}: acknowledged schedules never fired: {unfired:?}",
-            self.seed
-        );
+        self.fire_acknowledged("after a restart").await;
         for (actor, model) in self.actors.iter().enumerate() {
             let durable = read_durable(self.reader.as_ref().unwrap(), actor);
             let fired = model
@@ -802,6 +792,23 @@ impl Run {
         }
         self.reader = None;
         self.runtime.take().unwrap().drain().await;
+    }
+
+    /// Advances time until every acknowledged schedule has fired.
+    async fn fire_acknowledged(&self, when: &str) {
+        for _ in 0..QUIESCE_STEPS {
+            if self.unfired().await.is_empty() {
+                return;
+            }
+            tokio::time::advance(Duration::from_secs(2)).await;
+            settle().await;
+        }
+        let unfired = self.unfired().await;
+        assert!(
+            unfired.is_empty(),
+            "seed {}: acknowledged schedules never fired {when}: {unfired:?}",
+            self.seed
+        );
     }
 
     /// Acknowledged schedules whose run has not committed, as (actor, op).
