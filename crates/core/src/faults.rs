@@ -17,7 +17,9 @@
 //! configured every connection opens through a VFS shim ([`VFS_NAME`]) that wraps the default
 //! unix VFS and asks the faults before syncing the `-wal` file. The shim finds the faults of
 //! a file by its database path, registered by [`FaultState::register`] for the life of the
-//! runtime.
+//! runtime. Every shim method forwards to the wrapped file of the real VFS; the `unsafe`
+//! code below relies only on SQLite's VFS contract (a file struct of `szOsFile` bytes that
+//! SQLite allocates, `xClose` called once for every file whose `pMethods` is set).
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -39,8 +41,9 @@ pub enum Failpoint {
     /// as a full disk does (`SQLITE_FULL`).
     BeforeWalWrite,
     /// Inside SQLite's commit, when it syncs the WAL file: the transaction's frames are
-    /// written, not yet synced. Checked only with `durability: full` (relaxed durability does
-    /// not sync at commit). `Fail` makes the sync fail (`SQLITE_IOERR_FSYNC`); what such a
+    /// written, not yet synced. Checked at every sync of the WAL: at each commit with
+    /// `durability: full` (relaxed durability does not sync at commit), and before a
+    /// checkpoint copies the WAL into the database. `Fail` makes the sync fail (`SQLITE_IOERR_FSYNC`); what such a
     /// commit leaves on disk is unknown, as after a crash, though SQLite and keel report it
     /// as failed.
     AfterWriteBeforeSync,
@@ -277,8 +280,16 @@ unsafe extern "C" fn shim_open(
     let open = (*real_vfs).xOpen.expect("the default VFS opens files");
     let rc = open(real_vfs, name, real, flags, out_flags);
     if rc != ffi::SQLITE_OK || (*real).pMethods.is_null() {
+        // A file that has methods must be closed even when its open failed.
+        if let Some(close) = (*real).pMethods.as_ref().and_then(|methods| methods.xClose) {
+            close(real);
+        }
         ffi::sqlite3_free(real as *mut c_void);
-        return rc;
+        return if rc == ffi::SQLITE_OK {
+            ffi::SQLITE_CANTOPEN
+        } else {
+            rc
+        };
     }
     (*shim).real = real;
     (*shim).wal = flags & ffi::SQLITE_OPEN_WAL != 0;
