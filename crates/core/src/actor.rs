@@ -753,9 +753,18 @@ impl ActorTask {
 
     /// Stops the instance, flushes, and leaves.
     async fn finish(mut self, reason: StopReason) {
+        self.settle_commits().await;
+        let reason = if reason == StopReason::Destroy && self.poison.is_set() {
+            // The commit of the call that asked for the destroy is the task's last, and it
+            // did not land (it failed, or was refused behind one that did): the destroy did
+            // not happen either. The actor stops as it is on disk, its instance discarded.
+            tracing::warn!("a destroy whose commit failed is not carried out");
+            StopReason::Reset
+        } else {
+            reason
+        };
         // The stop hook runs on committed state, not on top of a refused change.
-        if reason != StopReason::Destroy {
-            self.settle_commits().await;
+        if matches!(reason, StopReason::Sleep | StopReason::Shutdown) {
             self.recover_from_failed_commit().await;
         }
         let timeout = self.core.config.hook_timeout;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use common::{call, committed_count, counter, CounterHost};
@@ -12,15 +12,24 @@ use keel_core::faults::{Failpoint, Fault, FaultInjector, Faults};
 use keel_core::{Runtime, RuntimeConfig};
 use tokio_util::sync::CancellationToken;
 
-/// Fails every commit before its WAL write while `failing` is set.
+/// Fails commits before their WAL write: every one while `failing` is set, and the next
+/// `fail_next` ones.
 #[derive(Default)]
 struct Switch {
     failing: AtomicBool,
+    fail_next: AtomicU32,
 }
 
 impl Faults for Switch {
     fn check(&self, point: Failpoint) -> Fault {
-        if point == Failpoint::BeforeWalWrite && self.failing.load(Ordering::Acquire) {
+        if point != Failpoint::BeforeWalWrite {
+            return Fault::Continue;
+        }
+        let next = self
+            .fail_next
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if next || self.failing.load(Ordering::Acquire) {
             Fault::Fail
         } else {
             Fault::Continue
@@ -203,4 +212,61 @@ async fn a_call_that_ran_on_top_of_a_failed_commit_fails_too() {
     );
     runtime.drain().await;
     assert_eq!(committed_count(dir.path(), "p"), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_that_ran_on_top_of_a_failed_commit_does_not_happen() {
+    let dir = tempfile::tempdir().unwrap();
+    let hold = Arc::new(Hold::default());
+    let host = CounterHost::new();
+    let config = RuntimeConfig {
+        faults: Some(FaultInjector(hold.clone())),
+        ..common::config(dir.path())
+    };
+    let runtime = Arc::new(
+        Runtime::open(
+            config,
+            common::types(),
+            host.clone(),
+            &CancellationToken::new(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        call(&runtime, counter("d"), "increment", "[5]")
+            .await
+            .unwrap(),
+        "5"
+    );
+    hold.set(HoldStep::Armed);
+    let spawn_call = |action: &'static str| {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { call(&runtime, counter("d"), action, "[1]").await })
+    };
+    let increment = spawn_call("increment");
+    common::eventually("the increment's commit is held", || {
+        hold.is(HoldStep::Holding)
+    })
+    .await;
+    let destroy = spawn_call("destroy");
+    common::eventually("the destroy ran", || {
+        host.log.lock().iter().any(|line| line == "d:destroy:[1]")
+    })
+    .await;
+    hold.set(HoldStep::Released);
+    assert_storage_error(increment.await.unwrap());
+    assert_storage_error(destroy.await.unwrap());
+    common::eventually("the instance is discarded", || {
+        host.stop_log.lock().iter().any(|line| line == "d:reset")
+    })
+    .await;
+
+    // The actor is still there, as last committed.
+    assert_eq!(
+        call(&runtime, counter("d"), "get", "[]").await.unwrap(),
+        "5"
+    );
+    runtime.drain().await;
+    assert_eq!(committed_count(dir.path(), "d"), Some(5));
+    assert!(!host.stop_log.lock().iter().any(|line| line == "d:destroy"));
 }
