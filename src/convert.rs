@@ -40,7 +40,8 @@ impl ErrorInfo {
     }
 
     /// Converts an error reported by JS user code into a core error: a `UserError` keeps its
-    /// code and message, a KV limit error keeps its own code; anything else is internal.
+    /// code and message, a KV limit error keeps its own code, a stored state the host could
+    /// not decode is `storage.corrupt` for its actor; anything else is internal.
     pub fn into_error(self) -> Error {
         let limit = || {
             self.metadata
@@ -56,6 +57,15 @@ impl ErrorInfo {
             },
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
+            ("storage", "corrupt") => Error::StorageCorrupt {
+                actor_id: self
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m["actorId"].as_str())
+                    .map(str::to_string),
+                detail: self.message,
+                source: None,
+            },
             _ => Error::ActorInternal {
                 message: self.message,
             },

@@ -97,6 +97,25 @@ function encodePayload(value: unknown, encoding: string | undefined): Buffer {
   return Buffer.from(text === undefined ? "null" : text, "utf8");
 }
 
+/**
+ * Decodes an actor's stored state. Core has checked that it is well-formed CBOR; what this
+ * decoder still refuses (an unknown tag, say) is damage on disk too, so it is reported as
+ * `storage.corrupt` for the actor, not as an error of user code.
+ */
+function decodeStoredState(actorId: string, bytes: Buffer): unknown {
+  try {
+    return decode(bytes);
+  } catch (err) {
+    const reason = err instanceof Error ? err.message : String(err);
+    throw new KeelError({
+      group: "storage",
+      code: "corrupt",
+      message: `the stored state of actor ${actorId} cannot be decoded: ${reason}`,
+      metadata: { actorId },
+    });
+  }
+}
+
 function encodeState(state: unknown): Buffer {
   return Buffer.from(encode(state));
 }
@@ -179,7 +198,7 @@ export class JsHost {
       instance.snapshot = Buffer.alloc(0);
     } else {
       instance.snapshot = invocation.state!;
-      instance.state = decode(instance.snapshot);
+      instance.state = decodeStoredState(invocation.actorId, instance.snapshot);
     }
     instance.vars =
       config.createVars !== undefined

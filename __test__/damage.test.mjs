@@ -1,0 +1,80 @@
+// Damage on disk reaches the caller as storage.corrupt, never as an error of user code: the
+// real addon, a real SQLite file damaged between two runs.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { actor, setup, createClient, KeelError } from "keel";
+import { tempDir } from "./helpers.mjs";
+
+const MARKER = "damage-me-0123456789"; // 20 bytes, so its CBOR text head is 0x74
+
+const notebook = actor({
+  state: { note: "" },
+  actions: {
+    write: (c, note) => {
+      c.state.note = note;
+      return note;
+    },
+    read: (c) => c.state.note,
+  },
+});
+
+async function run(dataDir, body) {
+  const registry = setup({ use: { notebook }, port: 0, dataDir, disableSignalHandlers: true, dev: true });
+  const serving = registry.start();
+  try {
+    const { url } = await registry.listening();
+    return await body(createClient(url));
+  } finally {
+    await registry.shutdown();
+    await serving;
+  }
+}
+
+/**
+ * Rewrites the marker's CBOR text string (head 0x74 and 20 bytes) into tag 99 around a
+ * 18-byte text string: the same length and still well-formed CBOR, so SQLite and core's
+ * well-formedness check pass it, but keel's decoder knows no tag 99.
+ */
+function retagMarker(dataDir) {
+  const original = Buffer.concat([Buffer.of(0x74), Buffer.from(MARKER)]);
+  const damaged = Buffer.concat([Buffer.of(0xd8, 99, 0x72), Buffer.from(MARKER.slice(0, 18))]);
+  assert.equal(damaged.length, original.length);
+  let replaced = 0;
+  for (const name of ["keel.db", "keel.db-wal"]) {
+    const path = join(dataDir, name);
+    if (!existsSync(path)) continue;
+    const bytes = readFileSync(path);
+    for (let at = bytes.indexOf(original); at >= 0; at = bytes.indexOf(original, at + 1)) {
+      damaged.copy(bytes, at);
+      replaced++;
+    }
+    writeFileSync(path, bytes);
+  }
+  assert.ok(replaced > 0, "the state was found in the files");
+}
+
+test("a stored state the JS decoder refuses is storage.corrupt for its actor", async (t) => {
+  const dataDir = tempDir(t);
+  const actorId = await run(dataDir, async (client) => {
+    assert.equal(await client.notebook.getOrCreate(["damaged"]).write(MARKER), MARKER);
+    assert.equal(await client.notebook.getOrCreate(["intact"]).write("fine"), "fine");
+    return client.notebook.getOrCreate(["damaged"]).resolve();
+  });
+  retagMarker(dataDir);
+
+  await run(dataDir, async (client) => {
+    for (let attempt = 0; attempt < 2; attempt++) {
+      await assert.rejects(client.notebook.get(["damaged"]).read(), (err) => {
+        assert.ok(err instanceof KeelError);
+        assert.equal(err.fullCode, "storage.corrupt");
+        assert.deepEqual(err.metadata, { actorId });
+        assert.match(err.message, /cannot be decoded: unsupported CBOR tag 99/);
+        return true;
+      });
+    }
+    // Only that actor is affected.
+    assert.equal(await client.notebook.get(["intact"]).read(), "fine");
+  });
+});
