@@ -107,7 +107,9 @@ impl ActorSnapshot {
             ("state", state_encoding, self.state.as_deref()),
             (
                 "creation input",
-                self.input.as_ref().map_or(Encoding::Json, |input| input.encoding),
+                self.input
+                    .as_ref()
+                    .map_or(Encoding::Json, |input| input.encoding),
                 self.input.as_ref().map(|input| input.bytes.as_slice()),
             ),
         ];

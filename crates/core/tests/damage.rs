@@ -162,7 +162,10 @@ async fn a_crash_between_a_commit_and_its_record_is_not_refused() {
     runtime.drain().await;
 
     let reopened = open(copy.path(), CounterHost::new());
-    assert_eq!(call(&reopened, get("acked"), "get", "[]").await.unwrap(), "7");
+    assert_eq!(
+        call(&reopened, get("acked"), "get", "[]").await.unwrap(),
+        "7"
+    );
     reopened.drain().await;
     assert_eq!(
         std::fs::read(copy.path().join(COMMITS_FILE)).unwrap(),
@@ -176,7 +179,10 @@ async fn a_clean_shutdown_and_a_crash_copy_both_reopen_with_every_commit() {
     let (live, copy) = crashed_copy().await;
     for dir in [live.path(), copy.path()] {
         let reopened = open(dir, CounterHost::new());
-        assert_eq!(call(&reopened, get("acked"), "get", "[]").await.unwrap(), "10");
+        assert_eq!(
+            call(&reopened, get("acked"), "get", "[]").await.unwrap(),
+            "10"
+        );
         assert_eq!(increment(&reopened, "acked", 1).await, 11);
         reopened.drain().await;
     }
@@ -293,7 +299,10 @@ async fn sqlite_damage_at_run_time_stops_every_later_commit() {
     bytes[start..start + 12].fill(0xee);
     std::fs::write(&db, &bytes).unwrap();
 
-    let err = runtime.kv_get(&info.id, vec![b"a".to_vec()]).await.unwrap_err();
+    let err = runtime
+        .kv_get(&info.id, vec![b"a".to_vec()])
+        .await
+        .unwrap_err();
     assert_corrupt(&err, "SQLite found damage");
     // The actor's next commit is refused rather than written into a damaged file.
     let err = call(&runtime, counter("live"), "increment", "[1]")
@@ -322,7 +331,9 @@ async fn a_state_that_does_not_decode_is_a_storage_error_for_its_actor() {
     }
 
     let runtime = open(dir.path(), CounterHost::new());
-    let err = call(&runtime, get("broken"), "get", "[]").await.unwrap_err();
+    let err = call(&runtime, get("broken"), "get", "[]")
+        .await
+        .unwrap_err();
     assert_corrupt(&err, "not well-formed json");
     assert_eq!(
         err.metadata(),
@@ -331,7 +342,9 @@ async fn a_state_that_does_not_decode_is_a_storage_error_for_its_actor() {
     assert_eq!(err.http_status(), 500);
     // The damage is the actor's own: the others keep working, and it is not reset.
     assert_eq!(call(&runtime, get("fine"), "get", "[]").await.unwrap(), "2");
-    let err = call(&runtime, get("broken"), "get", "[]").await.unwrap_err();
+    let err = call(&runtime, get("broken"), "get", "[]")
+        .await
+        .unwrap_err();
     assert_corrupt(&err, "not well-formed json");
     runtime.drain().await;
     assert_eq!(actor_rows(dir.path()), 2);
