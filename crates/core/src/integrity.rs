@@ -131,10 +131,18 @@ pub(crate) fn check_history(
         );
         return Ok(());
     }
+    let (found, cause) = if db.exists() {
+        (
+            format!("holds {found} commits"),
+            "its write-ahead log was truncated or damaged, or the file was replaced by an older \
+             copy",
+        )
+    } else {
+        ("is missing".to_string(), "it was deleted or moved")
+    };
     Err(Error::corrupt(format!(
-        "the database at {} holds {found} commits, but {} were acknowledged (recorded in {}): \
-         its write-ahead log was truncated or damaged, or the file was replaced by an older \
-         copy. keel has changed neither file. Restore the data directory from a backup, or \
+        "the database at {} {found}, but {} commits were acknowledged (recorded in {}): \
+         {cause}. keel has changed nothing. Restore the data directory from a backup, or \
          delete {} to accept the database as it is without the missing commits",
         db.display(),
         mark.seq,

@@ -718,6 +718,25 @@ mod tests {
     }
 
     #[test]
+    fn a_database_from_before_the_commit_counter_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Durability::Full).unwrap());
+        // What the previous schema version left: no commits table, no commit record.
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch("DROP TABLE commits; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(conn);
+        std::fs::remove_file(dir.path().join(integrity::COMMITS_FILE)).unwrap();
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        let conn = store.connect(false).unwrap();
+        assert_eq!(integrity::commit_seq(&conn).unwrap(), 0);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), Durability::Full).unwrap());

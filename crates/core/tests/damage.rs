@@ -148,6 +148,27 @@ async fn a_damaged_wal_frame_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_database_whose_record_is_left_is_refused() {
+    let (_live, copy) = crashed_copy().await;
+    std::fs::remove_file(copy.path().join(DB_FILE)).unwrap();
+    std::fs::remove_file(copy.path().join(WAL_FILE)).unwrap();
+    // Ten increments, the creation and the first state: twelve commits.
+    assert_corrupt(
+        &open_err(copy.path()),
+        "is missing, but 12 commits were acknowledged",
+    );
+    assert!(
+        !copy.path().join(DB_FILE).exists(),
+        "no new database was made"
+    );
+    // Deleting the record too is how to start afresh.
+    std::fs::remove_file(copy.path().join(COMMITS_FILE)).unwrap();
+    let fresh = open(copy.path(), CounterHost::new());
+    assert_eq!(increment(&fresh, "acked", 1).await, 1);
+    fresh.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_a_commit_and_its_record_is_not_refused() {
     let live = tempfile::tempdir().unwrap();
     let copy = tempfile::tempdir().unwrap();
