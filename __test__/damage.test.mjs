@@ -7,7 +7,9 @@ import { join } from "node:path";
 import { actor, setup, createClient, KeelError } from "keel";
 import { tempDir } from "./helpers.mjs";
 
-const MARKER = "damage-me-0123456789"; // 20 bytes, so its CBOR text head is 0x74
+// 20 bytes each, so their CBOR text heads are 0x74.
+const MARKER = "damage-me-0123456789";
+const TRUNCATED = "truncate-0123456789!";
 
 const notebook = actor({
   state: { note: "" },
@@ -32,14 +34,8 @@ async function run(dataDir, body) {
   }
 }
 
-/**
- * Rewrites the marker's CBOR text string (head 0x74 and 20 bytes) into tag 99 around a
- * 18-byte text string: the same length and still well-formed CBOR, so SQLite and core's
- * well-formedness check pass it, but keel's decoder knows no tag 99.
- */
-function retagMarker(dataDir) {
-  const original = Buffer.concat([Buffer.of(0x74), Buffer.from(MARKER)]);
-  const damaged = Buffer.concat([Buffer.of(0xd8, 99, 0x72), Buffer.from(MARKER.slice(0, 18))]);
+/** Replaces every copy of `original` in keel.db and its WAL with `damaged`, of the same length. */
+function damage(dataDir, original, damaged) {
   assert.equal(damaged.length, original.length);
   let replaced = 0;
   for (const name of ["keel.db", "keel.db-wal"]) {
@@ -55,6 +51,8 @@ function retagMarker(dataDir) {
   assert.ok(replaced > 0, "the state was found in the files");
 }
 
+const text20 = (text) => Buffer.concat([Buffer.of(0x74), Buffer.from(text)]);
+
 test("a stored state the JS decoder refuses is storage.corrupt for its actor", async (t) => {
   const dataDir = tempDir(t);
   const actorId = await run(dataDir, async (client) => {
@@ -62,7 +60,10 @@ test("a stored state the JS decoder refuses is storage.corrupt for its actor", a
     assert.equal(await client.notebook.getOrCreate(["intact"]).write("fine"), "fine");
     return client.notebook.getOrCreate(["damaged"]).resolve();
   });
-  retagMarker(dataDir);
+  // The marker's text string becomes tag 99 around an 18-byte text string: the same length
+  // and still well-formed CBOR, so SQLite and core's well-formedness check pass it, but
+  // keel's decoder knows no tag 99.
+  damage(dataDir, text20(MARKER), Buffer.concat([Buffer.of(0xd8, 99, 0x72), Buffer.from(MARKER.slice(0, 18))]));
 
   await run(dataDir, async (client) => {
     for (let attempt = 0; attempt < 2; attempt++) {
@@ -76,5 +77,25 @@ test("a stored state the JS decoder refuses is storage.corrupt for its actor", a
     }
     // Only that actor is affected.
     assert.equal(await client.notebook.get(["intact"]).read(), "fine");
+  });
+});
+
+test("a stored state that is not well-formed CBOR is storage.corrupt before JS sees it", async (t) => {
+  const dataDir = tempDir(t);
+  const actorId = await run(dataDir, async (client) => {
+    assert.equal(await client.notebook.getOrCreate(["cut"]).write(TRUNCATED), TRUNCATED);
+    return client.notebook.getOrCreate(["cut"]).resolve();
+  });
+  // The text head now claims 21 bytes, one more than the state holds.
+  damage(dataDir, text20(TRUNCATED), Buffer.concat([Buffer.of(0x75), Buffer.from(TRUNCATED)]));
+
+  await run(dataDir, async (client) => {
+    await assert.rejects(client.notebook.get(["cut"]).read(), (err) => {
+      assert.ok(err instanceof KeelError);
+      assert.equal(err.fullCode, "storage.corrupt");
+      assert.deepEqual(err.metadata, { actorId });
+      assert.match(err.message, /is not well-formed cbor/);
+      return true;
+    });
   });
 });
