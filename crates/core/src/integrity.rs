@@ -9,8 +9,10 @@
 //! or rewrites the file:
 //!
 //! - **An integrity check at open.** `PRAGMA integrity_check` runs before anything writes to
-//!   the file (about 16 ms for 10,000 actors with 200-byte states, growing linearly with the
-//!   file). It is the full check, not `quick_check`, because only the full one compares index
+//!   the file: for 10,000 actors with 200-byte states (a 3.4 MB file) an open takes about
+//!   15 ms instead of 1.6 ms, and the check grows linearly with the file (`quick_check` is
+//!   about a third of it). It is the full check, not `quick_check`, because only the full
+//!   one compares index
 //!   entries with their rows: a key index that lost an entry would otherwise let a second
 //!   actor be created for a key that has one.
 //! - **A commit counter the log cannot roll back.** Every write transaction increments
