@@ -75,7 +75,9 @@ fn skip_at_depth(bytes: &[u8], pos: usize, depth: usize) -> Result<usize> {
     }
     let (major, info, argument, next) = head(bytes, pos)?;
     if info == 31 {
-        return Err(malformed("indefinite lengths (and their breaks) are not accepted"));
+        return Err(malformed(
+            "indefinite lengths (and their breaks) are not accepted",
+        ));
     }
     match major {
         0 | 1 => Ok(next),
@@ -96,7 +98,9 @@ fn skip_at_depth(bytes: &[u8], pos: usize, depth: usize) -> Result<usize> {
         7 => match info {
             20..=23 => Ok(next),
             25..=27 => Ok(next),
-            _ => Err(malformed("only false, true, null, undefined and floats are accepted")),
+            _ => Err(malformed(
+                "only false, true, null, undefined and floats are accepted",
+            )),
         },
         _ => unreachable!("the major type has three bits"),
     }
@@ -339,7 +343,10 @@ mod tests {
             ("an encoded surrogate", &[0x63, 0xed, 0xa0, 0x80]),
             ("an overlong encoding", &[0x62, 0xc0, 0xaf]),
             ("invalid UTF-8 in a map key", &[0xa1, 0x61, 0xff, 0x01]),
-            ("invalid UTF-8 in a tag 259 key", &[0xd9, 0x01, 0x03, 0xa1, 0x61, 0xff, 0x01]),
+            (
+                "invalid UTF-8 in a tag 259 key",
+                &[0xd9, 0x01, 0x03, 0xa1, 0x61, 0xff, 0x01],
+            ),
             ("an indefinite text string", &[0x7f, 0x61, b'a', 0xff]),
             ("an indefinite byte string", &[0x5f, 0x41, 0x00, 0xff]),
             ("an indefinite array", &[0x9f, 0x01, 0xff]),
@@ -347,7 +354,10 @@ mod tests {
             ("a stray break", &[0x81, 0xff]),
             ("an unknown tag", &[0xc0, 0x60]),
             ("tag 1 around text", &[0xc1, 0x60]),
-            ("tag 1 around an unsafe integer", &[0xc1, 0x1b, 0, 0x20, 0, 0, 0, 0, 0, 0]),
+            (
+                "tag 1 around an unsafe integer",
+                &[0xc1, 0x1b, 0, 0x20, 0, 0, 0, 0, 0, 0],
+            ),
             ("a bignum around an integer", &[0xc2, 0x01]),
             ("tag 258 around a map", &[0xd9, 0x01, 0x02, 0xa0]),
             ("tag 259 around an array", &[0xd9, 0x01, 0x03, 0x80]),
