@@ -191,6 +191,13 @@ const hostile = actor({
       ran(`scheduled ${i}`);
       throw HOSTILE[i][1]();
     },
+    logs: (c, i) => {
+      c.log.error(HOSTILE[i][1]());
+      c.log.error("hostile field", { value: HOSTILE[i][1](), next: 1 });
+      const fields = HOSTILE[i][1]();
+      if (typeof fields === "object") c.log.error("hostile fields", fields);
+      return "logged";
+    },
     nap: (c) => c.sleep(),
     destroyMe: (c) => c.destroy(),
     // Values of the wrong type where keel expects strings and numbers.
@@ -333,6 +340,15 @@ test("a hostile throw from onRequest or onWebSocket fails only that request or s
     ws.close();
   }
   await assertUnharmed(harness, "raw routes");
+});
+
+test("c.log never throws because of a hostile message or field", async (t) => {
+  const harness = await start(t);
+  const handle = harness.client.hostile.getOrCreate(["logs"]);
+  for (const [i, [what]] of HOSTILE.entries()) {
+    assert.equal(await handle.logs(i), "logged", what);
+  }
+  await assertUnharmed(harness, "logging");
 });
 
 test("values of the wrong type where keel expects strings or numbers fail only their call", async (t) => {
