@@ -359,6 +359,7 @@ test("values of the wrong type where keel expects strings or numbers fail only t
   // A Response subclass whose status is not a number.
   for (const [status, headers] of [
     ["abc", undefined],
+    [101, undefined],
     [200.5, undefined],
     [200, [[1, 2]]],
   ]) {

@@ -330,9 +330,10 @@ export class JsHost {
         response = await handler(instance.ctx as never, request);
         if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
       }
-      // A subclass of Response can override any of these getters, so check what they give.
+      // A subclass of Response can override any of these getters, so check what they give:
+      // a status in the range the Response constructor allows, headers as string pairs.
       const status = response.status;
-      if (!Number.isInteger(status) || status < 100 || status > 999) throw new TypeError("onRequest's Response has an invalid status");
+      if (!Number.isInteger(status) || status < 200 || status > 599) throw new TypeError("onRequest's Response has an invalid status");
       const headers: string[][] = [];
       for (const pair of response.headers) {
         if (!Array.isArray(pair) || typeof pair[0] !== "string" || typeof pair[1] !== "string") {
