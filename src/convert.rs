@@ -39,8 +39,10 @@ impl ErrorInfo {
         }
     }
 
-    /// Converts an error reported by JS user code into a core error: a `UserError` keeps its
-    /// code and message, a KV limit error keeps its own code; anything else is internal.
+    /// Converts an error reported by the JS host into a core error: a `UserError` keeps its
+    /// code and message, a KV limit error keeps its own code, a client payload the JS decoder
+    /// refused is `request.malformed` (the host reports that group only for this); anything
+    /// else is internal.
     pub fn into_error(self) -> Error {
         let limit = || {
             self.metadata
@@ -56,6 +58,7 @@ impl ErrorInfo {
             },
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
+            ("request", "malformed") => Error::malformed(self.message),
             _ => Error::ActorInternal {
                 message: self.message,
             },
