@@ -39,9 +39,11 @@ impl ErrorInfo {
         }
     }
 
-    /// Converts an error reported by JS user code into a core error: a `UserError` keeps its
-    /// code and message, a KV limit error keeps its own code, a stored state the host could
-    /// not decode is `storage.corrupt` for its actor; anything else is internal.
+    /// Converts an error reported by the JS host into a core error: a `UserError` keeps its
+    /// code and message, a KV limit error keeps its own code, a client payload the JS decoder
+    /// refused is `request.malformed` (the host reports that group only for this), a stored
+    /// state it could not decode is `storage.corrupt` for its actor; anything else is
+    /// internal.
     pub fn into_error(self) -> Error {
         let limit = || {
             self.metadata
@@ -57,6 +59,7 @@ impl ErrorInfo {
             },
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
+            ("request", "malformed") => Error::malformed(self.message),
             ("storage", "corrupt") => Error::StorageCorrupt {
                 actor_id: self
                     .metadata

@@ -313,8 +313,11 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     try {
       this.serverlessOptions ??= this.checkedOptions();
     } catch (err) {
-      const body = err instanceof KeelError ? { group: err.group, code: err.code, message: err.message, metadata: null } : { group: "registry", code: "invalid_config", message: String(err), metadata: null };
-      return Response.json(body, { status: 400 });
+      // Bad options are the deployment's fault, not the caller's, so this is a 500 (the
+      // documented answer), whatever status the error has elsewhere. A plain `Error` from the
+      // binding (an option of the wrong type) is a bad option too.
+      const message = err instanceof Error ? err.message : String(err);
+      return Response.json({ group: "registry", code: "invalid_config", message, metadata: null }, { status: 500 });
     }
     let url = request.url;
     const base = this.config.basePath?.replace(/\/+$/, "");

@@ -196,7 +196,8 @@ pub(crate) fn next_commit_seq(tx: &rusqlite::Transaction<'_>) -> rusqlite::Resul
         .query_row([], |row| row.get(0))
 }
 
-/// Whether `bytes` are one whole, well-formed value in `encoding`.
+/// Whether `bytes` are one whole, well-formed value in `encoding`; for CBOR, one that keel's
+/// value decoder accepts (see `cbor.rs`).
 pub(crate) fn well_formed(encoding: Encoding, bytes: &[u8]) -> bool {
     match encoding {
         Encoding::Cbor => crate::cbor::skip(bytes, 0).is_ok_and(|end| end == bytes.len()),
