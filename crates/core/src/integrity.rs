@@ -12,9 +12,8 @@
 //!   the file: for 10,000 actors with 200-byte states (a 3.4 MB file) an open takes about
 //!   15 ms instead of 1.6 ms, and the check grows linearly with the file (`quick_check` is
 //!   about a third of it). It is the full check, not `quick_check`, because only the full
-//!   one compares index
-//!   entries with their rows: a key index that lost an entry would otherwise let a second
-//!   actor be created for a key that has one.
+//!   one compares index entries with their rows: a key index that lost an entry would
+//!   otherwise let a second actor be created for a key that has one.
 //! - **A commit counter the log cannot roll back.** Every write transaction increments
 //!   `commits.seq` inside the database, and right after each commit, before its replies leave,
 //!   the writer writes the new value into a side file, [`COMMITS_FILE`], in place and without
@@ -35,10 +34,11 @@
 //! - **Well-formed values.** A stored state or input is checked before the host sees it, so
 //!   damage inside a value is `storage.corrupt` for that actor, not a failure of user code.
 //!
-//! Limits: damage that keeps a value well-formed (a flipped bit inside a number) is not
-//! detected, nor is the loss of commits that a checkpoint had already copied out of the log
-//! together with the loss of the side file. A missing or unreadable side file is not an error
-//! (keel writes it afresh), so deleting it is how an operator accepts a database as it is.
+//! Limits: damage that leaves a value well-formed (a flipped bit inside a number) is not
+//! detected; lost commits are noticed only while the side file survives, and with relaxed
+//! durability a shortfall is only a warning. A missing or unreadable side file is not an
+//! error (keel writes it afresh), so deleting it is how an operator accepts a database as it
+//! is. An index that loses an entry while keel runs is found only at the next open.
 
 use std::fs::File;
 use std::io::{Read, Write};
