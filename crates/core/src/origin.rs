@@ -185,7 +185,9 @@ pub(crate) async fn cors(State(core): State<Arc<Core>>, request: Request, next: 
     if preflight {
         return match grant {
             Some(grant) => preflight_response(grant, &origin, request.headers()),
-            None => crate::http::error_response(&Error::OriginNotAllowed { origin }, false),
+            None => {
+                crate::http::error_response(&Error::OriginNotAllowed { origin }, core.config.dev)
+            }
         };
     }
     let mut response = next.run(request).await;
