@@ -71,7 +71,7 @@ test("onRequest sees the path and query exactly as the client sent them", async 
 });
 
 test("action bodies that are not JSON or CBOR are refused with 415", async (t) => {
-  const { url, registry, client } = await start(t);
+  const { url, client } = await start(t);
   // What a web page can send cross-origin without a preflight: a text/plain string body.
   const plain = await fetch(`${url}/v1/actors/counter/actions/increment`, { method: "POST", body: '{"key":["csrf"],"args":[5]}' });
   assert.equal(plain.status, 415);
@@ -95,7 +95,6 @@ test("action bodies that are not JSON or CBOR are refused with 415", async (t) =
   const handled = await serverless.handler(new Request("http://host.test/v1/actors/counter/actions/increment", { method: "POST", body: '{"key":["h"]}' }));
   assert.equal(handled.status, 415);
   assert.equal((await handled.json()).code, "unsupported_media_type");
-  void registry;
 });
 
 test("WebSocket upgrades from pages of other origins are refused unless listed", async (t) => {
