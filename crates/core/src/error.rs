@@ -95,6 +95,12 @@ pub enum Error {
     /// The request body exceeds the configured limit.
     #[error("the request body exceeds the limit of {limit} bytes")]
     RequestTooLarge { limit: usize },
+    /// The request body stopped arriving: it was not complete within the body timeout.
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    RequestBodyTimedOut { timeout_ms: u64 },
+    /// An action body whose `content-type` is neither JSON nor CBOR (or is missing).
+    #[error("the body must be application/json or application/cbor, not {content_type}")]
+    UnsupportedMediaType { content_type: String },
     /// An actor key breaks the key rules.
     #[error("invalid actor key: {message}")]
     InvalidKey { message: String },
@@ -113,6 +119,10 @@ pub enum Error {
     /// loopback peers unless configured otherwise).
     #[error("{message}")]
     Forbidden { message: String },
+    /// A browser page from another origin, not in `allowedOrigins`, tried a WebSocket upgrade
+    /// or a CORS preflight.
+    #[error("the origin {origin} is not allowed")]
+    OriginNotAllowed { origin: String },
 
     /// Another process holds the data directory.
     #[error("the data directory {path} is in use by another process")]
@@ -172,10 +182,12 @@ impl Error {
             KvKeyTooLarge { .. } | KvValueTooLarge { .. } => "kv",
             RequestMalformed { .. }
             | RequestTooLarge { .. }
+            | RequestBodyTimedOut { .. }
+            | UnsupportedMediaType { .. }
             | InvalidKey { .. }
             | MethodNotAllowed { .. }
             | RouteNotFound { .. } => "request",
-            Unauthorized | Forbidden { .. } => "auth",
+            Unauthorized | Forbidden { .. } | OriginNotAllowed { .. } => "auth",
             StorageLocked { .. }
             | StorageCorrupt { .. }
             | StorageTooNew { .. }
@@ -214,11 +226,14 @@ impl Error {
             KvValueTooLarge { .. } => "value_too_large",
             RequestMalformed { .. } => "malformed",
             RequestTooLarge { .. } => "body_too_large",
+            RequestBodyTimedOut { .. } => "body_timed_out",
+            UnsupportedMediaType { .. } => "unsupported_media_type",
             InvalidKey { .. } => "invalid_key",
             RouteNotFound { .. } => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             Unauthorized => "unauthorized",
             Forbidden { .. } => "forbidden",
+            OriginNotAllowed { .. } => "origin_not_allowed",
             StorageLocked { .. } => "locked",
             StorageCorrupt { .. } => "corrupt",
             StorageTooNew { .. } => "too_new",
@@ -234,7 +249,7 @@ impl Error {
         match self {
             RequestMalformed { .. } | InvalidKey { .. } | User { .. } | InvalidConfig { .. } => 400,
             Unauthorized => 401,
-            Forbidden { .. } => 403,
+            Forbidden { .. } | OriginNotAllowed { .. } => 403,
             ActorTypeNotFound { .. }
             | ActorNotFound
             | ActionNotFound { .. }
@@ -247,6 +262,8 @@ impl Error {
             Bind { .. } => 500,
             RequestTooLarge { .. } | KvKeyTooLarge { .. } | KvValueTooLarge { .. } => 413,
             MethodNotAllowed { .. } => 405,
+            RequestBodyTimedOut { .. } => 408,
+            UnsupportedMediaType { .. } => 415,
             ActorOverloaded { .. } => 429,
             RegistryShuttingDown | RegistryShutDown | ActorStopped | StorageLocked { .. } => 503,
             ActionTimedOut { .. } | HookTimedOut { .. } => 504,
@@ -265,7 +282,9 @@ impl Error {
         match self {
             User { metadata, .. } => metadata.clone(),
             ActorOverloaded { capacity } => Some(serde_json::json!({ "capacity": capacity })),
-            ActionTimedOut { timeout_ms } => Some(serde_json::json!({ "timeoutMs": timeout_ms })),
+            ActionTimedOut { timeout_ms } | RequestBodyTimedOut { timeout_ms } => {
+                Some(serde_json::json!({ "timeoutMs": timeout_ms }))
+            }
             HookTimedOut { hook, timeout_ms } => {
                 Some(serde_json::json!({ "hook": hook, "timeoutMs": timeout_ms }))
             }
@@ -364,6 +383,12 @@ impl Error {
                 message: message.clone(),
             },
             RequestTooLarge { limit } => RequestTooLarge { limit: *limit },
+            RequestBodyTimedOut { timeout_ms } => RequestBodyTimedOut {
+                timeout_ms: *timeout_ms,
+            },
+            UnsupportedMediaType { content_type } => UnsupportedMediaType {
+                content_type: content_type.clone(),
+            },
             InvalidKey { message } => InvalidKey {
                 message: message.clone(),
             },
@@ -374,6 +399,9 @@ impl Error {
             Unauthorized => Unauthorized,
             Forbidden { message } => Forbidden {
                 message: message.clone(),
+            },
+            OriginNotAllowed { origin } => OriginNotAllowed {
+                origin: origin.clone(),
             },
             StorageLocked { path } => StorageLocked { path: path.clone() },
             StorageCorrupt {

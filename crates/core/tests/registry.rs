@@ -113,6 +113,7 @@ async fn serve_answers_http_and_shutdown_drains() {
 async fn registry_with(dir: &std::path::Path) -> Arc<Registry> {
     let registry = registry(CounterHost::new());
     let request = axum::http::Request::post("/v1/actors/counter/actions/get")
+        .header("content-type", "application/json")
         .body(Body::from(r#"{"key":["h"]}"#))
         .unwrap();
     let response = registry.handle(&config(dir), request).await.unwrap();
@@ -194,6 +195,7 @@ async fn concurrent_first_serverless_requests_build_once() {
         let config = config.clone();
         tokio::spawn(async move {
             let request = axum::http::Request::post("/v1/actors/counter/actions/increment")
+                .header("content-type", "application/json")
                 .body(Body::from(format!(r#"{{"key":["k{i}"]}}"#)))
                 .unwrap();
             registry.handle(&config, request).await.unwrap().status()
