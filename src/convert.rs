@@ -42,8 +42,9 @@ impl ErrorInfo {
 
     /// Converts an error reported by the JS host into a core error: a `UserError` keeps its
     /// code and message, a KV limit error keeps its own code, a client payload the JS decoder
-    /// refused is `request.malformed` (the host reports that group only for this); anything
-    /// else is internal.
+    /// refused is `request.malformed` (the host reports that group only for this), a stored
+    /// state it could not decode is `storage.corrupt` for its actor; anything else is
+    /// internal.
     pub fn into_error(self) -> Error {
         let limit = || {
             self.metadata
@@ -60,6 +61,15 @@ impl ErrorInfo {
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
             ("request", "malformed") => Error::malformed(self.message),
+            ("storage", "corrupt") => Error::StorageCorrupt {
+                actor_id: self
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m["actorId"].as_str())
+                    .map(str::to_string),
+                detail: self.message,
+                source: None,
+            },
             _ => Error::ActorInternal {
                 message: self.message,
             },

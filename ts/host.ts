@@ -108,16 +108,22 @@ function decodeClientPayload(bytes: Buffer | undefined, encoding: string | undef
   }
 }
 
-/** The error a failed call reports: the client's bad input, or whatever user code threw. */
+/**
+ * The error a failed call reports: the client's bad input, a damaged stored state, or whatever
+ * user code threw.
+ */
 function failureOf(err: unknown): ErrorBody {
-  let malformed: MalformedPayload | undefined;
+  let known: MalformedPayload | CorruptState | undefined;
   try {
     // `instanceof` itself throws for a revoked proxy; `errorInfoOf` handles that one.
-    malformed = err instanceof MalformedPayload ? err : undefined;
+    known = err instanceof MalformedPayload || err instanceof CorruptState ? err : undefined;
   } catch {
-    malformed = undefined;
+    known = undefined;
   }
-  if (malformed !== undefined) return { group: "request", code: "malformed", message: malformed.message };
+  if (known instanceof CorruptState) {
+    return { group: "storage", code: "corrupt", message: known.message, metadata: { actorId: known.actorId } };
+  }
+  if (known !== undefined) return { group: "request", code: "malformed", message: known.message };
   return errorInfoOf(err);
 }
 
@@ -130,6 +136,30 @@ function encodePayload(value: unknown, encoding: string | undefined): Buffer {
   if (encoding === "cbor") return Buffer.from(encode(value));
   const text = JSON.stringify(value);
   return Buffer.from(text === undefined ? "null" : text, "utf8");
+}
+
+/**
+ * A stored state the decoder refuses. Core checks the state with this decoder's rules before
+ * the host sees it (see `crates/core/src/cbor.rs`), so this is a backstop: whatever slips past
+ * that check is damage on disk too, `storage.corrupt` for the actor, and not a throw of user
+ * code. Only the host creates it, before any user code of the call runs.
+ */
+class CorruptState extends Error {
+  constructor(
+    readonly actorId: string,
+    reason: string,
+  ) {
+    super(`the stored state of actor ${actorId} cannot be decoded: ${reason}`);
+  }
+}
+
+/** Decodes an actor's stored state. */
+function decodeStoredState(actorId: string, bytes: Buffer): unknown {
+  try {
+    return decode(bytes);
+  } catch (err) {
+    throw new CorruptState(actorId, errorInfoOf(err).message);
+  }
 }
 
 function encodeState(state: unknown): Buffer {
@@ -214,7 +244,7 @@ export class JsHost {
       instance.snapshot = Buffer.alloc(0);
     } else {
       instance.snapshot = invocation.state!;
-      instance.state = decode(instance.snapshot);
+      instance.state = decodeStoredState(invocation.actorId, instance.snapshot);
     }
     instance.vars =
       config.createVars !== undefined

@@ -247,6 +247,7 @@ impl ActorTask {
             .store
             .load(&self.info.id)?
             .ok_or(Error::ActorNotFound)?;
+        snapshot.verify(&self.info.id, self.core.host.state_encoding())?;
         let is_new = snapshot.state.is_none();
         let request = StartRequest {
             state: snapshot.state,

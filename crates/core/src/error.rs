@@ -127,12 +127,16 @@ pub enum Error {
     /// Another process holds the data directory.
     #[error("the data directory {path} is in use by another process")]
     StorageLocked { path: String },
-    /// The database file is not a valid keel database.
-    #[error("the database at {path} is corrupt or not a keel database")]
+    /// The database is not a keel database, or damage was found in it: by SQLite, by keel's
+    /// checks at open, or in one actor's stored data. keel never modifies such a file.
+    #[error("{detail}")]
     StorageCorrupt {
-        path: String,
+        /// What is wrong, and where: the file's path, or the actor.
+        detail: String,
+        /// The actor whose stored data is damaged, when the damage is in one actor's row.
+        actor_id: Option<String>,
         #[source]
-        source: rusqlite::Error,
+        source: Option<rusqlite::Error>,
     },
     /// The database was written by a newer keel.
     #[error("the database schema version {found} is newer than this keel supports ({supported})")]
@@ -287,6 +291,10 @@ impl Error {
             RequestTooLarge { limit } | KvKeyTooLarge { limit } | KvValueTooLarge { limit } => {
                 Some(serde_json::json!({ "limit": limit }))
             }
+            StorageCorrupt {
+                actor_id: Some(actor_id),
+                ..
+            } => Some(serde_json::json!({ "actorId": actor_id })),
             _ => None,
         }
     }
@@ -396,9 +404,14 @@ impl Error {
                 origin: origin.clone(),
             },
             StorageLocked { path } => StorageLocked { path: path.clone() },
-            StorageCorrupt { path, source } => StorageCorrupt {
-                path: path.clone(),
-                source: copy_sqlite(source),
+            StorageCorrupt {
+                detail,
+                actor_id,
+                source,
+            } => StorageCorrupt {
+                detail: detail.clone(),
+                actor_id: actor_id.clone(),
+                source: source.as_ref().map(copy_sqlite),
             },
             StorageTooNew { found, supported } => StorageTooNew {
                 found: *found,
@@ -428,12 +441,39 @@ impl Error {
         }
     }
 
+    /// Damage, or a file that is not a keel database, described by `detail`.
+    pub fn corrupt(detail: impl Into<String>) -> Self {
+        Error::StorageCorrupt {
+            detail: detail.into(),
+            actor_id: None,
+            source: None,
+        }
+    }
+
+    /// Whether this is damage to the database: keel's own finding, or SQLite reporting a
+    /// malformed or foreign file.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            Error::StorageCorrupt { .. } => true,
+            Error::Storage(err) => sqlite_reports_damage(err),
+            _ => false,
+        }
+    }
+
     /// An error for a bad configuration value.
     pub fn config(message: impl Into<String>) -> Self {
         Error::InvalidConfig {
             message: message.into(),
         }
     }
+}
+
+/// Whether SQLite says the file is malformed or not a database.
+pub(crate) fn sqlite_reports_damage(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 fn copy_sqlite(err: &rusqlite::Error) -> rusqlite::Error {

@@ -14,6 +14,7 @@
 //! - [`conn`]: WebSocket connections, keel's protocol and raw sockets.
 //! - [`host`]: the seam to the code that runs user code.
 //! - [`store`]: the SQLite file, its lock, schema migrations and reads.
+//! - [`integrity`]: the checks that keep damage on disk from being served as data.
 //! - [`writer`]: the group-commit writer, which is also the output gate.
 //! - [`http`]: the versioned HTTP routes and the accept loop.
 //! - [`origin`]: which browser origins may open WebSockets and read responses (CORS).
@@ -36,6 +37,7 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod inspector;
+pub mod integrity;
 pub mod key;
 pub mod linger;
 pub mod logging;

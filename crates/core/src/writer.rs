@@ -11,11 +11,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::host::{KvWrite, Payload, ScheduleOp};
+use crate::integrity::Integrity;
 use crate::store::{ActorRecord, Store};
 
 /// The most ops one transaction takes; a longer queue is split over several commits.
@@ -134,13 +135,14 @@ impl Writer {
     /// within a tokio runtime.
     pub fn start(store: &Store) -> Result<Writer> {
         let conn = store.connect(true)?;
+        let integrity = store.integrity();
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
         let span = tracing::Span::current();
         let thread = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            run(conn, rx, &thread_stats);
+            run(conn, rx, &thread_stats, &integrity);
         });
         Ok(Writer {
             handle: Some(WriterHandle { tx }),
@@ -241,7 +243,12 @@ impl WriterHandle {
 }
 
 /// The writer thread's loop: batch, apply, commit, release.
-fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<WriteOp>, stats: &WriterStats) {
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<WriteOp>,
+    stats: &WriterStats,
+    integrity: &Integrity,
+) {
     let mut batch = Vec::new();
     let mut closing = false;
     while let Some(first) = rx.blocking_recv() {
@@ -256,7 +263,7 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<WriteOp>, stats: &W
             }
             next = rx.try_recv().ok();
         }
-        apply(&mut conn, &mut batch, stats);
+        apply(&mut conn, &mut batch, stats, integrity);
         if closing {
             break;
         }
@@ -277,7 +284,12 @@ enum Outcome {
     Release(Release),
 }
 
-fn apply(conn: &mut Connection, batch: &mut Vec<WriteOp>, stats: &WriterStats) {
+fn apply(
+    conn: &mut Connection,
+    batch: &mut Vec<WriteOp>,
+    stats: &WriterStats,
+    integrity: &Integrity,
+) {
     let count = batch.len() as u64;
     let writes = batch.iter().any(|op| match op {
         WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } => true,
@@ -287,7 +299,8 @@ fn apply(conn: &mut Connection, batch: &mut Vec<WriteOp>, stats: &WriterStats) {
     let mut outcomes = Vec::with_capacity(batch.len());
     let started = std::time::Instant::now();
     let result = if writes {
-        write_batch(conn, batch.drain(..), &mut outcomes)
+        write_batch(conn, batch.drain(..), &mut outcomes, integrity)
+            .map_err(|err| integrity.observe(err))
     } else {
         outcomes.extend(batch.drain(..).map(|op| match op {
             WriteOp::Commit { release, .. } => Outcome::Release(release),
@@ -327,6 +340,7 @@ fn write_batch(
     conn: &mut Connection,
     ops: impl Iterator<Item = WriteOp>,
     outcomes: &mut Vec<Outcome>,
+    integrity: &Integrity,
 ) -> Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for op in ops {
@@ -337,7 +351,8 @@ fn write_batch(
                 mode,
                 reply,
             } => {
-                let created = create_actor(&tx, record, input, mode);
+                let created =
+                    create_actor(&tx, record, input, mode).map_err(|err| integrity.observe(err));
                 outcomes.push(Outcome::Created(reply, created));
             }
             WriteOp::Commit {
@@ -363,7 +378,12 @@ fn write_batch(
             WriteOp::Close => unreachable!("the loop keeps close out of batches"),
         }
     }
+    // Nothing more is committed once damage has been seen; the counter and its record let
+    // the next open notice commits that the log lost (see `integrity.rs`).
+    integrity.check()?;
+    let seq = crate::integrity::next_commit_seq(&tx)?;
     tx.commit()?;
+    integrity.record(seq);
     Ok(())
 }
 
@@ -426,10 +446,7 @@ fn create_actor(
     input: Option<Payload>,
     mode: CreateMode,
 ) -> Result<(ActorRecord, bool)> {
-    let existing: Option<String> = tx
-        .prepare_cached("SELECT id FROM actors WHERE name = ?1 AND key = ?2")?
-        .query_row((&record.name, &record.key), |row| row.get(0))
-        .optional()?;
+    let existing = crate::store::actor_id_by_key(tx, &record.name, &record.key)?;
     if let Some(id) = existing {
         return match mode {
             CreateMode::Create => Err(Error::ActorAlreadyExists),
