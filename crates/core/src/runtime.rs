@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::actor::{ActorHandle, ActorTask, Command};
+use crate::actor::{ActorHandle, ActorTask, Command, Reply};
 use crate::actor_type::ActorTypes;
 use crate::alarms::Alarms;
 use crate::clock::Clock;
@@ -223,9 +223,24 @@ impl Core {
         info: &Arc<ActorInfo>,
         command: Command,
     ) -> Result<()> {
+        self.deliver_or_return(info, command)
+            .await
+            .map_err(|failed| failed.0)
+    }
+
+    /// [`Core::deliver`], handing the command back with the error when it could not be
+    /// delivered, so its reply can still be answered in order.
+    pub(crate) async fn deliver_or_return(
+        self: &Arc<Self>,
+        info: &Arc<ActorInfo>,
+        command: Command,
+    ) -> Result<(), Box<(Error, Command)>> {
         let mut command = command;
         loop {
-            let handle = self.handle_for(info)?;
+            let handle = match self.handle_for(info) {
+                Ok(handle) => handle,
+                Err(err) => return Err(Box::new((err, command))),
+            };
             let failed = match handle.try_deliver(command) {
                 Ok(()) => return Ok(()),
                 Err(failed) => *failed,
@@ -235,8 +250,10 @@ impl Core {
                     handle.wait_stopped().await;
                     command = returned;
                 }
-                (Error::ActorStopped, _) => return Err(Error::RegistryShuttingDown),
-                (err, _) => return Err(err),
+                (Error::ActorStopped, returned) => {
+                    return Err(Box::new((Error::RegistryShuttingDown, returned)))
+                }
+                failed => return Err(Box::new(failed)),
             }
         }
     }
@@ -330,7 +347,7 @@ pub(crate) async fn call_on(
             output,
             conn_id: None,
         },
-        reply,
+        reply: Reply::Caller(reply),
     };
     let info = match &target {
         Target::Key {
