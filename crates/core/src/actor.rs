@@ -348,6 +348,9 @@ impl ActorTask {
     /// queued (the actor is gone); sleeping and shutting down handle it first.
     fn begin_stopping(&mut self, reason: StopReason) {
         if reason == StopReason::Destroy {
+            // Requests by key wait for this task to leave from now on, before the destroying
+            // call's reply is released, so the key is free once that reply is out.
+            self.core.mark_dying(&self.info, self.stopped.subscribe());
             self.stopping = Some(reason);
             self.close_and_fail(|| Error::ActorNotFound);
             return;
@@ -771,10 +774,11 @@ impl ActorTask {
             }
         }
         if reason == StopReason::Destroy {
-            self.core.forget_key(&self.info);
             if let Err(err) = self.core.writer.delete_actor(self.info.id.clone()).await {
                 tracing::error!(error = %err, "deleting the destroyed actor failed");
             }
+            // Only once the row is gone, so nothing resolves the key to the deleted actor.
+            self.core.forget_key(&self.info);
         }
         if let Err(err) = self.core.writer.flush().await {
             tracing::error!(error = %err, "flushing the actor's state failed");
