@@ -483,8 +483,17 @@ impl ActorTask {
             (RawSocketEvent::Open { socket_id, .. }, Some(socket)) => {
                 self.raw_sockets.insert(socket_id.clone(), socket);
             }
-            (RawSocketEvent::Close { socket_id, .. }, _) => {
-                self.raw_sockets.remove(socket_id);
+            // A socket this instance no longer has: it closed it and ran its close listeners
+            // already, or the socket belonged to an instance reset since.
+            (RawSocketEvent::Close { socket_id, .. }, _)
+                if self.raw_sockets.remove(socket_id).is_none() =>
+            {
+                return reply.answer(Ok(()));
+            }
+            (RawSocketEvent::Message { socket_id, .. }, _)
+                if !self.raw_sockets.contains_key(socket_id) =>
+            {
+                return reply.answer(Ok(()));
             }
             _ => {}
         }
@@ -753,6 +762,11 @@ impl ActorTask {
 
     /// Stops the instance, flushes, and leaves.
     async fn finish(mut self, reason: StopReason) {
+        let (code, close_reason) = match reason {
+            StopReason::Destroy => (close::NORMAL, "actor destroyed"),
+            _ => (close::GOING_AWAY, "actor stopping"),
+        };
+        self.close_raw_sockets(code, close_reason).await;
         let timeout = self.core.config.hook_timeout;
         let stopped = self.guarded(
             timeout,
@@ -783,12 +797,43 @@ impl ActorTask {
         if let Err(err) = self.core.writer.flush().await {
             tracing::error!(error = %err, "flushing the actor's state failed");
         }
-        match reason {
-            StopReason::Destroy => self.close_sockets(close::NORMAL, "actor destroyed"),
-            _ => self.close_sockets(close::GOING_AWAY, "actor stopping"),
-        }
+        self.close_sockets(code, close_reason);
         tracing::debug!(reason = reason.as_str(), "actor stopped");
         self.exit();
+    }
+
+    /// Closes the raw sockets of a stopping actor and runs their close listeners in this
+    /// instance, before its stop hook. Their sockets' own close events then find no socket
+    /// here and the actor asleep, and wake nothing.
+    async fn close_raw_sockets(&mut self, code: u16, reason: &str) {
+        let timeout = self.core.config.hook_timeout;
+        for (socket_id, socket) in std::mem::take(&mut self.raw_sockets) {
+            socket.close(code, reason);
+            let closed = RawSocketEvent::Close {
+                socket_id,
+                code,
+                reason: reason.to_string(),
+            };
+            let result = self
+                .guarded(
+                    timeout,
+                    Call::Hook("websocket"),
+                    self.core.host.raw_socket(&self.info, closed),
+                )
+                .await;
+            match result {
+                Ok(effects) => {
+                    // The actor is stopping already.
+                    let effects = Effects {
+                        sleep: false,
+                        destroy: false,
+                        ..effects
+                    };
+                    self.commit(effects, None, Box::new(log_commit_failure));
+                }
+                Err(err) => tracing::warn!(error = %err, "a raw socket's close listener failed"),
+            }
+        }
     }
 
     /// Closes every open socket (after what is queued on it).

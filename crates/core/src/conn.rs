@@ -868,7 +868,7 @@ pub(crate) async fn serve_raw_socket(
                     data,
                     binary,
                 };
-                if let Err(err) = raw_event(&core, &info, None, message).await {
+                if let Err(err) = raw_event_live(&core, &info, message).await {
                     tracing::debug!(error = %err, "delivering a raw message failed");
                 }
             };
@@ -877,13 +877,32 @@ pub(crate) async fn serve_raw_socket(
                 code,
                 reason,
             };
-            // The actor may be stopping; its instance goes with it.
-            let _ = raw_event(&core, &info, None, closed).await;
+            // The actor may be stopping; then it runs the close listeners itself.
+            let _ = raw_event_live(&core, &info, closed).await;
         }
         core.raw_sockets.lock().remove(&socket_id);
     }
     .instrument(span)
     .await;
+}
+
+/// Delivers a raw socket's message or close to the actor's live task, never waking it: the
+/// socket is open only while its actor is awake, and a stopping actor closes its sockets and
+/// runs their close listeners itself, so an actor that went to sleep stays asleep.
+async fn raw_event_live(
+    core: &Arc<Core>,
+    info: &Arc<ActorInfo>,
+    event: RawSocketEvent,
+) -> Result<()> {
+    let handle = core.live_handle(&info.id).ok_or(Error::ActorStopped)?;
+    let (reply, rx) = oneshot::channel();
+    let command = Command::RawSocket {
+        event,
+        socket: None,
+        reply,
+    };
+    handle.send(command)?;
+    rx.await.map_err(|_| Error::ActorStopped)?
 }
 
 /// Delivers a raw socket event through the actor's mailbox, in order with its other work.
