@@ -6,6 +6,12 @@
 //! [`ConnHandle`]. If a client stops reading and its queue passes the bound, the connection
 //! is closed (1013, "try again later") instead of slowing the actor or other clients.
 //!
+//! One connection's frames leave in the order the actor produced them. The actor queues a
+//! call's events, then its reply (a `ReplySlot`), then any close the call asked for, all in
+//! the release of the call's commit, on the writer's thread; replies also keep call order
+//! when one is made before its call reaches the actor. A close leaves after what was queued
+//! before it.
+//!
 //! The protocol (docs/protocol.md): the client's first message is `init` (key, mode, input,
 //! params, subscriptions); then `call`, `sub` and `unsub`. The server answers `ready` or
 //! `error`, `reply` per call, and `event`s. Text frames carry JSON and binary frames CBOR;
@@ -994,6 +1000,33 @@ mod tests {
         fast.push(frame);
         assert!(fast_rx.try_recv().is_ok());
         assert!(!fast.closing.token.is_cancelled());
+    }
+
+    #[test]
+    fn replies_leave_in_call_order_and_a_dropped_slot_answers_stopped() {
+        let (conn, mut rx) = conn("c", Encoding::Json);
+        let slot = |seq| ReplySlot {
+            conn: conn.clone(),
+            seq,
+            id: seq + 100,
+            dev: false,
+            answered: false,
+        };
+        let (first, second, third) = (slot(0), slot(1), slot(2));
+        third.answer(Ok(Payload::json("3")));
+        second.answer(Err(Error::malformed("bad")));
+        assert!(rx.try_recv().is_err(), "both wait for the first reply");
+        drop(first);
+        let ids: Vec<(u64, bool)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|frame| {
+                let Message::Text(text) = frame else {
+                    panic!("JSON replies")
+                };
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                (value["id"].as_u64().unwrap(), value.get("error").is_some())
+            })
+            .collect();
+        assert_eq!(ids, [(100, true), (101, true), (102, false)]);
     }
 
     #[test]
