@@ -25,6 +25,9 @@ const counter = actor({
   },
 });
 
+/** What ran after a destroy, whose state is deleted with the actor. */
+const destroyLog = [];
+
 /** Records, in state, every wake and which instance ran its close listeners and onSleep. */
 const socketed = actor({
   state: { history: [], wakes: 0 },
@@ -35,12 +38,17 @@ const socketed = actor({
     c.state.history.push(`wake${c.vars.wake}`);
   },
   onSleep: (c) => c.state.history.push(`sleep@${c.vars.wake}`),
+  onDestroy: (c) => destroyLog.push(`destroy@${c.vars.wake}`),
   onWebSocket: (c, ws) => {
-    ws.addEventListener("close", (e) => c.state.history.push(`close@${c.vars.wake}:${e.code}`));
+    ws.addEventListener("close", (e) => {
+      c.state.history.push(`close@${c.vars.wake}:${e.code}`);
+      destroyLog.push(`close@${c.vars.wake}:${e.code}`);
+    });
     ws.send("open");
   },
   actions: {
     nap: (c) => c.sleep(),
+    destroyMe: (c) => c.destroy(),
     history: (c) => c.state.history,
   },
 });
@@ -154,4 +162,14 @@ test("a shutdown runs a raw socket's close listener before onSleep", async (t) =
   assert.equal(await closed, 1001);
   const second = await start(t, dataDir);
   assert.deepEqual(await second.client.socketed.getOrCreate(["drained"]).history(), ["wake1", "close@1:1001", "sleep@1", "wake2"]);
+});
+
+test("c.destroy() runs a raw socket's close listener before onDestroy", async (t) => {
+  destroyLog.length = 0;
+  const { registry, url, client } = await start(t);
+  const { closed } = await rawSocket(url, "doomed");
+  await client.socketed.getOrCreate(["doomed"]).destroyMe();
+  assert.equal(await closed, 1000);
+  await until("the actor is gone", () => registry.liveActors === 0);
+  assert.deepEqual(destroyLog, ["close@1:1000", "destroy@1"]);
 });
