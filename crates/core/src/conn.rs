@@ -630,6 +630,12 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
     conn.subscriptions.write().extend(subscriptions);
 
     async {
+        // Listed before it is admitted: the actor sends `ready` itself, so a client that has
+        // heard `ready` must already find its connection in the inspector and the gauge. A
+        // rejected connection leaves the list when this guard drops.
+        let _listed = core
+            .connections
+            .open(info.id.clone(), inspector_info(&core, &conn));
         let accepted = connect(&core, &info, &conn, params).await;
         if let Err(err) = accepted {
             tracing::debug!(error = %err, "connection rejected");
@@ -638,9 +644,6 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
             return;
         }
         tracing::debug!("connection open");
-        let _listed = core
-            .connections
-            .open(info.id.clone(), inspector_info(&core, &conn));
         read_loop(&core, &info, &conn, &mut stream).await;
         // Tell the actor, whichever way the socket ended, unless it has already left: a
         // stopping actor forgets its connections itself, and must not be woken for this.
