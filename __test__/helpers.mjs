@@ -34,10 +34,12 @@ export async function post(url, path, body, headers = {}) {
 /**
  * Starts fixtures/server.mjs (or `script`) in a child process and resolves once it prints
  * `listening <port>`. `child.lines` collects every stdout line; `child.exited` resolves with
- * { code, signal }.
+ * { code, signal }. With `fdLimit`, the child may open at most that many file descriptors.
  */
-export function startServer(t, { dataDir, env = {}, script = join(fixtures, "server.mjs"), args = [], nodeArgs = [] } = {}) {
-  const child = spawn(process.execPath, [...nodeArgs, script, ...args], {
+export function startServer(t, { dataDir, env = {}, script = join(fixtures, "server.mjs"), args = [], nodeArgs = [], fdLimit } = {}) {
+  const argv = [process.execPath, ...nodeArgs, script, ...args];
+  const [command, ...rest] = fdLimit === undefined ? argv : ["sh", "-c", `ulimit -n ${fdLimit} && exec "$0" "$@"`, ...argv];
+  const child = spawn(command, rest, {
     env: { ...process.env, KEEL_DATA_DIR: dataDir, KEEL_PORT: "0", KEEL_LOG: process.env.KEEL_LOG ?? "warn", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });

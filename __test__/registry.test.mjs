@@ -206,14 +206,14 @@ test("start-up errors are structured: a port in use, a bad option, a bad grace p
 test("the serverless handler strips its basePath, and a wrong method is 405", async (t) => {
   const registry = registryIn(t, { basePath: "/api/keel/" });
   const mounted = await registry.handler(
-    new Request("http://host.test/api/keel/v1/actors/counter/actions/increment", { method: "POST", body: '{"key":["m"],"args":[3]}' }),
+    new Request("http://host.test/api/keel/v1/actors/counter/actions/increment", { method: "POST", headers: { "content-type": "application/json" }, body: '{"key":["m"],"args":[3]}' }),
   );
   assert.deepEqual([mounted.status, await mounted.json()], [200, { output: 3 }]);
   const wrongMethod = await registry.handler(new Request("http://host.test/api/keel/v1/actors/counter/actions/increment"));
   assert.equal(wrongMethod.status, 405);
   assert.equal((await wrongMethod.json()).code, "method_not_allowed");
   const positional = await registry.handler(
-    new Request("http://host.test/api/keel/v1/actors/counter/actions/increment", { method: "POST", body: '[["m"],[1]]' }),
+    new Request("http://host.test/api/keel/v1/actors/counter/actions/increment", { method: "POST", headers: { "content-type": "application/json" }, body: '[["m"],[1]]' }),
   );
   assert.equal(positional.status, 400);
   await registry.shutdown();

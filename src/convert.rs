@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_core::{
-    ActorType, Durability, Error, InspectorConfig, InspectorToken, Limits, RuntimeConfig,
+    ActorType, AllowedOrigins, Durability, Error, InspectorConfig, InspectorToken, Limits,
+    RuntimeConfig,
 };
 use napi::bindgen_prelude::Buffer;
 use napi_derive::napi;
@@ -39,8 +40,11 @@ impl ErrorInfo {
         }
     }
 
-    /// Converts an error reported by JS user code into a core error: a `UserError` keeps its
-    /// code and message, a KV limit error keeps its own code; anything else is internal.
+    /// Converts an error reported by the JS host into a core error: a `UserError` keeps its
+    /// code and message, a KV limit error keeps its own code, a client payload the JS decoder
+    /// refused is `request.malformed` (the host reports that group only for this), a stored
+    /// state it could not decode is `storage.corrupt` for its actor; anything else is
+    /// internal.
     pub fn into_error(self) -> Error {
         let limit = || {
             self.metadata
@@ -56,6 +60,16 @@ impl ErrorInfo {
             },
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
+            ("request", "malformed") => Error::malformed(self.message),
+            ("storage", "corrupt") => Error::StorageCorrupt {
+                actor_id: self
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m["actorId"].as_str())
+                    .map(str::to_string),
+                detail: self.message,
+                source: None,
+            },
             _ => Error::ActorInternal {
                 message: self.message,
             },
@@ -140,6 +154,14 @@ pub struct RuntimeOptions {
     pub inspector_token: Option<String>,
     /// Let the inspector answer peers off the loopback interface, and serverless requests.
     pub inspector_allow_remote: Option<bool>,
+    /// Bound on receiving one request body, in milliseconds. Default 30000.
+    pub body_timeout_ms: Option<u32>,
+    /// How long a closing connection reads and discards what the client still sends, in
+    /// milliseconds; 0 closes at once. Default 1000.
+    pub linger_ms: Option<u32>,
+    /// Browser origins (such as `https://app.example`, or `*` for any, without credentials)
+    /// that may open WebSockets and get CORS headers, besides the server's own.
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 impl RuntimeOptions {
@@ -190,6 +212,15 @@ impl RuntimeOptions {
                 .map_or(defaults.max_key_bytes, |v| v as usize),
             ..defaults
         };
+        if let Some(ms) = self.body_timeout_ms {
+            config.body_timeout = positive_ms("bodyTimeoutMs", ms)?;
+        }
+        if let Some(ms) = self.linger_ms {
+            config.linger = Duration::from_millis(ms.into());
+        }
+        if let Some(origins) = &self.allowed_origins {
+            config.allowed_origins = AllowedOrigins::parse(origins)?;
+        }
         config.dev = self.dev.unwrap_or(false);
         config.inspector = InspectorConfig {
             token: self

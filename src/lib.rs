@@ -104,7 +104,8 @@ impl CoreRegistry {
 
     /// Handles one request in serverless mode, building the runtime on the first call. Every
     /// failure, including the registry's own (`registry.wrong_mode`, `registry.shut_down`, a
-    /// failed build), comes back as a JSON error response with its mapped status.
+    /// failed build), comes back as a JSON error response with its mapped status; invalid
+    /// options come back as `registry.invalid_config` with status 500.
     #[napi]
     pub async fn handle_request(
         &self,
@@ -112,11 +113,18 @@ impl CoreRegistry {
         request: HttpRequest,
     ) -> HttpResponse {
         let dev = options.dev.unwrap_or(false);
-        let response = match options.to_config() {
-            Ok(config) => match request.into_http() {
-                Ok(request) => self.registry.handle(&config, request).await,
-                Err(err) => Err(err),
-            },
+        let config = match options.to_config() {
+            Ok(config) => config,
+            Err(err) => {
+                // Bad options are the deployment's fault, not the caller's: a 500, as
+                // `registry.handler` answers for the options it checks itself.
+                let mut response = keel_core::http::error_response(&err, dev);
+                *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                return HttpResponse::from_http(response).await;
+            }
+        };
+        let response = match request.into_http() {
+            Ok(request) => self.registry.handle(&config, request).await,
             Err(err) => Err(err),
         };
         let response = response.unwrap_or_else(|err| keel_core::http::error_response(&err, dev));

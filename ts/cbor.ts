@@ -14,7 +14,8 @@ const TAG_SET = 258;
 const TAG_MAP = 259;
 
 const textEncoder = new TextEncoder();
-const textDecoder = new TextDecoder("utf-8", { fatal: true });
+// `ignoreBOM`: a string that starts with U+FEFF keeps it (by default the decoder strips it).
+const textDecoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
 /** Raised for a value keel cannot store or send. */
 export class UnsupportedValueError extends TypeError {

@@ -53,10 +53,11 @@ export class UserError extends Error {
   }
 }
 
-/** Metadata as plain JSON data, or `undefined` if it cannot be expressed as JSON. */
-function plainMetadata(metadata: unknown): unknown {
-  if (metadata === undefined) return undefined;
+/** Metadata as plain JSON data, or `undefined` if it cannot be read or expressed as JSON. */
+function plainMetadata(read: () => unknown): unknown {
   try {
+    const metadata = read();
+    if (metadata === undefined) return undefined;
     const text = JSON.stringify(metadata);
     return text === undefined ? undefined : JSON.parse(text);
   } catch {
@@ -64,14 +65,59 @@ function plainMetadata(metadata: unknown): unknown {
   }
 }
 
-/** Converts an error thrown by user code into the structured form core expects. */
-export function errorInfoOf(err: unknown): ErrorBody {
-  if (err instanceof UserError) {
-    return { group: "user", code: String(err.code), message: String(err.message), metadata: plainMetadata(err.metadata) };
+/** The message of a throw whose own message cannot be read or turned into a string. */
+const UNREADABLE_MESSAGE = "user code threw a value whose message cannot be read";
+
+/** `value` as a string, or `undefined` if turning it into one throws. */
+function stringOf(value: unknown): string | undefined {
+  try {
+    return typeof value === "string" ? value : String(value);
+  } catch {
+    return undefined;
   }
-  if (err instanceof KeelError) {
-    return { group: err.group, code: err.code, message: err.message, metadata: plainMetadata(err.metadata) };
-  }
-  const message = err instanceof Error ? err.message : String(err);
+}
+
+function internalError(message: string): ErrorBody {
   return { group: "actor", code: "internal_error", message };
+}
+
+/**
+ * What user code threw, as core takes it. Any value at all may arrive here: objects without
+ * a prototype, getters and `toString`s that throw, revoked proxies (on which even
+ * `instanceof` throws). So every read is guarded, and what cannot be read becomes
+ * `actor.internal_error` with a fixed message: a hostile throw fails its call, never the
+ * process. A `UserError` keeps its code and message if both can be turned into strings; a
+ * `KeelError` keeps its code only for the `kv` limit errors and the `user` errors of another
+ * actor, the two kinds core relays. Everything else is `actor.internal_error`.
+ */
+export function errorInfoOf(err: unknown): ErrorBody {
+  let kind: "user" | "keel" | "error" | "other";
+  try {
+    kind = err instanceof UserError ? "user" : err instanceof KeelError ? "keel" : err instanceof Error ? "error" : "other";
+  } catch {
+    return internalError(UNREADABLE_MESSAGE);
+  }
+  const read = (field: "code" | "group" | "message"): string | undefined => {
+    try {
+      return stringOf((err as Record<string, unknown>)[field]);
+    } catch {
+      return undefined;
+    }
+  };
+  const metadata = () => plainMetadata(() => (err as { metadata: unknown }).metadata);
+  if (kind === "user") {
+    const code = read("code");
+    const message = read("message");
+    if (code === undefined) return internalError("a UserError was thrown whose code cannot be turned into a string");
+    if (message === undefined) return internalError("a UserError was thrown whose message cannot be turned into a string");
+    return { group: "user", code, message, metadata: metadata() };
+  }
+  const message = kind === "other" ? stringOf(err) : read("message");
+  if (kind === "keel") {
+    const group = read("group");
+    const code = read("code");
+    const relayed = group === "user" || (group === "kv" && (code === "key_too_large" || code === "value_too_large"));
+    if (relayed && code !== undefined && message !== undefined) return { group, code, message, metadata: metadata() };
+  }
+  return internalError(message ?? UNREADABLE_MESSAGE);
 }

@@ -8,7 +8,7 @@
 import { randomUUID } from "node:crypto";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
 import { decode, encode } from "./cbor";
-import { KeelError, errorInfoOf } from "./errors";
+import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
 import { createActorLog } from "./log";
 import type { Completion, CoreRegistry, Invocation } from "./native";
 
@@ -91,10 +91,75 @@ function decodePayload(bytes: Buffer | undefined, encoding: string | undefined):
   return encoding === "cbor" ? decode(bytes) : JSON.parse(bytes.toString("utf8"));
 }
 
+/**
+ * A payload the client sent that the decoder refuses. Core checks CBOR before any JS runs (see
+ * `crates/core/src/cbor.rs`), so this is a backstop: whatever slips past that check is still
+ * the client's bad input, `request.malformed`, and not a throw of user code. Only the host
+ * creates it, before any user code of the call runs.
+ */
+class MalformedPayload extends Error {}
+
+/** Decodes what a client sent: arguments, creation input or connection parameters. */
+function decodeClientPayload(bytes: Buffer | undefined, encoding: string | undefined, what: string): unknown {
+  try {
+    return decodePayload(bytes, encoding);
+  } catch (err) {
+    throw new MalformedPayload(`the ${what} cannot be decoded: ${errorInfoOf(err).message}`);
+  }
+}
+
+/**
+ * The error a failed call reports: the client's bad input, a damaged stored state, or whatever
+ * user code threw.
+ */
+function failureOf(err: unknown): ErrorBody {
+  let known: MalformedPayload | CorruptState | undefined;
+  try {
+    // `instanceof` itself throws for a revoked proxy; `errorInfoOf` handles that one.
+    known = err instanceof MalformedPayload || err instanceof CorruptState ? err : undefined;
+  } catch {
+    known = undefined;
+  }
+  if (known instanceof CorruptState) {
+    return { group: "storage", code: "corrupt", message: known.message, metadata: { actorId: known.actorId } };
+  }
+  if (known !== undefined) return { group: "request", code: "malformed", message: known.message };
+  return errorInfoOf(err);
+}
+
+/** A fixed error for a completion the binding refused, so its call still gets an answer. */
+function unsendable(id: number): Completion {
+  return { id, error: { group: "actor", code: "internal_error", message: "the call's result could not be handed to keel" } };
+}
+
 function encodePayload(value: unknown, encoding: string | undefined): Buffer {
   if (encoding === "cbor") return Buffer.from(encode(value));
   const text = JSON.stringify(value);
   return Buffer.from(text === undefined ? "null" : text, "utf8");
+}
+
+/**
+ * A stored state the decoder refuses. Core checks the state with this decoder's rules before
+ * the host sees it (see `crates/core/src/cbor.rs`), so this is a backstop: whatever slips past
+ * that check is damage on disk too, `storage.corrupt` for the actor, and not a throw of user
+ * code. Only the host creates it, before any user code of the call runs.
+ */
+class CorruptState extends Error {
+  constructor(
+    readonly actorId: string,
+    reason: string,
+  ) {
+    super(`the stored state of actor ${actorId} cannot be decoded: ${reason}`);
+  }
+}
+
+/** Decodes an actor's stored state. */
+function decodeStoredState(actorId: string, bytes: Buffer): unknown {
+  try {
+    return decode(bytes);
+  } catch (err) {
+    throw new CorruptState(actorId, errorInfoOf(err).message);
+  }
 }
 
 function encodeState(state: unknown): Buffer {
@@ -150,7 +215,7 @@ export class JsHost {
           throw new Error(`unknown invocation kind ${invocation.kind}`);
       }
     } catch (err) {
-      completion = { id: invocation.id, error: errorInfoOf(err) };
+      completion = { id: invocation.id, error: failureOf(err) };
     }
     this.push(completion);
   }
@@ -169,7 +234,7 @@ export class JsHost {
     const isNew = invocation.state === undefined;
     let input: unknown;
     if (isNew) {
-      input = decodePayload(invocation.input, invocation.encoding);
+      input = decodeClientPayload(invocation.input, invocation.encoding, "creation input");
       instance.state =
         config.createState !== undefined
           ? await config.createState(Object.freeze({ ...identity, log: instance.ctx.log }), input)
@@ -179,7 +244,7 @@ export class JsHost {
       instance.snapshot = Buffer.alloc(0);
     } else {
       instance.snapshot = invocation.state!;
-      instance.state = decode(instance.snapshot);
+      instance.state = decodeStoredState(invocation.actorId, instance.snapshot);
     }
     instance.vars =
       config.createVars !== undefined
@@ -222,7 +287,7 @@ export class JsHost {
     return this.guarded(instance, async () => {
       instance.currentConn = invocation.connId === undefined ? undefined : instance.conns.get(invocation.connId)?.conn;
       try {
-        const args = decodePayload(invocation.args, invocation.encoding) as unknown[];
+        const args = decodeClientPayload(invocation.args, invocation.encoding, "arguments") as unknown[];
         const result = await fn(instance.ctx, ...args);
         const output = encodePayload(result, invocation.outputEncoding);
         return { ...this.finishCall(invocation.id, instance), output };
@@ -237,7 +302,7 @@ export class JsHost {
     const config = instance.def.config;
     const connId = invocation.connId!;
     return this.guarded(instance, async () => {
-      const params = decodePayload(invocation.params, invocation.encoding);
+      const params = decodeClientPayload(invocation.params, invocation.encoding, "connection parameters");
       await config.onBeforeConnect?.(instance.ctx as never, params);
       const state =
         config.createConnState !== undefined ? await config.createConnState(instance.ctx as never, params) : undefined;
@@ -295,11 +360,19 @@ export class JsHost {
         response = await handler(instance.ctx as never, request);
         if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
       }
+      // A subclass of Response can override any of these getters, so check what they give:
+      // a status in the range the Response constructor allows, headers as string pairs.
+      const status = response.status;
+      if (!Number.isInteger(status) || status < 200 || status > 599) throw new TypeError("onRequest's Response has an invalid status");
+      const headers: string[][] = [];
+      for (const pair of response.headers) {
+        if (!Array.isArray(pair) || typeof pair[0] !== "string" || typeof pair[1] !== "string") {
+          throw new TypeError("onRequest's Response has invalid headers");
+        }
+        headers.push([pair[0], pair[1]]);
+      }
       const body = Buffer.from(await response.arrayBuffer());
-      return {
-        ...this.finishCall(invocation.id, instance),
-        response: { status: response.status, headers: [...response.headers].map(([n, v]) => [n, v]), body },
-      };
+      return { ...this.finishCall(invocation.id, instance), response: { status, headers, body } };
     });
   }
 
@@ -454,7 +527,8 @@ export class JsHost {
     } as ReadonlyMap<string, Conn>;
     const actions = def.config.actions as Record<string, unknown>;
     const schedule = (atMs: number, action: string, args: unknown[]): string => {
-      if (typeof actions[action] !== "function") throw new TypeError(`cannot schedule unknown action ${JSON.stringify(action)}`);
+      if (typeof action !== "string") throw new TypeError("a schedule's action is an action's name, a string");
+      if (!Object.hasOwn(actions, action) || typeof actions[action] !== "function") throw new TypeError(`cannot schedule unknown action ${JSON.stringify(action)}`);
       if (!Number.isFinite(atMs)) throw new TypeError("a schedule time must be a finite number");
       const id = randomUUID();
       const encodedArgs = Buffer.from(encode(args));
@@ -522,6 +596,7 @@ export class JsHost {
         after: (ms: number, action: string, ...args: unknown[]) => schedule(Date.now() + ms, action, args),
         at: (epochMs: number, action: string, ...args: unknown[]) => schedule(epochMs, action, args),
         cancel(id: string) {
+          if (typeof id !== "string") throw new TypeError("a schedule id is a string");
           instance.effects.schedules.push({ id });
           instance.effects.added.delete(id);
           instance.effects.cancelled.add(id);
@@ -565,6 +640,20 @@ export class JsHost {
     this.flushScheduled = false;
     const completions = this.completions;
     this.completions = [];
-    this.native?.complete(completions);
+    const native = this.native;
+    if (native === undefined) return;
+    try {
+      native.complete(completions);
+    } catch {
+      // The binding refused the batch (a field of the wrong type) before taking any of it.
+      // Hand the completions over one by one, so only the bad one fails, as an internal error.
+      for (const completion of completions) {
+        try {
+          native.complete([completion]);
+        } catch {
+          native.complete([unsendable(completion.id)]);
+        }
+      }
+    }
   };
 }

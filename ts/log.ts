@@ -41,29 +41,59 @@ function replacer(_key: string, value: unknown): unknown {
   return value;
 }
 
+const UNSERIALIZABLE = JSON.stringify("[unserializable]");
+
 function stringify(value: unknown): string | undefined {
   try {
     return JSON.stringify(value, replacer);
   } catch {
-    return JSON.stringify("[unserializable]");
+    return UNSERIALIZABLE;
   }
 }
 
 /** The fields as one JSON object's text; a field that cannot be encoded (a cycle) is shown as such. */
 function encodeFields(fields: unknown): string | undefined {
   if (fields === undefined) return undefined;
-  if (fields === null || typeof fields !== "object" || Array.isArray(fields)) {
+  let isArray: boolean;
+  try {
+    isArray = Array.isArray(fields);
+  } catch {
+    // A revoked proxy: nothing in it can be read.
+    return "{}";
+  }
+  if (fields === null || typeof fields !== "object" || isArray) {
     throw new TypeError("log fields must be an object such as { userId: 7 }");
   }
   try {
     return JSON.stringify(fields, replacer);
   } catch {
+    // Field by field, so one that cannot be read or encoded does not take the others along.
     const parts: string[] = [];
-    for (const [name, value] of Object.entries(fields)) {
-      const encoded = stringify(value);
+    let names: string[];
+    try {
+      names = Object.keys(fields);
+    } catch {
+      names = [];
+    }
+    for (const name of names) {
+      let encoded: string | undefined;
+      try {
+        encoded = stringify((fields as Record<string, unknown>)[name]);
+      } catch {
+        encoded = UNSERIALIZABLE;
+      }
       if (encoded !== undefined) parts.push(`${JSON.stringify(name)}:${encoded}`);
     }
     return `{${parts.join(",")}}`;
+  }
+}
+
+/** The message as text; one that cannot be turned into a string is logged as a fixed text. */
+function messageText(msg: unknown): string {
+  try {
+    return typeof msg === "string" ? msg : String(msg);
+  } catch {
+    return "[a message that cannot be turned into a string]";
   }
 }
 
@@ -81,7 +111,7 @@ export function writeLog(
   if (LEVELS[level] > sink.logMaxLevel) return;
   const native = sink.native;
   if (native === undefined) return;
-  const text = typeof msg === "string" ? msg : String(msg);
+  const text = messageText(msg);
   const encoded = encodeFields(fields);
   if (!native.log(identity.actorId, level, text, encoded)) {
     native.logDetached(identity.actorId, identity.name, [...identity.key], level, text, encoded);

@@ -47,6 +47,16 @@ export interface SetupConfig<U extends Record<string, AnyActorDefinition>> {
   logging?: LoggingConfig;
   /** The inspector API under `/v1/inspector/`; see docs/observability.md. */
   inspector?: InspectorConfig;
+  /** Bound on receiving one request body; past it the request gets `request.body_timed_out`. Default 30000. */
+  bodyTimeoutMs?: number;
+  /** How long a closing connection reads and discards what the client still sends, so a refusal reaches it; 0 closes at once. Default 1000. */
+  lingerMs?: number;
+  /**
+   * Browser origins, besides the server's own, whose pages may open WebSockets and read
+   * responses (CORS), such as `"https://app.example"`; `"*"` allows any, without credentials.
+   * See docs/protocol.md, "Browsers and origins". Default none.
+   */
+  allowedOrigins?: string[];
 }
 
 /** `setup({ logging })`. Each field falls back to its environment variable, then its default. */
@@ -110,7 +120,17 @@ const NUMERIC_OPTIONS: Record<string, [min: number, max: number]> = {
   maxMailboxLen: [1, 2 ** 32 - 1],
   maxKeySegmentBytes: [1, 2 ** 32 - 1],
   maxKeyBytes: [1, 2 ** 32 - 1],
+  bodyTimeoutMs: [1, 2 ** 32 - 1],
+  lingerMs: [0, 2 ** 32 - 1],
 };
+
+/** `allowedOrigins` is an array of strings; core checks each one. */
+function checkOrigins(origins: unknown): void {
+  if (origins === undefined) return;
+  if (!Array.isArray(origins) || origins.some((origin) => typeof origin !== "string")) {
+    throw invalidConfig(`allowedOrigins must be an array of strings, not ${JSON.stringify(origins)}`);
+  }
+}
 
 function checkNumbers(options: Record<string, unknown>): void {
   for (const [name, [min, max]] of Object.entries(NUMERIC_OPTIONS)) {
@@ -189,12 +209,16 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
       dev: c.dev ?? process.env.KEEL_DEV === "1",
       inspectorToken: c.inspector?.token ?? (process.env.KEEL_INSPECTOR_TOKEN || undefined),
       inspectorAllowRemote: c.inspector?.allowRemote,
+      bodyTimeoutMs: c.bodyTimeoutMs,
+      lingerMs: c.lingerMs,
+      allowedOrigins: c.allowedOrigins,
     };
   }
 
   /** The runtime options, checked: numbers are whole and in range. */
   private checkedOptions(): RuntimeOptions {
     checkNumbers(this.config as unknown as Record<string, unknown>);
+    checkOrigins(this.config.allowedOrigins);
     const options = this.runtimeOptions();
     checkNumbers(options as Record<string, unknown>);
     fail(this.native.validateOptions(options));
@@ -313,8 +337,11 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     try {
       this.serverlessOptions ??= this.checkedOptions();
     } catch (err) {
-      const body = err instanceof KeelError ? { group: err.group, code: err.code, message: err.message, metadata: null } : { group: "registry", code: "invalid_config", message: String(err), metadata: null };
-      return Response.json(body, { status: 400 });
+      // Bad options are the deployment's fault, not the caller's, so this is a 500 (the
+      // documented answer), whatever status the error has elsewhere. A plain `Error` from the
+      // binding (an option of the wrong type) is a bad option too.
+      const message = err instanceof Error ? err.message : String(err);
+      return Response.json({ group: "registry", code: "invalid_config", message, metadata: null }, { status: 500 });
     }
     let url = request.url;
     const base = this.config.basePath?.replace(/\/+$/, "");

@@ -51,10 +51,7 @@ pub fn span(info: &ActorInfo) -> tracing::Span {
 /// A message to an actor.
 pub(crate) enum Command {
     /// Runs an action; the reply carries its output once the effects it produced are durable.
-    Action {
-        call: ActionCall,
-        reply: oneshot::Sender<Result<Payload>>,
-    },
+    Action { call: ActionCall, reply: Reply },
     /// Runs a schedule that fell due.
     Alarm { stored: StoredSchedule },
     /// Admits a connection; on success the actor queues its `ready` frame itself.
@@ -78,11 +75,48 @@ pub(crate) enum Command {
     },
 }
 
+/// Where an action's outcome goes.
+pub(crate) enum Reply {
+    /// To a task that awaits it (an HTTP request, an in-process call).
+    Caller(oneshot::Sender<Result<Payload>>),
+    /// Onto the connection the call came over, as its `reply` frame in the connection's
+    /// order of frames.
+    Conn(conn::ReplySlot),
+}
+
+/// The answering side of a message that wants one.
+trait Answer<T>: Send + 'static {
+    fn answer(self, result: Result<T>);
+}
+
+impl<T: Send + 'static> Answer<T> for oneshot::Sender<Result<T>> {
+    fn answer(self, result: Result<T>) {
+        // The caller may have stopped waiting.
+        let _ = self.send(result);
+    }
+}
+
+impl Reply {
+    /// Answers the call.
+    pub(crate) fn send(self, result: Result<Payload>) {
+        match self {
+            Reply::Caller(reply) => reply.answer(result),
+            Reply::Conn(slot) => slot.answer(result),
+        }
+    }
+}
+
+impl Answer<Payload> for Reply {
+    fn answer(self, result: Result<Payload>) {
+        self.send(result);
+    }
+}
+
 impl Command {
     fn fail(self, err: Error) {
         // In every arm the caller may have stopped waiting.
         match self {
-            Command::Action { reply, .. } => drop(reply.send(Err(err))),
+            Command::Action { reply, .. } => reply.answer(Err(err)),
             // The schedule stays in the database and fires again after a restart or a wake.
             Command::Alarm { .. } => {}
             Command::Connect { reply, .. } => drop(reply.send(Err(err))),
@@ -257,6 +291,7 @@ impl ActorTask {
             .store
             .load(&self.info.id)?
             .ok_or(Error::ActorNotFound)?;
+        snapshot.verify(&self.info.id, self.core.host.state_encoding())?;
         let is_new = snapshot.state.is_none();
         let request = StartRequest {
             state: snapshot.state,
@@ -325,6 +360,9 @@ impl ActorTask {
     /// queued (the actor is gone); sleeping and shutting down handle it first.
     fn begin_stopping(&mut self, reason: StopReason) {
         if reason == StopReason::Destroy {
+            // Requests by key wait for this task to leave from now on, before the destroying
+            // call's reply is released, so the key is free once that reply is out.
+            self.core.mark_dying(&self.info, self.stopped.subscribe());
             self.stopping = Some(reason);
             self.close_and_fail(|| Error::ActorNotFound);
             return;
@@ -378,17 +416,21 @@ impl ActorTask {
             )
             .await;
         match result {
-            Ok(effects) => {
+            Ok(mut effects) => {
                 self.conns.insert(conn.id.clone(), conn.clone());
                 self.conn_list = Arc::new(self.conns.values().cloned().collect());
-                // The new connection hears `ready` before any event of its own connect.
+                // The new connection hears `ready` before any event of its own connect, so
+                // this release sends those events itself, after `ready`.
                 let ready = conn::ready_frame(conn.encoding, &self.info.id, &conn.id);
+                let messages = std::mem::take(&mut effects.messages);
+                let conns = self.conn_list.clone();
                 self.commit(
                     effects,
                     None,
                     Box::new(move |durable| {
                         if durable.is_ok() {
                             conn.push(ready);
+                            conn::deliver(&conns, &messages);
                         }
                         // The socket task may have ended meanwhile.
                         let _ = reply.send(durable);
@@ -453,8 +495,17 @@ impl ActorTask {
             (RawSocketEvent::Open { socket_id, .. }, Some(socket)) => {
                 self.raw_sockets.insert(socket_id.clone(), socket);
             }
-            (RawSocketEvent::Close { socket_id, .. }, _) => {
-                self.raw_sockets.remove(socket_id);
+            // A socket this instance no longer has: it closed it and ran its close listeners
+            // already, or the socket belonged to an instance reset since.
+            (RawSocketEvent::Close { socket_id, .. }, _)
+                if self.raw_sockets.remove(socket_id).is_none() =>
+            {
+                return reply.answer(Ok(()));
+            }
+            (RawSocketEvent::Message { socket_id, .. }, _)
+                if !self.raw_sockets.contains_key(socket_id) =>
+            {
+                return reply.answer(Ok(()));
             }
             _ => {}
         }
@@ -469,7 +520,7 @@ impl ActorTask {
         self.commit_reply(result.map(|effects| ((), effects)), reply);
     }
 
-    async fn handle_action(&mut self, call: ActionCall, reply: oneshot::Sender<Result<Payload>>) {
+    async fn handle_action(&mut self, call: ActionCall, reply: Reply) {
         let span = tracing::debug_span!("action", action = %call.action);
         let timeout = self
             .actor_type
@@ -500,7 +551,7 @@ impl ActorTask {
     fn commit_reply<T: Send + 'static>(
         &mut self,
         result: Result<(T, Effects)>,
-        reply: oneshot::Sender<Result<T>>,
+        reply: impl Answer<T>,
     ) {
         let (effects, outcome) = match result {
             Ok((value, effects)) => (effects, Ok(value)),
@@ -509,10 +560,7 @@ impl ActorTask {
         self.commit(
             effects,
             None,
-            Box::new(move |durable| {
-                // The caller may have stopped waiting.
-                let _ = reply.send(durable.and(outcome));
-            }),
+            Box::new(move |durable| reply.answer(durable.and(outcome))),
         );
     }
 
@@ -654,16 +702,19 @@ impl ActorTask {
                 if ok && !schedule_ops.is_empty() {
                     core.alarms.apply(&actor_id, &schedule_ops);
                 }
-                // The call's own output before its events: a new connection's `ready`
-                // precedes the events of its connect.
+                // One connection's frames leave in the order they were produced: the events
+                // of the call, then its own output (the caller's reply), then the closes it
+                // asked for. All of it is queued here, on the writer's thread, in commit
+                // order.
+                let conns = conns.filter(|_| ok);
+                if let Some(conns) = &conns {
+                    conn::deliver(conns, &messages);
+                }
                 release(durable);
-                if ok {
-                    if let Some(conns) = conns {
-                        conn::deliver(&conns, &messages);
-                        for (conn_id, reason) in &disconnects {
-                            if let Some(conn) = conns.iter().find(|c| *c.id == **conn_id) {
-                                conn.close(close::NORMAL, reason);
-                            }
+                if let Some(conns) = &conns {
+                    for (conn_id, reason) in &disconnects {
+                        if let Some(conn) = conns.iter().find(|c| *c.id == **conn_id) {
+                            conn.close(close::NORMAL, reason);
                         }
                     }
                 }
@@ -767,6 +818,11 @@ impl ActorTask {
         if matches!(reason, StopReason::Sleep | StopReason::Shutdown) {
             self.recover_from_failed_commit().await;
         }
+        let (code, close_reason) = match reason {
+            StopReason::Destroy => (close::NORMAL, "actor destroyed"),
+            _ => (close::GOING_AWAY, "actor stopping"),
+        };
+        self.close_raw_sockets(code, close_reason).await;
         let timeout = self.core.config.hook_timeout;
         let stopped = self.guarded(
             timeout,
@@ -788,20 +844,52 @@ impl ActorTask {
             }
         }
         if reason == StopReason::Destroy {
-            self.core.forget_key(&self.info);
             if let Err(err) = self.core.writer.delete_actor(self.info.id.clone()).await {
                 tracing::error!(error = %err, "deleting the destroyed actor failed");
             }
+            // Only once the row is gone, so nothing resolves the key to the deleted actor.
+            self.core.forget_key(&self.info);
         }
         if let Err(err) = self.core.writer.flush().await {
             tracing::error!(error = %err, "flushing the actor's state failed");
         }
-        match reason {
-            StopReason::Destroy => self.close_sockets(close::NORMAL, "actor destroyed"),
-            _ => self.close_sockets(close::GOING_AWAY, "actor stopping"),
-        }
+        self.close_sockets(code, close_reason);
         tracing::debug!(reason = reason.as_str(), "actor stopped");
         self.exit();
+    }
+
+    /// Closes the raw sockets of a stopping actor and runs their close listeners in this
+    /// instance, before its stop hook. Their sockets' own close events then find no socket
+    /// here and the actor asleep, and wake nothing.
+    async fn close_raw_sockets(&mut self, code: u16, reason: &str) {
+        let timeout = self.core.config.hook_timeout;
+        for (socket_id, socket) in std::mem::take(&mut self.raw_sockets) {
+            socket.close(code, reason);
+            let closed = RawSocketEvent::Close {
+                socket_id,
+                code,
+                reason: reason.to_string(),
+            };
+            let result = self
+                .guarded(
+                    timeout,
+                    Call::Hook("websocket"),
+                    self.core.host.raw_socket(&self.info, closed),
+                )
+                .await;
+            match result {
+                Ok(effects) => {
+                    // The actor is stopping already.
+                    let effects = Effects {
+                        sleep: false,
+                        destroy: false,
+                        ..effects
+                    };
+                    self.commit(effects, None, Box::new(log_commit_failure));
+                }
+                Err(err) => tracing::warn!(error = %err, "a raw socket's close listener failed"),
+            }
+        }
     }
 
     /// Closes every open socket (after what is queued on it).

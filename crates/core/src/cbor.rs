@@ -1,9 +1,22 @@
-//! Just enough CBOR (RFC 8949) for core to read a request envelope.
+//! Just enough CBOR (RFC 8949) for core to read a request envelope, and to check that every
+//! value in it is one keel's value decoder accepts.
 //!
 //! A CBOR request body is a map with text keys (`key`, `args`, `mode`, `input`). Core needs
 //! the key and mode, and passes `args` and `input` on to the host untouched, as the exact
 //! bytes the client sent. So this module only walks items to find their extent and decodes
 //! text strings and arrays of them; every other value stays opaque bytes.
+//!
+//! The walk is also the check: an item is accepted only if the host's decoder
+//! (`ts/cbor.ts`) takes it, so bad bytes are refused here as `request.malformed` before any
+//! user code runs. What must stay true, in step with that decoder:
+//! - every length is definite (no indefinite-length strings, arrays or maps);
+//! - text strings are valid UTF-8;
+//! - map keys are text strings, except inside tag 259;
+//! - the only tags are 1 (around an integer within ±(2^53 − 1) or a float), 2 and 3 (around a
+//!   byte string), 258 (around an array) and 259 (around a map);
+//! - the only simple values are false, true, null and undefined, and the floats are 16, 32
+//!   or 64 bits wide;
+//! - nesting is at most [`MAX_DEPTH`] levels, counted from the top of the body.
 
 use crate::error::{Error, Result};
 
@@ -37,7 +50,21 @@ fn head(bytes: &[u8], pos: usize) -> Result<(u8, u8, u64, usize)> {
     Ok((major, info, argument, next))
 }
 
-/// Returns the position just after the item that starts at `pos`.
+/// Epoch-seconds date: a number.
+const TAG_EPOCH_DATE: u64 = 1;
+/// Positive and negative bignums: a byte string.
+const TAG_POSITIVE_BIGNUM: u64 = 2;
+const TAG_NEGATIVE_BIGNUM: u64 = 3;
+/// A set: an array.
+const TAG_SET: u64 = 258;
+/// A map whose keys may be any value.
+const TAG_MAP: u64 = 259;
+
+/// The largest integer JS decodes as a number rather than a `BigInt` (2^53 − 1).
+const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// Returns the position just after the item that starts at `pos`, having checked that the
+/// item is one keel accepts (see the module doc).
 pub fn skip(bytes: &[u8], pos: usize) -> Result<usize> {
     skip_at_depth(bytes, pos, 0)
 }
@@ -46,50 +73,101 @@ fn skip_at_depth(bytes: &[u8], pos: usize, depth: usize) -> Result<usize> {
     if depth > MAX_DEPTH {
         return Err(malformed("nested too deeply"));
     }
-    let (major, info, argument, mut next) = head(bytes, pos)?;
-    let indefinite = info == 31;
+    let (major, info, argument, next) = head(bytes, pos)?;
+    if info == 31 {
+        return Err(malformed(
+            "indefinite lengths (and their breaks) are not accepted",
+        ));
+    }
     match major {
         0 | 1 => Ok(next),
-        2 | 3 if indefinite => loop {
-            if bytes.get(next) == Some(&0xff) {
-                return Ok(next + 1);
-            }
-            next = skip_at_depth(bytes, next, depth + 1)?;
-        },
         2 | 3 => {
             let end = usize::try_from(argument)
                 .ok()
                 .and_then(|len| next.checked_add(len))
                 .filter(|end| *end <= bytes.len())
                 .ok_or_else(|| malformed("truncated string"))?;
+            if major == 3 && std::str::from_utf8(&bytes[next..end]).is_err() {
+                return Err(malformed("text is not UTF-8"));
+            }
             Ok(end)
         }
-        4 | 5 => {
-            let per_entry = if major == 5 { 2 } else { 1 };
-            if indefinite {
-                loop {
-                    if bytes.get(next) == Some(&0xff) {
-                        return Ok(next + 1);
-                    }
-                    for _ in 0..per_entry {
-                        next = skip_at_depth(bytes, next, depth + 1)?;
-                    }
-                }
-            }
-            let count = argument
-                .checked_mul(per_entry)
-                .filter(|count| *count <= bytes.len() as u64)
-                .ok_or_else(|| malformed("length exceeds the body"))?;
-            for _ in 0..count {
-                next = skip_at_depth(bytes, next, depth + 1)?;
-            }
-            Ok(next)
-        }
-        6 => skip_at_depth(bytes, next, depth + 1),
-        7 if indefinite => Err(malformed("unexpected break")),
-        7 => Ok(next),
+        4 => skip_items(bytes, next, argument, 1, depth),
+        5 => skip_map(bytes, next, argument, true, depth),
+        6 => skip_tagged(bytes, argument, next, depth),
+        7 => match info {
+            20..=23 => Ok(next),
+            25..=27 => Ok(next),
+            _ => Err(malformed(
+                "only false, true, null, undefined and floats are accepted",
+            )),
+        },
         _ => unreachable!("the major type has three bits"),
     }
+}
+
+/// Skips `count` groups of `per_entry` items starting at `pos`.
+fn skip_items(
+    bytes: &[u8],
+    mut pos: usize,
+    count: u64,
+    per_entry: u64,
+    depth: usize,
+) -> Result<usize> {
+    let items = count
+        .checked_mul(per_entry)
+        .filter(|items| *items <= bytes.len() as u64)
+        .ok_or_else(|| malformed("length exceeds the body"))?;
+    for _ in 0..items {
+        pos = skip_at_depth(bytes, pos, depth + 1)?;
+    }
+    Ok(pos)
+}
+
+/// Skips the `count` entries of a map whose first key is at `pos`; outside tag 259 every key
+/// must be a text string.
+fn skip_map(
+    bytes: &[u8],
+    mut pos: usize,
+    count: u64,
+    text_keys: bool,
+    depth: usize,
+) -> Result<usize> {
+    if count > bytes.len() as u64 {
+        return Err(malformed("length exceeds the body"));
+    }
+    for _ in 0..count {
+        if text_keys && bytes.get(pos).is_some_and(|b| b >> 5 != 3) {
+            return Err(malformed("map keys must be text strings outside tag 259"));
+        }
+        pos = skip_at_depth(bytes, pos, depth + 1)?;
+        pos = skip_at_depth(bytes, pos, depth + 1)?;
+    }
+    Ok(pos)
+}
+
+/// Skips the content of tag `tag`, whose item starts at `pos`, checking that the tag is one
+/// keel knows and that its content has the type the tag needs.
+fn skip_tagged(bytes: &[u8], tag: u64, pos: usize, depth: usize) -> Result<usize> {
+    let (major, info, argument, next) = head(bytes, pos)?;
+    let fits = match tag {
+        TAG_EPOCH_DATE => match major {
+            0 | 1 => argument <= MAX_SAFE_INTEGER,
+            7 => matches!(info, 25..=27),
+            _ => false,
+        },
+        TAG_POSITIVE_BIGNUM | TAG_NEGATIVE_BIGNUM => major == 2,
+        TAG_SET => major == 4,
+        TAG_MAP => major == 5,
+        _ => return Err(malformed(&format!("tag {tag} is not accepted"))),
+    };
+    if !fits {
+        return Err(malformed(&format!("tag {tag} holds the wrong type")));
+    }
+    if tag == TAG_MAP && info != 31 {
+        return skip_map(bytes, next, argument, false, depth + 1);
+    }
+    skip_at_depth(bytes, pos, depth + 1)
 }
 
 /// Decodes a definite-length text string at `pos`.
@@ -246,13 +324,62 @@ mod tests {
     }
 
     #[test]
-    fn walks_tags_floats_and_indefinite_items() {
-        // [tag 1 (1.5), undefined, indefinite ["a" ...], f64]
+    fn walks_every_kind_of_value_keel_accepts() {
+        // [tag 1 (1.5 as f16), undefined, tag 2 h'01', tag 258 [], tag 259 {1: "é"},
+        //  tag 1 (-(2^53 - 1)), {"a": f32}, f64]
         let item = [
-            0x84, 0xc1, 0xf9, 0x3e, 0x00, 0xf7, 0x9f, 0x61, b'a', 0xff, 0xfb, 0, 0, 0, 0, 0, 0, 0,
-            0,
+            0x88, 0xc1, 0xf9, 0x3e, 0x00, 0xf7, 0xc2, 0x41, 0x01, 0xd9, 0x01, 0x02, 0x80, 0xd9,
+            0x01, 0x03, 0xa1, 0x01, 0x62, 0xc3, 0xa9, 0xc1, 0x3b, 0x00, 0x1f, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xfe, 0xa1, 0x61, b'a', 0xfa, 0, 0, 0, 0, 0xfb, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
         assert_eq!(skip(&item, 0).unwrap(), item.len());
+    }
+
+    #[test]
+    fn refuses_what_the_value_decoder_refuses() {
+        let cases: &[(&str, &[u8])] = &[
+            ("invalid UTF-8 in a text string", &[0x81, 0x62, 0xc3, 0x28]),
+            ("a lone continuation byte", &[0x61, 0x80]),
+            ("an encoded surrogate", &[0x63, 0xed, 0xa0, 0x80]),
+            ("an overlong encoding", &[0x62, 0xc0, 0xaf]),
+            ("invalid UTF-8 in a map key", &[0xa1, 0x61, 0xff, 0x01]),
+            (
+                "invalid UTF-8 in a tag 259 key",
+                &[0xd9, 0x01, 0x03, 0xa1, 0x61, 0xff, 0x01],
+            ),
+            ("an indefinite text string", &[0x7f, 0x61, b'a', 0xff]),
+            ("an indefinite byte string", &[0x5f, 0x41, 0x00, 0xff]),
+            ("an indefinite array", &[0x9f, 0x01, 0xff]),
+            ("an indefinite map", &[0xbf, 0x61, b'a', 0x01, 0xff]),
+            ("a stray break", &[0x81, 0xff]),
+            ("an unknown tag", &[0xc0, 0x60]),
+            ("tag 1 around text", &[0xc1, 0x60]),
+            (
+                "tag 1 around an unsafe integer",
+                &[0xc1, 0x1b, 0, 0x20, 0, 0, 0, 0, 0, 0],
+            ),
+            ("a bignum around an integer", &[0xc2, 0x01]),
+            ("tag 258 around a map", &[0xd9, 0x01, 0x02, 0xa0]),
+            ("tag 259 around an array", &[0xd9, 0x01, 0x03, 0x80]),
+            ("a map with an integer key", &[0xa1, 0x01, 0x02]),
+            ("simple value 0", &[0xe0]),
+            ("a one-byte simple value", &[0xf8, 0x20]),
+        ];
+        for (what, item) in cases {
+            let err = skip(item, 0).expect_err(what);
+            assert_eq!(err.code(), "malformed", "{what}");
+        }
+    }
+
+    #[test]
+    fn an_envelope_with_bad_bytes_in_any_value_is_malformed() {
+        // {"args": ["\xc3("]} and {"input": "\xff", "key": []}
+        let args = [0xa1, 0x64, b'a', b'r', b'g', b's', 0x81, 0x62, 0xc3, 0x28];
+        assert!(map_entries(&args).is_err());
+        let input = [
+            0xa2, 0x65, b'i', b'n', b'p', b'u', b't', 0x61, 0xff, 0x63, b'k', b'e', b'y', 0x80,
+        ];
+        assert!(map_entries(&input).is_err());
     }
 
     #[test]

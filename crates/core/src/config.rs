@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::faults::FaultInjector;
+pub use crate::origin::AllowedOrigins;
 
 /// Default HTTP host.
 pub const DEFAULT_HOST: &str = "127.0.0.1";
@@ -24,6 +25,11 @@ pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SLEEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default timeout of one lifecycle hook (create, wake, sleep).
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default bound on receiving one request body, from the moment keel starts reading it.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a closing connection keeps reading (and discarding) what the client still
+/// sends, so that a refusal reaches the client instead of a connection reset.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(1);
 
 /// Sizes that bound what a client may send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +111,15 @@ pub struct RuntimeConfig {
     pub dev: bool,
     /// Who may use the inspector API.
     pub inspector: InspectorConfig,
+    /// Bound on receiving one request body; past it the request gets
+    /// `request.body_timed_out` and its connection closes.
+    pub body_timeout: Duration,
+    /// How long a closing connection (HTTP, or a WebSocket after its close frame) reads and
+    /// discards what the client still sends before it closes; zero closes at once.
+    pub linger: Duration,
+    /// Browser origins, besides the server's own, that may open WebSockets and get CORS
+    /// headers.
+    pub allowed_origins: AllowedOrigins,
     /// Faults to inject on the commit path, for tests (see `faults.rs`). `None`, the default
     /// and the only value the binding uses, checks no failpoint.
     pub faults: Option<FaultInjector>,
@@ -123,6 +138,9 @@ impl Default for RuntimeConfig {
             limits: Limits::default(),
             dev: false,
             inspector: InspectorConfig::default(),
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            linger: DEFAULT_LINGER,
+            allowed_origins: AllowedOrigins::default(),
             faults: None,
         }
     }
@@ -139,6 +157,9 @@ impl RuntimeConfig {
         }
         if self.hook_timeout.is_zero() {
             return Err(Error::config("the hook timeout must be positive"));
+        }
+        if self.body_timeout.is_zero() {
+            return Err(Error::config("the body timeout must be positive"));
         }
         if self.limits.max_body_bytes == 0 {
             return Err(Error::config("the body limit must be positive"));

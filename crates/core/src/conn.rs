@@ -6,12 +6,18 @@
 //! [`ConnHandle`]. If a client stops reading and its queue passes the bound, the connection
 //! is closed (1013, "try again later") instead of slowing the actor or other clients.
 //!
+//! One connection's frames leave in the order the actor produced them. The actor queues a
+//! call's events, then its reply (a `ReplySlot`), then any close the call asked for, all in
+//! the release of the call's commit, on the writer's thread; replies also keep call order
+//! when one is made before its call reaches the actor. A close leaves after what was queued
+//! before it.
+//!
 //! The protocol (docs/protocol.md): the client's first message is `init` (key, mode, input,
 //! params, subscriptions); then `call`, `sub` and `unsub`. The server answers `ready` or
 //! `error`, `reply` per call, and `event`s. Text frames carry JSON and binary frames CBOR;
 //! the `init` frame picks the connection's encoding.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::actor::Command;
+use crate::actor::{Command, Reply};
 use crate::cbor;
 use crate::error::{Error, Result};
 use crate::host::{ActionCall, ActorInfo, Encoding, Outbound, Payload, RawSocketEvent};
@@ -73,6 +79,19 @@ pub(crate) struct ConnHandle {
     subscriptions: Arc<RwLock<HashSet<String>>>,
     /// Cancelled to close the connection; carries the close frame to send.
     closing: Arc<Closing>,
+    /// Holds back a call's reply until the replies of the calls sent before it have left.
+    replies: Arc<parking_lot::Mutex<ReplyOrder>>,
+}
+
+/// The connection's replies in call order. The reader numbers each call as it reads it; a
+/// reply whose turn has not come yet (an error made before the call reached the actor, while
+/// an earlier call still runs) waits here and leaves right after the reply before it.
+#[derive(Default)]
+struct ReplyOrder {
+    /// The number of the call whose reply leaves next.
+    next: u64,
+    /// Replies that are ready before their turn, by call number.
+    waiting: BTreeMap<u64, Message>,
 }
 
 /// A close request shared by both tasks of a socket.
@@ -97,8 +116,27 @@ impl ConnHandle {
                 frame: parking_lot::Mutex::new(None),
                 flush: std::sync::atomic::AtomicBool::new(true),
             }),
+            replies: Arc::default(),
         };
         (handle, rx)
+    }
+
+    /// Queues the reply of call number `seq` once every earlier call's reply has been queued.
+    /// Frames are queued under the lock, so replies released on different threads still
+    /// enter the outgoing queue in call order.
+    fn push_reply(&self, seq: u64, frame: Message) {
+        let mut order = self.replies.lock();
+        if seq != order.next {
+            order.waiting.insert(seq, frame);
+            return;
+        }
+        self.push(frame);
+        let ReplyOrder { next, waiting } = &mut *order;
+        *next += 1;
+        while let Some(frame) = waiting.remove(next) {
+            self.push(frame);
+            *next += 1;
+        }
     }
 
     /// Queues a frame. A client too slow to keep its queue under the bound is closed.
@@ -151,6 +189,47 @@ impl ConnHandle {
         };
         self.push(frame);
         Ok(())
+    }
+}
+
+/// The promise of one call's reply on a connection. The actor answers it in the release of
+/// the call's commit, right after the call's events and before any close the call caused, so
+/// one connection's frames leave in the order the actor produced them. Dropped unanswered (the
+/// command was lost with a task that died), it answers `actor.stopped`, so the replies of
+/// later calls are never held up behind it.
+pub(crate) struct ReplySlot {
+    conn: ConnHandle,
+    /// The call's number on this connection, in the order the reader read the calls.
+    seq: u64,
+    /// The `id` the client gave the call.
+    id: u64,
+    /// Whether error messages are shown in full.
+    dev: bool,
+    answered: bool,
+}
+
+impl ReplySlot {
+    /// Queues the call's `reply` frame (in its turn).
+    pub(crate) fn answer(mut self, result: Result<Payload>) {
+        self.answered = true;
+        self.queue(result);
+    }
+
+    fn queue(&self, result: Result<Payload>) {
+        let encoding = self.conn.encoding;
+        let frame = match result {
+            Ok(payload) => reply_frame(encoding, self.id, &payload.bytes),
+            Err(err) => error_frame(encoding, Some(self.id), &err, self.dev),
+        };
+        self.conn.push_reply(self.seq, frame);
+    }
+}
+
+impl Drop for ReplySlot {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.queue(Err(Error::ActorStopped));
+        }
     }
 }
 
@@ -434,10 +513,12 @@ fn split(
                         let Some(frame) = frame else { break };
                         let len = frame_len(&frame);
                         let sent = tokio::select! {
-                            // Closing while a write is stuck on a client that does not read.
+                            // The frame was taken from the queue, so it goes out unless the
+                            // write is abandoned: a close right after a reply keeps the reply.
                             biased;
-                            _ = closing.cancelled() => break,
                             sent = sink.send(frame) => sent,
+                            // Closing while a write is stuck on a client that does not read.
+                            _ = abandon_write(&writer_handle.closing) => break,
                         };
                         writer_handle.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                         if sent.is_err() {
@@ -464,6 +545,15 @@ fn split(
         .instrument(span),
     );
     (stream, handle)
+}
+
+/// Resolves when a write in progress should be given up: once the connection closes, at once
+/// for a slow consumer (whose queue is dropped anyway), otherwise after the close timeout.
+async fn abandon_write(closing: &Closing) {
+    closing.token.cancelled().await;
+    if closing.flush.load(Ordering::Acquire) {
+        tokio::time::sleep(CLOSE_TIMEOUT).await;
+    }
 }
 
 /// Serves one socket of keel's connection protocol for actor type `name`.
@@ -540,6 +630,12 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
     conn.subscriptions.write().extend(subscriptions);
 
     async {
+        // Listed before it is admitted: the actor sends `ready` itself, so a client that has
+        // heard `ready` must already find its connection in the inspector and the gauge. A
+        // rejected connection leaves the list when this guard drops.
+        let _listed = core
+            .connections
+            .open(info.id.clone(), inspector_info(&core, &conn));
         let accepted = connect(&core, &info, &conn, params).await;
         if let Err(err) = accepted {
             tracing::debug!(error = %err, "connection rejected");
@@ -548,9 +644,6 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
             return;
         }
         tracing::debug!("connection open");
-        let _listed = core
-            .connections
-            .open(info.id.clone(), inspector_info(&core, &conn));
         read_loop(&core, &info, &conn, &mut stream).await;
         // Tell the actor, whichever way the socket ended, unless it has already left: a
         // stopping actor forgets its connections itself, and must not be woken for this.
@@ -609,6 +702,8 @@ async fn read_loop(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
 ) {
     let dev = core.config.dev;
+    // The number of the next call, for the order of replies.
+    let mut seq = 0;
     loop {
         let next = tokio::select! {
             // Closed by the actor, the server, or a slow-consumer overflow.
@@ -634,7 +729,15 @@ async fn read_loop(
         }
         match ClientMessage::parse(&frame, conn.encoding) {
             Ok(ClientMessage::Call { id, action, args }) => {
-                call(core, info, conn, id, action, args).await;
+                let reply = ReplySlot {
+                    conn: conn.clone(),
+                    seq,
+                    id,
+                    dev,
+                    answered: false,
+                };
+                seq += 1;
+                call(core, info, reply, action, args).await;
             }
             Ok(ClientMessage::Subscribe(event)) => {
                 conn.subscriptions.write().insert(event);
@@ -667,46 +770,37 @@ async fn read_loop(
 }
 
 /// Runs one action for a connection. The call enters the actor's mailbox before the reader
-/// takes the next message, so one connection's calls run in the order it sent them; only
-/// the wait for the reply happens on its own task, so replies do not hold up reading.
+/// takes the next message, so one connection's calls run in the order it sent them; the actor
+/// answers `reply` when the call's commit is released, so reading goes on meanwhile.
 async fn call(
     core: &Arc<Core>,
     info: &Arc<ActorInfo>,
-    conn: &ConnHandle,
-    id: u64,
+    reply: ReplySlot,
     action: String,
     args: Payload,
 ) {
-    let dev = core.config.dev;
-    let output = conn.encoding;
-    let delivered = async {
-        core.types.get(&info.name)?.check_action(&action)?;
-        let (reply, rx) = oneshot::channel();
-        let call = ActionCall {
-            action,
-            args,
-            output,
-            conn_id: Some(conn.id.to_string()),
-        };
-        core.deliver(info, Command::Action { call, reply }).await?;
-        Ok(rx)
+    if let Err(err) = core
+        .types
+        .get(&info.name)
+        .and_then(|t| t.check_action(&action))
+    {
+        return reply.answer(Err(err));
     }
-    .await;
-    let rx = match delivered {
-        Ok(rx) => rx,
-        Err(err) => return conn.push(error_frame(output, Some(id), &err, dev)),
+    let call = ActionCall {
+        action,
+        args,
+        output: reply.conn.encoding,
+        conn_id: Some(reply.conn.id.to_string()),
     };
-    let conn = conn.clone();
-    core.tracker.spawn(
-        async move {
-            let frame = match rx.await.unwrap_or(Err(Error::ActorStopped)) {
-                Ok(payload) => reply_frame(output, id, &payload.bytes),
-                Err(err) => error_frame(output, Some(id), &err, dev),
-            };
-            conn.push(frame);
+    let command = Command::Action {
+        call,
+        reply: Reply::Conn(reply),
+    };
+    if let Err(failed) = core.deliver_or_return(info, command).await {
+        if let (err, Command::Action { reply, .. }) = *failed {
+            reply.send(Err(err));
         }
-        .in_current_span(),
-    );
+    }
 }
 
 fn classify_read_error(err: &axum::Error) -> (u16, String) {
@@ -783,7 +877,7 @@ pub(crate) async fn serve_raw_socket(
                     data,
                     binary,
                 };
-                if let Err(err) = raw_event(&core, &info, None, message).await {
+                if let Err(err) = raw_event_live(&core, &info, message).await {
                     tracing::debug!(error = %err, "delivering a raw message failed");
                 }
             };
@@ -792,13 +886,32 @@ pub(crate) async fn serve_raw_socket(
                 code,
                 reason,
             };
-            // The actor may be stopping; its instance goes with it.
-            let _ = raw_event(&core, &info, None, closed).await;
+            // The actor may be stopping; then it runs the close listeners itself.
+            let _ = raw_event_live(&core, &info, closed).await;
         }
         core.raw_sockets.lock().remove(&socket_id);
     }
     .instrument(span)
     .await;
+}
+
+/// Delivers a raw socket's message or close to the actor's live task, never waking it: the
+/// socket is open only while its actor is awake, and a stopping actor closes its sockets and
+/// runs their close listeners itself, so an actor that went to sleep stays asleep.
+async fn raw_event_live(
+    core: &Arc<Core>,
+    info: &Arc<ActorInfo>,
+    event: RawSocketEvent,
+) -> Result<()> {
+    let handle = core.live_handle(&info.id).ok_or(Error::ActorStopped)?;
+    let (reply, rx) = oneshot::channel();
+    let command = Command::RawSocket {
+        event,
+        socket: None,
+        reply,
+    };
+    handle.send(command)?;
+    rx.await.map_err(|_| Error::ActorStopped)?
 }
 
 /// Delivers a raw socket event through the actor's mailbox, in order with its other work.
@@ -890,6 +1003,33 @@ mod tests {
         fast.push(frame);
         assert!(fast_rx.try_recv().is_ok());
         assert!(!fast.closing.token.is_cancelled());
+    }
+
+    #[test]
+    fn replies_leave_in_call_order_and_a_dropped_slot_answers_stopped() {
+        let (conn, mut rx) = conn("c", Encoding::Json);
+        let slot = |seq| ReplySlot {
+            conn: conn.clone(),
+            seq,
+            id: seq + 100,
+            dev: false,
+            answered: false,
+        };
+        let (first, second, third) = (slot(0), slot(1), slot(2));
+        third.answer(Ok(Payload::json("3")));
+        second.answer(Err(Error::malformed("bad")));
+        assert!(rx.try_recv().is_err(), "both wait for the first reply");
+        drop(first);
+        let ids: Vec<(u64, bool)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|frame| {
+                let Message::Text(text) = frame else {
+                    panic!("JSON replies")
+                };
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                (value["id"].as_u64().unwrap(), value.get("error").is_some())
+            })
+            .collect();
+        assert_eq!(ids, [(100, true), (101, true), (102, false)]);
     }
 
     #[test]

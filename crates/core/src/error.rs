@@ -95,6 +95,12 @@ pub enum Error {
     /// The request body exceeds the configured limit.
     #[error("the request body exceeds the limit of {limit} bytes")]
     RequestTooLarge { limit: usize },
+    /// The request body stopped arriving: it was not complete within the body timeout.
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    RequestBodyTimedOut { timeout_ms: u64 },
+    /// An action body whose `content-type` is neither JSON nor CBOR (or is missing).
+    #[error("the body must be application/json or application/cbor, not {content_type}")]
+    UnsupportedMediaType { content_type: String },
     /// An actor key breaks the key rules.
     #[error("invalid actor key: {message}")]
     InvalidKey { message: String },
@@ -113,16 +119,24 @@ pub enum Error {
     /// loopback peers unless configured otherwise).
     #[error("{message}")]
     Forbidden { message: String },
+    /// A browser page from another origin, not in `allowedOrigins`, tried a WebSocket upgrade
+    /// or a CORS preflight.
+    #[error("the origin {origin} is not allowed")]
+    OriginNotAllowed { origin: String },
 
     /// Another process holds the data directory.
     #[error("the data directory {path} is in use by another process")]
     StorageLocked { path: String },
-    /// The database file is not a valid keel database.
-    #[error("the database at {path} is corrupt or not a keel database")]
+    /// The database is not a keel database, or damage was found in it: by SQLite, by keel's
+    /// checks at open, or in one actor's stored data. keel never modifies such a file.
+    #[error("{detail}")]
     StorageCorrupt {
-        path: String,
+        /// What is wrong, and where: the file's path, or the actor.
+        detail: String,
+        /// The actor whose stored data is damaged, when the damage is in one actor's row.
+        actor_id: Option<String>,
         #[source]
-        source: rusqlite::Error,
+        source: Option<rusqlite::Error>,
     },
     /// The database was written by a newer keel.
     #[error("the database schema version {found} is newer than this keel supports ({supported})")]
@@ -168,10 +182,12 @@ impl Error {
             KvKeyTooLarge { .. } | KvValueTooLarge { .. } => "kv",
             RequestMalformed { .. }
             | RequestTooLarge { .. }
+            | RequestBodyTimedOut { .. }
+            | UnsupportedMediaType { .. }
             | InvalidKey { .. }
             | MethodNotAllowed { .. }
             | RouteNotFound { .. } => "request",
-            Unauthorized | Forbidden { .. } => "auth",
+            Unauthorized | Forbidden { .. } | OriginNotAllowed { .. } => "auth",
             StorageLocked { .. }
             | StorageCorrupt { .. }
             | StorageTooNew { .. }
@@ -210,11 +226,14 @@ impl Error {
             KvValueTooLarge { .. } => "value_too_large",
             RequestMalformed { .. } => "malformed",
             RequestTooLarge { .. } => "body_too_large",
+            RequestBodyTimedOut { .. } => "body_timed_out",
+            UnsupportedMediaType { .. } => "unsupported_media_type",
             InvalidKey { .. } => "invalid_key",
             RouteNotFound { .. } => "route_not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             Unauthorized => "unauthorized",
             Forbidden { .. } => "forbidden",
+            OriginNotAllowed { .. } => "origin_not_allowed",
             StorageLocked { .. } => "locked",
             StorageCorrupt { .. } => "corrupt",
             StorageTooNew { .. } => "too_new",
@@ -230,7 +249,7 @@ impl Error {
         match self {
             RequestMalformed { .. } | InvalidKey { .. } | User { .. } | InvalidConfig { .. } => 400,
             Unauthorized => 401,
-            Forbidden { .. } => 403,
+            Forbidden { .. } | OriginNotAllowed { .. } => 403,
             ActorTypeNotFound { .. }
             | ActorNotFound
             | ActionNotFound { .. }
@@ -243,6 +262,8 @@ impl Error {
             Bind { .. } => 500,
             RequestTooLarge { .. } | KvKeyTooLarge { .. } | KvValueTooLarge { .. } => 413,
             MethodNotAllowed { .. } => 405,
+            RequestBodyTimedOut { .. } => 408,
+            UnsupportedMediaType { .. } => 415,
             ActorOverloaded { .. } => 429,
             RegistryShuttingDown | RegistryShutDown | ActorStopped | StorageLocked { .. } => 503,
             ActionTimedOut { .. } | HookTimedOut { .. } => 504,
@@ -261,13 +282,19 @@ impl Error {
         match self {
             User { metadata, .. } => metadata.clone(),
             ActorOverloaded { capacity } => Some(serde_json::json!({ "capacity": capacity })),
-            ActionTimedOut { timeout_ms } => Some(serde_json::json!({ "timeoutMs": timeout_ms })),
+            ActionTimedOut { timeout_ms } | RequestBodyTimedOut { timeout_ms } => {
+                Some(serde_json::json!({ "timeoutMs": timeout_ms }))
+            }
             HookTimedOut { hook, timeout_ms } => {
                 Some(serde_json::json!({ "hook": hook, "timeoutMs": timeout_ms }))
             }
             RequestTooLarge { limit } | KvKeyTooLarge { limit } | KvValueTooLarge { limit } => {
                 Some(serde_json::json!({ "limit": limit }))
             }
+            StorageCorrupt {
+                actor_id: Some(actor_id),
+                ..
+            } => Some(serde_json::json!({ "actorId": actor_id })),
             _ => None,
         }
     }
@@ -356,6 +383,12 @@ impl Error {
                 message: message.clone(),
             },
             RequestTooLarge { limit } => RequestTooLarge { limit: *limit },
+            RequestBodyTimedOut { timeout_ms } => RequestBodyTimedOut {
+                timeout_ms: *timeout_ms,
+            },
+            UnsupportedMediaType { content_type } => UnsupportedMediaType {
+                content_type: content_type.clone(),
+            },
             InvalidKey { message } => InvalidKey {
                 message: message.clone(),
             },
@@ -367,10 +400,18 @@ impl Error {
             Forbidden { message } => Forbidden {
                 message: message.clone(),
             },
+            OriginNotAllowed { origin } => OriginNotAllowed {
+                origin: origin.clone(),
+            },
             StorageLocked { path } => StorageLocked { path: path.clone() },
-            StorageCorrupt { path, source } => StorageCorrupt {
-                path: path.clone(),
-                source: copy_sqlite(source),
+            StorageCorrupt {
+                detail,
+                actor_id,
+                source,
+            } => StorageCorrupt {
+                detail: detail.clone(),
+                actor_id: actor_id.clone(),
+                source: source.as_ref().map(copy_sqlite),
             },
             StorageTooNew { found, supported } => StorageTooNew {
                 found: *found,
@@ -400,12 +441,39 @@ impl Error {
         }
     }
 
+    /// Damage, or a file that is not a keel database, described by `detail`.
+    pub fn corrupt(detail: impl Into<String>) -> Self {
+        Error::StorageCorrupt {
+            detail: detail.into(),
+            actor_id: None,
+            source: None,
+        }
+    }
+
+    /// Whether this is damage to the database: keel's own finding, or SQLite reporting a
+    /// malformed or foreign file.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            Error::StorageCorrupt { .. } => true,
+            Error::Storage(err) => sqlite_reports_damage(err),
+            _ => false,
+        }
+    }
+
     /// An error for a bad configuration value.
     pub fn config(message: impl Into<String>) -> Self {
         Error::InvalidConfig {
             message: message.into(),
         }
     }
+}
+
+/// Whether SQLite says the file is malformed or not a database.
+pub(crate) fn sqlite_reports_damage(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 fn copy_sqlite(err: &rusqlite::Error) -> rusqlite::Error {

@@ -60,6 +60,10 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
         .route("/v1/actors/{name}/raw/{key}/{*path}", any(raw))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            core.clone(),
+            crate::origin::cors,
+        ))
         .with_state(core)
 }
 
@@ -71,10 +75,17 @@ pub(crate) async fn handle(router: Router, request: Request) -> Response {
     }
 }
 
+/// How long the accept loop waits after a failed accept before it tries again. The usual
+/// cause is running out of file descriptors, which frees up as connections close; the
+/// listener stays readable meanwhile, so retrying at once would spin.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Accepts connections until the drain begins, serving each on a tracked task. On drain the
 /// listener closes at once, idle keep-alive connections close, and busy ones close after their
-/// current response.
+/// current response. A failed accept (out of file descriptors) is logged once per run of
+/// failures and retried after a short pause.
 pub(crate) async fn accept_loop(core: Arc<Core>, listener: TcpListener, router: Router) {
+    let mut failures: u64 = 0;
     loop {
         tokio::select! {
             // The drain outranks new connections.
@@ -85,16 +96,32 @@ pub(crate) async fn accept_loop(core: Arc<Core>, listener: TcpListener, router: 
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(err) => {
-                        // Running out of file descriptors is transient; back off briefly
-                        // instead of spinning.
-                        tracing::warn!(error = %err, "accepting a connection failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
+                        if failures == 0 {
+                            tracing::warn!(error = %err, "accepting connections failed; retrying until it succeeds");
+                        }
+                        failures += 1;
+                        tokio::select! {
+                            // The drain needs no more connections.
+                            biased;
+                            _ = core.stop.cancelled() => break,
+                            // Time to try again.
+                            _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        }
                     }
                 };
+                if failures > 0 {
+                    tracing::info!(failures, "accepting connections again");
+                    failures = 0;
+                }
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "setting TCP_NODELAY failed");
                 }
+                let stream = crate::linger::LingeringStream::new(
+                    stream,
+                    core.config.linger,
+                    core.tracker.clone(),
+                    core.force.clone(),
+                );
                 let service = TowerToHyperService::new(router.clone().map_request(
                     move |mut request: axum::http::Request<hyper::body::Incoming>| {
                         request.extensions_mut().insert(PeerAddr(peer));
@@ -200,10 +227,12 @@ async fn route_not_found(State(core): State<Arc<Core>>, request: Request) -> Res
 async fn connect(
     State(core): State<Arc<Core>>,
     path: PathOf<String>,
+    headers: HeaderMap,
     upgrade: MaybeUpgrade,
 ) -> Response {
     let dev = core.config.dev;
     let result = (|| {
+        crate::origin::check_upgrade(&core.config.allowed_origins, &headers)?;
         let Path(name) = path?;
         let upgrade = upgrade.map_err(|e| {
             Error::malformed(format!(
@@ -243,13 +272,27 @@ where
         })
 }
 
-/// The path of the raw routes: the actor type and its canonical key string, and what follows.
+/// The path of the raw routes: the actor type and its canonical key string. What follows the
+/// key is passed on as it was sent; see [`raw_sub_path`].
 #[derive(Deserialize)]
 struct RawPath {
     name: String,
     key: String,
-    #[serde(default)]
-    path: Option<String>,
+}
+
+/// What a raw route's hook sees as its path: everything after
+/// `/v1/actors/{name}/raw/{key}` and the query string, exactly as the client sent them (still
+/// percent-encoded, dot segments untouched), or `/` when nothing follows the key. Decoding
+/// would let `%2F` split a segment, `%3F` start a query and `..%2F` climb out of a prefix.
+fn raw_sub_path(uri: &axum::http::Uri) -> String {
+    // `/v1/actors/{name}/raw/{key}` is six `/`-separated parts, the first one empty.
+    let rest = uri.path().splitn(7, '/').nth(6).unwrap_or_default();
+    let mut sub_path = format!("/{rest}");
+    if let Some(query) = uri.query() {
+        sub_path.push('?');
+        sub_path.push_str(query);
+    }
+    sub_path
 }
 
 /// `ANY /v1/actors/{name}/raw/{key}[/{*path}]`: the actor's `onRequest`, or its
@@ -262,6 +305,9 @@ async fn raw(
 ) -> Response {
     let dev = core.config.dev;
     let result = async {
+        if upgrade.is_ok() {
+            crate::origin::check_upgrade(&core.config.allowed_origins, request.headers())?;
+        }
         let Path(raw_path) = path?;
         let key = crate::key::decode(&raw_path.key)?;
         let info = crate::runtime::resolve_on(
@@ -274,11 +320,7 @@ async fn raw(
             },
         )
         .await?;
-        let mut sub_path = format!("/{}", raw_path.path.unwrap_or_default());
-        if let Some(query) = request.uri().query() {
-            sub_path.push('?');
-            sub_path.push_str(query);
-        }
+        let sub_path = raw_sub_path(request.uri());
         let headers: Vec<(String, String)> = request
             .headers()
             .iter()
@@ -465,16 +507,26 @@ impl From<axum::extract::rejection::QueryRejection> for Error {
     }
 }
 
-/// The encoding of a request body, from its `content-type`.
-fn request_encoding(headers: &HeaderMap) -> Encoding {
-    let cbor = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with(CBOR_TYPE));
-    if cbor {
-        Encoding::Cbor
+/// The encoding of an action body, from its `content-type`: `application/json` or
+/// `application/cbor`, with or without parameters such as `charset`. Anything else, or none,
+/// is `request.unsupported_media_type`: a browser sends other types (`text/plain`, forms)
+/// cross-origin without asking first, and JSON or CBOR make it ask (see [`crate::origin`]).
+fn request_encoding(headers: &HeaderMap) -> Result<Encoding> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(Error::UnsupportedMediaType {
+            content_type: "no content-type".to_string(),
+        });
+    };
+    let value = String::from_utf8_lossy(value.as_bytes());
+    let media_type = value.split(';').next().unwrap_or_default().trim();
+    if media_type.eq_ignore_ascii_case("application/json") {
+        Ok(Encoding::Json)
+    } else if media_type.eq_ignore_ascii_case(CBOR_TYPE) {
+        Ok(Encoding::Cbor)
     } else {
-        Encoding::Json
+        Err(Error::UnsupportedMediaType {
+            content_type: value.into_owned(),
+        })
     }
 }
 
@@ -497,9 +549,9 @@ async fn action_by_key(
     body: Body,
 ) -> Response {
     let dev = core.config.dev;
-    let encoding = request_encoding(&headers);
-    let output = response_encoding(&headers, encoding);
     let result = async {
+        let encoding = request_encoding(&headers)?;
+        let output = response_encoding(&headers, encoding);
         let Path((name, action)) = path?;
         let envelope = Envelope::read(&core, &headers, body, encoding).await?;
         let (target, args) = envelope.into_key_target(name)?;
@@ -516,9 +568,9 @@ pub(crate) async fn action_by_id(
     body: Body,
 ) -> Response {
     let dev = core.config.dev;
-    let encoding = request_encoding(&headers);
-    let output = response_encoding(&headers, encoding);
     let result = async {
+        let encoding = request_encoding(&headers)?;
+        let output = response_encoding(&headers, encoding);
         let Path((id, action)) = path?;
         let envelope = Envelope::read(&core, &headers, body, encoding).await?;
         crate::runtime::call_on(&core, Target::Id(id), &action, envelope.args, output).await
@@ -534,8 +586,8 @@ async fn resolve(
     body: Body,
 ) -> Response {
     let dev = core.config.dev;
-    let encoding = request_encoding(&headers);
     let result = async {
+        let encoding = request_encoding(&headers)?;
         let Path(name) = path?;
         let envelope = Envelope::read(&core, &headers, body, encoding).await?;
         let (target, _) = envelope.into_key_target(name)?;
@@ -574,7 +626,8 @@ fn respond(result: Result<Payload>, dev: bool) -> Response {
     }
 }
 
-/// Reads a body up to the configured limit.
+/// Reads a body up to the configured limit, within the body timeout: a client that stops
+/// sending gets `request.body_timed_out`, and its connection closes.
 async fn read_body(core: &Core, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes> {
     let limit = core.config.limits.max_body_bytes;
     let declared = headers
@@ -584,7 +637,13 @@ async fn read_body(core: &Core, headers: &HeaderMap, body: Body) -> Result<axum:
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(Error::RequestTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
+    let timeout = core.config.body_timeout;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| Error::RequestBodyTimedOut {
+            timeout_ms: timeout.as_millis() as u64,
+        })?;
+    read.map_err(|err| {
         let too_large = std::error::Error::source(&err)
             .and_then(|source| source.downcast_ref::<http_body_util::LengthLimitError>())
             .is_some()
@@ -620,5 +679,12 @@ pub fn error_response(err: &Error, expose_internal: bool) -> Response {
     } else {
         tracing::trace!(group = err.group(), code = err.code(), error = %err, "request rejected");
     }
-    json_response(status, err.to_body(expose_internal).to_string())
+    let mut response = json_response(status, err.to_body(expose_internal).to_string());
+    if matches!(err, Error::RequestBodyTimedOut { .. }) {
+        // The rest of the body may still trickle in; the connection cannot be reused.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }

@@ -14,8 +14,11 @@
 //! - [`conn`]: WebSocket connections, keel's protocol and raw sockets.
 //! - [`host`]: the seam to the code that runs user code.
 //! - [`store`]: the SQLite file, its lock, schema migrations and reads.
+//! - [`integrity`]: the checks that keep damage on disk from being served as data.
 //! - [`writer`]: the group-commit writer, which is also the output gate.
 //! - [`http`]: the versioned HTTP routes and the accept loop.
+//! - [`origin`]: which browser origins may open WebSockets and read responses (CORS).
+//! - [`linger`]: sockets that read and discard for a moment before they close.
 //! - [`inspector`]: the token-guarded inspector API and the directory of open connections.
 //! - [`metrics`]: counters and histograms, and the Prometheus page.
 //! - [`key`]: the canonical actor key codec.
@@ -36,16 +39,21 @@ pub mod faults;
 pub mod host;
 pub mod http;
 pub mod inspector;
+pub mod integrity;
 pub mod key;
+pub mod linger;
 pub mod logging;
 pub mod metrics;
+pub mod origin;
 pub mod registry;
 pub mod runtime;
 pub mod store;
 pub mod writer;
 
 pub use actor_type::{ActorType, ActorTypes};
-pub use config::{Durability, InspectorConfig, InspectorToken, Limits, RuntimeConfig};
+pub use config::{
+    AllowedOrigins, Durability, InspectorConfig, InspectorToken, Limits, RuntimeConfig,
+};
 pub use error::{Error, Result};
 pub use host::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Host, KvWrite, Outbound,

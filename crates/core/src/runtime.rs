@@ -12,11 +12,12 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::actor::{ActorHandle, ActorTask, Command};
+use crate::actor::{ActorHandle, ActorTask, Command, Reply};
 use crate::actor_type::ActorTypes;
 use crate::alarms::Alarms;
 use crate::clock::Clock;
@@ -58,7 +59,17 @@ pub enum Target {
 }
 
 /// Resolved actors of one type, by canonical key.
-type KnownByKey = HashMap<String, Arc<ActorInfo>>;
+type KnownByKey = HashMap<String, Known>;
+
+/// A resolved key in the directory.
+#[derive(Clone)]
+struct Known {
+    info: Arc<ActorInfo>,
+    /// Set once the actor is being destroyed: becomes `true` when its task has left, after
+    /// its row was deleted. A request by key that meets it waits for that, then resolves
+    /// afresh, so the key is free as soon as the destroying call's reply is out.
+    dying: Option<watch::Receiver<bool>>,
+}
 
 /// The shared insides of a runtime, reached by every actor task and request handler.
 pub(crate) struct Core {
@@ -99,7 +110,8 @@ impl Core {
         self.draining.load(Ordering::Acquire) || self.stop.is_cancelled()
     }
 
-    /// Finds the actor for a request by key, creating it when the mode allows.
+    /// Finds the actor for a request by key, creating it when the mode allows. A key whose
+    /// actor is being destroyed is resolved again once that actor has left.
     async fn resolve(
         &self,
         name: &str,
@@ -110,51 +122,99 @@ impl Core {
         let actor_type = self.types.get(name)?;
         key::validate(key, &self.config.limits)?;
         let key_string = key::encode(key);
-        if let Some(info) = self
-            .known
-            .lock()
-            .get(name)
-            .and_then(|by_key| by_key.get(&key_string))
-        {
-            return match mode {
-                Resolve::Create => Err(Error::ActorAlreadyExists),
-                _ => Ok(info.clone()),
-            };
-        }
-        let record = match (self.store.find_by_key(name, &key_string)?, mode) {
-            (Some(_), Resolve::Create) => return Err(Error::ActorAlreadyExists),
-            (Some(record), _) => record,
-            (None, Resolve::Get) => return Err(Error::ActorNotFound),
-            (None, mode) => {
-                let record = ActorRecord {
-                    id: new_actor_id(),
-                    name: actor_type.name.clone(),
-                    key: key_string.clone(),
-                };
-                let create_mode = match mode {
-                    Resolve::Create => CreateMode::Create,
-                    _ => CreateMode::GetOrCreate,
-                };
-                let (record, created) =
-                    self.writer.create_actor(record, input, create_mode).await?;
-                if created {
-                    tracing::debug!(actor_id = %record.id, name, key = %key_string, "actor created");
+        loop {
+            let known = self
+                .known
+                .lock()
+                .get(name)
+                .and_then(|by_key| by_key.get(&key_string))
+                .cloned();
+            if let Some(known) = known {
+                if let Some(dying) = known.dying {
+                    self.wait_gone(&known.info, dying).await;
+                    continue;
                 }
-                record
+                return match mode {
+                    Resolve::Create => Err(Error::ActorAlreadyExists),
+                    _ => Ok(known.info),
+                };
             }
+            let record = match (self.store.find_by_key(name, &key_string)?, mode) {
+                (Some(_), Resolve::Create) => return Err(Error::ActorAlreadyExists),
+                (Some(record), _) => record,
+                (None, Resolve::Get) => return Err(Error::ActorNotFound),
+                (None, mode) => {
+                    let record = ActorRecord {
+                        id: new_actor_id(),
+                        name: actor_type.name.clone(),
+                        key: key_string.clone(),
+                    };
+                    let create_mode = match mode {
+                        Resolve::Create => CreateMode::Create,
+                        _ => CreateMode::GetOrCreate,
+                    };
+                    let (record, created) = self
+                        .writer
+                        .create_actor(record, input.clone(), create_mode)
+                        .await?;
+                    if created {
+                        tracing::debug!(actor_id = %record.id, name, key = %key_string, "actor created");
+                    }
+                    record
+                }
+            };
+            let info = Arc::new(ActorInfo {
+                id: Arc::from(record.id),
+                name: Arc::from(actor_type.name.as_str()),
+                key: key.to_vec(),
+                key_string: key_string.clone(),
+            });
+            // The row read above may belong to an actor whose destroy began meanwhile.
+            let dying = {
+                let mut known = self.known.lock();
+                let by_key = known.entry(info.name.clone()).or_default();
+                match by_key.get(&key_string) {
+                    Some(Known {
+                        info: dying_info,
+                        dying: Some(dying),
+                    }) if dying_info.id == info.id => Some(dying.clone()),
+                    _ => {
+                        let entry = Known {
+                            info: info.clone(),
+                            dying: None,
+                        };
+                        by_key.insert(key_string.clone(), entry);
+                        None
+                    }
+                }
+            };
+            match dying {
+                Some(dying) => self.wait_gone(&info, dying).await,
+                None => return Ok(info),
+            }
+        }
+    }
+
+    /// Waits until a dying actor's task has left, and forgets its key (it has normally done
+    /// so itself; not if its task died in a panic).
+    async fn wait_gone(&self, info: &ActorInfo, mut dying: watch::Receiver<bool>) {
+        // An error means the task is gone, which is what we wait for.
+        let _ = dying.wait_for(|gone| *gone).await;
+        self.forget_key(info);
+    }
+
+    /// Marks a key whose actor is being destroyed, before the destroying call's reply is
+    /// released: requests by key wait until `stopped` says the task has left.
+    pub(crate) fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: watch::Receiver<bool>) {
+        let entry = Known {
+            info: info.clone(),
+            dying: Some(stopped),
         };
-        let info = Arc::new(ActorInfo {
-            id: Arc::from(record.id),
-            name: Arc::from(actor_type.name.as_str()),
-            key: key.to_vec(),
-            key_string,
-        });
         self.known
             .lock()
             .entry(info.name.clone())
             .or_default()
-            .insert(info.key_string.clone(), info.clone());
-        Ok(info)
+            .insert(info.key_string.clone(), entry);
     }
 
     /// Forgets a resolved key (after its actor stopped or was deleted).
@@ -163,7 +223,7 @@ impl Core {
         if let Some(by_key) = known.get_mut(&*info.name) {
             if by_key
                 .get(&info.key_string)
-                .is_some_and(|k| k.id == info.id)
+                .is_some_and(|k| k.info.id == info.id)
             {
                 by_key.remove(&info.key_string);
             }
@@ -224,9 +284,24 @@ impl Core {
         info: &Arc<ActorInfo>,
         command: Command,
     ) -> Result<()> {
+        self.deliver_or_return(info, command)
+            .await
+            .map_err(|failed| failed.0)
+    }
+
+    /// [`Core::deliver`], handing the command back with the error when it could not be
+    /// delivered, so its reply can still be answered in order.
+    pub(crate) async fn deliver_or_return(
+        self: &Arc<Self>,
+        info: &Arc<ActorInfo>,
+        command: Command,
+    ) -> Result<(), Box<(Error, Command)>> {
         let mut command = command;
         loop {
-            let handle = self.handle_for(info)?;
+            let handle = match self.handle_for(info) {
+                Ok(handle) => handle,
+                Err(err) => return Err(Box::new((err, command))),
+            };
             let failed = match handle.try_deliver(command) {
                 Ok(()) => return Ok(()),
                 Err(failed) => *failed,
@@ -236,8 +311,10 @@ impl Core {
                     handle.wait_stopped().await;
                     command = returned;
                 }
-                (Error::ActorStopped, _) => return Err(Error::RegistryShuttingDown),
-                (err, _) => return Err(err),
+                (Error::ActorStopped, returned) => {
+                    return Err(Box::new((Error::RegistryShuttingDown, returned)))
+                }
+                failed => return Err(Box::new(failed)),
             }
         }
     }
@@ -331,7 +408,7 @@ pub(crate) async fn call_on(
             output,
             conn_id: None,
         },
-        reply,
+        reply: Reply::Caller(reply),
     };
     let info = match &target {
         Target::Key {

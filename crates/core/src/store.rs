@@ -3,9 +3,13 @@
 //! One process owns a data directory at a time: `open` takes an exclusive lock on a `LOCK`
 //! file beside the database and keeps it for the store's lifetime, so a second process gets
 //! `storage.locked`. The schema is versioned with `PRAGMA user_version` and only migrates
-//! forward; a database from a newer keel, or a file that is not a database, is an error and is
-//! never reset. All writes go through the group-commit writer (`writer.rs`); this module only
-//! reads, through a small pool of read connections that WAL mode lets run beside the writer.
+//! forward. Before anything writes to an existing file, `open` checks it: a database from a
+//! newer keel, a file that is not a database, a database whose tables are not exactly the ones
+//! keel's migrations create (another program's `keel.db`), and damage (see `integrity.rs`) are
+//! all errors, and the file is left as it was, never reset. All writes go through the
+//! group-commit writer (`writer.rs`); this module only reads, through a small pool of read
+//! connections that WAL mode lets run beside the writer. Reads by key or id check that the row
+//! they found is the one they asked for, so a damaged index cannot answer with another actor.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -17,6 +21,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::host::{Encoding, Payload, Schedule};
+use crate::integrity::{self, Integrity};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "keel.db";
@@ -51,6 +56,10 @@ const MIGRATIONS: &[&str] = &[
         attempts  INTEGER NOT NULL DEFAULT 0
     ) STRICT;
     CREATE INDEX schedules_by_actor ON schedules (actor_id, at_ms);",
+    // Version 2: the commit counter that every write transaction increments (see
+    // `integrity.rs`).
+    "CREATE TABLE commits (seq INTEGER NOT NULL) STRICT;
+    INSERT INTO commits (seq) VALUES (0);",
 ];
 
 /// The schema version this build writes.
@@ -89,6 +98,38 @@ pub struct ActorSnapshot {
     pub input: Option<Payload>,
 }
 
+impl ActorSnapshot {
+    /// Checks that the state (in the host's `state_encoding`) and the input are each one
+    /// well-formed value, so that damage inside them is `storage.corrupt` for this actor
+    /// rather than a failure of the user code that would decode them.
+    pub fn verify(&self, actor_id: &str, state_encoding: Encoding) -> Result<()> {
+        let values = [
+            ("state", state_encoding, self.state.as_deref()),
+            (
+                "creation input",
+                self.input
+                    .as_ref()
+                    .map_or(Encoding::Json, |input| input.encoding),
+                self.input.as_ref().map(|input| input.bytes.as_slice()),
+            ),
+        ];
+        for (what, encoding, bytes) in values {
+            if let Some(bytes) = bytes.filter(|bytes| !integrity::well_formed(encoding, bytes)) {
+                return Err(Error::StorageCorrupt {
+                    detail: format!(
+                        "the stored {what} of actor {actor_id} ({} bytes) is not well-formed {}",
+                        bytes.len(),
+                        encoding.as_str()
+                    ),
+                    actor_id: Some(actor_id.to_string()),
+                    source: None,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A stored schedule and how often it has failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredSchedule {
@@ -100,10 +141,12 @@ pub struct StoredSchedule {
     pub attempts: u32,
 }
 
-/// The open database: the process lock, the path, and the read pool.
+/// The open database: the process lock, the path, the read pool and its health.
 pub struct Store {
     path: PathBuf,
     durability: Durability,
+    /// The damage latch and the commit record, shared with the writer.
+    integrity: Arc<Integrity>,
     /// Idle read connections; a reader takes one and puts it back.
     readers: Mutex<Vec<Connection>>,
     /// Held until [`Store::close`] or drop; releasing it hands the directory to other processes.
@@ -113,8 +156,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database in `data_dir`, locks the directory and migrates
-    /// the schema.
+    /// Opens (creating if needed) the database in `data_dir`, locks the directory, checks an
+    /// existing file and migrates the schema.
     pub fn open(data_dir: &Path, durability: Durability) -> Result<Arc<Store>> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
@@ -137,15 +180,22 @@ impl Store {
             }
         }
         let path = data_dir.join(DB_FILE);
+        let mark_path = data_dir.join(integrity::COMMITS_FILE);
+        // Every check runs before the first write, so a refused file is left as it was.
+        let found = inspect(&path)?;
+        integrity::check_history(&path, &mark_path, found, integrity::read_mark(&mark_path)?)?;
+        let conn = connect(&path, durability, true)?;
+        migrate(&path, &conn)?;
+        let seq = integrity::commit_seq(&conn).map_err(|e| classify(&path, e))?;
+        let integrity = Integrity::open(path.clone(), &mark_path, seq, durability)?;
         let store = Store {
             path,
             durability,
+            integrity: Arc::new(integrity),
             readers: Mutex::new(Vec::new()),
             lock: Mutex::new(Some(lock)),
             closed: std::sync::atomic::AtomicBool::new(false),
         };
-        let conn = store.connect(true)?;
-        store.migrate(&conn)?;
         store.readers.lock().push(store.connect(false)?);
         Ok(Arc::new(store))
     }
@@ -155,75 +205,14 @@ impl Store {
         &self.path
     }
 
+    /// The damage latch and commit record, for the writer.
+    pub(crate) fn integrity(&self) -> Arc<Integrity> {
+        self.integrity.clone()
+    }
+
     /// Opens a connection with keel's pragmas. `writer` connections set the durability.
     pub(crate) fn connect(&self, writer: bool) -> Result<Connection> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        // With faults configured for this database, the connection opens through their VFS.
-        let conn = match crate::faults::FaultState::for_path(&self.path) {
-            Some(_) => {
-                Connection::open_with_flags_and_vfs(&self.path, flags, crate::faults::VFS_NAME)
-            }
-            None => Connection::open_with_flags(&self.path, flags),
-        }
-        .map_err(|e| self.classify(e))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        // The first statement that reads the file is where a corrupt file shows itself.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(|e| self.classify(e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::StorageCorrupt {
-                path: self.path.display().to_string(),
-                source: rusqlite::Error::InvalidQuery,
-            });
-        }
-        if writer {
-            let sync = match self.durability {
-                Durability::Full => "FULL",
-                Durability::Relaxed => "NORMAL",
-            };
-            conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))?;
-        }
-        Ok(conn)
-    }
-
-    /// Maps "this is not a database" failures to `storage.corrupt`.
-    fn classify(&self, err: rusqlite::Error) -> Error {
-        let corrupt = matches!(
-            err.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt)
-        );
-        if corrupt {
-            Error::StorageCorrupt {
-                path: self.path.display().to_string(),
-                source: err,
-            }
-        } else {
-            Error::Storage(err)
-        }
-    }
-
-    fn migrate(&self, conn: &Connection) -> Result<()> {
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(|e| self.classify(e))?;
-        if version > SCHEMA_VERSION {
-            return Err(Error::StorageTooNew {
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let next = index as i64 + 1;
-            conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {migration} PRAGMA user_version = {next}; COMMIT;"
-            ))
-            .map_err(|e| self.classify(e))?;
-            tracing::debug!(version = next, "migrated database schema");
-        }
-        Ok(())
+        connect(&self.path, self.durability, writer)
     }
 
     /// Closes the read connections and releases the directory lock. The writer must already
@@ -239,59 +228,68 @@ impl Store {
         }
     }
 
-    /// Runs `f` with a pooled read connection.
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+    /// Runs `f` with a pooled read connection. Once damage has been seen nothing is read, and
+    /// a read that meets damage latches it.
+    fn read<T, E: Into<Error>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T> {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::RegistryShutDown);
         }
+        self.integrity.check()?;
         let conn = match self.readers.lock().pop() {
             Some(conn) => conn,
             None => self.connect(false)?,
         };
         let result = f(&conn);
         self.readers.lock().push(conn);
-        result.map_err(|e| self.classify(e))
+        result.map_err(|e| self.integrity.observe(e.into()))
     }
 
     /// Looks an actor up by type name and canonical key.
     pub fn find_by_key(&self, name: &str, key: &str) -> Result<Option<ActorRecord>> {
         self.read(|conn| {
-            conn.prepare_cached("SELECT id FROM actors WHERE name = ?1 AND key = ?2")?
-                .query_row((name, key), |row| {
-                    Ok(ActorRecord {
-                        id: row.get(0)?,
-                        name: name.to_string(),
-                        key: key.to_string(),
-                    })
-                })
-                .optional()
+            Ok::<_, Error>(actor_id_by_key(conn, name, key)?.map(|id| ActorRecord {
+                id,
+                name: name.to_string(),
+                key: key.to_string(),
+            }))
         })
     }
 
     /// Looks an actor up by id.
     pub fn find_by_id(&self, id: &str) -> Result<Option<ActorRecord>> {
         self.read(|conn| {
-            conn.prepare_cached("SELECT name, key FROM actors WHERE id = ?1")?
+            let row = conn
+                .prepare_cached(
+                    "SELECT id, name, key FROM actors NOT INDEXED \
+                     WHERE rowid = (SELECT rowid FROM actors WHERE id = ?1)",
+                )?
                 .query_row([id], |row| {
                     Ok(ActorRecord {
-                        id: id.to_string(),
-                        name: row.get(0)?,
-                        key: row.get(1)?,
+                        id: row.get(0)?,
+                        name: row.get(1)?,
+                        key: row.get(2)?,
                     })
                 })
-                .optional()
+                .optional()?;
+            check_found_id("actors", id, row.as_ref().map(|row| row.id.as_str()))?;
+            Ok::<_, Error>(row)
         })
     }
 
     /// Loads what an actor's task needs to start.
     pub fn load(&self, id: &str) -> Result<Option<ActorSnapshot>> {
         self.read(|conn| {
-            conn.prepare_cached("SELECT state, input, input_encoding FROM actors WHERE id = ?1")?
+            let row = conn
+                .prepare_cached(
+                    "SELECT id, state, input, input_encoding FROM actors NOT INDEXED \
+                     WHERE rowid = (SELECT rowid FROM actors WHERE id = ?1)",
+                )?
                 .query_row([id], |row| {
-                    let input: Option<Vec<u8>> = row.get(1)?;
-                    let encoding: Option<String> = row.get(2)?;
-                    Ok(ActorSnapshot {
-                        state: row.get(0)?,
+                    let found: String = row.get(0)?;
+                    let input: Option<Vec<u8>> = row.get(2)?;
+                    let encoding: Option<String> = row.get(3)?;
+                    let snapshot = ActorSnapshot {
+                        state: row.get(1)?,
                         input: input.map(|bytes| Payload {
                             encoding: encoding
                                 .as_deref()
@@ -299,9 +297,12 @@ impl Store {
                                 .unwrap_or_default(),
                             bytes,
                         }),
-                    })
+                    };
+                    Ok((found, snapshot))
                 })
-                .optional()
+                .optional()?;
+            check_found_id("actors", id, row.as_ref().map(|(found, _)| found.as_str()))?;
+            Ok::<_, Error>(row.map(|(_, snapshot)| snapshot))
         })
     }
 
@@ -358,25 +359,46 @@ impl Store {
     pub fn schedules_of(&self, actor_id: &str) -> Result<Vec<StoredSchedule>> {
         self.read(|conn| {
             let mut select = conn.prepare_cached(
-                "SELECT id, at_ms, action, args, attempts FROM schedules \
-                 WHERE actor_id = ?1 ORDER BY at_ms, id",
+                "SELECT id, at_ms, action, args, attempts, actor_id FROM schedules NOT INDEXED \
+                 WHERE rowid IN (SELECT rowid FROM schedules WHERE actor_id = ?1) \
+                 ORDER BY at_ms, id",
             )?;
-            let rows = select.query_map([actor_id], |row| schedule_row(row, actor_id))?;
-            rows.collect()
+            let rows = select.query_map([actor_id], |row| {
+                let owner: String = row.get(5)?;
+                Ok((owner, schedule_row(row, actor_id)?))
+            })?;
+            rows.map(|row| {
+                let (owner, stored) = row?;
+                if owner != actor_id {
+                    return Err(Error::corrupt(format!(
+                        "the index schedules_by_actor is damaged: the schedules of actor \
+                         {actor_id} include schedule {} of actor {owner}",
+                        stored.schedule.id
+                    )));
+                }
+                Ok(stored)
+            })
+            .collect::<Result<Vec<_>>>()
         })
     }
 
     /// One schedule by id, if it is still pending.
     pub fn schedule(&self, id: &str) -> Result<Option<StoredSchedule>> {
         self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT id, at_ms, action, args, attempts, actor_id FROM schedules WHERE id = ?1",
-            )?
-            .query_row([id], |row| {
-                let actor_id: String = row.get(5)?;
-                schedule_row(row, &actor_id)
-            })
-            .optional()
+            let row = conn
+                .prepare_cached(
+                    "SELECT id, at_ms, action, args, attempts, actor_id \
+                     FROM schedules NOT INDEXED \
+                     WHERE rowid = (SELECT rowid FROM schedules WHERE id = ?1)",
+                )?
+                .query_row([id], |row| {
+                    let actor_id: String = row.get(5)?;
+                    schedule_row(row, &actor_id)
+                })
+                .optional()?;
+            let found = row.as_ref().map(|row| row.schedule.id.as_str());
+            check_found_id("schedules", id, found)?;
+            Ok::<_, Error>(row)
         })
     }
 
@@ -448,6 +470,191 @@ impl Store {
     }
 }
 
+/// Opens a connection to `path` with keel's pragmas. `writer` connections set the durability.
+fn connect(path: &Path, durability: Durability, writer: bool) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // With faults configured for this database, the connection opens through their VFS.
+    let conn = match crate::faults::FaultState::for_path(path) {
+        Some(_) => Connection::open_with_flags_and_vfs(path, flags, crate::faults::VFS_NAME),
+        None => Connection::open_with_flags(path, flags),
+    }
+    .map_err(|e| classify(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(|e| classify(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::corrupt(format!(
+            "the database at {} cannot be switched to WAL mode (it stays in {mode} mode)",
+            path.display()
+        )));
+    }
+    if writer {
+        let sync = match durability {
+            Durability::Full => "FULL",
+            Durability::Relaxed => "NORMAL",
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))?;
+    }
+    Ok(conn)
+}
+
+/// Maps "this is not a database" and "this is malformed" failures to `storage.corrupt`.
+fn classify(path: &Path, err: rusqlite::Error) -> Error {
+    if crate::error::sqlite_reports_damage(&err) {
+        Error::StorageCorrupt {
+            detail: format!(
+                "the database at {} is damaged or not a database: {err}",
+                path.display()
+            ),
+            actor_id: None,
+            source: Some(err),
+        }
+    } else {
+        Error::Storage(err)
+    }
+}
+
+/// Checks an existing database before anything writes to it, and returns its commit counter
+/// (0 for a missing or empty file, or for one from before the counter existed).
+///
+/// The connection never changes the file: it sets no pragma and does not checkpoint when it
+/// closes, so a damaged log stays as it was found.
+fn inspect(path: &Path) -> Result<i64> {
+    if !path.exists() {
+        return Ok(0);
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|e| classify(path, e))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::StorageTooNew {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let found = schema_of(&conn).map_err(|e| classify(path, e))?;
+    let expected = expected_schema(version)?;
+    if found != expected {
+        let names = |objects: &[SchemaObject]| {
+            let mut names: Vec<&str> = objects.iter().map(|object| object.1.as_str()).collect();
+            names.dedup();
+            names.join(", ")
+        };
+        return Err(Error::corrupt(format!(
+            "the file at {} is not a keel database: at schema version {version} keel's schema \
+             holds [{}], but the file holds [{}]. keel has not changed it",
+            path.display(),
+            names(&expected),
+            names(&found),
+        )));
+    }
+    if version == 0 {
+        return Ok(0);
+    }
+    integrity::check_file(&conn, path)?;
+    if version < 2 {
+        return Ok(0);
+    }
+    integrity::commit_seq(&conn).map_err(|e| classify(path, e))
+}
+
+/// One schema object: type, name, table, and its SQL with whitespace collapsed.
+type SchemaObject = (String, String, String, Option<String>);
+
+/// The schema objects in `conn`'s main database, in a fixed order. Statistics tables that
+/// `ANALYZE` adds are left out: running it on keel's database does not make it foreign.
+fn schema_of(conn: &Connection) -> rusqlite::Result<Vec<SchemaObject>> {
+    let mut select = conn.prepare(
+        "SELECT type, name, tbl_name, sql FROM sqlite_schema \
+         WHERE name NOT LIKE 'sqlite_stat%' ORDER BY name, type",
+    )?;
+    let rows = select.query_map([], |row| {
+        let sql: Option<String> = row.get(3)?;
+        Ok((
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            sql.map(|sql| sql.split_whitespace().collect::<Vec<_>>().join(" ")),
+        ))
+    })?;
+    rows.collect()
+}
+
+/// The schema keel's migrations create up to `version`, built in memory.
+fn expected_schema(version: i64) -> Result<Vec<SchemaObject>> {
+    let conn = Connection::open_in_memory()?;
+    for migration in MIGRATIONS.iter().take(version as usize) {
+        conn.execute_batch(migration)?;
+    }
+    Ok(schema_of(&conn)?)
+}
+
+fn migrate(path: &Path, conn: &Connection) -> Result<()> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|e| classify(path, e))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::StorageTooNew {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let next = index as i64 + 1;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {migration} PRAGMA user_version = {next}; COMMIT;"
+        ))
+        .map_err(|e| classify(path, e))?;
+        tracing::debug!(version = next, "migrated database schema");
+    }
+    Ok(())
+}
+
+/// The id of the actor with this type name and canonical key, for the store's reads and the
+/// writer's creations alike. The index only finds the rowid; the row is then read by it, and
+/// its own name and key must match, so a damaged index entry that points at another actor's
+/// row is reported as damage, never answered with that actor.
+pub(crate) fn actor_id_by_key(conn: &Connection, name: &str, key: &str) -> Result<Option<String>> {
+    let row: Option<(String, String, String)> = conn
+        .prepare_cached(
+            "SELECT id, name, key FROM actors NOT INDEXED \
+             WHERE rowid = (SELECT rowid FROM actors WHERE name = ?1 AND key = ?2)",
+        )?
+        .query_row((name, key), |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    match row {
+        Some((id, found_name, found_key)) if found_name != name || found_key != key => {
+            Err(Error::corrupt(format!(
+                "the key index of the actors table is damaged: type {name:?} key {key:?} leads \
+                 to actor {id}, whose type is {found_name:?} and key {found_key:?}"
+            )))
+        }
+        row => Ok(row.map(|(id, _, _)| id)),
+    }
+}
+
+/// Damage unless the row that `table`'s id index found for `wanted` has that id.
+fn check_found_id(table: &str, wanted: &str, found: Option<&str>) -> Result<()> {
+    match found {
+        Some(found) if found != wanted => Err(Error::corrupt(format!(
+            "the id index of the {table} table is damaged: id {wanted} leads to the row of {found}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn listing_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ActorListing> {
     Ok(ActorListing {
         id: row.get(0)?,
@@ -513,6 +720,25 @@ mod tests {
         let err = Store::open(dir.path(), Durability::Full).err().unwrap();
         assert_eq!(err.code(), "corrupt");
         assert_eq!(std::fs::read(dir.path().join(DB_FILE)).unwrap(), garbage);
+    }
+
+    #[test]
+    fn a_database_from_before_the_commit_counter_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Durability::Full).unwrap());
+        // What the previous schema version left: no commits table, no commit record.
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch("DROP TABLE commits; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(conn);
+        std::fs::remove_file(dir.path().join(integrity::COMMITS_FILE)).unwrap();
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        let conn = store.connect(false).unwrap();
+        assert_eq!(integrity::commit_seq(&conn).unwrap(), 0);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

@@ -20,12 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::faults::{self, Failpoint, Fault, FaultState};
 use crate::host::{KvWrite, Payload, ScheduleOp};
+use crate::integrity::Integrity;
 use crate::store::{ActorRecord, Store};
 
 /// The most ops one transaction takes; a longer queue is split over several commits.
@@ -193,6 +194,7 @@ impl Writer {
     /// failpoints of `faults` if given. Must be called within a tokio runtime.
     pub(crate) fn start(store: &Arc<Store>, faults: Option<Arc<FaultState>>) -> Result<Writer> {
         let conn = store.connect(true)?;
+        let integrity = store.integrity();
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
@@ -205,6 +207,7 @@ impl Writer {
                 store,
                 faults,
                 stats: thread_stats,
+                integrity,
             };
             writer.run(rx);
         });
@@ -315,12 +318,14 @@ impl WriterHandle {
     }
 }
 
-/// The writer thread's state: its connection, the store to reopen it from, and the faults.
+/// The writer thread's state: its connection, the store to reopen it from, the faults, and
+/// the damage checks every commit goes through.
 struct WriterThread {
     conn: Connection,
     store: Arc<Store>,
     faults: Option<Arc<FaultState>>,
     stats: Arc<WriterStats>,
+    integrity: Arc<Integrity>,
 }
 
 /// Why a batch did not commit.
@@ -392,6 +397,10 @@ impl WriterThread {
         let started = std::time::Instant::now();
         let result = if writes {
             self.write_batch(batch.drain(..), &mut outcomes)
+                .map_err(|refused| match refused {
+                    Refused::Failed(err) => Refused::Failed(self.integrity.observe(err)),
+                    Refused::Crashed => Refused::Crashed,
+                })
         } else {
             outcomes.extend(batch.drain(..).map(|op| match op {
                 WriteOp::Commit {
@@ -471,6 +480,7 @@ impl WriterThread {
         outcomes: &mut Vec<Outcome>,
     ) -> Result<(), Refused> {
         let faults = self.faults.as_deref();
+        let integrity = &self.integrity;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -482,7 +492,8 @@ impl WriterThread {
                     mode,
                     reply,
                 } => {
-                    let created = create_actor(&tx, record, input, mode);
+                    let created = create_actor(&tx, record, input, mode)
+                        .map_err(|err| integrity.observe(err));
                     outcomes.push(Outcome::Created(reply, created));
                 }
                 WriteOp::Commit {
@@ -517,6 +528,10 @@ impl WriterThread {
                 WriteOp::Close => unreachable!("the loop keeps close out of batches"),
             }
         }
+        // Nothing more is committed once damage has been seen; the counter and its record let
+        // the next open notice commits that the log lost (see `integrity.rs`).
+        integrity.check()?;
+        let seq = crate::integrity::next_commit_seq(&tx)?;
         match check(faults, Failpoint::BeforeWalWrite) {
             Fault::Continue => {}
             Fault::Fail => return Err(Refused::Failed(faults::injected_full())),
@@ -528,6 +543,7 @@ impl WriterThread {
             return Err(Refused::Crashed);
         }
         committed?;
+        integrity.record(seq);
         if check(faults, Failpoint::AfterCommitBeforeReply) == Fault::Crash {
             return Err(Refused::Crashed);
         }
@@ -618,10 +634,7 @@ fn create_actor(
     input: Option<Payload>,
     mode: CreateMode,
 ) -> Result<(ActorRecord, bool)> {
-    let existing: Option<String> = tx
-        .prepare_cached("SELECT id FROM actors WHERE name = ?1 AND key = ?2")?
-        .query_row((&record.name, &record.key), |row| row.get(0))
-        .optional()?;
+    let existing = crate::store::actor_id_by_key(tx, &record.name, &record.key)?;
     if let Some(id) = existing {
         return match mode {
             CreateMode::Create => Err(Error::ActorAlreadyExists),

@@ -113,6 +113,7 @@ async fn serve_answers_http_and_shutdown_drains() {
 async fn registry_with(dir: &std::path::Path) -> Arc<Registry> {
     let registry = registry(CounterHost::new());
     let request = axum::http::Request::post("/v1/actors/counter/actions/get")
+        .header("content-type", "application/json")
         .body(Body::from(r#"{"key":["h"]}"#))
         .unwrap();
     let response = registry.handle(&config(dir), request).await.unwrap();
@@ -194,6 +195,7 @@ async fn concurrent_first_serverless_requests_build_once() {
         let config = config.clone();
         tokio::spawn(async move {
             let request = axum::http::Request::post("/v1/actors/counter/actions/increment")
+                .header("content-type", "application/json")
                 .body(Body::from(format!(r#"{{"key":["k{i}"]}}"#)))
                 .unwrap();
             registry.handle(&config, request).await.unwrap().status()
@@ -375,10 +377,11 @@ async fn a_waiter_never_misses_the_builder_settling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_a_slow_build_drains_what_the_builder_built() {
     let dir = tempfile::tempdir().unwrap();
-    // Another SQLite user holds the database file exclusively, so the build waits on it.
+    // Another SQLite user holds the database file exclusively, so the build waits on it. It
+    // rolls back, so what keel then opens is an empty file, not another program's database.
     let blocker = rusqlite::Connection::open(dir.path().join(keel_core::store::DB_FILE)).unwrap();
     blocker
-        .execute_batch("CREATE TABLE other (x); BEGIN EXCLUSIVE; INSERT INTO other VALUES (1);")
+        .execute_batch("BEGIN EXCLUSIVE; CREATE TABLE other (x);")
         .unwrap();
     let registry = registry(CounterHost::new());
     let config = config(dir.path());
@@ -409,7 +412,7 @@ async fn shutdown_during_a_slow_build_drains_what_the_builder_built() {
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!shutdown.is_finished(), "shutdown waits for the builder");
-    blocker.execute_batch("COMMIT").unwrap();
+    blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);
     tokio::time::timeout(Duration::from_secs(10), shutdown)
         .await

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::{
-    ActionCall, ActionDone, ActorInfo, ActorType, ActorTypes, Effects, Encoding, Error, Host,
-    KvWrite, Payload, Result, Runtime, RuntimeConfig, Schedule, ScheduleOp, StartRequest,
-    StopReason, Target,
+    ActionCall, ActionDone, ActorInfo, ActorType, ActorTypes, ConnectRequest, Effects, Encoding,
+    Error, Host, KvWrite, Outbound, Payload, Result, Runtime, RuntimeConfig, Schedule, ScheduleOp,
+    StartRequest, StopReason, Target,
 };
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -35,6 +35,8 @@ pub const ACTIONS: &[&str] = &[
     "destroy",
     "flaky",
     "panic",
+    "broadcast",
+    "kick",
 ];
 
 /// A counter host. Every actor's live state is held here between calls, as JS would.
@@ -186,6 +188,25 @@ impl Host for CounterHost {
                 ..Effects::default()
             })),
             "panic" => panic!("the host panicked on purpose"),
+            // Counts, and tells every subscriber of `tick` the new count.
+            "broadcast" => {
+                let mut done = self.update(&id, |s| {
+                    s["count"] = json!(s["count"].as_i64().unwrap() + 1);
+                    s["count"].clone()
+                });
+                done.effects.messages.push(Outbound {
+                    to: None,
+                    event: "tick".into(),
+                    json: Some(done.output.bytes.clone()),
+                    cbor: None,
+                });
+                Ok(done)
+            }
+            // Closes the calling connection.
+            "kick" => Ok(Self::effects(Effects {
+                disconnects: vec![(call.conn_id.clone().unwrap(), "kicked".into())],
+                ..Effects::default()
+            })),
             "flaky" => {
                 let mut failures = self.flaky_failures.lock();
                 if *failures > 0 {
@@ -230,6 +251,14 @@ impl Host for CounterHost {
 
     fn state_encoding(&self) -> Encoding {
         Encoding::Json
+    }
+
+    async fn connect(&self, _actor: &Arc<ActorInfo>, _request: ConnectRequest) -> Result<Effects> {
+        Ok(Effects::default())
+    }
+
+    async fn disconnect(&self, _actor: &Arc<ActorInfo>, _conn_id: &str) -> Result<Effects> {
+        Ok(Effects::default())
     }
 
     async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> Result<Effects> {
