@@ -43,9 +43,9 @@ pub enum Failpoint {
     /// Inside SQLite's commit, when it syncs the WAL file: the transaction's frames are
     /// written, not yet synced. Checked at every sync of the WAL: at each commit with
     /// `durability: full` (relaxed durability does not sync at commit), and before a
-    /// checkpoint copies the WAL into the database. `Fail` makes the sync fail (`SQLITE_IOERR_FSYNC`); what such a
-    /// commit leaves on disk is unknown, as after a crash, though SQLite and keel report it
-    /// as failed.
+    /// checkpoint copies the WAL into the database. `Fail` makes the sync fail
+    /// (`SQLITE_IOERR_FSYNC`): the commit fails with the transaction's frames already in the
+    /// WAL file, which the writer then overwrites (see `writer.rs`).
     AfterWriteBeforeSync,
     /// In the writer, after `COMMIT` returned and before any op of the batch is released.
     /// Only `Crash` applies: the batch is already durable.

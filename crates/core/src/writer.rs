@@ -10,9 +10,12 @@
 //!
 //! A failed commit changes nothing: the transaction rolls back, every op in the batch is
 //! released with the error, and the connection is made usable again (rolled back, or
-//! reopened), so the writer goes on once the cause (a full disk, say) is gone. Because an
-//! actor runs its next calls before the earlier ones are durable, a failed commit also
-//! poisons the actor's instance ([`Poison`]): the writer refuses every later commit of that
+//! reopened), so the writer goes on once the cause (a full disk, say) is gone. A `COMMIT`
+//! that failed after writing to the WAL (its sync failed) is followed at once by an empty
+//! commit over those frames, so that a crash cannot resurrect it.
+//!
+//! Because an actor runs its next calls before the earlier ones are durable, a failed commit
+//! also poisons the actor's instance ([`Poison`]): the writer refuses every later commit of that
 //! instance, with the same error, until the actor task has replaced the instance with one
 //! loaded from committed state.
 
@@ -332,6 +335,9 @@ struct WriterThread {
 enum Refused {
     /// SQLite (or an injected fault) refused it; every op is released with the error.
     Failed(Error),
+    /// `COMMIT` itself failed, so some of the batch's frames may already be in the WAL,
+    /// beyond its last valid commit; every op is released with the error.
+    CommitFailed(Error),
     /// A crash was injected: nothing is released and the writer stops.
     Crashed,
 }
@@ -399,6 +405,9 @@ impl WriterThread {
             self.write_batch(batch.drain(..), &mut outcomes)
                 .map_err(|refused| match refused {
                     Refused::Failed(err) => Refused::Failed(self.integrity.observe(err)),
+                    Refused::CommitFailed(err) => {
+                        Refused::CommitFailed(self.integrity.observe(err))
+                    }
                     Refused::Crashed => Refused::Crashed,
                 })
         } else {
@@ -416,6 +425,13 @@ impl WriterThread {
             Ok(()) => Ok(()),
             Err(Refused::Crashed) => return false,
             Err(Refused::Failed(err)) => Err(err),
+            Err(Refused::CommitFailed(err)) => {
+                self.restore_connection();
+                if !self.fence() {
+                    return false;
+                }
+                Err(err)
+            }
         };
         if writes && result.is_ok() {
             self.stats.transactions.fetch_add(1, Ordering::Relaxed);
@@ -450,6 +466,36 @@ impl WriterThread {
                         Err(err.duplicate())
                     }
                 }),
+            }
+        }
+        true
+    }
+
+    /// Makes a failed `COMMIT` definitely failed, before its callers hear so. When the
+    /// commit failed after writing frames to the WAL (its sync failed, say), those frames
+    /// stay in the file past the last valid commit, and a crash before the next commit would
+    /// let recovery find them: the refused change would come back. Committing an empty
+    /// transaction at once overwrites them, which breaks the WAL's checksum chain, so
+    /// recovery stops before them. If this commit fails too, the refused change stays
+    /// possible after a crash; that is logged. Returns `false` after an injected crash.
+    fn fence(&mut self) -> bool {
+        let faults = self.faults.clone();
+        let fenced = (|| -> rusqlite::Result<i64> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let seq = crate::integrity::next_commit_seq(&tx)?;
+            tx.commit()?;
+            Ok(seq)
+        })();
+        if faults.as_deref().is_some_and(FaultState::has_crashed) {
+            return false;
+        }
+        match fenced {
+            Ok(seq) => self.integrity.record(seq),
+            Err(err) => {
+                tracing::error!(error = %err, "committing after a failed commit failed too; after a crash the failed commit may be found on disk");
+                self.restore_connection();
             }
         }
         true
@@ -542,7 +588,7 @@ impl WriterThread {
         if faults.is_some_and(FaultState::has_crashed) {
             return Err(Refused::Crashed);
         }
-        committed?;
+        committed.map_err(|err| Refused::CommitFailed(Error::Storage(err)))?;
         integrity.record(seq);
         if check(faults, Failpoint::AfterCommitBeforeReply) == Fault::Crash {
             return Err(Refused::Crashed);

@@ -270,3 +270,64 @@ async fn a_destroy_that_ran_on_top_of_a_failed_commit_does_not_happen() {
     assert_eq!(committed_count(dir.path(), "d"), Some(5));
     assert!(!host.stop_log.lock().iter().any(|line| line == "d:destroy"));
 }
+
+/// Fails the next sync of the WAL, or crashes the next commit before its WAL write.
+#[derive(Default)]
+struct SyncThenCrash {
+    fail_sync: AtomicBool,
+    crash: AtomicBool,
+}
+
+impl Faults for SyncThenCrash {
+    fn check(&self, point: Failpoint) -> Fault {
+        match point {
+            Failpoint::AfterWriteBeforeSync if self.fail_sync.swap(false, Ordering::AcqRel) => {
+                Fault::Fail
+            }
+            Failpoint::BeforeWalWrite if self.crash.swap(false, Ordering::AcqRel) => Fault::Crash,
+            _ => Fault::Continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_sync_failed_stays_failed_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(SyncThenCrash::default());
+    let config = RuntimeConfig {
+        durability: keel_core::Durability::Full,
+        faults: Some(FaultInjector(faults.clone())),
+        ..common::config(dir.path())
+    };
+    let runtime = Runtime::open(
+        config,
+        common::types(),
+        CounterHost::new(),
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        call(&runtime, counter("s"), "increment", "[1]")
+            .await
+            .unwrap(),
+        "1"
+    );
+    // The WAL frames of this commit are written, then their sync fails: the call fails.
+    faults.fail_sync.store(true, Ordering::Release);
+    assert_storage_error(call(&runtime, counter("s"), "increment", "[1]").await);
+    // The process dies at the next commit, before it writes anything.
+    faults.crash.store(true, Ordering::Release);
+    call(&runtime, counter("s"), "increment", "[1]")
+        .await
+        .expect_err("a crashed writer acknowledges nothing");
+    runtime.drain().await;
+    drop(runtime);
+
+    // Recovery must not bring the failed commit back.
+    let runtime = common::open(dir.path(), CounterHost::new());
+    assert_eq!(
+        call(&runtime, counter("s"), "get", "[]").await.unwrap(),
+        "1"
+    );
+    runtime.drain().await;
+}

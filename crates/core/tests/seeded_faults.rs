@@ -3,7 +3,8 @@
 //!
 //! Each seed drives a few actors of one type through a random mix of calls (appends to a
 //! durable log, reads, KV puts, schedules, calls pipelined behind each other, calls whose
-//! caller goes away), injected commit failures, crashes at random failpoints, graceful
+//! caller goes away), injected commit failures and failed WAL syncs, crashes at random
+//! failpoints, graceful
 //! restarts and jumps of (paused) time. A model of what each call was told checks, on every
 //! seed:
 //!
@@ -220,6 +221,7 @@ struct Totals {
     acked: u64,
     failed: u64,
     failed_commits: u64,
+    failed_syncs: u64,
     crashes: HashMap<&'static str, u64>,
     timeouts: u64,
     schedules_fired: u64,
@@ -238,6 +240,10 @@ fn count(f: impl FnOnce(&mut Totals)) {
 struct Plan {
     /// Fail this many more commits before their WAL write.
     fail: u32,
+    /// Fail the next sync of the WAL. Never two in a row: a commit whose sync failed is
+    /// followed at once by an empty one that makes its failure definite, and if that failed
+    /// too the first one's outcome would be unknown, which the model does not track.
+    fail_sync: bool,
     /// Crash at the `skip`-th next check of this failpoint.
     crash: Option<(Failpoint, u32)>,
 }
@@ -267,6 +273,11 @@ impl Faults for SeededFaults {
                 }
                 plan.crash = Some((at, skip - 1));
             }
+        }
+        if point == Failpoint::AfterWriteBeforeSync && plan.fail_sync {
+            plan.fail_sync = false;
+            count(|t| t.failed_syncs += 1);
+            return Fault::Fail;
         }
         if point == Failpoint::BeforeWalWrite && plan.fail > 0 {
             plan.fail -= 1;
@@ -743,7 +754,8 @@ impl Run {
             57..=59 => self.single(actor, "hang", None).await,
             60..=67 => self.burst(actor).await,
             68..=70 => self.abandoned(actor),
-            71..=80 => self.faults.plan.lock().fail += self.rng.random_range(1..=3),
+            71..=76 => self.faults.plan.lock().fail += self.rng.random_range(1..=3),
+            77..=80 => self.faults.plan.lock().fail_sync = true,
             81..=84 => {
                 let point = match self.rng.random_range(0..3) {
                     0 => Failpoint::BeforeWalWrite,
@@ -840,6 +852,11 @@ impl Run {
     }
 }
 
+/// Whether the seeds ran with relaxed durability, which syncs no commit (no tmpfs here).
+fn durability_is_relaxed() -> bool {
+    !Path::new("/dev/shm").is_dir()
+}
+
 /// Lets every ready task run, giving the writer thread a moment, without moving the clock.
 async fn settle() {
     for _ in 0..20 {
@@ -931,6 +948,10 @@ fn random_workloads_with_faults_keep_every_invariant() {
     // Over the full run every kind of fault must actually have happened.
     if seeds.len() as u64 >= SEEDS {
         assert!(totals.failed_commits > 0 && totals.timeouts > 0 && totals.schedules_fired > 0);
+        assert!(
+            totals.failed_syncs > 0 || durability_is_relaxed(),
+            "{totals:?}"
+        );
         for point in [
             Failpoint::BeforeWalWrite,
             Failpoint::AfterWriteBeforeSync,
