@@ -1,6 +1,7 @@
 //! Failed commits and injected faults: a commit SQLite refuses changes nothing (not the
-//! database, not the actor's memory), the writer recovers once the fault is gone, and crashes
-//! at the failpoints lose nothing that was acknowledged.
+//! database, not the actor's memory, not a destroy it asked for), the calls pipelined behind
+//! it fail too, the instance's connections close retryably, the writer recovers once the
+//! fault is gone, and a commit whose sync failed stays failed across a crash.
 
 mod common;
 
@@ -329,5 +330,73 @@ async fn a_commit_whose_sync_failed_stays_failed_after_a_crash() {
         call(&runtime, counter("s"), "get", "[]").await.unwrap(),
         "1"
     );
+    runtime.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_closes_the_connections_of_the_discarded_instance() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Switch::default());
+    let runtime = open_with(dir.path(), CounterHost::new(), faults.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "ws://{}/v1/actors/counter/connect",
+        listener.local_addr().unwrap()
+    );
+    runtime.serve(listener);
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let init = serde_json::json!({ "t": "init", "key": ["w"] });
+    socket.send(Message::text(init.to_string())).await.unwrap();
+    // The next frame that is not a ping or a pong.
+    async fn next_text(
+        socket: &mut tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    ) -> Message {
+        loop {
+            match socket.next().await.expect("the socket is open").unwrap() {
+                Message::Ping(_) | Message::Pong(_) => continue,
+                message => return message,
+            }
+        }
+    }
+    let frame = |message: Message| -> serde_json::Value {
+        serde_json::from_str(message.to_text().unwrap()).unwrap()
+    };
+    assert_eq!(frame(next_text(&mut socket).await)["t"], "ready");
+    let increment = |id: u64| {
+        serde_json::json!({ "t": "call", "id": id, "action": "increment", "args": [1] }).to_string()
+    };
+
+    socket.send(Message::text(increment(1))).await.unwrap();
+    let reply = frame(next_text(&mut socket).await);
+    assert_eq!(
+        (reply["id"].as_u64(), reply["output"].as_i64()),
+        (Some(1), Some(1))
+    );
+
+    faults.failing.store(true, Ordering::Release);
+    socket.send(Message::text(increment(2))).await.unwrap();
+    let reply = frame(next_text(&mut socket).await);
+    assert_eq!(reply["id"].as_u64(), Some(2));
+    assert_eq!(reply["error"]["code"], "sqlite");
+    faults.failing.store(false, Ordering::Release);
+
+    // The next message replaces the instance; its connection goes with it, retryably.
+    assert_eq!(
+        call(&runtime, counter("w"), "get", "[]").await.unwrap(),
+        "1",
+        "the refused increment is gone from memory"
+    );
+    match next_text(&mut socket).await {
+        Message::Close(Some(close)) => {
+            assert_eq!(u16::from(close.code), 1011);
+            assert_eq!(close.reason.as_str(), "actor reset after a failed commit");
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
     runtime.drain().await;
 }
