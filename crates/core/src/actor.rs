@@ -577,7 +577,12 @@ impl ActorTask {
             Ok(None) => return,
             Err(err) => {
                 tracing::warn!(error = %err, schedule_id = %schedule.id, "reading a due schedule failed; offering it again later");
-                self.rearm(schedule.id, stored.attempts);
+                offer_again(
+                    &self.core,
+                    schedule.id,
+                    self.info.id.clone(),
+                    stored.attempts,
+                );
                 return;
             }
         }
@@ -651,17 +656,10 @@ impl ActorTask {
                     // The failed commit left the schedule as it was in the database; offer it
                     // again, or it would wait for the next start-up.
                     tracing::warn!(error = %err, schedule_id = %id, "committing a schedule's run failed; offering it again later");
-                    let at_ms = core.clock.now_ms() + retry_delay(attempts + 1).as_millis() as i64;
-                    core.alarms.add(id, actor_id, at_ms);
+                    offer_again(&core, id, actor_id, attempts);
                 }
             }),
         );
-    }
-
-    /// Offers a schedule that is still in the database again after a retry delay.
-    fn rearm(&self, id: String, attempts: u32) {
-        let at_ms = self.core.clock.now_ms() + retry_delay(attempts + 1).as_millis() as i64;
-        self.core.alarms.add(id, self.info.id.clone(), at_ms);
     }
 
     /// Hands effects to the writer. `release` runs once they are durable; schedule changes
@@ -924,6 +922,13 @@ enum Call<'a> {
     Action(&'a str),
     /// A lifecycle hook.
     Hook(&'static str),
+}
+
+/// Offers a schedule whose run left it unchanged in the database again after the delay of
+/// its next retry; the attempt is not counted, since nothing of it was committed.
+fn offer_again(core: &Core, id: String, actor_id: Arc<str>, attempts: u32) {
+    let at_ms = core.clock.now_ms() + retry_delay(attempts + 1).as_millis() as i64;
+    core.alarms.add(id, actor_id, at_ms);
 }
 
 fn log_commit_failure(result: Result<()>) {
