@@ -11,6 +11,12 @@
 //! flushes, and only then leaves the live set and signals `stopped`. A caller whose message
 //! found the mailbox closed waits for that signal and tries again with a fresh task, so two
 //! instances of one actor never overlap and a woken actor always loads flushed state.
+//!
+//! A failed commit changes nothing, not even in memory. The calls after it ran on the same
+//! instance, on top of the refused change, so the writer marks the instance ([`Poison`]) and
+//! refuses its later commits; before its next message (and before it stops) the task waits
+//! for its pending commits and replaces the instance with one started from committed state,
+//! as after an action timeout.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,7 +39,7 @@ use crate::host::{
 };
 use crate::runtime::Core;
 use crate::store::StoredSchedule;
-use crate::writer::{Release, Settle, Writes};
+use crate::writer::{Poison, Release, Settle, Writes};
 
 /// The span every line about `actor` is logged in: an `error`-level `actor` span with its
 /// `actor_id`, `name` and `key`, as the actor's own task uses. A host logging for user code
@@ -193,6 +199,9 @@ pub(crate) struct ActorTask {
     stopped: watch::Sender<bool>,
     /// Shared with the handles; counts commits not yet durable.
     pending_commits: Arc<AtomicUsize>,
+    /// Travels with every commit; the writer sets it when one of the instance's commits
+    /// failed, and the task clears it once it has replaced the instance.
+    poison: Arc<Poison>,
     /// Why the task is stopping, once it has decided to.
     stopping: Option<StopReason>,
     /// Open connections, by id.
@@ -225,6 +234,7 @@ impl ActorTask {
             rx,
             stopped,
             pending_commits: pending_commits.clone(),
+            poison: Arc::default(),
             stopping: None,
             conns: HashMap::new(),
             conn_list: Arc::new(Vec::new()),
@@ -329,6 +339,7 @@ impl ActorTask {
                 // The next message; `None` once the mailbox is closed and empty.
                 command = self.rx.recv() => match command {
                     Some(command) => {
+                        self.recover_from_failed_commit().await;
                         self.handle(command).await;
                         idle_deadline = Instant::now() + idle;
                     }
@@ -469,7 +480,7 @@ impl ActorTask {
             )
             .await;
         if matches!(result, Err(Error::ActionTimedOut { .. })) {
-            self.reset_instance().await;
+            self.reset_instance("actor reset after a timeout").await;
         }
         self.commit_reply(result, reply);
     }
@@ -524,7 +535,7 @@ impl ActorTask {
             .await;
         self.core.metrics.action_done(&result, started.elapsed());
         if matches!(result, Err(Error::ActionTimedOut { .. })) {
-            self.reset_instance().await;
+            self.reset_instance("actor reset after a timeout").await;
         }
         let _entered = span.enter();
         match &result {
@@ -565,7 +576,13 @@ impl ActorTask {
             Ok(Some(_)) => {}
             Ok(None) => return,
             Err(err) => {
-                tracing::warn!(error = %err, schedule_id = %schedule.id, "reading a due schedule failed");
+                tracing::warn!(error = %err, schedule_id = %schedule.id, "reading a due schedule failed; offering it again later");
+                offer_again(
+                    &self.core,
+                    schedule.id,
+                    self.info.id.clone(),
+                    stored.attempts,
+                );
                 return;
             }
         }
@@ -592,7 +609,7 @@ impl ActorTask {
                     .await;
                 self.core.metrics.action_done(&result, started.elapsed());
                 if matches!(result, Err(Error::ActionTimedOut { .. })) {
-                    self.reset_instance().await;
+                    self.reset_instance("actor reset after a timeout").await;
                 }
                 result
             }
@@ -624,6 +641,8 @@ impl ActorTask {
         };
         let core = self.core.clone();
         let actor_id = self.info.id.clone();
+        let id = schedule.id.clone();
+        let attempts = stored.attempts;
         self.commit(
             effects,
             Some((schedule.id, settle)),
@@ -633,7 +652,12 @@ impl ActorTask {
                         core.alarms.add(id, actor_id, at_ms);
                     }
                 }
-                Err(err) => log_commit_failure(Err(err)),
+                Err(err) => {
+                    // The failed commit left the schedule as it was in the database; offer it
+                    // again, or it would wait for the next start-up.
+                    tracing::warn!(error = %err, schedule_id = %id, "committing a schedule's run failed; offering it again later");
+                    offer_again(&core, id, actor_id, attempts);
+                }
             }),
         );
     }
@@ -669,6 +693,7 @@ impl ActorTask {
         self.core.writer.commit(
             self.info.id.clone(),
             writes,
+            Some(self.poison.clone()),
             Box::new(move |durable| {
                 let ok = durable.is_ok();
                 // Schedules are armed before the caller hears back.
@@ -736,14 +761,28 @@ impl ActorTask {
         }
     }
 
-    /// After an action timed out, its user code may still be running and may still change
-    /// the instance. Replace the instance with a fresh one loaded from committed state, so
-    /// nothing the late code does can leak into later calls or be lost from them.
-    async fn reset_instance(&mut self) {
+    /// If a commit of this instance failed, replaces the instance: it holds changes that
+    /// were refused, and so may every call since.
+    async fn recover_from_failed_commit(&mut self) {
+        if self.poison.is_set() {
+            tracing::debug!("replacing the instance after a failed commit");
+            self.reset_instance("actor reset after a failed commit")
+                .await;
+        }
+    }
+
+    /// Replaces the instance with a fresh one loaded from committed state: after an action
+    /// timed out (its user code may still be running and may still change the instance), so
+    /// nothing the late code does can leak into later calls or be lost from them; and after
+    /// a commit failed, so that the refused change is gone from memory too.
+    async fn reset_instance(&mut self, why: &str) {
         // Connections belong to the instance being discarded; their clients reconnect to the
         // fresh one (1011 is a retryable close).
-        self.close_sockets(close::INTERNAL, "actor reset after a timeout");
+        self.close_sockets(close::INTERNAL, why);
+        // Every commit of the old instance is answered (refused, if it was poisoned) before
+        // the mark is cleared, so none of them can land afterwards.
         self.settle_commits().await;
+        self.poison.clear();
         let timeout = self.core.config.hook_timeout;
         let reset = self.guarded(
             timeout,
@@ -763,6 +802,20 @@ impl ActorTask {
 
     /// Stops the instance, flushes, and leaves.
     async fn finish(mut self, reason: StopReason) {
+        self.settle_commits().await;
+        let reason = if reason == StopReason::Destroy && self.poison.is_set() {
+            // The commit of the call that asked for the destroy is the task's last, and it
+            // did not land (it failed, or was refused behind one that did): the destroy did
+            // not happen either. The actor stops as it is on disk, its instance discarded.
+            tracing::warn!("a destroy whose commit failed is not carried out");
+            StopReason::Reset
+        } else {
+            reason
+        };
+        // The stop hook runs on committed state, not on top of a refused change.
+        if matches!(reason, StopReason::Sleep | StopReason::Shutdown) {
+            self.recover_from_failed_commit().await;
+        }
         let (code, close_reason) = match reason {
             StopReason::Destroy => (close::NORMAL, "actor destroyed"),
             _ => (close::GOING_AWAY, "actor stopping"),
@@ -869,6 +922,13 @@ enum Call<'a> {
     Action(&'a str),
     /// A lifecycle hook.
     Hook(&'static str),
+}
+
+/// Offers a schedule whose run left it unchanged in the database again after the delay of
+/// its next retry; the attempt is not counted, since nothing of it was committed.
+fn offer_again(core: &Core, id: String, actor_id: Arc<str>, attempts: u32) {
+    let at_ms = core.clock.now_ms() + retry_delay(attempts + 1).as_millis() as i64;
+    core.alarms.add(id, actor_id, at_ms);
 }
 
 fn log_commit_failure(result: Result<()>) {

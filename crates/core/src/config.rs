@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::faults::FaultInjector;
 pub use crate::origin::AllowedOrigins;
 
 /// Default HTTP host.
@@ -119,6 +120,9 @@ pub struct RuntimeConfig {
     /// Browser origins, besides the server's own, that may open WebSockets and get CORS
     /// headers.
     pub allowed_origins: AllowedOrigins,
+    /// Faults to inject on the commit path, for tests (see `faults.rs`). `None`, the default
+    /// and the only value the binding uses, checks no failpoint.
+    pub faults: Option<FaultInjector>,
 }
 
 impl Default for RuntimeConfig {
@@ -137,6 +141,7 @@ impl Default for RuntimeConfig {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             linger: DEFAULT_LINGER,
             allowed_origins: AllowedOrigins::default(),
+            faults: None,
         }
     }
 }

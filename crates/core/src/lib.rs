@@ -25,6 +25,7 @@
 //! - [`logging`]: the one log schema (JSON, logfmt, pretty) and the process-wide subscriber.
 //! - [`config`]: every limit, timeout and default, defined once.
 //! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
+//! - [`faults`]: failpoints on the commit path and a VFS shim, for fault-injection tests.
 
 pub mod actor;
 pub mod actor_type;
@@ -34,6 +35,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod faults;
 pub mod host;
 pub mod http;
 pub mod inspector;

@@ -23,6 +23,7 @@ use crate::alarms::Alarms;
 use crate::clock::Clock;
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
+use crate::faults::{FaultState, Registration};
 use crate::host::{ActionCall, ActorInfo, Encoding, Host, Payload};
 use crate::inspector::Connections;
 use crate::key;
@@ -447,6 +448,8 @@ pub struct Runtime {
     writer_stats: Arc<WriterStats>,
     /// The HTTP routes over this runtime, shared by the listener and serverless requests.
     router: axum::Router,
+    /// Keeps the configured faults registered for this runtime's database.
+    _faults: Option<Registration>,
 }
 
 impl Runtime {
@@ -470,8 +473,20 @@ impl Runtime {
         metrics: Arc<Metrics>,
     ) -> Result<Runtime> {
         config.validate()?;
+        // Faults are registered before the store opens, so that its first connection
+        // already goes through their VFS.
+        let faults = match &config.faults {
+            Some(injector) => {
+                std::fs::create_dir_all(&config.data_dir)
+                    .map_err(|e| Error::io(format!("creating {}", config.data_dir.display()), e))?;
+                let db_file = config.data_dir.join(crate::store::DB_FILE);
+                Some(FaultState::register(injector, &db_file)?)
+            }
+            None => None,
+        };
+        let (faults, fault_registration) = faults.unzip();
         let store = Store::open(&config.data_dir, config.durability)?;
-        let writer = Writer::start(&store)?;
+        let writer = Writer::start(&store, faults)?;
         let writer_stats = writer.stats().clone();
         let core = Arc::new(Core {
             writer: writer.handle(),
@@ -503,6 +518,7 @@ impl Runtime {
             core,
             writer: Mutex::new(Some(writer)),
             writer_stats,
+            _faults: fault_registration,
         })
     }
 

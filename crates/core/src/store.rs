@@ -475,7 +475,12 @@ fn connect(path: &Path, durability: Durability, writer: bool) -> Result<Connecti
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
+    // With faults configured for this database, the connection opens through their VFS.
+    let conn = match crate::faults::FaultState::for_path(path) {
+        Some(_) => Connection::open_with_flags_and_vfs(path, flags, crate::faults::VFS_NAME),
+        None => Connection::open_with_flags(path, flags),
+    }
+    .map_err(|e| classify(path, e))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))

@@ -7,14 +7,27 @@
 //! share one fsync) and the output gate (no reply leaves before the state it observed is on
 //! disk). Ops that write nothing still wait for every earlier op's commit, so replies from
 //! one actor leave in order.
+//!
+//! A failed commit changes nothing: the transaction rolls back, every op in the batch is
+//! released with the error, and the connection is made usable again (rolled back, or
+//! reopened), so the writer goes on once the cause (a full disk, say) is gone. A `COMMIT`
+//! that failed after writing to the WAL (its sync failed) is followed at once by an empty
+//! commit over those frames, so that a crash cannot resurrect it.
+//!
+//! Because an actor runs its next calls before the earlier ones are durable, a failed commit
+//! also poisons the actor's instance ([`Poison`]): the writer refuses every later commit of that
+//! instance, with the same error, until the actor task has replaced the instance with one
+//! loaded from committed state.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
+use crate::faults::{self, Failpoint, Fault, FaultState};
 use crate::host::{KvWrite, Payload, ScheduleOp};
 use crate::integrity::Integrity;
 use crate::store::{ActorRecord, Store};
@@ -75,6 +88,53 @@ impl Writes {
     }
 }
 
+/// Marks an actor instance that ran on top of a commit that failed. Shared by the actor's
+/// task, which passes it with each commit and replaces the instance once it is set, and the
+/// writer, which sets it when a batch holding the instance's writes fails and refuses the
+/// instance's later commits while it is set.
+#[derive(Debug, Default)]
+pub struct Poison {
+    /// Whether it is set: read on every commit, so a plain load on the common path.
+    set: AtomicBool,
+    /// The error of the commit that failed, given to every refused commit.
+    error: Mutex<Option<Error>>,
+}
+
+impl Poison {
+    /// Whether a commit of the instance has failed since the last [`Poison::clear`].
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Clears the mark once the instance was replaced; the writer then accepts its commits.
+    pub fn clear(&self) {
+        *self.error.lock() = None;
+        self.set.store(false, Ordering::Release);
+    }
+
+    /// Marks the instance, keeping the first error.
+    fn set(&self, err: &Error) {
+        let mut error = self.error.lock();
+        if error.is_none() {
+            *error = Some(err.duplicate());
+        }
+        self.set.store(true, Ordering::Release);
+    }
+
+    /// The error a refused commit gets.
+    fn refusal(&self) -> Option<Error> {
+        if !self.is_set() {
+            return None;
+        }
+        Some(
+            self.error
+                .lock()
+                .as_ref()
+                .map_or(Error::WriterClosed, Error::duplicate),
+        )
+    }
+}
+
 /// One unit of work for the writer.
 pub enum WriteOp {
     /// Inserts an actor row (or finds the existing one) and replies once durable.
@@ -89,6 +149,8 @@ pub enum WriteOp {
     Commit {
         actor_id: Arc<str>,
         writes: Option<Box<Writes>>,
+        /// The poison mark of the instance that produced the writes, if an actor did.
+        poison: Option<Arc<Poison>>,
         release: Release,
     },
     /// Deletes an actor with its KV and schedules.
@@ -131,18 +193,26 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread over a new writer connection to `store`. Must be called
-    /// within a tokio runtime.
-    pub fn start(store: &Store) -> Result<Writer> {
+    /// Starts the writer thread over a new writer connection to `store`, checking the
+    /// failpoints of `faults` if given. Must be called within a tokio runtime.
+    pub(crate) fn start(store: &Arc<Store>, faults: Option<Arc<FaultState>>) -> Result<Writer> {
         let conn = store.connect(true)?;
         let integrity = store.integrity();
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
         let span = tracing::Span::current();
+        let store = store.clone();
         let thread = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            run(conn, rx, &thread_stats, &integrity);
+            let writer = WriterThread {
+                conn,
+                store,
+                faults,
+                stats: thread_stats,
+                integrity,
+            };
+            writer.run(rx);
         });
         Ok(Writer {
             handle: Some(WriterHandle { tx }),
@@ -182,12 +252,20 @@ impl WriterHandle {
     }
 
     /// Queues a commit whose `release` runs after it is durable. If the writer has stopped,
-    /// `release` runs at once with `storage.writer_closed`.
-    pub fn commit(&self, actor_id: Arc<str>, writes: Option<Box<Writes>>, release: Release) {
+    /// `release` runs at once with `storage.writer_closed`. An actor passes its instance's
+    /// `poison`, so the commit is refused if an earlier one of the instance failed.
+    pub fn commit(
+        &self,
+        actor_id: Arc<str>,
+        writes: Option<Box<Writes>>,
+        poison: Option<Arc<Poison>>,
+        release: Release,
+    ) {
         let writes = writes.filter(|writes| !writes.is_empty());
         let op = WriteOp::Commit {
             actor_id,
             writes,
+            poison,
             release,
         };
         if let Err(mpsc::error::SendError(WriteOp::Commit { release, .. })) = self.tx.send(op) {
@@ -216,6 +294,7 @@ impl WriterHandle {
         self.commit(
             Arc::from(""),
             None,
+            None,
             Box::new(move |result| {
                 // The flusher may have stopped waiting; nobody else needs the result.
                 let _ = tx.send(result);
@@ -242,37 +321,293 @@ impl WriterHandle {
     }
 }
 
-/// The writer thread's loop: batch, apply, commit, release.
-fn run(
-    mut conn: Connection,
-    mut rx: mpsc::UnboundedReceiver<WriteOp>,
-    stats: &WriterStats,
-    integrity: &Integrity,
-) {
-    let mut batch = Vec::new();
-    let mut closing = false;
-    while let Some(first) = rx.blocking_recv() {
-        let mut next = Some(first);
-        while let Some(op) = next.take() {
-            match op {
-                WriteOp::Close => closing = true,
-                op => batch.push(op),
+/// The writer thread's state: its connection, the store to reopen it from, the faults, and
+/// the damage checks every commit goes through.
+struct WriterThread {
+    conn: Connection,
+    store: Arc<Store>,
+    faults: Option<Arc<FaultState>>,
+    stats: Arc<WriterStats>,
+    integrity: Arc<Integrity>,
+}
+
+/// Why a batch did not commit.
+enum Refused {
+    /// SQLite (or an injected fault) refused it; every op is released with the error.
+    Failed(Error),
+    /// `COMMIT` itself failed, so some of the batch's frames may already be in the WAL,
+    /// beyond its last valid commit; every op is released with the error.
+    CommitFailed(Error),
+    /// A crash was injected: nothing is released and the writer stops.
+    Crashed,
+}
+
+impl From<rusqlite::Error> for Refused {
+    fn from(err: rusqlite::Error) -> Self {
+        Refused::Failed(Error::Storage(err))
+    }
+}
+
+impl From<Error> for Refused {
+    fn from(err: Error) -> Self {
+        Refused::Failed(err)
+    }
+}
+
+impl WriterThread {
+    /// The loop: batch, apply, commit, release; until `Close`, every handle is gone, or an
+    /// injected crash.
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
+        let mut batch = Vec::new();
+        let mut closing = false;
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(op) = next.take() {
+                match op {
+                    WriteOp::Close => closing = true,
+                    op => batch.push(op),
+                }
+                if closing || batch.len() >= MAX_BATCH_OPS {
+                    break;
+                }
+                next = rx.try_recv().ok();
             }
-            if closing || batch.len() >= MAX_BATCH_OPS {
+            if !self.apply(&mut batch) {
+                // Whatever is still queued is dropped unreleased with the receiver: as after a
+                // real crash, its callers are never acknowledged.
+                tracing::debug!("storage writer stopped by an injected crash");
+                return;
+            }
+            if closing {
                 break;
             }
-            next = rx.try_recv().ok();
         }
-        apply(&mut conn, &mut batch, stats, integrity);
-        if closing {
-            break;
+        drop(rx);
+        if let Err((_, err)) = self.conn.close() {
+            tracing::warn!(error = %err, "closing the writer connection failed");
+        }
+        tracing::debug!("storage writer stopped");
+    }
+
+    /// Applies one batch and releases its ops. Returns `false` after an injected crash.
+    fn apply(&mut self, batch: &mut Vec<WriteOp>) -> bool {
+        let count = batch.len() as u64;
+        let writes = batch.iter().any(|op| match op {
+            WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } => true,
+            WriteOp::Commit { writes, poison, .. } => {
+                writes.is_some() && !poison.as_ref().is_some_and(|poison| poison.is_set())
+            }
+            WriteOp::Close => false,
+        });
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let started = std::time::Instant::now();
+        let result = if writes {
+            self.write_batch(batch.drain(..), &mut outcomes)
+                .map_err(|refused| match refused {
+                    Refused::Failed(err) => Refused::Failed(self.integrity.observe(err)),
+                    Refused::CommitFailed(err) => {
+                        Refused::CommitFailed(self.integrity.observe(err))
+                    }
+                    Refused::Crashed => Refused::Crashed,
+                })
+        } else {
+            outcomes.extend(batch.drain(..).map(|op| match op {
+                WriteOp::Commit {
+                    poison, release, ..
+                } => Outcome::Release(release, refusal(&poison).map_or(Ok(None), Err)),
+                WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } | WriteOp::Close => {
+                    unreachable!("a batch without writes holds only commits")
+                }
+            }));
+            Ok(())
+        };
+        let result = match result {
+            Ok(()) => Ok(()),
+            Err(Refused::Crashed) => return false,
+            Err(Refused::Failed(err)) => Err(err),
+            Err(Refused::CommitFailed(err)) => {
+                self.restore_connection();
+                if !self.fence() {
+                    return false;
+                }
+                Err(err)
+            }
+        };
+        if writes && result.is_ok() {
+            self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+            self.stats.commit_seconds.observe(started.elapsed());
+        }
+        self.stats.ops.fetch_add(count, Ordering::Relaxed);
+        if let Err(err) = &result {
+            tracing::error!(error = %err, ops = count, "commit failed; the batch's outputs get an error");
+            self.restore_connection();
+        }
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Created(reply, created) => {
+                    let value = match &result {
+                        Ok(()) => created,
+                        Err(err) => Err(err.duplicate()),
+                    };
+                    // The caller may have given up waiting; the row is written either way.
+                    let _ = reply.send(value);
+                }
+                Outcome::Release(release, own) => release(match (&result, own) {
+                    // Refused because its instance was already poisoned.
+                    (_, Err(err)) => Err(err),
+                    (Ok(()), Ok(_)) => Ok(()),
+                    (Err(err), Ok(wrote)) => {
+                        // Its instance ran on top of writes that are now lost: the writer
+                        // refuses the instance's later commits until it is replaced. This
+                        // happens before the next batch, so none of them slips through.
+                        if let Some(poison) = wrote {
+                            poison.set(err);
+                        }
+                        Err(err.duplicate())
+                    }
+                }),
+            }
+        }
+        true
+    }
+
+    /// Makes a failed `COMMIT` definitely failed, before its callers hear so. When the
+    /// commit failed after writing frames to the WAL (its sync failed, say), those frames
+    /// stay in the file past the last valid commit, and a crash before the next commit would
+    /// let recovery find them: the refused change would come back. Committing an empty
+    /// transaction at once overwrites them, which breaks the WAL's checksum chain, so
+    /// recovery stops before them. If this commit fails too, the refused change stays
+    /// possible after a crash; that is logged. Returns `false` after an injected crash.
+    fn fence(&mut self) -> bool {
+        let faults = self.faults.clone();
+        let fenced = (|| -> rusqlite::Result<i64> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let seq = crate::integrity::next_commit_seq(&tx)?;
+            tx.commit()?;
+            Ok(seq)
+        })();
+        if faults.as_deref().is_some_and(FaultState::has_crashed) {
+            return false;
+        }
+        match fenced {
+            Ok(seq) => self.integrity.record(seq),
+            Err(err) => {
+                tracing::error!(error = %err, "committing after a failed commit failed too; after a crash the failed commit may be found on disk");
+                self.restore_connection();
+            }
+        }
+        true
+    }
+
+    /// Leaves the connection usable after a failed batch: rolled back, or else reopened.
+    fn restore_connection(&mut self) {
+        if self.conn.is_autocommit() {
+            return;
+        }
+        match self.conn.execute_batch("ROLLBACK") {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, "rolling back the failed commit failed; reopening the writer connection")
+            }
+        }
+        match self.store.connect(true) {
+            Ok(conn) => self.conn = conn,
+            Err(err) => {
+                tracing::error!(error = %err, "reopening the writer connection failed; the next commit tries again")
+            }
         }
     }
-    drop(rx);
-    if let Err((_, err)) = conn.close() {
-        tracing::warn!(error = %err, "closing the writer connection failed");
+
+    fn write_batch(
+        &mut self,
+        ops: impl Iterator<Item = WriteOp>,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Result<(), Refused> {
+        let faults = self.faults.as_deref();
+        let integrity = &self.integrity;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for op in ops {
+            match op {
+                WriteOp::CreateActor {
+                    record,
+                    input,
+                    mode,
+                    reply,
+                } => {
+                    let created = create_actor(&tx, record, input, mode)
+                        .map_err(|err| integrity.observe(err));
+                    outcomes.push(Outcome::Created(reply, created));
+                }
+                WriteOp::Commit {
+                    actor_id,
+                    writes,
+                    poison,
+                    release,
+                } => {
+                    if let Some(err) = refusal(&poison) {
+                        outcomes.push(Outcome::Release(release, Err(err)));
+                        continue;
+                    }
+                    let wrote = match writes {
+                        Some(writes) => {
+                            apply_writes(&tx, &actor_id, *writes)?;
+                            poison
+                        }
+                        None => None,
+                    };
+                    outcomes.push(Outcome::Release(release, Ok(wrote)));
+                }
+                WriteOp::DeleteActor { actor_id, release } => {
+                    for sql in [
+                        "DELETE FROM kv WHERE actor_id = ?1",
+                        "DELETE FROM schedules WHERE actor_id = ?1",
+                        "DELETE FROM actors WHERE id = ?1",
+                    ] {
+                        tx.prepare_cached(sql)?.execute([&*actor_id])?;
+                    }
+                    outcomes.push(Outcome::Release(release, Ok(None)));
+                }
+                WriteOp::Close => unreachable!("the loop keeps close out of batches"),
+            }
+        }
+        // Nothing more is committed once damage has been seen; the counter and its record let
+        // the next open notice commits that the log lost (see `integrity.rs`).
+        integrity.check()?;
+        let seq = crate::integrity::next_commit_seq(&tx)?;
+        match check(faults, Failpoint::BeforeWalWrite) {
+            Fault::Continue => {}
+            Fault::Fail => return Err(Refused::Failed(faults::injected_full())),
+            Fault::Crash => return Err(Refused::Crashed),
+        }
+        let committed = tx.commit();
+        // A crash injected inside SQLite's commit (at the WAL sync) surfaces as its error.
+        if faults.is_some_and(FaultState::has_crashed) {
+            return Err(Refused::Crashed);
+        }
+        committed.map_err(|err| Refused::CommitFailed(Error::Storage(err)))?;
+        integrity.record(seq);
+        if check(faults, Failpoint::AfterCommitBeforeReply) == Fault::Crash {
+            return Err(Refused::Crashed);
+        }
+        Ok(())
     }
-    tracing::debug!("storage writer stopped");
+}
+
+/// Asks the faults, if any, what to do at `point`.
+fn check(faults: Option<&FaultState>, point: Failpoint) -> Fault {
+    match faults {
+        Some(faults) => faults.check(point),
+        None => Fault::Continue,
+    }
+}
+
+/// The error a commit of a poisoned instance is refused with, if it is poisoned.
+fn refusal(poison: &Option<Arc<Poison>>) -> Option<Error> {
+    poison.as_ref().and_then(|poison| poison.refusal())
 }
 
 /// What one op in a batch produced, held until the commit decides its fate.
@@ -281,110 +616,9 @@ enum Outcome {
         oneshot::Sender<Result<(ActorRecord, bool)>>,
         Result<(ActorRecord, bool)>,
     ),
-    Release(Release),
-}
-
-fn apply(
-    conn: &mut Connection,
-    batch: &mut Vec<WriteOp>,
-    stats: &WriterStats,
-    integrity: &Integrity,
-) {
-    let count = batch.len() as u64;
-    let writes = batch.iter().any(|op| match op {
-        WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } => true,
-        WriteOp::Commit { writes, .. } => writes.is_some(),
-        WriteOp::Close => false,
-    });
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let started = std::time::Instant::now();
-    let result = if writes {
-        write_batch(conn, batch.drain(..), &mut outcomes, integrity)
-            .map_err(|err| integrity.observe(err))
-    } else {
-        outcomes.extend(batch.drain(..).map(|op| match op {
-            WriteOp::Commit { release, .. } => Outcome::Release(release),
-            WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } | WriteOp::Close => {
-                unreachable!("a batch without writes holds only commits")
-            }
-        }));
-        Ok(())
-    };
-    if writes && result.is_ok() {
-        stats.transactions.fetch_add(1, Ordering::Relaxed);
-        stats.commit_seconds.observe(started.elapsed());
-    }
-    stats.ops.fetch_add(count, Ordering::Relaxed);
-    if let Err(err) = &result {
-        tracing::error!(error = %err, ops = count, "commit failed; the batch's outputs get an error");
-    }
-    for outcome in outcomes {
-        match outcome {
-            Outcome::Created(reply, created) => {
-                let value = match &result {
-                    Ok(()) => created,
-                    Err(err) => Err(err.duplicate()),
-                };
-                // The caller may have given up waiting; the row is written either way.
-                let _ = reply.send(value);
-            }
-            Outcome::Release(release) => release(match &result {
-                Ok(()) => Ok(()),
-                Err(err) => Err(err.duplicate()),
-            }),
-        }
-    }
-}
-
-fn write_batch(
-    conn: &mut Connection,
-    ops: impl Iterator<Item = WriteOp>,
-    outcomes: &mut Vec<Outcome>,
-    integrity: &Integrity,
-) -> Result<()> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    for op in ops {
-        match op {
-            WriteOp::CreateActor {
-                record,
-                input,
-                mode,
-                reply,
-            } => {
-                let created =
-                    create_actor(&tx, record, input, mode).map_err(|err| integrity.observe(err));
-                outcomes.push(Outcome::Created(reply, created));
-            }
-            WriteOp::Commit {
-                actor_id,
-                writes,
-                release,
-            } => {
-                if let Some(writes) = writes {
-                    apply_writes(&tx, &actor_id, *writes)?;
-                }
-                outcomes.push(Outcome::Release(release));
-            }
-            WriteOp::DeleteActor { actor_id, release } => {
-                for sql in [
-                    "DELETE FROM kv WHERE actor_id = ?1",
-                    "DELETE FROM schedules WHERE actor_id = ?1",
-                    "DELETE FROM actors WHERE id = ?1",
-                ] {
-                    tx.prepare_cached(sql)?.execute([&*actor_id])?;
-                }
-                outcomes.push(Outcome::Release(release));
-            }
-            WriteOp::Close => unreachable!("the loop keeps close out of batches"),
-        }
-    }
-    // Nothing more is committed once damage has been seen; the counter and its record let
-    // the next open notice commits that the log lost (see `integrity.rs`).
-    integrity.check()?;
-    let seq = crate::integrity::next_commit_seq(&tx)?;
-    tx.commit()?;
-    integrity.record(seq);
-    Ok(())
+    /// A commit or delete: `Ok` with the poison mark of the instance whose writes it applied,
+    /// or `Err` if it was refused (poisoned already) and must not be applied.
+    Release(Release, Result<Option<Arc<Poison>>>),
 }
 
 fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) -> Result<()> {
