@@ -37,6 +37,29 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Strin
     (status, body)
 }
 
+/// Waits until `condition` holds, checking after every short pause; panics after ten seconds.
+/// For states no event announces (an action that has started inside the host).
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// How many runs of `action` the host has started.
+fn started(host: &CounterHost, action: &str) -> usize {
+    let needle = format!(":{action}:");
+    host.log
+        .lock()
+        .iter()
+        .filter(|line| line.contains(&needle))
+        .count()
+}
+
 /// Starts serving in the background and returns the bound address.
 async fn serve(
     registry: &Arc<Registry>,
@@ -124,7 +147,8 @@ async fn registry_with(dir: &std::path::Path) -> Arc<Registry> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_in_flight_actions_and_persists_them() {
     let dir = tempfile::tempdir().unwrap();
-    let registry = registry(CounterHost::new());
+    let host = CounterHost::new();
+    let registry = registry(host.clone());
     let (addr, serving) = serve(&registry, config(dir.path())).await;
     let calls: Vec<_> = ["s1", "s2", "s3"]
         .into_iter()
@@ -139,7 +163,8 @@ async fn drain_finishes_in_flight_actions_and_persists_them() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The drain must find all three in flight.
+    until("the three slow calls run", || started(&host, "slow") == 3).await;
     registry.shutdown().await;
     for call in calls {
         assert_eq!(call.await.unwrap(), (200, r#"{"output":1}"#.to_string()));
@@ -168,7 +193,7 @@ async fn a_drain_that_cannot_finish_is_forced_at_the_timeout() {
     let blocked = tokio::spawn(async move {
         post(addr, "/v1/actors/counter/actions/block", r#"{"key":["f"]}"#).await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    until("the blocked call runs", || started(&host, "block") == 1).await;
     let started = std::time::Instant::now();
     registry.shutdown().await;
     let took = started.elapsed();
@@ -397,8 +422,10 @@ async fn shutdown_during_a_slow_build_drains_what_the_builder_built() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(registry.state_name(), "building_serverless");
+    until("the first request builds", || {
+        registry.state_name() == "building_serverless"
+    })
+    .await;
     // The table's cells for `BuildingServerless`.
     let err = registry.serve(config.clone(), |_| {}).await.unwrap_err();
     assert_eq!(err.code(), "wrong_mode");
