@@ -36,7 +36,8 @@ export function ensureWrk() {
   const probe = () => {
     const res = spawnSync("wrk", ["-v"], { encoding: "utf8" });
     if (res.error) return null;
-    return (res.stdout + res.stderr).split("\n")[0].trim();
+    // "wrk debian/4.1.0-3+b2 [epoll] Copyright ...": keep the name and version.
+    return (res.stdout + res.stderr).split("\n")[0].split(" [")[0].trim();
   };
   let version = probe();
   if (version) return { available: true, version, note: null };
