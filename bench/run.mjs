@@ -16,7 +16,9 @@
 //                        Default: this repo, with the addon from bench/.native/
 //   --no-build           reuse bench/.native/keel.node instead of running cargo
 //   --only LIST          run only these workloads (comma-separated, from sequential,
-//                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms)
+//                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms,
+//                        http-sequential,http-concurrent,http-sequential-relaxed,
+//                        http-concurrent-relaxed,cold-start,idle-rss,many-actors)
 //   --rounds N           repeat every measurement N times and report medians (default 3)
 //   --seq-calls N        calls in the sequential workload (default 2000)
 //   --concurrency N      actors (= requests in flight) in the concurrent workload (default 64)
