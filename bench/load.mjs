@@ -5,7 +5,10 @@
 //   config: { port, workload, timeCapMs, requestTimeoutMs, ...per-workload fields }
 //   - "sequential" | "concurrent": { actors, maxCalls, durationMs, warmupCallsPerActor }
 //   - "ws-sequential" | "ws-concurrent": the same, over one WebSocket connection per actor
+//   - "http-sequential" | "http-concurrent" (and -relaxed): the first two, when wrk is missing
 //   - "broadcast": { actors, connections, bursts, warmupBursts, payloadBytes, connectConcurrency }
+//   - "many-actors": { actors, concurrency }: each actor created by one call; then server RSS
+//   - `peer: "rivetkit"` sends the HTTP counter calls to the RivetKit peer's routes
 //   - "wake":   { probePort, actors }                         (keel only, see lifecycle below)
 //   - "memory": { probePort, actors, concurrency, warmupActors }
 //   - "alarms": { actors, alarmsPerActor, leadMs, warmupAlarmsPerActor }
@@ -93,7 +96,26 @@ function answered(message) {
  */
 async function callOn(actor, action, args) {
   if (actor.conn) return actor.conn.call(action, args);
+  if (config.peer === "rivetkit") return callRivetkit(actor, action, args);
   const { status, body } = await post(`/v1/actors/counter/actions/${action}`, { key: actor.key, args });
+  if (status !== 200) throw answered(`HTTP ${status}: ${JSON.stringify(body).slice(0, 200)}`);
+  return body.output;
+}
+
+/**
+ * The same call on the RivetKit peer (servers/rivetkit.mjs): the actor id of the key is asked
+ * for once (`PUT /actors`, get or create) and kept, then the action goes to
+ * `POST /gateway/{id}/action/{name}` with `{"args":[...]}`. RivetKit's own client asks for the
+ * id before every action; the bench does it once per actor.
+ */
+async function callRivetkit(actor, action, args) {
+  if (actor.rivetkitId === undefined) {
+    const text = JSON.stringify({ name: "counter", key: actor.key[0], runner_name_selector: "default", crash_policy: "sleep" });
+    const { status, body } = await request("PUT", config.port, "/actors", text);
+    if (status !== 200) throw answered(`PUT /actors: HTTP ${status}: ${JSON.stringify(body).slice(0, 200)}`);
+    actor.rivetkitId = body.actor.actor_id;
+  }
+  const { status, body } = await post(`/gateway/${encodeURIComponent(actor.rivetkitId)}/action/${action}`, { args });
   if (status !== 200) throw answered(`HTTP ${status}: ${JSON.stringify(body).slice(0, 200)}`);
   return body.output;
 }
@@ -245,6 +267,44 @@ const hardStop = setTimeout(() => {
   process.exit(4);
 }, config.timeCapMs);
 hardStop.unref();
+
+/**
+ * `actors` distinct counters, each created by its first call (`increment` of 1, which must
+ * answer 1), `concurrency` calls in flight. Timed from the first call to the last reply;
+ * afterwards the server's RSS is read from /proc (no GC is forced: what a user would see).
+ */
+async function manyActors() {
+  const errors = [];
+  let wrong = 0;
+  const cpuStart = cpuNow();
+  const start = performance.now();
+  await forEachConcurrently(config.actors, config.concurrency, async (i) => {
+    const actor = newActor(i);
+    try {
+      const out = await callOn(actor, "increment", [1]);
+      if (out !== 1) wrong += 1;
+    } catch (err) {
+      if (errors.length < 5) errors.push(String(err.message ?? err));
+      wrong += 1;
+    }
+  });
+  const elapsedMs = performance.now() - start;
+  const cpuMs = cpuSince(cpuStart);
+  const status = readFileSync(`/proc/${config.serverPid}/status`, "utf8");
+  const kb = (field) => Number.parseInt(status.split("\n").find((l) => l.startsWith(`${field}:`))?.split(":")[1] ?? "NaN", 10);
+  return {
+    workload: "many-actors",
+    actors: config.actors,
+    concurrency: config.concurrency,
+    elapsedMs: round3(elapsedMs),
+    actorsPerSec: Math.round((config.actors / elapsedMs) * 1000 * 10) / 10,
+    cpuMs,
+    serverRssBytes: kb("VmRSS") * 1024,
+    serverRssAnonBytes: kb("RssAnon") * 1024,
+    errors: wrong,
+    verify: { ok: wrong === 0, firstErrors: errors },
+  };
+}
 
 // ---------------------------------------------------------------------------------------------
 // Life-cycle workloads (keel only; the actor types are in servers/lifecycle.mjs). `wake` and
@@ -742,7 +802,13 @@ async function main() {
     concurrent: counterWorkload,
     "ws-sequential": counterWorkload,
     "ws-concurrent": counterWorkload,
+    // run.mjs's http-* workloads, when wrk is missing.
+    "http-sequential": counterWorkload,
+    "http-concurrent": counterWorkload,
+    "http-sequential-relaxed": counterWorkload,
+    "http-concurrent-relaxed": counterWorkload,
     broadcast,
+    "many-actors": manyActors,
     wake,
     memory,
     alarms,

@@ -16,7 +16,9 @@
 //                        Default: this repo, with the addon from bench/.native/
 //   --no-build           reuse bench/.native/keel.node instead of running cargo
 //   --only LIST          run only these workloads (comma-separated, from sequential,
-//                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms)
+//                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms,
+//                        http-sequential,http-concurrent,http-sequential-relaxed,
+//                        http-concurrent-relaxed,cold-start,idle-rss,many-actors)
 //   --rounds N           repeat every measurement N times and report medians (default 3)
 //   --seq-calls N        calls in the sequential workload (default 2000)
 //   --concurrency N      actors (= requests in flight) in the concurrent workload (default 64)
@@ -31,12 +33,22 @@
 //   --fanout-actors N    rooms (actors) they are spread over (default 100)
 //   --fanout-bursts N    timed bursts of one broadcast per room (default 10)
 //   --fanout-payload N   approximate event payload, in bytes of JSON (default 100)
+//   --peers LIST         also run the peers in LIST (comma-separated; only `rivetkit`) on the
+//                        http-* workloads and the start-up figures
+//   --many-actors N      actors created and called once each in many-actors (default 10000)
+//   --cold-rounds N      spawns timed by cold-start and measured by idle-rss (default 5)
+//
+// The http-* workloads drive HTTP with wrk (installed with apt-get when missing and root; else
+// the JS generator, noted in the table), in `full` and `relaxed` durability; see http-wrk.mjs.
+// cold-start, idle-rss and many-actors are the start-up figures (see figures.mjs).
 
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { coldStart, idleRss } from "./figures.mjs";
+import { ensureWrk, runWrkCounter } from "./http-wrk.mjs";
 
 const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(benchDir, "..");
@@ -54,7 +66,13 @@ const COUNTER_WORKLOADS = ["sequential", "concurrent", "ws-sequential", "ws-conc
 // Event fan-out over WebSocket connections, keel vs the baseline.
 const FANOUT_WORKLOADS = ["broadcast"];
 const LIFECYCLE_WORKLOADS = ["wake", "memory", "alarms"];
-const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS];
+// The counter over HTTP driven by wrk, in full and relaxed durability, keel vs the baseline
+// (and the peers given with --peers).
+const HTTP_WORKLOADS = ["http-sequential", "http-concurrent", "http-sequential-relaxed", "http-concurrent-relaxed"];
+// Start-up figures: spawn to first reply, idle RSS, 10,000 actors created (and the peers').
+const FIGURE_WORKLOADS = ["cold-start", "idle-rss", "many-actors"];
+const PEERS = ["rivetkit"];
+const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS, ...HTTP_WORKLOADS, ...FIGURE_WORKLOADS];
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -78,6 +96,9 @@ function parseArgs(argv) {
     fanoutActors: 100,
     fanoutBursts: 10,
     fanoutPayload: 100,
+    peers: [],
+    manyActors: 10_000,
+    coldRounds: 5,
   };
   const numeric = {
     "--rounds": "rounds",
@@ -94,6 +115,8 @@ function parseArgs(argv) {
     "--fanout-actors": "fanoutActors",
     "--fanout-bursts": "fanoutBursts",
     "--fanout-payload": "fanoutPayload",
+    "--many-actors": "manyActors",
+    "--cold-rounds": "coldRounds",
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -108,6 +131,10 @@ function parseArgs(argv) {
       const unknown = names.filter((n) => !known.includes(n));
       if (!names.length || unknown.length) throw new Error(`--only takes a comma-separated list from ${known.join(",")}`);
       opts.only = names;
+    } else if (arg === "--peers") {
+      const names = (argv[++i] ?? "").split(",").filter(Boolean);
+      if (!names.length || names.some((n) => !PEERS.includes(n))) throw new Error(`--peers takes a comma-separated list from ${PEERS.join(",")}`);
+      opts.peers = names;
     } else if (arg in numeric) {
       const value = Number(argv[++i]);
       if (!(value > 0)) throw new Error(`${arg} needs a positive number`);
@@ -128,6 +155,8 @@ function parseArgs(argv) {
   opts.fanoutConns = Math.min(Math.floor(opts.fanoutConns / opts.fanoutActors) * opts.fanoutActors, 10_000);
   opts.fanoutBursts = Math.min(Math.floor(opts.fanoutBursts), 1000);
   opts.fanoutPayload = Math.min(Math.floor(opts.fanoutPayload), 65_536);
+  opts.manyActors = Math.min(Math.floor(opts.manyActors), 100_000);
+  opts.coldRounds = Math.min(Math.floor(opts.coldRounds), 20);
   if (opts.fanoutConns < opts.fanoutActors) throw new Error("--fanout-conns must be at least --fanout-actors");
   return opts;
 }
@@ -142,9 +171,9 @@ function run(cmd, args, options = {}) {
   if (res.status !== 0) throw new Error(`${cmd} ${args.join(" ")} exited with ${res.status}`);
 }
 
-/** Whether bench/'s own dependencies are installed: better-sqlite3 (built) and ws. */
+/** Whether bench/'s own dependencies are installed: better-sqlite3 (built), ws and rivetkit. */
 function canLoadDeps() {
-  const res = spawnSync(process.execPath, ["-e", "new (require('better-sqlite3'))(':memory:').close(); require('ws')"], {
+  const res = spawnSync(process.execPath, ["-e", "new (require('better-sqlite3'))(':memory:').close(); require('ws'); require.resolve('rivetkit'); require.resolve('@hono/node-server')"], {
     cwd: benchDir,
     stdio: "ignore",
   });
@@ -157,7 +186,7 @@ function ensureDeps() {
   // bench/package.json's allowScripts entry is what lets npm run that build.
   run("npm", ["install", "--prefix", "bench", "--no-audit", "--no-fund"], { cwd: repoRoot });
   if (!canLoadDeps()) {
-    throw new Error("better-sqlite3 or ws still does not load; try `npm rebuild better-sqlite3 --prefix bench`");
+    throw new Error("better-sqlite3, ws or rivetkit still does not load; try `npm rebuild better-sqlite3 --prefix bench`");
   }
 }
 
@@ -301,10 +330,12 @@ function exited(child, timeoutMs) {
 }
 
 /** Starts a server child on a fresh data dir and waits for its ready line. */
-async function startServer(kind, { probe = false } = {}) {
+async function startServer(kind, { probe = false, durability = null } = {}) {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), `keel-bench-${kind}-`));
   const env = { ...process.env };
   delete env.KEEL_BENCH_PROBE;
+  delete env.KEEL_BENCH_DURABILITY;
+  if (durability) env.KEEL_BENCH_DURABILITY = durability;
   if (kind === "keel") {
     env.NAPI_RS_NATIVE_LIBRARY_PATH = addonPath;
     env.KEEL_BENCH_KEEL_DIR = keelDir;
@@ -485,6 +516,153 @@ async function measure(kind, workload) {
     if (!clean) console.error(`warning: ${kind} server did not shut down cleanly:\n${server.out.stderr}`);
   }
   return result;
+}
+
+/** The counter over HTTP under wrk, in both durabilities (see http-wrk.mjs). */
+function httpWorkloads(opts) {
+  const all = HTTP_WORKLOADS.map((name) => ({
+    name,
+    durability: name.endsWith("-relaxed") ? "relaxed" : "full",
+    // Sequential: one connection, one key (`-t1 -c1`); concurrent: one per actor.
+    actors: name.startsWith("http-sequential") ? 1 : opts.concurrency,
+    durationS: opts.durationS,
+  }));
+  return all.filter((w) => opts.only.includes(w.name));
+}
+
+/** One http-* workload on a fresh server: wrk when there is one, else the JS generator. */
+async function measureHttp(kind, workload, wrk) {
+  const server = await startServer(kind, { durability: workload.durability });
+  try {
+    if (wrk.available) {
+      return await runWrkCounter({ kind, port: server.port, serverPid: server.child.pid, workload: workload.name, connections: workload.actors, durationS: workload.durationS });
+    }
+    const result = await runLoad({
+      port: server.port,
+      serverPid: server.child.pid,
+      workload: workload.name,
+      peer: kind === "rivetkit" ? "rivetkit" : undefined,
+      actors: workload.actors,
+      maxCalls: 1_000_000,
+      durationMs: workload.durationS * 1000,
+      warmupCallsPerActor: workload.actors === 1 ? 100 : 10,
+      requestTimeoutMs: 30_000,
+      timeCapMs: workload.durationS * 1000 + 120_000,
+    });
+    return { ...result, client: "js" };
+  } finally {
+    const clean = await stopServer(server);
+    if (!clean) console.error(`warning: ${kind} server did not shut down cleanly:\n${server.out.stderr}`);
+  }
+}
+
+/** 10,000 actors created by one call each, 64 in flight (load.mjs, many-actors). */
+async function measureManyActors(kind, opts) {
+  const server = await startServer(kind);
+  try {
+    return await runLoad({
+      port: server.port,
+      serverPid: server.child.pid,
+      workload: "many-actors",
+      peer: kind === "rivetkit" ? "rivetkit" : undefined,
+      actors: opts.manyActors,
+      concurrency: 64,
+      requestTimeoutMs: 30_000,
+      timeCapMs: 300_000,
+    });
+  } finally {
+    const clean = await stopServer(server);
+    if (!clean) console.error(`warning: ${kind} server did not shut down cleanly:\n${server.out.stderr}`);
+  }
+}
+
+/** keel/other ratios of the figures of one http-* workload. */
+function httpRatios(keel, other) {
+  return { callsPerSec: round3(keel.callsPerSec / other.callsPerSec), p50Ms: round3(keel.p50Ms / other.p50Ms), p99Ms: round3(keel.p99Ms / other.p99Ms) };
+}
+
+function printHttpTable(summary, wrk) {
+  const rows = [["workload", "server", "client", "calls/s", "p50 ms", "p99 ms", "server CPU µs/call", "calls", "errors", "verified"]];
+  for (const name of HTTP_WORKLOADS) {
+    const w = summary[name];
+    if (!w) continue;
+    for (const kind of Object.keys(w.servers)) {
+      const s = w.servers[kind];
+      rows.push([name, kind, s.client, s.callsPerSec.toFixed(1), s.p50Ms.toFixed(3), s.p99Ms.toFixed(3), s.cpuUsPerCall.server.toFixed(0), String(s.calls), String(s.errors), s.verified ? "yes" : "NO"]);
+    }
+    for (const [other, r] of Object.entries(w.ratio)) {
+      rows.push([name, `keel/${other}`, "", `${r.callsPerSec.toFixed(2)}x`, `${r.p50Ms.toFixed(2)}x`, `${r.p99Ms.toFixed(2)}x`, "", "", "", ""]);
+    }
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
+  const line = (row) => row.map((cell, i) => (i < 3 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join("  ");
+  console.log(line(rows[0]));
+  console.log(widths.map((w) => "-".repeat(w)).join("  "));
+  for (const row of rows.slice(1)) console.log(line(row));
+  console.log(
+    `http-*: ${wrk.available ? `${wrk.version}, one thread and one connection per key` : `JS load generator (${wrk.note})`}; ` +
+      "-relaxed = keel `durability: \"relaxed\"`, baseline synchronous=NORMAL. RivetKit has no such setting: it replies before writing state " +
+      "(saved at most every 10 s, written and renamed without fsync), in both rows.",
+  );
+}
+
+/** Medians of the start-up figures for each server, and the goals they are held to. */
+function summarizeFigures(raw, summary) {
+  const out = {};
+  const kinds = (name) => Object.keys(raw[name] ?? {});
+  if (raw["cold-start"]) out.coldStart = Object.fromEntries(kinds("cold-start").map((k) => [k, raw["cold-start"][k][0]]));
+  if (raw["idle-rss"]) out.idleRss = Object.fromEntries(kinds("idle-rss").map((k) => [k, raw["idle-rss"][k][0]]));
+  if (raw["many-actors"]) {
+    out.manyActors = Object.fromEntries(
+      kinds("many-actors").map((k) => {
+        const rounds = raw["many-actors"][k];
+        return [k, {
+          actors: rounds[0].actors,
+          elapsedMs: rounds[0].elapsedMs,
+          serverRssBytes: rounds[0].serverRssBytes,
+          errors: rounds.reduce((n, r) => n + r.errors, 0),
+          verified: rounds.every((r) => r.verify.ok),
+        }];
+      }),
+    );
+  }
+  if (summary.memory) out.memoryBytesPerActor = summary.memory.bytesPerActor;
+  out.goals = { coldStartMs: 150, manyActorsMs: 2000, manyActorsRssMB: 150, idleRssMB: 60 };
+  return out;
+}
+
+function printFiguresTable(f) {
+  const mb = (b) => (b / 1048576).toFixed(1);
+  const kinds = ["keel", "baseline", ...PEERS].filter((k) => f.coldStart?.[k] || f.idleRss?.[k] || f.manyActors?.[k]);
+  const rows = [["figure", "goal (keel)", ...kinds, ...kinds.filter((k) => k !== "keel").map((k) => `keel/${k}`), "keel meets goal"]];
+  const add = (label, goal, pick, fmt, meets) => {
+    const values = kinds.map((k) => pick(k));
+    if (values[0] === undefined) return;
+    const ratios = kinds.slice(1).map((_, i) => (values[i + 1] === undefined ? "" : `${(values[0] / values[i + 1]).toFixed(2)}x`));
+    rows.push([label, goal, ...values.map((v) => (v === undefined ? "" : fmt(v))), ...ratios, meets === null ? "" : meets(values[0]) ? "yes" : "NO"]);
+  };
+  const g = f.goals;
+  add("cold start ms (spawn to first reply)", `< ${g.coldStartMs}`, (k) => f.coldStart?.[k]?.ms, (v) => v.toFixed(1), (v) => v < g.coldStartMs);
+  add(`idle RSS MB (no actors)`, `< ${g.idleRssMB}`, (k) => f.idleRss?.[k]?.rssBytes, mb, (v) => v / 1048576 < g.idleRssMB);
+  // The goals are for 10,000 actors; another --many-actors count is shown without them.
+  const n = f.manyActors?.keel?.actors ?? 10_000;
+  const held = n === 10_000;
+  add(`${n} actors created+called, ms`, held ? `< ${g.manyActorsMs}` : "", (k) => f.manyActors?.[k]?.elapsedMs, (v) => v.toFixed(0), held ? (v) => v < g.manyActorsMs : null);
+  add(`RSS MB after ${n} actors`, held ? `< ${g.manyActorsRssMB}` : "", (k) => f.manyActors?.[k]?.serverRssBytes, mb, held ? (v) => v / 1048576 < g.manyActorsRssMB : null);
+  if (f.memoryBytesPerActor) {
+    add("RSS bytes/actor, awake", "", (k) => (k === "keel" ? f.memoryBytesPerActor.awake : undefined), String, null);
+    add("RSS bytes/actor, asleep", "", (k) => (k === "keel" ? f.memoryBytesPerActor.asleep : undefined), String, null);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
+  const line = (row) => row.map((cell, i) => (i < 1 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join("  ");
+  console.log(line(rows[0]));
+  console.log(widths.map((w) => "-".repeat(w)).join("  "));
+  for (const row of rows.slice(1)) console.log(line(row));
+  console.log(
+    "start-up: keel runs the README counter; medians over the spawns (cold start, idle RSS); one run of the actors on each server. Ratios are keel/peer, below 1x " +
+      "means keel is faster or smaller. RivetKit needs two requests to create and call an actor (PUT /actors, then the action); keel and the baseline one. " +
+      "bytes/actor come from the memory workload (keel only).",
+  );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -713,6 +891,9 @@ async function main() {
     }
   }
 
+  // wrk for the http-* workloads (installed here when missing and root).
+  const wrk = httpWorkloads(opts).length ? ensureWrk() : { available: false, version: null, note: "not used" };
+
   const disk = probeDisk();
   if (disk.tmpfs) console.error(`warning: ${disk.dataDirParent} is tmpfs; fsync costs nothing there and the figures will not reflect a disk`);
   console.error(`disk: write+fdatasync p50 ${disk.writeFdatasyncMs.p50} ms, p99 ${disk.writeFdatasyncMs.p99} ms`);
@@ -748,11 +929,44 @@ async function main() {
       console.error(`  ${describeLifecycle(result)}, verified: ${result.verify.ok}`);
       ((raw[workload.name] ??= {}).keel ??= []).push(result);
     }
+    for (const workload of httpWorkloads(opts)) {
+      for (const kind of [...order, ...opts.peers]) {
+        console.error(`round ${round + 1}/${opts.rounds}: ${workload.name} on ${kind} ...`);
+        const result = await measureHttp(kind, workload, wrk);
+        console.error(
+          `  ${result.client}: ${result.callsPerSec} calls/s, p50 ${result.latencyMs.p50} ms, p99 ${result.latencyMs.p99} ms, ` +
+            `${result.calls} calls, ${result.errors} errors, verified: ${result.verify.ok}`,
+        );
+        ((raw[workload.name] ??= {})[kind] ??= []).push(result);
+      }
+    }
+  }
+  // Start-up figures, once per run: 10,000 actors on each server (the baseline's fsync per
+  // new row makes it the longest step of a run), then cold start and idle RSS over their own
+  // spawns (--cold-rounds).
+  if (opts.only.includes("many-actors")) {
+    for (const kind of ["keel", "baseline", ...opts.peers]) {
+      console.error(`many-actors on ${kind} ...`);
+      const result = await measureManyActors(kind, opts);
+      console.error(`  ${result.actors} actors in ${result.elapsedMs} ms, server RSS ${(result.serverRssBytes / 1048576).toFixed(1)} MiB, ${result.errors} errors`);
+      ((raw["many-actors"] ??= {})[kind] ??= []).push(result);
+    }
+  }
+  for (const name of ["cold-start", "idle-rss"]) {
+    if (!opts.only.includes(name)) continue;
+    for (const kind of ["keel", "baseline", ...opts.peers]) {
+      console.error(`${name} on ${kind} (${opts.coldRounds} spawns) ...`);
+      const spec = { addonPath, keelDir };
+      const result = name === "cold-start" ? await coldStart(kind, spec, opts.coldRounds) : await idleRss(kind, spec, opts.coldRounds);
+      console.error(name === "cold-start" ? `  median ${result.ms} ms (${result.perRoundMs.join(", ")})` : `  median RSS ${(result.rssBytes / 1048576).toFixed(1)} MiB`);
+      ((raw[name] ??= {})[kind] ??= []).push(result);
+    }
   }
 
   const summary = {};
   for (const [name, byKind] of Object.entries(raw)) {
     if (LIFECYCLE_WORKLOADS.includes(name)) continue;
+    if (HTTP_WORKLOADS.includes(name) || FIGURE_WORKLOADS.includes(name)) continue;
     if (FANOUT_WORKLOADS.includes(name)) {
       const keel = summarizeFanout(byKind.keel);
       const baseline = summarizeFanout(byKind.baseline);
@@ -780,10 +994,18 @@ async function main() {
       },
     };
   }
+  for (const name of HTTP_WORKLOADS) {
+    if (!raw[name]) continue;
+    const servers = Object.fromEntries(Object.entries(raw[name]).map(([kind, rounds]) => [kind, { ...summarize(rounds), client: rounds[0].client }]));
+    const ratio = Object.fromEntries(Object.keys(servers).filter((k) => k !== "keel").map((k) => [k, httpRatios(servers.keel, servers[k])]));
+    summary[name] = { durability: name.endsWith("-relaxed") ? "relaxed" : "full", servers, ratio };
+  }
   // After the loop above: the alarms figures take the concurrent workload's calls/s as reference.
   for (const name of LIFECYCLE_WORKLOADS) {
     if (raw[name]) summary[name] = summarizeLifecycle(name, raw[name].keel, summary);
   }
+
+  const figures = FIGURE_WORKLOADS.some((n) => raw[n]) ? summarizeFigures(raw, summary) : null;
 
   const report = {
     startedAt,
@@ -804,6 +1026,9 @@ async function main() {
     options: opts,
     workloads: workloads(opts),
     summary,
+    // The start-up figures (cold start, idle RSS, many actors, memory per actor) and goals.
+    figures,
+    loadGenerator: { http: wrk.available ? wrk.version : "js", note: wrk.note },
     rounds: raw,
   };
   fs.mkdirSync(resultsDir, { recursive: true });
@@ -820,12 +1045,23 @@ async function main() {
     console.log("");
     printLifecycleTable(summary);
   }
+  if (HTTP_WORKLOADS.some((name) => summary[name])) {
+    console.log("");
+    printHttpTable(summary, wrk);
+  }
+  if (figures) {
+    console.log("");
+    printFiguresTable(figures);
+  }
   const la = report.machine;
   console.log(`\nload average (1/5/15 min): ${la.loadavgStart.map((x) => x.toFixed(2)).join(" ")} at the start, ${la.loadavgEnd.map((x) => x.toFixed(2)).join(" ")} at the end; ${la.cpus} CPUs`);
   console.log(`\nwritten to ${path.relative(process.cwd(), out) || out}`);
 
-  const failed = Object.entries(summary).some(([name, w]) =>
-    COUNTER_WORKLOADS.includes(name) || FANOUT_WORKLOADS.includes(name)
+  const figuresFailed = FIGURE_WORKLOADS.some((name) => Object.values(raw[name] ?? {}).some((rounds) => rounds.some((r) => !r.verify.ok || r.errors)));
+  const failed = figuresFailed || Object.entries(summary).some(([name, w]) =>
+    HTTP_WORKLOADS.includes(name)
+      ? Object.values(w.servers).some((s) => !s.verified || s.errors)
+      : COUNTER_WORKLOADS.includes(name) || FANOUT_WORKLOADS.includes(name)
       ? !w.keel.verified || !w.baseline.verified || w.keel.errors || w.baseline.errors
       : !w.verified,
   );

@@ -3,7 +3,8 @@
 //
 // Usage: node servers/baseline.mjs <dataDir>
 // Prints `{"ready":true,"port":N}` on stdout once listening; serves until stdin closes or
-// SIGTERM.
+// SIGTERM. KEEL_BENCH_DURABILITY=relaxed runs SQLite with synchronous=NORMAL instead of FULL
+// (keel's `durability: "relaxed"`); KEEL_BENCH_PORT sets the port (default 0).
 //
 // Same durability promise as keel: each action runs in its own SQLite transaction (read the
 // state row, run the action, write the row, commit) in WAL mode with synchronous=FULL, and the
@@ -34,7 +35,7 @@ const types = { counter: { actions: counterActions, initialState: counterInitial
 
 const db = new Database(path.join(dataDir, "baseline.db"));
 db.pragma("journal_mode = WAL");
-db.pragma("synchronous = FULL");
+db.pragma(process.env.KEEL_BENCH_DURABILITY === "relaxed" ? "synchronous = NORMAL" : "synchronous = FULL");
 db.exec(`CREATE TABLE IF NOT EXISTS actors (
   name  TEXT NOT NULL,
   key   TEXT NOT NULL,
@@ -216,7 +217,7 @@ function onCall(name, conn, msg) {
 // which would otherwise show up as a reconnect (or an ECONNRESET race) in the figures.
 server.keepAliveTimeout = 60_000;
 
-server.listen(0, "127.0.0.1", () => {
+server.listen(Number(process.env.KEEL_BENCH_PORT ?? 0), "127.0.0.1", () => {
   process.stdout.write(JSON.stringify({ ready: true, port: server.address().port }) + "\n");
 });
 

@@ -5,6 +5,8 @@
 // the keel tree whose dist/ to load (default: this repo). Prints one JSON line
 // `{"ready":true,"port":N,"addon":"...","probePort":N|null}` on stdout once listening, then
 // serves until its stdin closes (the parent closing it, or the parent dying) or it gets SIGTERM.
+// KEEL_BENCH_DURABILITY (`full`, the default, or `relaxed`) sets `durability`; KEEL_BENCH_PORT
+// sets the port (default 0).
 //
 // With KEEL_BENCH_PROBE=1 it also answers `GET /probe` on a second, plain node:http listener
 // (127.0.0.1, port `probePort`): `{live, rss, vmRss, rssAnon, rssFile, rssShmem, heapTotal,
@@ -58,9 +60,9 @@ const room = actor(roomConfig);
 const registry = setup({
   use: { counter, napper, resident, timer, room },
   host: "127.0.0.1",
-  port: 0,
+  port: Number(process.env.KEEL_BENCH_PORT ?? 0),
   dataDir,
-  durability: "full",
+  durability: process.env.KEEL_BENCH_DURABILITY || "full",
   disableSignalHandlers: true,
 });
 

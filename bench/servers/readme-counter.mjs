@@ -1,0 +1,61 @@
+// The README counter (examples/counter/actors.mjs and server.mjs) as a bench child: what the
+// cold-start and idle-RSS figures start. Nothing else is registered, and `setup()` gets no
+// options: host, port and data dir come from KEEL_HOST, KEEL_PORT and KEEL_DATA_DIR, which
+// run.mjs sets (127.0.0.1, a port it picked, a temp dir).
+//
+// Usage: node servers/readme-counter.mjs
+// Loads keel from KEEL_BENCH_KEEL_DIR (default: this repo) with the addon from
+// NAPI_RS_NATIVE_LIBRARY_PATH, prints `{"ready":true,"port":N}` once listening and serves until
+// its stdin closes or SIGTERM. Like servers/keel.mjs it refuses to run on any other addon.
+
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const require = createRequire(import.meta.url);
+const { actor, setup } = require(process.env.KEEL_BENCH_KEEL_DIR || repoRoot);
+
+export const counter = actor({
+  state: { count: 0 },
+  actions: {
+    increment: (c, amount) => {
+      c.state.count += amount;
+      return c.state.count;
+    },
+    getCount: (c) => c.state.count,
+  },
+});
+
+export const registry = setup({ use: { counter } });
+
+const serving = registry.start();
+const { port } = await registry.listening();
+
+// After listening, so the check is not on the path the cold start times before the listener
+// is up (it reads one small /proc file either way).
+const wanted = process.env.NAPI_RS_NATIVE_LIBRARY_PATH;
+const mapped = new Set(
+  readFileSync("/proc/self/maps", "utf8")
+    .split("\n")
+    .map((line) => line.slice(line.indexOf("/")))
+    .filter((p) => p.endsWith(".node") && path.basename(p).startsWith("keel")),
+);
+if (!wanted || !mapped.has(wanted) || mapped.size !== 1) {
+  console.error(`readme-counter: expected only ${wanted} to be loaded, found: ${[...mapped].join(", ") || "none"}`);
+  process.exit(3);
+}
+process.stdout.write(JSON.stringify({ ready: true, port }) + "\n");
+
+const stop = () => registry.shutdown().catch((err) => {
+  console.error("readme-counter: shutdown failed:", err);
+  process.exitCode = 1;
+});
+process.stdin.on("end", stop);
+process.stdin.on("error", stop);
+process.stdin.resume();
+process.on("SIGTERM", stop);
+
+await serving;
+process.exit();

@@ -1,0 +1,75 @@
+-- wrk script for the bench's HTTP counter workloads (see bench/http-wrk.mjs, which runs it).
+--
+-- Usage: KEEL_BENCH_WRK_PLAN=PLAN_FILE wrk -t N -c N -s counter.lua URL
+-- PLAN_FILE has one line per thread: `path<TAB>body<TAB>start`. wrk runs with as many threads
+-- as connections, so each thread owns one connection and one key: every request of a thread
+-- is `POST path` with `body` (an `increment` of 1), one in flight at a time. `start` is the
+-- count the key had before this run. The first reply fixes `base` (its output minus 1), and
+-- the N-th reply of a thread must be `base + N`.
+--
+-- done() prints one JSON line: wrk's totals, exact latency percentiles from its histogram
+-- (microseconds), and per thread the replies that were 200, not 200, or off count, and base.
+
+local plan = {}
+local next_thread = 1
+
+function setup(thread)
+  if #plan == 0 then
+    for line in io.lines(os.getenv("KEEL_BENCH_WRK_PLAN")) do
+      local path, body, start = line:match("^([^\t]*)\t([^\t]*)\t(%d+)$")
+      plan[#plan + 1] = { path = path, body = body, start = tonumber(start) }
+    end
+  end
+  local entry = plan[next_thread]
+  thread:set("index", next_thread)
+  thread:set("path", entry.path)
+  thread:set("body", entry.body)
+  thread:set("start", entry.start)
+  next_thread = next_thread + 1
+  threads[#threads + 1] = thread
+end
+
+threads = {}
+
+function init(args)
+  ok = 0
+  base = nil
+  refused = 0
+  mismatches = 0
+  req = wrk.format("POST", path, { ["content-type"] = "application/json", ["x-rivet-encoding"] = "json" }, body)
+end
+
+function request()
+  return req
+end
+
+function response(status, headers, reply)
+  if status ~= 200 then
+    refused = refused + 1
+    return
+  end
+  ok = ok + 1
+  local output = tonumber(reply:match('"output":%s*(%-?%d+)'))
+  -- The first reply anchors the sequence: a warm-up request still in flight when the plan's
+  -- `start` was read may have landed since (run.mjs checks `base` is start or start + 1).
+  if base == nil and output ~= nil then
+    base = output - 1
+  end
+  if output == nil or output ~= base + ok then
+    mismatches = mismatches + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local per = {}
+  for _, t in ipairs(threads) do
+    per[#per + 1] = string.format('{"index":%d,"ok":%d,"refused":%d,"mismatches":%d,"base":%d}',
+      t:get("index"), t:get("ok"), t:get("refused"), t:get("mismatches"), t:get("base") or -1)
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"durationUs":%d,"requests":%d,"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"latencyUs":{"p50":%d,"p99":%d,"mean":%.1f,"max":%d},"threads":[%s]}\n',
+    summary.duration, summary.requests, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean, latency.max, table.concat(per, ",")))
+end
