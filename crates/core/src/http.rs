@@ -38,9 +38,6 @@ type PathOf<T> = std::result::Result<Path<T>, axum::extract::rejection::PathReje
 type MaybeUpgrade =
     std::result::Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
 
-/// The protocol version, the first segment of every versioned route.
-pub const PROTOCOL_VERSION: &str = "v1";
-
 /// The address of the peer a request came from, set by the accept loop; serverless requests
 /// have none.
 #[derive(Debug, Clone, Copy)]

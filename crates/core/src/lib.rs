@@ -26,6 +26,8 @@
 //! - [`config`]: every limit, timeout and default, defined once.
 //! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
 
+#![warn(missing_docs)]
+
 pub mod actor;
 pub mod actor_type;
 pub mod alarms;

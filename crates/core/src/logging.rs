@@ -215,14 +215,6 @@ pub fn init(filter_directives: &str, format: LogFormat) -> Result<bool> {
     Ok(tracing::subscriber::set_global_default(subscriber).is_ok())
 }
 
-/// [`init`] configured by [`FILTER_ENV`] and [`FORMAT_ENV`]. A malformed value does not stop
-/// the process: its default is used instead, and once the subscriber is installed a warning
-/// names the variable. Returns whether the subscriber was installed.
-pub fn init_from_env() -> bool {
-    let (settings, problems) = LogSettings::from_env();
-    settings.install(problems)
-}
-
 /// A filter and a format: what [`init`] installs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogSettings {
@@ -233,15 +225,10 @@ pub struct LogSettings {
 }
 
 impl LogSettings {
-    /// The settings [`FILTER_ENV`] and [`FORMAT_ENV`] ask for. A malformed value is replaced
-    /// by its default and described in the returned problems.
-    pub fn from_env() -> (LogSettings, Vec<String>) {
-        LogSettings::resolve(None, None).expect("settings from the environment always resolve")
-    }
-
     /// Settings given in code, each falling back to its environment variable (then to its
     /// default) when `None`. A malformed value given in code is an `InvalidConfig` error; a
-    /// malformed environment value falls back as in [`LogSettings::from_env`].
+    /// malformed environment value is replaced by its default and described in the returned
+    /// problems.
     pub fn resolve(
         level: Option<&str>,
         format: Option<&str>,
