@@ -343,23 +343,17 @@ export class JsHost {
     const instance = this.instance(invocation);
     const handler = instance.def.config.onRequest;
     return this.guarded(instance, async () => {
-      let response: Response;
-      if (handler === undefined) {
-        response = Response.json(
-          { group: "request", code: "route_not_found", message: "this actor type has no onRequest handler", metadata: null },
-          { status: 404 },
-        );
-      } else {
-        const method = invocation.method ?? "GET";
-        const hasBody = method !== "GET" && method !== "HEAD";
-        const request = new Request(`http://actor${invocation.path ?? "/"}`, {
-          method,
-          headers: (invocation.headers ?? []).map(([name, value]) => [name, value] as [string, string]),
-          body: hasBody && invocation.body !== undefined ? new Uint8Array(invocation.body) : undefined,
-        });
-        response = await handler(instance.ctx as never, request);
-        if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
-      }
+      // Core answers the raw route with a 404 itself when the type registered no onRequest.
+      if (handler === undefined) throw new Error("this actor type has no onRequest handler");
+      const method = invocation.method ?? "GET";
+      const hasBody = method !== "GET" && method !== "HEAD";
+      const request = new Request(`http://actor${invocation.path ?? "/"}`, {
+        method,
+        headers: (invocation.headers ?? []).map(([name, value]) => [name, value] as [string, string]),
+        body: hasBody && invocation.body !== undefined ? new Uint8Array(invocation.body) : undefined,
+      });
+      const response = await handler(instance.ctx as never, request);
+      if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
       // A subclass of Response can override any of these getters, so check what they give:
       // a status in the range the Response constructor allows, headers as string pairs.
       const status = response.status;

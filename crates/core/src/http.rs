@@ -307,6 +307,12 @@ async fn raw(
         }
         let Path(raw_path) = path?;
         let key = crate::key::decode(&raw_path.key)?;
+        // Before the actor is resolved, so a type without the hook gets no actor row.
+        core.types.get(&raw_path.name)?.check_raw(
+            upgrade.is_ok(),
+            request.method().as_str(),
+            request.uri().path(),
+        )?;
         let info = crate::runtime::resolve_on(
             &core,
             Target::Key {

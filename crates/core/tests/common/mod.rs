@@ -275,7 +275,11 @@ impl Host for CounterHost {
 pub fn types() -> Arc<ActorTypes> {
     let mut types = ActorTypes::default();
     types
-        .add(ActorType::new("counter", ACTIONS.iter().copied()))
+        .add(ActorType {
+            raw_requests: true,
+            raw_sockets: true,
+            ..ActorType::new("counter", ACTIONS.iter().copied())
+        })
         .unwrap();
     Arc::new(types)
 }
