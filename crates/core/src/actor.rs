@@ -640,7 +640,19 @@ impl ActorTask {
 
     /// Hands effects to the writer. `release` runs once they are durable; schedule changes
     /// reach the alarm timer then, and sleep or destroy requests take effect at once.
+    ///
+    /// Effects whose KV writes break the limits are refused whole (nothing of the call is
+    /// written, sent, slept or destroyed), and `release` gets the limit error, still in
+    /// commit order.
     fn commit(&mut self, effects: Effects, settle: Option<(String, Settle)>, release: Release) {
+        let (effects, release) = match self.core.config.limits.check_kv(&effects.kv) {
+            Ok(()) => (effects, release),
+            Err(err) => {
+                tracing::debug!(error = %err, "refusing a call's effects");
+                let release: Release = Box::new(move |durable| release(durable.and(Err(err))));
+                (Effects::default(), release)
+            }
+        };
         if effects.destroy {
             self.begin_stopping(StopReason::Destroy);
         } else if effects.sleep {
