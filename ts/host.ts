@@ -10,12 +10,11 @@ import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawW
 import { decode, encode } from "./cbor";
 import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
 import { createActorLog } from "./log";
-import type { Completion, CoreRegistry, Invocation } from "./native";
+import { kvLimits, type Completion, type CoreRegistry, type Invocation } from "./native";
 
-/** Largest KV key, in bytes. */
-export const MAX_KV_KEY_BYTES = 2 * 1024;
-/** Largest KV value, encoded, in bytes. */
-export const MAX_KV_VALUE_BYTES = 128 * 1024;
+// Core enforces these on every commit; checking here too gives the caller the error at the
+// `c.kv` call rather than when the action's effects are committed.
+const { maxKeyBytes: MAX_KV_KEY_BYTES, maxValueBytes: MAX_KV_VALUE_BYTES } = kvLimits();
 const DEFAULT_KV_LIST_LIMIT = 1000;
 
 const STRING_KEY = 0x73; // "s"
