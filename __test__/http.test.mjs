@@ -55,6 +55,19 @@ function upgrade(url, path, options = {}) {
   });
 }
 
+test("the raw routes of a type without onRequest or onWebSocket answer 404 and create no actor", async (t) => {
+  const { url, client } = await start(t);
+  for (const method of ["GET", "POST"]) {
+    const response = await fetch(`${url}/v1/actors/counter/raw/fresh/x`, { method, body: method === "POST" ? "x" : undefined });
+    assert.equal(response.status, 404, method);
+    assert.equal((await response.json()).code, "route_not_found", method);
+  }
+  const refused = await upgrade(url, "/v1/actors/counter/raw/fresh");
+  assert.equal(refused.status, 404);
+  assert.equal(refused.body.code, "route_not_found");
+  await assert.rejects(client.counter.get(["fresh"]).increment(1), (err) => err.code === "not_found" && err.group === "actor");
+});
+
 test("onRequest sees the path and query exactly as the client sent them", async (t) => {
   const { url } = await start(t);
   for (const [tail, path, query] of [

@@ -171,10 +171,17 @@ test("the inspector wants its token, and the token never reaches a trace log", a
   let token;
   const lines = await run(t, { KEEL_LOG: "trace", KEEL_LOG_FORMAT: "json", FIXTURE_DEV: "1" }, async (server) => {
     // The dev token is printed once, on stderr, as a plain line.
-    for (let i = 0; i < 100 && token === undefined; i++) {
-      token = /inspector token \(dev mode, generated for this run\): ([0-9a-f]{64})$/m.exec(server.stderrText)?.[1];
-      if (token === undefined) await new Promise((resolve) => setTimeout(resolve, 20));
-    }
+    const printed = () => /inspector token \(dev mode, generated for this run\): ([0-9a-f]{64})$/m.exec(server.stderrText)?.[1];
+    token = printed() ?? (await new Promise((resolve) => {
+      // helpers.mjs appends each chunk to stderrText in an earlier listener.
+      const onData = () => {
+        if (printed() === undefined) return;
+        server.stderr.off("data", onData);
+        resolve(printed());
+      };
+      server.stderr.on("data", onData);
+      server.exited.then(() => resolve(printed()));
+    }));
     assert.ok(token, server.stderrText);
     const actors = `${server.url}/v1/inspector/actors`;
     const wrong = token.slice(0, -1) + (token.endsWith("0") ? "1" : "0");

@@ -268,7 +268,8 @@ test("a connection holds its actor awake; it sleeps once the last one leaves", a
   const { registry, client } = await start(t, { sleepTimeoutMs: 150 });
   const conn = client.room.getOrCreate(["awake"]).connect({ name: "ada" });
   await conn.ready;
-  await new Promise((resolve) => setTimeout(resolve, 500));
+  // What is tested: idle past the sleep timeout (150 ms), twice over, with a connection open.
+  await new Promise((resolve) => setTimeout(resolve, 300));
   assert.equal(registry.liveActors, 1, "still awake with a connection open past the sleep timeout");
   conn.dispose();
   await until("the actor sleeps", () => registry.liveActors === 0);
@@ -303,6 +304,7 @@ test("destroy closes connections normally after the reply, and sleep does not re
   assert.equal(await conn.destroyRoom(), "bye", "the reply arrives before the close");
   await until("closed for good", () => conn.status === "closed");
   await until("the actor is gone", () => registry.liveActors === 0);
+  // What is tested is that nothing happens: give a stray reconnect (10 ms delay) time to try.
   await new Promise((resolve) => setTimeout(resolve, 200));
   assert.equal(registry.liveActors, 0, "nothing woke it again");
 
@@ -310,6 +312,7 @@ test("destroy closes connections normally after the reply, and sleep does not re
   await napper.ready;
   await napper.nap();
   await until("the actor sleeps", () => registry.liveActors === 0);
+  // What is tested is that nothing happens: the closing socket must not wake the actor.
   await new Promise((resolve) => setTimeout(resolve, 200));
   assert.equal(registry.liveActors, 0, "the closing socket did not wake it");
 });

@@ -5,7 +5,8 @@ import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { setup, createClient } from "keel";
-import { counter } from "./fixtures/counter.mjs";
+import { once } from "node:events";
+import { counter, callEvents } from "./fixtures/counter.mjs";
 import { fixtures, startServer, tempDir } from "./helpers.mjs";
 
 function registryIn(t, options = {}) {
@@ -98,6 +99,7 @@ test("two concurrent shutdown() calls both resolve only after the drain", async 
   registry.start();
   const { url } = await registry.listening();
   let finished = false;
+  const running = once(callEvents, "started");
   const slow = createClient(url)
     .counter.getOrCreate(["slow"])
     .slowIncrement(400)
@@ -105,7 +107,8 @@ test("two concurrent shutdown() calls both resolve only after the drain", async 
       finished = true;
       return value;
     });
-  await new Promise((resolve) => setTimeout(resolve, 100));
+  // Shut down only once the action is running.
+  await running;
   const order = [];
   await Promise.all([
     registry.shutdown().then(() => order.push(["first", finished])),

@@ -4,12 +4,22 @@ import assert from "node:assert/strict";
 import { createClient } from "keel";
 import { startServer, tempDir } from "./helpers.mjs";
 
+/** Resolves once `count` slow or hanging calls are running inside the child at `url`. */
+async function callsStarted(url, count) {
+  const probe = createClient(url).counter.getOrCreate(["probe"]);
+  const deadline = Date.now() + 10_000;
+  while ((await probe.startedCalls()) < count) {
+    assert.ok(Date.now() < deadline, "the calls did not start");
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
 test("SIGINT drains in-flight actions, persists them, and exits by SIGINT", async (t) => {
   const dataDir = tempDir(t);
   const server = await startServer(t, { dataDir });
   const client = createClient(server.url);
   const inFlight = ["a", "b", "c"].map((key) => client.counter.getOrCreate([key]).slowIncrement(1000));
-  await new Promise((resolve) => setTimeout(resolve, 200));
+  await callsStarted(server.url, 3);
   const signalledAt = Date.now();
   server.kill("SIGINT");
   assert.deepEqual(await Promise.all(inFlight), [1, 1, 1]);
@@ -30,8 +40,9 @@ test("a second SIGINT during a blocked drain exits at once", async (t) => {
   const server = await startServer(t, { dataDir: tempDir(t), env: { FIXTURE_DRAIN_TIMEOUT_MS: "20000", FIXTURE_GRACE_PERIOD_MS: "30000" } });
   const client = createClient(server.url);
   client.counter.getOrCreate(["stuck"]).hang().catch(() => {});
-  await new Promise((resolve) => setTimeout(resolve, 200));
+  await callsStarted(server.url, 1);
   server.kill("SIGINT");
+  // What is tested is that nothing happens for a while: the first signal waits for the drain.
   await new Promise((resolve) => setTimeout(resolve, 300));
   assert.equal(server.exitCode, null, "the first signal waits for the drain");
   const sentAt = Date.now();
@@ -47,7 +58,7 @@ test("a drain that cannot finish is forced, and the process still exits by its s
     env: { FIXTURE_DRAIN_TIMEOUT_MS: "900", FIXTURE_GRACE_PERIOD_MS: "1000" },
   });
   createClient(server.url).counter.getOrCreate(["stuck"]).hang().catch(() => {});
-  await new Promise((resolve) => setTimeout(resolve, 200));
+  await callsStarted(server.url, 1);
   const sentAt = Date.now();
   server.kill("SIGTERM");
   const { signal } = await server.exited;

@@ -102,12 +102,18 @@ pub struct ActorTypeOptions {
     pub action_timeout_ms: Option<u32>,
     /// Overrides the runtime's idle time before sleep for this type, in milliseconds.
     pub sleep_timeout_ms: Option<u32>,
+    /// Whether the type has `onRequest`; without it the raw route answers 404.
+    pub raw_requests: bool,
+    /// Whether the type has `onWebSocket`; without it a raw upgrade answers 404.
+    pub raw_sockets: bool,
 }
 
 impl ActorTypeOptions {
     /// The core definition of a type named `name`.
     pub fn into_actor_type(self, name: String) -> Result<ActorType, Error> {
         let mut actor_type = ActorType::new(name, self.actions);
+        actor_type.raw_requests = self.raw_requests;
+        actor_type.raw_sockets = self.raw_sockets;
         if let Some(ms) = self.action_timeout_ms {
             actor_type.action_timeout = Some(positive_ms("actionTimeoutMs", ms)?);
         }

@@ -281,6 +281,25 @@ impl CoreRegistry {
     }
 }
 
+/// The KV limits core enforces on every commit (they are not configurable).
+#[napi(object)]
+pub struct KvLimits {
+    /// Largest KV key, in bytes (string keys count their UTF-8 bytes).
+    pub max_key_bytes: u32,
+    /// Largest KV value once encoded, in bytes.
+    pub max_value_bytes: u32,
+}
+
+/// The KV limits, from core, so the JS host's early check uses the values core enforces.
+#[napi]
+pub fn kv_limits() -> KvLimits {
+    let limits = keel_core::Limits::default();
+    KvLimits {
+        max_key_bytes: limits.max_kv_key_bytes as u32,
+        max_value_bytes: limits.max_kv_value_bytes as u32,
+    }
+}
+
 /// The values `kvGet` read, in key order; `null` where a key is absent.
 #[napi(object)]
 pub struct KvGetResult {

@@ -10,12 +10,11 @@ import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawW
 import { decode, encode } from "./cbor";
 import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
 import { createActorLog } from "./log";
-import type { Completion, CoreRegistry, Invocation } from "./native";
+import { kvLimits, type Completion, type CoreRegistry, type Invocation } from "./native";
 
-/** Largest KV key, in bytes. */
-export const MAX_KV_KEY_BYTES = 2 * 1024;
-/** Largest KV value, encoded, in bytes. */
-export const MAX_KV_VALUE_BYTES = 128 * 1024;
+// Core enforces these on every commit; checking here too gives the caller the error at the
+// `c.kv` call rather than when the action's effects are committed.
+const { maxKeyBytes: MAX_KV_KEY_BYTES, maxValueBytes: MAX_KV_VALUE_BYTES } = kvLimits();
 const DEFAULT_KV_LIST_LIMIT = 1000;
 
 const STRING_KEY = 0x73; // "s"
@@ -343,23 +342,17 @@ export class JsHost {
     const instance = this.instance(invocation);
     const handler = instance.def.config.onRequest;
     return this.guarded(instance, async () => {
-      let response: Response;
-      if (handler === undefined) {
-        response = Response.json(
-          { group: "request", code: "route_not_found", message: "this actor type has no onRequest handler", metadata: null },
-          { status: 404 },
-        );
-      } else {
-        const method = invocation.method ?? "GET";
-        const hasBody = method !== "GET" && method !== "HEAD";
-        const request = new Request(`http://actor${invocation.path ?? "/"}`, {
-          method,
-          headers: (invocation.headers ?? []).map(([name, value]) => [name, value] as [string, string]),
-          body: hasBody && invocation.body !== undefined ? new Uint8Array(invocation.body) : undefined,
-        });
-        response = await handler(instance.ctx as never, request);
-        if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
-      }
+      // Core answers the raw route with a 404 itself when the type registered no onRequest.
+      if (handler === undefined) throw new Error("this actor type has no onRequest handler");
+      const method = invocation.method ?? "GET";
+      const hasBody = method !== "GET" && method !== "HEAD";
+      const request = new Request(`http://actor${invocation.path ?? "/"}`, {
+        method,
+        headers: (invocation.headers ?? []).map(([name, value]) => [name, value] as [string, string]),
+        body: hasBody && invocation.body !== undefined ? new Uint8Array(invocation.body) : undefined,
+      });
+      const response = await handler(instance.ctx as never, request);
+      if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
       // A subclass of Response can override any of these getters, so check what they give:
       // a status in the range the Response constructor allows, headers as string pairs.
       const status = response.status;

@@ -15,3 +15,4 @@ export const CoreRegistry = binding.CoreRegistry;
 export type CoreRegistry = binding.CoreRegistry;
 export const initLogging = binding.initLogging;
 export const logMaxLevel = binding.logMaxLevel;
+export const kvLimits = binding.kvLimits;

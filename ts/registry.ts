@@ -185,6 +185,8 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
           actions: Object.keys(def.config.actions as object),
           actionTimeoutMs: def.config.options?.actionTimeoutMs,
           sleepTimeoutMs: def.config.options?.sleepTimeoutMs,
+          rawRequests: def.config.onRequest !== undefined,
+          rawSockets: def.config.onWebSocket !== undefined,
         }),
       );
     }

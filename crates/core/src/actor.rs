@@ -202,6 +202,10 @@ pub(crate) struct ActorTask {
     /// Travels with every commit; the writer sets it when one of the instance's commits
     /// failed, and the task clears it once it has replaced the instance.
     poison: Arc<Poison>,
+    /// Set when core refused a call's effects itself (they broke the KV limits): the
+    /// instance holds the refused change in memory, so it is replaced before the next
+    /// message, as after a failed commit.
+    refused: bool,
     /// Why the task is stopping, once it has decided to.
     stopping: Option<StopReason>,
     /// Open connections, by id.
@@ -235,6 +239,7 @@ impl ActorTask {
             stopped,
             pending_commits: pending_commits.clone(),
             poison: Arc::default(),
+            refused: false,
             stopping: None,
             conns: HashMap::new(),
             conn_list: Arc::new(Vec::new()),
@@ -664,7 +669,20 @@ impl ActorTask {
 
     /// Hands effects to the writer. `release` runs once they are durable; schedule changes
     /// reach the alarm timer then, and sleep or destroy requests take effect at once.
+    ///
+    /// Effects whose KV writes break the limits are refused whole (nothing of the call is
+    /// written, sent, slept or destroyed), and `release` gets the limit error, still in
+    /// commit order.
     fn commit(&mut self, effects: Effects, settle: Option<(String, Settle)>, release: Release) {
+        let (effects, release) = match self.core.config.limits.check_kv(&effects.kv) {
+            Ok(()) => (effects, release),
+            Err(err) => {
+                tracing::debug!(error = %err, "refusing a call's effects");
+                self.refused = true;
+                let release: Release = Box::new(move |durable| release(durable.and(Err(err))));
+                (Effects::default(), release)
+            }
+        };
         if effects.destroy {
             self.begin_stopping(StopReason::Destroy);
         } else if effects.sleep {
@@ -764,7 +782,11 @@ impl ActorTask {
     /// If a commit of this instance failed, replaces the instance: it holds changes that
     /// were refused, and so may every call since.
     async fn recover_from_failed_commit(&mut self) {
-        if self.poison.is_set() {
+        if self.refused {
+            tracing::debug!("replacing the instance after its effects were refused");
+            self.reset_instance("actor reset after refused effects")
+                .await;
+        } else if self.poison.is_set() {
             tracing::debug!("replacing the instance after a failed commit");
             self.reset_instance("actor reset after a failed commit")
                 .await;
@@ -783,6 +805,7 @@ impl ActorTask {
         // the mark is cleared, so none of them can land afterwards.
         self.settle_commits().await;
         self.poison.clear();
+        self.refused = false;
         let timeout = self.core.config.hook_timeout;
         let reset = self.guarded(
             timeout,

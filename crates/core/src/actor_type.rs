@@ -20,10 +20,16 @@ pub struct ActorType {
     pub action_timeout: Option<Duration>,
     /// Overrides the runtime's default idle time before sleep.
     pub sleep_timeout: Option<Duration>,
+    /// Whether the type answers raw HTTP requests (has `onRequest`). Without it, the raw
+    /// route answers `request.route_not_found` before any actor is looked up or created.
+    pub raw_requests: bool,
+    /// Whether the type accepts raw WebSockets (has `onWebSocket`). Without it, an upgrade
+    /// on the raw route answers `request.route_not_found` and creates nothing.
+    pub raw_sockets: bool,
 }
 
 impl ActorType {
-    /// A type with the given actions and default options.
+    /// A type with the given actions and default options, without raw routes.
     pub fn new(
         name: impl Into<String>,
         actions: impl IntoIterator<Item = impl Into<String>>,
@@ -33,6 +39,21 @@ impl ActorType {
             actions: actions.into_iter().map(Into::into).collect(),
             action_timeout: None,
             sleep_timeout: None,
+            raw_requests: false,
+            raw_sockets: false,
+        }
+    }
+
+    /// Fails with `request.route_not_found` unless the type handles this raw route: a
+    /// WebSocket upgrade when `upgrade` is set, a plain request otherwise.
+    pub fn check_raw(&self, upgrade: bool, method: &str, path: &str) -> Result<()> {
+        if (upgrade && self.raw_sockets) || (!upgrade && self.raw_requests) {
+            Ok(())
+        } else {
+            Err(Error::RouteNotFound {
+                method: method.to_string(),
+                path: path.to_string(),
+            })
         }
     }
 

@@ -17,6 +17,15 @@
 //! - the only simple values are false, true, null and undefined, and the floats are 16, 32
 //!   or 64 bits wide;
 //! - nesting is at most [`MAX_DEPTH`] levels, counted from the top of the body.
+//!
+//! Why a hand-written walker and not `ciborium` or `minicbor`: the walk must refuse exactly
+//! what the host's decoder refuses and keep `args` as the client's bytes, while a general
+//! decoder accepts what keel does not and builds a value tree. Measured with ciborium 0.2 in
+//! a release loop on the shared 2-core dev machine, on a 971-byte action body (a key and a
+//! state-like argument of 20 small objects): [`map_entries`] with its full check took 3.5 to
+//! 3.7 us, `ciborium::from_reader` into a `Value` 36.5 to 37.2 us, and ciborium accepted an
+//! indefinite-length array and an unknown tag (32), both of which keel must refuse, so it
+//! would need this walk on top anyway.
 
 use crate::error::{Error, Result};
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::faults::FaultInjector;
+use crate::host::KvWrite;
 pub use crate::origin::AllowedOrigins;
 
 /// Default HTTP host.
@@ -44,11 +45,40 @@ pub struct Limits {
     pub max_key_bytes: usize,
     /// Messages one actor may hold queued before callers get `actor.overloaded`.
     pub max_mailbox_len: usize,
-    /// Largest KV key, in bytes.
+    /// Largest KV key, in bytes, not counting the one byte a host puts first to mark the key's
+    /// kind (keel's TypeScript host marks string and byte keys). Checked on every commit.
     pub max_kv_key_bytes: usize,
-    /// Largest KV value, in bytes.
+    /// Largest KV value as the host encoded it, in bytes. Checked on every commit.
     pub max_kv_value_bytes: usize,
 }
+
+impl Limits {
+    /// Fails with `kv.key_too_large` or `kv.value_too_large` at the first write past the KV
+    /// limits. Core runs this on every commit, so no host can store what the limits refuse; a
+    /// host may check earlier for a better message, with these same values.
+    pub fn check_kv(&self, writes: &[KvWrite]) -> Result<()> {
+        for write in writes {
+            let (key, value) = match write {
+                KvWrite::Put { key, value } => (key, Some(value)),
+                KvWrite::Delete { key } => (key, None),
+            };
+            if key.len().saturating_sub(KV_KEY_KIND_BYTES) > self.max_kv_key_bytes {
+                return Err(Error::KvKeyTooLarge {
+                    limit: self.max_kv_key_bytes,
+                });
+            }
+            if value.is_some_and(|value| value.len() > self.max_kv_value_bytes) {
+                return Err(Error::KvValueTooLarge {
+                    limit: self.max_kv_value_bytes,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bytes a host puts before a KV key to mark its kind; not counted by the key limit.
+pub const KV_KEY_KIND_BYTES: usize = 1;
 
 impl Default for Limits {
     fn default() -> Self {

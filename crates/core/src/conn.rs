@@ -803,18 +803,18 @@ async fn call(
     }
 }
 
+/// The close code and reason for a socket whose read failed, chosen by the WebSocket
+/// library's error variant (axum's error wraps tungstenite's): a message past the size limit
+/// is 1009, a text message that is not UTF-8 is 1007, any other framing failure is 1008.
 fn classify_read_error(err: &axum::Error) -> (u16, String) {
-    let text = err.to_string();
-    if text.contains("too long")
-        || text.contains("too big")
-        || text.contains("Space limit")
-        || text.contains("Message too long")
-    {
-        (close::TOO_BIG, "message too big".to_string())
-    } else if text.contains("UTF-8") || text.contains("utf-8") {
-        (close::INVALID_PAYLOAD, "invalid UTF-8".to_string())
-    } else {
-        (close::POLICY, "protocol error".to_string())
+    use tungstenite::error::{CapacityError, Error as WsError};
+    let ws_error = std::error::Error::source(err).and_then(|inner| inner.downcast_ref::<WsError>());
+    match ws_error {
+        Some(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
+            (close::TOO_BIG, "message too big".to_string())
+        }
+        Some(WsError::Utf8(_)) => (close::INVALID_PAYLOAD, "invalid UTF-8".to_string()),
+        _ => (close::POLICY, "protocol error".to_string()),
     }
 }
 
@@ -946,6 +946,25 @@ mod tests {
             json: Some(b"\"hi\"".to_vec()),
             cbor: Some(vec![0x62, b'h', b'i']),
         }
+    }
+
+    #[test]
+    fn read_errors_choose_their_close_code_by_variant_not_by_text() {
+        use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+        let code = |err: WsError| classify_read_error(&axum::Error::new(err)).0;
+        let too_long = CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        };
+        assert_eq!(code(WsError::Capacity(too_long)), close::TOO_BIG);
+        assert_eq!(code(WsError::Utf8("bad".into())), close::INVALID_PAYLOAD);
+        // Messages that merely mention a size or UTF-8 are protocol errors.
+        assert_eq!(
+            code(WsError::Protocol(ProtocolError::ControlFrameTooBig)),
+            close::POLICY
+        );
+        let io = std::io::Error::other("stream did not contain valid UTF-8, message too long");
+        assert_eq!(code(WsError::Io(io)), close::POLICY);
     }
 
     #[test]

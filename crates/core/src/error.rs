@@ -19,7 +19,9 @@ pub enum Error {
     /// The registry runs in the other mode (serve versus serverless).
     #[error("the registry is running in {running} mode and cannot {wanted}")]
     RegistryWrongMode {
+        /// The mode the registry runs in (`serve` or `serverless`).
         running: &'static str,
+        /// What the caller tried to do.
         wanted: &'static str,
     },
     /// `serve` was called twice.
@@ -33,21 +35,32 @@ pub enum Error {
     RegistryShuttingDown,
     /// Two actor types with one name.
     #[error("an actor type named {name:?} is already registered")]
-    DuplicateActorType { name: String },
+    DuplicateActorType {
+        /// The name registered twice.
+        name: String,
+    },
     /// The server could not listen on its address.
     #[error("cannot listen on {address}: {source}")]
     Bind {
+        /// The address asked for.
         address: String,
+        /// Why listening failed.
         #[source]
         source: std::io::Error,
     },
     /// A configuration value is out of range or malformed.
     #[error("invalid configuration: {message}")]
-    InvalidConfig { message: String },
+    InvalidConfig {
+        /// Which value is wrong, and why.
+        message: String,
+    },
 
     /// No actor type has this name.
     #[error("no actor type named {name:?} is registered")]
-    ActorTypeNotFound { name: String },
+    ActorTypeNotFound {
+        /// The name asked for.
+        name: String,
+    },
     /// No actor with this key or id exists.
     #[error("actor not found")]
     ActorNotFound,
@@ -56,20 +69,39 @@ pub enum Error {
     ActorAlreadyExists,
     /// The actor's mailbox is full.
     #[error("the actor is overloaded: its mailbox holds {capacity} messages")]
-    ActorOverloaded { capacity: usize },
+    ActorOverloaded {
+        /// The mailbox's capacity, in messages.
+        capacity: usize,
+    },
     /// The actor type has no action with this name.
     #[error("actor type {actor_type:?} has no action named {action:?}")]
-    ActionNotFound { actor_type: String, action: String },
+    ActionNotFound {
+        /// The actor type's name.
+        actor_type: String,
+        /// The action asked for.
+        action: String,
+    },
     /// The action did not finish within its timeout.
     #[error("the action did not finish within {timeout_ms} ms")]
-    ActionTimedOut { timeout_ms: u64 },
+    ActionTimedOut {
+        /// The timeout that passed, in milliseconds.
+        timeout_ms: u64,
+    },
     /// A lifecycle hook (create, wake, sleep, destroy) did not finish within its timeout.
     #[error("the {hook} hook did not finish within {timeout_ms} ms")]
-    HookTimedOut { hook: &'static str, timeout_ms: u64 },
+    HookTimedOut {
+        /// The hook's name.
+        hook: &'static str,
+        /// The timeout that passed, in milliseconds.
+        timeout_ms: u64,
+    },
     /// User code failed in a way that is not a `UserError`; the message is hidden unless dev
     /// mode is on.
     #[error("{message}")]
-    ActorInternal { message: String },
+    ActorInternal {
+        /// What failed.
+        message: String,
+    },
     /// The actor's task stopped while the request was pending.
     #[error("the actor stopped before replying")]
     ActorStopped,
@@ -77,39 +109,73 @@ pub enum Error {
     /// A `UserError` thrown by an action or hook: its code and message reach the client.
     #[error("{message}")]
     User {
+        /// The code the user code chose.
         code: String,
+        /// The message the user code chose.
         message: String,
+        /// Whatever the user code attached, as JSON.
         metadata: Option<Value>,
     },
 
     /// A KV key is longer than the limit.
     #[error("a KV key is longer than {limit} bytes")]
-    KvKeyTooLarge { limit: usize },
+    KvKeyTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// A KV value, encoded, is larger than the limit.
     #[error("a KV value is larger than {limit} bytes")]
-    KvValueTooLarge { limit: usize },
+    KvValueTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
 
     /// The request body or its fields are malformed.
     #[error("{message}")]
-    RequestMalformed { message: String },
+    RequestMalformed {
+        /// What is malformed.
+        message: String,
+    },
     /// The request body exceeds the configured limit.
     #[error("the request body exceeds the limit of {limit} bytes")]
-    RequestTooLarge { limit: usize },
+    RequestTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// The request body stopped arriving: it was not complete within the body timeout.
     #[error("the request body did not arrive within {timeout_ms} ms")]
-    RequestBodyTimedOut { timeout_ms: u64 },
+    RequestBodyTimedOut {
+        /// The body timeout, in milliseconds.
+        timeout_ms: u64,
+    },
     /// An action body whose `content-type` is neither JSON nor CBOR (or is missing).
     #[error("the body must be application/json or application/cbor, not {content_type}")]
-    UnsupportedMediaType { content_type: String },
+    UnsupportedMediaType {
+        /// The `content-type` sent, or a word saying none was.
+        content_type: String,
+    },
     /// An actor key breaks the key rules.
     #[error("invalid actor key: {message}")]
-    InvalidKey { message: String },
+    InvalidKey {
+        /// Which rule the key breaks.
+        message: String,
+    },
     /// The route exists but not for this method.
     #[error("{method} is not allowed on {path}")]
-    MethodNotAllowed { method: String, path: String },
+    MethodNotAllowed {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+    },
     /// No route matches the request.
     #[error("no route for {method} {path}")]
-    RouteNotFound { method: String, path: String },
+    RouteNotFound {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+    },
 
     /// The request needs a valid inspector token and did not carry one. The message never
     /// says what was sent.
@@ -118,15 +184,24 @@ pub enum Error {
     /// The request may not use this route from where it came (the inspector answers only
     /// loopback peers unless configured otherwise).
     #[error("{message}")]
-    Forbidden { message: String },
+    Forbidden {
+        /// Why the request may not use the route.
+        message: String,
+    },
     /// A browser page from another origin, not in `allowedOrigins`, tried a WebSocket upgrade
     /// or a CORS preflight.
     #[error("the origin {origin} is not allowed")]
-    OriginNotAllowed { origin: String },
+    OriginNotAllowed {
+        /// The `Origin` the browser sent.
+        origin: String,
+    },
 
     /// Another process holds the data directory.
     #[error("the data directory {path} is in use by another process")]
-    StorageLocked { path: String },
+    StorageLocked {
+        /// The data directory.
+        path: String,
+    },
     /// The database is not a keel database, or damage was found in it: by SQLite, by keel's
     /// checks at open, or in one actor's stored data. keel never modifies such a file.
     #[error("{detail}")]
@@ -135,19 +210,27 @@ pub enum Error {
         detail: String,
         /// The actor whose stored data is damaged, when the damage is in one actor's row.
         actor_id: Option<String>,
+        /// SQLite's own error, when SQLite found the damage.
         #[source]
         source: Option<rusqlite::Error>,
     },
     /// The database was written by a newer keel.
     #[error("the database schema version {found} is newer than this keel supports ({supported})")]
-    StorageTooNew { found: i64, supported: i64 },
+    StorageTooNew {
+        /// The schema version found in the file.
+        found: i64,
+        /// The newest schema version this keel knows.
+        supported: i64,
+    },
     /// SQLite failed.
     #[error("storage failed: {0}")]
     Storage(#[from] rusqlite::Error),
     /// The filesystem failed.
     #[error("i/o failed: {context}: {source}")]
     Io {
+        /// What keel was doing.
         context: String,
+        /// The filesystem's error.
         #[source]
         source: std::io::Error,
     },

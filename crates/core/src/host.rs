@@ -61,7 +61,9 @@ impl Encoding {
 /// Encoded bytes and their encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
+    /// How `bytes` are encoded.
     pub encoding: Encoding,
+    /// The encoded value.
     pub bytes: Vec<u8>,
 }
 
@@ -87,9 +89,17 @@ impl Payload {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvWrite {
     /// Sets `key` to `value`.
-    Put { key: Vec<u8>, value: Vec<u8> },
+    Put {
+        /// The key, as the host encoded it.
+        key: Vec<u8>,
+        /// The value, as the host encoded it.
+        value: Vec<u8>,
+    },
     /// Removes `key`.
-    Delete { key: Vec<u8> },
+    Delete {
+        /// The key, as the host encoded it.
+        key: Vec<u8>,
+    },
 }
 
 /// A durable schedule: run `action` with `args` at `at_ms`.
@@ -111,7 +121,10 @@ pub enum ScheduleOp {
     /// Adds a schedule.
     Add(Schedule),
     /// Cancels a schedule by id (no error if it already ran or never existed).
-    Cancel { id: String },
+    Cancel {
+        /// The schedule's id.
+        id: String,
+    },
 }
 
 /// An event for connected clients, encoded by the host once per encoding in use.
@@ -166,18 +179,24 @@ pub struct ConnectRequest {
 /// A raw HTTP request for the actor's `onRequest`.
 #[derive(Debug, Clone)]
 pub struct RawRequest {
+    /// The HTTP method.
     pub method: String,
     /// The path below the actor's raw route, with the query string.
     pub path: String,
+    /// The request's headers, in order, names lowercase.
     pub headers: Vec<(String, String)>,
+    /// The whole request body.
     pub body: Vec<u8>,
 }
 
 /// The actor's raw HTTP response.
 #[derive(Debug, Clone)]
 pub struct RawResponse {
+    /// The HTTP status code.
     pub status: u16,
+    /// The response's headers, in order.
     pub headers: Vec<(String, String)>,
+    /// The whole response body.
     pub body: Vec<u8>,
 }
 
@@ -186,20 +205,29 @@ pub struct RawResponse {
 pub enum RawSocketEvent {
     /// A socket opened on the actor's raw route.
     Open {
+        /// The socket's id, unique within the process.
         socket_id: String,
+        /// The path below the actor's raw WebSocket route, with the query string.
         path: String,
+        /// The upgrade request's headers, in order.
         headers: Vec<(String, String)>,
     },
     /// A message arrived.
     Message {
+        /// The socket's id.
         socket_id: String,
+        /// The message's bytes (UTF-8 for a text message).
         data: Vec<u8>,
+        /// Whether it was a binary message rather than text.
         binary: bool,
     },
     /// The socket closed.
     Close {
+        /// The socket's id.
         socket_id: String,
+        /// The close code.
         code: u16,
+        /// The close reason.
         reason: String,
     },
 }

@@ -38,9 +38,6 @@ type PathOf<T> = std::result::Result<Path<T>, axum::extract::rejection::PathReje
 type MaybeUpgrade =
     std::result::Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
 
-/// The protocol version, the first segment of every versioned route.
-pub const PROTOCOL_VERSION: &str = "v1";
-
 /// The address of the peer a request came from, set by the accept loop; serverless requests
 /// have none.
 #[derive(Debug, Clone, Copy)]
@@ -310,6 +307,12 @@ async fn raw(
         }
         let Path(raw_path) = path?;
         let key = crate::key::decode(&raw_path.key)?;
+        // Before the actor is resolved, so a type without the hook gets no actor row.
+        core.types.get(&raw_path.name)?.check_raw(
+            upgrade.is_ok(),
+            request.method().as_str(),
+            request.uri().path(),
+        )?;
         let info = crate::runtime::resolve_on(
             &core,
             Target::Key {

@@ -134,22 +134,19 @@ fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     (!credentials.is_empty()).then_some(credentials)
 }
 
-/// Compares a presented token with the expected one. The loop always runs over every byte of
-/// the expected token and never exits early; which presented byte it reads depends only on
+/// Compares a presented token with the expected one in constant time (`subtle`). The
+/// presented bytes are read cyclically up to the expected length, so the comparison always
+/// runs over every byte of the expected token; which presented byte it reads depends only on
 /// the position and on the presented length, which the caller already knows. So the time
 /// taken tells nothing about how many bytes were right, nor the expected token's length.
 fn tokens_match(presented: &[u8], expected: &[u8]) -> bool {
-    let mut diff = u64::from(presented.len() != expected.len());
+    use subtle::ConstantTimeEq;
     let len = presented.len().max(1);
-    for (i, want) in expected.iter().enumerate() {
-        let got = if presented.is_empty() {
-            0
-        } else {
-            presented[i % len]
-        };
-        diff |= u64::from(got ^ want);
-    }
-    std::hint::black_box(diff) == 0
+    let cycled: Vec<u8> = (0..expected.len())
+        .map(|i| presented.get(i % len).copied().unwrap_or(0))
+        .collect();
+    let same_len = (presented.len() as u64).ct_eq(&(expected.len() as u64));
+    (cycled.ct_eq(expected) & same_len).into()
 }
 
 /// The route layer in front of every inspector route: peer check, then token check.
@@ -470,69 +467,43 @@ fn decode_cursor(cursor: &str) -> Result<(String, String)> {
         .ok_or_else(|| Error::malformed("invalid cursor"))
 }
 
-/// Base64 (RFC 4648): the standard alphabet with padding for bodies, the URL alphabet
-/// without padding for query parameters; decoding takes either.
+/// Base64 (RFC 4648), by the `base64` crate: the standard alphabet with padding for bodies,
+/// the URL alphabet without padding for query parameters; decoding takes either alphabet,
+/// padded or not, and refuses non-canonical text (stray bits after the last byte).
 mod base64 {
-    const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    const URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    use base64::alphabet;
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+    use base64::engine::{DecodePaddingMode, Engine as _};
+
+    /// URL alphabet, written unpadded.
+    const URL: GeneralPurpose = GeneralPurpose::new(
+        &alphabet::URL_SAFE,
+        GeneralPurposeConfig::new()
+            .with_encode_padding(false)
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    /// Standard alphabet, read padded or not.
+    const STANDARD_ANY_PADDING: GeneralPurpose = GeneralPurpose::new(
+        &alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
 
     /// Standard alphabet, padded.
     pub(super) fn encode(bytes: &[u8]) -> String {
-        encode_with(bytes, STANDARD, true)
+        STANDARD.encode(bytes)
     }
 
     /// URL alphabet, unpadded.
     pub(super) fn encode_url(bytes: &[u8]) -> String {
-        encode_with(bytes, URL, false)
-    }
-
-    fn encode_with(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
-        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-            let digits = chunk.len() + 1;
-            for i in 0..4 {
-                if i < digits {
-                    out.push(char::from(alphabet[(n >> (18 - 6 * i)) as usize & 63]));
-                } else if pad {
-                    out.push('=');
-                }
-            }
-        }
-        out
+        URL.encode(bytes)
     }
 
     /// Decodes either alphabet, padded or not; `None` for anything malformed.
     pub(super) fn decode(text: &str) -> Option<Vec<u8>> {
-        let text = text.trim_end_matches('=');
-        if text.len() % 4 == 1 {
-            return None;
-        }
-        let mut out = Vec::with_capacity(text.len() * 3 / 4);
-        let mut acc = 0u32;
-        let mut bits = 0;
-        for c in text.bytes() {
-            let value = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' | b'-' => 62,
-                b'/' | b'_' => 63,
-                _ => return None,
-            };
-            acc = (acc << 6) | u32::from(value);
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-                acc &= (1 << bits) - 1;
-            }
-        }
-        // Leftover bits must be zero padding, or the text was not canonical.
-        (acc == 0).then_some(out)
+        STANDARD_ANY_PADDING
+            .decode(text)
+            .or_else(|_| URL.decode(text))
+            .ok()
     }
 }
 
@@ -612,6 +583,13 @@ mod tests {
         assert_eq!(base64::decode("a"), None);
         assert_eq!(base64::decode("a*=="), None);
         assert_eq!(base64::decode("aGVsbG9="), None, "non-zero leftover bits");
+        assert_eq!(base64::decode("aGVsbG8").unwrap(), b"hello", "unpadded");
+        assert_eq!(base64::decode("-_8").unwrap(), [0xfb, 0xff], "URL alphabet");
+        assert_eq!(
+            base64::decode("+/8=").unwrap(),
+            [0xfb, 0xff],
+            "standard alphabet"
+        );
     }
 
     #[test]

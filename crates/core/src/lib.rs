@@ -27,6 +27,8 @@
 //! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
 //! - [`faults`]: failpoints on the commit path and a VFS shim, for fault-injection tests.
 
+#![warn(missing_docs)]
+
 pub mod actor;
 pub mod actor_type;
 pub mod alarms;

@@ -12,6 +12,14 @@
 //! - A histogram's `_bucket` series are cumulative, end with `le="+Inf"`, and that bucket
 //!   equals `_count` within one rendering (all are derived from one read of the buckets).
 //! - Nothing here holds user data: no keys, ids or payloads become labels.
+//!
+//! Why the page is written by hand rather than by `prometheus-client`: that crate writes only
+//! OpenMetrics 1.0 text, as its documentation shows: a counter's `# TYPE` line names
+//! the family without `_total` (`# TYPE keel_actions counter` above `keel_actions_total`),
+//! the page ends in `# EOF`, and the media type is `application/openmetrics-text`. That would
+//! change the documented page and its content type for every scraper. The gauges read from
+//! the runtime at render time would also need custom collectors. [`Page`] is the forty lines
+//! of the 0.0.4 format keel needs, and a render takes no lock on the recording path.
 
 use std::fmt::Write as _;
 use std::marker::PhantomData;

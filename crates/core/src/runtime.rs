@@ -48,8 +48,11 @@ pub enum Resolve {
 pub enum Target {
     /// By type name and key.
     Key {
+        /// The actor type's name.
         name: String,
+        /// The actor's key segments.
         key: Vec<String>,
+        /// Whether the actor may, must or must not exist already.
         mode: Resolve,
         /// Creation input, used only if this request creates the actor.
         input: Option<Payload>,

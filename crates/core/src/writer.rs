@@ -53,7 +53,12 @@ pub enum Settle {
     /// It ran (or gave up): delete it.
     Done,
     /// It failed: run it again at `at_ms`, counting the failure.
-    Retry { at_ms: i64, attempts: u32 },
+    Retry {
+        /// When to run it again, in epoch milliseconds.
+        at_ms: i64,
+        /// Failures so far, this one included.
+        attempts: u32,
+    },
 }
 
 /// Everything one commit writes for one actor.
@@ -70,16 +75,6 @@ pub struct Writes {
 }
 
 impl Writes {
-    /// Only a new state.
-    pub fn state(state: Option<Vec<u8>>) -> Option<Box<Writes>> {
-        state.map(|state| {
-            Box::new(Writes {
-                state: Some(state),
-                ..Writes::default()
-            })
-        })
-    }
-
     fn is_empty(&self) -> bool {
         self.state.is_none()
             && self.kv.is_empty()
@@ -139,23 +134,31 @@ impl Poison {
 pub enum WriteOp {
     /// Inserts an actor row (or finds the existing one) and replies once durable.
     CreateActor {
+        /// The row to insert.
         record: ActorRecord,
+        /// The creation input, stored with the row.
         input: Option<Payload>,
+        /// What to do when the key already has a row.
         mode: CreateMode,
         /// Receives the row that holds the key, and whether this op created it.
         reply: oneshot::Sender<Result<(ActorRecord, bool)>>,
     },
     /// Applies an actor's writes (if any), then releases the output that waited on them.
     Commit {
+        /// The actor whose writes these are.
         actor_id: Arc<str>,
+        /// What to write; `None` only orders `release` behind earlier commits.
         writes: Option<Box<Writes>>,
         /// The poison mark of the instance that produced the writes, if an actor did.
         poison: Option<Arc<Poison>>,
+        /// What to let out once the commit is durable.
         release: Release,
     },
     /// Deletes an actor with its KV and schedules.
     DeleteActor {
+        /// The actor to delete.
         actor_id: Arc<str>,
+        /// What to let out once the deletion is durable.
         release: Release,
     },
     /// Commits what came before, then stops the thread; later sends fail.

@@ -79,3 +79,54 @@ async fn bad_cbor_in_args_or_input_is_malformed_and_reaches_no_user_code() {
     assert_eq!(*host.starts.lock(), 1);
     runtime.drain().await;
 }
+
+/// A host that skips the KV limits still cannot store past them: core checks every commit,
+/// refuses the whole call with the limit error, and keeps what was committed before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_writes_past_the_limits_are_refused_by_core_whatever_the_host_checks() {
+    use keel_core::Limits;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = open(dir.path(), CounterHost::new());
+    let limits = Limits::default();
+    let put = |key: String, value: String| {
+        let args = serde_json::json!([key, value]).to_string();
+        let runtime = &runtime;
+        async move { common::call(runtime, common::counter("kv"), "kv_put", &args).await }
+    };
+    // The key limit does not count the one kind byte in front of the key.
+    let longest_key = "k".repeat(limits.max_kv_key_bytes + 1);
+    put(longest_key.clone(), "v".into()).await.unwrap();
+    let largest_value = "v".repeat(limits.max_kv_value_bytes);
+    put("big".into(), largest_value).await.unwrap();
+
+    let err = put(format!("{longest_key}k"), "v".into())
+        .await
+        .unwrap_err();
+    assert_eq!((err.group(), err.code()), ("kv", "key_too_large"));
+    assert_eq!(err.http_status(), 413);
+    let too_large = "v".repeat(limits.max_kv_value_bytes + 1);
+    let err = put("big".into(), too_large).await.unwrap_err();
+    assert_eq!((err.group(), err.code()), ("kv", "value_too_large"));
+    // A refused call changes nothing, in memory either: the count it raised is forgotten.
+    let args = serde_json::json!(["big", "v".repeat(limits.max_kv_value_bytes + 1)]).to_string();
+    let err = common::call(&runtime, common::counter("kv"), "increment_and_put", &args)
+        .await
+        .unwrap_err();
+    assert_eq!((err.group(), err.code()), ("kv", "value_too_large"));
+    // The actor survives, and its committed entries are the ones from before.
+    let count = common::call(&runtime, common::counter("kv"), "increment", "[1]").await;
+    assert_eq!(count.unwrap(), "1");
+    let info = runtime.resolve(common::counter("kv")).await.unwrap();
+    runtime.drain().await;
+
+    let store = keel_core::store::Store::open(dir.path(), keel_core::Durability::Full).unwrap();
+    let entries = store.kv_page(&info.id, b"", None, 10).unwrap();
+    let sizes: Vec<(usize, usize)> = entries.iter().map(|(k, v)| (k.len(), v.len())).collect();
+    assert_eq!(
+        sizes,
+        [
+            (3, limits.max_kv_value_bytes),
+            (limits.max_kv_key_bytes + 1, 1)
+        ]
+    );
+}

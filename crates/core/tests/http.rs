@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use common::{committed_count, CounterHost};
 use keel_core::{
     ActionCall, ActionDone, ActorInfo, AllowedOrigins, Effects, Encoding, Host, RawRequest,
-    RawResponse, RawSocketEvent, Result, Runtime, RuntimeConfig, StartRequest, StopReason,
+    RawResponse, RawSocketEvent, Result, Runtime, RuntimeConfig, StartRequest, StopReason, Target,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -361,6 +361,65 @@ async fn a_refused_raw_upgrade_creates_no_actor() {
     served.runtime.drain().await;
     let store = keel_core::store::Store::open(dir.path(), keel_core::Durability::Full).unwrap();
     assert!(store.find_by_key("counter", "fresh").unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_routes_of_a_type_without_the_hooks_are_not_found_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut types = keel_core::ActorTypes::default();
+    types
+        .add(keel_core::ActorType::new(
+            "plain",
+            common::ACTIONS.iter().copied(),
+        ))
+        .unwrap();
+    let (opened_tx, _opened) = mpsc::unbounded_channel();
+    let host = Arc::new(RawHost {
+        counter: CounterHost::new(),
+        opened: opened_tx,
+    });
+    let runtime = Runtime::open(
+        common::config(dir.path()),
+        Arc::new(types),
+        host,
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.serve(listener);
+
+    for method in ["GET", "POST"] {
+        let reply = exchange(addr, method, "/v1/actors/plain/raw/fresh/x", &[], "").await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (404, "request.route_not_found".to_string()),
+            "{method}"
+        );
+    }
+    let (status, _, body) =
+        common::handle(&runtime, "GET", "/v1/actors/plain/raw/fresh", &[]).await;
+    assert_eq!(status, 404, "serverless: {body}");
+    let refused = upgrade(addr, "/v1/actors/plain/raw/fresh", &[])
+        .await
+        .expect("an upgrade to a type without onWebSocket is refused");
+    assert_eq!(
+        (refused.status, refused.code()),
+        (404, "request.route_not_found".to_string())
+    );
+    let err = runtime
+        .resolve(Target::Key {
+            name: "plain".into(),
+            key: vec!["fresh".into()],
+            mode: keel_core::Resolve::Get,
+            input: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "not_found");
+    runtime.drain().await;
+    let store = keel_core::store::Store::open(dir.path(), keel_core::Durability::Full).unwrap();
+    assert!(store.find_by_key("plain", "fresh").unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@ pub const ACTIONS: &[&str] = &[
     "panic",
     "broadcast",
     "kick",
+    "increment_and_put",
 ];
 
 /// A counter host. Every actor's live state is held here between calls, as JS would.
@@ -157,6 +158,18 @@ impl Host for CounterHost {
                 }],
                 ..Effects::default()
             })),
+            // args: [key, value]: counts one more and writes one entry, in one call.
+            "increment_and_put" => {
+                let mut done = self.update(&id, |s| {
+                    s["count"] = json!(s["count"].as_i64().unwrap() + 1);
+                    s["count"].clone()
+                });
+                done.effects.kv.push(KvWrite::Put {
+                    key: args[0].as_str().unwrap().as_bytes().to_vec(),
+                    value: args[1].as_str().unwrap().as_bytes().to_vec(),
+                });
+                Ok(done)
+            }
             "schedule" => {
                 // args: [id, at_ms, action, arg]
                 let inner = json!([args[3].clone()]).to_string();
@@ -275,7 +288,11 @@ impl Host for CounterHost {
 pub fn types() -> Arc<ActorTypes> {
     let mut types = ActorTypes::default();
     types
-        .add(ActorType::new("counter", ACTIONS.iter().copied()))
+        .add(ActorType {
+            raw_requests: true,
+            raw_sockets: true,
+            ..ActorType::new("counter", ACTIONS.iter().copied())
+        })
         .unwrap();
     Arc::new(types)
 }
