@@ -60,6 +60,8 @@ export interface KeelReact<R extends RegistryLike> {
 }
 
 const DISABLED: ActorState<never> = { connection: undefined, status: "closed", error: undefined, actorId: undefined };
+/** The first render of an enabled hook, before its effect opens the connection. */
+const STARTING: ActorState<never> = { ...DISABLED, status: "connecting" };
 
 /** Creates the React hooks for the registry served at `url`: `createKeel<typeof registry>(url)`. */
 export function createKeel<R extends RegistryLike>(url: string, options: ClientOptions = {}): KeelReact<R> {
@@ -74,7 +76,7 @@ export function createKeel<R extends RegistryLike>(url: string, options: ClientO
     const paramsId = JSON.stringify(opts.params ?? null);
     const latest = useRef(opts);
     latest.current = opts;
-    const [state, setState] = useState<ActorState<D>>(DISABLED);
+    const [state, setState] = useState<ActorState<D>>(enabled ? STARTING : DISABLED);
     useEffect(() => {
       if (!enabled) {
         setState(DISABLED);
