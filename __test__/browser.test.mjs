@@ -10,8 +10,11 @@ import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { build } from "esbuild";
 import { chromium } from "playwright-core";
-import { startServer, tempDir } from "./helpers.mjs";
+import { createClient, setup } from "keel";
+import { room } from "../examples/chat/actors.mjs";
+import { fixtures, startServer, tempDir } from "./helpers.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const script = join(here, "..", "examples", "chat-web", "server.mjs");
@@ -149,4 +152,70 @@ test("two browser pages chat through keel, survive a server restart and refuse a
     return seen.size;
   }, png.toString("base64"));
   assert.ok(colours > 20, `the screenshot has only ${colours} colours`);
+});
+
+/** Serves `entry`, bundled by esbuild, as a page whose `window.KEEL_URL` is `keelUrl()`. */
+async function servePage(t, entry, keelUrl) {
+  const bundle = await build({ entryPoints: [entry], bundle: true, format: "esm", platform: "browser", jsx: "automatic", write: false, logLevel: "warning" });
+  const app = bundle.outputFiles[0].contents;
+  const server = createServer((request, response) => {
+    if (request.url.startsWith("/app.js")) return response.writeHead(200, { "content-type": "text/javascript" }).end(app);
+    const html = `<!doctype html><div id="root"></div><script>window.KEEL_URL = ${JSON.stringify(keelUrl())};</script><script type="module" src="/app.js"></script>`;
+    response.writeHead(200, { "content-type": "text/html" }).end(html);
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.after(() => new Promise((resolve) => server.close(resolve)));
+  return `http://127.0.0.1:${server.address().port}`;
+}
+
+/** Resolves when `conn` hears that `who` left. */
+const leaves = (conn, who) =>
+  new Promise((resolve) => {
+    const stop = conn.on("left", (name) => {
+      if (name !== who) return;
+      stop();
+      resolve();
+    });
+  });
+
+test("useActor disconnects its socket when the key changes and when the component unmounts", async (t) => {
+  const context = await launch(t);
+  let keelUrl;
+  const pageUrl = await servePage(t, join(fixtures, "react-hooks.jsx"), () => keelUrl);
+  const registry = setup({ use: { room }, host: "127.0.0.1", port: 0, dataDir: tempDir(t), disableSignalHandlers: true, allowedOrigins: [pageUrl] });
+  const serving = registry.start();
+  keelUrl = (await registry.listening()).url;
+  t.after(async () => {
+    await registry.shutdown();
+    await serving;
+  });
+  // Watchers in Node, one per room, hear the page's connection leave.
+  const client = createClient(keelUrl);
+  const watchA = client.room.getOrCreate(["a"]).connect({ name: "watcher" });
+  const watchB = client.room.getOrCreate(["b"]).connect({ name: "watcher" });
+  t.after(() => {
+    watchA.dispose();
+    watchB.dispose();
+  });
+  await Promise.all([watchA.ready, watchB.ready]);
+
+  const page = await context.newPage();
+  await page.goto(`${pageUrl}/`);
+  await statusIs(page, "a:open");
+  await watchA.send("to a");
+  await page.waitForFunction(() => document.querySelector("#heard")?.textContent === "watcher: to a", null, { timeout: WAIT_MS });
+
+  const leftA = leaves(watchA, "page");
+  await page.evaluate(() => window.setRoomKey("b"));
+  await leftA;
+  await statusIs(page, "b:open");
+  // The event subscription moved with the connection: room b's messages arrive, a's do not.
+  await watchA.send("to a again");
+  await watchB.send("to b");
+  await page.waitForFunction(() => document.querySelector("#heard")?.textContent === "watcher: to a|watcher: to b", null, { timeout: WAIT_MS });
+
+  const leftB = leaves(watchB, "page");
+  await page.evaluate(() => window.setMounted(false));
+  await leftB;
+  await statusIs(page, "unmounted");
 });
