@@ -178,7 +178,7 @@ const leaves = (conn, who) =>
     });
   });
 
-test("useActor disconnects its socket when the key changes and when the component unmounts", async (t) => {
+test("useActor disconnects its socket when the key changes and when the component unmounts, and reports a refusal", async (t) => {
   const context = await launch(t);
   let keelUrl;
   const pageUrl = await servePage(t, join(fixtures, "react-hooks.jsx"), () => keelUrl);
@@ -218,4 +218,10 @@ test("useActor disconnects its socket when the key changes and when the componen
   await page.evaluate(() => window.setMounted(false));
   await leftB;
   await statusIs(page, "unmounted");
+
+  // A refused connection ends closed, with the refusal as the hook's error.
+  const refused = await context.newPage();
+  await refused.goto(`${pageUrl}/?anonymous`);
+  await statusIs(refused, "a:closed");
+  assert.equal(await refused.textContent("#error"), "user.bad_name: name required");
 });
