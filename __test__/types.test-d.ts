@@ -116,3 +116,37 @@ async function check(): Promise<void> {
   setup({ use: { counter }, logging: { format: "xml" } });
 }
 void check;
+
+// keel/react: the hooks take their types from the registry.
+import { createKeel, useActorEvent } from "keel/react";
+
+const keel = createKeel<typeof registry>("http://127.0.0.1:6420");
+
+function ChatHooks(): void {
+  const room = keel.useActor({ name: "chat", key: ["lobby"], params: { name: "ada" } });
+  const status: "connecting" | "open" | "reconnecting" | "closed" = room.status;
+  const code: string | undefined = room.error?.code;
+  void [status, code];
+  const sent: Promise<number> | undefined = room.connection?.send("hi");
+  void sent;
+  keel.useActorEvent(room, "message", (text) => {
+    const line: string = text;
+    void line;
+  });
+  useActorEvent(room, "joined", (who) => {
+    const name: string = who.name;
+    void name;
+  });
+  // @ts-expect-error: no such event.
+  keel.useActorEvent(room, "nothing", () => {});
+  // @ts-expect-error: the payload is a string, not a number.
+  keel.useActorEvent(room, "message", (text: number) => void text);
+  // @ts-expect-error: the argument must be a string.
+  void room.connection?.send(5);
+  // @ts-expect-error: no such actor type.
+  keel.useActor({ name: "nothing", key: [] });
+  keel.useActor({ name: "greeter", key: ["g"], input: { greeting: "hi" } });
+  // @ts-expect-error: the input has the wrong shape.
+  keel.useActor({ name: "greeter", key: ["g"], input: { greeting: 5 } });
+}
+void ChatHooks;

@@ -9,10 +9,14 @@ export interface RegistryLike {
   readonly definitions: Record<string, AnyActorDefinition>;
 }
 
-type ActionsOf<D> = D extends ActorDefinition<any, any, infer A, any, any> ? A : never;
-type InputOf<D> = D extends ActorDefinition<any, infer I, any, any, any> ? I : never;
-type EventsOf<D> = D extends ActorDefinition<any, any, any, any, infer E> ? E : never;
-type EventData<T> = T extends { readonly payload?: infer P } ? P : unknown;
+/** The actions of an actor definition. */
+export type ActionsOf<D> = D extends ActorDefinition<any, any, infer A, any, any> ? A : never;
+/** The `input` type of an actor definition. */
+export type InputOf<D> = D extends ActorDefinition<any, infer I, any, any, any> ? I : never;
+/** The declared events of an actor definition. */
+export type EventsOf<D> = D extends ActorDefinition<any, any, any, any, infer E> ? E : never;
+/** The payload type of a declared event. */
+export type EventData<T> = T extends { readonly payload?: infer P } ? P : unknown;
 
 /** Options for `handle.connect`. */
 export interface ConnectOptions {

@@ -1,6 +1,6 @@
 // A live connection to one actor over WebSocket: events, actions over the same socket, and
-// reconnection with backoff. Works in browsers (global WebSocket) and in Node 20, where the
-// `ws` package stands in for the missing global.
+// reconnection with backoff. Uses the platform's WebSocket (browsers, Deno, Bun, Node >= 22);
+// only on older Node does the `ws` package stand in for the missing global.
 import { decode, encode } from "./cbor";
 import { KeelError, type ErrorBody } from "./errors";
 
@@ -40,7 +40,16 @@ const OPEN = 1;
 
 function loadWebSocket(): typeof WebSocket {
   if (typeof globalThis.WebSocket === "function") return globalThis.WebSocket;
-  // Node 20 has no global WebSocket; `ws` implements the same interface.
+  // Only Node before 22 lacks a global WebSocket, and there `ws` implements the same
+  // interface. The package's `browser` field maps `ws` to nothing, so bundlers for the web
+  // leave it out; `require` is looked up only here, where no browser ever gets.
+  if (typeof require !== "function") {
+    throw new KeelError({
+      group: "client",
+      code: "unsupported",
+      message: "this platform has no WebSocket; pass one as the WebSocket connect option",
+    });
+  }
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   return require("ws") as typeof WebSocket;
 }
