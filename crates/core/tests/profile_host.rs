@@ -22,7 +22,8 @@ async fn serve_for_profiling() {
     let mut config = common::config(std::path::Path::new(&dir));
     config.durability = Durability::parse(&durability).unwrap();
     let root = CancellationToken::new();
-    let runtime = Runtime::open(config, common::types(), common::CounterHost::new(), &root).unwrap();
+    let runtime =
+        Runtime::open(config, common::types(), common::CounterHost::new(), &root).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     runtime.serve(listener);
