@@ -5,7 +5,8 @@
 //! It is `#[ignore]`d: it serves until its stdin closes, so it only runs when asked for:
 //! `KEEL_PROFILE_DIR=/tmp/x KEEL_PROFILE_DURABILITY=relaxed cargo test --release -p keel-core
 //! --test profile_host -- --ignored --nocapture`. It prints `{"ready":true,"port":N}` once
-//! listening. Two worker threads, as the binding's runtime has on this machine.
+//! listening. `KEEL_PROFILE_WORKERS` sets the tokio worker threads (default 2, as the
+//! binding's runtime has on this machine).
 
 mod common;
 
@@ -14,9 +15,19 @@ use std::io::Read;
 use keel_core::{Durability, Runtime};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[test]
 #[ignore = "a server for bench/profile.sh; serves until stdin closes"]
-async fn serve_for_profiling() {
+fn serve_for_profiling() {
+    let workers = std::env::var("KEEL_PROFILE_WORKERS").map_or(2, |n| n.parse().unwrap());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(serve());
+}
+
+async fn serve() {
     let dir = std::env::var("KEEL_PROFILE_DIR").expect("KEEL_PROFILE_DIR names the data dir");
     let durability = std::env::var("KEEL_PROFILE_DURABILITY").unwrap_or_else(|_| "full".into());
     let mut config = common::config(std::path::Path::new(&dir));
