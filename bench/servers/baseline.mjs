@@ -35,7 +35,9 @@ const types = { counter: { actions: counterActions, initialState: counterInitial
 
 const db = new Database(path.join(dataDir, "baseline.db"));
 db.pragma("journal_mode = WAL");
-db.pragma(process.env.KEEL_BENCH_DURABILITY === "relaxed" ? "synchronous = NORMAL" : "synchronous = FULL");
+// FULL by default, as keel's `full`; NORMAL (keel's `relaxed`) for the relaxed workloads and
+// for profiling (bench/profile.sh). BASELINE_SYNCHRONOUS overrides both.
+db.pragma(`synchronous = ${process.env.BASELINE_SYNCHRONOUS ?? (process.env.KEEL_BENCH_DURABILITY === "relaxed" ? "NORMAL" : "FULL")}`);
 db.exec(`CREATE TABLE IF NOT EXISTS actors (
   name  TEXT NOT NULL,
   key   TEXT NOT NULL,

@@ -62,6 +62,7 @@ const registry = setup({
   host: "127.0.0.1",
   port: Number(process.env.KEEL_BENCH_PORT ?? 0),
   dataDir,
+  // `full` unless a relaxed workload or bench/profile.sh asks for `relaxed`.
   durability: process.env.KEEL_BENCH_DURABILITY || "full",
   disableSignalHandlers: true,
 });
