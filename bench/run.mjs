@@ -16,7 +16,7 @@
 //                        Default: this repo, with the addon from bench/.native/
 //   --no-build           reuse bench/.native/keel.node instead of running cargo
 //   --only LIST          run only these workloads (comma-separated, from sequential,
-//                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms)
+//                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms,sockets)
 //   --rounds N           repeat every measurement N times and report medians (default 3)
 //   --seq-calls N        calls in the sequential workload (default 2000)
 //   --concurrency N      actors (= requests in flight) in the concurrent workload (default 64)
@@ -31,12 +31,15 @@
 //   --fanout-actors N    rooms (actors) they are spread over (default 100)
 //   --fanout-bursts N    timed bursts of one broadcast per room (default 10)
 //   --fanout-payload N   approximate event payload, in bytes of JSON (default 100)
+//   --socket-conns N     sockets per server in the sockets workload (default 10000)
+//   --socket-actors N    actors they are spread over (default 1000)
 
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { printSocketsTable, socketsWorkload } from "./sockets.mjs";
 
 const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(benchDir, "..");
@@ -54,7 +57,9 @@ const COUNTER_WORKLOADS = ["sequential", "concurrent", "ws-sequential", "ws-conc
 // Event fan-out over WebSocket connections, keel vs the baseline.
 const FANOUT_WORKLOADS = ["broadcast"];
 const LIFECYCLE_WORKLOADS = ["wake", "memory", "alarms"];
-const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS];
+// Server memory per open WebSocket, keel (both socket kinds) vs the baseline (sockets.mjs).
+const SOCKET_WORKLOADS = ["sockets"];
+const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS, ...SOCKET_WORKLOADS];
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -78,6 +83,8 @@ function parseArgs(argv) {
     fanoutActors: 100,
     fanoutBursts: 10,
     fanoutPayload: 100,
+    socketConns: 10_000,
+    socketActors: 1000,
   };
   const numeric = {
     "--rounds": "rounds",
@@ -94,6 +101,8 @@ function parseArgs(argv) {
     "--fanout-actors": "fanoutActors",
     "--fanout-bursts": "fanoutBursts",
     "--fanout-payload": "fanoutPayload",
+    "--socket-conns": "socketConns",
+    "--socket-actors": "socketActors",
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -129,6 +138,9 @@ function parseArgs(argv) {
   opts.fanoutBursts = Math.min(Math.floor(opts.fanoutBursts), 1000);
   opts.fanoutPayload = Math.min(Math.floor(opts.fanoutPayload), 65_536);
   if (opts.fanoutConns < opts.fanoutActors) throw new Error("--fanout-conns must be at least --fanout-actors");
+  opts.socketActors = Math.min(Math.floor(opts.socketActors), 5000);
+  opts.socketConns = Math.min(Math.floor(opts.socketConns / opts.socketActors) * opts.socketActors, 15_000);
+  if (opts.socketConns < opts.socketActors) throw new Error("--socket-conns must be at least --socket-actors");
   return opts;
 }
 
@@ -784,6 +796,10 @@ async function main() {
   for (const name of LIFECYCLE_WORKLOADS) {
     if (raw[name]) summary[name] = summarizeLifecycle(name, raw[name].keel, summary);
   }
+  // Memory per socket is measured once, whatever --rounds says (see sockets.mjs).
+  if (opts.only.includes("sockets")) {
+    summary.sockets = await socketsWorkload({ connections: opts.socketConns, actors: opts.socketActors, addonPath, keelDir });
+  }
 
   const report = {
     startedAt,
@@ -819,6 +835,10 @@ async function main() {
   if (Object.keys(summary).some((name) => LIFECYCLE_WORKLOADS.includes(name))) {
     console.log("");
     printLifecycleTable(summary);
+  }
+  if (summary.sockets) {
+    console.log("");
+    printSocketsTable(summary.sockets);
   }
   const la = report.machine;
   console.log(`\nload average (1/5/15 min): ${la.loadavgStart.map((x) => x.toFixed(2)).join(" ")} at the start, ${la.loadavgEnd.map((x) => x.toFixed(2)).join(" ")} at the end; ${la.cpus} CPUs`);
