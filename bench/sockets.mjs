@@ -7,11 +7,11 @@
 //   - keel, raw sockets: `rawroom` actors (`onWebSocket`), one text message per room sent
 //     over the room's first socket, which the actor sends to each of the room's sockets;
 //   - baseline: servers/baseline.mjs (`ws`), the connection protocol's frames, as for keel.
-// Steps per case: warm up (one connection per actor, opened then closed, which also creates
-// every actor), read the server's VmRSS after a full GC (base), open all the connections,
-// `connections / actors` per actor, read it again (idle), send one broadcast per actor and
-// wait until every connection has its event and every action its reply, read it again
-// (after broadcast), then close everything. KiB per connection = (reading − base) / count.
+// Steps per case: warm up (wake every actor with an HTTP call, open and close 100 sockets),
+// read the server's VmRSS after a full GC (base), open all the connections, `connections /
+// actors` per actor, read it again (idle), send one broadcast per actor and wait until every
+// connection has its event and every action its reply, read it again (after broadcast), then
+// close everything. KiB per connection = (reading − base) / count.
 //
 // The clients run in this process: only the server's memory is measured, and nothing here
 // is timed except the bounds. Every socket goes to 127.0.0.1; the source addresses rotate
@@ -29,6 +29,8 @@ const SOURCE_ADDRESSES = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"];
 const EVENT = "tick";
 /** Handshakes in flight at once while opening connections. */
 const CONNECT_CONCURRENCY = 100;
+/** Sockets opened and closed before the base reading. */
+const WARMUP_SOCKETS = 100;
 /** The bound on any one step (opening all connections, one broadcast round, a GC). */
 const STEP_TIMEOUT_MS = 120_000;
 
@@ -76,8 +78,14 @@ async function measureCase(WebSocket, server, protocol, total, actors) {
       onMessage,
     });
 
-  // Warm-up: creates every actor and runs the whole socket path once per actor.
-  const warm = await openAll(actors, (i) => open(i, () => {}));
+  // Warm-up: wakes every actor (keel; the baseline has none), then runs the whole socket
+  // path on a few sockets. Few, because the allocators keep what the warm-up freed and the
+  // measured sockets reuse it, which the base reading would hide.
+  if (server.kind !== "baseline") {
+    const type = protocol === "raw" ? "rawroom" : "room";
+    await bounded(forEachConcurrently(actors, 16, (actor) => wake(server.port, type, actor)), STEP_TIMEOUT_MS);
+  }
+  const warm = await openAll(Math.min(WARMUP_SOCKETS, actors), (i) => open(i, () => {}));
   await closeAll(warm);
   const base = await reading(server);
 
@@ -126,6 +134,25 @@ async function measureCase(WebSocket, server, protocol, total, actors) {
     errors: errors.slice(0, 5),
     verified: !timedOut && delivered === total && duplicates === 0 && errors.length === 0,
   };
+}
+
+/** Wakes (and first creates) actor `room-<actor>` of `type` with an HTTP call to `size`. */
+async function wake(port, type, actor) {
+  const response = await fetch(`http://${HOST}:${port}/v1/actors/${type}/actions/size`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ key: [`room-${actor}`], args: [] }),
+  });
+  if (response.status !== 200) throw new Error(`waking ${type} room-${actor}: HTTP ${response.status} ${await response.text()}`);
+}
+
+/** Runs `fn(i)` for i in [0, count), `concurrency` at a time. */
+async function forEachConcurrently(count, concurrency, fn) {
+  let next = 0;
+  const worker = async () => {
+    while (next < count) await fn(next++);
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker));
 }
 
 /** Whether `text` is the room's `tick` event in keel's connection protocol. */

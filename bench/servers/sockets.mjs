@@ -40,7 +40,8 @@ if (!wanted || !mapped.has(wanted) || mapped.size !== 1) {
 
 const IDLE = { sleepTimeoutMs: 600_000 };
 
-const room = actor({ ...roomConfig, options: IDLE });
+/** `size` (0) lets the bench wake a room over HTTP before it opens any socket. */
+const room = actor({ ...roomConfig, actions: { ...roomConfig.actions, size: () => 0 }, options: IDLE });
 
 /**
  * A room of raw sockets. Each socket gets `ready` once it is in the room; any message a
@@ -57,7 +58,10 @@ const rawroom = actor({
     ws.addEventListener("close", () => c.vars.sockets.delete(ws));
     ws.send("ready");
   },
-  actions: {},
+  actions: {
+    /** How many sockets the room has; the bench calls it over HTTP to wake the room. */
+    size: (c) => c.vars.sockets.size,
+  },
   options: IDLE,
 });
 
