@@ -733,10 +733,20 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
 /// What the inspector shows of a connection. Its params are left out: they often carry
 /// credentials.
 fn inspector_info(core: &Core, conn: &ConnHandle) -> crate::inspector::ConnectionInfo {
+    /// The details of every connection of an encoding, allocated once and shared.
+    static DETAILS: std::sync::LazyLock<[Arc<serde_json::Value>; 2]> =
+        std::sync::LazyLock::new(|| {
+            [Encoding::Json, Encoding::Cbor]
+                .map(|encoding| Arc::new(serde_json::json!({ "encoding": encoding.as_str() })))
+        });
+    let details = match conn.encoding {
+        Encoding::Json => &DETAILS[0],
+        Encoding::Cbor => &DETAILS[1],
+    };
     crate::inspector::ConnectionInfo {
         id: conn.id.to_string(),
         opened_at_ms: core.clock.now_ms(),
-        details: serde_json::json!({ "encoding": conn.encoding.as_str() }),
+        details: details.clone(),
     }
 }
 
