@@ -637,7 +637,8 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         biased;
         _ = core.stop.cancelled() => return,
         // The init message, within its timeout.
-        first = tokio::time::timeout(INIT_TIMEOUT, socket.recv()) => first,
+        // Boxed: see below.
+        first = Box::pin(tokio::time::timeout(INIT_TIMEOUT, socket.recv())) => first,
     };
     let first = match first {
         Ok(Some(Ok(frame))) => frame,
@@ -675,15 +676,15 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
             subscriptions,
         }) => (key, mode, input, params, subscriptions),
         Ok(_) => {
-            return reject(
+            return Box::pin(reject(
                 socket,
                 encoding,
                 &Error::malformed("the first message must be init"),
                 dev,
-            )
+            ))
             .await
         }
-        Err(err) => return reject(socket, encoding, &err, dev).await,
+        Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
     let target = Target::Key {
         name,
@@ -691,9 +692,12 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         mode,
         input,
     };
-    let info = match crate::runtime::resolve_on(&core, target).await {
+    // Boxed, as every large step of a socket's task: the task's future is as large as its
+    // largest state and lives as long as the socket, so steps that run once (resolving the
+    // actor, admitting the connection) or briefly (a call) take heap only while they run.
+    let info = match Box::pin(crate::runtime::resolve_on(&core, target)).await {
         Ok(info) => info,
-        Err(err) => return reject(socket, encoding, &err, dev).await,
+        Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
     let conn_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
     let span = tracing::debug_span!(parent: &crate::actor::ActorTask::span(&info), "connection", conn_id = %conn_id);
@@ -707,7 +711,7 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         let _listed = core
             .connections
             .open(info.id.clone(), inspector_info(&core, &conn));
-        let accepted = connect(&core, &info, &conn, params).await;
+        let accepted = Box::pin(connect(&core, &info, &conn, params)).await;
         if let Err(err) = accepted {
             tracing::debug!(error = %err, "connection rejected");
             conn.push(error_frame(encoding, None, &err, dev));
@@ -818,7 +822,8 @@ async fn read_loop(
                     answered: false,
                 };
                 seq += 1;
-                call(core, info, reply, action, args).await;
+                // Boxed: see `serve_keel_socket`.
+                Box::pin(call(core, info, reply, action, args)).await;
             }
             Ok(ClientMessage::Subscribe(event)) => {
                 conn.shared.subscriptions.write().insert(event);
@@ -925,7 +930,8 @@ pub(crate) async fn serve_raw_socket(
             path,
             headers,
         };
-        if let Err(err) = raw_event(&core, &info, Some(conn.clone()), open).await {
+        // Boxed, so the socket's idle task does not keep room for it: see `serve_keel_socket`.
+        if let Err(err) = Box::pin(raw_event(&core, &info, Some(conn.clone()), open)).await {
             tracing::debug!(error = %err, "raw socket refused");
             conn.close(close::POLICY, &format!("{}.{}", err.group(), err.code()));
         } else {
