@@ -112,6 +112,20 @@ struct Outgoing {
     frames: VecDeque<Message>,
     /// Bytes of the queued frames and of the frame being written.
     bytes: usize,
+    /// Set when the writer task has ended: nothing more is queued, as nothing would be written.
+    ended: bool,
+}
+
+/// Held by the writer task: when the task ends, however it ends, the queue refuses further
+/// frames and lets go of those it holds.
+struct WriterEnded(ConnHandle);
+
+impl Drop for WriterEnded {
+    fn drop(&mut self) {
+        let mut outgoing = self.0.shared.outgoing.lock();
+        outgoing.ended = true;
+        outgoing.frames = VecDeque::new();
+    }
 }
 
 /// A drained queue with room for more frames than this gives its memory back.
@@ -177,11 +191,14 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a frame. A client too slow to keep its queue under the bound is closed.
+    /// Queues a frame. A client too slow to keep its queue under the bound is closed, as is
+    /// one whose writer task has ended.
     pub(crate) fn push(&self, frame: Message) {
         let len = frame_len(&frame);
         let mut outgoing = self.shared.outgoing.lock();
-        if outgoing.bytes + len <= MAX_OUTGOING_BYTES && outgoing.frames.len() < MAX_OUTGOING_FRAMES
+        if !outgoing.ended
+            && outgoing.bytes + len <= MAX_OUTGOING_BYTES
+            && outgoing.frames.len() < MAX_OUTGOING_FRAMES
         {
             outgoing.bytes += len;
             outgoing.frames.push_back(frame);
@@ -572,6 +589,7 @@ fn split(
     let force = core.force.clone();
     core.tracker.spawn(
         async move {
+            let _ended = WriterEnded(writer_handle.clone());
             let closing = writer_handle.closing().token.clone();
             loop {
                 tokio::select! {
@@ -1146,6 +1164,17 @@ mod tests {
         }
         let outgoing = conn.shared.outgoing.lock();
         assert_eq!((outgoing.frames.capacity(), outgoing.bytes), (0, 0));
+    }
+
+    #[test]
+    fn once_the_writer_has_ended_a_frame_closes_the_connection_and_is_dropped() {
+        let (conn, mut queue) = conn("c", Encoding::Json);
+        conn.push(Message::Text("queued".into()));
+        drop(WriterEnded(conn.clone()));
+        assert!(queue.try_recv().is_err(), "what was queued is let go");
+        conn.push(Message::Text("late".into()));
+        assert!(queue.try_recv().is_err(), "a late frame is not kept");
+        assert!(conn.closing().token.is_cancelled());
     }
 
     #[tokio::test]
