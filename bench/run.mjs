@@ -18,7 +18,7 @@
 //   --only LIST          run only these workloads (comma-separated, from sequential,
 //                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms,
 //                        http-sequential,http-concurrent,http-sequential-relaxed,
-//                        http-concurrent-relaxed,cold-start,idle-rss,many-actors)
+//                        http-concurrent-relaxed,cold-start,idle-rss,many-actors,sockets)
 //   --rounds N           repeat every measurement N times and report medians (default 3)
 //   --seq-calls N        calls in the sequential workload (default 2000)
 //   --concurrency N      actors (= requests in flight) in the concurrent workload (default 64)
@@ -41,6 +41,8 @@
 // The http-* workloads drive HTTP with wrk (installed with apt-get when missing and root; else
 // the JS generator, noted in the table), in `full` and `relaxed` durability; see http-wrk.mjs.
 // cold-start, idle-rss and many-actors are the start-up figures (see figures.mjs).
+//   --socket-conns N     sockets per server in the sockets workload (default 10000)
+//   --socket-actors N    actors they are spread over (default 1000)
 
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -49,6 +51,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { coldStart, idleRss } from "./figures.mjs";
 import { ensureWrk, runWrkCounter } from "./http-wrk.mjs";
+import { printSocketsTable, socketsWorkload } from "./sockets.mjs";
 
 const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(benchDir, "..");
@@ -72,7 +75,9 @@ const HTTP_WORKLOADS = ["http-sequential", "http-concurrent", "http-sequential-r
 // Start-up figures: spawn to first reply, idle RSS, 10,000 actors created (and the peers').
 const FIGURE_WORKLOADS = ["cold-start", "idle-rss", "many-actors"];
 const PEERS = ["rivetkit"];
-const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS, ...HTTP_WORKLOADS, ...FIGURE_WORKLOADS];
+// Server memory per open WebSocket, keel (both socket kinds) vs the baseline (sockets.mjs).
+const SOCKET_WORKLOADS = ["sockets"];
+const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS, ...HTTP_WORKLOADS, ...FIGURE_WORKLOADS, ...SOCKET_WORKLOADS];
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -99,6 +104,8 @@ function parseArgs(argv) {
     peers: [],
     manyActors: 10_000,
     coldRounds: 5,
+    socketConns: 10_000,
+    socketActors: 1000,
   };
   const numeric = {
     "--rounds": "rounds",
@@ -117,6 +124,8 @@ function parseArgs(argv) {
     "--fanout-payload": "fanoutPayload",
     "--many-actors": "manyActors",
     "--cold-rounds": "coldRounds",
+    "--socket-conns": "socketConns",
+    "--socket-actors": "socketActors",
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -158,6 +167,9 @@ function parseArgs(argv) {
   opts.manyActors = Math.min(Math.floor(opts.manyActors), 100_000);
   opts.coldRounds = Math.min(Math.floor(opts.coldRounds), 20);
   if (opts.fanoutConns < opts.fanoutActors) throw new Error("--fanout-conns must be at least --fanout-actors");
+  opts.socketActors = Math.min(Math.floor(opts.socketActors), 5000);
+  opts.socketConns = Math.min(Math.floor(opts.socketConns / opts.socketActors) * opts.socketActors, 15_000);
+  if (opts.socketConns < opts.socketActors) throw new Error("--socket-conns must be at least --socket-actors");
   return opts;
 }
 
@@ -1004,6 +1016,10 @@ async function main() {
   for (const name of LIFECYCLE_WORKLOADS) {
     if (raw[name]) summary[name] = summarizeLifecycle(name, raw[name].keel, summary);
   }
+  // Memory per socket is measured once, whatever --rounds says (see sockets.mjs).
+  if (opts.only.includes("sockets")) {
+    summary.sockets = await socketsWorkload({ connections: opts.socketConns, actors: opts.socketActors, addonPath, keelDir });
+  }
 
   const figures = FIGURE_WORKLOADS.some((n) => raw[n]) ? summarizeFigures(raw, summary) : null;
 
@@ -1052,6 +1068,10 @@ async function main() {
   if (figures) {
     console.log("");
     printFiguresTable(figures);
+  }
+  if (summary.sockets) {
+    console.log("");
+    printSocketsTable(summary.sockets);
   }
   const la = report.machine;
   console.log(`\nload average (1/5/15 min): ${la.loadavgStart.map((x) => x.toFixed(2)).join(" ")} at the start, ${la.loadavgEnd.map((x) => x.toFixed(2)).join(" ")} at the end; ${la.cpus} CPUs`);

@@ -6,6 +6,10 @@
 //! [`ConnHandle`]. If a client stops reading and its queue passes the bound, the connection
 //! is closed (1013, "try again later") instead of slowing the actor or other clients.
 //!
+//! An idle socket must stay cheap, since a server holds thousands of them: its buffers start
+//! small and grow with the traffic (see [`READ_BUFFER_BYTES`]), and what both tasks and the
+//! actor share is one allocation whose outgoing queue holds nothing until a frame is queued.
+//!
 //! One connection's frames leave in the order the actor produced them. The actor queues a
 //! call's events, then its reply (a `ReplySlot`), then any close the call asked for, all in
 //! the release of the call's commit, on the writer's thread; replies also keep call order
@@ -17,8 +21,8 @@
 //! `error`, `reply` per call, and `event`s. Text frames carry JSON and binary frames CBOR;
 //! the `init` frame picks the connection's encoding.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +31,7 @@ use futures_util::{SinkExt, StreamExt};
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -41,6 +45,18 @@ use crate::runtime::{Core, Resolve, Target};
 pub const MAX_OUTGOING_FRAMES: usize = 1024;
 /// The most bytes one connection may have queued before it counts as a slow consumer.
 pub const MAX_OUTGOING_BYTES: usize = 4 * 1024 * 1024;
+/// The read buffer a socket starts with, and the most one read asks of the kernel.
+/// tungstenite allocates this buffer when the socket opens and zero-fills it on the first
+/// read, so all of it stays resident for as long as the socket is open, idle or not (its
+/// default, 128 KiB, made up nearly all of an idle socket's memory). A message larger than it
+/// grows it to the message's size, up to the message limit; small frames, keel's usual
+/// traffic, fit as they are.
+pub(crate) const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// How much tungstenite buffers before it writes to the socket: nothing. The writer task
+/// sends and flushes one queued frame at a time, so the outgoing queue is the only real
+/// buffer; tungstenite's holds one frame at a time, allocated on demand (it keeps the
+/// capacity of the largest frame it has written).
+pub(crate) const WRITE_BUFFER_BYTES: usize = 0;
 /// How long a new socket may take to send `init`.
 const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing socket gets to flush its close frame.
@@ -71,17 +87,49 @@ pub(crate) struct ConnHandle {
     pub(crate) id: Arc<str>,
     /// The encoding of the connection's frames.
     pub(crate) encoding: Encoding,
-    /// The outgoing queue; the writer task holds the receiver.
-    tx: mpsc::Sender<Message>,
-    /// Bytes queued and not yet written.
-    queued_bytes: Arc<AtomicUsize>,
-    /// Events this connection subscribed to; the reader updates it.
-    subscriptions: Arc<RwLock<HashSet<String>>>,
-    /// Cancelled to close the connection; carries the close frame to send.
-    closing: Arc<Closing>,
-    /// Holds back a call's reply until the replies of the calls sent before it have left.
-    replies: Arc<parking_lot::Mutex<ReplyOrder>>,
+    /// What the socket's two tasks and the actor share.
+    shared: Arc<Shared>,
 }
+
+/// The state of one socket, shared by its reader, its writer and every handle.
+struct Shared {
+    /// Frames queued and not yet written; the writer task takes them in order.
+    outgoing: parking_lot::Mutex<Outgoing>,
+    /// Notified when a frame is queued; the writer task waits on it when the queue is empty.
+    queued: Notify,
+    /// Events this connection subscribed to; the reader updates it.
+    subscriptions: RwLock<HashSet<String>>,
+    /// Cancelled to close the connection; carries the close frame to send.
+    closing: Closing,
+    /// Holds back a call's reply until the replies of the calls sent before it have left.
+    replies: parking_lot::Mutex<ReplyOrder>,
+}
+
+/// The outgoing queue: bounded by [`MAX_OUTGOING_FRAMES`] and [`MAX_OUTGOING_BYTES`], empty
+/// and unallocated while the socket is idle.
+#[derive(Default)]
+struct Outgoing {
+    frames: VecDeque<Message>,
+    /// Bytes of the queued frames and of the frame being written.
+    bytes: usize,
+    /// Set when the writer task has ended: nothing more is queued, as nothing would be written.
+    ended: bool,
+}
+
+/// Held by the writer task: when the task ends, however it ends, the queue refuses further
+/// frames and lets go of those it holds.
+struct WriterEnded(ConnHandle);
+
+impl Drop for WriterEnded {
+    fn drop(&mut self) {
+        let mut outgoing = self.0.shared.outgoing.lock();
+        outgoing.ended = true;
+        outgoing.frames = VecDeque::new();
+    }
+}
+
+/// A drained queue with room for more frames than this gives its memory back.
+const KEPT_QUEUE_CAPACITY: usize = 16;
 
 /// The connection's replies in call order. The reader numbers each call as it reads it; a
 /// reply whose turn has not come yet (an error made before the call reached the actor, while
@@ -103,29 +151,33 @@ struct Closing {
 }
 
 impl ConnHandle {
-    fn new(id: Arc<str>, encoding: Encoding) -> (ConnHandle, mpsc::Receiver<Message>) {
-        let (tx, rx) = mpsc::channel(MAX_OUTGOING_FRAMES);
-        let handle = ConnHandle {
+    fn new(id: Arc<str>, encoding: Encoding) -> ConnHandle {
+        ConnHandle {
             id,
             encoding,
-            tx,
-            queued_bytes: Arc::new(AtomicUsize::new(0)),
-            subscriptions: Arc::new(RwLock::new(HashSet::new())),
-            closing: Arc::new(Closing {
-                token: CancellationToken::new(),
-                frame: parking_lot::Mutex::new(None),
-                flush: std::sync::atomic::AtomicBool::new(true),
+            shared: Arc::new(Shared {
+                outgoing: parking_lot::Mutex::default(),
+                queued: Notify::new(),
+                subscriptions: RwLock::new(HashSet::new()),
+                closing: Closing {
+                    token: CancellationToken::new(),
+                    frame: parking_lot::Mutex::new(None),
+                    flush: std::sync::atomic::AtomicBool::new(true),
+                },
+                replies: parking_lot::Mutex::default(),
             }),
-            replies: Arc::default(),
-        };
-        (handle, rx)
+        }
+    }
+
+    fn closing(&self) -> &Closing {
+        &self.shared.closing
     }
 
     /// Queues the reply of call number `seq` once every earlier call's reply has been queued.
     /// Frames are queued under the lock, so replies released on different threads still
     /// enter the outgoing queue in call order.
     fn push_reply(&self, seq: u64, frame: Message) {
-        let mut order = self.replies.lock();
+        let mut order = self.shared.replies.lock();
         if seq != order.next {
             order.waiting.insert(seq, frame);
             return;
@@ -139,27 +191,62 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a frame. A client too slow to keep its queue under the bound is closed.
+    /// Queues a frame. A client too slow to keep its queue under the bound is closed, as is
+    /// one whose writer task has ended.
     pub(crate) fn push(&self, frame: Message) {
         let len = frame_len(&frame);
-        let queued = self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len;
-        if queued > MAX_OUTGOING_BYTES || self.tx.try_send(frame).is_err() {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            if !self.closing.token.is_cancelled() {
-                tracing::debug!(conn_id = %self.id, "slow consumer; closing the connection");
-                self.closing.flush.store(false, Ordering::Release);
-                self.close(
-                    close::TRY_AGAIN_LATER,
-                    "slow consumer: outgoing buffer full",
-                );
+        let mut outgoing = self.shared.outgoing.lock();
+        if !outgoing.ended
+            && outgoing.bytes + len <= MAX_OUTGOING_BYTES
+            && outgoing.frames.len() < MAX_OUTGOING_FRAMES
+        {
+            outgoing.bytes += len;
+            outgoing.frames.push_back(frame);
+            drop(outgoing);
+            self.shared.queued.notify_one();
+            return;
+        }
+        drop(outgoing);
+        if !self.closing().token.is_cancelled() {
+            tracing::debug!(conn_id = %self.id, "slow consumer; closing the connection");
+            self.closing().flush.store(false, Ordering::Release);
+            self.close(
+                close::TRY_AGAIN_LATER,
+                "slow consumer: outgoing buffer full",
+            );
+        }
+    }
+
+    /// Takes the next queued frame, if any; its bytes count as queued until [`Self::sent`].
+    fn take_queued(&self) -> Option<Message> {
+        self.shared.outgoing.lock().frames.pop_front()
+    }
+
+    /// Waits for the next queued frame and takes it (writer task only).
+    async fn next_queued(&self) -> Message {
+        loop {
+            if let Some(frame) = self.take_queued() {
+                return frame;
             }
+            // A frame queued since the check above left a permit, so this returns at once.
+            self.shared.queued.notified().await;
+        }
+    }
+
+    /// Records that a taken frame of `len` bytes was written; a drained queue that grew
+    /// for a burst gives its memory back.
+    fn sent(&self, len: usize) {
+        let mut outgoing = self.shared.outgoing.lock();
+        outgoing.bytes -= len;
+        if outgoing.frames.is_empty() && outgoing.frames.capacity() > KEPT_QUEUE_CAPACITY {
+            outgoing.frames = VecDeque::new();
         }
     }
 
     /// Closes the connection with `code` and `reason` (once; later calls are ignored), after
     /// the frames already queued.
     pub(crate) fn close(&self, code: u16, reason: &str) {
-        let mut frame = self.closing.frame.lock();
+        let mut frame = self.closing().frame.lock();
         if frame.is_none() {
             *frame = Some(CloseFrame {
                 code,
@@ -167,17 +254,17 @@ impl ConnHandle {
             });
         }
         drop(frame);
-        self.closing.token.cancel();
+        self.closing().token.cancel();
     }
 
     /// Whether the connection wants `event`.
     fn subscribed(&self, event: &str) -> bool {
-        self.subscriptions.read().contains(event)
+        self.shared.subscriptions.read().contains(event)
     }
 
     /// Sends a raw WebSocket message (raw sockets only).
     pub(crate) fn send_raw(&self, data: Vec<u8>, binary: bool) -> Result<()> {
-        if self.closing.token.is_cancelled() {
+        if self.closing().token.is_cancelled() {
             return Err(Error::ActorStopped);
         }
         let frame = if binary {
@@ -495,12 +582,15 @@ fn split(
     span: tracing::Span,
 ) -> (futures_util::stream::SplitStream<WebSocket>, ConnHandle) {
     let (mut sink, stream) = socket.split();
-    let (handle, mut rx) = ConnHandle::new(id, encoding);
+    let handle = ConnHandle::new(id, encoding);
+    // The writer's own handle keeps the shared state alive; the task ends on a close, a
+    // forced drain or a failed write, never because the other handles are gone.
     let writer_handle = handle.clone();
     let force = core.force.clone();
     core.tracker.spawn(
         async move {
-            let closing = writer_handle.closing.token.clone();
+            let _ended = WriterEnded(writer_handle.clone());
+            let closing = writer_handle.closing().token.clone();
             loop {
                 tokio::select! {
                     // A close request outranks queued frames: a slow consumer must not hold it up.
@@ -508,9 +598,8 @@ fn split(
                     _ = closing.cancelled() => break,
                     // A forced drain drops the socket.
                     _ = force.cancelled() => return,
-                    // The next queued frame; `None` when every handle is gone.
-                    frame = rx.recv() => {
-                        let Some(frame) = frame else { break };
+                    // The next queued frame.
+                    frame = writer_handle.next_queued() => {
                         let len = frame_len(&frame);
                         let sent = tokio::select! {
                             // The frame was taken from the queue, so it goes out unless the
@@ -518,20 +607,20 @@ fn split(
                             biased;
                             sent = sink.send(frame) => sent,
                             // Closing while a write is stuck on a client that does not read.
-                            _ = abandon_write(&writer_handle.closing) => break,
+                            _ = abandon_write(writer_handle.closing()) => break,
                         };
-                        writer_handle.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                        writer_handle.sent(len);
                         if sent.is_err() {
                             return;
                         }
                     }
                 }
             }
-            let frame = writer_handle.closing.frame.lock().take();
-            let flush = writer_handle.closing.flush.load(Ordering::Acquire);
+            let frame = writer_handle.closing().frame.lock().take();
+            let flush = writer_handle.closing().flush.load(Ordering::Acquire);
             let finish = async {
                 // What was queued before the close (an error, a last event) goes first.
-                while let (true, Ok(queued)) = (flush, rx.try_recv()) {
+                while let Some(queued) = flush.then(|| writer_handle.take_queued()).flatten() {
                     if sink.send(queued).await.is_err() {
                         return;
                     }
@@ -566,7 +655,8 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         biased;
         _ = core.stop.cancelled() => return,
         // The init message, within its timeout.
-        first = tokio::time::timeout(INIT_TIMEOUT, socket.recv()) => first,
+        // Boxed: see below.
+        first = Box::pin(tokio::time::timeout(INIT_TIMEOUT, socket.recv())) => first,
     };
     let first = match first {
         Ok(Some(Ok(frame))) => frame,
@@ -604,15 +694,15 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
             subscriptions,
         }) => (key, mode, input, params, subscriptions),
         Ok(_) => {
-            return reject(
+            return Box::pin(reject(
                 socket,
                 encoding,
                 &Error::malformed("the first message must be init"),
                 dev,
-            )
+            ))
             .await
         }
-        Err(err) => return reject(socket, encoding, &err, dev).await,
+        Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
     let target = Target::Key {
         name,
@@ -620,14 +710,17 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         mode,
         input,
     };
-    let info = match crate::runtime::resolve_on(&core, target).await {
+    // Boxed, as every large step of a socket's task: the task's future is as large as its
+    // largest state and lives as long as the socket, so steps that run once (resolving the
+    // actor, admitting the connection) or briefly (a call) take heap only while they run.
+    let info = match Box::pin(crate::runtime::resolve_on(&core, target)).await {
         Ok(info) => info,
-        Err(err) => return reject(socket, encoding, &err, dev).await,
+        Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
     let conn_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
     let span = tracing::debug_span!(parent: &crate::actor::ActorTask::span(&info), "connection", conn_id = %conn_id);
     let (mut stream, conn) = split(&core, socket, conn_id.clone(), encoding, span.clone());
-    conn.subscriptions.write().extend(subscriptions);
+    conn.shared.subscriptions.write().extend(subscriptions);
 
     async {
         // Listed before it is admitted: the actor sends `ready` itself, so a client that has
@@ -636,7 +729,7 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         let _listed = core
             .connections
             .open(info.id.clone(), inspector_info(&core, &conn));
-        let accepted = connect(&core, &info, &conn, params).await;
+        let accepted = Box::pin(connect(&core, &info, &conn, params)).await;
         if let Err(err) = accepted {
             tracing::debug!(error = %err, "connection rejected");
             conn.push(error_frame(encoding, None, &err, dev));
@@ -662,10 +755,20 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
 /// What the inspector shows of a connection. Its params are left out: they often carry
 /// credentials.
 fn inspector_info(core: &Core, conn: &ConnHandle) -> crate::inspector::ConnectionInfo {
+    /// The details of every connection of an encoding, allocated once and shared.
+    static DETAILS: std::sync::LazyLock<[Arc<serde_json::Value>; 2]> =
+        std::sync::LazyLock::new(|| {
+            [Encoding::Json, Encoding::Cbor]
+                .map(|encoding| Arc::new(serde_json::json!({ "encoding": encoding.as_str() })))
+        });
+    let details = match conn.encoding {
+        Encoding::Json => &DETAILS[0],
+        Encoding::Cbor => &DETAILS[1],
+    };
     crate::inspector::ConnectionInfo {
         id: conn.id.to_string(),
         opened_at_ms: core.clock.now_ms(),
-        details: serde_json::json!({ "encoding": conn.encoding.as_str() }),
+        details: details.clone(),
     }
 }
 
@@ -708,7 +811,7 @@ async fn read_loop(
         let next = tokio::select! {
             // Closed by the actor, the server, or a slow-consumer overflow.
             biased;
-            _ = conn.closing.token.cancelled() => return,
+            _ = conn.closing().token.cancelled() => return,
             // The next message from the client.
             next = stream.next() => next,
         };
@@ -737,13 +840,14 @@ async fn read_loop(
                     answered: false,
                 };
                 seq += 1;
-                call(core, info, reply, action, args).await;
+                // Boxed: see `serve_keel_socket`.
+                Box::pin(call(core, info, reply, action, args)).await;
             }
             Ok(ClientMessage::Subscribe(event)) => {
-                conn.subscriptions.write().insert(event);
+                conn.shared.subscriptions.write().insert(event);
             }
             Ok(ClientMessage::Unsubscribe(event)) => {
-                conn.subscriptions.write().remove(&event);
+                conn.shared.subscriptions.write().remove(&event);
             }
             Ok(ClientMessage::Init { .. }) => {
                 conn.push(error_frame(
@@ -844,7 +948,8 @@ pub(crate) async fn serve_raw_socket(
             path,
             headers,
         };
-        if let Err(err) = raw_event(&core, &info, Some(conn.clone()), open).await {
+        // Boxed, so the socket's idle task does not keep room for it: see `serve_keel_socket`.
+        if let Err(err) = Box::pin(raw_event(&core, &info, Some(conn.clone()), open)).await {
             tracing::debug!(error = %err, "raw socket refused");
             conn.close(close::POLICY, &format!("{}.{}", err.group(), err.code()));
         } else {
@@ -852,7 +957,7 @@ pub(crate) async fn serve_raw_socket(
                 let next = tokio::select! {
                     // Closed by user code or the actor stopping.
                     biased;
-                    _ = conn.closing.token.cancelled() => break (close::GOING_AWAY, String::new()),
+                    _ = conn.closing().token.cancelled() => break (close::GOING_AWAY, String::new()),
                     // The next message from the peer.
                     next = stream.next() => next,
                 };
@@ -935,8 +1040,18 @@ async fn raw_event(
 mod tests {
     use super::*;
 
-    fn conn(id: &str, encoding: Encoding) -> (ConnHandle, mpsc::Receiver<Message>) {
-        ConnHandle::new(Arc::from(id), encoding)
+    /// A connection's queue, read as its writer task takes frames, without a socket.
+    struct Queue(ConnHandle);
+
+    impl Queue {
+        fn try_recv(&mut self) -> std::result::Result<Message, ()> {
+            self.0.take_queued().ok_or(())
+        }
+    }
+
+    fn conn(id: &str, encoding: Encoding) -> (ConnHandle, Queue) {
+        let conn = ConnHandle::new(Arc::from(id), encoding);
+        (conn.clone(), Queue(conn))
     }
 
     fn outbound(to: Option<&str>, event: &str) -> Outbound {
@@ -972,8 +1087,8 @@ mod tests {
         let (a, mut a_rx) = conn("a", Encoding::Json);
         let (b, mut b_rx) = conn("b", Encoding::Cbor);
         let (c, mut c_rx) = conn("c", Encoding::Json);
-        a.subscriptions.write().insert("chat".into());
-        b.subscriptions.write().insert("chat".into());
+        a.shared.subscriptions.write().insert("chat".into());
+        b.shared.subscriptions.write().insert("chat".into());
         deliver(
             &[a.clone(), b.clone(), c.clone()],
             &[
@@ -1009,19 +1124,19 @@ mod tests {
         for _ in 0..fits {
             slow.push(frame.clone());
         }
-        assert!(!slow.closing.token.is_cancelled(), "within the bound");
+        assert!(!slow.closing().token.is_cancelled(), "within the bound");
         slow.push(frame.clone());
-        assert!(slow.closing.token.is_cancelled(), "past the bound");
-        let close = slow.closing.frame.lock().clone().unwrap();
+        assert!(slow.closing().token.is_cancelled(), "past the bound");
+        let close = slow.closing().frame.lock().clone().unwrap();
         assert_eq!(close.code, close::TRY_AGAIN_LATER);
         assert!(
-            !slow.closing.flush.load(Ordering::Acquire),
+            !slow.closing().flush.load(Ordering::Acquire),
             "a slow consumer's queue is dropped"
         );
         // Another connection is untouched.
         fast.push(frame);
         assert!(fast_rx.try_recv().is_ok());
-        assert!(!fast.closing.token.is_cancelled());
+        assert!(!fast.closing().token.is_cancelled());
     }
 
     #[test]
@@ -1052,14 +1167,63 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_takes_memory_only_while_frames_wait() {
+        let (conn, mut queue) = conn("c", Encoding::Json);
+        assert_eq!(
+            conn.shared.outgoing.lock().frames.capacity(),
+            0,
+            "idle: nothing allocated"
+        );
+        for _ in 0..100 {
+            conn.push(Message::Text("a".into()));
+        }
+        assert!(conn.shared.outgoing.lock().frames.capacity() >= 100);
+        while let Ok(frame) = queue.try_recv() {
+            conn.sent(frame_len(&frame));
+        }
+        let outgoing = conn.shared.outgoing.lock();
+        assert_eq!((outgoing.frames.capacity(), outgoing.bytes), (0, 0));
+    }
+
+    #[test]
+    fn once_the_writer_has_ended_a_frame_closes_the_connection_and_is_dropped() {
+        let (conn, mut queue) = conn("c", Encoding::Json);
+        conn.push(Message::Text("queued".into()));
+        drop(WriterEnded(conn.clone()));
+        assert!(queue.try_recv().is_err(), "what was queued is let go");
+        conn.push(Message::Text("late".into()));
+        assert!(queue.try_recv().is_err(), "a late frame is not kept");
+        assert!(conn.closing().token.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn the_writer_wakes_for_a_frame_queued_while_it_waits() {
+        let (conn, _queue) = conn("c", Encoding::Json);
+        let writer = conn.clone();
+        let next = tokio::spawn(async move { writer.next_queued().await });
+        // Let the writer find the queue empty and wait, then queue two frames.
+        tokio::task::yield_now().await;
+        conn.push(Message::Text("first".into()));
+        conn.push(Message::Text("second".into()));
+        let Message::Text(first) = next.await.unwrap() else {
+            panic!("a text frame")
+        };
+        assert_eq!(first.as_str(), "first");
+        let Message::Text(second) = conn.next_queued().await else {
+            panic!("a text frame")
+        };
+        assert_eq!(second.as_str(), "second");
+    }
+
+    #[test]
     fn too_many_frames_also_count_as_slow() {
         let (slow, _rx) = conn("slow", Encoding::Json);
         for _ in 0..MAX_OUTGOING_FRAMES {
             slow.push(Message::Text("a".into()));
         }
-        assert!(!slow.closing.token.is_cancelled());
+        assert!(!slow.closing().token.is_cancelled());
         slow.push(Message::Text("a".into()));
-        assert!(slow.closing.token.is_cancelled());
+        assert!(slow.closing().token.is_cancelled());
     }
 
     #[test]

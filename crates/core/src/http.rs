@@ -251,8 +251,9 @@ async fn connect(
     }
 }
 
-/// Accepts a WebSocket upgrade with the message size limit, serving the socket on a tracked
-/// task so the drain waits for it.
+/// Accepts a WebSocket upgrade with the message size limit and keel's lean socket buffers
+/// (see [`crate::conn::READ_BUFFER_BYTES`]), serving the socket on a tracked task so the drain
+/// waits for it.
 fn upgrade_socket<F, Fut>(core: &Arc<Core>, upgrade: WebSocketUpgrade, serve: F) -> Response
 where
     F: FnOnce(Arc<Core>, axum::extract::ws::WebSocket) -> Fut + Send + 'static,
@@ -261,6 +262,8 @@ where
     let limit = core.config.limits.max_ws_message_bytes;
     let core = core.clone();
     upgrade
+        .read_buffer_size(crate::conn::READ_BUFFER_BYTES)
+        .write_buffer_size(crate::conn::WRITE_BUFFER_BYTES)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {

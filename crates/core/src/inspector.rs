@@ -186,8 +186,9 @@ pub(crate) struct ConnectionInfo {
     pub(crate) id: String,
     /// When it opened, in epoch milliseconds.
     pub(crate) opened_at_ms: i64,
-    /// Whatever the connection layer wants shown (its params, say), as JSON.
-    pub(crate) details: Value,
+    /// Whatever the connection layer wants shown (its params, say), as JSON; shared, since
+    /// many connections show the same.
+    pub(crate) details: Arc<Value>,
 }
 
 impl Connections {
@@ -446,7 +447,7 @@ async fn connections(State(core): State<Arc<Core>>, id: IdPath) -> Response {
                 json!({
                     "id": info.id,
                     "openedAt": info.opened_at_ms,
-                    "details": info.details,
+                    "details": &*info.details,
                 })
             })
             .collect();
@@ -599,7 +600,7 @@ mod tests {
         let info = |id: &str| ConnectionInfo {
             id: id.into(),
             opened_at_ms: 1,
-            details: Value::Null,
+            details: Arc::new(Value::Null),
         };
         let actor: Arc<str> = Arc::from("a");
         connections.opened(actor.clone(), info("1"));

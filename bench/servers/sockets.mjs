@@ -1,0 +1,96 @@
+// keel server for the sockets workload (bench/sockets.mjs), run as a child process with
+// `--expose-gc --import ./servers/gc-hook.mjs`.
+//
+// Usage: node servers/sockets.mjs <dataDir>
+// Like servers/keel.mjs (same environment: NAPI_RS_NATIVE_LIBRARY_PATH, KEEL_BENCH_KEEL_DIR),
+// with two actor types: `room` (servers/room.mjs) for keel's connection protocol, and
+// `rawroom`, whose `onWebSocket` sockets broadcast what any of them sends to all of the
+// room's sockets. Both sleep only after 10 minutes idle, so no actor sleeps during a run.
+// Prints `{"ready":true,"port":N}` once listening and serves until its stdin closes.
+
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+import { room as roomConfig } from "./room.mjs";
+
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const keelDir = process.env.KEEL_BENCH_KEEL_DIR || repoRoot;
+const dataDir = process.argv[2];
+if (!dataDir) {
+  console.error("usage: node servers/sockets.mjs <dataDir>");
+  process.exit(2);
+}
+
+const require = createRequire(import.meta.url);
+const { actor, setup } = require(keelDir);
+
+// As in servers/keel.mjs: refuse to measure anything but the release addon asked for.
+const wanted = process.env.NAPI_RS_NATIVE_LIBRARY_PATH;
+const mapped = new Set(
+  readFileSync("/proc/self/maps", "utf8")
+    .split("\n")
+    .map((line) => line.slice(line.indexOf("/")))
+    .filter((p) => p.endsWith(".node") && path.basename(p).startsWith("keel")),
+);
+if (!wanted || !mapped.has(wanted) || mapped.size !== 1) {
+  console.error(`sockets server: expected only ${wanted} to be loaded, found: ${[...mapped].join(", ") || "none"}`);
+  process.exit(3);
+}
+
+const IDLE = { sleepTimeoutMs: 600_000 };
+
+/** `size` (0) lets the bench wake a room over HTTP before it opens any socket. */
+const room = actor({ ...roomConfig, actions: { ...roomConfig.actions, size: () => 0 }, options: IDLE });
+
+/**
+ * A room of raw sockets. Each socket gets `ready` once it is in the room; any message a
+ * socket sends goes to every socket of the room, the sender included.
+ */
+const rawroom = actor({
+  state: {},
+  createVars: () => ({ sockets: new Set() }),
+  onWebSocket: (c, ws) => {
+    c.vars.sockets.add(ws);
+    ws.addEventListener("message", (event) => {
+      for (const socket of c.vars.sockets) socket.send(event.data);
+    });
+    ws.addEventListener("close", () => c.vars.sockets.delete(ws));
+    ws.send("ready");
+  },
+  actions: {
+    /** How many sockets the room has; the bench calls it over HTTP to wake the room. */
+    size: (c) => c.vars.sockets.size,
+  },
+  options: IDLE,
+});
+
+const registry = setup({
+  use: { room, rawroom },
+  host: "127.0.0.1",
+  port: 0,
+  dataDir,
+  durability: "full",
+  disableSignalHandlers: true,
+});
+
+const serving = registry.start();
+const { port } = await registry.listening();
+process.stdout.write(JSON.stringify({ ready: true, port }) + "\n");
+
+let stopping = false;
+function stop() {
+  if (stopping) return;
+  stopping = true;
+  registry.shutdown().catch((err) => {
+    console.error("sockets server: shutdown failed:", err);
+    process.exitCode = 1;
+  });
+}
+process.stdin.on("end", stop);
+process.stdin.on("error", stop);
+process.stdin.resume();
+process.on("SIGTERM", stop);
+
+await serving;
+process.exit();
