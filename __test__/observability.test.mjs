@@ -86,6 +86,39 @@ for (const format of ["json", "logfmt"]) {
   }
 }
 
+for (const format of ["json", "logfmt", "pretty"]) {
+  test(`c.log fields named like keel's keys never replace them (${format})`, async (t) => {
+    const lines = await run(t, { KEEL_LOG_FORMAT: format }, async (server) => {
+      const response = await post(server.url, "/v1/actors/watched/actions/logSpread", { key: ["w"] });
+      assert.equal(response.body.output, "logged");
+    });
+    const marker = "keel::js: charge failed ";
+    const line = lines.find((l) => (format === "pretty" ? l.includes(marker) : fieldsOf(format, l).msg === "charge failed"));
+    assert.ok(line, lines.join("\n"));
+    // Pretty writes `ts level target: msg` and then the same pairs as logfmt.
+    const pairs = format === "json" ? Object.entries(JSON.parse(line)) : parseLogfmt(format === "pretty" ? line.slice(line.indexOf(marker) + marker.length) : line);
+    const keys = pairs.map(([key]) => key);
+    assert.equal(new Set(keys).size, keys.length, `every key once: ${line}`);
+    const fields = Object.fromEntries(pairs);
+    if (format !== "pretty") {
+      assert.equal(fields.level, "warn");
+      assert.equal(fields.target, "keel::js");
+      assert.equal(fields.msg, "charge failed");
+    }
+    assert.equal(fields.name, "watched", "the actor type, not the error's name");
+    assert.equal(fields.key, "w");
+    assert.match(fields.actor_id, /^[0-9a-f]{32}$/);
+    assert.equal(fields["field.name"], "UserError");
+    assert.equal(fields["field.key"], "from user");
+    assert.equal(fields["field.actor_id"], "spoofed");
+    assert.equal(fields["field.message"], "card declined");
+    assert.equal(fields.code, "declined", "a name keel does not use is kept");
+    assert.equal(String(fields.amount), "3");
+    const userKeys = keys.slice(keys.indexOf("key") + 1);
+    assert.deepEqual(userKeys, ["code", "field.name", "field.key", "field.actor_id", "field.message", "amount"], "the user's order");
+  });
+}
+
 test("setup({ logging }) wins over the environment and is installed once per process", async (t) => {
   const lines = await run(
     t,

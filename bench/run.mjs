@@ -3,7 +3,8 @@
 // WebSocket protocol, same durability promise (reply after an fsynced commit). See
 // bench/README.md.
 //
-// Steps: install bench deps if needed, build the release addon, then for each workload start a
+// Steps: install bench deps if needed, build the release addon (`npm run build`, what
+// `npm install` runs), then for each workload start a
 // fresh server child (keel, then the baseline), drive it from a separate load-generator child,
 // verify the durable counts, and print/write the figures. The life-cycle workloads (wake,
 // memory, alarms) run on keel only. The ws-* workloads are sequential and concurrent again,
@@ -12,9 +13,9 @@
 // Options:
 //   --keel-dir PATH      benchmark the keel tree at PATH (its dist/ and its own release
 //                        `<binaryName>.<platform>.node`, built there beforehand with
-//                        `napi build --platform --release`); implies --no-build.
-//                        Default: this repo, with the addon from bench/.native/
-//   --no-build           reuse bench/.native/keel.node instead of running cargo
+//                        `npm run build`); implies --no-build. Default: this repo.
+//   --no-build           use this repo's addon and dist/ as they are instead of running
+//                        `npm run build` (still refused if the addon is a debug build)
 //   --only LIST          run only these workloads (comma-separated, from sequential,
 //                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms,
 //                        http-sequential,http-concurrent,http-sequential-relaxed,
@@ -55,14 +56,11 @@ import { printSocketsTable, socketsWorkload } from "./sockets.mjs";
 
 const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(benchDir, "..");
-const nativeDir = path.join(benchDir, ".native");
-const nativeAddonPath = path.join(nativeDir, "keel.node");
-const buildInfoPath = path.join(nativeDir, "build.json");
 const resultsDir = path.join(benchDir, "results");
 
 // The keel tree under test and the addon its servers load; main() sets them from --keel-dir.
 let keelDir = repoRoot;
-let addonPath = nativeAddonPath;
+let addonPath = null;
 
 // Calls on the counter, keel vs the baseline: over HTTP, then over WebSocket connections.
 const COUNTER_WORKLOADS = ["sequential", "concurrent", "ws-sequential", "ws-concurrent"];
@@ -202,38 +200,10 @@ function ensureDeps() {
   }
 }
 
-function cargoTargetDir() {
-  const res = spawnSync("cargo", ["metadata", "--format-version", "1", "--no-deps"], {
-    cwd: repoRoot,
-    encoding: "utf8",
-    maxBuffer: 64 * 1024 * 1024,
-  });
-  if (res.status !== 0) throw new Error(`cargo metadata failed: ${res.stderr}`);
-  return JSON.parse(res.stdout).target_directory;
-}
-
-function buildAddon() {
-  // A plain cargo build rather than `napi build`: napi would also regenerate index.js and
-  // index.d.ts at the root, which belong to the root build. The loader only needs the .so.
-  run("cargo", ["build", "--release", "-p", "keel"], { cwd: repoRoot });
-  const built = path.join(cargoTargetDir(), "release", "libkeel.so");
-  fs.mkdirSync(nativeDir, { recursive: true });
-  // Copy then rename so a server never maps a half-written file.
-  const tmp = `${nativeAddonPath}.${process.pid}.tmp`;
-  fs.copyFileSync(built, tmp);
-  fs.renameSync(tmp, nativeAddonPath);
-  // Record what the addon was built from, so a later `--no-build` run reports that and not
-  // whatever the tree holds by then.
-  fs.writeFileSync(buildInfoPath, JSON.stringify({ builtAt: new Date().toISOString(), ...gitInfo() }, null, 2) + "\n");
-}
-
 function addonInfo() {
-  if (addonPath !== nativeAddonPath) {
-    // The tree's own addon: built there, from that tree's sources.
-    return { path: addonPath, profile: "release", bytes: fs.statSync(addonPath).size, builtFrom: { mtime: fs.statSync(addonPath).mtime.toISOString(), ...gitInfo() } };
-  }
-  const built = fs.existsSync(buildInfoPath) ? JSON.parse(fs.readFileSync(buildInfoPath, "utf8")) : null;
-  return { path: path.relative(repoRoot, addonPath), profile: "release", bytes: fs.statSync(addonPath).size, builtFrom: built };
+  const stat = fs.statSync(addonPath);
+  // Built in that tree (by `npm run build` above for this repo), from that tree's sources.
+  return { path: addonPath, profile: "release", bytes: stat.size, builtFrom: { mtime: stat.mtime.toISOString(), ...gitInfo() } };
 }
 
 function checkRootBuilt() {
@@ -242,27 +212,27 @@ function checkRootBuilt() {
       throw new Error(
         keelDir === repoRoot
           ? `${file} is missing at the repo root: run \`npm install\` there first`
-          : `${file} is missing in ${keelDir}: run \`npx napi build --platform --release\` and \`npx tsc -p tsconfig.json\` there first`,
+          : `${file} is missing in ${keelDir}: run \`npm run build\` there first`,
       );
     }
   }
 }
 
 /**
- * The release addon of another keel tree (--keel-dir): napi names it
- * `<napi.binaryName>.<platform>.node`, next to the tree's index.js. A debug build there has the
- * same name, so refuse one that carries DWARF debug info: the release profile has none, and
- * the debug profile keeps line tables.
+ * The release addon of a keel tree: napi names it `<napi.binaryName>.<platform>.node`, next to
+ * the tree's index.js. A debug build (`npm run build:debug`) has the same name, so refuse one
+ * that carries DWARF debug info: the release profile has none, and the debug profile keeps
+ * line tables.
  */
 function treeAddon(dir) {
   const binaryName = JSON.parse(fs.readFileSync(path.join(dir, "package.json"), "utf8")).napi?.binaryName ?? "keel";
   const candidates = fs.readdirSync(dir).filter((f) => f.startsWith(`${binaryName}.`) && f.endsWith(".node"));
   if (candidates.length !== 1) {
-    throw new Error(`expected one ${binaryName}.<platform>.node in ${dir}, found ${candidates.length ? candidates.join(", ") : "none"}; build it there with \`npx napi build --platform --release\``);
+    throw new Error(`expected one ${binaryName}.<platform>.node in ${dir}, found ${candidates.length ? candidates.join(", ") : "none"}; build it there with \`npm run build\``);
   }
   const file = path.join(dir, candidates[0]);
   if (fs.readFileSync(file).includes(".debug_info\0")) {
-    throw new Error(`${file} has debug info, so it is not a release build; rebuild it with \`npx napi build --platform --release\``);
+    throw new Error(`${file} has debug info, so it is not a release build; rebuild it with \`npm run build\``);
   }
   return file;
 }
@@ -879,29 +849,16 @@ function printTable(summary) {
 
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
-  if (opts.keelDir) {
-    // Another tree, built there beforehand: run.mjs never builds it (see --keel-dir above).
-    keelDir = opts.keelDir;
-    checkRootBuilt();
-    addonPath = treeAddon(keelDir);
-    const tree = gitInfo();
-    console.error(`keel tree: ${keelDir} at ${tree.commit || "(not a git checkout)"}; addon ${addonPath}`);
-    if (tree.dirtyEngineFiles.length) console.error(`warning: ${keelDir} has uncommitted engine changes: ${tree.dirtyEngineFiles.join(", ")}`);
-  } else checkRootBuilt();
+  if (opts.keelDir) keelDir = opts.keelDir;
   ensureDeps();
-  if (opts.keelDir) {
-    // Nothing to build or compare: the addon and dist/ come from the same tree.
-  } else if (opts.build) buildAddon();
-  else if (!fs.existsSync(addonPath)) throw new Error(`--no-build given but ${addonPath} does not exist`);
-  else {
-    // dist/ comes from the current tree; an addon built from another one may not match its
-    // native interface (the keel server then dies on its first call).
-    const builtFrom = addonInfo().builtFrom;
-    const now = gitInfo();
-    if (!builtFrom || builtFrom.commit !== now.commit || builtFrom.dirtyEngineFiles.length || now.dirtyEngineFiles.length) {
-      console.error(`warning: --no-build reuses an addon built from ${builtFrom?.commit ?? "an unknown tree"}; the tree is now at ${now.commit}${now.dirtyEngineFiles.length ? " with uncommitted engine changes" : ""}`);
-    }
-  }
+  // This repo's release addon and dist/, brought up to date (incrementally) by the build that
+  // `npm install` runs. Another tree (--keel-dir) is built there beforehand.
+  if (opts.build) run("npm", ["run", "build"], { cwd: repoRoot });
+  checkRootBuilt();
+  addonPath = treeAddon(keelDir);
+  const tree = gitInfo();
+  console.error(`keel tree: ${keelDir} at ${tree.commit || "(not a git checkout)"}; addon ${addonPath}, built ${fs.statSync(addonPath).mtime.toISOString()}`);
+  if (tree.dirtyEngineFiles.length) console.error(`warning: ${keelDir} has uncommitted engine changes: ${tree.dirtyEngineFiles.join(", ")}`);
 
   // wrk for the http-* workloads (installed here when missing and root).
   const wrk = httpWorkloads(opts).length ? ensureWrk() : { available: false, version: null, note: "not used" };

@@ -10,6 +10,9 @@
 //! asks for different settings is ignored with one warning, since a process has one
 //! subscriber.
 //!
+//! A debug build of the addon (`npm run build:debug`) says so with one warning when it
+//! installs the logger, so that nothing measures or ships it by mistake.
+//!
 //! User lines: each live actor's current span (its `actor` span, or the `action` span inside
 //! it while an action runs) is remembered in [`ActorSpans`] by the host calls, so a JS line is
 //! logged inside the very span a Rust line from the same place would be.
@@ -66,6 +69,14 @@ pub fn init(options: Option<&LoggingOptions>) -> Result<(), Error> {
             // it is kept.
             let ours = settings.install(problems);
             *installed = Some(Installed { settings, ours });
+            if cfg!(debug_assertions) {
+                // `npm run build:debug` writes the file the release build writes, so say which
+                // one this process loaded: tests, examples and the bench all come through here.
+                tracing::warn!(
+                    rebuild = "npm run build",
+                    "keel's native addon is a debug build, much slower than the release build"
+                );
+            }
         }
         Some(Installed {
             settings: current, ..

@@ -4,7 +4,11 @@
 // encoding anything or crossing into Rust.
 import type { CoreRegistry } from "./native";
 
-/** The fields of a log line: each member becomes one field of the line, in order. */
+/**
+ * The fields of a log line: each member becomes one field of the line, in order. A member
+ * named like a key keel writes on that line (`name`, `key`, `actor_id`, `msg`, `message`, ...)
+ * is written as `field.<name>`, so it never replaces the actor's identity.
+ */
 export type LogFields = Record<string, unknown>;
 
 /** The levels user code logs at. `trace` is keel's own per-message level and is not offered. */

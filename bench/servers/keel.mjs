@@ -35,9 +35,10 @@ if (!dataDir) {
 const require = createRequire(import.meta.url);
 const { actor, setup } = require(keelDir);
 
-// The napi loader falls back to the debug addon at the repo root when the override fails to
-// load, and a debug build would make every figure meaningless. So check which addon file
-// this process really mapped instead of trusting the environment variable.
+// The napi loader falls back to other addon files (a `keel-<platform>` package, say) when the
+// override fails to load, and an unchecked addon (a debug build) would make every figure
+// meaningless. So check which addon file this process really mapped instead of trusting the
+// environment variable.
 const wanted = process.env.NAPI_RS_NATIVE_LIBRARY_PATH;
 const mapped = new Set(
   readFileSync("/proc/self/maps", "utf8")

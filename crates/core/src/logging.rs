@@ -16,8 +16,14 @@
 //! - the event's own fields.
 //!
 //! What must stay true:
-//! - A key appears at most once per line. When a span or the event repeats a field of an
+//! - A key appears at most once per line. When a span or a Rust event repeats a field of an
 //!   enclosing span, the innermost value wins and keeps the outer field's position.
+//! - A field from user code ([`emit`]) never replaces one of keel's own keys: the four header
+//!   keys, `message`, and every field of the enclosing spans and of the event itself (such as
+//!   an actor's `actor_id`, `name` and `key`). Such a field is written as `field.<name>`
+//!   instead (with one more `field.` for as long as that key is taken by keel or by another
+//!   user field), in its own place among the user's fields, so `c.log.info(msg, { ...err })`
+//!   cannot rename the actor on its line.
 //! - Lines are flat: no nested `spans` or `fields` objects. A value can still be a JSON array or
 //!   object when user code logs one.
 //! - Fields named `ts`, `level`, `target` or `msg` cannot shadow the four above: they are
@@ -92,6 +98,8 @@ pub const FIELDS_KEY: &str = "keel.fields";
 
 /// The keys every line starts with; fields of these names are written as `field.<name>`.
 const HEADER_KEYS: [&str; 4] = ["ts", "level", "target", "msg"];
+/// What a renamed field's key starts with.
+const FIELD_PREFIX: &str = "field.";
 
 /// How a line is written. Whatever the format, a line has the same keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -441,10 +449,12 @@ where
             .unwrap_or_default();
         let extensions: Vec<_> = spans.iter().map(|span| span.extensions()).collect();
         let mut own = Fields::default();
+        let mut user = Fields::default();
         let mut message = None;
         event.record(&mut FieldVisitor {
             fields: &mut own,
             message: Some(&mut message),
+            user: Some(&mut user),
         });
 
         let mut fields: Vec<(&str, &Value)> = Vec::new();
@@ -453,6 +463,28 @@ where
             .filter_map(|extensions| extensions.get::<SpanFields>())
             .flat_map(|SpanFields(fields)| fields.0.iter());
         for (key, value) in span_fields.chain(own.0.iter()) {
+            match fields
+                .iter_mut()
+                .find(|(existing, _)| *existing == key.as_ref())
+            {
+                Some(slot) => slot.1 = value,
+                None => fields.push((key.as_ref(), value)),
+            }
+        }
+        // User fields come last and may not take a key keel already wrote. A renamed one also
+        // avoids the user's other keys, so that no value is lost; among themselves the last
+        // value of a key wins, as for any field.
+        for i in 0..user.0.len() {
+            if !is_keel_key(&user.0[i].0, &fields) {
+                continue;
+            }
+            let mut renamed = format!("{FIELD_PREFIX}{}", user.0[i].0);
+            while is_keel_key(&renamed, &fields) || user.0.iter().any(|(k, _)| *k == renamed) {
+                renamed.insert_str(0, FIELD_PREFIX);
+            }
+            user.0[i].0 = Cow::Owned(renamed);
+        }
+        for (key, value) in &user.0 {
             match fields
                 .iter_mut()
                 .find(|(existing, _)| *existing == key.as_ref())
@@ -507,6 +539,9 @@ struct FieldVisitor<'a> {
     fields: &'a mut Fields,
     /// Where an event's `message` goes; `None` for spans, whose `message` is a plain field.
     message: Option<&'a mut Option<String>>,
+    /// Where the members of an event's [`FIELDS_KEY`] go, kept apart so that they cannot
+    /// replace keel's own fields; `None` for spans, which get them as their own fields.
+    user: Option<&'a mut Fields>,
 }
 
 impl<'a> FieldVisitor<'a> {
@@ -514,6 +549,7 @@ impl<'a> FieldVisitor<'a> {
         FieldVisitor {
             fields,
             message: None,
+            user: None,
         }
     }
 
@@ -532,9 +568,12 @@ impl Visit for FieldVisitor<'_> {
         }
         if field.name() == FIELDS_KEY {
             if let Some(members) = decode_fields(value) {
+                let target = match self.user.as_deref_mut() {
+                    Some(user) => user,
+                    None => &mut *self.fields,
+                };
                 for (key, value) in members {
-                    self.fields
-                        .set(Cow::Owned(key_name(&key).into_owned()), value);
+                    target.set(Cow::Owned(key_name(&key).into_owned()), value);
                 }
                 return;
             }
@@ -597,10 +636,16 @@ fn key_name<'a>(name: &'a str) -> Cow<'a, str> {
         Cow::Borrowed(name)
     };
     if HEADER_KEYS.contains(&name.as_ref()) {
-        Cow::Owned(format!("field.{name}"))
+        Cow::Owned(format!("{FIELD_PREFIX}{name}"))
     } else {
         name
     }
+}
+
+/// Whether `key` is one of keel's own keys on a line whose span and event fields are
+/// `fields`: a header key, `message` (the event's message, written as `msg`), or one of them.
+fn is_keel_key(key: &str, fields: &[(&str, &Value)]) -> bool {
+    HEADER_KEYS.contains(&key) || key == "message" || fields.iter().any(|(k, _)| *k == key)
 }
 
 /// One event, ready to be written.

@@ -456,7 +456,8 @@ fn lines_from_user_code_have_the_shape_of_rust_lines() {
 
     let awkward = &objects[3];
     let awkward_line = &json.lines()[3];
-    assert_eq!(awkward["actor_id"], "spoofed");
+    assert_eq!(awkward["actor_id"], "a5");
+    assert_eq!(awkward["field.actor_id"], "spoofed");
     assert_eq!(awkward["msg"], "awkward names");
     assert_eq!(awkward["field.msg"], "not the message");
     assert_eq!(awkward["has_space"], json!(1));
@@ -468,6 +469,84 @@ fn lines_from_user_code_have_the_shape_of_rust_lines() {
             "{awkward_line}"
         );
     }
+}
+
+#[test]
+fn user_fields_never_replace_keel_keys_in_any_format() {
+    // What `c.log.info("charge failed", { ...userError, message, actor_id, ... })` sends.
+    let encoded = r#"{"name":"UserError","key":"declined","code":"card","actor_id":"spoofed","action":"other","level":"fatal","message":"user text","target":"elsewhere","ts":"yesterday","msg":"not the message","field.name":"already prefixed","amount":3}"#;
+    let pretty = Capture::default();
+    let (json, logfmt) = {
+        let json = Capture::default();
+        let logfmt = Capture::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(LogLayer::new(LogFormat::Json, json.clone()))
+            .with(LogLayer::new(LogFormat::Logfmt, logfmt.clone()))
+            .with(LogLayer::new(LogFormat::Pretty, pretty.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let _actor = actor_span("a9").entered();
+            let _action = debug_span!("action", action = "charge").entered();
+            logging::emit_json(Level::WARN, "charge failed", Some(encoded));
+        });
+        (json, logfmt)
+    };
+    assert_same_lines(&json, &logfmt);
+
+    let line = &json.lines()[0];
+    let object = &json.json_lines()[0];
+    // keel's keys keep keel's values, in keel's places.
+    assert_key_order(
+        line,
+        &[
+            "ts", "level", "target", "msg", "actor_id", "name", "key", "action",
+        ],
+    );
+    assert_eq!(object["level"], "warn");
+    assert_eq!(object["target"], logging::JS_TARGET);
+    assert_eq!(object["msg"], "charge failed");
+    assert_eq!(object["actor_id"], "a9");
+    assert_eq!(object["name"], "counter");
+    assert_eq!(object["key"], "k1");
+    assert_eq!(object["action"], "charge");
+    assert_rfc3339_utc(object["ts"].as_str().unwrap());
+    // The user's values are all there, under `field.` names, in the user's order; a name that
+    // is no keel key (`code`, `amount`) is kept as it is.
+    // `field.name` is the user's own key, so the renamed `name` takes one more prefix.
+    let renamed = [
+        ("field.field.name", json!("UserError")),
+        ("field.key", json!("declined")),
+        ("code", json!("card")),
+        ("field.actor_id", json!("spoofed")),
+        ("field.action", json!("other")),
+        ("field.level", json!("fatal")),
+        ("field.message", json!("user text")),
+        ("field.target", json!("elsewhere")),
+        ("field.ts", json!("yesterday")),
+        ("field.msg", json!("not the message")),
+        ("field.name", json!("already prefixed")),
+        ("amount", json!(3)),
+    ];
+    for (key, value) in &renamed {
+        assert_eq!(object.get(*key), Some(value), "{key} in {line}");
+    }
+    assert_eq!(object.len(), 8 + renamed.len(), "{line}");
+    let mut order = vec!["action"];
+    order.extend(renamed.iter().map(|(key, _)| *key));
+    assert_key_order(line, &order);
+
+    // Pretty shows the same pairs after `target: msg`.
+    let pretty_line = &pretty.lines()[0];
+    let (_, pairs) = pretty_line
+        .split_once("keel::js: charge failed ")
+        .unwrap_or_else(|| panic!("{pretty_line}"));
+    let pretty_keys: Vec<String> = parse_logfmt(pairs).into_iter().map(|(k, _)| k).collect();
+    let mut expected = vec!["actor_id", "name", "key"];
+    expected.extend(&order);
+    assert_eq!(pretty_keys, expected, "{pretty_line}");
+    assert!(
+        pretty_line.contains(" name=counter key=k1 action=charge "),
+        "{pretty_line}"
+    );
 }
 
 #[test]
