@@ -533,15 +533,7 @@ fn inspect(path: &Path) -> Result<i64> {
         true,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(|e| classify(path, e))?;
-    if version > SCHEMA_VERSION {
-        return Err(Error::StorageTooNew {
-            found: version,
-            supported: SCHEMA_VERSION,
-        });
-    }
+    let version = schema_version(path, &conn)?;
     let found = schema_of(&conn).map_err(|e| classify(path, e))?;
     let expected = expected_schema(version)?;
     if found != expected {
@@ -599,7 +591,8 @@ fn expected_schema(version: i64) -> Result<Vec<SchemaObject>> {
     Ok(schema_of(&conn)?)
 }
 
-fn migrate(path: &Path, conn: &Connection) -> Result<()> {
+/// The file's schema version, refusing one written by a newer keel.
+fn schema_version(path: &Path, conn: &Connection) -> Result<i64> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(|e| classify(path, e))?;
@@ -609,6 +602,11 @@ fn migrate(path: &Path, conn: &Connection) -> Result<()> {
             supported: SCHEMA_VERSION,
         });
     }
+    Ok(version)
+}
+
+fn migrate(path: &Path, conn: &Connection) -> Result<()> {
+    let version = schema_version(path, conn)?;
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let next = index as i64 + 1;
         conn.execute_batch(&format!(
