@@ -53,8 +53,21 @@ const socketed = actor({
   },
 });
 
+/** Closes its raw socket from user code on request, and records what each close listener saw. */
+const closer = actor({
+  state: { closes: [] },
+  onWebSocket: (c, ws) => {
+    ws.addEventListener("message", (e) => {
+      if (e.data === "close-me") ws.close(4001, "bye");
+    });
+    ws.addEventListener("close", (e) => c.state.closes.push(`${e.code}:${e.reason}`));
+    ws.send("open");
+  },
+  actions: { closes: (c) => c.state.closes },
+});
+
 async function start(t, dataDir = tempDir(t)) {
-  const registry = setup({ use: { counter, socketed }, port: 0, dataDir, disableSignalHandlers: true });
+  const registry = setup({ use: { counter, socketed, closer }, port: 0, dataDir, disableSignalHandlers: true });
   const serving = registry.start();
   const { url } = await registry.listening();
   t.after(async () => {
@@ -172,4 +185,35 @@ test("c.destroy() runs a raw socket's close listener before onDestroy", async (t
   assert.equal(await closed, 1000);
   await until("the actor is gone", () => registry.liveActors === 0);
   assert.deepEqual(destroyLog, ["close@1:1000", "destroy@1"]);
+});
+
+/** Opens a raw socket to `closer`; `closed` resolves with the client's close code and reason. */
+async function closerSocket(url, key) {
+  const ws = new WebSocket(`${url.replace("http", "ws")}/v1/actors/closer/raw/${encodeURIComponent(key)}`);
+  const closed = new Promise((resolve) => ws.on("close", (code, reason) => resolve(`${code}:${reason}`)));
+  await new Promise((resolve, reject) => {
+    ws.on("message", (data) => String(data) === "open" && resolve());
+    ws.on("error", reject);
+  });
+  return { ws, closed };
+}
+
+test("ws.close(code, reason) from user code reaches both the close listener and the client", async (t) => {
+  const { client, url } = await start(t);
+  const { ws, closed } = await closerSocket(url, "self");
+  ws.send("close-me");
+  assert.equal(await closed, "4001:bye");
+  const actorRef = client.closer.getOrCreate(["self"]);
+  await until("the close listener ran", async () => (await actorRef.closes()).length === 1);
+  assert.deepEqual(await actorRef.closes(), ["4001:bye"]);
+});
+
+test("the client's close frame reaches the close listener", async (t) => {
+  const { client, url } = await start(t);
+  const { ws, closed } = await closerSocket(url, "peer");
+  ws.close(4002, "later");
+  await closed;
+  const actorRef = client.closer.getOrCreate(["peer"]);
+  await until("the close listener ran", async () => (await actorRef.closes()).length === 1);
+  assert.deepEqual(await actorRef.closes(), ["4002:later"]);
 });

@@ -138,7 +138,10 @@ fn fire(core: &Arc<Core>, id: String, actor_id: Arc<str>) {
         // Cancelled, or already run, since it was indexed.
         Ok(None) => return,
         Err(err) => {
-            tracing::warn!(error = %err, schedule_id = %id, actor_id = %actor_id, "reading a due schedule failed");
+            // Offered again later, as a failed commit is: the read failing is not an attempt.
+            tracing::warn!(error = %err, schedule_id = %id, actor_id = %actor_id, "reading a due schedule failed; offering it again later");
+            let retry_at = core.clock.now_ms() + retry_delay(1).as_millis() as i64;
+            core.alarms.add(id, actor_id, retry_at);
             return;
         }
     };

@@ -257,6 +257,17 @@ impl ConnHandle {
         self.closing().token.cancel();
     }
 
+    /// The code and reason the connection was closed with, once `close` has been called.
+    fn close_frame(&self) -> (u16, String) {
+        self.closing()
+            .frame
+            .lock()
+            .as_ref()
+            .map_or((close::GOING_AWAY, String::new()), |f| {
+                (f.code, f.reason.to_string())
+            })
+    }
+
     /// Whether the connection wants `event`.
     fn subscribed(&self, event: &str) -> bool {
         self.shared.subscriptions.read().contains(event)
@@ -616,7 +627,8 @@ fn split(
                     }
                 }
             }
-            let frame = writer_handle.closing().frame.lock().take();
+            // Cloned, not taken: a raw socket's close listener is told the same code.
+            let frame = writer_handle.closing().frame.lock().clone();
             let flush = writer_handle.closing().flush.load(Ordering::Acquire);
             let finish = async {
                 // What was queued before the close (an error, a last event) goes first.
@@ -957,7 +969,7 @@ pub(crate) async fn serve_raw_socket(
                 let next = tokio::select! {
                     // Closed by user code or the actor stopping.
                     biased;
-                    _ = conn.closing().token.cancelled() => break (close::GOING_AWAY, String::new()),
+                    _ = conn.closing().token.cancelled() => break conn.close_frame(),
                     // The next message from the peer.
                     next = stream.next() => next,
                 };
@@ -965,9 +977,13 @@ pub(crate) async fn serve_raw_socket(
                     Some(Ok(Message::Text(text))) => (text.as_bytes().to_vec(), false),
                     Some(Ok(Message::Binary(data))) => (data.to_vec(), true),
                     Some(Ok(Message::Close(frame))) => {
-                        break frame.map_or((close::NORMAL, String::new()), |f| {
+                        let (code, reason) = frame.map_or((close::NORMAL, String::new()), |f| {
                             (f.code, f.reason.to_string())
-                        })
+                        });
+                        // Answers the peer's close, so the writer ends and the peer is not
+                        // left waiting for its close timeout.
+                        conn.close(code, &reason);
+                        break (code, reason);
                     }
                     Some(Ok(_)) => continue,
                     Some(Err(err)) => {

@@ -199,6 +199,13 @@ async fn health(State(core): State<Arc<Core>>) -> Response {
     if core.is_draining() {
         return error_response(&Error::RegistryShuttingDown, core.config.dev);
     }
+    // A store latched damaged fails every read and commit: take the process out of rotation.
+    // 503, not the 500 of a call that met the damage, since it is the server that is unwell;
+    // and not logged per probe: the damage was logged once, when it was found.
+    if let Err(err) = core.store.integrity().check() {
+        let body = err.to_body(core.config.dev).to_string();
+        return json_response(StatusCode::SERVICE_UNAVAILABLE, body);
+    }
     json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_string())
 }
 

@@ -305,6 +305,8 @@ async fn sqlite_damage_at_run_time_stops_every_later_commit() {
 
     let runtime = open(dir.path(), CounterHost::new());
     assert_eq!(increment(&runtime, "live", 1).await, 2);
+    let (status, _, body) = common::handle(&runtime, "GET", "/health", &[]).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
     // Everything is in the WAL now except the kv table's page, which is in keel.db: wreck
     // that page's header so SQLite reports it malformed.
     let db = dir.path().join(DB_FILE);
@@ -332,6 +334,15 @@ async fn sqlite_damage_at_run_time_stops_every_later_commit() {
         .await
         .unwrap_err();
     assert_corrupt(&err, "SQLite found damage");
+    // The health check takes the process out of rotation with the same error.
+    let (status, _, body) = common::handle(&runtime, "GET", "/health", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&body["group"], &body["code"]),
+        (&"storage".into(), &"corrupt".into()),
+        "{body}"
+    );
     runtime.drain().await;
 }
 

@@ -188,6 +188,54 @@ async fn a_cancelled_schedule_never_fires() {
     runtime.drain().await;
 }
 
+/// Runs `sql` on keel.db through a connection of its own, as another program would.
+fn execute(dir: &std::path::Path, sql: &str) {
+    let conn = rusqlite::Connection::open(dir.join(keel_core::store::DB_FILE)).unwrap();
+    conn.execute(sql, []).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_due_schedule_whose_read_fails_is_offered_again_without_counting_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = open(dir.path(), CounterHost::new());
+    let now = runtime.now_ms();
+    call(
+        &runtime,
+        counter("r"),
+        "schedule",
+        &schedule_args("r1", now + 1_000, "append", "5"),
+    )
+    .await
+    .unwrap();
+    // A value out of range in the row: reading the schedule fails with a storage error,
+    // not damage, until the row is put right.
+    execute(
+        dir.path(),
+        "UPDATE schedules SET attempts = -1 WHERE id = 'r1'",
+    );
+    advance(Duration::from_millis(1_000)).await;
+    settle().await;
+    assert_eq!(
+        runtime.pending_schedules(),
+        1,
+        "the schedule is still on the timer"
+    );
+    execute(
+        dir.path(),
+        "UPDATE schedules SET attempts = 0 WHERE id = 'r1'",
+    );
+    // Offered again after the first retry delay, and run.
+    advance(Duration::from_millis(1_000)).await;
+    eventually("the schedule runs", || runtime.pending_schedules() == 0).await;
+    settle().await;
+    assert_eq!(
+        call(&runtime, counter("r"), "seen", "[]").await.unwrap(),
+        "[5]"
+    );
+    assert_eq!(rows(dir.path(), "SELECT count(*) FROM schedules"), 0);
+    runtime.drain().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failing_schedule_is_retried_with_backoff_then_given_up() {
     let dir = tempfile::tempdir().unwrap();
