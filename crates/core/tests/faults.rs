@@ -38,7 +38,7 @@ impl Faults for Switch {
     }
 }
 
-fn open_with(dir: &std::path::Path, host: Arc<CounterHost>, faults: Arc<Switch>) -> Runtime {
+fn open_with(dir: &std::path::Path, host: Arc<CounterHost>, faults: Arc<dyn Faults>) -> Runtime {
     let config = RuntimeConfig {
         faults: Some(FaultInjector(faults)),
         ..common::config(dir)
@@ -159,19 +159,7 @@ async fn a_call_that_ran_on_top_of_a_failed_commit_fails_too() {
     let dir = tempfile::tempdir().unwrap();
     let hold = Arc::new(Hold::default());
     let host = CounterHost::new();
-    let config = RuntimeConfig {
-        faults: Some(FaultInjector(hold.clone())),
-        ..common::config(dir.path())
-    };
-    let runtime = Arc::new(
-        Runtime::open(
-            config,
-            common::types(),
-            host.clone(),
-            &CancellationToken::new(),
-        )
-        .unwrap(),
-    );
+    let runtime = Arc::new(open_with(dir.path(), host.clone(), hold.clone()));
     assert_eq!(
         call(&runtime, counter("p"), "increment", "[1]")
             .await
@@ -189,14 +177,7 @@ async fn a_call_that_ran_on_top_of_a_failed_commit_fails_too() {
     let first = spawn_increment();
     common::eventually("the first commit is held", || hold.is(HoldStep::Holding)).await;
     let second = spawn_increment();
-    let increments = || {
-        host.log
-            .lock()
-            .iter()
-            .filter(|line| line.ends_with(":increment:[1]"))
-            .count()
-    };
-    common::eventually("the second call ran", || increments() == 3).await;
+    common::eventually("the second call ran", || host.runs("increment") == 3).await;
     hold.set(HoldStep::Released);
     assert_storage_error(first.await.unwrap());
     assert_storage_error(second.await.unwrap());
@@ -220,19 +201,7 @@ async fn a_destroy_that_ran_on_top_of_a_failed_commit_does_not_happen() {
     let dir = tempfile::tempdir().unwrap();
     let hold = Arc::new(Hold::default());
     let host = CounterHost::new();
-    let config = RuntimeConfig {
-        faults: Some(FaultInjector(hold.clone())),
-        ..common::config(dir.path())
-    };
-    let runtime = Arc::new(
-        Runtime::open(
-            config,
-            common::types(),
-            host.clone(),
-            &CancellationToken::new(),
-        )
-        .unwrap(),
-    );
+    let runtime = Arc::new(open_with(dir.path(), host.clone(), hold.clone()));
     assert_eq!(
         call(&runtime, counter("d"), "increment", "[5]")
             .await

@@ -37,29 +37,6 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Strin
     (status, body)
 }
 
-/// Waits until `condition` holds, checking after every short pause; panics after ten seconds.
-/// For states no event announces (an action that has started inside the host).
-async fn until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// How many runs of `action` the host has started.
-fn started(host: &CounterHost, action: &str) -> usize {
-    let needle = format!(":{action}:");
-    host.log
-        .lock()
-        .iter()
-        .filter(|line| line.contains(&needle))
-        .count()
-}
-
 /// Starts serving in the background and returns the bound address.
 async fn serve(
     registry: &Arc<Registry>,
@@ -164,7 +141,7 @@ async fn drain_finishes_in_flight_actions_and_persists_them() {
         })
         .collect();
     // The drain must find all three in flight.
-    until("the three slow calls run", || started(&host, "slow") == 3).await;
+    common::eventually("the three slow calls run", || host.runs("slow") == 3).await;
     registry.shutdown().await;
     for call in calls {
         assert_eq!(call.await.unwrap(), (200, r#"{"output":1}"#.to_string()));
@@ -193,7 +170,7 @@ async fn a_drain_that_cannot_finish_is_forced_at_the_timeout() {
     let blocked = tokio::spawn(async move {
         post(addr, "/v1/actors/counter/actions/block", r#"{"key":["f"]}"#).await
     });
-    until("the blocked call runs", || started(&host, "block") == 1).await;
+    common::eventually("the blocked call runs", || host.runs("block") == 1).await;
     let started = std::time::Instant::now();
     registry.shutdown().await;
     let took = started.elapsed();
@@ -422,7 +399,7 @@ async fn shutdown_during_a_slow_build_drains_what_the_builder_built() {
             })
         })
         .collect();
-    until("the first request builds", || {
+    common::eventually("the first request builds", || {
         registry.state_name() == "building_serverless"
     })
     .await;

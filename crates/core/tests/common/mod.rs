@@ -69,6 +69,16 @@ impl CounterHost {
         })
     }
 
+    /// How many runs of `action` have started, on any actor.
+    pub fn runs(&self, action: &str) -> usize {
+        let needle = format!(":{action}:");
+        self.log
+            .lock()
+            .iter()
+            .filter(|line| line.contains(&needle))
+            .count()
+    }
+
     fn update(&self, id: &str, f: impl FnOnce(&mut Value) -> Value) -> ActionDone {
         let mut states = self.states.lock();
         let state = states.get_mut(id).expect("the instance was started");
