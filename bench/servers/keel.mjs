@@ -16,40 +16,19 @@
 
 import http from "node:http";
 import { readFileSync } from "node:fs";
-import { createRequire } from "node:module";
-import { fileURLToPath } from "node:url";
-import path from "node:path";
 import { actions, initialState } from "./counter.mjs";
 import * as lifecycle from "./lifecycle.mjs";
 import { room as roomConfig } from "./room.mjs";
+import { checkAddon, loadKeel, stopOnStdinEnd } from "./keel-tree.mjs";
 
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const keelDir = process.env.KEEL_BENCH_KEEL_DIR || repoRoot;
 const dataDir = process.argv[2];
 if (!dataDir) {
   console.error("usage: node servers/keel.mjs <dataDir>");
   process.exit(2);
 }
 
-// keel is CommonJS (dist/index.js); load it from the keel tree exactly as a user would.
-const require = createRequire(import.meta.url);
-const { actor, setup } = require(keelDir);
-
-// The napi loader falls back to other addon files (a `keel-<platform>` package, say) when the
-// override fails to load, and an unchecked addon (a debug build) would make every figure
-// meaningless. So check which addon file this process really mapped instead of trusting the
-// environment variable.
-const wanted = process.env.NAPI_RS_NATIVE_LIBRARY_PATH;
-const mapped = new Set(
-  readFileSync("/proc/self/maps", "utf8")
-    .split("\n")
-    .map((line) => line.slice(line.indexOf("/")))
-    .filter((p) => p.endsWith(".node") && path.basename(p).startsWith("keel")),
-);
-if (!wanted || !mapped.has(wanted) || mapped.size !== 1) {
-  console.error(`keel server: expected only ${wanted} to be loaded, found: ${[...mapped].join(", ") || "none"}`);
-  process.exit(3);
-}
+const { actor, setup } = loadKeel();
+const wanted = checkAddon("keel server");
 
 const counter = actor({ state: initialState(), actions });
 const napper = actor(lifecycle.napper);
@@ -102,21 +81,10 @@ function startProbe() {
   return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
 }
 
-let stopping = false;
-function stop() {
-  if (stopping) return;
-  stopping = true;
+stopOnStdinEnd("keel server", registry, () => {
   probe?.close();
   probe?.closeAllConnections();
-  registry.shutdown().catch((err) => {
-    console.error("keel server: shutdown failed:", err);
-    process.exitCode = 1;
-  });
-}
-process.stdin.on("end", stop);
-process.stdin.on("error", stop);
-process.stdin.resume();
-process.on("SIGTERM", stop);
+});
 
 await serving;
 // stdin keeps the event loop alive; nothing else is left to do.

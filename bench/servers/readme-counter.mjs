@@ -8,14 +8,9 @@
 // NAPI_RS_NATIVE_LIBRARY_PATH, prints `{"ready":true,"port":N}` once listening and serves until
 // its stdin closes or SIGTERM. Like servers/keel.mjs it refuses to run on any other addon.
 
-import { readFileSync } from "node:fs";
-import { createRequire } from "node:module";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
+import { checkAddon, loadKeel, stopOnStdinEnd } from "./keel-tree.mjs";
 
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const require = createRequire(import.meta.url);
-const { actor, setup } = require(process.env.KEEL_BENCH_KEEL_DIR || repoRoot);
+const { actor, setup } = loadKeel();
 
 export const counter = actor({
   state: { count: 0 },
@@ -35,27 +30,10 @@ const { port } = await registry.listening();
 
 // After listening, so the check is not on the path the cold start times before the listener
 // is up (it reads one small /proc file either way).
-const wanted = process.env.NAPI_RS_NATIVE_LIBRARY_PATH;
-const mapped = new Set(
-  readFileSync("/proc/self/maps", "utf8")
-    .split("\n")
-    .map((line) => line.slice(line.indexOf("/")))
-    .filter((p) => p.endsWith(".node") && path.basename(p).startsWith("keel")),
-);
-if (!wanted || !mapped.has(wanted) || mapped.size !== 1) {
-  console.error(`readme-counter: expected only ${wanted} to be loaded, found: ${[...mapped].join(", ") || "none"}`);
-  process.exit(3);
-}
+checkAddon("readme-counter");
 process.stdout.write(JSON.stringify({ ready: true, port }) + "\n");
 
-const stop = () => registry.shutdown().catch((err) => {
-  console.error("readme-counter: shutdown failed:", err);
-  process.exitCode = 1;
-});
-process.stdin.on("end", stop);
-process.stdin.on("error", stop);
-process.stdin.resume();
-process.on("SIGTERM", stop);
+stopOnStdinEnd("readme-counter", registry);
 
 await serving;
 process.exit();

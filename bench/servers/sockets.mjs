@@ -8,35 +8,17 @@
 // room's sockets. Both sleep only after 10 minutes idle, so no actor sleeps during a run.
 // Prints `{"ready":true,"port":N}` once listening and serves until its stdin closes.
 
-import { readFileSync } from "node:fs";
-import { createRequire } from "node:module";
-import { fileURLToPath } from "node:url";
-import path from "node:path";
 import { room as roomConfig } from "./room.mjs";
+import { checkAddon, loadKeel, stopOnStdinEnd } from "./keel-tree.mjs";
 
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const keelDir = process.env.KEEL_BENCH_KEEL_DIR || repoRoot;
 const dataDir = process.argv[2];
 if (!dataDir) {
   console.error("usage: node servers/sockets.mjs <dataDir>");
   process.exit(2);
 }
 
-const require = createRequire(import.meta.url);
-const { actor, setup } = require(keelDir);
-
-// As in servers/keel.mjs: refuse to measure anything but the release addon asked for.
-const wanted = process.env.NAPI_RS_NATIVE_LIBRARY_PATH;
-const mapped = new Set(
-  readFileSync("/proc/self/maps", "utf8")
-    .split("\n")
-    .map((line) => line.slice(line.indexOf("/")))
-    .filter((p) => p.endsWith(".node") && path.basename(p).startsWith("keel")),
-);
-if (!wanted || !mapped.has(wanted) || mapped.size !== 1) {
-  console.error(`sockets server: expected only ${wanted} to be loaded, found: ${[...mapped].join(", ") || "none"}`);
-  process.exit(3);
-}
+const { actor, setup } = loadKeel();
+checkAddon("sockets server");
 
 const IDLE = { sleepTimeoutMs: 600_000 };
 
@@ -78,19 +60,7 @@ const serving = registry.start();
 const { port } = await registry.listening();
 process.stdout.write(JSON.stringify({ ready: true, port }) + "\n");
 
-let stopping = false;
-function stop() {
-  if (stopping) return;
-  stopping = true;
-  registry.shutdown().catch((err) => {
-    console.error("sockets server: shutdown failed:", err);
-    process.exitCode = 1;
-  });
-}
-process.stdin.on("end", stop);
-process.stdin.on("error", stop);
-process.stdin.resume();
-process.on("SIGTERM", stop);
+stopOnStdinEnd("sockets server", registry);
 
 await serving;
 process.exit();
