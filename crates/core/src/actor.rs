@@ -779,8 +779,9 @@ impl ActorTask {
         }
     }
 
-    /// If a commit of this instance failed, replaces the instance: it holds changes that
-    /// were refused, and so may every call since.
+    /// If a commit of this instance failed, or core refused a call's effects itself (the KV
+    /// limits), replaces the instance: it holds changes that were refused, and so may every
+    /// call since.
     async fn recover_from_failed_commit(&mut self) {
         if self.refused {
             tracing::debug!("replacing the instance after its effects were refused");
