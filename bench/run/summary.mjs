@@ -2,12 +2,13 @@
 // their spread) for each workload and server, the keel/baseline and keel/peer ratios, the
 // start-up figures with their goals, and whether any check failed.
 //
-// What must stay true: a figure is the median over rounds, counts (calls, errors) are sums;
-// keel is the numerator of every ratio; a round that failed a check makes the workload
-// unverified, and any unverified workload or error fails the run. The alarms figures take the
-// concurrent workload's calls/s as their reference, so they are summarized after it.
+// What must stay true: a figure measured in every round is its median over the rounds, and
+// counts (calls, errors) are sums; keel is the numerator of every keel/other ratio; a round
+// that failed a check makes its workload unverified, and any unverified workload or error
+// fails the run. The alarms figures take the concurrent workload's calls/s as their
+// reference, so they are summarized after it.
 
-import { round3, median } from "./stats.mjs";
+import { median, round3 } from "./stats.mjs";
 import { COUNTER_WORKLOADS, FANOUT_WORKLOADS, FIGURE_WORKLOADS, HTTP_WORKLOADS, LIFECYCLE_WORKLOADS } from "./workloads.mjs";
 
 /** Medians over rounds of each figure (for one round, the figures themselves). */

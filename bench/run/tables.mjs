@@ -2,9 +2,9 @@
 // (on stderr), and the tables of the summary (on stdout): counter calls, broadcast fan-out,
 // life cycle, http-* and the start-up figures, plus the sockets table from sockets.mjs.
 //
-// What must stay true: the tables print only what the summary holds (no figure is computed
-// here), in this order, each with the note under it that says how to read its ratios; the
-// README's "Results of one run" shows these tables as they print.
+// What must stay true: the tables print what the summary holds (only the start-up table
+// derives its ratios and goal checks here), in this order, each with the note under it that
+// says how to read it; the README's "Results of one run" shows these tables as they print.
 
 import { printSocketsTable } from "../sockets.mjs";
 import { COUNTER_WORKLOADS, FANOUT_WORKLOADS, HTTP_WORKLOADS, LIFECYCLE_WORKLOADS, PEERS } from "./workloads.mjs";

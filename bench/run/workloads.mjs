@@ -30,7 +30,7 @@ export function workloads(opts) {
   return [...counterWorkloads(opts), ...fanoutWorkloads(opts), ...lifecycleWorkloads(opts)];
 }
 
-/** The counter workloads selected, over HTTP and over WebSocket (see load.mjs, counterWorkload). */
+/** The counter workloads selected, over HTTP and over WebSocket (see load/counter.mjs). */
 export function counterWorkloads(opts) {
   const all = [
     {
@@ -68,7 +68,7 @@ export function counterWorkloads(opts) {
   return all.filter((w) => opts.only.includes(w.name));
 }
 
-/** Event fan-out over WebSocket connections (see load.mjs, `broadcast`). */
+/** Event fan-out over WebSocket connections (see load/broadcast.mjs). */
 export function fanoutWorkloads(opts) {
   const all = [
     {
@@ -85,7 +85,7 @@ export function fanoutWorkloads(opts) {
   return all.filter((w) => opts.only.includes(w.name));
 }
 
-/** keel-only workloads: the server runs with its probe and --expose-gc (see load.mjs). */
+/** keel-only workloads: the server runs with its probe and --expose-gc (see load/lifecycle.mjs). */
 export function lifecycleWorkloads(opts) {
   const all = [
     {
@@ -184,7 +184,7 @@ export async function measureHttp(kind, workload, wrk, spec) {
   }
 }
 
-/** 10,000 actors created by one call each, 64 in flight (load.mjs, many-actors). */
+/** 10,000 actors created by one call each, 64 in flight (load/counter.mjs, manyActors). */
 export async function measureManyActors(kind, opts, spec) {
   const server = await startServer(kind, spec);
   try {
