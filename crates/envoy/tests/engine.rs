@@ -98,9 +98,11 @@ async fn load_count(store: &ActorStore) -> Option<u64> {
 async fn an_actor_created_through_the_api_commits_100_increments_and_loads_them() {
     let pool = "keel-counter";
     let engine = TestEngine::start(pool).await;
+    let connecting = Instant::now();
     let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
         .await
         .expect("connect");
+    let connect_latency = connecting.elapsed();
 
     let created = Instant::now();
     let actor_id = engine
@@ -184,15 +186,35 @@ async fn an_actor_created_through_the_api_commits_100_increments_and_loads_them(
     let last = store.kv_list(b"log/", 1, true).await.expect("kv_list");
     assert_eq!(last[0].0, b"log/100");
 
+    // Deleting the actor's data goes behind every earlier commit; nothing commits after it.
+    let (tx, deleted) = oneshot::channel();
+    store.delete(Box::new(move |result| {
+        let _ = tx.send(result); // Awaited below.
+    }));
+    deleted.await.expect("released").expect("delete");
+    assert_eq!(store.load().await.expect("load"), None);
+    assert!(store
+        .kv_list(b"", 10, false)
+        .await
+        .expect("kv_list")
+        .is_empty());
+    let err = commit(store, state(101)).await.unwrap_err();
+    assert_eq!(err.code(), "not_found", "{err}");
+
     round_trips.sort();
     eprintln!(
-        "measured: start {start_latency:?} (create to storage open), sequential commit round trip \
-         p50 {:?} p99 {:?}",
+        "measured: connect {connect_latency:?}, start {start_latency:?} (create to storage open), \
+         sequential commit round trip p50 {:?} p99 {:?}",
         round_trips[49], round_trips[98]
     );
+    let stopping = Instant::now();
     assert_eq!(
         shutdown_answering_stops(&envoy, &mut events).await,
         ShutdownOutcome::Graceful
+    );
+    eprintln!(
+        "measured: graceful shutdown with one actor {:?}",
+        stopping.elapsed()
     );
 }
 
@@ -319,6 +341,20 @@ async fn commits_queued_behind_a_batch_in_flight_coalesce_and_release_in_order()
         "an empty value reads as empty"
     );
     envoy.abandon();
+}
+
+#[tokio::test]
+async fn connect_refuses_a_bad_config_before_dialing() {
+    let mut config = keel_envoy::EngineConfig::new("127.0.0.1:6420");
+    let err = keel_envoy::connect(config.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!((err.group(), err.code()), ("registry", "invalid_config"));
+    config.endpoint = "http://127.0.0.1:6420".into();
+    config.namespace = String::new();
+    let err = keel_envoy::connect(config).await.err().expect("refused");
+    assert_eq!(err.code(), "invalid_config", "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,5 +493,16 @@ async fn sleep_then_wake_is_the_next_generation_and_the_stale_one_is_fenced() {
     assert!(matches!(err, Error::ActorStopped));
     assert_eq!(load_count(&second.store).await, Some(2));
     eprintln!("measured: wake from sleep by a gateway request {wake_latency:?}");
+
+    // A stop intent asks the engine to destroy the actor; it answers with a stop. (The
+    // destroy itself completes asynchronously in the engine: a commit right after the stop
+    // completed was still accepted, so keel commits nothing after completing a stop.)
+    envoy.stop_actor(&actor_id, second.generation);
+    let EngineEvent::Stop { reason, done, .. } = next_event(&mut events).await else {
+        panic!("expected a stop");
+    };
+    assert_eq!(reason, EngineStopReason::StopIntent);
+    assert_eq!(reason.core(), keel_core::StopReason::Destroy);
+    done.complete();
     envoy.abandon();
 }
