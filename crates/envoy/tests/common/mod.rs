@@ -44,6 +44,11 @@ pub struct TestEngine {
 impl TestEngine {
     /// Starts an engine and waits until it answers `/health` and `pool` has a runner config.
     pub async fn start(pool: &str) -> TestEngine {
+        TestEngine::start_with(pool, json!({})).await
+    }
+
+    /// Like [`TestEngine::start`], with `pegboard` settings (the engine's actor scheduler).
+    pub async fn start_with(pool: &str, pegboard: Value) -> TestEngine {
         let binary = engine_binary();
         assert!(
             binary.is_file(),
@@ -60,6 +65,7 @@ impl TestEngine {
             "api_peer": { "host": "127.0.0.1", "port": api_peer_port },
             "metrics": { "host": "127.0.0.1", "port": metrics_port },
             "telemetry": { "enabled": false },
+            "pegboard": pegboard,
             "file_system": { "path": dir.path().join("db") },
         });
         std::fs::write(dir.path().join("engine.json"), config.to_string()).expect("config");
@@ -109,6 +115,11 @@ impl TestEngine {
     /// The guard address, what an envoy connects to and clients call.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.guard_port)
+    }
+
+    /// The guard's port on 127.0.0.1.
+    pub fn guard_port(&self) -> u16 {
+        self.guard_port
     }
 
     /// An envoy config for this engine and `pool`.
