@@ -17,13 +17,11 @@
 //!   commits were computed on top of writes that may not have landed. The owner recovers by
 //!   opening a new store (which loads what is committed), or stops if it was fenced off.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_core::store::{ActorSnapshot, StoredSchedule};
 use keel_core::writer::{Release, Settle, Writes};
 use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleOp};
-use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -122,7 +120,7 @@ pub struct CommitStats {
     pub batches: u64,
     /// Commits (and deletes) whose batch was acknowledged.
     pub acknowledged: u64,
-    /// Commits (and deletes) whose batch failed or that were refused after a failure.
+    /// Commits (and deletes) whose batch failed, or that were refused after a failure.
     pub failed: u64,
     /// Whether a batch is in flight now.
     pub in_flight: bool,
@@ -157,8 +155,6 @@ pub struct ActorStore {
     /// is empty. Unbounded on purpose, as keel-core's writer queue: an actor runs one call at
     /// a time behind a bounded mailbox, so the queue is bounded by work already admitted.
     ops: mpsc::UnboundedSender<Op>,
-    /// The error of the first failed batch; set by the commit task, read by `commit`.
-    failure: Arc<Mutex<Option<Error>>>,
     stats: watch::Receiver<CommitStats>,
     state_encoding: Encoding,
 }
@@ -206,12 +202,11 @@ impl ActorStore {
 
     fn start(remote: Remote, state_encoding: Encoding) -> ActorStore {
         let (ops, rx) = mpsc::unbounded_channel();
-        let failure = Arc::new(Mutex::new(None));
         let (stats_tx, stats) = watch::channel(CommitStats::default());
         let task = CommitTask {
             remote: remote.clone(),
             rx,
-            failure: failure.clone(),
+            failure: None,
             stats: stats_tx,
             state_encoding,
             carried: None,
@@ -225,7 +220,6 @@ impl ActorStore {
         ActorStore {
             remote,
             ops,
-            failure,
             stats,
             state_encoding,
         }
@@ -264,11 +258,6 @@ impl ActorStore {
     }
 
     fn enqueue(&self, op: Op) {
-        if let Some(err) = self.failure.lock().as_ref() {
-            let err = err.duplicate();
-            (op.into_release())(Err(err));
-            return;
-        }
         if let Err(mpsc::error::SendError(op)) = self.ops.send(op) {
             // The task ends only once every sender is dropped, and this store holds one; a
             // task that panicked is the only way here.
@@ -356,7 +345,9 @@ impl ActorStore {
 struct CommitTask {
     remote: Remote,
     rx: mpsc::UnboundedReceiver<Op>,
-    failure: Arc<Mutex<Option<Error>>>,
+    /// The error of the first failed batch (or `actor.not_found` after a delete): every later
+    /// op is refused with it.
+    failure: Option<Error>,
     stats: watch::Sender<CommitStats>,
     state_encoding: Encoding,
     /// An op taken from the queue that did not fit the last batch; it opens the next one.
@@ -374,7 +365,7 @@ impl CommitTask {
                     None => return,
                 },
             };
-            if let Some(err) = self.failure.lock().as_ref() {
+            if let Some(err) = &self.failure {
                 self.refuse(first, err);
                 continue;
             }
@@ -435,7 +426,7 @@ impl CommitTask {
             Ok(()) => {
                 let deleted = matches!(ops.last(), Some(Op::Delete { .. }));
                 if deleted {
-                    *self.failure.lock() = Some(Error::ActorNotFound);
+                    self.failure = Some(Error::ActorNotFound);
                 }
                 self.stats.send_modify(|stats| stats.acknowledged += count);
                 for op in ops {
@@ -444,7 +435,7 @@ impl CommitTask {
             }
             Err(err) => {
                 tracing::warn!(error = %err, ops = count, "engine commit failed");
-                *self.failure.lock() = Some(err.duplicate());
+                self.failure = Some(err.duplicate());
                 self.stats.send_modify(|stats| stats.failed += count);
                 for op in ops {
                     (op.into_release())(Err(err.duplicate()));

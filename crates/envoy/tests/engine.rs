@@ -496,6 +496,15 @@ async fn sleep_then_wake_is_the_next_generation_and_the_stale_one_is_fenced() {
     assert_eq!((err.group(), err.code()), ("actor", "stopped"), "{err}");
     assert_eq!(err.http_status(), 503);
     assert!(matches!(err, Error::ActorStopped));
+    // A failed batch latches: what comes after it is refused without being sent.
+    let sent = first.store.stats().borrow().batches;
+    let err = commit(&first.store, state(1000)).await.unwrap_err();
+    assert_eq!(err.code(), "stopped");
+    assert_eq!(
+        first.store.stats().borrow().batches,
+        sent,
+        "refused without a batch"
+    );
     assert_eq!(load_count(&second.store).await, Some(2));
     eprintln!("measured: wake from sleep by a gateway request {wake_latency:?}");
 
