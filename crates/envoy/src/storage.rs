@@ -187,16 +187,20 @@ impl ActorStore {
                 input_encoding.into(),
             ],
         ));
-        let reads = statements.len();
+        let first_read = statements.len();
         statements.extend(LOAD.iter().copied().map(Statement::plain));
         let mut results = remote.batch(statements).await?;
-        let snapshot = parse_load(remote.actor_id(), results.split_off(reads), state_encoding)?
-            .ok_or_else(|| {
-                damage(
-                    remote.actor_id(),
-                    "the actor row is missing after its insert",
-                )
-            })?;
+        let snapshot = parse_load(
+            remote.actor_id(),
+            results.split_off(first_read),
+            state_encoding,
+        )?
+        .ok_or_else(|| {
+            damage(
+                remote.actor_id(),
+                "the actor row is missing after its insert",
+            )
+        })?;
         Ok((ActorStore::start(remote, state_encoding), snapshot))
     }
 
