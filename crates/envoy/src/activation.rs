@@ -299,3 +299,27 @@ impl EnvoyCallbacks for Callbacks {
         Box::pin(async { Ok(false) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_engine_stop_reason_maps_onto_a_core_stop() {
+        use keel_core::StopReason as Core;
+        let cases = [
+            (protocol::StopActorReason::SleepIntent, Core::Sleep),
+            (protocol::StopActorReason::StopIntent, Core::Destroy),
+            (protocol::StopActorReason::Destroy, Core::Destroy),
+            (protocol::StopActorReason::GoingAway, Core::Shutdown),
+            (protocol::StopActorReason::Lost, Core::Reset),
+        ];
+        for (reason, core) in cases {
+            assert_eq!(
+                EngineStopReason::from_protocol(&reason).core(),
+                core,
+                "{reason:?}"
+            );
+        }
+    }
+}

@@ -28,7 +28,8 @@ pub enum ShutdownOutcome {
     Forced,
 }
 
-/// A connected envoy. Cloneable; every clone speaks for the same connection.
+/// A connected envoy. Cloneable; every clone speaks for the same connection. The envoy runs
+/// until [`Engine::shutdown`] or [`Engine::abandon`]: dropping every clone does not stop it.
 #[derive(Clone)]
 pub struct Engine {
     handle: EnvoyHandle,
