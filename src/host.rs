@@ -29,63 +29,135 @@ use crate::logging::{ActorSpans, HostCall};
 /// The most invocations sent to JS in one call.
 const MAX_BATCH_LEN: usize = 1024;
 
-/// One call into user code, as JS receives it.
-#[napi(object)]
-pub struct Invocation {
-    /// Matches the invocation to its [`Completion`].
-    pub id: u32,
-    /// `start`, `action` or `stop`.
-    pub kind: String,
-    /// The actor's id.
-    pub actor_id: String,
-    /// The actor type (on `start` only; JS keeps it with the instance).
-    pub actor_type: Option<String>,
-    /// The key segments (on `start` only).
-    pub key: Option<Vec<String>>,
-    /// The action name (on `action`).
-    pub action: Option<String>,
-    /// The arguments, an encoded array (on `action`).
-    pub args: Option<Buffer>,
-    /// `json` or `cbor`: how `args` (or `input`) is encoded.
-    pub encoding: Option<String>,
-    /// `json` or `cbor`: how to encode the output (on `action`).
-    pub output_encoding: Option<String>,
-    /// The last committed state (on `start`, when the actor has one).
-    pub state: Option<Buffer>,
-    /// The creation input (on `start` of a new actor created with one), in `encoding`.
-    pub input: Option<Buffer>,
-    /// Why the instance stops (on `stop`: `sleep`, `shutdown`, `destroy` or `reset`), or the
-    /// close reason (on `ws_close`).
-    pub reason: Option<String>,
-    /// The connection (on `connect`, `disconnect`, and `action` over a connection).
-    pub conn_id: Option<String>,
-    /// The connection parameters (on `connect`), in `encoding`.
-    pub params: Option<Buffer>,
-    /// The HTTP method (on `request`).
-    pub method: Option<String>,
-    /// The path below the actor's raw route, with the query (on `request`, `ws_open`).
-    pub path: Option<String>,
-    /// Header name and value pairs (on `request`, `ws_open`).
-    pub headers: Option<Vec<Vec<String>>>,
-    /// The request body (on `request`) or message data (on `ws_message`).
-    pub body: Option<Buffer>,
-    /// The raw socket (on `ws_open`, `ws_message`, `ws_close`).
-    pub socket_id: Option<String>,
-    /// Whether the message is binary (on `ws_message`).
-    pub binary: Option<bool>,
-    /// The close code (on `ws_close`).
-    pub code: Option<u32>,
+/// One call into user code, as JS receives it: one variant per kind, each with exactly its
+/// fields. JS sees a union discriminated by `kind` (`start`, `action`, `stop`, `connect`,
+/// `disconnect`, `request`, `ws_open`, `ws_message`, `ws_close`); every variant carries the
+/// `id` that matches it to its [`Completion`] and the `actorId` it is for.
+#[napi(
+    discriminant = "kind",
+    discriminant_case = "snake_case",
+    object_from_js = false
+)]
+pub enum Invocation {
+    /// Brings up an actor's instance.
+    Start {
+        id: u32,
+        actor_id: String,
+        /// The actor type (JS keeps it with the instance).
+        actor_type: String,
+        /// The key segments.
+        key: Vec<String>,
+        /// The last committed state; absent for a new actor.
+        state: Option<Buffer>,
+        /// The creation input of a new actor created with one, in `inputEncoding`.
+        input: Option<Buffer>,
+        /// `json` or `cbor`: how `input` is encoded (with `input` only).
+        input_encoding: Option<String>,
+    },
+    /// Runs one action.
+    Action {
+        id: u32,
+        actor_id: String,
+        /// The action's name.
+        action: String,
+        /// The arguments, an encoded array.
+        args: Buffer,
+        /// `json` or `cbor`: how `args` is encoded.
+        encoding: String,
+        /// `json` or `cbor`: how to encode the output.
+        output_encoding: String,
+        /// The connection the call came over, if any.
+        conn_id: Option<String>,
+    },
+    /// Runs the sleep or destroy hook and drops the instance.
+    Stop {
+        id: u32,
+        actor_id: String,
+        /// `sleep`, `shutdown`, `destroy` or `reset`.
+        reason: String,
+    },
+    /// Admits a connection.
+    Connect {
+        id: u32,
+        actor_id: String,
+        conn_id: String,
+        /// The connection parameters, in `encoding`.
+        params: Buffer,
+        /// `json` or `cbor`: how `params`, and the connection's frames, are encoded.
+        encoding: String,
+    },
+    /// A connection closed.
+    Disconnect {
+        id: u32,
+        actor_id: String,
+        conn_id: String,
+    },
+    /// A raw HTTP request for `onRequest`.
+    Request {
+        id: u32,
+        actor_id: String,
+        method: String,
+        /// The path below the actor's raw route, with the query.
+        path: String,
+        /// Header name and value pairs.
+        headers: Vec<Vec<String>>,
+        body: Buffer,
+    },
+    /// A raw WebSocket opened on the actor's raw route.
+    WsOpen {
+        id: u32,
+        actor_id: String,
+        socket_id: String,
+        /// The path below the actor's raw route, with the query.
+        path: String,
+        /// The upgrade request's header name and value pairs.
+        headers: Vec<Vec<String>>,
+    },
+    /// A message on a raw WebSocket.
+    WsMessage {
+        id: u32,
+        actor_id: String,
+        socket_id: String,
+        /// The message's bytes (UTF-8 for a text message).
+        data: Buffer,
+        binary: bool,
+    },
+    /// A raw WebSocket closed.
+    WsClose {
+        id: u32,
+        actor_id: String,
+        socket_id: String,
+        code: u32,
+        reason: String,
+    },
+}
+
+impl Invocation {
+    /// The id that matches the invocation to its completion.
+    fn id(&self) -> u32 {
+        match self {
+            Invocation::Start { id, .. }
+            | Invocation::Action { id, .. }
+            | Invocation::Stop { id, .. }
+            | Invocation::Connect { id, .. }
+            | Invocation::Disconnect { id, .. }
+            | Invocation::Request { id, .. }
+            | Invocation::WsOpen { id, .. }
+            | Invocation::WsMessage { id, .. }
+            | Invocation::WsClose { id, .. } => *id,
+        }
+    }
 }
 
 /// One key-value write reported by JS; no `value` means delete.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct KvWriteJs {
     pub key: Buffer,
     pub value: Option<Buffer>,
 }
 
 /// One schedule change reported by JS: an add (with `atMs`, `action`, `args`) or a cancel.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct ScheduleOpJs {
     pub id: String,
     /// When it falls due, in epoch milliseconds; absent for a cancel.
@@ -96,7 +168,7 @@ pub struct ScheduleOpJs {
 }
 
 /// An event for connections reported by JS: to one connection (`to`) or broadcast.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct OutboundJs {
     pub to: Option<String>,
     pub event: String,
@@ -107,27 +179,23 @@ pub struct OutboundJs {
 }
 
 /// A connection JS closes, with its reason.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct DisconnectJs {
     pub conn_id: String,
     pub reason: String,
 }
 
 /// `onRequest`'s response.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct ResponseJs {
     pub status: u32,
     pub headers: Vec<Vec<String>>,
     pub body: Buffer,
 }
 
-/// The result of one invocation, as JS reports it.
-#[napi(object)]
-pub struct Completion {
-    /// The invocation's id.
-    pub id: u32,
-    /// The encoded result (on `action`).
-    pub output: Option<Buffer>,
+/// What a successful call changed; every field is absent when that part did not change.
+#[napi(object, object_to_js = false)]
+pub struct EffectsJs {
     /// The new state, when it changed.
     pub state: Option<Buffer>,
     /// Key-value writes, in order.
@@ -142,109 +210,172 @@ pub struct Completion {
     pub messages: Option<Vec<OutboundJs>>,
     /// Connections to close.
     pub disconnects: Option<Vec<DisconnectJs>>,
-    /// The response (on `request`).
-    pub response: Option<ResponseJs>,
-    /// Set when user code failed; the call then has no effects.
-    pub error: Option<ErrorInfo>,
+}
+
+/// The result of one invocation, as JS reports it, discriminated by `kind`: `ok` for a call
+/// without a result (start, stop, connect, disconnect, raw socket events), `returned` for an
+/// action, `responded` for a raw request, and `failed` for a call whose user code threw
+/// (it then has no effects).
+#[napi(discriminant = "kind", discriminant_case = "snake_case", object_to_js = false)]
+pub enum Completion {
+    /// The call succeeded.
+    Ok {
+        id: u32,
+        effects: Option<EffectsJs>,
+    },
+    /// An action returned.
+    Returned {
+        id: u32,
+        /// The encoded result, in the invocation's `outputEncoding`.
+        output: Buffer,
+        effects: Option<EffectsJs>,
+    },
+    /// `onRequest` answered.
+    Responded {
+        id: u32,
+        response: ResponseJs,
+        effects: Option<EffectsJs>,
+    },
+    /// User code failed.
+    Failed { id: u32, error: ErrorInfo },
+}
+
+impl Completion {
+    fn id(&self) -> u32 {
+        match self {
+            Completion::Ok { id, .. }
+            | Completion::Returned { id, .. }
+            | Completion::Responded { id, .. }
+            | Completion::Failed { id, .. } => *id,
+        }
+    }
 }
 
 /// The JS function that receives batches; weak, so it never keeps Node alive by itself.
 pub type DispatchFn = ThreadsafeFunction<Vec<Invocation>, (), Vec<Invocation>, Status, false, true>;
 
 /// What a finished invocation carries back to the waiting Rust future.
-struct Reply {
-    output: Option<Vec<u8>>,
-    effects: Effects,
-    response: Option<RawResponse>,
-    error: Option<ErrorInfo>,
+enum Reply {
+    /// The call succeeded without a result.
+    Ok(Effects),
+    /// An action returned its encoded output.
+    Returned(Vec<u8>, Effects),
+    /// `onRequest` answered.
+    Responded(RawResponse, Effects),
+    /// User code failed; the call has no effects.
+    Failed(ErrorInfo),
 }
 
 impl Reply {
     fn from_completion(completion: Completion) -> Reply {
-        let kv = completion
-            .kv
-            .unwrap_or_default()
-            .into_iter()
-            .map(|write| match write.value {
-                Some(value) => KvWrite::Put {
-                    key: write.key.to_vec(),
-                    value: value.to_vec(),
+        match completion {
+            Completion::Ok { effects, .. } => Reply::Ok(effects_of(effects)),
+            Completion::Returned {
+                output, effects, ..
+            } => Reply::Returned(output.to_vec(), effects_of(effects)),
+            Completion::Responded {
+                response, effects, ..
+            } => Reply::Responded(
+                RawResponse {
+                    status: u16::try_from(response.status).unwrap_or(500),
+                    headers: response
+                        .headers
+                        .into_iter()
+                        .filter_map(|pair| match <[String; 2]>::try_from(pair) {
+                            Ok([name, value]) => Some((name, value)),
+                            Err(_) => None,
+                        })
+                        .collect(),
+                    body: response.body.to_vec(),
                 },
-                None => KvWrite::Delete {
-                    key: write.key.to_vec(),
-                },
-            })
-            .collect();
-        let schedules = completion
-            .schedules
-            .unwrap_or_default()
-            .into_iter()
-            .map(|op| match (op.at_ms, op.action, op.args) {
-                (Some(at_ms), Some(action), Some(args)) => ScheduleOp::Add(Schedule {
-                    id: op.id,
-                    at_ms: at_ms as i64,
-                    action,
-                    args: args.to_vec(),
-                }),
-                _ => ScheduleOp::Cancel { id: op.id },
-            })
-            .collect();
-        let messages = completion
-            .messages
-            .unwrap_or_default()
-            .into_iter()
-            .map(|message| Outbound {
-                to: message.to,
-                event: message.event,
-                json: message.json.map(|b| b.to_vec()),
-                cbor: message.cbor.map(|b| b.to_vec()),
-            })
-            .collect();
-        let disconnects = completion
-            .disconnects
-            .unwrap_or_default()
-            .into_iter()
-            .map(|d| (d.conn_id, d.reason))
-            .collect();
-        Reply {
-            output: completion.output.map(|b| b.to_vec()),
-            effects: Effects {
-                state: completion.state.map(|b| b.to_vec()),
-                kv,
-                schedules,
-                sleep: completion.sleep.unwrap_or(false),
-                destroy: completion.destroy.unwrap_or(false),
-                messages,
-                disconnects,
-            },
-            response: completion.response.map(|r| RawResponse {
-                status: u16::try_from(r.status).unwrap_or(500),
-                headers: r
-                    .headers
-                    .into_iter()
-                    .filter_map(|pair| match <[String; 2]>::try_from(pair) {
-                        Ok([name, value]) => Some((name, value)),
-                        Err(_) => None,
-                    })
-                    .collect(),
-                body: r.body.to_vec(),
-            }),
-            error: completion.error,
+                effects_of(effects),
+            ),
+            Completion::Failed { error, .. } => Reply::Failed(error),
         }
     }
 
     fn failed(message: String) -> Reply {
-        Reply {
-            output: None,
-            effects: Effects::default(),
-            response: None,
-            error: Some(ErrorInfo {
-                group: "actor".into(),
-                code: "internal_error".into(),
-                message,
-                metadata: None,
-            }),
+        Reply::Failed(ErrorInfo {
+            group: "actor".into(),
+            code: "internal_error".into(),
+            message,
+            metadata: None,
+        })
+    }
+
+    /// The effects of a call that has no result of its own.
+    fn effects(self, what: &str) -> Result<Effects, Error> {
+        match self {
+            Reply::Ok(effects) => Ok(effects),
+            _ => Err(mismatched(what)),
         }
+    }
+}
+
+fn mismatched(what: &str) -> Error {
+    Error::ActorInternal {
+        message: format!("the JS host answered the {what} call with the wrong kind of completion"),
+    }
+}
+
+/// Core's effects from what JS reported.
+fn effects_of(effects: Option<EffectsJs>) -> Effects {
+    let Some(effects) = effects else {
+        return Effects::default();
+    };
+    let kv = effects
+        .kv
+        .unwrap_or_default()
+        .into_iter()
+        .map(|write| match write.value {
+            Some(value) => KvWrite::Put {
+                key: write.key.to_vec(),
+                value: value.to_vec(),
+            },
+            None => KvWrite::Delete {
+                key: write.key.to_vec(),
+            },
+        })
+        .collect();
+    let schedules = effects
+        .schedules
+        .unwrap_or_default()
+        .into_iter()
+        .map(|op| match (op.at_ms, op.action, op.args) {
+            (Some(at_ms), Some(action), Some(args)) => ScheduleOp::Add(Schedule {
+                id: op.id,
+                at_ms: at_ms as i64,
+                action,
+                args: args.to_vec(),
+            }),
+            _ => ScheduleOp::Cancel { id: op.id },
+        })
+        .collect();
+    let messages = effects
+        .messages
+        .unwrap_or_default()
+        .into_iter()
+        .map(|message| Outbound {
+            to: message.to,
+            event: message.event,
+            json: message.json.map(|b| b.to_vec()),
+            cbor: message.cbor.map(|b| b.to_vec()),
+        })
+        .collect();
+    let disconnects = effects
+        .disconnects
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| (d.conn_id, d.reason))
+        .collect();
+    Effects {
+        state: effects.state.map(|b| b.to_vec()),
+        kv,
+        schedules,
+        sleep: effects.sleep.unwrap_or(false),
+        destroy: effects.destroy.unwrap_or(false),
+        messages,
+        disconnects,
     }
 }
 
@@ -284,7 +415,7 @@ impl JsHost {
     pub fn complete(&self, completions: Vec<Completion>) {
         let mut pending = self.pending.lock();
         for completion in completions {
-            if let Some(waiter) = pending.remove(&completion.id) {
+            if let Some(waiter) = pending.remove(&completion.id()) {
                 // The waiter may have timed out since; its result is no longer wanted.
                 let _ = waiter.send(Reply::from_completion(completion));
             }
@@ -311,7 +442,7 @@ impl JsHost {
 
     async fn invoke(self: &Arc<Self>, invocation: Invocation) -> Result<Reply, Error> {
         self.ensure_batcher();
-        let id = invocation.id;
+        let id = invocation.id();
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
         let _guard = PendingGuard { host: self, id };
@@ -323,30 +454,9 @@ impl JsHost {
         })
     }
 
-    fn invocation(&self, kind: &str, actor: &ActorInfo) -> Invocation {
-        Invocation {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            kind: kind.to_string(),
-            actor_id: actor.id.to_string(),
-            actor_type: None,
-            key: None,
-            action: None,
-            args: None,
-            encoding: None,
-            output_encoding: None,
-            state: None,
-            input: None,
-            reason: None,
-            conn_id: None,
-            params: None,
-            method: None,
-            path: None,
-            headers: None,
-            body: None,
-            socket_id: None,
-            binary: None,
-            code: None,
-        }
+    /// A fresh invocation id.
+    fn next_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -377,7 +487,7 @@ async fn run_batcher(
                 Err(_) => break,
             }
         }
-        let ids: Vec<u32> = batch.iter().map(|invocation| invocation.id).collect();
+        let ids: Vec<u32> = batch.iter().map(Invocation::id).collect();
         if let Err(err) = dispatch.call_async_catch(batch).await {
             tracing::error!(error = %err, invocations = ids.len(), "dispatching to JS failed");
             let Some(host) = host.upgrade() else { return };
@@ -393,15 +503,15 @@ async fn run_batcher(
 }
 
 fn check(reply: Reply, what: &str) -> Result<Reply, Error> {
-    match reply.error {
-        Some(info) => {
+    match reply {
+        Reply::Failed(info) => {
             let err = info.into_error();
             if let Error::ActorInternal { message } = &err {
                 tracing::warn!(call = what, error = %message, "user code threw");
             }
             Err(err)
         }
-        None => Ok(reply),
+        reply => Ok(reply),
     }
 }
 
@@ -416,17 +526,25 @@ impl Host for SharedHost {
         request: StartRequest,
     ) -> keel_core::Result<Effects> {
         let span = self.0.spans.enter(actor, HostCall::Start);
-        let mut invocation = self.0.invocation("start", actor);
-        invocation.actor_type = Some(actor.name.to_string());
-        invocation.key = Some(actor.key.clone());
-        invocation.state = request.state.map(Buffer::from);
-        if let Some(input) = request.input {
-            invocation.encoding = Some(input.encoding.as_str().to_string());
-            invocation.input = Some(Buffer::from(input.bytes));
-        }
-        let reply = check(self.0.invoke(invocation).await?, "start")?;
+        let (input_encoding, input) = match request.input {
+            Some(input) => (
+                Some(input.encoding.as_str().to_string()),
+                Some(Buffer::from(input.bytes)),
+            ),
+            None => (None, None),
+        };
+        let invocation = Invocation::Start {
+            id: self.0.next_id(),
+            actor_id: actor.id.to_string(),
+            actor_type: actor.name.to_string(),
+            key: actor.key.clone(),
+            state: request.state.map(Buffer::from),
+            input,
+            input_encoding,
+        };
+        let effects = check(self.0.invoke(invocation).await?, "start")?.effects("start")?;
         span.started();
-        Ok(reply.effects)
+        Ok(effects)
     }
 
     async fn action(
@@ -435,34 +553,34 @@ impl Host for SharedHost {
         call: ActionCall,
     ) -> keel_core::Result<ActionDone> {
         let _span = self.0.spans.enter(actor, HostCall::Action);
-        let mut invocation = self.0.invocation("action", actor);
-        invocation.action = Some(call.action);
-        invocation.encoding = Some(call.args.encoding.as_str().to_string());
-        invocation.args = Some(Buffer::from(call.args.bytes));
-        invocation.output_encoding = Some(call.output.as_str().to_string());
-        invocation.conn_id = call.conn_id;
-        let reply = check(self.0.invoke(invocation).await?, "action")?;
-        let output = match call.output {
-            Encoding::Json => Payload::json(
-                reply
-                    .output
-                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-                    .unwrap_or_else(|| "null".to_string()),
-            ),
-            Encoding::Cbor => Payload::cbor(reply.output.unwrap_or_else(|| vec![0xf7])),
+        let invocation = Invocation::Action {
+            id: self.0.next_id(),
+            actor_id: actor.id.to_string(),
+            action: call.action,
+            args: Buffer::from(call.args.bytes),
+            encoding: call.args.encoding.as_str().to_string(),
+            output_encoding: call.output.as_str().to_string(),
+            conn_id: call.conn_id,
         };
-        Ok(ActionDone {
-            output,
-            effects: reply.effects,
-        })
+        let (output, effects) = match check(self.0.invoke(invocation).await?, "action")? {
+            Reply::Returned(output, effects) => (output, effects),
+            _ => return Err(mismatched("action")),
+        };
+        let output = match call.output {
+            Encoding::Json => Payload::json(String::from_utf8_lossy(&output).into_owned()),
+            Encoding::Cbor => Payload::cbor(output),
+        };
+        Ok(ActionDone { output, effects })
     }
 
     async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> keel_core::Result<Effects> {
         let _span = self.0.spans.enter(actor, HostCall::Stop);
-        let mut invocation = self.0.invocation("stop", actor);
-        invocation.reason = Some(reason.as_str().to_string());
-        let reply = check(self.0.invoke(invocation).await?, "stop")?;
-        Ok(reply.effects)
+        let invocation = Invocation::Stop {
+            id: self.0.next_id(),
+            actor_id: actor.id.to_string(),
+            reason: reason.as_str().to_string(),
+        };
+        check(self.0.invoke(invocation).await?, "stop")?.effects("stop")
     }
 
     async fn connect(
@@ -470,12 +588,14 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: ConnectRequest,
     ) -> keel_core::Result<Effects> {
-        let mut invocation = self.0.invocation("connect", actor);
-        invocation.conn_id = Some(request.conn_id);
-        invocation.encoding = Some(request.params.encoding.as_str().to_string());
-        invocation.params = Some(Buffer::from(request.params.bytes));
-        let reply = check(self.0.invoke(invocation).await?, "connect")?;
-        Ok(reply.effects)
+        let invocation = Invocation::Connect {
+            id: self.0.next_id(),
+            actor_id: actor.id.to_string(),
+            conn_id: request.conn_id,
+            params: Buffer::from(request.params.bytes),
+            encoding: request.params.encoding.as_str().to_string(),
+        };
+        check(self.0.invoke(invocation).await?, "connect")?.effects("connect")
     }
 
     async fn disconnect(
@@ -483,10 +603,12 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         conn_id: &str,
     ) -> keel_core::Result<Effects> {
-        let mut invocation = self.0.invocation("disconnect", actor);
-        invocation.conn_id = Some(conn_id.to_string());
-        let reply = check(self.0.invoke(invocation).await?, "disconnect")?;
-        Ok(reply.effects)
+        let invocation = Invocation::Disconnect {
+            id: self.0.next_id(),
+            actor_id: actor.id.to_string(),
+            conn_id: conn_id.to_string(),
+        };
+        check(self.0.invoke(invocation).await?, "disconnect")?.effects("disconnect")
     }
 
     async fn request(
@@ -494,16 +616,20 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: RawRequest,
     ) -> keel_core::Result<(RawResponse, Effects)> {
-        let mut invocation = self.0.invocation("request", actor);
-        invocation.method = Some(request.method);
-        invocation.path = Some(request.path);
-        invocation.headers = Some(pairs(request.headers));
-        invocation.body = Some(Buffer::from(request.body));
-        let reply = check(self.0.invoke(invocation).await?, "request")?;
-        let response = reply.response.ok_or_else(|| Error::ActorInternal {
-            message: "onRequest returned no Response".into(),
-        })?;
-        Ok((response, reply.effects))
+        let invocation = Invocation::Request {
+            id: self.0.next_id(),
+            actor_id: actor.id.to_string(),
+            method: request.method,
+            path: request.path,
+            headers: pairs(request.headers),
+            body: Buffer::from(request.body),
+        };
+        match check(self.0.invoke(invocation).await?, "request")? {
+            Reply::Responded(response, effects) => Ok((response, effects)),
+            _ => Err(Error::ActorInternal {
+                message: "onRequest returned no Response".into(),
+            }),
+        }
     }
 
     async fn raw_socket(
@@ -511,43 +637,44 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         event: RawSocketEvent,
     ) -> keel_core::Result<Effects> {
+        let id = self.0.next_id();
+        let actor_id = actor.id.to_string();
         let invocation = match event {
             RawSocketEvent::Open {
                 socket_id,
                 path,
                 headers,
-            } => {
-                let mut invocation = self.0.invocation("ws_open", actor);
-                invocation.socket_id = Some(socket_id);
-                invocation.path = Some(path);
-                invocation.headers = Some(pairs(headers));
-                invocation
-            }
+            } => Invocation::WsOpen {
+                id,
+                actor_id,
+                socket_id,
+                path,
+                headers: pairs(headers),
+            },
             RawSocketEvent::Message {
                 socket_id,
                 data,
                 binary,
-            } => {
-                let mut invocation = self.0.invocation("ws_message", actor);
-                invocation.socket_id = Some(socket_id);
-                invocation.body = Some(Buffer::from(data));
-                invocation.binary = Some(binary);
-                invocation
-            }
+            } => Invocation::WsMessage {
+                id,
+                actor_id,
+                socket_id,
+                data: Buffer::from(data),
+                binary,
+            },
             RawSocketEvent::Close {
                 socket_id,
                 code,
                 reason,
-            } => {
-                let mut invocation = self.0.invocation("ws_close", actor);
-                invocation.socket_id = Some(socket_id);
-                invocation.code = Some(u32::from(code));
-                invocation.reason = Some(reason);
-                invocation
-            }
+            } => Invocation::WsClose {
+                id,
+                actor_id,
+                socket_id,
+                code: u32::from(code),
+                reason,
+            },
         };
-        let reply = check(self.0.invoke(invocation).await?, "websocket")?;
-        Ok(reply.effects)
+        check(self.0.invoke(invocation).await?, "websocket")?.effects("websocket")
     }
 }
 

@@ -10,7 +10,10 @@ import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawW
 import { decode, encode } from "./cbor";
 import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
 import { createActorLog } from "./log";
-import { kvLimits, type Completion, type CoreRegistry, type Invocation } from "./native";
+import { kvLimits, type Completion, type CoreRegistry, type EffectsJs, type Invocation } from "./native";
+
+/** The invocation of one kind. */
+type InvocationOf<K extends Invocation["kind"]> = Extract<Invocation, { kind: K }>;
 
 // Core enforces these on every commit; checking here too gives the caller the error at the
 // `c.kv` call rather than when the action's effects are committed.
@@ -128,7 +131,7 @@ function failureOf(err: unknown): ErrorBody {
 
 /** A fixed error for a completion the binding refused, so its call still gets an answer. */
 function unsendable(id: number): Completion {
-  return { id, error: { group: "actor", code: "internal_error", message: "the call's result could not be handed to keel" } };
+  return { kind: "failed", id, error: { group: "actor", code: "internal_error", message: "the call's result could not be handed to keel" } };
 }
 
 function encodePayload(value: unknown, encoding: string | undefined): Buffer {
@@ -211,29 +214,29 @@ export class JsHost {
           completion = await this.rawSocket(invocation);
           break;
         default:
-          throw new Error(`unknown invocation kind ${invocation.kind}`);
+          throw new Error(`unknown invocation kind ${(invocation as { kind: unknown }).kind}`);
       }
     } catch (err) {
-      completion = { id: invocation.id, error: failureOf(err) };
+      completion = { kind: "failed", id: invocation.id, error: failureOf(err) };
     }
     this.push(completion);
   }
 
-  private async start(invocation: Invocation): Promise<Completion> {
-    const name = invocation.actorType!;
+  private async start(invocation: InvocationOf<"start">): Promise<Completion> {
+    const name = invocation.actorType;
     const def = this.definitions.get(name);
     if (def === undefined) throw new Error(`no definition for actor type ${name}`);
     const config = def.config;
     const identity = {
       actorId: invocation.actorId,
       name,
-      key: Object.freeze([...(invocation.key ?? [])]),
+      key: Object.freeze([...invocation.key]),
     };
     const instance = this.newInstance(def, identity);
     const isNew = invocation.state === undefined;
     let input: unknown;
     if (isNew) {
-      input = decodeClientPayload(invocation.input, invocation.encoding, "creation input");
+      input = decodeClientPayload(invocation.input, invocation.inputEncoding, "creation input");
       instance.state =
         config.createState !== undefined
           ? await config.createState(Object.freeze({ ...identity, log: instance.ctx.log }), input)
@@ -253,12 +256,12 @@ export class JsHost {
           : structuredClone(config.vars);
     if (isNew) await config.onCreate?.(instance.ctx as never, input);
     await config.onWake?.(instance.ctx as never);
-    const completion = this.finishCall(invocation.id, instance);
+    const completion: Completion = { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     this.instances.set(invocation.actorId, instance);
     return completion;
   }
 
-  private instance(invocation: Invocation): Instance {
+  private instance(invocation: { actorId: string }): Instance {
     const instance = this.instances.get(invocation.actorId);
     if (instance === undefined) throw new Error("the actor's instance is not started");
     return instance;
@@ -279,9 +282,9 @@ export class JsHost {
     }
   }
 
-  private async action(invocation: Invocation): Promise<Completion> {
+  private async action(invocation: InvocationOf<"action">): Promise<Completion> {
     const instance = this.instance(invocation);
-    const fn = instance.def.config.actions[invocation.action!];
+    const fn = instance.def.config.actions[invocation.action];
     if (typeof fn !== "function") throw new Error(`unknown action ${invocation.action}`);
     return this.guarded(instance, async () => {
       instance.currentConn = invocation.connId === undefined ? undefined : instance.conns.get(invocation.connId)?.conn;
@@ -289,17 +292,17 @@ export class JsHost {
         const args = decodeClientPayload(invocation.args, invocation.encoding, "arguments") as unknown[];
         const result = await fn(instance.ctx, ...args);
         const output = encodePayload(result, invocation.outputEncoding);
-        return { ...this.finishCall(invocation.id, instance), output };
+        return { kind: "returned", id: invocation.id, output, effects: this.finishCall(instance) };
       } finally {
         instance.currentConn = undefined;
       }
     });
   }
 
-  private async connect(invocation: Invocation): Promise<Completion> {
+  private async connect(invocation: InvocationOf<"connect">): Promise<Completion> {
     const instance = this.instance(invocation);
     const config = instance.def.config;
-    const connId = invocation.connId!;
+    const connId = invocation.connId;
     return this.guarded(instance, async () => {
       const params = decodeClientPayload(invocation.params, invocation.encoding, "connection parameters");
       await config.onBeforeConnect?.(instance.ctx as never, params);
@@ -316,10 +319,10 @@ export class JsHost {
           instance.effects.disconnects.push({ connId, reason: String(reason) });
         },
       };
-      instance.conns.set(connId, { conn, encoding: invocation.encoding ?? "json" });
+      instance.conns.set(connId, { conn, encoding: invocation.encoding });
       try {
         await config.onConnect?.(instance.ctx as never, conn);
-        return this.finishCall(invocation.id, instance);
+        return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
       } catch (err) {
         instance.conns.delete(connId);
         throw err;
@@ -327,29 +330,29 @@ export class JsHost {
     });
   }
 
-  private async disconnect(invocation: Invocation): Promise<Completion> {
+  private async disconnect(invocation: InvocationOf<"disconnect">): Promise<Completion> {
     const instance = this.instance(invocation);
-    const entry = instance.conns.get(invocation.connId!);
-    if (entry === undefined) return { id: invocation.id };
-    instance.conns.delete(invocation.connId!);
+    const entry = instance.conns.get(invocation.connId);
+    if (entry === undefined) return { kind: "ok", id: invocation.id };
+    instance.conns.delete(invocation.connId);
     return this.guarded(instance, async () => {
       await instance.def.config.onDisconnect?.(instance.ctx as never, entry.conn);
-      return this.finishCall(invocation.id, instance);
+      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     });
   }
 
-  private async request(invocation: Invocation): Promise<Completion> {
+  private async request(invocation: InvocationOf<"request">): Promise<Completion> {
     const instance = this.instance(invocation);
     const handler = instance.def.config.onRequest;
     return this.guarded(instance, async () => {
       // Core answers the raw route with a 404 itself when the type registered no onRequest.
       if (handler === undefined) throw new Error("this actor type has no onRequest handler");
-      const method = invocation.method ?? "GET";
+      const method = invocation.method;
       const hasBody = method !== "GET" && method !== "HEAD";
-      const request = new Request(`http://actor${invocation.path ?? "/"}`, {
+      const request = new Request(`http://actor${invocation.path}`, {
         method,
-        headers: (invocation.headers ?? []).map(([name, value]) => [name, value] as [string, string]),
-        body: hasBody && invocation.body !== undefined ? new Uint8Array(invocation.body) : undefined,
+        headers: invocation.headers.map(([name, value]) => [name, value] as [string, string]),
+        body: hasBody ? new Uint8Array(invocation.body) : undefined,
       });
       const response = await handler(instance.ctx as never, request);
       if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
@@ -365,13 +368,13 @@ export class JsHost {
         headers.push([pair[0], pair[1]]);
       }
       const body = Buffer.from(await response.arrayBuffer());
-      return { ...this.finishCall(invocation.id, instance), response: { status, headers, body } };
+      return { kind: "responded", id: invocation.id, response: { status, headers, body }, effects: this.finishCall(instance) };
     });
   }
 
-  private async rawSocket(invocation: Invocation): Promise<Completion> {
+  private async rawSocket(invocation: InvocationOf<"ws_open" | "ws_message" | "ws_close">): Promise<Completion> {
     const instance = this.instance(invocation);
-    const socketId = invocation.socketId!;
+    const socketId = invocation.socketId;
     return this.guarded(instance, async () => {
       if (invocation.kind === "ws_open") {
         const handler = instance.def.config.onWebSocket;
@@ -381,25 +384,25 @@ export class JsHost {
         await handler(instance.ctx as never, entry.ws);
       } else if (invocation.kind === "ws_message") {
         const entry = instance.sockets.get(socketId);
-        const bytes = invocation.body ?? Buffer.alloc(0);
+        const bytes = invocation.data;
         const data = invocation.binary ? new Uint8Array(bytes) : bytes.toString("utf8");
         for (const listener of entry?.listeners.message ?? []) await listener({ data });
       } else {
         const entry = instance.sockets.get(socketId);
         instance.sockets.delete(socketId);
-        const event = { code: invocation.code ?? 1005, reason: invocation.reason ?? "" };
+        const event = { code: invocation.code, reason: invocation.reason };
         for (const listener of entry?.listeners.close ?? []) await listener(event);
       }
-      return this.finishCall(invocation.id, instance);
+      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     });
   }
 
-  private newRawSocket(socketId: string, invocation: Invocation): RawSocketEntry {
+  private newRawSocket(socketId: string, invocation: InvocationOf<"ws_open">): RawSocketEntry {
     const host = this;
     const listeners: RawSocketEntry["listeners"] = { message: [], close: [] };
     const ws: RawWebSocket = {
-      path: invocation.path ?? "/",
-      headers: Object.freeze(Object.fromEntries((invocation.headers ?? []).map(([n, v]) => [n, v]))),
+      path: invocation.path,
+      headers: Object.freeze(Object.fromEntries(invocation.headers.map(([n, v]) => [n, v]))),
       send(data: string | Uint8Array) {
         const binary = typeof data !== "string";
         const bytes = binary ? Buffer.from(data as Uint8Array) : Buffer.from(data as string, "utf8");
@@ -417,43 +420,50 @@ export class JsHost {
     return { ws, listeners };
   }
 
-  private async stop(invocation: Invocation): Promise<Completion> {
+  private async stop(invocation: InvocationOf<"stop">): Promise<Completion> {
     const instance = this.instances.get(invocation.actorId);
-    if (instance === undefined) return { id: invocation.id };
+    if (instance === undefined) return { kind: "ok", id: invocation.id };
     if (invocation.reason === "reset") {
       // An action timed out and may still run: drop the instance without hooks. Whatever the
       // late code does now touches only this discarded object; core starts a fresh one.
       this.instances.delete(invocation.actorId);
-      return { id: invocation.id };
+      return { kind: "ok", id: invocation.id };
     }
     instance.effects = new Effects();
     try {
       const config = instance.def.config;
       if (invocation.reason === "destroy") await config.onDestroy?.(instance.ctx as never);
       else await config.onSleep?.(instance.ctx as never);
-      return this.finishCall(invocation.id, instance);
+      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     } finally {
       this.instances.delete(invocation.actorId);
     }
   }
 
-  /** Builds the completion of a call: the state if it changed, and the call's effects. */
-  private finishCall(id: number, instance: Instance): Completion {
+  /**
+   * Takes what a call changed, for its completion: the state if it changed, and the call's
+   * other effects; `undefined` when it changed nothing.
+   */
+  private finishCall(instance: Instance): EffectsJs | undefined {
     const snapshot = encodeState(instance.state);
     const effects = instance.effects;
     instance.effects = new Effects();
-    const completion: Completion = { id };
+    let reported: EffectsJs | undefined;
     if (!snapshot.equals(instance.snapshot)) {
       instance.snapshot = snapshot;
-      completion.state = snapshot;
+      reported = { state: snapshot };
     }
-    if (effects.kv.size > 0) completion.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
-    if (effects.schedules.length > 0) completion.schedules = effects.schedules;
-    if (effects.sleep) completion.sleep = true;
-    if (effects.destroy) completion.destroy = true;
-    if (effects.messages.length > 0) completion.messages = effects.messages.map((m) => this.encodeMessage(instance, m));
-    if (effects.disconnects.length > 0) completion.disconnects = effects.disconnects;
-    return completion;
+    if (effects.kv.size === 0 && effects.schedules.length === 0 && !effects.sleep && !effects.destroy && effects.messages.length === 0 && effects.disconnects.length === 0) {
+      return reported;
+    }
+    reported ??= {};
+    if (effects.kv.size > 0) reported.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
+    if (effects.schedules.length > 0) reported.schedules = effects.schedules;
+    if (effects.sleep) reported.sleep = true;
+    if (effects.destroy) reported.destroy = true;
+    if (effects.messages.length > 0) reported.messages = effects.messages.map((m) => this.encodeMessage(instance, m));
+    if (effects.disconnects.length > 0) reported.disconnects = effects.disconnects;
+    return reported;
   }
 
   /** Encodes an event's data once for each encoding its recipients use. */

@@ -4,6 +4,7 @@ import * as binding from "../index.js";
 export type {
   ActorTypeOptions,
   Completion,
+  EffectsJs,
   ErrorInfo,
   Invocation,
   LoggingOptions,
