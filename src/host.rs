@@ -24,7 +24,6 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::convert::ErrorInfo;
-use crate::logging::{ActorSpans, HostCall};
 
 /// The most invocations sent to JS in one call.
 const MAX_BATCH_LEN: usize = 1024;
@@ -216,13 +215,14 @@ pub struct EffectsJs {
 /// without a result (start, stop, connect, disconnect, raw socket events), `returned` for an
 /// action, `responded` for a raw request, and `failed` for a call whose user code threw
 /// (it then has no effects).
-#[napi(discriminant = "kind", discriminant_case = "snake_case", object_to_js = false)]
+#[napi(
+    discriminant = "kind",
+    discriminant_case = "snake_case",
+    object_to_js = false
+)]
 pub enum Completion {
     /// The call succeeded.
-    Ok {
-        id: u32,
-        effects: Option<EffectsJs>,
-    },
+    Ok { id: u32, effects: Option<EffectsJs> },
     /// An action returned.
     Returned {
         id: u32,
@@ -392,8 +392,6 @@ pub struct JsHost {
     /// The receiving end, until the batching task takes it on first use.
     queue_rx: Mutex<Option<mpsc::UnboundedReceiver<Invocation>>>,
     started: AtomicBool,
-    /// Each live actor's current span, for lines its user code logs.
-    pub spans: ActorSpans,
 }
 
 impl JsHost {
@@ -407,7 +405,6 @@ impl JsHost {
             queue,
             queue_rx: Mutex::new(Some(queue_rx)),
             started: AtomicBool::new(false),
-            spans: ActorSpans::default(),
         })
     }
 
@@ -525,7 +522,6 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: StartRequest,
     ) -> keel_core::Result<Effects> {
-        let span = self.0.spans.enter(actor, HostCall::Start);
         let (input_encoding, input) = match request.input {
             Some(input) => (
                 Some(input.encoding.as_str().to_string()),
@@ -542,9 +538,7 @@ impl Host for SharedHost {
             input,
             input_encoding,
         };
-        let effects = check(self.0.invoke(invocation).await?, "start")?.effects("start")?;
-        span.started();
-        Ok(effects)
+        check(self.0.invoke(invocation).await?, "start")?.effects("start")
     }
 
     async fn action(
@@ -552,7 +546,6 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         call: ActionCall,
     ) -> keel_core::Result<ActionDone> {
-        let _span = self.0.spans.enter(actor, HostCall::Action);
         let invocation = Invocation::Action {
             id: self.0.next_id(),
             actor_id: actor.id.to_string(),
@@ -574,7 +567,6 @@ impl Host for SharedHost {
     }
 
     async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> keel_core::Result<Effects> {
-        let _span = self.0.spans.enter(actor, HostCall::Stop);
         let invocation = Invocation::Stop {
             id: self.0.next_id(),
             actor_id: actor.id.to_string(),

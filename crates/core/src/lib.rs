@@ -23,6 +23,7 @@
 //! - [`metrics`]: counters and histograms, and the Prometheus page.
 //! - [`key`]: the canonical actor key codec.
 //! - [`logging`]: the one log schema (JSON, logfmt, pretty) and the process-wide subscriber.
+//! - [`spans`]: which span a live actor's user code logs in.
 //! - [`config`]: every limit, timeout and default, defined once.
 //! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
 //! - [`faults`]: failpoints on the commit path and a VFS shim, for fault-injection tests.
@@ -49,6 +50,7 @@ pub mod metrics;
 pub mod origin;
 pub mod registry;
 pub mod runtime;
+pub mod spans;
 pub mod store;
 pub mod writer;
 
