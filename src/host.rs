@@ -155,15 +155,34 @@ pub struct KvWriteJs {
     pub value: Option<Buffer>,
 }
 
-/// One schedule change reported by JS: an add (with `atMs`, `action`, `args`) or a cancel.
-#[napi(object, object_to_js = false)]
-pub struct ScheduleOpJs {
-    pub id: String,
-    /// When it falls due, in epoch milliseconds; absent for a cancel.
-    pub at_ms: Option<f64>,
-    pub action: Option<String>,
-    /// The arguments as a CBOR array.
-    pub args: Option<Buffer>,
+/// One schedule change reported by JS, discriminated by `op`: `at` an absolute time,
+/// `after` a delay that core resolves on its own clock, or `cancel`.
+#[napi(
+    discriminant = "op",
+    discriminant_case = "snake_case",
+    object_to_js = false
+)]
+pub enum ScheduleOpJs {
+    /// `c.schedule.at`.
+    At {
+        id: String,
+        /// When it falls due, in epoch milliseconds.
+        at_ms: f64,
+        action: String,
+        /// The arguments as a CBOR array.
+        args: Buffer,
+    },
+    /// `c.schedule.after`.
+    After {
+        id: String,
+        /// How long after the call it falls due, in milliseconds.
+        after_ms: f64,
+        action: String,
+        /// The arguments as a CBOR array.
+        args: Buffer,
+    },
+    /// `c.schedule.cancel`.
+    Cancel { id: String },
 }
 
 /// An event for connections reported by JS: to one connection (`to`) or broadcast.
@@ -341,14 +360,31 @@ fn effects_of(effects: Option<EffectsJs>) -> Effects {
         .schedules
         .unwrap_or_default()
         .into_iter()
-        .map(|op| match (op.at_ms, op.action, op.args) {
-            (Some(at_ms), Some(action), Some(args)) => ScheduleOp::Add(Schedule {
-                id: op.id,
+        .map(|op| match op {
+            ScheduleOpJs::At {
+                id,
+                at_ms,
+                action,
+                args,
+            } => ScheduleOp::Add(Schedule {
+                id,
                 at_ms: at_ms as i64,
                 action,
                 args: args.to_vec(),
             }),
-            _ => ScheduleOp::Cancel { id: op.id },
+            ScheduleOpJs::After {
+                id,
+                after_ms,
+                action,
+                args,
+            } => ScheduleOp::After {
+                id,
+                // A negative delay is due now; `as` saturates and maps NaN to 0.
+                delay_ms: after_ms.max(0.0) as u64,
+                action,
+                args: args.to_vec(),
+            },
+            ScheduleOpJs::Cancel { id } => ScheduleOp::Cancel { id },
         })
         .collect();
     let messages = effects

@@ -228,6 +228,16 @@ impl CoreRegistry {
         self.registry.metrics().render()
     }
 
+    /// The runtime's clock, in epoch milliseconds: the clock schedules are stamped with and
+    /// fired on. Before the runtime is built (and after shutdown), the system clock.
+    #[napi]
+    pub fn clock_now_ms(&self) -> f64 {
+        self.registry.runtime().map_or_else(
+            || keel_core::clock::Clock::new().now_ms() as f64,
+            |runtime| runtime.now_ms() as f64,
+        )
+    }
+
     /// The number of live (awake) actors.
     #[napi(getter)]
     pub fn live_actors(&self) -> u32 {

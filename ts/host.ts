@@ -10,7 +10,7 @@ import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawW
 import { decode, encode } from "./cbor";
 import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
 import { createActorLog } from "./log";
-import { kvLimits, type Completion, type CoreRegistry, type EffectsJs, type Invocation } from "./native";
+import { kvLimits, type Completion, type CoreRegistry, type EffectsJs, type Invocation, type ScheduleOpJs } from "./native";
 
 /** The invocation of one kind. */
 type InvocationOf<K extends Invocation["kind"]> = Extract<Invocation, { kind: K }>;
@@ -52,7 +52,7 @@ class Effects {
   readonly messages: Array<{ to?: string; event: string; data: unknown }> = [];
   readonly disconnects: Array<{ connId: string; reason: string }> = [];
   readonly kv = new Map<string, { key: Buffer; value: Buffer | null }>();
-  readonly schedules: Array<{ id: string; atMs?: number; action?: string; args?: Buffer }> = [];
+  readonly schedules: ScheduleOpJs[] = [];
   readonly added = new Map<string, ScheduledCall>();
   readonly cancelled = new Set<string>();
   sleep = false;
@@ -529,14 +529,24 @@ export class JsHost {
       },
     } as ReadonlyMap<string, Conn>;
     const actions = def.config.actions as Record<string, unknown>;
-    const schedule = (atMs: number, action: string, args: unknown[]): string => {
+    // `at` is absolute; `after` goes to core as a delay, which core resolves on its own clock
+    // (the one that fires schedules) when it takes the call's effects. Until then `list()`
+    // shows it at core's clock now plus the delay.
+    const schedule = (when: { at: number } | { after: number }, action: string, args: unknown[]): string => {
       if (typeof action !== "string") throw new TypeError("a schedule's action is an action's name, a string");
       if (!Object.hasOwn(actions, action) || typeof actions[action] !== "function") throw new TypeError(`cannot schedule unknown action ${JSON.stringify(action)}`);
-      if (!Number.isFinite(atMs)) throw new TypeError("a schedule time must be a finite number");
+      const ms = "at" in when ? when.at : when.after;
+      if (typeof ms !== "number" || !Number.isFinite(ms)) throw new TypeError("a schedule time must be a finite number");
       const id = randomUUID();
       const encodedArgs = Buffer.from(encode(args));
-      instance.effects.schedules.push({ id, atMs: Math.round(atMs), action, args: encodedArgs });
-      instance.effects.added.set(id, { id, at: Math.round(atMs), action, args });
+      if ("at" in when) {
+        instance.effects.schedules.push({ op: "at", id, atMs: Math.round(ms), action, args: encodedArgs });
+        instance.effects.added.set(id, { id, at: Math.round(ms), action, args });
+      } else {
+        const afterMs = Math.max(0, Math.round(ms));
+        instance.effects.schedules.push({ op: "after", id, afterMs, action, args: encodedArgs });
+        instance.effects.added.set(id, { id, at: host.native!.clockNowMs() + afterMs, action, args });
+      }
       return id;
     };
     const ctx = {
@@ -596,11 +606,11 @@ export class JsHost {
         },
       },
       schedule: {
-        after: (ms: number, action: string, ...args: unknown[]) => schedule(Date.now() + ms, action, args),
-        at: (epochMs: number, action: string, ...args: unknown[]) => schedule(epochMs, action, args),
+        after: (ms: number, action: string, ...args: unknown[]) => schedule({ after: ms }, action, args),
+        at: (epochMs: number, action: string, ...args: unknown[]) => schedule({ at: epochMs }, action, args),
         cancel(id: string) {
           if (typeof id !== "string") throw new TypeError("a schedule id is a string");
-          instance.effects.schedules.push({ id });
+          instance.effects.schedules.push({ op: "cancel", id });
           instance.effects.added.delete(id);
           instance.effects.cancelled.add(id);
         },

@@ -10,6 +10,7 @@ export type {
   LoggingOptions,
   Outcome,
   RuntimeOptions,
+  ScheduleOpJs,
 } from "../index.js";
 
 export const CoreRegistry = binding.CoreRegistry;

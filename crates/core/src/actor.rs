@@ -688,11 +688,16 @@ impl ActorTask {
         } else if effects.sleep {
             self.begin_stopping(StopReason::Sleep);
         }
+        let now_ms = self.core.clock.now_ms();
         let writes = (effects.writes() || settle.is_some()).then(|| {
             Box::new(Writes {
                 state: effects.state,
                 kv: effects.kv,
-                schedules: effects.schedules,
+                schedules: effects
+                    .schedules
+                    .into_iter()
+                    .map(|op| op.resolve(now_ms))
+                    .collect(),
                 settle,
             })
         });

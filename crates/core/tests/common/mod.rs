@@ -30,6 +30,7 @@ pub const ACTIONS: &[&str] = &[
     "seen",
     "kv_put",
     "schedule",
+    "schedule_after",
     "cancel",
     "sleep",
     "destroy",
@@ -193,6 +194,22 @@ impl Host for CounterHost {
                         action: args[2].as_str().unwrap().to_string(),
                         args: encoded,
                     })],
+                    ..Effects::default()
+                }))
+            }
+            "schedule_after" => {
+                // args: [id, delay_ms, action, arg]
+                let inner = json!([args[3].clone()]).to_string();
+                assert!(inner.len() < 256, "the test host keeps schedule args short");
+                let mut encoded = vec![0x78, inner.len() as u8];
+                encoded.extend_from_slice(inner.as_bytes());
+                Ok(Self::effects(Effects {
+                    schedules: vec![ScheduleOp::After {
+                        id: args[0].as_str().unwrap().to_string(),
+                        delay_ms: args[1].as_u64().unwrap(),
+                        action: args[2].as_str().unwrap().to_string(),
+                        args: encoded,
+                    }],
                     ..Effects::default()
                 }))
             }
