@@ -68,6 +68,19 @@ test("serverless mode: 20 concurrent first calls build once and all succeed", as
   assert.equal(after.status, 503);
 });
 
+test("serverless mode checks its options and resolves its host name once, not per request", async (t) => {
+  // A host name, not an address, so that resolving it means a lookup.
+  const registry = registryIn(t, { host: "localhost" });
+  for (let i = 1; i <= 5; i++) {
+    const response = await call(registry, "increment", { key: ["once"], args: [1] });
+    assert.deepEqual([response.status, await response.json()], [200, { output: i }]);
+  }
+  const health = await registry.handler(new Request("http://serverless.test/health"));
+  assert.equal(health.status, 200);
+  assert.equal(registry.optionResolutions, 1, "six requests, one resolution");
+  await registry.shutdown();
+});
+
 test("shutdown from idle is immediate and final", async (t) => {
   const registry = registryIn(t);
   await registry.shutdown();

@@ -17,13 +17,15 @@ mod convert;
 mod host;
 mod logging;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use keel_core::Registry;
+use keel_core::{Registry, RuntimeConfig};
 use napi::bindgen_prelude::Buffer;
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi::Status;
 use napi_derive::napi;
+use parking_lot::Mutex;
 
 use crate::convert::{
     ActorTypeOptions, ErrorInfo, HttpRequest, HttpResponse, Outcome, RuntimeOptions,
@@ -40,6 +42,11 @@ type ListeningFn = ThreadsafeFunction<String, (), String, Status, false, true>;
 pub struct CoreRegistry {
     registry: Arc<Registry>,
     host: Arc<JsHost>,
+    /// The configuration `prepareServerless` resolved, with its dev flag; every serverless
+    /// request uses it as it is.
+    serverless: Mutex<Option<(Arc<RuntimeConfig>, bool)>>,
+    /// How many times options were turned into a runtime configuration (resolving the host).
+    option_resolutions: AtomicU32,
 }
 
 #[napi]
@@ -53,7 +60,12 @@ impl CoreRegistry {
         let _ = logging::init(None);
         let host = JsHost::new(dispatch);
         let registry = Arc::new(Registry::new(Arc::new(SharedHost(host.clone()))));
-        CoreRegistry { registry, host }
+        CoreRegistry {
+            registry,
+            host,
+            serverless: Mutex::new(None),
+            option_resolutions: AtomicU32::new(0),
+        }
     }
 
     /// Adds an actor type; only while idle. Returns an error object instead of throwing.
@@ -69,17 +81,40 @@ impl CoreRegistry {
     /// Checks options without starting anything.
     #[napi]
     pub fn validate_options(&self, options: RuntimeOptions) -> Option<ErrorInfo> {
-        options
-            .to_config()
+        self.config_of(&options)
             .err()
             .map(|err| ErrorInfo::from_error(&err, false))
+    }
+
+    /// Checks and resolves the options of serverless mode once, host name included; every
+    /// `handleRequest` then uses them as they are. Returns an error object for bad options,
+    /// keeping none. Calling it again replaces the options (a runtime already built keeps its
+    /// own).
+    #[napi]
+    pub fn prepare_serverless(&self, options: RuntimeOptions) -> Option<ErrorInfo> {
+        let dev = options.dev.unwrap_or(false);
+        match self.config_of(&options) {
+            Ok(config) => {
+                *self.serverless.lock() = Some((Arc::new(config), dev));
+                None
+            }
+            Err(err) => Some(ErrorInfo::from_error(&err, false)),
+        }
+    }
+
+    /// How many times this registry turned options into a runtime configuration (checking
+    /// them and resolving the host name): once per `start()` check and `serve`, once for
+    /// serverless mode however many requests it handles. For tests and diagnostics.
+    #[napi(getter)]
+    pub fn option_resolutions(&self) -> u32 {
+        self.option_resolutions.load(Ordering::Relaxed)
     }
 
     /// Serves HTTP until shutdown; resolves after the drain completes.
     #[napi(ts_args_type = "options: RuntimeOptions, onListening: (address: string) => void")]
     pub async fn serve(&self, options: RuntimeOptions, on_listening: ListeningFn) -> Outcome {
         let dev = options.dev.unwrap_or(false);
-        let config = match options.to_config() {
+        let config = match self.config_of(&options) {
             Ok(config) => config,
             Err(err) => return Outcome::from_result(Err(err), dev),
         };
@@ -102,26 +137,21 @@ impl CoreRegistry {
         Outcome::from_result(result, dev)
     }
 
-    /// Handles one request in serverless mode, building the runtime on the first call. Every
-    /// failure, including the registry's own (`registry.wrong_mode`, `registry.shut_down`, a
-    /// failed build), comes back as a JSON error response with its mapped status; invalid
-    /// options come back as `registry.invalid_config` with status 500.
+    /// Handles one request in serverless mode, building the runtime on the first call, with
+    /// the options `prepareServerless` resolved. Every failure, including the registry's own
+    /// (`registry.wrong_mode`, `registry.shut_down`, a failed build), comes back as a JSON error
+    /// response with its mapped status; without prepared options the answer is
+    /// `registry.invalid_config` with status 500.
     #[napi]
-    pub async fn handle_request(
-        &self,
-        options: RuntimeOptions,
-        request: HttpRequest,
-    ) -> HttpResponse {
-        let dev = options.dev.unwrap_or(false);
-        let config = match options.to_config() {
-            Ok(config) => config,
-            Err(err) => {
-                // Bad options are the deployment's fault, not the caller's: a 500, as
-                // `registry.handler` answers for the options it checks itself.
-                let mut response = keel_core::http::error_response(&err, dev);
-                *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
-                return HttpResponse::from_http(response).await;
-            }
+    pub async fn handle_request(&self, request: HttpRequest) -> HttpResponse {
+        let prepared = self.serverless.lock().clone();
+        let Some((config, dev)) = prepared else {
+            // Bad options are the deployment's fault, not the caller's: a 500, as
+            // `registry.handler` answers for the options it checks itself.
+            let err = keel_core::Error::config("the serverless handler has no valid options");
+            let mut response = keel_core::http::error_response(&err, false);
+            *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+            return HttpResponse::from_http(response).await;
         };
         let response = match request.into_http() {
             Ok(request) => self.registry.handle(&config, request).await,
@@ -284,6 +314,12 @@ impl CoreRegistry {
 }
 
 impl CoreRegistry {
+    /// Turns options into a runtime configuration, counting it.
+    fn config_of(&self, options: &RuntimeOptions) -> keel_core::Result<RuntimeConfig> {
+        self.option_resolutions.fetch_add(1, Ordering::Relaxed);
+        options.to_config()
+    }
+
     fn running(&self) -> keel_core::Result<Arc<keel_core::Runtime>> {
         self.registry
             .runtime()

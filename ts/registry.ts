@@ -153,7 +153,8 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
   private resolveListening: ((info: ListenInfo) => void) | undefined;
   private rejectListening: ((err: unknown) => void) | undefined;
   private serving: Promise<void> | undefined;
-  private serverlessOptions: RuntimeOptions | undefined;
+  /** Whether the binding holds serverless mode's options, checked and resolved once. */
+  private serverlessReady = false;
 
   constructor(config: SetupConfig<U>) {
     if (config === null || typeof config !== "object" || typeof config.use !== "object") {
@@ -217,12 +218,18 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     };
   }
 
-  /** The runtime options, checked: numbers are whole and in range. */
-  private checkedOptions(): RuntimeOptions {
+  /** The runtime options, with the checks JS makes: numbers are whole and in range. */
+  private shapedOptions(): RuntimeOptions {
     checkNumbers(this.config as unknown as Record<string, unknown>);
     checkOrigins(this.config.allowedOrigins);
     const options = this.runtimeOptions();
     checkNumbers(options as Record<string, unknown>);
+    return options;
+  }
+
+  /** The runtime options, checked by core too. */
+  private checkedOptions(): RuntimeOptions {
+    const options = this.shapedOptions();
     fail(this.native.validateOptions(options));
     return options;
   }
@@ -337,7 +344,11 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
    */
   readonly handler = async (request: Request): Promise<Response> => {
     try {
-      this.serverlessOptions ??= this.checkedOptions();
+      // Checked and resolved (the host name included) once, not per request.
+      if (!this.serverlessReady) {
+        fail(this.native.prepareServerless(this.shapedOptions()));
+        this.serverlessReady = true;
+      }
     } catch (err) {
       // Bad options are the deployment's fault, not the caller's, so this is a 500 (the
       // documented answer), whatever status the error has elsewhere. A plain `Error` from the
@@ -356,7 +367,7 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     }
     const hasBody = request.method !== "GET" && request.method !== "HEAD";
     const body = hasBody ? Buffer.from(await request.arrayBuffer()) : undefined;
-    const response = await this.native.handleRequest(this.serverlessOptions, {
+    const response = await this.native.handleRequest({
       method: request.method,
       url,
       headers: [...request.headers],
@@ -370,6 +381,15 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
   /** How many runtimes this registry has built (1 once started; for diagnostics and tests). */
   get buildCount(): number {
     return this.native.buildCount;
+  }
+
+  /**
+   * How many times options were checked and resolved into a runtime configuration (host name
+   * included): once per `start()`, once for `handler()` however many requests it serves (for
+   * diagnostics and tests).
+   */
+  get optionResolutions(): number {
+    return this.native.optionResolutions;
   }
 
   /** How many actors are awake right now (for diagnostics and tests). */
