@@ -6,6 +6,8 @@ import { spawn, spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { setup, createClient } from "keel";
 import { once } from "node:events";
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { counter, callEvents } from "./fixtures/counter.mjs";
 import { fixtures, startServer, tempDir } from "./helpers.mjs";
 
@@ -233,4 +235,27 @@ test("the serverless handler strips its basePath, and a wrong method is 405", as
   );
   assert.equal(positional.status, 400);
   await registry.shutdown();
+});
+
+test("the numeric options' defaults and ranges come from core's one table, and the docs say the same", async (t) => {
+  const { optionSpecs } = createRequire(import.meta.url)("../index.js");
+  const specs = new Map(optionSpecs().map((spec) => [spec.name, spec]));
+  const docs = readFileSync(new URL("../docs/configuration.md", import.meta.url), "utf8");
+  const source = readFileSync(new URL("../ts/registry.ts", import.meta.url), "utf8");
+  for (const name of ["port", "drainTimeoutMs", "gracePeriodMs", "actionTimeoutMs", "hookTimeoutMs", "sleepTimeoutMs", "maxBodyBytes", "maxMailboxLen", "maxKeySegmentBytes", "maxKeyBytes", "bodyTimeoutMs", "lingerMs"]) {
+    const spec = specs.get(name);
+    assert.ok(spec, `core defines ${name}`);
+    const row = docs.match(new RegExp(`^\\| \`${name}\` \\| number \\| \`(\\d+)\``, "m"));
+    assert.ok(row, `configuration.md lists ${name}`);
+    assert.equal(Number(row[1]), spec.default, `configuration.md's default of ${name}`);
+    const comment = source.match(new RegExp(`Default (\\d[\\d_]*)\\.[^\\n]*\\n\\s*${name}\\?:`));
+    if (comment) assert.equal(Number(comment[1].replaceAll("_", "")), spec.default, `registry.ts's doc comment on ${name}`);
+    // The range core enforces is the one JS reports.
+    const registry = registryIn(t, { [name]: spec.max + 1 });
+    await assert.rejects(registry.start(), {
+      code: "invalid_config",
+      message: `${name} must be a whole number from ${spec.min} to ${spec.max}, not ${spec.max + 1}`,
+    });
+    await registry.shutdown();
+  }
 });

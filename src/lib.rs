@@ -346,6 +346,40 @@ pub fn kv_limits() -> KvLimits {
     }
 }
 
+/// One numeric option of `setup()`, as core defines it (`keel_core::options`).
+#[napi(object, object_from_js = false)]
+pub struct OptionSpecJs {
+    /// The option's name, such as `drainTimeoutMs`.
+    pub name: String,
+    pub default: f64,
+    pub min: f64,
+    pub max: f64,
+    /// The environment variable it falls back to, if any.
+    pub env: Option<String>,
+    /// `ms`, `bytes`, `messages` or `port`.
+    pub unit: String,
+    /// What it does.
+    pub doc: String,
+}
+
+/// Every numeric option with its default and range, from core's one table, so that the
+/// TypeScript layer checks and defaults with the values core uses.
+#[napi]
+pub fn option_specs() -> Vec<OptionSpecJs> {
+    keel_core::options::NUMERIC_OPTIONS
+        .iter()
+        .map(|spec| OptionSpecJs {
+            name: spec.name.to_string(),
+            default: spec.default as f64,
+            min: spec.min as f64,
+            max: spec.max as f64,
+            env: spec.env.map(str::to_string),
+            unit: spec.unit.to_string(),
+            doc: spec.doc.to_string(),
+        })
+        .collect()
+}
+
 /// The values `kvGet` read, in key order; `null` where a key is absent.
 #[napi(object)]
 pub struct KvGetResult {

@@ -18,3 +18,4 @@ export type CoreRegistry = binding.CoreRegistry;
 export const initLogging = binding.initLogging;
 export const logMaxLevel = binding.logMaxLevel;
 export const kvLimits = binding.kvLimits;
+export const optionSpecs = binding.optionSpecs;

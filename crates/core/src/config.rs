@@ -32,6 +32,15 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// sends, so that a refusal reaches the client instead of a connection reset.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(1);
 
+/// Default largest HTTP request body, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
+/// Default messages one actor may hold queued.
+pub const DEFAULT_MAX_MAILBOX_LEN: usize = 1024;
+/// Default largest key segment, in bytes.
+pub const DEFAULT_MAX_KEY_SEGMENT_BYTES: usize = 128;
+/// Default largest key, in bytes.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
+
 /// Sizes that bound what a client may send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -83,11 +92,11 @@ pub const KV_KEY_KIND_BYTES: usize = 1;
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_body_bytes: 20 * 1024 * 1024,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_ws_message_bytes: 64 * 1024,
-            max_key_segment_bytes: 128,
-            max_key_bytes: 1024,
-            max_mailbox_len: 1024,
+            max_key_segment_bytes: DEFAULT_MAX_KEY_SEGMENT_BYTES,
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_mailbox_len: DEFAULT_MAX_MAILBOX_LEN,
             max_kv_key_bytes: 2 * 1024,
             max_kv_value_bytes: 128 * 1024,
         }

@@ -25,6 +25,7 @@
 //! - [`logging`]: the one log schema (JSON, logfmt, pretty) and the process-wide subscriber.
 //! - [`spans`]: which span a live actor's user code logs in.
 //! - [`config`]: every limit, timeout and default, defined once.
+//! - [`options`]: the numeric `setup()` options: names, defaults, ranges, units and docs.
 //! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
 //! - [`faults`]: failpoints on the commit path and a VFS shim, for fault-injection tests.
 
@@ -47,6 +48,7 @@ pub mod key;
 pub mod linger;
 pub mod logging;
 pub mod metrics;
+pub mod options;
 pub mod origin;
 pub mod registry;
 pub mod runtime;
