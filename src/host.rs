@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use keel_core::kv_key::{self, KvKey, StoredKey};
 use keel_core::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Error, Host, KvWrite,
     Outbound, Payload, RawRequest, RawResponse, RawSocketEvent, Schedule, ScheduleOp, StartRequest,
     StopReason,
 };
-use napi::bindgen_prelude::Buffer;
+use napi::bindgen_prelude::{Buffer, Either};
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi::Status;
 use napi_derive::napi;
@@ -151,8 +152,44 @@ impl Invocation {
 /// One key-value write reported by JS; no `value` means delete.
 #[napi(object, object_to_js = false)]
 pub struct KvWriteJs {
-    pub key: Buffer,
+    /// The user's key, a string or bytes; core's KV key codec stores it.
+    pub key: Either<String, Buffer>,
     pub value: Option<Buffer>,
+}
+
+/// A user's KV key from JS, as core's codec knows it.
+pub fn kv_key_of(key: Either<String, Buffer>) -> KvKey {
+    match key {
+        Either::A(text) => KvKey::Text(text),
+        Either::B(bytes) => KvKey::Bytes(bytes.to_vec()),
+    }
+}
+
+/// A stored key as JS shows it: a string key as a string, anything else as bytes (a key in
+/// no format the codec knows never comes from the JS host; it shows as its stored bytes).
+pub fn kv_key_to_js(stored: &[u8]) -> Either<String, Buffer> {
+    match kv_key::decode(stored) {
+        StoredKey::Key(KvKey::Text(text)) => Either::A(text),
+        StoredKey::Key(KvKey::Bytes(bytes)) => Either::B(bytes.into()),
+        StoredKey::Raw(raw) => Either::B(raw.into()),
+    }
+}
+
+/// Core's KV writes from what JS reported.
+pub fn kv_writes(writes: Vec<KvWriteJs>) -> Vec<KvWrite> {
+    writes
+        .into_iter()
+        .map(|write| {
+            let key = kv_key::encode(&kv_key_of(write.key));
+            match write.value {
+                Some(value) => KvWrite::Put {
+                    key,
+                    value: value.to_vec(),
+                },
+                None => KvWrite::Delete { key },
+            }
+        })
+        .collect()
 }
 
 /// One schedule change reported by JS, discriminated by `op`: `at` an absolute time,
@@ -342,20 +379,7 @@ fn effects_of(effects: Option<EffectsJs>) -> Effects {
     let Some(effects) = effects else {
         return Effects::default();
     };
-    let kv = effects
-        .kv
-        .unwrap_or_default()
-        .into_iter()
-        .map(|write| match write.value {
-            Some(value) => KvWrite::Put {
-                key: write.key.to_vec(),
-                value: value.to_vec(),
-            },
-            None => KvWrite::Delete {
-                key: write.key.to_vec(),
-            },
-        })
-        .collect();
+    let kv = kv_writes(effects.kv.unwrap_or_default());
     let schedules = effects
         .schedules
         .unwrap_or_default()

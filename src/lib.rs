@@ -20,8 +20,9 @@ mod logging;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use keel_core::kv_key;
 use keel_core::{Registry, RuntimeConfig};
-use napi::bindgen_prelude::Buffer;
+use napi::bindgen_prelude::{Buffer, Either};
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi::Status;
 use napi_derive::napi;
@@ -30,7 +31,9 @@ use parking_lot::Mutex;
 use crate::convert::{
     ActorTypeOptions, ErrorInfo, HttpRequest, HttpResponse, Outcome, RuntimeOptions,
 };
-use crate::host::{Completion, DispatchFn, JsHost, SharedHost};
+use crate::host::{
+    kv_key_of, kv_key_to_js, kv_writes, Completion, DispatchFn, JsHost, KvWriteJs, SharedHost,
+};
 pub use crate::logging::{init_logging, log_max_level};
 
 /// Called once with the bound address (`host:port`) when the server listens. Weak: the
@@ -167,10 +170,14 @@ impl CoreRegistry {
         self.registry.shutdown().await;
     }
 
-    /// Reads KV values of a live actor (after its own pending commits land).
+    /// Reads KV values of a live actor (after its own pending commits land). Keys are the
+    /// user's, strings or bytes; core's codec finds them.
     #[napi]
-    pub async fn kv_get(&self, actor_id: String, keys: Vec<Buffer>) -> KvGetResult {
-        let keys: Vec<Vec<u8>> = keys.iter().map(|key| key.to_vec()).collect();
+    pub async fn kv_get(&self, actor_id: String, keys: Vec<Either<String, Buffer>>) -> KvGetResult {
+        let keys: Vec<Vec<u8>> = keys
+            .into_iter()
+            .map(|key| kv_key::encode(&kv_key_of(key)))
+            .collect();
         match self.running() {
             Ok(runtime) => match runtime.kv_get(&actor_id, keys).await {
                 Ok(values) => KvGetResult {
@@ -183,32 +190,37 @@ impl CoreRegistry {
         }
     }
 
-    /// Lists KV entries of a live actor by prefix, in key order (or reverse).
+    /// Lists KV entries of a live actor whose keys start with `prefix` (a string prefix lists
+    /// string keys, a byte prefix byte keys, none every key), in core's key order (or
+    /// reverse), with `pending`, the call's own uncommitted writes, laid over what is stored.
     #[napi]
     pub async fn kv_list(
         &self,
         actor_id: String,
-        prefix: Buffer,
+        prefix: Option<Either<String, Buffer>>,
         limit: u32,
         reverse: bool,
+        pending: Vec<KvWriteJs>,
     ) -> KvListResult {
-        let prefix = prefix.to_vec();
+        let prefix = prefix.map_or_else(Vec::new, |prefix| kv_key::encode(&kv_key_of(prefix)));
+        let pending = kv_writes(pending);
+        let limit = limit as usize;
         let listed = match self.running() {
             Ok(runtime) => {
                 runtime
-                    .kv_list(&actor_id, prefix, limit as usize, reverse)
+                    .kv_list(&actor_id, prefix.clone(), limit + pending.len(), reverse)
                     .await
             }
             Err(err) => Err(err),
         };
         match listed {
-            Ok(entries) => KvListResult {
+            Ok(stored) => KvListResult {
                 error: None,
                 entries: Some(
-                    entries
+                    kv_key::overlay(stored, &pending, &prefix, limit, reverse)
                         .into_iter()
                         .map(|(key, value)| KvEntry {
-                            key: key.into(),
+                            key: kv_key_to_js(&key),
                             value: value.into(),
                         })
                         .collect(),
@@ -396,15 +408,15 @@ impl KvGetResult {
     }
 }
 
-/// One KV entry.
-#[napi(object)]
+/// One KV entry: the user's key, a string or bytes, and the value as the host encoded it.
+#[napi(object, object_from_js = false)]
 pub struct KvEntry {
-    pub key: Buffer,
+    pub key: Either<String, Buffer>,
     pub value: Buffer,
 }
 
 /// The entries `kvList` found.
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct KvListResult {
     pub error: Option<ErrorInfo>,
     pub entries: Option<Vec<KvEntry>>,

@@ -20,27 +20,37 @@ type InvocationOf<K extends Invocation["kind"]> = Extract<Invocation, { kind: K 
 const { maxKeyBytes: MAX_KV_KEY_BYTES, maxValueBytes: MAX_KV_VALUE_BYTES } = kvLimits();
 const DEFAULT_KV_LIST_LIMIT = 1000;
 
-const STRING_KEY = 0x73; // "s"
-const BYTES_KEY = 0x62; // "b"
-
-function encodeKey(key: KvKey): Buffer {
-  let encoded: Buffer;
-  if (typeof key === "string") encoded = Buffer.concat([Buffer.of(STRING_KEY), Buffer.from(key, "utf8")]);
-  else if (key instanceof Uint8Array) encoded = Buffer.concat([Buffer.of(BYTES_KEY), key]);
-  else throw new TypeError("a KV key is a string or a Uint8Array");
-  if (encoded.length - 1 > MAX_KV_KEY_BYTES) {
+/**
+ * A KV key as the binding takes it: a string, or a copy of the bytes (the caller may change
+ * its array later). How keys are stored and ordered is core's KV key codec's business
+ * (`crates/core/src/kv_key.rs`); the limit counts the key's own bytes.
+ */
+function kvKey(key: KvKey): string | Buffer {
+  let passed: string | Buffer;
+  let length: number;
+  if (typeof key === "string") {
+    passed = key;
+    length = Buffer.byteLength(key, "utf8");
+  } else if (key instanceof Uint8Array) {
+    passed = Buffer.from(key);
+    length = passed.length;
+  } else {
+    throw new TypeError("a KV key is a string or a Uint8Array");
+  }
+  if (length > MAX_KV_KEY_BYTES) {
     throw new KeelError({
       group: "kv",
       code: "key_too_large",
-      message: `a KV key is ${encoded.length - 1} bytes; the limit is ${MAX_KV_KEY_BYTES}`,
+      message: `a KV key is ${length} bytes; the limit is ${MAX_KV_KEY_BYTES}`,
       metadata: { limit: MAX_KV_KEY_BYTES },
     });
   }
-  return encoded;
+  return passed;
 }
 
-function decodeKey(encoded: Buffer): KvKey {
-  return encoded[0] === STRING_KEY ? encoded.subarray(1).toString("utf8") : new Uint8Array(encoded.subarray(1));
+/** Which pending write of the current call a key names: only an identity within this map. */
+function pendingId(key: string | Buffer): string {
+  return typeof key === "string" ? `string:${key}` : `bytes:${key.toString("hex")}`;
 }
 
 function failOn(result: { error?: { group: string; code: string; message: string; metadata?: unknown } | null }): void {
@@ -51,7 +61,8 @@ function failOn(result: { error?: { group: string; code: string; message: string
 class Effects {
   readonly messages: Array<{ to?: string; event: string; data: unknown }> = [];
   readonly disconnects: Array<{ connId: string; reason: string }> = [];
-  readonly kv = new Map<string, { key: Buffer; value: Buffer | null }>();
+  /** KV writes by `pendingId`; the last write of a key wins. */
+  readonly kv = new Map<string, { key: string | Buffer; value: Buffer | null }>();
   readonly schedules: ScheduleOpJs[] = [];
   readonly added = new Map<string, ScheduledCall>();
   readonly cancelled = new Set<string>();
@@ -566,16 +577,16 @@ export class JsHost {
       },
       kv: {
         async get(key: KvKey) {
-          const encoded = encodeKey(key);
-          const pending = instance.effects.kv.get(encoded.toString("hex"));
+          const passed = kvKey(key);
+          const pending = instance.effects.kv.get(pendingId(passed));
           if (pending !== undefined) return pending.value === null ? undefined : decode(pending.value);
-          const result = await host.native!.kvGet(identity.actorId, [encoded]);
+          const result = await host.native!.kvGet(identity.actorId, [passed]);
           failOn(result);
           const value = result.values![0];
           return value == null ? undefined : decode(value);
         },
         async put(key: KvKey, value: unknown) {
-          const encoded = encodeKey(key);
+          const passed = kvKey(key);
           const bytes = Buffer.from(encode(value));
           if (bytes.length > MAX_KV_VALUE_BYTES) {
             throw new KeelError({
@@ -585,24 +596,20 @@ export class JsHost {
               metadata: { limit: MAX_KV_VALUE_BYTES },
             });
           }
-          instance.effects.kv.set(encoded.toString("hex"), { key: encoded, value: bytes });
+          instance.effects.kv.set(pendingId(passed), { key: passed, value: bytes });
         },
         async delete(key: KvKey) {
-          const encoded = encodeKey(key);
-          instance.effects.kv.set(encoded.toString("hex"), { key: encoded, value: null });
+          const passed = kvKey(key);
+          instance.effects.kv.set(pendingId(passed), { key: passed, value: null });
         },
         async list(options: KvListOptions = {}) {
           const limit = options.limit ?? DEFAULT_KV_LIST_LIMIT;
-          const prefix = options.prefix === undefined ? Buffer.alloc(0) : encodeKey(options.prefix);
-          const pending = [...instance.effects.kv.values()].filter(({ key }) => key.subarray(0, prefix.length).equals(prefix));
-          const result = await host.native!.kvList(identity.actorId, prefix, limit + pending.length, options.reverse ?? false);
+          const prefix = options.prefix === undefined ? undefined : kvKey(options.prefix);
+          // Core lays the call's own writes over what is stored, in its key order.
+          const pending = [...instance.effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
+          const result = await host.native!.kvList(identity.actorId, prefix, limit, options.reverse ?? false, pending);
           failOn(result);
-          const merged = new Map<string, { key: Buffer; value: Buffer | null }>();
-          for (const entry of result.entries!) merged.set(entry.key.toString("hex"), entry);
-          for (const entry of pending) merged.set(entry.key.toString("hex"), entry);
-          const entries = [...merged.values()].filter((entry) => entry.value !== null);
-          entries.sort((a, b) => Buffer.compare(a.key, b.key) * (options.reverse ? -1 : 1));
-          return entries.slice(0, limit).map(({ key, value }) => [decodeKey(key), decode(value!)] as [KvKey, unknown]);
+          return result.entries!.map(({ key, value }) => [typeof key === "string" ? key : new Uint8Array(key), decode(value)] as [KvKey, unknown]);
         },
       },
       schedule: {

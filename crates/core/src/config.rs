@@ -54,8 +54,8 @@ pub struct Limits {
     pub max_key_bytes: usize,
     /// Messages one actor may hold queued before callers get `actor.overloaded`.
     pub max_mailbox_len: usize,
-    /// Largest KV key, in bytes, not counting the one byte a host puts first to mark the key's
-    /// kind (keel's TypeScript host marks string and byte keys). Checked on every commit.
+    /// Largest KV key, in bytes, not counting the tag byte the KV key codec puts first to mark
+    /// the key's kind (see `kv_key.rs`). Checked on every commit.
     pub max_kv_key_bytes: usize,
     /// Largest KV value as the host encoded it, in bytes. Checked on every commit.
     pub max_kv_value_bytes: usize,
@@ -71,7 +71,7 @@ impl Limits {
                 KvWrite::Put { key, value } => (key, Some(value)),
                 KvWrite::Delete { key } => (key, None),
             };
-            if key.len().saturating_sub(KV_KEY_KIND_BYTES) > self.max_kv_key_bytes {
+            if crate::kv_key::limit_len(key) > self.max_kv_key_bytes {
                 return Err(Error::KvKeyTooLarge {
                     limit: self.max_kv_key_bytes,
                 });
@@ -86,8 +86,9 @@ impl Limits {
     }
 }
 
-/// The bytes a host puts before a KV key to mark its kind; not counted by the key limit.
-pub const KV_KEY_KIND_BYTES: usize = 1;
+/// The bytes the KV key codec puts before a key to mark its kind; not counted by the key
+/// limit (see `kv_key.rs`).
+pub const KV_KEY_KIND_BYTES: usize = crate::kv_key::TAG_LEN;
 
 impl Default for Limits {
     fn default() -> Self {

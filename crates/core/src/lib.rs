@@ -22,6 +22,7 @@
 //! - [`inspector`]: the token-guarded inspector API and the directory of open connections.
 //! - [`metrics`]: counters and histograms, and the Prometheus page.
 //! - [`key`]: the canonical actor key codec.
+//! - [`kv_key`]: the KV key codec: stored form, order and the overlay of a call's own writes.
 //! - [`logging`]: the one log schema (JSON, logfmt, pretty) and the process-wide subscriber.
 //! - [`spans`]: which span a live actor's user code logs in.
 //! - [`config`]: every limit, timeout and default, defined once.
@@ -45,6 +46,7 @@ pub mod http;
 pub mod inspector;
 pub mod integrity;
 pub mod key;
+pub mod kv_key;
 pub mod linger;
 pub mod logging;
 pub mod metrics;
