@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_core::{
-    ActorType, AllowedOrigins, Durability, Error, InspectorConfig, InspectorToken, Limits,
+    ActorType, AllowedOrigins, Durability, Error, Hooks, InspectorConfig, InspectorToken, Limits,
     RuntimeConfig,
 };
 use napi::bindgen_prelude::Buffer;
@@ -106,6 +106,14 @@ pub struct ActorTypeOptions {
     pub raw_requests: bool,
     /// Whether the type has `onWebSocket`; without it a raw upgrade answers 404.
     pub raw_sockets: bool,
+    /// Whether the type has `onBeforeConnect`.
+    pub on_before_connect: bool,
+    /// Whether the type has `createConnState`.
+    pub create_conn_state: bool,
+    /// Whether the type has `onConnect`.
+    pub on_connect: bool,
+    /// Whether the type has `onDisconnect`.
+    pub on_disconnect: bool,
 }
 
 impl ActorTypeOptions {
@@ -114,6 +122,12 @@ impl ActorTypeOptions {
         let mut actor_type = ActorType::new(name, self.actions);
         actor_type.raw_requests = self.raw_requests;
         actor_type.raw_sockets = self.raw_sockets;
+        actor_type.hooks = Hooks {
+            on_before_connect: self.on_before_connect,
+            create_conn_state: self.create_conn_state,
+            on_connect: self.on_connect,
+            on_disconnect: self.on_disconnect,
+        };
         if let Some(ms) = self.action_timeout_ms {
             actor_type.action_timeout = Some(millis("actionTimeoutMs", ms)?);
         }

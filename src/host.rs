@@ -130,11 +130,24 @@ pub enum Invocation {
         code: u32,
         reason: String,
     },
+    /// A notice, not a call (no id, no completion): a connection was admitted to an actor
+    /// whose type has no connect hook. It reaches JS just before the actor's next call.
+    ConnOpened {
+        actor_id: String,
+        conn_id: String,
+        /// The connection parameters, in `encoding`.
+        params: Buffer,
+        /// `json` or `cbor`: how `params`, and the connection's frames, are encoded.
+        encoding: String,
+    },
+    /// A notice, not a call: a connection closed on an actor whose type has no
+    /// `onDisconnect`. It reaches JS just before the actor's next call.
+    ConnClosed { actor_id: String, conn_id: String },
 }
 
 impl Invocation {
-    /// The id that matches the invocation to its completion.
-    fn id(&self) -> u32 {
+    /// The id that matches the invocation to its completion; `None` for a notice.
+    fn id(&self) -> Option<u32> {
         match self {
             Invocation::Start { id, .. }
             | Invocation::Action { id, .. }
@@ -144,7 +157,8 @@ impl Invocation {
             | Invocation::Request { id, .. }
             | Invocation::WsOpen { id, .. }
             | Invocation::WsMessage { id, .. }
-            | Invocation::WsClose { id, .. } => *id,
+            | Invocation::WsClose { id, .. } => Some(*id),
+            Invocation::ConnOpened { .. } | Invocation::ConnClosed { .. } => None,
         }
     }
 }
@@ -452,6 +466,9 @@ pub struct JsHost {
     /// The receiving end, until the batching task takes it on first use.
     queue_rx: Mutex<Option<mpsc::UnboundedReceiver<Invocation>>>,
     started: AtomicBool,
+    /// Connection notices not yet sent, by actor: each goes out just before the actor's next
+    /// invocation, so an absent hook costs no trip to JS. Entries leave with that invocation.
+    notices: Mutex<HashMap<Arc<str>, Vec<Invocation>>>,
 }
 
 impl JsHost {
@@ -465,6 +482,7 @@ impl JsHost {
             queue,
             queue_rx: Mutex::new(Some(queue_rx)),
             started: AtomicBool::new(false),
+            notices: Mutex::new(HashMap::new()),
         })
     }
 
@@ -497,18 +515,47 @@ impl JsHost {
         ));
     }
 
-    async fn invoke(self: &Arc<Self>, invocation: Invocation) -> Result<Reply, Error> {
+    async fn invoke(
+        self: &Arc<Self>,
+        actor: &ActorInfo,
+        id: u32,
+        invocation: Invocation,
+    ) -> Result<Reply, Error> {
         self.ensure_batcher();
-        let id = invocation.id();
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
         let _guard = PendingGuard { host: self, id };
+        // The actor's notices first: JS learns of its connections before the call that may
+        // see them. The actor's calls are serial, so nothing of its own can come between.
+        let notices = self.notices.lock().remove(&actor.id);
+        for notice in notices.into_iter().flatten() {
+            self.queue
+                .send(notice)
+                .map_err(|_| Error::RegistryShutDown)?;
+        }
         self.queue
             .send(invocation)
             .map_err(|_| Error::RegistryShutDown)?;
         rx.await.map_err(|_| Error::ActorInternal {
             message: "the JS host dropped the invocation".into(),
         })
+    }
+
+    /// Keeps a connection notice for `actor`'s next invocation. A close whose open is still
+    /// waiting cancels it: JS never needs to hear of that connection.
+    fn notice(&self, actor: &ActorInfo, notice: Invocation) {
+        let mut notices = self.notices.lock();
+        let waiting = notices.entry(actor.id.clone()).or_default();
+        if let Invocation::ConnClosed { conn_id, .. } = &notice {
+            let opened = waiting.iter().position(|earlier| {
+                matches!(earlier, Invocation::ConnOpened { conn_id: id, .. } if id == conn_id)
+            });
+            if let Some(index) = opened {
+                waiting.remove(index);
+                return;
+            }
+        }
+        waiting.push(notice);
     }
 
     /// A fresh invocation id.
@@ -544,7 +591,7 @@ async fn run_batcher(
                 Err(_) => break,
             }
         }
-        let ids: Vec<u32> = batch.iter().map(Invocation::id).collect();
+        let ids: Vec<u32> = batch.iter().filter_map(Invocation::id).collect();
         if let Err(err) = dispatch.call_async_catch(batch).await {
             tracing::error!(error = %err, invocations = ids.len(), "dispatching to JS failed");
             let Some(host) = host.upgrade() else { return };
@@ -589,8 +636,9 @@ impl Host for SharedHost {
             ),
             None => (None, None),
         };
+        let id = self.0.next_id();
         let invocation = Invocation::Start {
-            id: self.0.next_id(),
+            id,
             actor_id: actor.id.to_string(),
             actor_type: actor.name.to_string(),
             key: actor.key.clone(),
@@ -598,7 +646,7 @@ impl Host for SharedHost {
             input,
             input_encoding,
         };
-        check(self.0.invoke(invocation).await?, "start")?.effects("start")
+        check(self.0.invoke(actor, id, invocation).await?, "start")?.effects("start")
     }
 
     async fn action(
@@ -606,8 +654,9 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         call: ActionCall,
     ) -> keel_core::Result<ActionDone> {
+        let id = self.0.next_id();
         let invocation = Invocation::Action {
-            id: self.0.next_id(),
+            id,
             actor_id: actor.id.to_string(),
             action: call.action,
             args: Buffer::from(call.args.bytes),
@@ -615,7 +664,8 @@ impl Host for SharedHost {
             output_encoding: call.output.as_str().to_string(),
             conn_id: call.conn_id,
         };
-        let (output, effects) = match check(self.0.invoke(invocation).await?, "action")? {
+        let (output, effects) = match check(self.0.invoke(actor, id, invocation).await?, "action")?
+        {
             Reply::Returned(output, effects) => (output, effects),
             _ => return Err(mismatched("action")),
         };
@@ -627,12 +677,13 @@ impl Host for SharedHost {
     }
 
     async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> keel_core::Result<Effects> {
+        let id = self.0.next_id();
         let invocation = Invocation::Stop {
-            id: self.0.next_id(),
+            id,
             actor_id: actor.id.to_string(),
             reason: reason.as_str().to_string(),
         };
-        check(self.0.invoke(invocation).await?, "stop")?.effects("stop")
+        check(self.0.invoke(actor, id, invocation).await?, "stop")?.effects("stop")
     }
 
     async fn connect(
@@ -640,14 +691,15 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: ConnectRequest,
     ) -> keel_core::Result<Effects> {
+        let id = self.0.next_id();
         let invocation = Invocation::Connect {
-            id: self.0.next_id(),
+            id,
             actor_id: actor.id.to_string(),
             conn_id: request.conn_id,
             params: Buffer::from(request.params.bytes),
             encoding: request.params.encoding.as_str().to_string(),
         };
-        check(self.0.invoke(invocation).await?, "connect")?.effects("connect")
+        check(self.0.invoke(actor, id, invocation).await?, "connect")?.effects("connect")
     }
 
     async fn disconnect(
@@ -655,12 +707,31 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         conn_id: &str,
     ) -> keel_core::Result<Effects> {
+        let id = self.0.next_id();
         let invocation = Invocation::Disconnect {
-            id: self.0.next_id(),
+            id,
             actor_id: actor.id.to_string(),
             conn_id: conn_id.to_string(),
         };
-        check(self.0.invoke(invocation).await?, "disconnect")?.effects("disconnect")
+        check(self.0.invoke(actor, id, invocation).await?, "disconnect")?.effects("disconnect")
+    }
+
+    fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {
+        let notice = Invocation::ConnOpened {
+            actor_id: actor.id.to_string(),
+            conn_id: request.conn_id,
+            params: Buffer::from(request.params.bytes),
+            encoding: request.params.encoding.as_str().to_string(),
+        };
+        self.0.notice(actor, notice);
+    }
+
+    fn disconnected(&self, actor: &Arc<ActorInfo>, conn_id: &str) {
+        let notice = Invocation::ConnClosed {
+            actor_id: actor.id.to_string(),
+            conn_id: conn_id.to_string(),
+        };
+        self.0.notice(actor, notice);
     }
 
     async fn request(
@@ -668,15 +739,16 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: RawRequest,
     ) -> keel_core::Result<(RawResponse, Effects)> {
+        let id = self.0.next_id();
         let invocation = Invocation::Request {
-            id: self.0.next_id(),
+            id,
             actor_id: actor.id.to_string(),
             method: request.method,
             path: request.path,
             headers: pairs(request.headers),
             body: Buffer::from(request.body),
         };
-        match check(self.0.invoke(invocation).await?, "request")? {
+        match check(self.0.invoke(actor, id, invocation).await?, "request")? {
             Reply::Responded(response, effects) => Ok((response, effects)),
             _ => Err(Error::ActorInternal {
                 message: "onRequest returned no Response".into(),
@@ -726,7 +798,7 @@ impl Host for SharedHost {
                 reason,
             },
         };
-        check(self.0.invoke(invocation).await?, "websocket")?.effects("websocket")
+        check(self.0.invoke(actor, id, invocation).await?, "websocket")?.effects("websocket")
     }
 }
 

@@ -14,6 +14,10 @@ import { kvLimits, type Completion, type CoreRegistry, type EffectsJs, type Invo
 
 /** The invocation of one kind. */
 type InvocationOf<K extends Invocation["kind"]> = Extract<Invocation, { kind: K }>;
+/** The notices: what core tells without a call (no id, no completion). */
+type Notice = InvocationOf<"conn_opened" | "conn_closed">;
+/** The invocations that are calls, each answered by one completion. */
+type Call = Exclude<Invocation, Notice>;
 
 // Core enforces these on every commit; checking here too gives the caller the error at the
 // `c.kv` call rather than when the action's effects are committed.
@@ -190,14 +194,39 @@ export class JsHost {
 
   constructor(private readonly definitions: ReadonlyMap<string, AnyActorDefinition>) {}
 
-  /** Core's entry point: start every invocation of the batch, never throw. */
+  /**
+   * Core's entry point: start every invocation of the batch, never throw. Notices are taken
+   * at once, in order, so the calls after them see what they tell.
+   */
   readonly dispatch = (batch: Invocation[]): void => {
     for (const invocation of batch) {
-      void this.run(invocation);
+      if (invocation.kind === "conn_opened" || invocation.kind === "conn_closed") this.notice(invocation);
+      else void this.run(invocation);
     }
   };
 
-  private async run(invocation: Invocation): Promise<void> {
+  /**
+   * A connection opened or closed on a type without the hooks that would run then: core
+   * admitted or closed it without a call, and tells it before the actor's next call.
+   */
+  private notice(notice: Notice): void {
+    const instance = this.instances.get(notice.actorId);
+    if (instance === undefined) return;
+    if (notice.kind === "conn_closed") {
+      instance.conns.delete(notice.connId);
+      return;
+    }
+    let params: unknown;
+    try {
+      params = decodeClientPayload(notice.params, notice.encoding, "connection parameters");
+    } catch {
+      // Core checked the parameters before admitting the connection; no hook reads them.
+      params = undefined;
+    }
+    this.addConn(instance, notice.connId, params, undefined, notice.encoding);
+  }
+
+  private async run(invocation: Call): Promise<void> {
     let completion: Completion;
     try {
       switch (invocation.kind) {
@@ -319,18 +348,7 @@ export class JsHost {
       await config.onBeforeConnect?.(instance.ctx as never, params);
       const state =
         config.createConnState !== undefined ? await config.createConnState(instance.ctx as never, params) : undefined;
-      const conn: Conn = {
-        id: connId,
-        params,
-        state,
-        send(event: string, data?: unknown) {
-          instance.effects.messages.push({ to: connId, event: String(event), data });
-        },
-        disconnect(reason = "") {
-          instance.effects.disconnects.push({ connId, reason: String(reason) });
-        },
-      };
-      instance.conns.set(connId, { conn, encoding: invocation.encoding });
+      const conn = this.addConn(instance, connId, params, state, invocation.encoding);
       try {
         await config.onConnect?.(instance.ctx as never, conn);
         return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
@@ -339,6 +357,23 @@ export class JsHost {
         throw err;
       }
     });
+  }
+
+  /** Adds a connection to the instance's `c.conns`. */
+  private addConn(instance: Instance, connId: string, params: unknown, state: unknown, encoding: string): Conn {
+    const conn: Conn = {
+      id: connId,
+      params,
+      state,
+      send(event: string, data?: unknown) {
+        instance.effects.messages.push({ to: connId, event: String(event), data });
+      },
+      disconnect(reason = "") {
+        instance.effects.disconnects.push({ connId, reason: String(reason) });
+      },
+    };
+    instance.conns.set(connId, { conn, encoding });
+    return conn;
   }
 
   private async disconnect(invocation: InvocationOf<"disconnect">): Promise<Completion> {

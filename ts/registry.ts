@@ -185,6 +185,10 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
           sleepTimeoutMs: def.config.options?.sleepTimeoutMs,
           rawRequests: def.config.onRequest !== undefined,
           rawSockets: def.config.onWebSocket !== undefined,
+          onBeforeConnect: def.config.onBeforeConnect !== undefined,
+          createConnState: def.config.createConnState !== undefined,
+          onConnect: def.config.onConnect !== undefined,
+          onDisconnect: def.config.onDisconnect !== undefined,
         }),
       );
     }

@@ -364,6 +364,19 @@ pub trait Host: Send + Sync + 'static {
         Err(unsupported("connections"))
     }
 
+    /// A connection was admitted to an actor whose type has no connect hook (see
+    /// [`Hooks`](crate::actor_type::Hooks)): no user code runs, and core does not wait. The
+    /// host must know of it before its next call for `actor` (for `c.conns`).
+    fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {
+        let _ = (actor, request);
+    }
+
+    /// A connection closed on an actor whose type has no `onDisconnect`: no user code runs,
+    /// and core does not wait. The host must know of it before its next call for `actor`.
+    fn disconnected(&self, actor: &Arc<ActorInfo>, conn_id: &str) {
+        let _ = (actor, conn_id);
+    }
+
     /// Answers a raw HTTP request (`onRequest`).
     async fn request(
         &self,

@@ -58,7 +58,7 @@ pub mod spans;
 pub mod store;
 pub mod writer;
 
-pub use actor_type::{ActorType, ActorTypes};
+pub use actor_type::{ActorType, ActorTypes, Hooks};
 pub use config::{
     AllowedOrigins, Durability, InspectorConfig, InspectorToken, Limits, RuntimeConfig,
 };

@@ -184,6 +184,14 @@ impl Host for SpanTracking {
         self.inner.disconnect(actor, conn_id).await
     }
 
+    fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {
+        self.inner.connected(actor, request);
+    }
+
+    fn disconnected(&self, actor: &Arc<ActorInfo>, conn_id: &str) {
+        self.inner.disconnected(actor, conn_id);
+    }
+
     async fn request(
         &self,
         actor: &Arc<ActorInfo>,

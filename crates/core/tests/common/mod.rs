@@ -55,6 +55,9 @@ pub struct CounterHost {
     pub stop_log: Mutex<Vec<String>>,
     /// How many more times `flaky` fails before it succeeds.
     pub flaky_failures: Mutex<u32>,
+    /// Every connection call, as `connect:<conn>` or `disconnect:<conn>` for the hook calls
+    /// and `connected:<conn>` or `disconnected:<conn>` for the notices of hookless types.
+    pub conn_log: Mutex<Vec<String>>,
 }
 
 impl CounterHost {
@@ -67,6 +70,7 @@ impl CounterHost {
             stops: Mutex::new(0),
             stop_log: Mutex::new(Vec::new()),
             flaky_failures: Mutex::new(0),
+            conn_log: Mutex::new(Vec::new()),
         })
     }
 
@@ -293,11 +297,25 @@ impl Host for CounterHost {
         Encoding::Json
     }
 
-    async fn connect(&self, _actor: &Arc<ActorInfo>, _request: ConnectRequest) -> Result<Effects> {
+    async fn connect(&self, _actor: &Arc<ActorInfo>, request: ConnectRequest) -> Result<Effects> {
+        self.conn_log
+            .lock()
+            .push(format!("connect:{}", request.conn_id));
         Ok(Effects::default())
     }
 
-    async fn disconnect(&self, _actor: &Arc<ActorInfo>, _conn_id: &str) -> Result<Effects> {
+    fn connected(&self, _actor: &Arc<ActorInfo>, request: ConnectRequest) {
+        self.conn_log
+            .lock()
+            .push(format!("connected:{}", request.conn_id));
+    }
+
+    fn disconnected(&self, _actor: &Arc<ActorInfo>, conn_id: &str) {
+        self.conn_log.lock().push(format!("disconnected:{conn_id}"));
+    }
+
+    async fn disconnect(&self, _actor: &Arc<ActorInfo>, conn_id: &str) -> Result<Effects> {
+        self.conn_log.lock().push(format!("disconnect:{conn_id}"));
         Ok(Effects::default())
     }
 
