@@ -5,6 +5,11 @@
 //! results back in batches through `CoreRegistry.complete`. So a burst of actions across many
 //! actors costs one JS↔Rust hop each way, not one per action. A batch call returns as soon as
 //! JS has started the invocations, so a slow action never holds up the others in its batch.
+//!
+//! Invocations and completions are discriminated unions (napi structured enums): each kind
+//! carries exactly its fields. Besides calls, the queue carries notices (a connection opened
+//! or closed on a type without the hooks that would run then), which JS takes without
+//! answering; a notice waits here until the actor's next call, so it costs no trip of its own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
