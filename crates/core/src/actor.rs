@@ -412,14 +412,19 @@ impl ActorTask {
             conn_id: conn.id.to_string(),
             params,
         };
-        let timeout = self.core.config.hook_timeout;
-        let result = self
-            .guarded(
+        let result = if self.actor_type.hooks.on_connecting() {
+            let timeout = self.core.config.hook_timeout;
+            self.guarded(
                 timeout,
                 Call::Hook("connect"),
                 self.core.host.connect(&self.info, request),
             )
-            .await;
+            .await
+        } else {
+            // No user code to run: admit it, and let the host know without waiting.
+            self.core.host.connected(&self.info, request);
+            Ok(Effects::default())
+        };
         match result {
             Ok(mut effects) => {
                 self.conns.insert(conn.id.clone(), conn.clone());
@@ -454,6 +459,11 @@ impl ActorTask {
             return;
         }
         self.conn_list = Arc::new(self.conns.values().cloned().collect());
+        if !self.actor_type.hooks.on_disconnect {
+            // No user code to run: let the host know without waiting.
+            self.core.host.disconnected(&self.info, &conn_id);
+            return;
+        }
         let timeout = self.core.config.hook_timeout;
         let result = self
             .guarded(
@@ -688,11 +698,16 @@ impl ActorTask {
         } else if effects.sleep {
             self.begin_stopping(StopReason::Sleep);
         }
+        let now_ms = self.core.clock.now_ms();
         let writes = (effects.writes() || settle.is_some()).then(|| {
             Box::new(Writes {
                 state: effects.state,
                 kv: effects.kv,
-                schedules: effects.schedules,
+                schedules: effects
+                    .schedules
+                    .into_iter()
+                    .map(|op| op.resolve(now_ms))
+                    .collect(),
                 settle,
             })
         });

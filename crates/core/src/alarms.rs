@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::actor::Command;
 use crate::error::Error;
-use crate::host::ScheduleOp;
+use crate::host::ScheduleWrite;
 use crate::runtime::Core;
 
 /// How many times a schedule runs before keel gives up on it: the first run and four retries.
@@ -73,13 +73,13 @@ impl Alarms {
     }
 
     /// Applies the schedule changes of a commit that succeeded.
-    pub(crate) fn apply(&self, actor_id: &Arc<str>, ops: &[ScheduleOp]) {
+    pub(crate) fn apply(&self, actor_id: &Arc<str>, ops: &[ScheduleWrite]) {
         for op in ops {
             match op {
-                ScheduleOp::Add(schedule) => {
+                ScheduleWrite::Add(schedule) => {
                     self.add(schedule.id.clone(), actor_id.clone(), schedule.at_ms)
                 }
-                ScheduleOp::Cancel { id } => self.remove(id),
+                ScheduleWrite::Cancel { id } => self.remove(id),
             }
         }
     }

@@ -32,6 +32,15 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// sends, so that a refusal reaches the client instead of a connection reset.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(1);
 
+/// Default largest HTTP request body, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
+/// Default messages one actor may hold queued.
+pub const DEFAULT_MAX_MAILBOX_LEN: usize = 1024;
+/// Default largest key segment, in bytes.
+pub const DEFAULT_MAX_KEY_SEGMENT_BYTES: usize = 128;
+/// Default largest key, in bytes.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
+
 /// Sizes that bound what a client may send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -45,8 +54,8 @@ pub struct Limits {
     pub max_key_bytes: usize,
     /// Messages one actor may hold queued before callers get `actor.overloaded`.
     pub max_mailbox_len: usize,
-    /// Largest KV key, in bytes, not counting the one byte a host puts first to mark the key's
-    /// kind (keel's TypeScript host marks string and byte keys). Checked on every commit.
+    /// Largest KV key, in bytes, not counting the tag byte the KV key codec puts first to mark
+    /// the key's kind (see `kv_key.rs`). Checked on every commit.
     pub max_kv_key_bytes: usize,
     /// Largest KV value as the host encoded it, in bytes. Checked on every commit.
     pub max_kv_value_bytes: usize,
@@ -62,7 +71,7 @@ impl Limits {
                 KvWrite::Put { key, value } => (key, Some(value)),
                 KvWrite::Delete { key } => (key, None),
             };
-            if key.len().saturating_sub(KV_KEY_KIND_BYTES) > self.max_kv_key_bytes {
+            if crate::kv_key::limit_len(key) > self.max_kv_key_bytes {
                 return Err(Error::KvKeyTooLarge {
                     limit: self.max_kv_key_bytes,
                 });
@@ -77,17 +86,18 @@ impl Limits {
     }
 }
 
-/// The bytes a host puts before a KV key to mark its kind; not counted by the key limit.
-pub const KV_KEY_KIND_BYTES: usize = 1;
+/// The bytes the KV key codec puts before a key to mark its kind; not counted by the key
+/// limit (see `kv_key.rs`).
+pub const KV_KEY_KIND_BYTES: usize = crate::kv_key::TAG_LEN;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_body_bytes: 20 * 1024 * 1024,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_ws_message_bytes: 64 * 1024,
-            max_key_segment_bytes: 128,
-            max_key_bytes: 1024,
-            max_mailbox_len: 1024,
+            max_key_segment_bytes: DEFAULT_MAX_KEY_SEGMENT_BYTES,
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_mailbox_len: DEFAULT_MAX_MAILBOX_LEN,
             max_kv_key_bytes: 2 * 1024,
             max_kv_value_bytes: 128 * 1024,
         }

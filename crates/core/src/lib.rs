@@ -22,8 +22,11 @@
 //! - [`inspector`]: the token-guarded inspector API and the directory of open connections.
 //! - [`metrics`]: counters and histograms, and the Prometheus page.
 //! - [`key`]: the canonical actor key codec.
+//! - [`kv_key`]: the KV key codec: stored form, order and the overlay of a call's own writes.
 //! - [`logging`]: the one log schema (JSON, logfmt, pretty) and the process-wide subscriber.
+//! - [`spans`]: which span a live actor's user code logs in.
 //! - [`config`]: every limit, timeout and default, defined once.
+//! - [`options`]: the numeric `setup()` options: names, defaults, ranges, units and docs.
 //! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
 //! - [`faults`]: failpoints on the commit path and a VFS shim, for fault-injection tests.
 
@@ -43,24 +46,27 @@ pub mod http;
 pub mod inspector;
 pub mod integrity;
 pub mod key;
+pub mod kv_key;
 pub mod linger;
 pub mod logging;
 pub mod metrics;
+pub mod options;
 pub mod origin;
 pub mod registry;
 pub mod runtime;
+pub mod spans;
 pub mod store;
 pub mod writer;
 
-pub use actor_type::{ActorType, ActorTypes};
+pub use actor_type::{ActorType, ActorTypes, Hooks};
 pub use config::{
     AllowedOrigins, Durability, InspectorConfig, InspectorToken, Limits, RuntimeConfig,
 };
 pub use error::{Error, Result};
 pub use host::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Host, KvWrite, Outbound,
-    Payload, RawRequest, RawResponse, RawSocketEvent, Schedule, ScheduleOp, StartRequest,
-    StopReason,
+    Payload, RawRequest, RawResponse, RawSocketEvent, Schedule, ScheduleOp, ScheduleWrite,
+    StartRequest, StopReason,
 };
 pub use registry::{Mode, Registry};
 pub use runtime::{Resolve, Runtime, Target};

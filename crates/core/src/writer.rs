@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::faults::{self, Failpoint, Fault, FaultState};
-use crate::host::{KvWrite, Payload, ScheduleOp};
+use crate::host::{KvWrite, Payload, ScheduleWrite};
 use crate::integrity::Integrity;
 use crate::store::{ActorRecord, Store};
 
@@ -69,7 +69,7 @@ pub struct Writes {
     /// Key-value writes, in order.
     pub kv: Vec<KvWrite>,
     /// Schedule changes, in order.
-    pub schedules: Vec<ScheduleOp>,
+    pub schedules: Vec<ScheduleWrite>,
     /// The outcome of the schedule whose run produced this commit.
     pub settle: Option<(String, Settle)>,
 }
@@ -646,7 +646,7 @@ fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) 
     }
     for op in writes.schedules {
         match op {
-            ScheduleOp::Add(schedule) => tx
+            ScheduleWrite::Add(schedule) => tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO schedules (id, actor_id, at_ms, action, args, attempts) \
                      VALUES (?1, ?2, ?3, ?4, ?5, 0)",
@@ -658,7 +658,7 @@ fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) 
                     &schedule.action,
                     &schedule.args,
                 ))?,
-            ScheduleOp::Cancel { id } => tx
+            ScheduleWrite::Cancel { id } => tx
                 .prepare_cached("DELETE FROM schedules WHERE id = ?1 AND actor_id = ?2")?
                 .execute((id, actor_id))?,
         };
