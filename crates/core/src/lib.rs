@@ -31,26 +31,25 @@
 
 pub mod actor;
 pub mod actor_type;
-pub mod alarms;
 pub mod cbor;
 pub mod clock;
 pub mod config;
-pub mod conn;
 pub mod error;
 pub mod faults;
 pub mod host;
-pub mod http;
-pub mod inspector;
-pub mod integrity;
 pub mod key;
-pub mod linger;
 pub mod logging;
 pub mod metrics;
 pub mod origin;
 pub mod registry;
 pub mod runtime;
-pub mod store;
-pub mod writer;
+pub mod server;
+pub mod storage;
+
+pub use actor::conn;
+pub use runtime::alarms;
+pub use server::{http, inspector, linger};
+pub use storage::{integrity, store, writer};
 
 pub use actor_type::{ActorType, ActorTypes};
 pub use config::{

@@ -18,6 +18,8 @@
 //! for its pending commits and replaces the instance with one started from committed state,
 //! as after an action timeout.
 
+pub mod conn;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +33,7 @@ use std::collections::HashMap;
 
 use crate::actor_type::ActorType;
 use crate::alarms::{retry_delay, SCHEDULE_MAX_ATTEMPTS};
-use crate::conn::{self, close, ConnHandle};
+use crate::conn::{close, ConnHandle};
 use crate::error::{Error, Result};
 use crate::host::{
     ActionCall, ActorInfo, ConnectRequest, Effects, Encoding, Payload, RawRequest, RawResponse,

@@ -6,6 +6,8 @@
 //! time. Every task it spawns (actors, the accept loop, connections) is tracked, so the drain
 //! can wait for all of them before it closes the writer and releases the data directory.
 
+pub mod alarms;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
