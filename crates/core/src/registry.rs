@@ -22,9 +22,9 @@ use crate::actor_type::{ActorType, ActorTypes};
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::host::Host;
-use crate::http::{Request, Response};
 use crate::metrics::{Metrics, ShutdownPhase};
-use crate::runtime::Runtime;
+use crate::runtime::facade::Runtime;
+use crate::runtime::ingress::{Request, Response};
 
 /// How a running registry receives requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::host::{Encoding, Payload, Schedule};
-use crate::integrity::{self, Integrity};
+use crate::storage::integrity::{self, Integrity};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "keel.db";

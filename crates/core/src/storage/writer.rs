@@ -19,7 +19,7 @@
 //! instance, with the same error, until the actor task has replaced the instance with one
 //! loaded from committed state.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -29,8 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, Result};
 use crate::faults::{self, Failpoint, Fault, FaultState};
 use crate::host::{KvWrite, Payload, ScheduleOp};
-use crate::integrity::Integrity;
-use crate::store::{ActorRecord, Store};
+use crate::metrics::WriterStats;
+use crate::storage::integrity::Integrity;
+use crate::storage::store::{ActorRecord, Store};
 
 /// The most ops one transaction takes; a longer queue is split over several commits.
 const MAX_BATCH_OPS: usize = 4096;
@@ -163,17 +164,6 @@ pub enum WriteOp {
     },
     /// Commits what came before, then stops the thread; later sends fail.
     Close,
-}
-
-/// Counters the writer keeps, for tests and metrics.
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    /// Transactions committed.
-    pub transactions: AtomicU64,
-    /// Ops applied.
-    pub ops: AtomicU64,
-    /// How long each committed transaction took, fsync included.
-    pub commit_seconds: crate::metrics::Histogram<crate::metrics::CommitBuckets>,
 }
 
 /// The sending side of the writer. Cloneable; the thread stops once every handle is dropped
@@ -487,7 +477,7 @@ impl WriterThread {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let seq = crate::integrity::next_commit_seq(&tx)?;
+            let seq = crate::storage::integrity::next_commit_seq(&tx)?;
             tx.commit()?;
             Ok(seq)
         })();
@@ -580,7 +570,7 @@ impl WriterThread {
         // Nothing more is committed once damage has been seen; the counter and its record let
         // the next open notice commits that the log lost (see `integrity.rs`).
         integrity.check()?;
-        let seq = crate::integrity::next_commit_seq(&tx)?;
+        let seq = crate::storage::integrity::next_commit_seq(&tx)?;
         match check(faults, Failpoint::BeforeWalWrite) {
             Fault::Continue => {}
             Fault::Fail => return Err(Refused::Failed(faults::injected_full())),
@@ -683,7 +673,7 @@ fn create_actor(
     input: Option<Payload>,
     mode: CreateMode,
 ) -> Result<(ActorRecord, bool)> {
-    let existing = crate::store::actor_id_by_key(tx, &record.name, &record.key)?;
+    let existing = crate::storage::store::actor_id_by_key(tx, &record.name, &record.key)?;
     if let Some(id) = existing {
         return match mode {
             CreateMode::Create => Err(Error::ActorAlreadyExists),

@@ -1,0 +1,118 @@
+//! The `Storage` seam: everything the layers above need from durable storage, without a
+//! SQLite type in sight.
+//!
+//! Today's implementation is [`super::embedded::EmbeddedStorage`] (the SQLite file and the
+//! group-commit writer). Another implementation (a remote, generation-fenced database that
+//! takes one batch per commit) is written against this trait alone.
+//!
+//! The contract:
+//! - **Durable** means what a crash cannot take back: once a commit's `release` has run with
+//!   `Ok`, a process restart (or a new owner of the actor) loads exactly those writes.
+//! - **Ordering.** Commits are durable, and their `release` callbacks run, in the order
+//!   `commit` was called (across actors too: a commit with no writes still waits for every
+//!   earlier one, which is what keeps one actor's replies in order and what `flush` is).
+//!   `release` runs exactly once, with `Ok` or with the error, also when storage has closed.
+//! - **The output gate.** Nothing the caller holds back for a commit (a reply, an event) may
+//!   be let out before its `release`; `release` must only hand off, never block, since it may
+//!   run on storage's own thread.
+//! - **A failure leaves nothing behind.** A commit that fails writes none of its writes, and
+//!   marks the instance's [`Poison`] so that later commits of that instance are refused with the
+//!   same error until the actor has replaced the instance (see `actor/task.rs`).
+//! - **Reads** see every commit whose `release` has run. A read that meets damage reports
+//!   `storage.corrupt` and latches it: later reads, commits and [`Storage::health`] fail too.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::host::Payload;
+use crate::storage::store::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
+use crate::storage::writer::{CreateMode, Poison, Release, Writes};
+
+/// Durable storage for every actor of a runtime. See the module doc for the contract.
+#[async_trait]
+pub(crate) trait Storage: Send + Sync + 'static {
+    /// What an actor's task loads when it starts; `None` if the actor does not exist.
+    async fn load(&self, actor_id: &str) -> Result<Option<ActorSnapshot>>;
+
+    /// The actor with type `name` and canonical key `key`, if there is one.
+    async fn find_by_key(&self, name: &str, key: &str) -> Result<Option<ActorRecord>>;
+
+    /// The actor with this id, if there is one.
+    async fn find_by_id(&self, id: &str) -> Result<Option<ActorRecord>>;
+
+    /// Inserts an actor row (or, by `mode`, finds the one holding the key); resolves once
+    /// durable, with the row that holds the key and whether this call created it.
+    async fn create(
+        &self,
+        record: ActorRecord,
+        input: Option<Payload>,
+        mode: CreateMode,
+    ) -> Result<(ActorRecord, bool)>;
+
+    /// Commits one call's writes (state, KV writes, schedule changes, the settled schedule);
+    /// `None` writes only orders `release` behind earlier commits. `release` runs once the
+    /// writes are durable, or failed; `poison` is the instance's mark (see the module doc).
+    fn commit(
+        &self,
+        actor_id: Arc<str>,
+        writes: Option<Box<Writes>>,
+        poison: Option<Arc<Poison>>,
+        release: Release,
+    );
+
+    /// Deletes an actor with its KV entries and schedules; resolves once durable, in commit
+    /// order.
+    async fn delete(&self, actor_id: Arc<str>) -> Result<()>;
+
+    /// Resolves once every commit made before it is durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// The values of `keys` in the actor's KV store, in order.
+    async fn kv_get(&self, actor_id: &str, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>>;
+
+    /// The actor's KV entries whose key starts with `prefix`, in key order (or reversed), at
+    /// most `limit` of them.
+    async fn kv_list(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// The actor's KV entries under `prefix` strictly after `after`, in key order: one page
+    /// of the inspector's listing.
+    async fn kv_page(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// The actor's pending schedules.
+    async fn schedules_of(&self, actor_id: &str) -> Result<Vec<StoredSchedule>>;
+
+    /// One pending schedule by id, if it is still pending.
+    async fn schedule(&self, id: &str) -> Result<Option<StoredSchedule>>;
+
+    /// Actors in `(name, key)` order, of type `name` if given, strictly after `after`.
+    async fn list_actors(
+        &self,
+        name: Option<String>,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<ActorListing>>;
+
+    /// One actor's listing by id.
+    async fn actor_listing(&self, id: &str) -> Result<Option<ActorListing>>;
+
+    /// `Ok` unless damage has been seen (then `storage.corrupt`): what `/health` reports.
+    fn health(&self) -> Result<()>;
+
+    /// Makes everything committed so far durable, then closes: later commits are released
+    /// with `storage.writer_closed`, reads fail, and the data is handed to its next owner.
+    async fn close(&self);
+}
