@@ -301,6 +301,20 @@ impl ConnHandle {
     }
 }
 
+#[cfg(test)]
+impl ConnHandle {
+    /// Holds the outgoing queue's lock until the guard drops: a test's stand-in for a
+    /// connection that is slow to take a frame.
+    pub(crate) fn hold_queue(&self) -> impl Drop + '_ {
+        self.shared.outgoing.lock()
+    }
+
+    /// Takes the next queued frame, as the writer task would.
+    pub(crate) fn take_frame(&self) -> Option<Message> {
+        self.take_queued()
+    }
+}
+
 /// The promise of one call's reply on a connection. The actor answers it in the release of
 /// the call's commit, right after the call's events and before any close the call caused, so
 /// one connection's frames leave in the order the actor produced them. Dropped unanswered (the

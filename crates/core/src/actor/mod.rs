@@ -23,6 +23,7 @@
 //!   [`ActorEnv`], the narrow handle to everything an actor task uses from below and around it.
 //! - [`task`]: the task that owns one live actor's instance.
 //! - [`conn`]: one actor's connections: their outgoing queues, frames and reply order.
+//! - [`outbox`]: where a commit's release hands events and replies over, off storage's thread.
 //! - [`schedules`]: schedule retries and the in-memory index of when each falls due.
 //!
 //! Rule: this floor uses storage (through the `Storage` seam) and the base modules, never the
@@ -30,6 +31,7 @@
 //! callback that the runtime implements.
 
 pub mod conn;
+pub(crate) mod outbox;
 pub(crate) mod schedules;
 pub(crate) mod task;
 
@@ -39,9 +41,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::actor::conn::ConnHandle;
-use crate::actor::schedules::Alarms;
+use crate::actor::schedules::{Alarms, Firing};
 use crate::clock::Clock;
 use crate::config::{Limits, RuntimeConfig};
 use crate::error::{Error, Result};
@@ -69,7 +72,11 @@ pub(crate) enum Command {
     /// Runs an action; the reply carries its output once the effects it produced are durable.
     Action { call: ActionCall, reply: Reply },
     /// Runs a schedule that fell due.
-    Alarm { stored: StoredSchedule },
+    /// `firing` keeps it counted as pending until the actor begins to run it.
+    Alarm {
+        stored: StoredSchedule,
+        firing: Firing,
+    },
     /// Admits a connection; on success the actor queues its `ready` frame itself.
     Connect {
         conn: ConnHandle,
@@ -219,6 +226,8 @@ pub(crate) struct ActorEnv {
     pub(crate) stop: CancellationToken,
     /// Cancelled when the drain runs out of time: every task gives up at once.
     pub(crate) force: CancellationToken,
+    /// The runtime's tracker, for the tasks an actor spawns (its outbox's drainer).
+    pub(crate) tracker: TaskTracker,
     /// Counters, shared with the registry.
     pub(crate) metrics: Arc<Metrics>,
     /// When each pending schedule falls due; commits keep it up to date.
@@ -235,6 +244,7 @@ impl ActorEnv {
         clock: Clock,
         stop: CancellationToken,
         force: CancellationToken,
+        tracker: TaskTracker,
         metrics: Arc<Metrics>,
         schedules: Arc<Alarms>,
     ) -> ActorEnv {
@@ -248,6 +258,7 @@ impl ActorEnv {
             sleep_timeout: config.sleep_timeout,
             stop,
             force,
+            tracker,
             metrics,
             schedules,
         }

@@ -5,7 +5,9 @@
 //! need not poll. What must stay true: the index changes only after the commit that changed a
 //! schedule is durable (an actor applies its commit's schedule changes in the commit's
 //! release), so it never fires a schedule that storage does not hold; a schedule may still be
-//! fired after it was cancelled or run, and is then read again and skipped.
+//! fired after it was cancelled or run, and is then read again and skipped. A schedule taken
+//! out to fire still counts as pending ([`Firing`]) until its actor begins to run it, or it
+//! is dropped undelivered.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -35,6 +37,8 @@ struct Index {
     by_time: BTreeSet<(i64, String)>,
     /// Each pending schedule's due time and actor.
     by_id: HashMap<String, (i64, Arc<str>)>,
+    /// Schedules taken out to fire and not yet begun by their actor.
+    firing: usize,
 }
 
 /// The in-memory index of pending schedules, shared by the timer task and the actors.
@@ -80,7 +84,8 @@ impl Alarms {
 
     /// How many schedules are pending.
     pub(crate) fn len(&self) -> usize {
-        self.index.lock().by_id.len()
+        let index = self.index.lock();
+        index.by_id.len() + index.firing
     }
 
     /// When the earliest pending schedule falls due.
@@ -88,8 +93,9 @@ impl Alarms {
         self.index.lock().by_time.first().map(|(at, _)| *at)
     }
 
-    /// Takes every schedule due at `now_ms` out of the index.
-    pub(crate) fn take_due(&self, now_ms: i64) -> Vec<(String, Arc<str>)> {
+    /// Takes every schedule due at `now_ms` out of the index; each stays counted as pending
+    /// while its [`Firing`] lives.
+    pub(crate) fn take_due(self: &Arc<Self>, now_ms: i64) -> Vec<(String, Arc<str>, Firing)> {
         let mut index = self.index.lock();
         let mut due = Vec::new();
         while let Some((at, _)) = index.by_time.first() {
@@ -98,9 +104,25 @@ impl Alarms {
             }
             let (_, id) = index.by_time.pop_first().expect("the first entry exists");
             if let Some((_, actor_id)) = index.by_id.remove(&id) {
-                due.push((id, actor_id));
+                index.firing += 1;
+                let firing = Firing {
+                    alarms: self.clone(),
+                };
+                due.push((id, actor_id, firing));
             }
         }
         due
+    }
+}
+
+/// A due schedule on its way to its actor. It counts as pending until it is dropped: by the
+/// actor as it begins to run the schedule, or by whoever gives up delivering it.
+pub(crate) struct Firing {
+    alarms: Arc<Alarms>,
+}
+
+impl Drop for Firing {
+    fn drop(&mut self) {
+        self.alarms.index.lock().firing -= 1;
     }
 }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::actor::conn::{self, close, ConnHandle};
+use crate::actor::outbox::Outbox;
 use crate::actor::schedules::{retry_delay, SCHEDULE_MAX_ATTEMPTS};
 use crate::actor::{ActorEnv, ActorHandle, Answer, Command, Lifecycle, Reply};
 use crate::actor_type::ActorType;
@@ -76,6 +77,9 @@ pub(crate) struct ActorTask {
     conn_list: Arc<Vec<ConnHandle>>,
     /// Open raw sockets, by id; like connections, they keep the actor awake.
     raw_sockets: HashMap<String, ConnHandle>,
+    /// Where commits' releases hand over what leaves for clients; started with the first
+    /// connection, and from then on used by every release of the task (see `outbox.rs`).
+    outbox: Option<Outbox>,
 }
 
 impl ActorTask {
@@ -107,6 +111,7 @@ impl ActorTask {
             conns: HashMap::new(),
             conn_list: Arc::new(Vec::new()),
             raw_sockets: HashMap::new(),
+            outbox: None,
         };
         let handle = ActorHandle {
             info,
@@ -239,7 +244,10 @@ impl ActorTask {
     async fn handle(&mut self, command: Command) {
         match command {
             Command::Action { call, reply } => self.handle_action(call, reply).await,
-            Command::Alarm { stored } => self.handle_alarm(stored).await,
+            Command::Alarm { stored, firing } => {
+                drop(firing);
+                self.handle_alarm(stored).await
+            }
             Command::Connect {
                 conn,
                 params,
@@ -275,6 +283,10 @@ impl ActorTask {
             .await;
         match result {
             Ok(mut effects) => {
+                if self.outbox.is_none() {
+                    let span = tracing::Span::current();
+                    self.outbox = Some(Outbox::start(&self.env.tracker, &self.force, span));
+                }
                 self.conns.insert(conn.id.clone(), conn.clone());
                 self.conn_list = Arc::new(self.conns.values().cloned().collect());
                 // The new connection hears `ready` before any event of its own connect, so
@@ -561,6 +573,7 @@ impl ActorTask {
         let disconnects = effects.disconnects;
         let conns =
             (!messages.is_empty() || !disconnects.is_empty()).then(|| self.conn_list.clone());
+        let outbox = self.outbox.clone();
         self.env.storage.commit(
             self.info.id.clone(),
             writes,
@@ -573,19 +586,25 @@ impl ActorTask {
                 }
                 // One connection's frames leave in the order they were produced: the events
                 // of the call, then its own output (the caller's reply), then the closes it
-                // asked for. All of it is queued here, on the writer's thread, in commit
-                // order.
+                // asked for. Queued in commit order, by the outbox once the actor has one, so
+                // that fanning out does not hold up storage's thread.
                 let conns = conns.filter(|_| ok);
-                if let Some(conns) = &conns {
-                    conn::deliver(conns, &messages);
-                }
-                release(durable);
-                if let Some(conns) = &conns {
-                    for (conn_id, reason) in &disconnects {
-                        if let Some(conn) = conns.iter().find(|c| *c.id == **conn_id) {
-                            conn.close(close::NORMAL, reason);
+                let deliver = move || {
+                    if let Some(conns) = &conns {
+                        conn::deliver(conns, &messages);
+                    }
+                    release(durable);
+                    if let Some(conns) = &conns {
+                        for (conn_id, reason) in &disconnects {
+                            if let Some(conn) = conns.iter().find(|c| *c.id == **conn_id) {
+                                conn.close(close::NORMAL, reason);
+                            }
                         }
                     }
+                };
+                match &outbox {
+                    Some(outbox) => outbox.send(Box::new(deliver)),
+                    None => deliver(),
                 }
                 pending.fetch_sub(1, Ordering::AcqRel);
             }),
@@ -727,6 +746,10 @@ impl ActorTask {
         }
         if let Err(err) = self.env.storage.flush().await {
             tracing::error!(error = %err, "flushing the actor's state failed");
+        }
+        // What the last commits let out reaches the connections before they close.
+        if let Some(outbox) = &self.outbox {
+            outbox.drained().await;
         }
         self.close_sockets(code, close_reason);
         tracing::debug!(reason = reason.as_str(), "actor stopped");

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::actor::schedules::retry_delay;
+use crate::actor::schedules::{retry_delay, Firing};
 use crate::actor::Command;
 use crate::error::Error;
 use crate::runtime::dispatch::Dispatch;
@@ -23,8 +23,8 @@ const BUSY_RETRY: Duration = Duration::from_secs(1);
 pub(crate) async fn run(dispatch: Arc<Dispatch>) {
     loop {
         let now = dispatch.clock.now_ms();
-        for (id, actor_id) in dispatch.schedules.take_due(now) {
-            fire(&dispatch, id, actor_id).await;
+        for (id, actor_id, firing) in dispatch.schedules.take_due(now) {
+            fire(&dispatch, id, actor_id, firing).await;
         }
         let next = dispatch.schedules.next_due();
         let deadline = next.map(|at| dispatch.clock.instant_at(at));
@@ -42,7 +42,8 @@ pub(crate) async fn run(dispatch: Arc<Dispatch>) {
 }
 
 /// Sends one due schedule to its actor.
-async fn fire(dispatch: &Dispatch, id: String, actor_id: Arc<str>) {
+/// `firing` keeps it counted as pending until it is delivered (or given up).
+async fn fire(dispatch: &Dispatch, id: String, actor_id: Arc<str>, firing: Firing) {
     let stored = match dispatch.storage.schedule(&id).await {
         Ok(Some(stored)) => stored,
         // Cancelled, or already run, since it was indexed.
@@ -69,7 +70,7 @@ async fn fire(dispatch: &Dispatch, id: String, actor_id: Arc<str>) {
             return;
         }
     };
-    match handle.send(Command::Alarm { stored }) {
+    match handle.send(Command::Alarm { stored, firing }) {
         Ok(()) => dispatch.metrics.schedule_fired(),
         Err(err) => {
             tracing::debug!(error = %err, schedule_id = %id, "actor busy; offering the schedule again later");

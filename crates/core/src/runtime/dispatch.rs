@@ -86,6 +86,7 @@ impl Dispatch {
             clock,
             stop.clone(),
             force.clone(),
+            tracker.clone(),
             metrics.clone(),
             schedules.clone(),
         ));
@@ -387,5 +388,142 @@ impl Gauges for Dispatch {
 
     fn pending_schedules(&self) -> usize {
         self.schedules.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use axum::extract::ws::Message;
+
+    use super::*;
+    use crate::actor_type::ActorType;
+    use crate::host::{ActionDone, ConnectRequest, Effects, Outbound, StartRequest, StopReason};
+    use crate::runtime::target::Resolve;
+    use crate::storage::embedded::EmbeddedStorage;
+
+    /// Every action writes state; `shout` also broadcasts event `e`.
+    struct Shouter;
+
+    #[async_trait]
+    impl Host for Shouter {
+        async fn start(&self, _: &Arc<ActorInfo>, _: StartRequest) -> Result<Effects> {
+            Ok(Effects {
+                state: Some(b"0".to_vec()),
+                ..Effects::default()
+            })
+        }
+
+        async fn action(&self, _: &Arc<ActorInfo>, call: ActionCall) -> Result<ActionDone> {
+            let mut effects = Effects {
+                state: Some(b"1".to_vec()),
+                ..Effects::default()
+            };
+            if call.action == "shout" {
+                effects.messages.push(Outbound {
+                    to: None,
+                    event: "e".into(),
+                    json: Some(b"1".to_vec()),
+                    cbor: Some(vec![0x01]),
+                });
+            }
+            Ok(ActionDone {
+                output: Payload::json("null"),
+                effects,
+            })
+        }
+
+        async fn stop(&self, _: &Arc<ActorInfo>, _: StopReason) -> Result<Effects> {
+            Ok(Effects::default())
+        }
+
+        async fn connect(&self, _: &Arc<ActorInfo>, _: ConnectRequest) -> Result<Effects> {
+            Ok(Effects::default())
+        }
+
+        fn state_encoding(&self) -> Encoding {
+            Encoding::Json
+        }
+    }
+
+    fn target(key: &str) -> Target {
+        Target::Key {
+            name: "t".into(),
+            key: vec![key.into()],
+            mode: Resolve::GetOrCreate,
+            input: None,
+        }
+    }
+
+    fn text(frame: Option<Message>) -> String {
+        match frame {
+            Some(Message::Text(text)) => text.to_string(),
+            other => panic!("a text frame, not {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_slow_to_take_an_event_does_not_hold_up_another_actors_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RuntimeConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..RuntimeConfig::default()
+        };
+        let (storage, _) = EmbeddedStorage::open(&config).unwrap();
+        let mut types = ActorTypes::default();
+        types.add(ActorType::new("t", ["shout", "noop"])).unwrap();
+        let dispatch = Arc::new(Dispatch::new(
+            config,
+            Arc::new(types),
+            Arc::new(Shouter),
+            Arc::new(storage),
+            CancellationToken::new(),
+            Arc::default(),
+        ));
+        let loud = dispatch.resolve(target("loud")).await.unwrap();
+        let conn = ConnHandle::new(Arc::from("c"), Encoding::Json);
+        dispatch
+            .connect(&loud, &conn, Payload::json("null"))
+            .await
+            .unwrap();
+        conn.subscribe(["e".to_string()]);
+
+        // While the connection cannot take a frame, `loud` broadcasts to it, and another
+        // actor commits. Its reply must not wait behind the broadcast: with the fan-out on
+        // storage's thread, the broadcast would stall every commit after it.
+        let held = conn.hold_queue();
+        let shout = tokio::spawn({
+            let dispatch = dispatch.clone();
+            async move {
+                let args = Payload::json("[]");
+                dispatch
+                    .call(target("loud"), "shout", args, Encoding::Json)
+                    .await
+            }
+        });
+        let quiet = dispatch.call(target("quiet"), "noop", Payload::json("[]"), Encoding::Json);
+        // A bound on a hang, not a measure of speed: without the fix this never completes.
+        let quiet = tokio::time::timeout(Duration::from_secs(10), quiet).await;
+        drop(held);
+        quiet
+            .expect("another actor's commit waited for a connection's queue")
+            .unwrap();
+
+        // Once the connection takes frames again, the broadcast reaches it, after `ready`
+        // and before the shouting call's reply is out.
+        shout.await.unwrap().unwrap();
+        assert!(text(conn.take_frame()).contains(r#""t":"ready""#));
+        assert_eq!(
+            text(conn.take_frame()),
+            r#"{"t":"event","event":"e","data":1}"#
+        );
+
+        dispatch.close();
+        dispatch.stop.cancel();
+        dispatch.tracker.close();
+        dispatch.tracker.wait().await;
+        dispatch.storage.close().await;
     }
 }
