@@ -13,16 +13,18 @@
 //! - **top**: [`registry`] (the `Idle` / `BuildingServerless` / `Running` / `ShuttingDown`
 //!   state machine) and `assemble` (the one place that picks an implementation for each seam
 //!   and opens a [`Runtime`]). Nothing uses them but the front door.
-//! - **`server/`**: keel's HTTP routes, the accept loop, keel's WebSocket protocol and raw
-//!   sockets, CORS, the inspector routes, lingering sockets, the Prometheus route: the
-//!   `Ingress` implementation. Rule: reaches actors only through the runtime's dispatch
-//!   handle.
+//! - **`server/`**: keel's HTTP routes, the accept loop and CORS (`http.rs`), keel's
+//!   WebSocket protocol and raw sockets (`socket.rs`), the inspector routes, the open
+//!   connections list, lingering sockets, the Prometheus route: the `Ingress`
+//!   implementation. Rule: reaches actors only through the runtime's dispatch handle.
 //! - **`runtime/`**: the directory (which actor a key names), dispatch, the `Activation` seam
 //!   and its on-demand implementation, the `Ingress` seam, the alarm timer, the [`Runtime`]
 //!   facade and its drain. Rule: never names the server.
-//! - **`actor/`**: one task per live actor, its mailbox and handle, one actor's connections
-//!   and schedules. Rule: uses storage only through the `Storage` seam and tells the
-//!   directory above it what it needs through the `Lifecycle` callback.
+//! - **`actor/`**: one task per live actor (`task.rs`, its message handlers in
+//!   `task/messages.rs`), its mailbox and handle, one actor's connections (`conn.rs`), the
+//!   outbox that takes events and replies off storage's thread (`outbox.rs`), and one actor's
+//!   schedules (`schedules.rs`). Rule: uses storage only through the `Storage` seam and tells
+//!   the directory above it what it needs through the `Lifecycle` callback.
 //! - **`storage/`**: the `Storage` seam and its embedded implementation: the SQLite file, its
 //!   lock, migrations and reads ([`store`]), the group-commit writer that is also the output
 //!   gate ([`writer`]), the damage checks ([`integrity`]). Rule: knows no actor task.

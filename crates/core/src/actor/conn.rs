@@ -3,14 +3,14 @@
 //! (`server/socket.rs`); this module is what the actor holds and what writes to the socket.
 //!
 //! Each socket is served by two tracked tasks: a reader (the server's), which decodes
-//! messages and turns them into actor commands, and a writer ([`split`]), which drains a
+//! messages and turns them into actor commands, and a writer (`split`), which drains a
 //! bounded outgoing queue onto the socket. Actors never write to a socket directly: they push
-//! frames through a [`ConnHandle`]. If a client stops reading and its queue passes the bound,
+//! frames through a `ConnHandle`. If a client stops reading and its queue passes the bound,
 //! the connection is closed (1013, "try again later") instead of slowing the actor or other
 //! clients.
 //!
 //! An idle socket must stay cheap, since a server holds thousands of them: its buffers start
-//! small and grow with the traffic (see [`READ_BUFFER_BYTES`]), and what both tasks and the
+//! small and grow with the traffic (see `READ_BUFFER_BYTES`), and what both tasks and the
 //! actor share is one allocation whose outgoing queue holds nothing until a frame is queued.
 //!
 //! One connection's frames leave in the order the actor produced them. The actor queues a

@@ -1,7 +1,7 @@
 //! One live actor: a task that owns the actor's instance, and the handles that reach it.
 //!
 //! Every message to an actor goes through its bounded mailbox and is handled in arrival
-//! order, one at a time, by [`ActorTask::run`]. The task never waits for durability itself:
+//! order, one at a time, by `ActorTask::run`. The task never waits for durability itself:
 //! it hands each call's effects to the writer, whose commit releases the reply (the output
 //! gate), and moves on to the next message, so one actor's pipelined calls share commits too.
 //!
@@ -13,21 +13,21 @@
 //! instances of one actor never overlap and a woken actor always loads flushed state.
 //!
 //! A failed commit changes nothing, not even in memory. The calls after it ran on the same
-//! instance, on top of the refused change, so the writer marks the instance ([`Poison`]) and
+//! instance, on top of the refused change, so the writer marks the instance (`Poison`) and
 //! refuses its later commits; before its next message (and before it stops) the task waits
 //! for its pending commits and replaces the instance with one started from committed state,
 //! as after an action timeout.
 //!
 //! # Layout
-//! - this module: the messages an actor takes ([`Command`]), its handle ([`ActorHandle`]), and
-//!   [`ActorEnv`], the narrow handle to everything an actor task uses from below and around it.
-//! - [`task`]: the task that owns one live actor's instance.
-//! - [`conn`]: one actor's connections: their outgoing queues, frames and reply order.
-//! - [`outbox`]: where a commit's release hands events and replies over, off storage's thread.
-//! - [`schedules`]: schedule retries and the in-memory index of when each falls due.
+//! - this module: the messages an actor takes (`Command`), its handle (`ActorHandle`), and
+//!   `ActorEnv`, the narrow handle to everything an actor task uses from below and around it.
+//! - `task`: the task that owns one live actor's instance.
+//! - `conn`: one actor's connections: their outgoing queues, frames and reply order.
+//! - `outbox`: where a commit's release hands events and replies over, off storage's thread.
+//! - `schedules`: schedule retries and the in-memory index of when each falls due.
 //!
 //! Rule: this floor uses storage (through the `Storage` seam) and the base modules, never the
-//! runtime or the server; what it needs of the directory above it is the [`Lifecycle`]
+//! runtime or the server; what it needs of the directory above it is the `Lifecycle`
 //! callback that the runtime implements.
 
 pub mod conn;
