@@ -51,7 +51,7 @@ use crate::error::{Error, Result};
 use crate::host::{ActionCall, ActorInfo, Host, Payload, RawRequest, RawResponse, RawSocketEvent};
 use crate::metrics::Metrics;
 use crate::storage::seam::Storage;
-use crate::storage::store::StoredSchedule;
+use crate::storage::seam::StoredSchedule;
 
 /// The span every line about `actor` is logged in: an `error`-level `actor` span with its
 /// `actor_id`, `name` and `key`, as the actor's own task uses. A host logging for user code

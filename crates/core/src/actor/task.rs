@@ -33,7 +33,7 @@ use crate::actor::{ActorEnv, ActorHandle, Command, Lifecycle};
 use crate::actor_type::ActorType;
 use crate::error::{Error, Result};
 use crate::host::{ActorInfo, Effects, RawSocketEvent, StartRequest, StopReason};
-use crate::storage::writer::{Poison, Release, Settle, Writes};
+use crate::storage::seam::{Poison, Release, Settle, Writes};
 
 mod messages;
 
@@ -264,6 +264,7 @@ impl ActorTask {
                 kv: effects.kv,
                 schedules: effects.schedules,
                 settle,
+                delete: false,
             })
         });
         let schedule_ops = writes

@@ -20,9 +20,9 @@ use crate::error::{Error, Result};
 use crate::host::{ActorInfo, Payload};
 use crate::key;
 use crate::runtime::target::Resolve;
+use crate::storage::seam::ActorRecord;
+use crate::storage::seam::CreateMode;
 use crate::storage::seam::Storage;
-use crate::storage::store::ActorRecord;
-use crate::storage::writer::CreateMode;
 
 /// Resolved actors of one type, by canonical key.
 type KnownByKey = HashMap<String, Known>;

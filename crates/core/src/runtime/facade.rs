@@ -19,7 +19,7 @@ use crate::metrics::{Metrics, ShutdownPhase, WriterStats};
 use crate::runtime::dispatch::Dispatch;
 use crate::runtime::ingress::{Ingress, Request, Response};
 use crate::runtime::target::Target;
-use crate::storage::store::StoredSchedule;
+use crate::storage::seam::StoredSchedule;
 
 /// A built runtime. Dropping it without draining abandons in-flight work; call
 /// [`Runtime::drain`] for a clean stop. Opened with [`Runtime::open`].

@@ -36,7 +36,7 @@ use crate::config::{InspectorConfig, RuntimeConfig};
 use crate::error::{Error, Result};
 use crate::key;
 use crate::server::shared::{error_response, PeerAddr, Server};
-use crate::storage::store::ActorListing;
+use crate::storage::seam::ActorListing;
 
 /// The most items one inspector page holds.
 pub const MAX_PAGE_LEN: usize = 1000;

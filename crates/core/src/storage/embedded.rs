@@ -19,8 +19,10 @@ use crate::faults::{FaultState, Registration};
 use crate::host::Payload;
 use crate::metrics::WriterStats;
 use crate::storage::seam::Storage;
-use crate::storage::store::{ActorListing, ActorRecord, ActorSnapshot, Store, StoredSchedule};
-use crate::storage::writer::{CreateMode, Poison, Release, Writer, WriterHandle, Writes};
+use crate::storage::seam::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
+use crate::storage::seam::{CreateMode, Poison, Release, Writes};
+use crate::storage::store::Store;
+use crate::storage::writer::{Writer, WriterHandle};
 
 /// A pending schedule as the alarm index needs it: id, actor id, due time in epoch ms.
 pub(crate) type PendingSchedule = (String, String, i64);

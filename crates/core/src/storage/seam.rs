@@ -21,14 +21,14 @@
 //! - **Reads** see every commit whose `release` has run. A read that meets damage reports
 //!   `storage.corrupt` and latches it: later reads, commits and [`Storage::health`] fail too.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 
-use crate::error::Result;
-use crate::host::Payload;
-use crate::storage::store::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
-use crate::storage::writer::{CreateMode, Poison, Release, Writes};
+use crate::error::{Error, Result};
+use crate::host::{KvWrite, Payload, Schedule, ScheduleOp};
 
 /// Durable storage for every actor of a runtime. See the module doc for the contract.
 #[async_trait]
@@ -51,7 +51,8 @@ pub(crate) trait Storage: Send + Sync + 'static {
         mode: CreateMode,
     ) -> Result<(ActorRecord, bool)>;
 
-    /// Commits one call's writes (state, KV writes, schedule changes, the settled schedule);
+    /// Commits one call's writes (state, KV writes, schedule changes, the settled schedule,
+    /// the actor's deletion);
     /// `None` writes only orders `release` behind earlier commits. `release` runs once the
     /// writes are durable, or failed; `poison` is the instance's mark (see the module doc).
     fn commit(
@@ -63,7 +64,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
     );
 
     /// Deletes an actor with its KV entries and schedules; resolves once durable, in commit
-    /// order.
+    /// order. The same as a commit of [`Writes::delete`] awaited.
     async fn delete(&self, actor_id: Arc<str>) -> Result<()>;
 
     /// Resolves once every commit made before it is durable.
@@ -115,4 +116,147 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Makes everything committed so far durable, then closes: later commits are released
     /// with `storage.writer_closed`, reads fail, and the data is handed to its next owner.
     async fn close(&self);
+}
+
+/// One row of the actor directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorRecord {
+    /// Stable, generated id.
+    pub id: String,
+    /// Actor type name.
+    pub name: String,
+    /// Canonical key string.
+    pub key: String,
+}
+
+/// One actor as the inspector lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorListing {
+    /// Stable, generated id.
+    pub id: String,
+    /// Actor type name.
+    pub name: String,
+    /// Canonical key string.
+    pub key: String,
+    /// When the actor was created, in epoch milliseconds.
+    pub created_at_ms: i64,
+}
+
+/// What an actor's task loads when it starts.
+#[derive(Debug, Clone, Default)]
+pub struct ActorSnapshot {
+    /// The last committed state; `None` until the actor's state was first created.
+    pub state: Option<Vec<u8>>,
+    /// The creation input, kept until the state is first created.
+    pub input: Option<Payload>,
+}
+
+/// A stored schedule and how often it has failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSchedule {
+    /// The actor it belongs to.
+    pub actor_id: String,
+    /// The schedule itself.
+    pub schedule: Schedule,
+    /// How many runs have failed so far.
+    pub attempts: u32,
+}
+
+/// Called once the op's batch has committed (or failed to).
+pub type Release = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// How a new actor row is inserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    /// Fail with `actor.already_exists` if the key is taken.
+    Create,
+    /// Return the existing row if the key is taken.
+    GetOrCreate,
+}
+
+/// What happens to a schedule after one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// It ran (or gave up): delete it.
+    Done,
+    /// It failed: run it again at `at_ms`, counting the failure.
+    Retry {
+        /// When to run it again, in epoch milliseconds.
+        at_ms: i64,
+        /// Failures so far, this one included.
+        attempts: u32,
+    },
+}
+
+/// Everything one commit writes for one actor.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// The actor's new state.
+    pub state: Option<Vec<u8>>,
+    /// Key-value writes, in order.
+    pub kv: Vec<KvWrite>,
+    /// Schedule changes, in order.
+    pub schedules: Vec<ScheduleOp>,
+    /// The outcome of the schedule whose run produced this commit.
+    pub settle: Option<(String, Settle)>,
+    /// Deletes the actor, with its KV entries and schedules, after the writes above.
+    pub delete: bool,
+}
+
+impl Writes {
+    /// Whether the commit writes nothing (it only orders a release).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.state.is_none()
+            && self.kv.is_empty()
+            && self.schedules.is_empty()
+            && self.settle.is_none()
+            && !self.delete
+    }
+}
+
+/// Marks an actor instance that ran on top of a commit that failed. Shared by the actor's
+/// task, which passes it with each commit and replaces the instance once it is set, and the
+/// writer, which sets it when a batch holding the instance's writes fails and refuses the
+/// instance's later commits while it is set.
+#[derive(Debug, Default)]
+pub struct Poison {
+    /// Whether it is set: read on every commit, so a plain load on the common path.
+    set: AtomicBool,
+    /// The error of the commit that failed, given to every refused commit.
+    error: Mutex<Option<Error>>,
+}
+
+impl Poison {
+    /// Whether a commit of the instance has failed since the last [`Poison::clear`].
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Clears the mark once the instance was replaced; the writer then accepts its commits.
+    pub fn clear(&self) {
+        *self.error.lock() = None;
+        self.set.store(false, Ordering::Release);
+    }
+
+    /// Marks the instance, keeping the first error (storage does, when a commit fails).
+    pub(crate) fn set(&self, err: &Error) {
+        let mut error = self.error.lock();
+        if error.is_none() {
+            *error = Some(err.duplicate());
+        }
+        self.set.store(true, Ordering::Release);
+    }
+
+    /// The error a refused commit gets, while the mark is set.
+    pub(crate) fn refusal(&self) -> Option<Error> {
+        if !self.is_set() {
+            return None;
+        }
+        Some(
+            self.error
+                .lock()
+                .as_ref()
+                .map_or(Error::WriterClosed, Error::duplicate),
+        )
+    }
 }

@@ -19,10 +19,9 @@
 //! instance, with the same error, until the actor task has replaced the instance with one
 //! loaded from committed state.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,100 +35,7 @@ use crate::storage::store::{ActorRecord, Store};
 /// The most ops one transaction takes; a longer queue is split over several commits.
 const MAX_BATCH_OPS: usize = 4096;
 
-/// Called once the op's batch has committed (or failed to).
-pub type Release = Box<dyn FnOnce(Result<()>) + Send>;
-
-/// How a new actor row is inserted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CreateMode {
-    /// Fail with `actor.already_exists` if the key is taken.
-    Create,
-    /// Return the existing row if the key is taken.
-    GetOrCreate,
-}
-
-/// What happens to a schedule after one run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settle {
-    /// It ran (or gave up): delete it.
-    Done,
-    /// It failed: run it again at `at_ms`, counting the failure.
-    Retry {
-        /// When to run it again, in epoch milliseconds.
-        at_ms: i64,
-        /// Failures so far, this one included.
-        attempts: u32,
-    },
-}
-
-/// Everything one commit writes for one actor.
-#[derive(Debug, Default)]
-pub struct Writes {
-    /// The actor's new state.
-    pub state: Option<Vec<u8>>,
-    /// Key-value writes, in order.
-    pub kv: Vec<KvWrite>,
-    /// Schedule changes, in order.
-    pub schedules: Vec<ScheduleOp>,
-    /// The outcome of the schedule whose run produced this commit.
-    pub settle: Option<(String, Settle)>,
-}
-
-impl Writes {
-    fn is_empty(&self) -> bool {
-        self.state.is_none()
-            && self.kv.is_empty()
-            && self.schedules.is_empty()
-            && self.settle.is_none()
-    }
-}
-
-/// Marks an actor instance that ran on top of a commit that failed. Shared by the actor's
-/// task, which passes it with each commit and replaces the instance once it is set, and the
-/// writer, which sets it when a batch holding the instance's writes fails and refuses the
-/// instance's later commits while it is set.
-#[derive(Debug, Default)]
-pub struct Poison {
-    /// Whether it is set: read on every commit, so a plain load on the common path.
-    set: AtomicBool,
-    /// The error of the commit that failed, given to every refused commit.
-    error: Mutex<Option<Error>>,
-}
-
-impl Poison {
-    /// Whether a commit of the instance has failed since the last [`Poison::clear`].
-    pub fn is_set(&self) -> bool {
-        self.set.load(Ordering::Acquire)
-    }
-
-    /// Clears the mark once the instance was replaced; the writer then accepts its commits.
-    pub fn clear(&self) {
-        *self.error.lock() = None;
-        self.set.store(false, Ordering::Release);
-    }
-
-    /// Marks the instance, keeping the first error.
-    fn set(&self, err: &Error) {
-        let mut error = self.error.lock();
-        if error.is_none() {
-            *error = Some(err.duplicate());
-        }
-        self.set.store(true, Ordering::Release);
-    }
-
-    /// The error a refused commit gets.
-    fn refusal(&self) -> Option<Error> {
-        if !self.is_set() {
-            return None;
-        }
-        Some(
-            self.error
-                .lock()
-                .as_ref()
-                .map_or(Error::WriterClosed, Error::duplicate),
-        )
-    }
-}
+pub use crate::storage::seam::{CreateMode, Poison, Release, Settle, Writes};
 
 /// One unit of work for the writer.
 pub enum WriteOp {
@@ -153,13 +59,6 @@ pub enum WriteOp {
         /// The poison mark of the instance that produced the writes, if an actor did.
         poison: Option<Arc<Poison>>,
         /// What to let out once the commit is durable.
-        release: Release,
-    },
-    /// Deletes an actor with its KV and schedules.
-    DeleteActor {
-        /// The actor to delete.
-        actor_id: Arc<str>,
-        /// What to let out once the deletion is durable.
         release: Release,
     },
     /// Commits what came before, then stops the thread; later sends fail.
@@ -269,15 +168,19 @@ impl WriterHandle {
     /// Deletes an actor's row, KV and schedules; resolves once durable.
     pub async fn delete_actor(&self, actor_id: Arc<str>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        let release: Release = Box::new(move |result| {
-            // The caller may have stopped waiting.
-            let _ = tx.send(result);
-        });
-        if let Err(mpsc::error::SendError(WriteOp::DeleteActor { release, .. })) =
-            self.tx.send(WriteOp::DeleteActor { actor_id, release })
-        {
-            release(Err(Error::WriterClosed));
-        }
+        let writes = Writes {
+            delete: true,
+            ..Writes::default()
+        };
+        self.commit(
+            actor_id,
+            Some(Box::new(writes)),
+            None,
+            Box::new(move |result| {
+                // The caller may have stopped waiting.
+                let _ = tx.send(result);
+            }),
+        );
         rx.await.map_err(|_| Error::WriterClosed)?
     }
 
@@ -386,7 +289,7 @@ impl WriterThread {
     fn apply(&mut self, batch: &mut Vec<WriteOp>) -> bool {
         let count = batch.len() as u64;
         let writes = batch.iter().any(|op| match op {
-            WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } => true,
+            WriteOp::CreateActor { .. } => true,
             WriteOp::Commit { writes, poison, .. } => {
                 writes.is_some() && !poison.as_ref().is_some_and(|poison| poison.is_set())
             }
@@ -408,7 +311,7 @@ impl WriterThread {
                 WriteOp::Commit {
                     poison, release, ..
                 } => Outcome::Release(release, refusal(&poison).map_or(Ok(None), Err)),
-                WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } | WriteOp::Close => {
+                WriteOp::CreateActor { .. } | WriteOp::Close => {
                     unreachable!("a batch without writes holds only commits")
                 }
             }));
@@ -554,16 +457,6 @@ impl WriterThread {
                     };
                     outcomes.push(Outcome::Release(release, Ok(wrote)));
                 }
-                WriteOp::DeleteActor { actor_id, release } => {
-                    for sql in [
-                        "DELETE FROM kv WHERE actor_id = ?1",
-                        "DELETE FROM schedules WHERE actor_id = ?1",
-                        "DELETE FROM actors WHERE id = ?1",
-                    ] {
-                        tx.prepare_cached(sql)?.execute([&*actor_id])?;
-                    }
-                    outcomes.push(Outcome::Release(release, Ok(None)));
-                }
                 WriteOp::Close => unreachable!("the loop keeps close out of batches"),
             }
         }
@@ -609,7 +502,7 @@ enum Outcome {
         oneshot::Sender<Result<(ActorRecord, bool)>>,
         Result<(ActorRecord, bool)>,
     ),
-    /// A commit or delete: `Ok` with the poison mark of the instance whose writes it applied,
+    /// A commit (a deletion included): `Ok` with the poison mark of the instance whose writes it applied,
     /// or `Err` if it was refused (poisoned already) and must not be applied.
     Release(Release, Result<Option<Arc<Poison>>>),
 }
@@ -663,6 +556,15 @@ fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) 
                 .execute((id, at_ms, attempts))?;
         }
         None => {}
+    }
+    if writes.delete {
+        for sql in [
+            "DELETE FROM kv WHERE actor_id = ?1",
+            "DELETE FROM schedules WHERE actor_id = ?1",
+            "DELETE FROM actors WHERE id = ?1",
+        ] {
+            tx.prepare_cached(sql)?.execute([actor_id])?;
+        }
     }
     Ok(())
 }

@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::host::{
     ActionCall, ConnectRequest, Effects, Encoding, Payload, RawRequest, RawResponse, RawSocketEvent,
 };
-use crate::storage::store::StoredSchedule;
-use crate::storage::writer::Settle;
+use crate::storage::seam::Settle;
+use crate::storage::seam::StoredSchedule;
 
 impl ActorTask {
     /// Handles one message from the mailbox.
