@@ -1,27 +1,16 @@
 //! One live actor: a task that owns the actor's instance, and the handles that reach it.
 //!
-//! Every message to an actor goes through its bounded mailbox and is handled in arrival
-//! order, one at a time, by `ActorTask::run`. The task never waits for durability itself:
-//! it hands each call's effects to the writer, whose commit releases the reply (the output
-//! gate), and moves on to the next message, so one actor's pipelined calls share commits too.
-//!
-//! Life cycle: start (load, create or wake) → serve messages → stop, for one of three reasons:
-//! idle for the sleep timeout (or `c.sleep()`), the registry's drain, or `c.destroy()`. To
-//! stop, the task closes its mailbox, handles what was already queued, runs the stop hook,
-//! flushes, and only then leaves the live set and signals `stopped`. A caller whose message
-//! found the mailbox closed waits for that signal and tries again with a fresh task, so two
-//! instances of one actor never overlap and a woken actor always loads flushed state.
-//!
-//! A failed commit changes nothing, not even in memory. The calls after it ran on the same
-//! instance, on top of the refused change, so the writer marks the instance (`Poison`) and
-//! refuses its later commits; before its next message (and before it stops) the task waits
-//! for its pending commits and replaces the instance with one started from committed state,
-//! as after an action timeout.
+//! Every message to an actor goes through its bounded mailbox (`ActorHandle` is the sending
+//! side) and is handled in arrival order, one at a time, by its task; the life cycle and the
+//! output gate are the task's (`task.rs`). What must stay true here: a message that cannot be
+//! delivered comes back to the sender (a stopping actor takes nothing more), so the dispatch
+//! can hand it to the actor's next task and nothing runs twice.
 //!
 //! # Layout
 //! - this module: the messages an actor takes (`Command`), its handle (`ActorHandle`), and
 //!   `ActorEnv`, the narrow handle to everything an actor task uses from below and around it.
-//! - `task`: the task that owns one live actor's instance.
+//! - `task`: the task that owns one live actor's instance, its life cycle and commits
+//!   (`task/messages.rs`: how it handles each message).
 //! - `conn`: one actor's connections: their outgoing queues, frames and reply order.
 //! - `outbox`: where a commit's release hands events and replies over, off storage's thread.
 //! - `schedules`: schedule retries and the in-memory index of when each falls due.

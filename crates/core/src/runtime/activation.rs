@@ -52,6 +52,7 @@ pub(crate) struct OnDemand {
     me: Weak<OnDemand>,
     /// What every task shares.
     env: Arc<ActorEnv>,
+    /// The registered types, for each new task's type.
     types: Arc<ActorTypes>,
     /// Told when an actor is destroyed and when a task leaves.
     directory: Arc<Directory>,

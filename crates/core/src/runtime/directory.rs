@@ -39,9 +39,13 @@ struct Known {
 
 /// Resolved keys of live (or just-resolved) actors, by type name then canonical key.
 pub(crate) struct Directory {
+    /// Resolved keys, by type name then canonical key.
     known: Mutex<HashMap<Arc<str>, KnownByKey>>,
+    /// Where unknown keys are looked up, and new actors created.
     storage: Arc<dyn Storage>,
+    /// The registered types, which a key's type name must be one of.
     types: Arc<ActorTypes>,
+    /// The key limits every key is checked against.
     limits: Limits,
 }
 

@@ -14,6 +14,7 @@ use crate::server::connections::Connections;
 /// What every route and socket task of the server holds: the runtime's dispatch handle, and
 /// the server's own list of open connections.
 pub(crate) struct Server {
+    /// The runtime's dispatch handle: the only way the server reaches actors.
     pub(crate) dispatch: Arc<Dispatch>,
     /// Open actor connections, for the inspector and the connections gauge.
     pub(crate) connections: Arc<Connections>,

@@ -29,6 +29,7 @@ pub(crate) type PendingSchedule = (String, String, i64);
 
 /// The SQLite store and its writer, behind the [`Storage`] seam.
 pub(crate) struct EmbeddedStorage {
+    /// The database file and its read connections.
     store: Arc<Store>,
     /// Sends to the writer thread.
     writer: WriterHandle,
