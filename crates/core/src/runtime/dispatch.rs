@@ -464,24 +464,63 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_connection_slow_to_take_an_event_does_not_hold_up_another_actors_commit() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A dispatch over a fresh database in `dir`, and its embedded storage.
+    fn open(dir: &std::path::Path) -> (Arc<Dispatch>, Arc<EmbeddedStorage>) {
         let config = RuntimeConfig {
-            data_dir: dir.path().to_path_buf(),
+            data_dir: dir.to_path_buf(),
             ..RuntimeConfig::default()
         };
         let (storage, _) = EmbeddedStorage::open(&config).unwrap();
+        let storage = Arc::new(storage);
         let mut types = ActorTypes::default();
         types.add(ActorType::new("t", ["shout", "noop"])).unwrap();
         let dispatch = Arc::new(Dispatch::new(
             config,
             Arc::new(types),
             Arc::new(Shouter),
-            Arc::new(storage),
+            storage.clone(),
             CancellationToken::new(),
             Arc::default(),
         ));
+        (dispatch, storage)
+    }
+
+    async fn drain(dispatch: &Dispatch) {
+        dispatch.close();
+        dispatch.stop.cancel();
+        dispatch.tracker.close();
+        dispatch.tracker.wait().await;
+        dispatch.storage.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_read_stuck_in_storage_does_not_stall_the_async_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dispatch, storage) = open(dir.path());
+        // Every read of the store waits while the test holds its read pool; a new key is
+        // looked up in storage before the actor is created.
+        let held = storage.store().hold_readers();
+        let resolve = tokio::spawn({
+            let dispatch = dispatch.clone();
+            async move { dispatch.resolve(target("new")).await }
+        });
+        // The runtime has one worker: if the read ran on it, nothing else would run now. The
+        // test's own thread is not a worker, so it waits on a plain channel, with a bound on a
+        // hang rather than a measure of speed.
+        let (ran, probe) = std::sync::mpsc::channel();
+        tokio::spawn(async move { ran.send(()) });
+        let other = probe.recv_timeout(Duration::from_secs(10));
+        drop(held);
+        other.expect("a read stuck in storage stalled the async worker");
+        let info = resolve.await.unwrap().unwrap();
+        assert_eq!(info.key, ["new"]);
+        drain(&dispatch).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_slow_to_take_an_event_does_not_hold_up_another_actors_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dispatch, _) = open(dir.path());
         let loud = dispatch.resolve(target("loud")).await.unwrap();
         let conn = ConnHandle::new(Arc::from("c"), Encoding::Json);
         dispatch
@@ -520,10 +559,6 @@ mod tests {
             r#"{"t":"event","event":"e","data":1}"#
         );
 
-        dispatch.close();
-        dispatch.stop.cancel();
-        dispatch.tracker.close();
-        dispatch.tracker.wait().await;
-        dispatch.storage.close().await;
+        drain(&dispatch).await;
     }
 }

@@ -75,6 +75,12 @@ impl EmbeddedStorage {
         &self.stats
     }
 
+    /// The store itself, for tests that hold its locks.
+    #[cfg(test)]
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// The one path by which async code reads the database: `read` runs on the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,

@@ -428,6 +428,15 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+impl Store {
+    /// Holds the read pool's lock until the guard drops: a test's stand-in for a read that
+    /// is stuck in SQLite (a busy database, a slow disk).
+    pub(crate) fn hold_readers(&self) -> impl Drop + '_ {
+        self.readers.lock()
+    }
+}
+
 /// Opens a connection to `path` with keel's pragmas. `writer` connections set the durability.
 fn connect(path: &Path, durability: Durability, writer: bool) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
