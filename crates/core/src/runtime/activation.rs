@@ -14,6 +14,13 @@
 //! - Generations only grow: a task that leaves forgets only its own entry, never a newer
 //!   task's.
 //! - Once closed (the drain has begun) no task is started: `registry.shutting_down`.
+//! - Failure: a task that fails to start answers everything queued for it with its error and
+//!   leaves (a new actor whose creation hook failed is deleted first), so the next message
+//!   starts a fresh task; a task that died without leaving (a panic) is replaced, never
+//!   waited on. Nothing acknowledged is lost either way: state is what storage holds.
+//! - Stopping is the task's own decision today (its idle timer, `c.sleep()`, `c.destroy()`,
+//!   the drain); it reports leaving through [`Lifecycle::left`] with its generation, which
+//!   is also where an engine's stop command would land.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -12,8 +12,13 @@
 //! - Every task an ingress spawns is tracked by the dispatch's tracker, so the drain waits
 //!   for it; once the dispatch's stop token is cancelled it accepts nothing new, and once the
 //!   force token is cancelled it lets go of what is left.
-//! - Every error leaves as keel's structured error (`group`, `code`, `message`), with its one
-//!   status mapping.
+//! - Ordering: one connection's calls are dispatched in the order the client sent them (each
+//!   is in its actor's mailbox before the next is read); the replies and events the actor
+//!   lets out keep the order of its commits (see `actor/outbox.rs`).
+//! - Failure: every error leaves as keel's structured error (`group`, `code`, `message`),
+//!   with its one status mapping; bad input from one client closes or fails only that
+//!   client's request or socket, and every call an ingress dispatched gets its reply or an
+//!   error, never silence.
 
 use async_trait::async_trait;
 use tokio::net::TcpListener;
