@@ -25,7 +25,8 @@
 //!   outbox that takes events and replies off storage's thread (`outbox.rs`), and one actor's
 //!   schedules (`schedules.rs`). Rule: uses storage only through the `Storage` seam and tells
 //!   the directory above it what it needs through the `Lifecycle` callback.
-//! - **`storage/`**: the `Storage` seam and its embedded implementation: the SQLite file, its
+//! - **`storage/`**: the [`Storage`] seam (public, for implementations outside the crate)
+//!   and its embedded implementation: the SQLite file, its
 //!   lock, migrations and reads ([`store`]), the group-commit writer that is also the output
 //!   gate ([`writer`]), the damage checks ([`integrity`]). Rule: knows no actor task.
 //! - **base** (the crate root's own files), used by every floor and using only each other:
@@ -70,3 +71,4 @@ pub use host::{
 };
 pub use registry::{Mode, Registry};
 pub use runtime::{Resolve, Runtime, Target};
+pub use storage::seam::Storage;

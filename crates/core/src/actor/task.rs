@@ -264,7 +264,6 @@ impl ActorTask {
                 kv: effects.kv,
                 schedules: effects.schedules,
                 settle,
-                delete: false,
             })
         });
         let schedule_ops = writes

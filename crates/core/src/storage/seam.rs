@@ -1,9 +1,12 @@
 //! The `Storage` seam: everything the layers above need from durable storage, without a
 //! SQLite type in sight.
 //!
-//! Today's implementation is [`super::embedded::EmbeddedStorage`] (the SQLite file and the
+//! Today's implementation is `EmbeddedStorage` (`embedded.rs`: the SQLite file and the
 //! group-commit writer). Another implementation (a remote, generation-fenced database that
-//! takes one batch per commit) is written against this trait alone.
+//! takes one batch per commit, such as the engine's) is written against this trait alone,
+//! which is public for that (`keel_core::Storage`), with the types it names: the snapshot,
+//! records and schedules (`keel_core::store`), the writes, poison mark and release
+//! (`keel_core::writer`).
 //!
 //! The contract:
 //! - **Durable** means what a crash cannot take back: once a commit's `release` has run with
@@ -32,7 +35,7 @@ use crate::host::{KvWrite, Payload, Schedule, ScheduleOp};
 
 /// Durable storage for every actor of a runtime. See the module doc for the contract.
 #[async_trait]
-pub(crate) trait Storage: Send + Sync + 'static {
+pub trait Storage: Send + Sync + 'static {
     /// What an actor's task loads when it starts; `None` if the actor does not exist.
     async fn load(&self, actor_id: &str) -> Result<Option<ActorSnapshot>>;
 
@@ -51,8 +54,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
         mode: CreateMode,
     ) -> Result<(ActorRecord, bool)>;
 
-    /// Commits one call's writes (state, KV writes, schedule changes, the settled schedule,
-    /// the actor's deletion);
+    /// Commits one call's writes (state, KV writes, schedule changes, the settled schedule);
     /// `None` writes only orders `release` behind earlier commits. `release` runs once the
     /// writes are durable, or failed; `poison` is the instance's mark (see the module doc).
     fn commit(
@@ -64,7 +66,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
     );
 
     /// Deletes an actor with its KV entries and schedules; resolves once durable, in commit
-    /// order. The same as a commit of [`Writes::delete`] awaited.
+    /// order: nothing of the actor is committed after it.
     async fn delete(&self, actor_id: Arc<str>) -> Result<()>;
 
     /// Resolves once every commit made before it is durable.
@@ -199,18 +201,15 @@ pub struct Writes {
     pub schedules: Vec<ScheduleOp>,
     /// The outcome of the schedule whose run produced this commit.
     pub settle: Option<(String, Settle)>,
-    /// Deletes the actor, with its KV entries and schedules, after the writes above.
-    pub delete: bool,
 }
 
 impl Writes {
     /// Whether the commit writes nothing (it only orders a release).
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.state.is_none()
             && self.kv.is_empty()
             && self.schedules.is_empty()
             && self.settle.is_none()
-            && !self.delete
     }
 }
 
@@ -239,7 +238,7 @@ impl Poison {
     }
 
     /// Marks the instance, keeping the first error (storage does, when a commit fails).
-    pub(crate) fn set(&self, err: &Error) {
+    pub fn set(&self, err: &Error) {
         let mut error = self.error.lock();
         if error.is_none() {
             *error = Some(err.duplicate());
@@ -248,7 +247,7 @@ impl Poison {
     }
 
     /// The error a refused commit gets, while the mark is set.
-    pub(crate) fn refusal(&self) -> Option<Error> {
+    pub fn refusal(&self) -> Option<Error> {
         if !self.is_set() {
             return None;
         }

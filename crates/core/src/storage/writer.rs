@@ -61,6 +61,13 @@ pub enum WriteOp {
         /// What to let out once the commit is durable.
         release: Release,
     },
+    /// Deletes an actor with its KV and schedules.
+    DeleteActor {
+        /// The actor to delete.
+        actor_id: Arc<str>,
+        /// What to let out once the deletion is durable.
+        release: Release,
+    },
     /// Commits what came before, then stops the thread; later sends fail.
     Close,
 }
@@ -168,19 +175,15 @@ impl WriterHandle {
     /// Deletes an actor's row, KV and schedules; resolves once durable.
     pub async fn delete_actor(&self, actor_id: Arc<str>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        let writes = Writes {
-            delete: true,
-            ..Writes::default()
-        };
-        self.commit(
-            actor_id,
-            Some(Box::new(writes)),
-            None,
-            Box::new(move |result| {
-                // The caller may have stopped waiting.
-                let _ = tx.send(result);
-            }),
-        );
+        let release: Release = Box::new(move |result| {
+            // The caller may have stopped waiting.
+            let _ = tx.send(result);
+        });
+        if let Err(mpsc::error::SendError(WriteOp::DeleteActor { release, .. })) =
+            self.tx.send(WriteOp::DeleteActor { actor_id, release })
+        {
+            release(Err(Error::WriterClosed));
+        }
         rx.await.map_err(|_| Error::WriterClosed)?
     }
 
@@ -289,7 +292,7 @@ impl WriterThread {
     fn apply(&mut self, batch: &mut Vec<WriteOp>) -> bool {
         let count = batch.len() as u64;
         let writes = batch.iter().any(|op| match op {
-            WriteOp::CreateActor { .. } => true,
+            WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } => true,
             WriteOp::Commit { writes, poison, .. } => {
                 writes.is_some() && !poison.as_ref().is_some_and(|poison| poison.is_set())
             }
@@ -311,7 +314,7 @@ impl WriterThread {
                 WriteOp::Commit {
                     poison, release, ..
                 } => Outcome::Release(release, refusal(&poison).map_or(Ok(None), Err)),
-                WriteOp::CreateActor { .. } | WriteOp::Close => {
+                WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } | WriteOp::Close => {
                     unreachable!("a batch without writes holds only commits")
                 }
             }));
@@ -457,6 +460,16 @@ impl WriterThread {
                     };
                     outcomes.push(Outcome::Release(release, Ok(wrote)));
                 }
+                WriteOp::DeleteActor { actor_id, release } => {
+                    for sql in [
+                        "DELETE FROM kv WHERE actor_id = ?1",
+                        "DELETE FROM schedules WHERE actor_id = ?1",
+                        "DELETE FROM actors WHERE id = ?1",
+                    ] {
+                        tx.prepare_cached(sql)?.execute([&*actor_id])?;
+                    }
+                    outcomes.push(Outcome::Release(release, Ok(None)));
+                }
                 WriteOp::Close => unreachable!("the loop keeps close out of batches"),
             }
         }
@@ -502,7 +515,7 @@ enum Outcome {
         oneshot::Sender<Result<(ActorRecord, bool)>>,
         Result<(ActorRecord, bool)>,
     ),
-    /// A commit (a deletion included): `Ok` with the poison mark of the instance whose writes it applied,
+    /// A commit or delete: `Ok` with the poison mark of the instance whose writes it applied,
     /// or `Err` if it was refused (poisoned already) and must not be applied.
     Release(Release, Result<Option<Arc<Poison>>>),
 }
@@ -556,15 +569,6 @@ fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) 
                 .execute((id, at_ms, attempts))?;
         }
         None => {}
-    }
-    if writes.delete {
-        for sql in [
-            "DELETE FROM kv WHERE actor_id = ?1",
-            "DELETE FROM schedules WHERE actor_id = ?1",
-            "DELETE FROM actors WHERE id = ?1",
-        ] {
-            tx.prepare_cached(sql)?.execute([actor_id])?;
-        }
     }
     Ok(())
 }
