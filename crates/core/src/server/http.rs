@@ -1,9 +1,11 @@
-//! keel's HTTP surface: the versioned routes, their JSON bodies, and the accept loop.
+//! keel's HTTP surface: the versioned routes, their JSON bodies, the CORS layer (whose rules
+//! are `origin.rs`'s), and the accept loop.
 //!
 //! The same [`axum::Router`] serves a listener (serve mode) and single requests handed over by
 //! a Fetch-style host (serverless mode). Every error leaves as `{group, code, message,
 //! metadata}` with the status from [`Error::http_status`]; no route answers with plain text.
 //! The protocol is documented in `docs/protocol.md`, which must stay true to this file.
+//! Routes reach actors only through the runtime's dispatch handle (`Server` derefs to it).
 
 use std::sync::Arc;
 
