@@ -163,3 +163,30 @@ async fn a_close_a_call_causes_comes_after_that_calls_reply() {
     }
     runtime.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_socket_the_client_closes_is_let_go_at_once_so_the_drain_does_not_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, addr, _host) = serve(dir.path()).await;
+    let mut socket = connect(addr, "leaving").await;
+    send_call(&mut socket, 1, "broadcast", json!([])).await;
+    assert_eq!(next(&mut socket).await, Frame::Event(json!(1)));
+    assert_eq!(next(&mut socket).await, Frame::Reply(1));
+    let bye = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 4000.into(),
+        reason: "bye".into(),
+    };
+    socket.send(Message::Close(Some(bye))).await.unwrap();
+    // A bound on a hang, not a measure of speed: unanswered, the socket's writer idled
+    // (and held the socket open) until the drain was forced.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    ended.expect("the server let go of the socket the client closed");
+    runtime.drain().await;
+}
