@@ -41,7 +41,8 @@ impl ErrorInfo {
     }
 
     /// Converts an error reported by the JS host into a core error: a `UserError` keeps its
-    /// code and message, a KV limit error keeps its own code, a client payload the JS decoder
+    /// code and message, a KV limit error keeps its own code, `onStateChange` changing the state keeps
+    /// `actor.state_change_mutation`, a client payload the JS decoder
     /// refused is `request.malformed` (the host reports that group only for this), a stored
     /// state it could not decode is `storage.corrupt` for its actor; anything else is
     /// internal.
@@ -61,6 +62,9 @@ impl ErrorInfo {
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
             ("request", "malformed") => Error::malformed(self.message),
+            ("actor", "state_change_mutation") => Error::StateChangeMutation {
+                message: self.message,
+            },
             ("storage", "corrupt") => Error::StorageCorrupt {
                 actor_id: self
                     .metadata

@@ -117,6 +117,14 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   sleep(): void;
   /** Destroy the actor once this call finishes: run `onDestroy`, delete state, KV and schedules. */
   destroy(): void;
+  /**
+   * Aborted when the actor is stopping (sleep, destroy, shutdown) or its current call timed
+   * out (the instance is then discarded): pass it to `fetch` and check it in loops. Its
+   * `reason` is a `KeelError`, `actor.stopped` or `actor.action_timed_out`.
+   */
+  readonly abortSignal: AbortSignal;
+  /** Whether `abortSignal` has fired. */
+  readonly aborted: boolean;
 }
 
 /** The context `createState` receives (there is no state yet). */
@@ -162,6 +170,12 @@ export interface ActorConfig<S, I, V, A, E = Record<never, never>> {
   onDestroy?: Hook<NoInfer<S>, NoInfer<V>, NoInfer<A>>;
   /** Declared events, so clients' `conn.on` is typed: `{ message: event<string>() }`. */
   events?: E & Record<string, EventType<unknown>>;
+  /**
+   * Runs after an action or a connection or request hook changed the state, before the change
+   * is committed; `state` is the new state. It may broadcast and send, but not change the
+   * state: doing so fails the call with `actor.state_change_mutation`.
+   */
+  onStateChange?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, state: NoInfer<S>) => void | Promise<void>;
   /** Runs before a connection is admitted; throw (e.g. a `UserError`) to refuse it. */
   onBeforeConnect?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, params: any) => void | Promise<void>;
   /** Builds a connection's state from its parameters. */
@@ -205,6 +219,7 @@ const HOOKS = [
   "onDisconnect",
   "onRequest",
   "onWebSocket",
+  "onStateChange",
 ] as const;
 
 /** Defines an actor type. State, input, vars and action types are inferred from `config`. */

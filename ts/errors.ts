@@ -87,8 +87,8 @@ function internalError(message: string): ErrorBody {
  * `instanceof` throws). So every read is guarded, and what cannot be read becomes
  * `actor.internal_error` with a fixed message: a hostile throw fails its call, never the
  * process. A `UserError` keeps its code and message if both can be turned into strings; a
- * `KeelError` keeps its code only for the `kv` limit errors and the `user` errors of another
- * actor, the two kinds core relays. Everything else is `actor.internal_error`.
+ * `KeelError` keeps its code only for the `kv` limit errors, the `user` errors of another
+ * actor and `actor.state_change_mutation`, the kinds core relays. Everything else is `actor.internal_error`.
  */
 export function errorInfoOf(err: unknown): ErrorBody {
   let kind: "user" | "keel" | "error" | "other";
@@ -116,7 +116,10 @@ export function errorInfoOf(err: unknown): ErrorBody {
   if (kind === "keel") {
     const group = read("group");
     const code = read("code");
-    const relayed = group === "user" || (group === "kv" && (code === "key_too_large" || code === "value_too_large"));
+    const relayed =
+      group === "user" ||
+      (group === "kv" && (code === "key_too_large" || code === "value_too_large")) ||
+      (group === "actor" && code === "state_change_mutation");
     if (relayed && code !== undefined && message !== undefined) return { group, code, message, metadata: metadata() };
   }
   return internalError(message ?? UNREADABLE_MESSAGE);

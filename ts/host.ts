@@ -101,6 +101,23 @@ interface Instance {
   currentConn: Conn | undefined;
   /** Open raw sockets. */
   readonly sockets: Map<string, RawSocketEntry>;
+  /** Aborted once the instance is stopping: sleep, destroy, shutdown, or a timed-out call. */
+  readonly abort: AbortController;
+  /** Set while `onStateChange` runs, so assigning `c.state` is refused. */
+  observing: boolean;
+}
+
+/** The error `onStateChange` gets, or makes its call fail with, when it changes the state. */
+function stateChangeMutation(how: string): KeelError {
+  return new KeelError({ group: "actor", code: "state_change_mutation", message: `onStateChange may not change the state: it ${how}` });
+}
+
+/** Why an instance's `c.abortSignal` fires, by the reason core stops it. */
+function abortReason(reason: string): KeelError {
+  if (reason === "reset") {
+    return new KeelError({ group: "actor", code: "action_timed_out", message: "the call timed out; the actor's instance is discarded" });
+  }
+  return new KeelError({ group: "actor", code: "stopped", message: `the actor is stopping (${reason})` });
 }
 
 function decodePayload(bytes: Buffer | undefined, encoding: string | undefined): unknown {
@@ -332,7 +349,7 @@ export class JsHost {
         const args = decodeClientPayload(invocation.args, invocation.encoding, "arguments") as unknown[];
         const result = await fn(instance.ctx, ...args);
         const output = encodePayload(result, invocation.outputEncoding);
-        return { kind: "returned", id: invocation.id, output, effects: this.finishCall(instance) };
+        return { kind: "returned", id: invocation.id, output, effects: await this.settleCall(instance) };
       } finally {
         instance.currentConn = undefined;
       }
@@ -351,7 +368,7 @@ export class JsHost {
       const conn = this.addConn(instance, connId, params, state, invocation.encoding);
       try {
         await config.onConnect?.(instance.ctx as never, conn);
-        return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+        return { kind: "ok", id: invocation.id, effects: await this.settleCall(instance) };
       } catch (err) {
         instance.conns.delete(connId);
         throw err;
@@ -383,7 +400,7 @@ export class JsHost {
     instance.conns.delete(invocation.connId);
     return this.guarded(instance, async () => {
       await instance.def.config.onDisconnect?.(instance.ctx as never, entry.conn);
-      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+      return { kind: "ok", id: invocation.id, effects: await this.settleCall(instance) };
     });
   }
 
@@ -414,7 +431,7 @@ export class JsHost {
         headers.push([pair[0], pair[1]]);
       }
       const body = Buffer.from(await response.arrayBuffer());
-      return { kind: "responded", id: invocation.id, response: { status, headers, body }, effects: this.finishCall(instance) };
+      return { kind: "responded", id: invocation.id, response: { status, headers, body }, effects: await this.settleCall(instance) };
     });
   }
 
@@ -439,7 +456,7 @@ export class JsHost {
         const event = { code: invocation.code, reason: invocation.reason };
         for (const listener of entry?.listeners.close ?? []) await listener(event);
       }
-      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+      return { kind: "ok", id: invocation.id, effects: await this.settleCall(instance) };
     });
   }
 
@@ -469,6 +486,9 @@ export class JsHost {
   private async stop(invocation: InvocationOf<"stop">): Promise<Completion> {
     const instance = this.instances.get(invocation.actorId);
     if (instance === undefined) return { kind: "ok", id: invocation.id };
+    // User code's own work (fetches, loops, background promises) learns it should stop
+    // before the stop hook runs.
+    instance.abort.abort(abortReason(invocation.reason));
     if (invocation.reason === "reset") {
       // An action timed out and may still run: drop the instance without hooks. Whatever the
       // late code does now touches only this discarded object; core starts a fresh one.
@@ -484,6 +504,29 @@ export class JsHost {
     } finally {
       this.instances.delete(invocation.actorId);
     }
+  }
+
+  /**
+   * Ends a call of an action or a connection or request hook: if the call changed the state,
+   * `onStateChange` sees the new state (and may broadcast) before the effects are taken. The
+   * hook may not change the state: assigning `c.state` throws, and a state that encodes
+   * differently after the hook fails the call, so the call's changes are rolled back.
+   */
+  private async settleCall(instance: Instance): Promise<EffectsJs | undefined> {
+    const hook = instance.def.config.onStateChange;
+    if (hook !== undefined) {
+      const changed = encodeState(instance.state);
+      if (!changed.equals(instance.snapshot)) {
+        instance.observing = true;
+        try {
+          await hook(instance.ctx as never, instance.state);
+        } finally {
+          instance.observing = false;
+        }
+        if (!encodeState(instance.state).equals(changed)) throw stateChangeMutation("changed a value inside c.state");
+      }
+    }
+    return this.finishCall(instance);
   }
 
   /**
@@ -550,6 +593,8 @@ export class JsHost {
       conns: new Map(),
       currentConn: undefined,
       sockets: new Map(),
+      abort: new AbortController(),
+      observing: false,
       ctx: undefined as never,
     };
     const connsView: ReadonlyMap<string, Conn> = {
@@ -602,6 +647,7 @@ export class JsHost {
         return instance.state;
       },
       set state(value: unknown) {
+        if (instance.observing) throw stateChangeMutation("assigned c.state");
         instance.state = value;
       },
       get vars() {
@@ -678,6 +724,10 @@ export class JsHost {
       },
       destroy() {
         instance.effects.destroy = true;
+      },
+      abortSignal: instance.abort.signal,
+      get aborted() {
+        return instance.abort.signal.aborted;
       },
     };
     (instance as { ctx: unknown }).ctx = Object.freeze(ctx);

@@ -105,6 +105,13 @@ pub enum Error {
     /// The actor's task stopped while the request was pending.
     #[error("the actor stopped before replying")]
     ActorStopped,
+    /// `onStateChange` changed the state it was told about; the call that triggered it fails
+    /// and its changes are rolled back.
+    #[error("{message}")]
+    StateChangeMutation {
+        /// What the hook did.
+        message: String,
+    },
 
     /// A `UserError` thrown by an action or hook: its code and message reach the client.
     #[error("{message}")]
@@ -260,6 +267,7 @@ impl Error {
             | ActionTimedOut { .. }
             | HookTimedOut { .. }
             | ActorInternal { .. }
+            | StateChangeMutation { .. }
             | ActorStopped => "actor",
             User { .. } => "user",
             KvKeyTooLarge { .. } | KvValueTooLarge { .. } => "kv",
@@ -304,6 +312,7 @@ impl Error {
             HookTimedOut { .. } => "hook_timed_out",
             ActorInternal { .. } => "internal_error",
             ActorStopped => "stopped",
+            StateChangeMutation { .. } => "state_change_mutation",
             User { code, .. } => code,
             KvKeyTooLarge { .. } => "key_too_large",
             KvValueTooLarge { .. } => "value_too_large",
@@ -351,6 +360,7 @@ impl Error {
             RegistryShuttingDown | RegistryShutDown | ActorStopped | StorageLocked { .. } => 503,
             ActionTimedOut { .. } | HookTimedOut { .. } => 504,
             ActorInternal { .. }
+            | StateChangeMutation { .. }
             | StorageCorrupt { .. }
             | StorageTooNew { .. }
             | Storage(_)
@@ -453,6 +463,9 @@ impl Error {
                 path: path.clone(),
             },
             ActorStopped => ActorStopped,
+            StateChangeMutation { message } => StateChangeMutation {
+                message: message.clone(),
+            },
             User {
                 code,
                 message,
