@@ -73,6 +73,8 @@ pub enum Invocation {
         output_encoding: String,
         /// The connection the call came over, if any.
         conn_id: Option<String>,
+        /// The ids of the actors whose calls await this one, nearest caller last.
+        chain: Vec<String>,
     },
     /// Runs the sleep or destroy hook and drops the instance.
     Stop {
@@ -668,6 +670,7 @@ impl Host for SharedHost {
             encoding: call.args.encoding.as_str().to_string(),
             output_encoding: call.output.as_str().to_string(),
             conn_id: call.conn_id,
+            chain: call.chain,
         };
         let (output, effects) = match check(self.0.invoke(actor, id, invocation).await?, "action")?
         {

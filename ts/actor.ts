@@ -1,3 +1,4 @@
+import type { Client, RegistryLike } from "./client";
 import type { ActorLog } from "./log";
 
 /** A KV key: a string or bytes. Strings and byte keys are separate key spaces. */
@@ -125,6 +126,13 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   readonly abortSignal: AbortSignal;
   /** Whether `abortSignal` has fired. */
   readonly aborted: boolean;
+  /**
+   * The typed client of `createClient<typeof registry>()` for this actor's own registry,
+   * in process: `c.client<typeof registry>().counter.getOrCreate(["k"]).increment(1)`
+   * resolves once the callee's changes are durable. A call to an actor whose call is
+   * waiting for this one (itself, or a cycle) fails at once with `actor.call_cycle`.
+   */
+  client<R extends RegistryLike = RegistryLike>(): Client<R>;
 }
 
 /** The context `createState` receives (there is no state yet). */

@@ -93,7 +93,7 @@ export interface ClientOptions {
 type Mode = "get" | "create" | "getOrCreate";
 type Target = { kind: "key"; key: string[]; mode: Mode; input?: unknown } | { kind: "id"; id: string };
 
-function normalizeKey(key: string | readonly string[] | undefined): string[] {
+export function normalizeKey(key: string | readonly string[] | undefined): string[] {
   if (key === undefined) return [];
   if (typeof key === "string") return [key];
   if (!Array.isArray(key) || key.some((segment) => typeof segment !== "string")) {

@@ -88,7 +88,7 @@ function internalError(message: string): ErrorBody {
  * `actor.internal_error` with a fixed message: a hostile throw fails its call, never the
  * process. A `UserError` keeps its code and message if both can be turned into strings; a
  * `KeelError` keeps its code only for the `kv` limit errors, the `user` errors of another
- * actor and `actor.state_change_mutation`, the kinds core relays. Everything else is `actor.internal_error`.
+ * actor, `actor.state_change_mutation` and `actor.call_cycle`, the kinds core relays. Everything else is `actor.internal_error`.
  */
 export function errorInfoOf(err: unknown): ErrorBody {
   let kind: "user" | "keel" | "error" | "other";
@@ -119,7 +119,7 @@ export function errorInfoOf(err: unknown): ErrorBody {
     const relayed =
       group === "user" ||
       (group === "kv" && (code === "key_too_large" || code === "value_too_large")) ||
-      (group === "actor" && code === "state_change_mutation");
+      (group === "actor" && (code === "state_change_mutation" || code === "call_cycle"));
     if (relayed && code !== undefined && message !== undefined) return { group, code, message, metadata: metadata() };
   }
   return internalError(message ?? UNREADABLE_MESSAGE);

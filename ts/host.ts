@@ -5,7 +5,10 @@
 // Everything a call changes (state, KV writes, schedules, sleep/destroy requests) is collected
 // per call and reported with its completion; core commits it atomically with the reply. A
 // call that throws reports nothing, and its state changes are rolled back.
+import { AsyncLocalStorage } from "node:async_hooks";
 import { randomUUID } from "node:crypto";
+import { createActorClient } from "./actor-client";
+import type { Client, RegistryLike } from "./client";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
 import { decode, encode } from "./cbor";
 import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
@@ -200,8 +203,21 @@ function encodeState(state: unknown): Buffer {
   return Buffer.from(encode(state));
 }
 
+/**
+ * The call a piece of user code runs in: the actors whose calls await it, this actor last.
+ * `live` goes false when the call ends, so work it left running calls as background work.
+ */
+interface CallScope {
+  readonly chain: string[];
+  live: boolean;
+}
+
 export class JsHost {
   private readonly instances = new Map<string, Instance>();
+  /** The call scope of whatever user code runs now, for `c.client()`'s cycle check. */
+  private readonly scopes = new AsyncLocalStorage<CallScope>();
+  /** The in-process client of `c.client()`, made on first use and shared by every actor. */
+  private actorClient: Client<RegistryLike> | undefined;
   private completions: Completion[] = [];
   private flushScheduled = false;
   /** Set once the native registry exists. */
@@ -244,39 +260,53 @@ export class JsHost {
   }
 
   private async run(invocation: Call): Promise<void> {
+    const chain = invocation.kind === "action" ? [...invocation.chain, invocation.actorId] : [invocation.actorId];
+    const scope: CallScope = { chain, live: true };
     let completion: Completion;
     try {
-      switch (invocation.kind) {
-        case "action":
-          completion = await this.action(invocation);
-          break;
-        case "start":
-          completion = await this.start(invocation);
-          break;
-        case "stop":
-          completion = await this.stop(invocation);
-          break;
-        case "connect":
-          completion = await this.connect(invocation);
-          break;
-        case "disconnect":
-          completion = await this.disconnect(invocation);
-          break;
-        case "request":
-          completion = await this.request(invocation);
-          break;
-        case "ws_open":
-        case "ws_message":
-        case "ws_close":
-          completion = await this.rawSocket(invocation);
-          break;
-        default:
-          throw new Error(`unknown invocation kind ${(invocation as { kind: unknown }).kind}`);
-      }
+      completion = await this.scopes.run(scope, () => this.invoke(invocation));
     } catch (err) {
       completion = { kind: "failed", id: invocation.id, error: failureOf(err) };
+    } finally {
+      scope.live = false;
     }
     this.push(completion);
+  }
+
+  /** Runs one call's user code; throws what it throws. */
+  private async invoke(invocation: Call): Promise<Completion> {
+    switch (invocation.kind) {
+      case "action":
+        return await this.action(invocation);
+      case "start":
+        return await this.start(invocation);
+      case "stop":
+        return await this.stop(invocation);
+      case "connect":
+        return await this.connect(invocation);
+      case "disconnect":
+        return await this.disconnect(invocation);
+      case "request":
+        return await this.request(invocation);
+      case "ws_open":
+      case "ws_message":
+      case "ws_close":
+        return await this.rawSocket(invocation);
+      default:
+        throw new Error(`unknown invocation kind ${(invocation as { kind: unknown }).kind}`);
+    }
+  }
+
+  /** The client `c.client()` returns: calls carry the chain of the call they are made in. */
+  private client(): Client<RegistryLike> {
+    this.actorClient ??= createActorClient({
+      native: () => this.native!,
+      chain: () => {
+        const scope = this.scopes.getStore();
+        return scope?.live ? scope.chain : [];
+      },
+    });
+    return this.actorClient;
   }
 
   private async start(invocation: InvocationOf<"start">): Promise<Completion> {
@@ -725,6 +755,7 @@ export class JsHost {
       destroy() {
         instance.effects.destroy = true;
       },
+      client: () => host.client(),
       abortSignal: instance.abort.signal,
       get aborted() {
         return instance.abort.signal.aborted;

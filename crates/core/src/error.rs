@@ -105,6 +105,13 @@ pub enum Error {
     /// The actor's task stopped while the request was pending.
     #[error("the actor stopped before replying")]
     ActorStopped,
+    /// An actor's call called an actor whose own call is awaiting it (itself, or a cycle such
+    /// as A → B → A): waiting would deadlock on a mailbox the caller holds.
+    #[error("actor {actor_id} is already waiting for this call: calling it would deadlock")]
+    ActorCallCycle {
+        /// The actor that was called.
+        actor_id: String,
+    },
     /// `onStateChange` changed the state it was told about; the call that triggered it fails
     /// and its changes are rolled back.
     #[error("{message}")]
@@ -268,6 +275,7 @@ impl Error {
             | HookTimedOut { .. }
             | ActorInternal { .. }
             | StateChangeMutation { .. }
+            | ActorCallCycle { .. }
             | ActorStopped => "actor",
             User { .. } => "user",
             KvKeyTooLarge { .. } | KvValueTooLarge { .. } => "kv",
@@ -313,6 +321,7 @@ impl Error {
             ActorInternal { .. } => "internal_error",
             ActorStopped => "stopped",
             StateChangeMutation { .. } => "state_change_mutation",
+            ActorCallCycle { .. } => "call_cycle",
             User { code, .. } => code,
             KvKeyTooLarge { .. } => "key_too_large",
             KvValueTooLarge { .. } => "value_too_large",
@@ -347,6 +356,7 @@ impl Error {
             | ActionNotFound { .. }
             | RouteNotFound { .. } => 404,
             ActorAlreadyExists
+            | ActorCallCycle { .. }
             | RegistryNotIdle
             | RegistryWrongMode { .. }
             | RegistryAlreadyRunning
@@ -375,6 +385,7 @@ impl Error {
         match self {
             User { metadata, .. } => metadata.clone(),
             ActorOverloaded { capacity } => Some(serde_json::json!({ "capacity": capacity })),
+            ActorCallCycle { actor_id } => Some(serde_json::json!({ "actorId": actor_id })),
             ActionTimedOut { timeout_ms } | RequestBodyTimedOut { timeout_ms } => {
                 Some(serde_json::json!({ "timeoutMs": timeout_ms }))
             }
@@ -463,6 +474,9 @@ impl Error {
                 path: path.clone(),
             },
             ActorStopped => ActorStopped,
+            ActorCallCycle { actor_id } => ActorCallCycle {
+                actor_id: actor_id.clone(),
+            },
             StateChangeMutation { message } => StateChangeMutation {
                 message: message.clone(),
             },

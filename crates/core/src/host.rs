@@ -300,6 +300,10 @@ pub struct ActionCall {
     pub output: Encoding,
     /// The connection the call came over, if any (`c.conn` in JS).
     pub conn_id: Option<String>,
+    /// The ids of the actors whose calls are awaiting this one, nearest caller last; empty
+    /// for a call from a client or a schedule. A call to any of them would wait on a mailbox
+    /// that this call is holding, so it fails with `actor.call_cycle` instead.
+    pub chain: Vec<String>,
 }
 
 /// The result of one action.

@@ -207,12 +207,15 @@ impl Dispatch {
     }
 
     /// Calls an action and returns its output once the effects it produced are durable.
+    /// `chain` holds the actors whose calls await this one (see [`ActionCall::chain`]): a
+    /// target among them fails at once with `actor.call_cycle`, before it is sent.
     pub(crate) async fn call(
         &self,
         target: Target,
         action: &str,
         args: Payload,
         output: Encoding,
+        chain: Vec<String>,
     ) -> Result<Payload> {
         if self.is_draining() {
             return Err(Error::RegistryShuttingDown);
@@ -220,16 +223,6 @@ impl Dispatch {
         if let Target::Key { name, .. } = &target {
             self.types.get(name)?.check_action(action)?;
         }
-        let (reply, rx) = oneshot::channel();
-        let command = Command::Action {
-            call: ActionCall {
-                action: action.to_string(),
-                args,
-                output,
-                conn_id: None,
-            },
-            reply: Reply::Caller(reply),
-        };
         let info = match &target {
             Target::Key {
                 name,
@@ -246,6 +239,22 @@ impl Dispatch {
                 self.types.get(&info.name)?.check_action(action)?;
                 info
             }
+        };
+        if chain.iter().any(|awaiting| *awaiting == *info.id) {
+            return Err(Error::ActorCallCycle {
+                actor_id: info.id.to_string(),
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Action {
+            call: ActionCall {
+                action: action.to_string(),
+                args,
+                output,
+                conn_id: None,
+                chain,
+            },
+            reply: Reply::Caller(reply),
         };
         self.deliver(&info, command).await?;
         rx.await.map_err(|_| {
@@ -279,6 +288,7 @@ impl Dispatch {
             args,
             output: reply.encoding(),
             conn_id: Some(reply.conn_id().to_string()),
+            chain: Vec::new(),
         };
         let command = Command::Action {
             call,
@@ -538,11 +548,17 @@ mod tests {
             async move {
                 let args = Payload::json("[]");
                 dispatch
-                    .call(target("loud"), "shout", args, Encoding::Json)
+                    .call(target("loud"), "shout", args, Encoding::Json, Vec::new())
                     .await
             }
         });
-        let quiet = dispatch.call(target("quiet"), "noop", Payload::json("[]"), Encoding::Json);
+        let quiet = dispatch.call(
+            target("quiet"),
+            "noop",
+            Payload::json("[]"),
+            Encoding::Json,
+            Vec::new(),
+        );
         // A bound on a hang, not a measure of speed: without the fix this never completes.
         let quiet = tokio::time::timeout(Duration::from_secs(10), quiet).await;
         drop(held);

@@ -66,7 +66,26 @@ impl Runtime {
         args: Payload,
         output: Encoding,
     ) -> Result<Payload> {
-        self.dispatch.call(target, action, args, output).await
+        self.dispatch
+            .call(target, action, args, output, Vec::new())
+            .await
+    }
+
+    /// Calls an action on behalf of other actors' calls: `chain` holds the ids of the actors
+    /// whose calls await this one, nearest caller last. A target in the chain fails at once
+    /// with `actor.call_cycle` (it would wait on its own mailbox); otherwise this is
+    /// [`Runtime::call`], and the target's invocation carries the chain for its own calls.
+    pub async fn call_from(
+        &self,
+        target: Target,
+        action: &str,
+        args: Payload,
+        output: Encoding,
+        chain: Vec<String>,
+    ) -> Result<Payload> {
+        self.dispatch
+            .call(target, action, args, output, chain)
+            .await
     }
 
     /// Reads an actor's KV values (after its own pending commits land).

@@ -582,7 +582,7 @@ async fn action_by_key(
         let Path((name, action)) = path?;
         let envelope = Envelope::read(&server, &headers, body, encoding).await?;
         let (target, args) = envelope.into_key_target(name)?;
-        server.call(target, &action, args, output).await
+        server.call(target, &action, args, output, Vec::new()).await
     }
     .await;
     respond(result, dev)
@@ -601,7 +601,7 @@ pub(crate) async fn action_by_id(
         let Path((id, action)) = path?;
         let envelope = Envelope::read(&server, &headers, body, encoding).await?;
         server
-            .call(Target::Id(id), &action, envelope.args, output)
+            .call(Target::Id(id), &action, envelope.args, output, Vec::new())
             .await
     }
     .await;

@@ -254,6 +254,7 @@ impl ActorTask {
                     args: Payload::cbor(schedule.args.clone()),
                     output: Encoding::Cbor,
                     conn_id: None,
+                    chain: Vec::new(),
                 };
                 let timeout = self
                     .actor_type
