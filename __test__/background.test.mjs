@@ -64,8 +64,50 @@ const stoppable = actor({
   },
 });
 
-async function start(t) {
-  const registry = setup({ use: { watched, stoppable }, port: 0, dataDir: tempDir(t), disableSignalHandlers: true, dev: true });
+/** What the waitUntil actor's background work and hooks did, in order. */
+const order = [];
+let waits = { slept: deferred() };
+
+const waiting = actor({
+  state: { background: "" },
+  onSleep: (c) => {
+    order.push(`onSleep:${c.state.background}`);
+    waits.slept.resolve();
+  },
+  actions: {
+    // Background work that goes on after the actor begins to stop (its abort signal fires
+    // first), then naps: without the wait, onSleep would run before the work ends.
+    later: (c) => {
+      c.waitUntil(
+        (async () => {
+          await new Promise((resolve) => c.abortSignal.addEventListener("abort", resolve));
+          await new Promise((resolve) => setImmediate(resolve));
+          c.state.background = "done";
+          await c.kv.put("background", "kv too");
+          order.push("background done");
+        })(),
+      );
+      c.sleep();
+    },
+    // Background work that never finishes.
+    forever: (c) => {
+      c.waitUntil(new Promise(() => {}));
+      c.sleep();
+    },
+    background: (c) => c.state.background,
+    kv: (c, key) => c.kv.get(key),
+    // A KV write between calls: no call carries it.
+    writeBetweenCalls: (c) => {
+      setImmediate(() => {
+        void c.kv.put("between", 1).then(() => waits.written.resolve());
+      });
+    },
+    notAPromise: (c) => c.waitUntil(5),
+  },
+});
+
+async function start(t, options = {}) {
+  const registry = setup({ use: { watched, stoppable, waiting }, port: 0, dataDir: tempDir(t), disableSignalHandlers: true, dev: true, ...options });
   const serving = registry.start();
   const { url } = await registry.listening();
   t.after(async () => {
@@ -123,4 +165,35 @@ test("c.abortSignal fires when the call's timeout expires", async (t) => {
   const reason = await aborts.timedOut.promise;
   assert.equal(reason.code, "action_timed_out");
   assert.equal(await handle.alive(), "yes", "a fresh instance serves the next call");
+});
+
+test("c.waitUntil work finishes before the actor sleeps, and what it changed is saved", async (t) => {
+  order.length = 0;
+  waits = { slept: deferred() };
+  const { client } = await start(t);
+  const handle = client.waiting.getOrCreate(["w"]);
+  await handle.later();
+  await waits.slept.promise;
+  assert.deepEqual(order, ["background done", "onSleep:done"]);
+  assert.equal(await handle.background(), "done", "the background change was committed with onSleep");
+  assert.equal(await handle.kv("background"), "kv too", "and so was its KV write");
+  await assert.rejects(handle.notAPromise(), { code: "internal_error", message: /c\.waitUntil takes a promise/ });
+});
+
+test("c.waitUntil is bounded by waitUntilGraceMs", async (t) => {
+  order.length = 0;
+  waits = { slept: deferred() };
+  const { client } = await start(t, { waitUntilGraceMs: 50 });
+  await client.waiting.getOrCreate(["forever"]).forever();
+  await waits.slept.promise;
+  assert.deepEqual(order, ["onSleep:"], "the actor slept without the work that never finished");
+});
+
+test("a KV write made between calls is dropped, not committed by the next call", async (t) => {
+  waits = { slept: deferred(), written: deferred() };
+  const { client } = await start(t);
+  const handle = client.waiting.getOrCreate(["between"]);
+  await handle.writeBetweenCalls();
+  await waits.written.promise;
+  assert.equal(await handle.kv("between"), undefined);
 });

@@ -127,6 +127,12 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   /** Whether `abortSignal` has fired. */
   readonly aborted: boolean;
   /**
+   * Keeps background work going: when the actor stops (sleep, shutdown, destroy), keel waits
+   * for `promise` (at most `waitUntilGraceMs`, default 10 s) before `onSleep`/`onDestroy`
+   * runs. A rejection is logged. State it changed is saved with `onSleep`'s commit.
+   */
+  waitUntil(promise: PromiseLike<unknown>): void;
+  /**
    * The typed client of `createClient<typeof registry>()` for this actor's own registry,
    * in process: `c.client<typeof registry>().counter.getOrCreate(["k"]).increment(1)`
    * resolves once the callee's changes are durable. A call to an actor whose call is

@@ -75,6 +75,11 @@ class Effects {
   readonly cancelled = new Set<string>();
   sleep = false;
   destroy = false;
+
+  /** Whether nothing was changed through these effects. */
+  get empty(): boolean {
+    return this.kv.size === 0 && this.schedules.length === 0 && !this.sleep && !this.destroy && this.messages.length === 0 && this.disconnects.length === 0;
+  }
 }
 
 /** A connection as the host keeps it: the user-facing `Conn` plus its frame encoding. */
@@ -108,6 +113,8 @@ interface Instance {
   readonly abort: AbortController;
   /** Set while `onStateChange` runs, so assigning `c.state` is refused. */
   observing: boolean;
+  /** The `c.waitUntil` promises not settled yet; a stop waits for them, up to the grace. */
+  readonly background: Set<Promise<void>>;
 }
 
 /** The error `onStateChange` gets, or makes its call fail with, when it changes the state. */
@@ -224,6 +231,8 @@ export class JsHost {
   native: CoreRegistry | undefined;
   /** The most verbose level `c.log` can write (see `logMaxLevel()`); set with `native`. */
   logMaxLevel = 0;
+  /** How long a stop waits for `c.waitUntil` promises (`waitUntilGraceMs`); set with `native`. */
+  waitUntilGraceMs = 0;
 
   constructor(private readonly definitions: ReadonlyMap<string, AnyActorDefinition>) {}
 
@@ -358,7 +367,22 @@ export class JsHost {
    * Runs one call of user code with fresh effects. A call that throws changes nothing: the
    * state goes back to the last reported one and its effects are dropped.
    */
+  /**
+   * Work outside any call (background work between calls) may have written KV, scheduled or
+   * sent through `c`; no call carries those effects, so they are dropped, with a warning,
+   * rather than committed by an unrelated call.
+   */
+  private dropBackgroundEffects(instance: Instance): void {
+    if (instance.effects.empty) return;
+    instance.ctx.log.warn("background work changed KV, schedules or connections outside a call; dropped", {
+      kvWrites: instance.effects.kv.size,
+      schedules: instance.effects.schedules.length,
+      messages: instance.effects.messages.length,
+    });
+  }
+
   private async guarded<T>(instance: Instance, body: () => Promise<T>): Promise<T> {
+    this.dropBackgroundEffects(instance);
     instance.effects = new Effects();
     try {
       return await body();
@@ -525,7 +549,9 @@ export class JsHost {
       this.instances.delete(invocation.actorId);
       return { kind: "ok", id: invocation.id };
     }
-    instance.effects = new Effects();
+    // What the background work changed (it ran after the last call's effects were taken) is
+    // committed with the stop hook's effects.
+    await this.settleBackground(instance);
     try {
       const config = instance.def.config;
       if (invocation.reason === "destroy") await config.onDestroy?.(instance.ctx as never);
@@ -533,6 +559,28 @@ export class JsHost {
       return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     } finally {
       this.instances.delete(invocation.actorId);
+    }
+  }
+
+  /**
+   * Waits for the instance's `c.waitUntil` promises, for at most `waitUntilGraceMs`. What they
+   * changed (state, KV, schedules, events) is saved with the stop hook's effects (sleep and
+   * shutdown).
+   */
+  private async settleBackground(instance: Instance): Promise<void> {
+    if (instance.background.size === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    const grace = new Promise<void>((resolve) => (timer = setTimeout(resolve, this.waitUntilGraceMs)));
+    try {
+      await Promise.race([Promise.all(instance.background), grace]);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (instance.background.size > 0) {
+      instance.ctx.log.warn("c.waitUntil work did not finish within waitUntilGraceMs; stopping without it", {
+        pending: instance.background.size,
+        waitUntilGraceMs: this.waitUntilGraceMs,
+      });
     }
   }
 
@@ -625,6 +673,7 @@ export class JsHost {
       sockets: new Map(),
       abort: new AbortController(),
       observing: false,
+      background: new Set(),
       ctx: undefined as never,
     };
     const connsView: ReadonlyMap<string, Conn> = {
@@ -756,6 +805,15 @@ export class JsHost {
         instance.effects.destroy = true;
       },
       client: () => host.client(),
+      waitUntil(promise: PromiseLike<unknown>) {
+        if (promise === null || typeof (promise as { then?: unknown })?.then !== "function") throw new TypeError("c.waitUntil takes a promise");
+        const settled: Promise<void> = Promise.resolve(promise).then(
+          () => undefined,
+          (err: unknown) => instance.ctx.log.warn("c.waitUntil work failed", { error: errorInfoOf(err).message }),
+        );
+        instance.background.add(settled);
+        void settled.finally(() => instance.background.delete(settled));
+      },
       abortSignal: instance.abort.signal,
       get aborted() {
         return instance.abort.signal.aborted;
