@@ -106,8 +106,33 @@ const waiting = actor({
   },
 });
 
+/** The keep-awake test's hold and which of its two actors went to sleep. */
+let awake = { release: deferred(), heldSlept: deferred(), idleSlept: deferred(), heldAsleep: false };
+
+const held = actor({
+  state: null,
+  options: { sleepTimeoutMs: 100 },
+  onSleep: () => {
+    awake.heldAsleep = true;
+    awake.heldSlept.resolve();
+  },
+  actions: {
+    hold: (c) => {
+      const promise = awake.release.promise;
+      return c.keepAwake(promise) === promise;
+    },
+  },
+});
+
+const idle = actor({
+  state: null,
+  options: { sleepTimeoutMs: 100 },
+  onSleep: () => awake.idleSlept.resolve(),
+  actions: { ping: () => "pong" },
+});
+
 async function start(t, options = {}) {
-  const registry = setup({ use: { watched, stoppable, waiting }, port: 0, dataDir: tempDir(t), disableSignalHandlers: true, dev: true, ...options });
+  const registry = setup({ use: { watched, stoppable, waiting, held, idle }, port: 0, dataDir: tempDir(t), disableSignalHandlers: true, dev: true, ...options });
   const serving = registry.start();
   const { url } = await registry.listening();
   t.after(async () => {
@@ -196,4 +221,16 @@ test("a KV write made between calls is dropped, not committed by the next call",
   await handle.writeBetweenCalls();
   await waits.written.promise;
   assert.equal(await handle.kv("between"), undefined);
+});
+
+test("c.keepAwake blocks idle sleep until its promise settles, and returns the same promise", async (t) => {
+  awake = { release: deferred(), heldSlept: deferred(), idleSlept: deferred(), heldAsleep: false };
+  const { client } = await start(t);
+  assert.equal(await client.held.getOrCreate(["h"]).hold(), true, "keepAwake returns its promise");
+  // Same sleep timeout, started later: it goes to sleep after the held actor would have.
+  await client.idle.getOrCreate(["i"]).ping();
+  await awake.idleSlept.promise;
+  assert.equal(awake.heldAsleep, false, "the held actor stays awake past its sleep timeout");
+  awake.release.resolve();
+  await awake.heldSlept.promise;
 });

@@ -111,6 +111,19 @@ impl CoreRegistry {
     }
 }
 
+#[napi]
+impl CoreRegistry {
+    /// Opens (`held`) or closes a keep-awake hold on a live actor, for `c.keepAwake`. Returns
+    /// an error object instead of throwing (`actor.stopped` if the actor is not awake).
+    #[napi]
+    pub fn keep_awake(&self, actor_id: String, held: bool) -> Option<ErrorInfo> {
+        self.running()
+            .and_then(|runtime| runtime.keep_awake(&actor_id, held))
+            .err()
+            .map(|err| ErrorInfo::from_error(&err, false))
+    }
+}
+
 impl ActorCallResult {
     fn failed(err: &keel_core::Error, dev: bool) -> ActorCallResult {
         ActorCallResult {

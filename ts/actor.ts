@@ -133,6 +133,11 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
    */
   waitUntil(promise: PromiseLike<unknown>): void;
   /**
+   * Keeps the actor from sleeping for being idle until `promise` settles, and returns the
+   * same promise. It does not hold off `c.sleep()`, `c.destroy()` or a shutdown.
+   */
+  keepAwake<T>(promise: PromiseLike<T>): PromiseLike<T>;
+  /**
    * The typed client of `createClient<typeof registry>()` for this actor's own registry,
    * in process: `c.client<typeof registry>().counter.getOrCreate(["k"]).increment(1)`
    * resolves once the callee's changes are durable. A call to an actor whose call is

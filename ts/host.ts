@@ -115,6 +115,8 @@ interface Instance {
   observing: boolean;
   /** The `c.waitUntil` promises not settled yet; a stop waits for them, up to the grace. */
   readonly background: Set<Promise<void>>;
+  /** The keep-awake holds this instance opened in core and has not closed yet. */
+  holds: number;
 }
 
 /** The error `onStateChange` gets, or makes its call fail with, when it changes the state. */
@@ -543,6 +545,9 @@ export class JsHost {
     // User code's own work (fetches, loops, background promises) learns it should stop
     // before the stop hook runs.
     instance.abort.abort(abortReason(invocation.reason));
+    // The actor's task outlives a discarded instance: close its holds, or a promise that
+    // never settles would keep the actor awake for good.
+    for (; instance.holds > 0; instance.holds -= 1) this.native!.keepAwake(invocation.actorId, false);
     if (invocation.reason === "reset") {
       // An action timed out and may still run: drop the instance without hooks. Whatever the
       // late code does now touches only this discarded object; core starts a fresh one.
@@ -674,6 +679,7 @@ export class JsHost {
       abort: new AbortController(),
       observing: false,
       background: new Set(),
+      holds: 0,
       ctx: undefined as never,
     };
     const connsView: ReadonlyMap<string, Conn> = {
@@ -805,6 +811,19 @@ export class JsHost {
         instance.effects.destroy = true;
       },
       client: () => host.client(),
+      keepAwake<T>(promise: PromiseLike<T>): PromiseLike<T> {
+        if (promise === null || typeof (promise as { then?: unknown })?.then !== "function") throw new TypeError("c.keepAwake takes a promise");
+        failOn({ error: host.native!.keepAwake(identity.actorId, true) });
+        instance.holds += 1;
+        const release = () => {
+          // A stop closed the holds of this instance already.
+          if (instance.holds === 0) return;
+          instance.holds -= 1;
+          host.native!.keepAwake(identity.actorId, false);
+        };
+        Promise.resolve(promise).then(release, release);
+        return promise;
+      },
       waitUntil(promise: PromiseLike<unknown>) {
         if (promise === null || typeof (promise as { then?: unknown })?.then !== "function") throw new TypeError("c.waitUntil takes a promise");
         const settled: Promise<void> = Promise.resolve(promise).then(

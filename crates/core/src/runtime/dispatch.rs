@@ -157,6 +157,14 @@ impl Dispatch {
         self.activation.live(id)
     }
 
+    /// Opens or closes a keep-awake hold on a live actor (see [`ActorHandle::keep_awake`]);
+    /// an actor that is not awake is left asleep, and `actor.stopped` says so.
+    pub(crate) fn keep_awake(&self, id: &str, held: bool) -> Result<()> {
+        let handle = self.live_handle(id).ok_or(Error::ActorStopped)?;
+        handle.keep_awake(held);
+        Ok(())
+    }
+
     /// The number of live actors.
     pub(crate) fn live_count(&self) -> usize {
         self.activation.live_count()

@@ -115,6 +115,13 @@ impl Runtime {
         self.dispatch.storage.schedules_of(actor_id).await
     }
 
+    /// Opens (`held`) or closes a keep-awake hold on a live actor: while one is open the
+    /// actor does not sleep for being idle (`c.keepAwake` in JS). `actor.stopped` if the
+    /// actor is not awake.
+    pub fn keep_awake(&self, actor_id: &str, held: bool) -> Result<()> {
+        self.dispatch.keep_awake(actor_id, held)
+    }
+
     /// The clock schedules are measured on, in epoch milliseconds.
     pub fn now_ms(&self) -> i64 {
         self.dispatch.clock.now_ms()
