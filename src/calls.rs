@@ -4,6 +4,8 @@
 //! What must stay true: the call carries the chain of actors whose calls await it, so core
 //! refuses a call that would wait on a mailbox one of them holds (`actor.call_cycle`); the
 //! reply comes back only once the callee's effects are durable, as for any client call.
+//! `c.keepAwake`'s holds reach the actor's task here too: they are the other thing an actor's
+//! background work asks of core.
 
 use keel_core::{Encoding, Payload, Resolve, Target};
 use napi::bindgen_prelude::Buffer;
