@@ -17,6 +17,9 @@ pub const WORKER_THREADS_ENV: &str = "KEEL_WORKER_THREADS";
 /// The most workers `KEEL_WORKER_THREADS` may ask for.
 const MAX_WORKER_THREADS: usize = 256;
 
+/// The runtime handed to napi-rs, kept to report its size.
+static RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+
 /// Why `KEEL_WORKER_THREADS` was not used, if it was set to something that is not a count.
 static REJECTED: OnceLock<String> = OnceLock::new();
 
@@ -54,12 +57,23 @@ fn init_runtime() {
         .enable_all()
         .build();
     match runtime {
-        Ok(runtime) => napi::bindgen_prelude::create_custom_tokio_runtime(runtime),
+        Ok(runtime) => {
+            let _ = RUNTIME.set(runtime.handle().clone());
+            napi::bindgen_prelude::create_custom_tokio_runtime(runtime);
+        }
         // napi-rs then builds its own default runtime on first use.
         Err(err) => {
             let _ = REJECTED.set(format!("could not build the tokio runtime: {err}"));
         }
     }
+}
+
+/// How many worker threads the runtime that core runs on has (0 if napi-rs built its own).
+#[napi_derive::napi]
+pub fn worker_threads() -> u32 {
+    RUNTIME
+        .get()
+        .map_or(0, |runtime| runtime.metrics().num_workers() as u32)
 }
 
 /// The error for a `KEEL_WORKER_THREADS` that could not be used, if any.
