@@ -2,7 +2,7 @@
 // what limits the figures. run.mjs starts the server; this module runs wrk against it with
 // wrk/counter.lua and checks the durable counts afterwards. Every target is 127.0.0.1.
 //
-// The shape is the JS generator's (load.mjs, counterWorkload): `connections` keys, one
+// The shape is the JS generator's (load/counter.mjs, counterWorkload): `connections` keys, one
 // connection per key and one request in flight on each (wrk runs one thread per connection,
 // and the Lua script gives each thread its key), every request an `increment` of 1. A short
 // untimed wrk run warms up the same keys first; then the counts are read, and in the timed run

@@ -1,25 +1,25 @@
-//! WebSocket connections: keel's connection protocol and raw sockets.
+//! One actor's connections: each socket's outgoing queue, its frames, and the order they
+//! leave in. Serving the socket (reading the client's messages) is the server's
+//! (`server/socket.rs`); this module is what the actor holds and what writes to the socket.
 //!
-//! Each socket is served by two tracked tasks: a reader, which decodes messages and turns
-//! them into actor commands, and a writer, which drains a bounded outgoing queue onto the
-//! socket. Actors never write to a socket directly: they push frames through a
-//! [`ConnHandle`]. If a client stops reading and its queue passes the bound, the connection
-//! is closed (1013, "try again later") instead of slowing the actor or other clients.
+//! Each socket is served by two tracked tasks: a reader (the server's), which decodes
+//! messages and turns them into actor commands, and a writer (`split`), which drains a
+//! bounded outgoing queue onto the socket. Actors never write to a socket directly: they push
+//! frames through a `ConnHandle`. If a client stops reading and its queue passes the bound,
+//! the connection is closed (1013, "try again later") instead of slowing the actor or other
+//! clients.
 //!
 //! An idle socket must stay cheap, since a server holds thousands of them: its buffers start
-//! small and grow with the traffic (see [`READ_BUFFER_BYTES`]), and what both tasks and the
+//! small and grow with the traffic (see `READ_BUFFER_BYTES`), and what both tasks and the
 //! actor share is one allocation whose outgoing queue holds nothing until a frame is queued.
 //!
 //! One connection's frames leave in the order the actor produced them. The actor queues a
 //! call's events, then its reply (a `ReplySlot`), then any close the call asked for, all in
-//! the release of the call's commit, on the writer's thread; replies also keep call order
-//! when one is made before its call reaches the actor. A close leaves after what was queued
-//! before it.
+//! the release of the call's commit, in commit order; replies also keep call order when one
+//! is made before its call reaches the actor. A close leaves after what was queued before it.
 //!
-//! The protocol (docs/protocol.md): the client's first message is `init` (key, mode, input,
-//! params, subscriptions); then `call`, `sub` and `unsub`. The server answers `ready` or
-//! `error`, `reply` per call, and `event`s. Text frames carry JSON and binary frames CBOR;
-//! the `init` frame picks the connection's encoding.
+//! The frames are keel's connection protocol (docs/protocol.md): the server answers `ready`
+//! or `error`, `reply` per call, and `event`s. Text frames carry JSON and binary frames CBOR.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -29,17 +29,14 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::RwLock;
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::actor::{Command, Reply};
 use crate::cbor;
 use crate::error::{Error, Result};
-use crate::host::{ActionCall, ActorInfo, Encoding, Outbound, Payload, RawSocketEvent};
-use crate::runtime::{Core, Resolve, Target};
+use crate::host::{Encoding, Outbound, Payload};
 
 /// The most frames one connection may have queued.
 pub const MAX_OUTGOING_FRAMES: usize = 1024;
@@ -57,10 +54,8 @@ pub(crate) const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// buffer; tungstenite's holds one frame at a time, allocated on demand (it keeps the
 /// capacity of the largest frame it has written).
 pub(crate) const WRITE_BUFFER_BYTES: usize = 0;
-/// How long a new socket may take to send `init`.
-const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing socket gets to flush its close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Close codes keel uses.
 pub mod close {
@@ -151,7 +146,8 @@ struct Closing {
 }
 
 impl ConnHandle {
-    fn new(id: Arc<str>, encoding: Encoding) -> ConnHandle {
+    /// A handle over a socket that has no writer task yet ([`split`] starts one).
+    pub(crate) fn new(id: Arc<str>, encoding: Encoding) -> ConnHandle {
         ConnHandle {
             id,
             encoding,
@@ -257,8 +253,23 @@ impl ConnHandle {
         self.closing().token.cancel();
     }
 
+    /// Resolves once the connection is closing (by the actor, the server, or an overflow).
+    pub(crate) async fn closed(&self) {
+        self.closing().token.cancelled().await;
+    }
+
+    /// Adds events this connection wants (`sub`, and the `init` subscriptions).
+    pub(crate) fn subscribe(&self, events: impl IntoIterator<Item = String>) {
+        self.shared.subscriptions.write().extend(events);
+    }
+
+    /// Drops an event this connection no longer wants (`unsub`).
+    pub(crate) fn unsubscribe(&self, event: &str) {
+        self.shared.subscriptions.write().remove(event);
+    }
+
     /// The code and reason the connection was closed with, once `close` has been called.
-    fn close_frame(&self) -> (u16, String) {
+    pub(crate) fn close_frame(&self) -> (u16, String) {
         self.closing()
             .frame
             .lock()
@@ -290,6 +301,20 @@ impl ConnHandle {
     }
 }
 
+#[cfg(test)]
+impl ConnHandle {
+    /// Holds the outgoing queue's lock until the guard drops: a test's stand-in for a
+    /// connection that is slow to take a frame.
+    pub(crate) fn hold_queue(&self) -> impl Drop + '_ {
+        self.shared.outgoing.lock()
+    }
+
+    /// Takes the next queued frame, as the writer task would.
+    pub(crate) fn take_frame(&self) -> Option<Message> {
+        self.take_queued()
+    }
+}
+
 /// The promise of one call's reply on a connection. The actor answers it in the release of
 /// the call's commit, right after the call's events and before any close the call caused, so
 /// one connection's frames leave in the order the actor produced them. Dropped unanswered (the
@@ -307,6 +332,28 @@ pub(crate) struct ReplySlot {
 }
 
 impl ReplySlot {
+    /// The slot of call number `seq` on `conn` (numbered in the order the reader read the
+    /// calls), which the client named `id`.
+    pub(crate) fn new(conn: ConnHandle, seq: u64, id: u64, dev: bool) -> ReplySlot {
+        ReplySlot {
+            conn,
+            seq,
+            id,
+            dev,
+            answered: false,
+        }
+    }
+
+    /// The encoding the reply is written in: the connection's.
+    pub(crate) fn encoding(&self) -> Encoding {
+        self.conn.encoding
+    }
+
+    /// The id of the connection the call came over.
+    pub(crate) fn conn_id(&self) -> &Arc<str> {
+        &self.conn.id
+    }
+
     /// Queues the call's `reply` frame (in its turn).
     pub(crate) fn answer(mut self, result: Result<Payload>) {
         self.answered = true;
@@ -401,7 +448,8 @@ pub(crate) fn ready_frame(encoding: Encoding, actor_id: &str, conn_id: &str) -> 
     value_frame(encoding, &value)
 }
 
-fn error_frame(encoding: Encoding, id: Option<u64>, err: &Error, dev: bool) -> Message {
+/// An `error` frame (`id` unset), or the `reply` frame of a failed call.
+pub(crate) fn error_frame(encoding: Encoding, id: Option<u64>, err: &Error, dev: bool) -> Message {
     let mut value = serde_json::json!({ "t": if id.is_some() { "reply" } else { "error" }, "error": err.to_body(dev) });
     if let Some(id) = id {
         value["id"] = id.into();
@@ -442,151 +490,11 @@ fn reply_frame(encoding: Encoding, id: u64, output: &[u8]) -> Message {
     }
 }
 
-/// One decoded client message.
-enum ClientMessage {
-    Init {
-        key: Vec<String>,
-        mode: Resolve,
-        input: Option<Payload>,
-        params: Payload,
-        subscriptions: Vec<String>,
-    },
-    Call {
-        id: u64,
-        action: String,
-        args: Payload,
-    },
-    Subscribe(String),
-    Unsubscribe(String),
-}
-
-#[derive(Deserialize)]
-struct JsonMessage<'a> {
-    t: String,
-    #[serde(default)]
-    key: Option<Vec<String>>,
-    #[serde(default)]
-    mode: Option<String>,
-    #[serde(borrow, default)]
-    input: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    params: Option<&'a RawValue>,
-    #[serde(default)]
-    subs: Option<Vec<String>>,
-    #[serde(default)]
-    id: Option<u64>,
-    #[serde(default)]
-    action: Option<String>,
-    #[serde(borrow, default)]
-    args: Option<&'a RawValue>,
-    #[serde(default)]
-    event: Option<String>,
-}
-
-fn parse_mode(mode: Option<&str>) -> Result<Resolve> {
-    match mode {
-        None | Some("getOrCreate") => Ok(Resolve::GetOrCreate),
-        Some("get") => Ok(Resolve::Get),
-        Some("create") => Ok(Resolve::Create),
-        Some(other) => Err(Error::malformed(format!("unknown mode {other:?}"))),
-    }
-}
-
-impl ClientMessage {
-    fn parse(frame: &Message, encoding: Encoding) -> Result<ClientMessage> {
-        match (frame, encoding) {
-            (Message::Text(text), Encoding::Json) => Self::parse_json(text.as_bytes()),
-            (Message::Binary(data), Encoding::Cbor) => Self::parse_cbor(data),
-            _ => Err(Error::malformed(
-                "a connection's messages keep the encoding of its init message",
-            )),
-        }
-    }
-
-    fn parse_json(bytes: &[u8]) -> Result<ClientMessage> {
-        let message: JsonMessage = serde_json::from_slice(bytes)
-            .map_err(|err| Error::malformed(format!("invalid JSON message: {err}")))?;
-        let missing = |field: &str| Error::malformed(format!("the message needs {field:?}"));
-        Ok(match message.t.as_str() {
-            "init" => ClientMessage::Init {
-                key: message.key.ok_or_else(|| missing("key"))?,
-                mode: parse_mode(message.mode.as_deref())?,
-                input: message.input.map(|raw| Payload::json(raw.get())),
-                params: Payload::json(message.params.map_or("null", RawValue::get)),
-                subscriptions: message.subs.unwrap_or_default(),
-            },
-            "call" => {
-                let args = message.args.map_or("[]", RawValue::get);
-                if !args.trim_start().starts_with('[') {
-                    return Err(Error::malformed("\"args\" must be an array"));
-                }
-                ClientMessage::Call {
-                    id: message.id.ok_or_else(|| missing("id"))?,
-                    action: message.action.ok_or_else(|| missing("action"))?,
-                    args: Payload::json(args),
-                }
-            }
-            "sub" => ClientMessage::Subscribe(message.event.ok_or_else(|| missing("event"))?),
-            "unsub" => ClientMessage::Unsubscribe(message.event.ok_or_else(|| missing("event"))?),
-            other => return Err(Error::malformed(format!("unknown message type {other:?}"))),
-        })
-    }
-
-    fn parse_cbor(bytes: &[u8]) -> Result<ClientMessage> {
-        let mut t = None;
-        let mut key = None;
-        let mut mode = None;
-        let mut input = None;
-        let mut params = None;
-        let mut subs = Vec::new();
-        let mut id = None;
-        let mut action = None;
-        let mut args = None;
-        let mut event = None;
-        for (name, range) in cbor::map_entries(bytes)? {
-            let at = range.start;
-            match name.as_str() {
-                "t" => t = Some(cbor::text(bytes, at)?),
-                "key" => key = Some(cbor::text_array(bytes, at)?),
-                "mode" => mode = Some(cbor::text(bytes, at)?),
-                "input" => input = Some(Payload::cbor(bytes[range].to_vec())),
-                "params" => params = Some(Payload::cbor(bytes[range].to_vec())),
-                "subs" => subs = cbor::text_array(bytes, at)?,
-                "id" => id = Some(cbor::uint(bytes, at)?),
-                "action" => action = Some(cbor::text(bytes, at)?),
-                "args" if cbor::is_array(bytes, at) => {
-                    args = Some(Payload::cbor(bytes[range].to_vec()))
-                }
-                "args" => return Err(Error::malformed("\"args\" must be an array")),
-                "event" => event = Some(cbor::text(bytes, at)?),
-                _ => {}
-            }
-        }
-        let missing = |field: &str| Error::malformed(format!("the message needs {field:?}"));
-        Ok(match t.as_deref() {
-            Some("init") => ClientMessage::Init {
-                key: key.ok_or_else(|| missing("key"))?,
-                mode: parse_mode(mode.as_deref())?,
-                input,
-                params: params.unwrap_or_else(|| Payload::cbor(vec![0xf6])),
-                subscriptions: subs,
-            },
-            Some("call") => ClientMessage::Call {
-                id: id.ok_or_else(|| missing("id"))?,
-                action: action.ok_or_else(|| missing("action"))?,
-                args: args.unwrap_or_else(|| Payload::cbor(vec![0x80])),
-            },
-            Some("sub") => ClientMessage::Subscribe(event.ok_or_else(|| missing("event"))?),
-            Some("unsub") => ClientMessage::Unsubscribe(event.ok_or_else(|| missing("event"))?),
-            Some(other) => return Err(Error::malformed(format!("unknown message type {other:?}"))),
-            None => return Err(missing("t")),
-        })
-    }
-}
-
-/// Splits a socket into a writer task (tracked) and returns the reader half and the handle.
-fn split(
-    core: &Arc<Core>,
+/// Splits a socket into a writer task (on `tracker`) and returns the reader half and the
+/// handle. `force` is the runtime's forced-drain token: it drops the socket at once.
+pub(crate) fn split(
+    tracker: &TaskTracker,
+    force: &CancellationToken,
     socket: WebSocket,
     id: Arc<str>,
     encoding: Encoding,
@@ -597,8 +505,8 @@ fn split(
     // The writer's own handle keeps the shared state alive; the task ends on a close, a
     // forced drain or a failed write, never because the other handles are gone.
     let writer_handle = handle.clone();
-    let force = core.force.clone();
-    core.tracker.spawn(
+    let force = force.clone();
+    tracker.spawn(
         async move {
             let _ended = WriterEnded(writer_handle.clone());
             let closing = writer_handle.closing().token.clone();
@@ -657,401 +565,6 @@ async fn abandon_write(closing: &Closing) {
     }
 }
 
-/// Serves one socket of keel's connection protocol for actor type `name`.
-pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: String) {
-    let dev = core.config.dev;
-    let mut socket = socket;
-    // The first message names the actor and fixes the encoding.
-    let first = tokio::select! {
-        // The drain began before the client introduced itself: just drop the socket.
-        biased;
-        _ = core.stop.cancelled() => return,
-        // The init message, within its timeout.
-        // Boxed: see below.
-        first = Box::pin(tokio::time::timeout(INIT_TIMEOUT, socket.recv())) => first,
-    };
-    let first = match first {
-        Ok(Some(Ok(frame))) => frame,
-        Ok(Some(Err(err))) => {
-            let (code, reason) = classify_read_error(&err);
-            let _ = socket
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })))
-                .await;
-            return;
-        }
-        Ok(None) => return,
-        Err(_) => {
-            let frame = CloseFrame {
-                code: close::POLICY,
-                reason: "no init message".into(),
-            };
-            let _ = socket.send(Message::Close(Some(frame))).await;
-            return;
-        }
-    };
-    let encoding = match first {
-        Message::Binary(_) => Encoding::Cbor,
-        _ => Encoding::Json,
-    };
-    let init = ClientMessage::parse(&first, encoding);
-    let (key, mode, input, params, subscriptions) = match init {
-        Ok(ClientMessage::Init {
-            key,
-            mode,
-            input,
-            params,
-            subscriptions,
-        }) => (key, mode, input, params, subscriptions),
-        Ok(_) => {
-            return Box::pin(reject(
-                socket,
-                encoding,
-                &Error::malformed("the first message must be init"),
-                dev,
-            ))
-            .await
-        }
-        Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
-    };
-    let target = Target::Key {
-        name,
-        key,
-        mode,
-        input,
-    };
-    // Boxed, as every large step of a socket's task: the task's future is as large as its
-    // largest state and lives as long as the socket, so steps that run once (resolving the
-    // actor, admitting the connection) or briefly (a call) take heap only while they run.
-    let info = match Box::pin(crate::runtime::resolve_on(&core, target)).await {
-        Ok(info) => info,
-        Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
-    };
-    let conn_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
-    let span = tracing::debug_span!(parent: &crate::actor::ActorTask::span(&info), "connection", conn_id = %conn_id);
-    let (mut stream, conn) = split(&core, socket, conn_id.clone(), encoding, span.clone());
-    conn.shared.subscriptions.write().extend(subscriptions);
-
-    async {
-        // Listed before it is admitted: the actor sends `ready` itself, so a client that has
-        // heard `ready` must already find its connection in the inspector and the gauge. A
-        // rejected connection leaves the list when this guard drops.
-        let _listed = core
-            .connections
-            .open(info.id.clone(), inspector_info(&core, &conn));
-        let accepted = Box::pin(connect(&core, &info, &conn, params)).await;
-        if let Err(err) = accepted {
-            tracing::debug!(error = %err, "connection rejected");
-            conn.push(error_frame(encoding, None, &err, dev));
-            conn.close(close::POLICY, "connection rejected");
-            return;
-        }
-        tracing::debug!("connection open");
-        read_loop(&core, &info, &conn, &mut stream).await;
-        // Tell the actor, whichever way the socket ended, unless it has already left: a
-        // stopping actor forgets its connections itself, and must not be woken for this.
-        if let Some(handle) = core.live_handle(&info.id) {
-            // The actor may be stopping; then it has forgotten the connection already.
-            let _ = handle.send(Command::Disconnect {
-                conn_id: conn.id.clone(),
-            });
-        }
-        tracing::debug!("connection closed");
-    }
-    .instrument(span)
-    .await;
-}
-
-/// What the inspector shows of a connection. Its params are left out: they often carry
-/// credentials.
-fn inspector_info(core: &Core, conn: &ConnHandle) -> crate::inspector::ConnectionInfo {
-    /// The details of every connection of an encoding, allocated once and shared.
-    static DETAILS: std::sync::LazyLock<[Arc<serde_json::Value>; 2]> =
-        std::sync::LazyLock::new(|| {
-            [Encoding::Json, Encoding::Cbor]
-                .map(|encoding| Arc::new(serde_json::json!({ "encoding": encoding.as_str() })))
-        });
-    let details = match conn.encoding {
-        Encoding::Json => &DETAILS[0],
-        Encoding::Cbor => &DETAILS[1],
-    };
-    crate::inspector::ConnectionInfo {
-        id: conn.id.to_string(),
-        opened_at_ms: core.clock.now_ms(),
-        details: details.clone(),
-    }
-}
-
-async fn reject(mut socket: WebSocket, encoding: Encoding, err: &Error, dev: bool) {
-    let _ = socket.send(error_frame(encoding, None, err, dev)).await;
-    let frame = CloseFrame {
-        code: close::POLICY,
-        reason: Utf8Bytes::from(format!("{}.{}", err.group(), err.code())),
-    };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
-}
-
-/// Asks the actor (waking it if needed) to admit the connection.
-async fn connect(
-    core: &Arc<Core>,
-    info: &Arc<ActorInfo>,
-    conn: &ConnHandle,
-    params: Payload,
-) -> Result<()> {
-    let (reply, rx) = oneshot::channel();
-    let command = Command::Connect {
-        conn: conn.clone(),
-        params,
-        reply,
-    };
-    core.deliver(info, command).await?;
-    rx.await.map_err(|_| Error::ActorStopped)?
-}
-
-async fn read_loop(
-    core: &Arc<Core>,
-    info: &Arc<ActorInfo>,
-    conn: &ConnHandle,
-    stream: &mut futures_util::stream::SplitStream<WebSocket>,
-) {
-    let dev = core.config.dev;
-    // The number of the next call, for the order of replies.
-    let mut seq = 0;
-    loop {
-        let next = tokio::select! {
-            // Closed by the actor, the server, or a slow-consumer overflow.
-            biased;
-            _ = conn.closing().token.cancelled() => return,
-            // The next message from the client.
-            next = stream.next() => next,
-        };
-        let frame = match next {
-            Some(Ok(frame)) => frame,
-            Some(Err(err)) => {
-                let (code, reason) = classify_read_error(&err);
-                conn.close(code, &reason);
-                return;
-            }
-            None => return,
-        };
-        if matches!(frame, Message::Close(_)) {
-            return;
-        }
-        if matches!(frame, Message::Ping(_) | Message::Pong(_)) {
-            continue;
-        }
-        match ClientMessage::parse(&frame, conn.encoding) {
-            Ok(ClientMessage::Call { id, action, args }) => {
-                let reply = ReplySlot {
-                    conn: conn.clone(),
-                    seq,
-                    id,
-                    dev,
-                    answered: false,
-                };
-                seq += 1;
-                // Boxed: see `serve_keel_socket`.
-                Box::pin(call(core, info, reply, action, args)).await;
-            }
-            Ok(ClientMessage::Subscribe(event)) => {
-                conn.shared.subscriptions.write().insert(event);
-            }
-            Ok(ClientMessage::Unsubscribe(event)) => {
-                conn.shared.subscriptions.write().remove(&event);
-            }
-            Ok(ClientMessage::Init { .. }) => {
-                conn.push(error_frame(
-                    conn.encoding,
-                    None,
-                    &Error::malformed("init was already sent"),
-                    dev,
-                ));
-                conn.close(close::POLICY, "init was already sent");
-                return;
-            }
-            Err(err) => {
-                conn.push(error_frame(conn.encoding, None, &err, dev));
-                let code = if matches!(err, Error::RequestMalformed { .. }) {
-                    close::POLICY
-                } else {
-                    close::INVALID_PAYLOAD
-                };
-                conn.close(code, "malformed message");
-                return;
-            }
-        }
-    }
-}
-
-/// Runs one action for a connection. The call enters the actor's mailbox before the reader
-/// takes the next message, so one connection's calls run in the order it sent them; the actor
-/// answers `reply` when the call's commit is released, so reading goes on meanwhile.
-async fn call(
-    core: &Arc<Core>,
-    info: &Arc<ActorInfo>,
-    reply: ReplySlot,
-    action: String,
-    args: Payload,
-) {
-    if let Err(err) = core
-        .types
-        .get(&info.name)
-        .and_then(|t| t.check_action(&action))
-    {
-        return reply.answer(Err(err));
-    }
-    let call = ActionCall {
-        action,
-        args,
-        output: reply.conn.encoding,
-        conn_id: Some(reply.conn.id.to_string()),
-    };
-    let command = Command::Action {
-        call,
-        reply: Reply::Conn(reply),
-    };
-    if let Err(failed) = core.deliver_or_return(info, command).await {
-        if let (err, Command::Action { reply, .. }) = *failed {
-            reply.send(Err(err));
-        }
-    }
-}
-
-/// The close code and reason for a socket whose read failed, chosen by the WebSocket
-/// library's error variant (axum's error wraps tungstenite's): a message past the size limit
-/// is 1009, a text message that is not UTF-8 is 1007, any other framing failure is 1008.
-fn classify_read_error(err: &axum::Error) -> (u16, String) {
-    use tungstenite::error::{CapacityError, Error as WsError};
-    let ws_error = std::error::Error::source(err).and_then(|inner| inner.downcast_ref::<WsError>());
-    match ws_error {
-        Some(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
-            (close::TOO_BIG, "message too big".to_string())
-        }
-        Some(WsError::Utf8(_)) => (close::INVALID_PAYLOAD, "invalid UTF-8".to_string()),
-        _ => (close::POLICY, "protocol error".to_string()),
-    }
-}
-
-/// Serves a raw WebSocket handed to the actor's `onWebSocket`.
-pub(crate) async fn serve_raw_socket(
-    core: Arc<Core>,
-    socket: WebSocket,
-    info: Arc<ActorInfo>,
-    path: String,
-    headers: Vec<(String, String)>,
-) {
-    let socket_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
-    let span = tracing::debug_span!(parent: &crate::actor::ActorTask::span(&info), "raw_socket", socket_id = %socket_id);
-    let (mut stream, conn) = split(
-        &core,
-        socket,
-        socket_id.clone(),
-        Encoding::Json,
-        span.clone(),
-    );
-    async {
-        core.raw_sockets
-            .lock()
-            .insert(socket_id.clone(), conn.clone());
-        let open = RawSocketEvent::Open {
-            socket_id: socket_id.to_string(),
-            path,
-            headers,
-        };
-        // Boxed, so the socket's idle task does not keep room for it: see `serve_keel_socket`.
-        if let Err(err) = Box::pin(raw_event(&core, &info, Some(conn.clone()), open)).await {
-            tracing::debug!(error = %err, "raw socket refused");
-            conn.close(close::POLICY, &format!("{}.{}", err.group(), err.code()));
-        } else {
-            let (code, reason) = loop {
-                let next = tokio::select! {
-                    // Closed by user code or the actor stopping.
-                    biased;
-                    _ = conn.closing().token.cancelled() => break conn.close_frame(),
-                    // The next message from the peer.
-                    next = stream.next() => next,
-                };
-                let (data, binary) = match next {
-                    Some(Ok(Message::Text(text))) => (text.as_bytes().to_vec(), false),
-                    Some(Ok(Message::Binary(data))) => (data.to_vec(), true),
-                    Some(Ok(Message::Close(frame))) => {
-                        let (code, reason) = frame.map_or((close::NORMAL, String::new()), |f| {
-                            (f.code, f.reason.to_string())
-                        });
-                        // Answers the peer's close, so the writer ends and the peer is not
-                        // left waiting for its close timeout.
-                        conn.close(code, &reason);
-                        break (code, reason);
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(err)) => {
-                        let (code, reason) = classify_read_error(&err);
-                        conn.close(code, &reason);
-                        break (code, reason);
-                    }
-                    None => break (1006, String::new()),
-                };
-                let message = RawSocketEvent::Message {
-                    socket_id: socket_id.to_string(),
-                    data,
-                    binary,
-                };
-                if let Err(err) = raw_event_live(&core, &info, message).await {
-                    tracing::debug!(error = %err, "delivering a raw message failed");
-                }
-            };
-            let closed = RawSocketEvent::Close {
-                socket_id: socket_id.to_string(),
-                code,
-                reason,
-            };
-            // The actor may be stopping; then it runs the close listeners itself.
-            let _ = raw_event_live(&core, &info, closed).await;
-        }
-        core.raw_sockets.lock().remove(&socket_id);
-    }
-    .instrument(span)
-    .await;
-}
-
-/// Delivers a raw socket's message or close to the actor's live task, never waking it: the
-/// socket is open only while its actor is awake, and a stopping actor closes its sockets and
-/// runs their close listeners itself, so an actor that went to sleep stays asleep.
-async fn raw_event_live(
-    core: &Arc<Core>,
-    info: &Arc<ActorInfo>,
-    event: RawSocketEvent,
-) -> Result<()> {
-    let handle = core.live_handle(&info.id).ok_or(Error::ActorStopped)?;
-    let (reply, rx) = oneshot::channel();
-    let command = Command::RawSocket {
-        event,
-        socket: None,
-        reply,
-    };
-    handle.send(command)?;
-    rx.await.map_err(|_| Error::ActorStopped)?
-}
-
-/// Delivers a raw socket event through the actor's mailbox, in order with its other work.
-async fn raw_event(
-    core: &Arc<Core>,
-    info: &Arc<ActorInfo>,
-    socket: Option<ConnHandle>,
-    event: RawSocketEvent,
-) -> Result<()> {
-    let (reply, rx) = oneshot::channel();
-    let command = Command::RawSocket {
-        event,
-        socket,
-        reply,
-    };
-    core.deliver(info, command).await?;
-    rx.await.map_err(|_| Error::ActorStopped)?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1077,25 +590,6 @@ mod tests {
             json: Some(b"\"hi\"".to_vec()),
             cbor: Some(vec![0x62, b'h', b'i']),
         }
-    }
-
-    #[test]
-    fn read_errors_choose_their_close_code_by_variant_not_by_text() {
-        use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-        let code = |err: WsError| classify_read_error(&axum::Error::new(err)).0;
-        let too_long = CapacityError::MessageTooLong {
-            size: 2,
-            max_size: 1,
-        };
-        assert_eq!(code(WsError::Capacity(too_long)), close::TOO_BIG);
-        assert_eq!(code(WsError::Utf8("bad".into())), close::INVALID_PAYLOAD);
-        // Messages that merely mention a size or UTF-8 are protocol errors.
-        assert_eq!(
-            code(WsError::Protocol(ProtocolError::ControlFrameTooBig)),
-            close::POLICY
-        );
-        let io = std::io::Error::other("stream did not contain valid UTF-8, message too long");
-        assert_eq!(code(WsError::Io(io)), close::POLICY);
     }
 
     #[test]
@@ -1240,42 +734,5 @@ mod tests {
         assert!(!slow.closing().token.is_cancelled());
         slow.push(Message::Text("a".into()));
         assert!(slow.closing().token.is_cancelled());
-    }
-
-    #[test]
-    fn client_messages_parse_in_both_encodings() {
-        let json = Message::Text(r#"{"t":"call","id":3,"action":"send","args":["x"]}"#.into());
-        let ClientMessage::Call { id, action, args } =
-            ClientMessage::parse(&json, Encoding::Json).unwrap()
-        else {
-            panic!("a call")
-        };
-        assert_eq!(
-            (id, action.as_str(), args.bytes.as_slice()),
-            (3, "send", br#"["x"]"#.as_slice())
-        );
-        let mut cbor_frame = Vec::new();
-        cbor::write_json(
-            &mut cbor_frame,
-            &serde_json::json!({"t": "sub", "event": "chat"}),
-        );
-        let parsed =
-            ClientMessage::parse(&Message::Binary(cbor_frame.into()), Encoding::Cbor).unwrap();
-        assert!(matches!(parsed, ClientMessage::Subscribe(event) if event == "chat"));
-        for bad in [
-            r#"{"t":"call","id":1}"#,
-            r#"{"t":"nope"}"#,
-            r#"{"t":"call","id":1,"action":"a","args":5}"#,
-            "[]",
-        ] {
-            assert!(
-                ClientMessage::parse(&Message::Text(bad.into()), Encoding::Json).is_err(),
-                "{bad}"
-            );
-        }
-        assert!(
-            ClientMessage::parse(&Message::Binary(vec![0xa0].into()), Encoding::Json).is_err(),
-            "encodings do not mix"
-        );
     }
 }

@@ -1,0 +1,325 @@
+//! Who starts and stops actors in engine mode: the engine, through start and stop commands
+//! that carry a generation.
+//!
+//! [`Callbacks`] implements the client's `EnvoyCallbacks` and turns each command into an
+//! [`EngineEvent`] on a bounded channel that the caller of [`crate::connect`] drains. The
+//! client reports the actor `Running` only once the start callback returns, so a start event
+//! carries a [`StartReply`] that the receiver answers once the actor can take requests; the
+//! stop event carries a [`StopDone`], and the client reports `Stopped` only once that is
+//! completed (teardown, including the last commit, is done).
+//!
+//! What must stay true: a stop is always completed, even when nobody answers (a dropped
+//! [`StopDone`] completes as failed, which the engine records as a crash and handles by its
+//! crash policy) because the engine otherwise waits for it up to its stop threshold (30
+//! minutes by default). No protocol type leaves this crate: the reason is keel's
+//! [`EngineStopReason`].
+
+use std::collections::HashMap;
+
+use rivet_envoy_client::config::{
+    ActorStopHandle, BoxFuture, EnvoyCallbacks, HttpRequest, HttpResponse, WebSocketHandler,
+    WebSocketSender,
+};
+use rivet_envoy_client::handle::EnvoyHandle;
+use rivet_envoy_client::protocol;
+use tokio::sync::{mpsc, oneshot};
+
+/// How many engine events may wait for the receiver before the envoy's callbacks wait too.
+pub const MAX_PENDING_EVENTS: usize = 1024;
+
+/// Why the engine stops an actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineStopReason {
+    /// keel asked it to sleep; the data is kept and the next request starts it again.
+    Sleep,
+    /// keel asked for it to be destroyed.
+    StopIntent,
+    /// The actor was destroyed through the engine's API.
+    Destroy,
+    /// The envoy is draining (or the engine moves the actor); the actor is left asleep.
+    GoingAway,
+    /// The engine lost contact with this envoy and may already run the actor elsewhere.
+    Lost,
+}
+
+impl EngineStopReason {
+    fn from_protocol(reason: &protocol::StopActorReason) -> EngineStopReason {
+        use protocol::StopActorReason as Reason;
+        match reason {
+            Reason::SleepIntent => EngineStopReason::Sleep,
+            Reason::StopIntent => EngineStopReason::StopIntent,
+            Reason::Destroy => EngineStopReason::Destroy,
+            Reason::GoingAway => EngineStopReason::GoingAway,
+            Reason::Lost => EngineStopReason::Lost,
+        }
+    }
+
+    /// How keel-core's actor should stop for this reason. A lost actor is discarded without
+    /// hooks: a successor may already own it, and its writes would be fenced off anyway.
+    pub fn core(self) -> keel_core::StopReason {
+        match self {
+            EngineStopReason::Sleep => keel_core::StopReason::Sleep,
+            EngineStopReason::StopIntent | EngineStopReason::Destroy => {
+                keel_core::StopReason::Destroy
+            }
+            EngineStopReason::GoingAway => keel_core::StopReason::Shutdown,
+            EngineStopReason::Lost => keel_core::StopReason::Reset,
+        }
+    }
+
+    /// The name used in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineStopReason::Sleep => "sleep",
+            EngineStopReason::StopIntent => "stop_intent",
+            EngineStopReason::Destroy => "destroy",
+            EngineStopReason::GoingAway => "going_away",
+            EngineStopReason::Lost => "lost",
+        }
+    }
+}
+
+/// A command from the engine for one actor.
+#[derive(Debug)]
+pub enum EngineEvent {
+    /// Start the actor at `generation`.
+    Start {
+        /// The engine's actor id.
+        actor_id: String,
+        /// The actor type's name.
+        name: String,
+        /// The canonical key string (the engine uses keel's key codec); `None` for no key.
+        key: Option<String>,
+        /// The activation's generation; every storage request of this activation carries it.
+        generation: u32,
+        /// When the engine created the actor, in epoch milliseconds.
+        created_at_ms: i64,
+        /// The creation input's bytes, as the creator sent them.
+        input: Option<Vec<u8>>,
+        /// Answer once the actor takes requests (or failed to start).
+        reply: StartReply,
+    },
+    /// Stop the actor's activation at `generation`.
+    Stop {
+        /// The engine's actor id.
+        actor_id: String,
+        /// The activation being stopped.
+        generation: u32,
+        /// Why.
+        reason: EngineStopReason,
+        /// Complete once teardown (and its last commit) is done.
+        done: StopDone,
+    },
+}
+
+/// The answer to a start: the envoy reports the actor running (or failed) once it is sent.
+#[derive(Debug)]
+pub struct StartReply {
+    /// The start callback awaits the other end; dropping this fails the start.
+    tx: oneshot::Sender<keel_core::Result<()>>,
+}
+
+impl StartReply {
+    /// Reports the start's outcome. A failed start is reported to the engine as a crash.
+    pub fn send(self, result: keel_core::Result<()>) {
+        // The callback gave up waiting only if the envoy itself is gone; nothing to tell then.
+        let _ = self.tx.send(result);
+    }
+}
+
+/// Completes one stop. Completing it (or dropping it) lets the envoy report `Stopped`.
+pub struct StopDone {
+    handle: Option<ActorStopHandle>,
+}
+
+impl std::fmt::Debug for StopDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopDone")
+            .field("pending", &self.handle.is_some())
+            .finish()
+    }
+}
+
+impl StopDone {
+    /// Teardown finished cleanly.
+    pub fn complete(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.complete();
+        }
+    }
+
+    /// Teardown failed; the engine records a crash.
+    pub fn fail(mut self, err: &keel_core::Error) {
+        if let Some(handle) = self.handle.take() {
+            handle.fail(anyhow::anyhow!("{}.{}: {err}", err.group(), err.code()));
+        }
+    }
+}
+
+impl Drop for StopDone {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.fail(anyhow::anyhow!(
+                "the actor's stop was dropped without completing"
+            ));
+        }
+    }
+}
+
+/// The envoy's callbacks: forwards commands as [`EngineEvent`]s.
+pub(crate) struct Callbacks {
+    /// Drained by the caller of `connect`; a closed receiver fails starts and completes stops.
+    events: mpsc::Sender<EngineEvent>,
+}
+
+impl Callbacks {
+    pub fn new() -> (Callbacks, mpsc::Receiver<EngineEvent>) {
+        let (events, rx) = mpsc::channel(MAX_PENDING_EVENTS);
+        (Callbacks { events }, rx)
+    }
+}
+
+impl EnvoyCallbacks for Callbacks {
+    fn on_actor_start(
+        &self,
+        _handle: EnvoyHandle,
+        actor_id: String,
+        generation: u32,
+        config: protocol::ActorConfig,
+        _preloaded_kv: Option<protocol::PreloadedKv>,
+    ) -> BoxFuture<anyhow::Result<()>> {
+        let events = self.events.clone();
+        Box::pin(async move {
+            tracing::debug!(%actor_id, generation, name = %config.name, "engine starts actor");
+            let (tx, rx) = oneshot::channel();
+            let event = EngineEvent::Start {
+                actor_id,
+                name: config.name,
+                key: config.key,
+                generation,
+                created_at_ms: config.create_ts,
+                input: config.input,
+                reply: StartReply { tx },
+            };
+            events
+                .send(event)
+                .await
+                .map_err(|_| anyhow::anyhow!("keel no longer takes engine events"))?;
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => Err(anyhow::anyhow!("{}.{}: {err}", err.group(), err.code())),
+                Err(_) => Err(anyhow::anyhow!("the actor's start was dropped unanswered")),
+            }
+        })
+    }
+
+    fn on_actor_stop_with_completion(
+        &self,
+        _handle: EnvoyHandle,
+        actor_id: String,
+        generation: u32,
+        reason: protocol::StopActorReason,
+        stop_handle: ActorStopHandle,
+    ) -> BoxFuture<anyhow::Result<()>> {
+        let events = self.events.clone();
+        let reason = EngineStopReason::from_protocol(&reason);
+        Box::pin(async move {
+            tracing::debug!(%actor_id, generation, reason = reason.as_str(), "engine stops actor");
+            let event = EngineEvent::Stop {
+                actor_id,
+                generation,
+                reason,
+                done: StopDone {
+                    handle: Some(stop_handle),
+                },
+            };
+            // A closed receiver drops the event, and with it `done`, which completes the stop
+            // as failed: nobody is left to tear the actor down.
+            let _ = events.send(event).await;
+            Ok(())
+        })
+    }
+
+    fn on_shutdown(&self) {
+        tracing::debug!("envoy shut down");
+    }
+
+    fn fetch(
+        &self,
+        _handle: EnvoyHandle,
+        actor_id: String,
+        _gateway_id: protocol::GatewayId,
+        _request_id: protocol::RequestId,
+        request: HttpRequest,
+    ) -> BoxFuture<anyhow::Result<HttpResponse>> {
+        // Tunneled requests are not routed to keel's actors yet: answer every one with keel's
+        // own structured error, so callers see a clear 404 rather than a hung request.
+        let err = keel_core::Error::RouteNotFound {
+            method: request.method.clone(),
+            path: request.path.clone(),
+        };
+        tracing::debug!(%actor_id, method = %request.method, path = %request.path, "tunneled request has no route");
+        Box::pin(async move {
+            let body = serde_json::to_vec(&err.to_body(false))?;
+            let mut headers = HashMap::new();
+            headers.insert("content-type".to_string(), "application/json".to_string());
+            Ok(HttpResponse {
+                status: err.http_status(),
+                headers,
+                body: Some(body),
+                body_stream: None,
+            })
+        })
+    }
+
+    fn websocket(
+        &self,
+        _handle: EnvoyHandle,
+        actor_id: String,
+        _gateway_id: protocol::GatewayId,
+        _request_id: protocol::RequestId,
+        _request: HttpRequest,
+        path: String,
+        _headers: HashMap<String, String>,
+        _is_hibernatable: bool,
+        _is_restoring_hibernatable: bool,
+        _sender: WebSocketSender,
+    ) -> BoxFuture<anyhow::Result<WebSocketHandler>> {
+        tracing::debug!(%actor_id, %path, "tunneled websocket has no route");
+        Box::pin(async move { Err(anyhow::anyhow!("no websocket route for {path}")) })
+    }
+
+    fn can_hibernate(
+        &self,
+        _actor_id: &str,
+        _gateway_id: &protocol::GatewayId,
+        _request_id: &protocol::RequestId,
+        _request: &HttpRequest,
+    ) -> BoxFuture<anyhow::Result<bool>> {
+        Box::pin(async { Ok(false) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_engine_stop_reason_maps_onto_a_core_stop() {
+        use keel_core::StopReason as Core;
+        let cases = [
+            (protocol::StopActorReason::SleepIntent, Core::Sleep),
+            (protocol::StopActorReason::StopIntent, Core::Destroy),
+            (protocol::StopActorReason::Destroy, Core::Destroy),
+            (protocol::StopActorReason::GoingAway, Core::Shutdown),
+            (protocol::StopActorReason::Lost, Core::Reset),
+        ];
+        for (reason, core) in cases {
+            assert_eq!(
+                EngineStopReason::from_protocol(&reason).core(),
+                core,
+                "{reason:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,720 @@
+//! One actor's durable data in the engine: its schema, its snapshot, and its group commit.
+//!
+//! Each engine actor has its own SQLite database in the engine, reached only through the
+//! generation-fenced remote SQLite requests (see `remote.rs`); the engine's KV requests are not
+//! fenced, so nothing durable goes there. The schema mirrors what keel-core's `store.rs` keeps
+//! per actor, so one actor model maps one to one: `keel_actor` (one row: identity, creation
+//! input, state and its encoding), `keel_kv`, `keel_schedules`, and `keel_schema` (the version,
+//! for forward migrations).
+//!
+//! What must stay true:
+//! - One commit is one atomic batch, or part of one: its writes land together or not at all.
+//! - At most one batch per actor instance is in flight. Commits queued behind it coalesce into
+//!   the next batch (group commit per actor), in the order they were queued.
+//! - A commit's release runs only after the batch holding it was acknowledged (or failed), and
+//!   releases run in commit order.
+//! - After a failed batch the store refuses every later commit with that batch's error: those
+//!   commits were computed on top of writes that may not have landed. The owner recovers by
+//!   opening a new store (which loads what is committed), or stops if it was fenced off.
+
+use std::time::{Duration, Instant};
+
+use keel_core::store::{ActorSnapshot, StoredSchedule};
+use keel_core::writer::{Release, Settle, Writes};
+use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::remote::Remote;
+use crate::sql::{damage, Rows, Statement, Value};
+
+/// The schema version this build writes; a newer one is `storage.too_new`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The most statements one coalesced batch carries. A single commit larger than this still
+/// goes as one batch: a commit is never split.
+const MAX_BATCH_STATEMENTS: usize = 1024;
+
+/// The most bytes (roughly, as sent) one coalesced batch carries; the engine answers frames
+/// up to 20 MiB, and smaller batches keep one slow commit from holding many replies.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Creates the schema if absent; every statement is idempotent, so this runs on every start.
+const CREATE_SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS keel_schema (version INTEGER NOT NULL) STRICT",
+    "INSERT INTO keel_schema (version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM keel_schema)",
+    "CREATE TABLE IF NOT EXISTS keel_actor (
+        id              INTEGER PRIMARY KEY CHECK (id = 1),
+        name            TEXT NOT NULL,
+        key             TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        input           BLOB,
+        input_encoding  TEXT,
+        state           BLOB,
+        state_encoding  TEXT
+    ) STRICT",
+    "CREATE TABLE IF NOT EXISTS keel_kv (
+        key    BLOB PRIMARY KEY,
+        value  BLOB NOT NULL
+    ) STRICT, WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS keel_schedules (
+        id        TEXT PRIMARY KEY,
+        at_ms     INTEGER NOT NULL,
+        action    TEXT NOT NULL,
+        args      BLOB NOT NULL,
+        attempts  INTEGER NOT NULL DEFAULT 0
+    ) STRICT",
+    "CREATE INDEX IF NOT EXISTS keel_schedules_by_due ON keel_schedules (at_ms, id)",
+];
+
+/// Inserts the actor's row on its first start only; later starts keep what is stored.
+const INSERT_ACTOR: &str =
+    "INSERT INTO keel_actor (id, name, key, created_at, input, input_encoding) \
+     VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING";
+
+/// The reads of a load, in this order.
+const LOAD: &[&str] = &[
+    "SELECT version FROM keel_schema",
+    "SELECT state, state_encoding, input, input_encoding FROM keel_actor WHERE id = 1",
+    "SELECT id, at_ms, action, args, attempts FROM keel_schedules ORDER BY at_ms, id",
+];
+
+/// Who the actor is, written once, on its first start.
+#[derive(Debug, Clone)]
+pub struct ActorIdentity {
+    /// The actor type's name.
+    pub name: String,
+    /// The canonical key string.
+    pub key: String,
+    /// When the engine created the actor, in epoch milliseconds.
+    pub created_at_ms: i64,
+    /// The creation input, kept until the state is first written.
+    pub input: Option<Payload>,
+}
+
+/// What an actor's start needs: its state and creation input, and its pending schedules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last committed state with its encoding; `None` until the state was first written.
+    pub state: Option<Payload>,
+    /// The creation input, present until the state was first written.
+    pub input: Option<Payload>,
+    /// Pending schedules, soonest first.
+    pub schedules: Vec<StoredSchedule>,
+}
+
+impl Snapshot {
+    /// keel-core's start snapshot (state and input; schedules go to the alarm index).
+    pub fn core(&self) -> ActorSnapshot {
+        ActorSnapshot {
+            state: self.state.as_ref().map(|state| state.bytes.clone()),
+            input: self.input.clone(),
+        }
+    }
+}
+
+/// Counters of one store's group commit, published after every change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Batches sent so far (acknowledged, failed or in flight).
+    pub batches: u64,
+    /// Commits (and deletes) whose batch was acknowledged.
+    pub acknowledged: u64,
+    /// Commits (and deletes) whose batch failed, or that were refused after a failure.
+    pub failed: u64,
+    /// Whether a batch is in flight now.
+    pub in_flight: bool,
+    /// The round trip of the last acknowledged batch.
+    pub last_round_trip: Duration,
+}
+
+/// One queued unit of work for the commit task.
+enum Op {
+    /// One call's writes.
+    Commit {
+        writes: Box<Writes>,
+        release: Release,
+    },
+    /// Deletes the actor's state, KV and schedules; nothing is committed after it.
+    Delete { release: Release },
+}
+
+impl Op {
+    fn into_release(self) -> Release {
+        match self {
+            Op::Commit { release, .. } | Op::Delete { release } => release,
+        }
+    }
+}
+
+/// The actor instance's handle to its storage. Dropping it lets the commit task finish what
+/// is queued and stop.
+pub struct ActorStore {
+    remote: Remote,
+    /// The commit task holds the other end and ends once every sender is gone and the queue
+    /// is empty. Unbounded on purpose, as keel-core's writer queue: an actor runs one call at
+    /// a time behind a bounded mailbox, so the queue is bounded by work already admitted.
+    ops: mpsc::UnboundedSender<Op>,
+    stats: watch::Receiver<CommitStats>,
+    state_encoding: Encoding,
+}
+
+impl ActorStore {
+    /// Opens the storage of one actor instance: creates the schema on the actor's first start
+    /// (writing `identity` then) and loads the snapshot, in one batch. `state_encoding` is how
+    /// the host encodes state; it is stored with every state write.
+    pub(crate) async fn open(
+        remote: Remote,
+        identity: &ActorIdentity,
+        state_encoding: Encoding,
+    ) -> Result<(ActorStore, Snapshot)> {
+        let mut statements: Vec<Statement> = CREATE_SCHEMA
+            .iter()
+            .copied()
+            .map(Statement::plain)
+            .collect();
+        let (input, input_encoding) = match &identity.input {
+            Some(input) => (Some(input.bytes.clone()), Some(input.encoding.as_str())),
+            None => (None, None),
+        };
+        statements.push(Statement::new(
+            INSERT_ACTOR,
+            vec![
+                identity.name.as_str().into(),
+                identity.key.as_str().into(),
+                identity.created_at_ms.into(),
+                input.into(),
+                input_encoding.into(),
+            ],
+        ));
+        let first_read = statements.len();
+        statements.extend(LOAD.iter().copied().map(Statement::plain));
+        let mut results = remote.batch(statements).await?;
+        let snapshot = parse_load(
+            remote.actor_id(),
+            results.split_off(first_read),
+            state_encoding,
+        )?
+        .ok_or_else(|| {
+            damage(
+                remote.actor_id(),
+                "the actor row is missing after its insert",
+            )
+        })?;
+        Ok((ActorStore::start(remote, state_encoding), snapshot))
+    }
+
+    fn start(remote: Remote, state_encoding: Encoding) -> ActorStore {
+        let (ops, rx) = mpsc::unbounded_channel();
+        let (stats_tx, stats) = watch::channel(CommitStats::default());
+        let task = CommitTask {
+            remote: remote.clone(),
+            rx,
+            failure: None,
+            stats: stats_tx,
+            state_encoding,
+            carried: None,
+        };
+        let span = tracing::debug_span!(
+            "engine_commits",
+            actor_id = %remote.actor_id(),
+            generation = remote.generation()
+        );
+        tokio::spawn(task.run().instrument(span));
+        ActorStore {
+            remote,
+            ops,
+            stats,
+            state_encoding,
+        }
+    }
+
+    /// The actor's id.
+    pub fn actor_id(&self) -> &str {
+        self.remote.actor_id()
+    }
+
+    /// The generation every request of this store carries.
+    pub fn generation(&self) -> u32 {
+        self.remote.generation()
+    }
+
+    /// Loads the committed snapshot in one batch of reads; `None` once the actor was deleted.
+    pub async fn load(&self) -> Result<Option<Snapshot>> {
+        let statements = LOAD.iter().copied().map(Statement::plain).collect();
+        let results = self.remote.batch(statements).await?;
+        parse_load(self.actor_id(), results, self.state_encoding)
+    }
+
+    /// Queues one call's writes; `release` runs once the batch holding them is acknowledged
+    /// (with `Ok`) or failed. Never blocks: the writes coalesce with whatever else is queued.
+    pub fn commit(&self, writes: Writes, release: Release) {
+        self.enqueue(Op::Commit {
+            writes: Box::new(writes),
+            release,
+        });
+    }
+
+    /// Queues the deletion of the actor's state, KV and schedules, after every earlier commit;
+    /// later commits are refused with `actor.not_found`.
+    pub fn delete(&self, release: Release) {
+        self.enqueue(Op::Delete { release });
+    }
+
+    fn enqueue(&self, op: Op) {
+        if let Err(mpsc::error::SendError(op)) = self.ops.send(op) {
+            // The task ends only once every sender is dropped, and this store holds one; a
+            // task that panicked is the only way here.
+            (op.into_release())(Err(Error::WriterClosed));
+        }
+    }
+
+    /// The group commit's counters, updated as batches go and come back.
+    pub fn stats(&self) -> watch::Receiver<CommitStats> {
+        self.stats.clone()
+    }
+
+    /// Reads KV values; `None` where a key is absent. Reads see committed writes only.
+    pub async fn kv_get(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let statements = keys
+            .iter()
+            .map(|key| {
+                Statement::new(
+                    "SELECT value FROM keel_kv WHERE key = ?",
+                    vec![key.clone().into()],
+                )
+            })
+            .collect();
+        let results = self.remote.batch(statements).await?;
+        results
+            .into_iter()
+            .map(|result| {
+                let mut rows = Rows::new(self.actor_id(), result).values(1)?;
+                match rows.pop() {
+                    Some(mut row) => row.remove(0).blob(self.actor_id(), "a KV value").map(Some),
+                    None => Ok(None),
+                }
+            })
+            .collect()
+    }
+
+    /// Lists KV entries whose key starts with `prefix`, in key order (or reverse), at most
+    /// `limit` of them.
+    pub async fn kv_list(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        // Keys with the prefix are exactly those in [prefix, successor(prefix)).
+        let limit = Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX));
+        let statement = match (prefix_successor(prefix), reverse) {
+            (Some(upper), false) => Statement::new(
+                "SELECT key, value FROM keel_kv WHERE key >= ? AND key < ? ORDER BY key ASC LIMIT ?",
+                vec![prefix.to_vec().into(), upper.into(), limit],
+            ),
+            (Some(upper), true) => Statement::new(
+                "SELECT key, value FROM keel_kv WHERE key >= ? AND key < ? ORDER BY key DESC LIMIT ?",
+                vec![prefix.to_vec().into(), upper.into(), limit],
+            ),
+            (None, false) => Statement::new(
+                "SELECT key, value FROM keel_kv WHERE key >= ? ORDER BY key ASC LIMIT ?",
+                vec![prefix.to_vec().into(), limit],
+            ),
+            (None, true) => Statement::new(
+                "SELECT key, value FROM keel_kv WHERE key >= ? ORDER BY key DESC LIMIT ?",
+                vec![prefix.to_vec().into(), limit],
+            ),
+        };
+        let mut results = self.remote.batch(vec![statement]).await?;
+        let rows = Rows::new(self.actor_id(), results.remove(0)).values(2)?;
+        rows.into_iter()
+            .map(|row| {
+                let mut row = row.into_iter();
+                let key = row.next().unwrap_or(Value::Null);
+                let value = row.next().unwrap_or(Value::Null);
+                Ok((
+                    key.blob(self.actor_id(), "a KV key")?,
+                    value.blob(self.actor_id(), "a KV value")?,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Owns the queue of one store: sends one batch at a time and releases what it carried.
+struct CommitTask {
+    remote: Remote,
+    rx: mpsc::UnboundedReceiver<Op>,
+    /// The error of the first failed batch (or `actor.not_found` after a delete): every later
+    /// op is refused with it.
+    failure: Option<Error>,
+    stats: watch::Sender<CommitStats>,
+    state_encoding: Encoding,
+    /// An op taken from the queue that did not fit the last batch; it opens the next one.
+    carried: Option<Op>,
+}
+
+impl CommitTask {
+    async fn run(mut self) {
+        loop {
+            let first = match self.carried.take() {
+                Some(op) => op,
+                // `None` once every store handle is dropped and the queue is empty.
+                None => match self.rx.recv().await {
+                    Some(op) => op,
+                    None => return,
+                },
+            };
+            if let Some(err) = &self.failure {
+                self.refuse(first, err);
+                continue;
+            }
+            let ops = self.take_batch(first);
+            self.send(ops).await;
+        }
+    }
+
+    /// Takes `first` and whatever is queued behind it, up to the batch limits; a delete ends
+    /// the batch.
+    fn take_batch(&mut self, first: Op) -> Vec<Op> {
+        let (mut statements, mut bytes) = op_size(&first);
+        let mut ops = vec![first];
+        while !matches!(ops.last(), Some(Op::Delete { .. })) {
+            let Ok(next) = self.rx.try_recv() else { break };
+            let (next_statements, next_bytes) = op_size(&next);
+            if statements + next_statements > MAX_BATCH_STATEMENTS
+                || bytes + next_bytes > MAX_BATCH_BYTES
+            {
+                self.carried = Some(next);
+                break;
+            }
+            statements += next_statements;
+            bytes += next_bytes;
+            ops.push(next);
+        }
+        ops
+    }
+
+    async fn send(&mut self, ops: Vec<Op>) {
+        let statements = batch_statements(&ops, self.state_encoding);
+        let count = ops.len() as u64;
+        let result = if statements.is_empty() {
+            Ok(())
+        } else {
+            self.stats.send_modify(|stats| {
+                stats.batches += 1;
+                stats.in_flight = true;
+            });
+            let sent = Instant::now();
+            let result = self.remote.batch(statements).await.map(drop);
+            let round_trip = sent.elapsed();
+            self.stats.send_modify(|stats| {
+                stats.in_flight = false;
+                if result.is_ok() {
+                    stats.last_round_trip = round_trip;
+                }
+            });
+            tracing::trace!(
+                ops = count,
+                ?round_trip,
+                ok = result.is_ok(),
+                "engine batch done"
+            );
+            result
+        };
+        match result {
+            Ok(()) => {
+                let deleted = matches!(ops.last(), Some(Op::Delete { .. }));
+                if deleted {
+                    self.failure = Some(Error::ActorNotFound);
+                }
+                self.stats.send_modify(|stats| stats.acknowledged += count);
+                for op in ops {
+                    (op.into_release())(Ok(()));
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, ops = count, "engine commit failed");
+                self.failure = Some(err.duplicate());
+                self.stats.send_modify(|stats| stats.failed += count);
+                for op in ops {
+                    (op.into_release())(Err(err.duplicate()));
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, op: Op, err: &Error) {
+        self.stats.send_modify(|stats| stats.failed += 1);
+        (op.into_release())(Err(err.duplicate()));
+    }
+}
+
+/// The statements of a batch of ops, in order. Only the last state write of the batch is
+/// sent: each overwrites the whole state, so the earlier ones would be overwritten within the
+/// same transaction anyway.
+fn batch_statements(ops: &[Op], state_encoding: Encoding) -> Vec<Statement> {
+    let last_state = ops.iter().rposition(|op| match op {
+        Op::Commit { writes, .. } => writes.state.is_some(),
+        Op::Delete { .. } => false,
+    });
+    ops.iter()
+        .enumerate()
+        .flat_map(|(index, op)| op_statements(op, state_encoding, Some(index) == last_state))
+        .collect()
+}
+
+/// How many statements one op adds to a batch at most, and roughly how many bytes.
+fn op_size(op: &Op) -> (usize, usize) {
+    let Op::Commit { writes, .. } = op else {
+        return (3, 64);
+    };
+    let state = writes.state.as_ref().map_or(0, |state| state.len() + 128);
+    let kv: usize = writes
+        .kv
+        .iter()
+        .map(|write| match write {
+            KvWrite::Put { key, value } => key.len() + value.len() + 96,
+            KvWrite::Delete { key } => key.len() + 48,
+        })
+        .sum();
+    let schedules: usize = writes
+        .schedules
+        .iter()
+        .map(|op| match op {
+            ScheduleWrite::Add(schedule) => {
+                schedule.id.len() + schedule.action.len() + schedule.args.len() + 128
+            }
+            ScheduleWrite::Cancel { id } => id.len() + 48,
+        })
+        .sum();
+    let count = usize::from(writes.state.is_some())
+        + writes.kv.len()
+        + writes.schedules.len()
+        + usize::from(writes.settle.is_some());
+    (count, state + kv + schedules + 64)
+}
+
+/// The statements of one op; `with_state` says whether to include its state write.
+fn op_statements(op: &Op, state_encoding: Encoding, with_state: bool) -> Vec<Statement> {
+    let writes = match op {
+        Op::Commit { writes, .. } => writes,
+        Op::Delete { .. } => {
+            return vec![
+                Statement::plain("DELETE FROM keel_kv"),
+                Statement::plain("DELETE FROM keel_schedules"),
+                Statement::plain("DELETE FROM keel_actor"),
+            ];
+        }
+    };
+    let mut statements = Vec::new();
+    if let (Some(state), true) = (&writes.state, with_state) {
+        statements.push(Statement::new(
+            "UPDATE keel_actor SET state = ?, state_encoding = ?, input = NULL, \
+             input_encoding = NULL WHERE id = 1",
+            vec![state.clone().into(), state_encoding.as_str().into()],
+        ));
+    }
+    for write in &writes.kv {
+        statements.push(match write {
+            KvWrite::Put { key, value } => Statement::new(
+                "INSERT INTO keel_kv (key, value) VALUES (?, ?) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                vec![key.clone().into(), value.clone().into()],
+            ),
+            KvWrite::Delete { key } => Statement::new(
+                "DELETE FROM keel_kv WHERE key = ?",
+                vec![key.clone().into()],
+            ),
+        });
+    }
+    for op in &writes.schedules {
+        statements.push(match op {
+            ScheduleWrite::Add(schedule) => Statement::new(
+                "INSERT OR REPLACE INTO keel_schedules (id, at_ms, action, args, attempts) \
+                 VALUES (?, ?, ?, ?, 0)",
+                vec![
+                    schedule.id.as_str().into(),
+                    schedule.at_ms.into(),
+                    schedule.action.as_str().into(),
+                    schedule.args.clone().into(),
+                ],
+            ),
+            ScheduleWrite::Cancel { id } => Statement::new(
+                "DELETE FROM keel_schedules WHERE id = ?",
+                vec![id.as_str().into()],
+            ),
+        });
+    }
+    match &writes.settle {
+        Some((id, Settle::Done)) => statements.push(Statement::new(
+            "DELETE FROM keel_schedules WHERE id = ?",
+            vec![id.as_str().into()],
+        )),
+        Some((id, Settle::Retry { at_ms, attempts })) => statements.push(Statement::new(
+            "UPDATE keel_schedules SET at_ms = ?, attempts = ? WHERE id = ?",
+            vec![
+                (*at_ms).into(),
+                i64::from(*attempts).into(),
+                id.as_str().into(),
+            ],
+        )),
+        None => {}
+    }
+    statements
+}
+
+/// Reads the results of the [`LOAD`] statements; `None` if the actor row is gone.
+fn parse_load(
+    actor_id: &str,
+    results: Vec<rivet_envoy_client::protocol::SqliteExecuteResult>,
+    state_encoding: Encoding,
+) -> Result<Option<Snapshot>> {
+    let [schema, actor, schedules]: [_; 3] = results
+        .try_into()
+        .map_err(|_| damage(actor_id, "a load returned the wrong number of results"))?;
+    let version = match Rows::new(actor_id, schema).values(1)?.as_mut_slice() {
+        [row] => row.remove(0).integer(actor_id, "the schema version")?,
+        rows => {
+            return Err(damage(
+                actor_id,
+                format!("keel_schema has {} rows, not one", rows.len()),
+            ))
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(Error::StorageTooNew {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let Some(row) = Rows::new(actor_id, actor).values(4)?.pop() else {
+        return Ok(None);
+    };
+    let [state, encoding, input, input_encoding]: [Value; 4] = row
+        .try_into()
+        .map_err(|_| damage(actor_id, "the actor row has the wrong width"))?;
+    let state = state.optional_blob(actor_id, "the state")?;
+    let state = match state {
+        Some(bytes) => {
+            let name = encoding.optional_text(actor_id, "the state encoding")?;
+            let encoding = name
+                .as_deref()
+                .and_then(Encoding::parse)
+                .ok_or_else(|| damage(actor_id, "the state encoding is missing or unknown"))?;
+            Some(Payload { encoding, bytes })
+        }
+        None => None,
+    };
+    let input = match input.optional_blob(actor_id, "the creation input")? {
+        Some(bytes) => {
+            let name = input_encoding.optional_text(actor_id, "the input encoding")?;
+            let encoding = name
+                .as_deref()
+                .and_then(Encoding::parse)
+                .ok_or_else(|| damage(actor_id, "the input encoding is missing or unknown"))?;
+            Some(Payload { encoding, bytes })
+        }
+        None => None,
+    };
+    let schedules = Rows::new(actor_id, schedules)
+        .values(5)?
+        .into_iter()
+        .map(|row| schedule_row(actor_id, row))
+        .collect::<Result<Vec<_>>>()?;
+    let snapshot = Snapshot {
+        state,
+        input,
+        schedules,
+    };
+    // The state is checked in the encoding it was written in; a host whose encoding changed
+    // sees that in `Snapshot::state`.
+    let check_encoding = snapshot
+        .state
+        .as_ref()
+        .map_or(state_encoding, |state| state.encoding);
+    snapshot.core().verify(actor_id, check_encoding)?;
+    Ok(Some(snapshot))
+}
+
+fn schedule_row(actor_id: &str, row: Vec<Value>) -> Result<StoredSchedule> {
+    let [id, at_ms, action, args, attempts]: [Value; 5] = row
+        .try_into()
+        .map_err(|_| damage(actor_id, "a schedule row has the wrong width"))?;
+    let attempts = attempts.integer(actor_id, "a schedule's attempts")?;
+    Ok(StoredSchedule {
+        actor_id: actor_id.to_string(),
+        schedule: Schedule {
+            id: id.text(actor_id, "a schedule id")?,
+            at_ms: at_ms.integer(actor_id, "a schedule's due time")?,
+            action: action.text(actor_id, "a schedule's action")?,
+            args: args.blob(actor_id, "a schedule's arguments")?,
+        },
+        attempts: u32::try_from(attempts)
+            .map_err(|_| damage(actor_id, "a schedule's attempts are out of range"))?,
+    })
+}
+
+/// The smallest byte string greater than every string starting with `prefix`, or `None` if
+/// there is none (the prefix is empty or all `0xff`).
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last < u8::MAX {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(writes: Writes) -> Op {
+        Op::Commit {
+            writes: Box::new(writes),
+            release: Box::new(|_| {}),
+        }
+    }
+
+    #[test]
+    fn a_batch_sends_only_its_last_state_and_keeps_kv_order() {
+        let ops = vec![
+            commit(Writes {
+                state: Some(b"1".to_vec()),
+                kv: vec![KvWrite::Put {
+                    key: b"a".to_vec(),
+                    value: b"1".to_vec(),
+                }],
+                ..Writes::default()
+            }),
+            commit(Writes {
+                state: Some(b"2".to_vec()),
+                kv: vec![KvWrite::Delete { key: b"a".to_vec() }],
+                ..Writes::default()
+            }),
+            commit(Writes::default()),
+        ];
+        let statements = batch_statements(&ops, Encoding::Json);
+        let sql: Vec<&str> = statements.iter().map(|s| s.sql).collect();
+        assert_eq!(sql.len(), 3);
+        assert!(sql[0].starts_with("INSERT INTO keel_kv"));
+        assert!(sql[1].starts_with("UPDATE keel_actor"));
+        assert_eq!(statements[1].params[0], Value::Blob(b"2".to_vec()));
+        assert!(sql[2].starts_with("DELETE FROM keel_kv"));
+    }
+
+    #[test]
+    fn prefix_successor_covers_the_edges() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(&[b'a', 0xff]), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(&[0xff, 0xff]), None);
+        assert_eq!(prefix_successor(b""), None);
+    }
+}

@@ -1,0 +1,572 @@
+//! keel's envoy against the real engine binary: activation, fenced storage, group commit,
+//! a crash of the engine, and sleep/wake with the stale generation fenced off.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::{next_event, TestEngine, STEP_TIMEOUT};
+use keel_core::writer::Writes;
+use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
+use keel_envoy::{
+    ActorIdentity, ActorStore, Engine, EngineEvent, EngineStopReason, ShutdownOutcome, Snapshot,
+};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+/// An activation the engine started on our envoy, with its storage open and its start
+/// answered.
+struct Started {
+    actor_id: String,
+    generation: u32,
+    store: ActorStore,
+    snapshot: Snapshot,
+}
+
+/// Waits for the engine's next start, opens the actor's storage and answers the start.
+async fn accept_start(engine: &Engine, events: &mut mpsc::Receiver<EngineEvent>) -> Started {
+    let EngineEvent::Start {
+        actor_id,
+        name,
+        key,
+        generation,
+        created_at_ms,
+        input,
+        reply,
+    } = next_event(events).await
+    else {
+        panic!("expected a start");
+    };
+    let identity = ActorIdentity {
+        name,
+        key: key.unwrap_or_default(),
+        created_at_ms,
+        input: input.map(|bytes| Payload {
+            encoding: Encoding::Json,
+            bytes,
+        }),
+    };
+    let (store, snapshot) = engine
+        .open_actor(&actor_id, generation, &identity, Encoding::Json)
+        .await
+        .expect("open the actor's storage");
+    reply.send(Ok(()));
+    Started {
+        actor_id,
+        generation,
+        store,
+        snapshot,
+    }
+}
+
+/// Sends a request to the actor through the engine's gateway, in the background: the gateway
+/// holds it until the actor runs somewhere, so it wakes a sleeping actor. keel's envoy does
+/// not route tunneled requests yet and answers 404 with keel's error body.
+fn wake_through_gateway(
+    engine: &TestEngine,
+    actor_id: &str,
+) -> tokio::task::JoinHandle<std::io::Result<(u16, serde_json::Value)>> {
+    let port = engine.guard_port();
+    let path = format!("/gateway/{actor_id}/ping");
+    tokio::spawn(async move { common::http(port, "GET", &path, None).await })
+}
+
+/// One commit, awaited until its release.
+async fn commit(store: &ActorStore, writes: Writes) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    store.commit(
+        writes,
+        Box::new(move |result| {
+            let _ = tx.send(result); // The test awaits it below.
+        }),
+    );
+    rx.await.expect("every commit is released")
+}
+
+fn state(n: u64) -> Writes {
+    Writes {
+        state: Some(n.to_string().into_bytes()),
+        ..Writes::default()
+    }
+}
+
+fn state_of(snapshot: &Snapshot) -> Option<u64> {
+    let state = snapshot.state.as_ref()?;
+    assert_eq!(state.encoding, Encoding::Json);
+    Some(
+        std::str::from_utf8(&state.bytes)
+            .expect("utf-8")
+            .parse()
+            .expect("a count"),
+    )
+}
+
+async fn load_count(store: &ActorStore) -> Option<u64> {
+    state_of(&store.load().await.expect("load").expect("the actor exists"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_created_through_the_api_commits_100_increments_and_loads_them() {
+    let pool = "keel-counter";
+    let engine = TestEngine::start(pool).await;
+    let connecting = Instant::now();
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    let connect_latency = connecting.elapsed();
+
+    let created = Instant::now();
+    let actor_id = engine
+        .create_actor("counter", "room/1", pool, br#"{"start":0}"#)
+        .await;
+    let started = accept_start(&envoy, &mut events).await;
+    let start_latency = created.elapsed();
+    assert_eq!(started.actor_id, actor_id);
+    assert!(started.generation < u32::MAX);
+    assert_eq!(started.snapshot.state, None, "a new actor has no state");
+    assert_eq!(
+        started.snapshot.input,
+        Some(Payload::json(r#"{"start":0}"#)),
+        "the creation input is kept until the state is first written"
+    );
+
+    let store = &started.store;
+    let mut round_trips = Vec::new();
+    for n in 1..=100u64 {
+        let mut writes = state(n);
+        writes.kv.push(KvWrite::Put {
+            key: b"count".to_vec(),
+            value: n.to_string().into_bytes(),
+        });
+        writes.kv.push(KvWrite::Put {
+            key: format!("log/{n:03}").into_bytes(),
+            value: vec![1],
+        });
+        if n == 50 {
+            writes.kv.push(KvWrite::Delete {
+                key: b"log/001".to_vec(),
+            });
+            writes.schedules.push(ScheduleWrite::Add(Schedule {
+                id: "later".into(),
+                at_ms: 2_000_000_000_000,
+                action: "tick".into(),
+                args: vec![0x80],
+            }));
+            writes.schedules.push(ScheduleWrite::Add(Schedule {
+                id: "cancelled".into(),
+                at_ms: 1,
+                action: "tick".into(),
+                args: vec![0x80],
+            }));
+            writes.schedules.push(ScheduleWrite::Cancel {
+                id: "cancelled".into(),
+            });
+        }
+        let sent = Instant::now();
+        commit(store, writes).await.expect("commit");
+        round_trips.push(sent.elapsed());
+    }
+    let stats = *store.stats().borrow();
+    assert_eq!(
+        (stats.batches, stats.acknowledged, stats.failed),
+        (100, 100, 0)
+    );
+
+    let snapshot = store.load().await.expect("load").expect("the actor exists");
+    assert_eq!(state_of(&snapshot), Some(100));
+    assert_eq!(
+        snapshot.input, None,
+        "the input is dropped with the first state"
+    );
+    let ids: Vec<&str> = snapshot
+        .schedules
+        .iter()
+        .map(|s| s.schedule.id.as_str())
+        .collect();
+    assert_eq!(ids, ["later"]);
+    assert_eq!(
+        store
+            .kv_get(&[b"count".to_vec(), b"missing".to_vec()])
+            .await
+            .expect("kv_get"),
+        [Some(b"100".to_vec()), None]
+    );
+    let log = store.kv_list(b"log/", 1000, false).await.expect("kv_list");
+    assert_eq!(log.len(), 99, "100 log entries, one deleted");
+    assert_eq!(log[0].0, b"log/002");
+    let last = store.kv_list(b"log/", 1, true).await.expect("kv_list");
+    assert_eq!(last[0].0, b"log/100");
+
+    // Deleting the actor's data goes behind every earlier commit; nothing commits after it.
+    let (tx, deleted) = oneshot::channel();
+    store.delete(Box::new(move |result| {
+        let _ = tx.send(result); // Awaited below.
+    }));
+    deleted.await.expect("released").expect("delete");
+    assert_eq!(store.load().await.expect("load"), None);
+    assert!(store
+        .kv_list(b"", 10, false)
+        .await
+        .expect("kv_list")
+        .is_empty());
+    let err = commit(store, state(101)).await.unwrap_err();
+    assert_eq!(err.code(), "not_found", "{err}");
+
+    round_trips.sort();
+    eprintln!(
+        "measured: connect {connect_latency:?}, start {start_latency:?} (create to storage open), \
+         sequential commit round trip p50 {:?} p99 {:?}",
+        round_trips[49], round_trips[98]
+    );
+    let stopping = Instant::now();
+    assert_eq!(
+        shutdown_answering_stops(&envoy, &mut events).await,
+        ShutdownOutcome::Graceful
+    );
+    eprintln!(
+        "measured: graceful shutdown with one actor {:?}",
+        stopping.elapsed()
+    );
+}
+
+/// Shuts the envoy down gracefully, answering the stops the drain sends meanwhile.
+async fn shutdown_answering_stops(
+    envoy: &Engine,
+    events: &mut mpsc::Receiver<EngineEvent>,
+) -> ShutdownOutcome {
+    let shutdown = envoy.shutdown(STEP_TIMEOUT);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            // The shutdown finished (or gave up): nothing more to answer.
+            outcome = &mut shutdown => return outcome,
+            // A stop sent by the drain: tear down (nothing to flush here) and complete it.
+            Some(event) = events.recv() => match event {
+                EngineEvent::Stop { reason, done, .. } => {
+                    assert_eq!(reason, EngineStopReason::GoingAway);
+                    done.complete();
+                }
+                EngineEvent::Start { .. } => panic!("a start during shutdown"),
+            },
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn commits_queued_behind_a_batch_in_flight_coalesce_and_release_in_order() {
+    let pool = "keel-coalesce";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    engine.create_actor("counter", "c", pool, b"null").await;
+    let started = accept_start(&envoy, &mut events).await;
+    let store = Arc::new(started.store);
+
+    const COMMITS: u64 = 50;
+    let released = Arc::new(Mutex::new(Vec::new()));
+    let (all_done, done) = oneshot::channel();
+    let mut all_done = Some(all_done);
+    let mut enqueue = |n: u64| {
+        let mut writes = state(n + 1);
+        writes.kv.push(KvWrite::Put {
+            key: b"last".to_vec(),
+            value: n.to_string().into_bytes(),
+        });
+        writes.kv.push(KvWrite::Put {
+            key: format!("k{n:02}").into_bytes(),
+            value: vec![],
+        });
+        let released = released.clone();
+        let stats = store.stats();
+        let all_done = (n == COMMITS - 1).then(|| all_done.take().expect("once"));
+        store.commit(
+            writes,
+            Box::new(move |result| {
+                // Commit `n` is acknowledged once more than `n` commits are.
+                let acknowledged = stats.borrow().acknowledged;
+                released.lock().push((n, result.is_ok(), acknowledged));
+                if let Some(all_done) = all_done {
+                    let _ = all_done.send(()); // The test awaits it below.
+                }
+            }),
+        );
+    };
+
+    // The first commit goes out alone; the rest is queued while it is in flight. On this
+    // single-threaded runtime nothing else runs between the queued commits.
+    enqueue(0);
+    let mut stats = store.stats();
+    stats
+        .wait_for(|stats| stats.in_flight)
+        .await
+        .expect("the first batch goes out");
+    for n in 1..COMMITS {
+        enqueue(n);
+    }
+    tokio::time::timeout(STEP_TIMEOUT, done)
+        .await
+        .expect("every commit is released in time")
+        .expect("released");
+
+    let released = released.lock().clone();
+    let order: Vec<u64> = released.iter().map(|(n, _, _)| *n).collect();
+    assert_eq!(
+        order,
+        (0..COMMITS).collect::<Vec<_>>(),
+        "released in commit order"
+    );
+    for (n, ok, acknowledged) in &released {
+        assert!(ok, "commit {n} succeeded");
+        assert!(
+            acknowledged > n,
+            "commit {n} was released before its batch was acknowledged ({acknowledged} were)"
+        );
+    }
+    let stats = *store.stats().borrow();
+    assert_eq!(stats.acknowledged, COMMITS);
+    assert!(
+        stats.batches < COMMITS / 2,
+        "{COMMITS} commits took {} batches",
+        stats.batches
+    );
+    eprintln!(
+        "measured: {COMMITS} commits in {} batches (coalescing factor {:.1}), last batch round \
+         trip {:?}",
+        stats.batches,
+        COMMITS as f64 / stats.batches as f64,
+        stats.last_round_trip
+    );
+
+    assert_eq!(load_count(&store).await, Some(COMMITS));
+    assert_eq!(
+        store.kv_get(&[b"last".to_vec()]).await.expect("kv_get"),
+        [Some((COMMITS - 1).to_string().into_bytes())],
+        "coalesced writes applied in order"
+    );
+    let keys = store.kv_list(b"k", 100, false).await.expect("kv_list");
+    assert_eq!(keys.len() as u64, COMMITS);
+    assert_eq!(
+        keys[0],
+        (b"k00".to_vec(), Vec::new()),
+        "an empty value reads as empty"
+    );
+    envoy.abandon();
+}
+
+#[tokio::test]
+async fn connect_refuses_a_bad_config_before_dialing() {
+    let mut config = keel_envoy::EngineConfig::new("127.0.0.1:6420");
+    let err = keel_envoy::connect(config.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!((err.group(), err.code()), ("registry", "invalid_config"));
+    config.endpoint = "http://127.0.0.1:6420".into();
+    config.namespace = String::new();
+    let err = keel_envoy::connect(config).await.err().expect("refused");
+    assert_eq!(err.code(), "invalid_config", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_engine_loses_no_acknowledged_commit() {
+    let pool = "keel-crash";
+    let mut engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    engine.create_actor("counter", "crash", pool, b"null").await;
+    let started = accept_start(&envoy, &mut events).await;
+    for n in 1..=20 {
+        commit(&started.store, state(n)).await.expect("commit");
+    }
+
+    // One more commit in flight (or not yet sent) when the engine dies: its outcome is
+    // unknown, but everything acknowledged before it must survive.
+    let (tx, in_doubt) = oneshot::channel();
+    started.store.commit(
+        state(21),
+        Box::new(move |result| {
+            let _ = tx.send(result); // Awaited below.
+        }),
+    );
+    engine.kill();
+    let in_doubt = in_doubt.await.expect("released");
+    if let Err(err) = &in_doubt {
+        assert_eq!((err.group(), err.code()), ("storage", "io"), "{err}");
+        // The store refuses what comes after a failed batch: those writes were computed on
+        // top of one whose outcome is unknown.
+        let refused = commit(&started.store, state(22)).await.unwrap_err();
+        assert_eq!(refused.code(), "io");
+    }
+
+    let restarted = Instant::now();
+    engine.restart().await;
+    // The engine keeps the actor on this envoy at the same generation; a request queued while
+    // the envoy reconnects is sent once it is back.
+    let identity = ActorIdentity {
+        name: "counter".into(),
+        key: "crash".into(),
+        created_at_ms: 0,
+        input: None,
+    };
+    let (store, snapshot) = tokio::time::timeout(
+        STEP_TIMEOUT,
+        envoy.open_actor(
+            &started.actor_id,
+            started.generation,
+            &identity,
+            Encoding::Json,
+        ),
+    )
+    .await
+    .expect("the envoy reconnects in time")
+    .expect("reopen after the restart");
+    let recovered = restarted.elapsed();
+    let count = state_of(&snapshot).expect("state");
+    match in_doubt {
+        Ok(()) => assert_eq!(count, 21, "an acknowledged commit survives"),
+        Err(_) => assert!(
+            (20..=21).contains(&count),
+            "acknowledged commits survive: {count}"
+        ),
+    }
+    commit(&store, state(count + 1))
+        .await
+        .expect("commits go on");
+    assert_eq!(load_count(&store).await, Some(count + 1));
+    eprintln!("measured: engine restart to the actor's storage reopened {recovered:?}");
+    envoy.abandon();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_then_wake_is_the_next_generation_and_the_stale_one_is_fenced() {
+    let pool = "keel-fence";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    let actor_id = engine.create_actor("counter", "fence", pool, b"null").await;
+    let first = accept_start(&envoy, &mut events).await;
+    commit(&first.store, state(1)).await.expect("commit");
+
+    envoy.sleep_actor(&actor_id, first.generation);
+    let EngineEvent::Stop {
+        actor_id: stopped,
+        generation,
+        reason,
+        done,
+    } = next_event(&mut events).await
+    else {
+        panic!("expected a stop");
+    };
+    assert_eq!(
+        (stopped.as_str(), generation, reason),
+        (actor_id.as_str(), first.generation, EngineStopReason::Sleep)
+    );
+    done.complete();
+
+    // A request through the gateway wakes the actor as the next generation with its state.
+    let gateway = wake_through_gateway(&engine, &actor_id);
+    let woken = Instant::now();
+    let second = accept_start(&envoy, &mut events).await;
+    let wake_latency = woken.elapsed();
+    assert_eq!(second.actor_id, actor_id);
+    assert_eq!(second.generation, first.generation + 1);
+    assert_eq!(state_of(&second.snapshot), Some(1), "the state is kept");
+    let (status, body) = gateway.await.expect("joined").expect("gateway answered");
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        body["group"], "request",
+        "keel's error body came through the tunnel"
+    );
+
+    commit(&second.store, state(2))
+        .await
+        .expect("the successor commits");
+
+    // The old activation's store still carries the old generation: refused, no effect.
+    let err = commit(&first.store, state(999)).await.unwrap_err();
+    eprintln!(
+        "stale commit refused: {}.{}: {err}",
+        err.group(),
+        err.code()
+    );
+    assert_eq!((err.group(), err.code()), ("actor", "stopped"), "{err}");
+    assert_eq!(err.http_status(), 503);
+    assert!(matches!(err, Error::ActorStopped));
+    // A failed batch latches: what comes after it is refused without being sent.
+    let sent = first.store.stats().borrow().batches;
+    let err = commit(&first.store, state(1000)).await.unwrap_err();
+    assert_eq!(err.code(), "stopped");
+    assert_eq!(
+        first.store.stats().borrow().batches,
+        sent,
+        "refused without a batch"
+    );
+    assert_eq!(load_count(&second.store).await, Some(2));
+    eprintln!("measured: wake from sleep by a gateway request {wake_latency:?}");
+
+    // A stop intent asks the engine to destroy the actor; it answers with a stop. (The
+    // destroy itself completes asynchronously in the engine: a commit right after the stop
+    // completed was still accepted, so keel commits nothing after completing a stop.)
+    envoy.stop_actor(&actor_id, second.generation);
+    let EngineEvent::Stop { reason, done, .. } = next_event(&mut events).await else {
+        panic!("expected a stop");
+    };
+    assert_eq!(reason, EngineStopReason::StopIntent);
+    assert_eq!(reason.core(), keel_core::StopReason::Destroy);
+    done.complete();
+    envoy.abandon();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_envoy_s_actor_restarts_on_another_with_every_acknowledged_commit() {
+    let pool = "keel-failover";
+    let engine =
+        TestEngine::start_with(pool, serde_json::json!({ "envoy_lost_threshold": 2000 })).await;
+    let (owner, mut owner_events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    let actor_id = engine.create_actor("counter", "moved", pool, b"null").await;
+    let first = accept_start(&owner, &mut owner_events).await;
+    for n in 1..=10 {
+        commit(&first.store, state(n)).await.expect("commit");
+    }
+    let (standby, mut standby_events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect the standby");
+
+    // The owner vanishes without telling the engine: no stopping message, no stops. Once the
+    // engine declares it lost, the actor sleeps (its crash policy) and the next request
+    // starts it on the envoy that is left.
+    let abandoned = Instant::now();
+    owner.abandon();
+    let gateway = wake_through_gateway(&engine, &actor_id);
+    let second = accept_start(&standby, &mut standby_events).await;
+    let moved_after = abandoned.elapsed();
+    assert_eq!(second.actor_id, actor_id);
+    assert!(second.generation > first.generation);
+    assert_eq!(
+        state_of(&second.snapshot),
+        Some(10),
+        "every acknowledged commit moved"
+    );
+    commit(&second.store, state(11))
+        .await
+        .expect("the new owner commits");
+    assert_eq!(load_count(&second.store).await, Some(11));
+    let (status, _) = gateway.await.expect("joined").expect("gateway answered");
+    assert_eq!(status, 404);
+    eprintln!("measured: abandoned envoy to the actor started elsewhere {moved_after:?}");
+
+    // A drain whose stops nobody completes is bounded: past the budget the envoy stops at
+    // once. The stop sits unanswered in the channel meanwhile.
+    let budget = std::time::Duration::from_millis(300);
+    assert_eq!(standby.shutdown(budget).await, ShutdownOutcome::Forced);
+    let EngineEvent::Stop { reason, .. } = next_event(&mut standby_events).await else {
+        panic!("expected the drain's stop");
+    };
+    assert_eq!(reason, EngineStopReason::GoingAway);
+}
