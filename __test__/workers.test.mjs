@@ -22,7 +22,7 @@ test("a KEEL_WORKER_THREADS that is not a count fails start() with registry.inva
   for (const bad of ["0", "two", "1.5"]) {
     await assert.rejects(
       startServer(t, { dataDir: tempDir(t), env: { KEEL_WORKER_THREADS: bad } }),
-      /code 1.*start failed: registry\.invalid_config: KEEL_WORKER_THREADS must be a whole number from 1 to 256/s,
+      /code 1.*start failed: registry\.invalid_config: invalid configuration: KEEL_WORKER_THREADS must be a whole number from 1 to 256/s,
     );
   }
 });
