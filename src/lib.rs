@@ -37,6 +37,7 @@ use crate::host::{
     kv_key_of, kv_key_to_js, kv_writes, Completion, DispatchFn, JsHost, KvWriteJs, SharedHost,
 };
 pub use crate::logging::{init_logging, log_max_level};
+pub use crate::workers::worker_threads;
 
 /// Called once with the bound address (`host:port`) when the server listens. Weak: the
 /// pending `serve` promise is what keeps Node alive.
