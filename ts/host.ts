@@ -5,7 +5,6 @@
 // Everything a call changes (state, KV writes, schedules, sleep/destroy requests) is collected
 // per call and reported with its completion; core commits it atomically with the reply. A
 // call that throws reports nothing, and its state changes are rolled back.
-import { AsyncLocalStorage } from "node:async_hooks";
 import { randomUUID } from "node:crypto";
 import { createActorClient } from "./actor-client";
 import type { Client, RegistryLike } from "./client";
@@ -212,21 +211,17 @@ function encodeState(state: unknown): Buffer {
   return Buffer.from(encode(state));
 }
 
-/**
- * The call a piece of user code runs in: the actors whose calls await it, this actor last.
- * `live` goes false when the call ends, so work it left running calls as background work.
- */
-interface CallScope {
-  readonly chain: string[];
-  live: boolean;
-}
-
 export class JsHost {
   private readonly instances = new Map<string, Instance>();
-  /** The call scope of whatever user code runs now, for `c.client()`'s cycle check. */
-  private readonly scopes = new AsyncLocalStorage<CallScope>();
-  /** The in-process client of `c.client()`, made on first use and shared by every actor. */
-  private actorClient: Client<RegistryLike> | undefined;
+  /**
+   * For each actor running a call, the actors whose calls await that call, itself last: what
+   * `c.client()` sends for its cycle check. An actor runs one call at a time, so one entry per
+   * actor is enough; between calls there is none, and background work calls with an empty
+   * chain. (Kept per actor rather than per async context: an AsyncLocalStorage would put a
+   * promise hook on every promise of the process.)
+   */
+  private readonly chains = new Map<string, string[]>();
+
   private completions: Completion[] = [];
   private flushScheduled = false;
   /** Set once the native registry exists. */
@@ -272,14 +267,15 @@ export class JsHost {
 
   private async run(invocation: Call): Promise<void> {
     const chain = invocation.kind === "action" ? [...invocation.chain, invocation.actorId] : [invocation.actorId];
-    const scope: CallScope = { chain, live: true };
+    this.chains.set(invocation.actorId, chain);
     let completion: Completion;
     try {
-      completion = await this.scopes.run(scope, () => this.invoke(invocation));
+      completion = await this.invoke(invocation);
     } catch (err) {
       completion = { kind: "failed", id: invocation.id, error: failureOf(err) };
     } finally {
-      scope.live = false;
+      // A timed-out call's code may end after the next call began: leave that one's entry.
+      if (this.chains.get(invocation.actorId) === chain) this.chains.delete(invocation.actorId);
     }
     this.push(completion);
   }
@@ -309,15 +305,11 @@ export class JsHost {
   }
 
   /** The client `c.client()` returns: calls carry the chain of the call they are made in. */
-  private client(): Client<RegistryLike> {
-    this.actorClient ??= createActorClient({
+  private client(actorId: string): Client<RegistryLike> {
+    return createActorClient({
       native: () => this.native!,
-      chain: () => {
-        const scope = this.scopes.getStore();
-        return scope?.live ? scope.chain : [];
-      },
+      chain: () => this.chains.get(actorId) ?? [],
     });
-    return this.actorClient;
   }
 
   private async start(invocation: InvocationOf<"start">): Promise<Completion> {
@@ -725,6 +717,8 @@ export class JsHost {
       }
       return id;
     };
+    // The in-process client of `c.client()`, made on first use.
+    let actorClient: Client<RegistryLike> | undefined;
     const ctx = {
       ...identity,
       log: createActorLog(host, identity),
@@ -810,7 +804,7 @@ export class JsHost {
       destroy() {
         instance.effects.destroy = true;
       },
-      client: () => host.client(),
+      client: () => (actorClient ??= host.client(identity.actorId)),
       keepAwake<T>(promise: PromiseLike<T>): PromiseLike<T> {
         if (promise === null || typeof (promise as { then?: unknown })?.then !== "function") throw new TypeError("c.keepAwake takes a promise");
         failOn({ error: host.native!.keepAwake(identity.actorId, true) });
