@@ -304,7 +304,7 @@ export class JsHost {
     }
   }
 
-  /** The client `c.client()` returns: calls carry the chain of the call they are made in. */
+  /** The client `c.client()` returns for one actor: calls carry the chain of its current call. */
   private client(actorId: string): Client<RegistryLike> {
     return createActorClient({
       native: () => this.native!,
