@@ -15,7 +15,7 @@ export type {
   RawWebSocket,
   ScheduledCall,
 } from "./actor";
-export { KeelError, UserError } from "./errors";
+export { Forbidden, forbidden, KeelError, UserError } from "./errors";
 export { createInspector } from "./inspector";
 export type { InspectedActor, InspectedConnection, InspectedSchedule, Inspector, InspectorOptions } from "./inspector";
 export type { ActorLog, LogFields, LogLevel } from "./log";

@@ -16,9 +16,9 @@
 //! when one is made before its call reaches the actor. A close leaves after what was queued
 //! before it.
 //!
-//! The protocol (docs/protocol.md): the client's first message is `init` (key, mode, input,
-//! params, subscriptions); then `call`, `sub` and `unsub`. The server answers `ready` or
-//! `error`, `reply` per call, and `event`s. Text frames carry JSON and binary frames CBOR;
+//! The protocol (docs/protocol.md): the client's first message is `init` (key or actor id,
+//! mode, input, params, subscriptions); then `call`, `sub` and `unsub`. The server answers
+//! `ready` or `error`, `reply` per call, and `event`s. Text frames carry JSON and binary frames CBOR;
 //! the `init` frame picks the connection's encoding.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -445,7 +445,10 @@ fn reply_frame(encoding: Encoding, id: u64, output: &[u8]) -> Message {
 /// One decoded client message.
 enum ClientMessage {
     Init {
+        /// The actor by key (ignored when `actor_id` is set).
         key: Vec<String>,
+        /// The actor by id, for clients that hold an id rather than a key.
+        actor_id: Option<String>,
         mode: Resolve,
         input: Option<Payload>,
         params: Payload,
@@ -465,6 +468,8 @@ struct JsonMessage<'a> {
     t: String,
     #[serde(default)]
     key: Option<Vec<String>>,
+    #[serde(default, rename = "actorId")]
+    actor_id: Option<String>,
     #[serde(default)]
     mode: Option<String>,
     #[serde(borrow, default)]
@@ -509,7 +514,12 @@ impl ClientMessage {
         let missing = |field: &str| Error::malformed(format!("the message needs {field:?}"));
         Ok(match message.t.as_str() {
             "init" => ClientMessage::Init {
-                key: message.key.ok_or_else(|| missing("key"))?,
+                key: match (message.key, &message.actor_id) {
+                    (Some(key), _) => key,
+                    (None, Some(_)) => Vec::new(),
+                    (None, None) => return Err(missing("key")),
+                },
+                actor_id: message.actor_id,
                 mode: parse_mode(message.mode.as_deref())?,
                 input: message.input.map(|raw| Payload::json(raw.get())),
                 params: Payload::json(message.params.map_or("null", RawValue::get)),
@@ -535,6 +545,7 @@ impl ClientMessage {
     fn parse_cbor(bytes: &[u8]) -> Result<ClientMessage> {
         let mut t = None;
         let mut key = None;
+        let mut actor_id = None;
         let mut mode = None;
         let mut input = None;
         let mut params = None;
@@ -548,6 +559,7 @@ impl ClientMessage {
             match name.as_str() {
                 "t" => t = Some(cbor::text(bytes, at)?),
                 "key" => key = Some(cbor::text_array(bytes, at)?),
+                "actorId" => actor_id = Some(cbor::text(bytes, at)?),
                 "mode" => mode = Some(cbor::text(bytes, at)?),
                 "input" => input = Some(Payload::cbor(bytes[range].to_vec())),
                 "params" => params = Some(Payload::cbor(bytes[range].to_vec())),
@@ -565,7 +577,12 @@ impl ClientMessage {
         let missing = |field: &str| Error::malformed(format!("the message needs {field:?}"));
         Ok(match t.as_deref() {
             Some("init") => ClientMessage::Init {
-                key: key.ok_or_else(|| missing("key"))?,
+                key: match (key, &actor_id) {
+                    (Some(key), _) => key,
+                    (None, Some(_)) => Vec::new(),
+                    (None, None) => return Err(missing("key")),
+                },
+                actor_id,
                 mode: parse_mode(mode.as_deref())?,
                 input,
                 params: params.unwrap_or_else(|| Payload::cbor(vec![0xf6])),
@@ -697,14 +714,15 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         _ => Encoding::Json,
     };
     let init = ClientMessage::parse(&first, encoding);
-    let (key, mode, input, params, subscriptions) = match init {
+    let (key, actor_id, mode, input, params, subscriptions) = match init {
         Ok(ClientMessage::Init {
             key,
+            actor_id,
             mode,
             input,
             params,
             subscriptions,
-        }) => (key, mode, input, params, subscriptions),
+        }) => (key, actor_id, mode, input, params, subscriptions),
         Ok(_) => {
             return Box::pin(reject(
                 socket,
@@ -716,16 +734,23 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         }
         Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
-    let target = Target::Key {
-        name,
-        key,
-        mode,
-        input,
+    let target = match actor_id {
+        Some(id) => Target::Id(id),
+        None => Target::Key {
+            name: name.clone(),
+            key,
+            mode,
+            input,
+        },
     };
     // Boxed, as every large step of a socket's task: the task's future is as large as its
     // largest state and lives as long as the socket, so steps that run once (resolving the
     // actor, admitting the connection) or briefly (a call) take heap only while they run.
     let info = match Box::pin(crate::runtime::resolve_on(&core, target)).await {
+        // An id names one actor of one type: another type's actor is not found on this route.
+        Ok(info) if *info.name != *name => {
+            return Box::pin(reject(socket, encoding, &Error::ActorNotFound, dev)).await
+        }
         Ok(info) => info,
         Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
