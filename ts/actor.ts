@@ -109,6 +109,13 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   readonly conns: ReadonlyMap<string, Conn<any, any>>;
   /** The connection an action was called over, if any. */
   readonly conn: Conn<any, any> | undefined;
+  /**
+   * The caller's HTTP request (method, URL with query, headers; no body): the request of an
+   * action called over HTTP, or the WebSocket upgrade in `onBeforeConnect`, `createConnState`
+   * and `onConnect`. `undefined` for actions called over a connection, scheduled actions and
+   * lifecycle hooks.
+   */
+  readonly request: Request | undefined;
   /** Sends an event to every connection subscribed to it (after the call's effects are durable). */
   broadcast(event: string, data?: unknown): void;
   /** Structured log lines through keel's logger, carrying this actor's identity. */

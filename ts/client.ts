@@ -1,7 +1,7 @@
 // A typed HTTP client for keel: `createClient<typeof registry>(url)`.
 import type { ActorDefinition, AnyActorDefinition } from "./actor";
 import { decode, encode } from "./cbor";
-import { ActorConnectionImpl, loadWebSocket, type ConnectionStatus, type ReconnectOptions } from "./connection";
+import { ActorConnectionImpl, loadWebSocket, openWebSocket, type ConnectionStatus, type ReconnectOptions } from "./connection";
 import { KeelError, type ErrorBody } from "./errors";
 
 /** Anything with actor definitions, such as a `Registry` from `setup()`. */
@@ -100,7 +100,12 @@ export type Client<R extends RegistryLike> = {
 
 /** Client settings. */
 export interface ClientOptions {
-  /** Extra headers for every request. */
+  /**
+   * Extra headers for every request: HTTP calls, `handle.fetch`, and the WebSocket upgrade of
+   * `connect()` and `handle.webSocket()` where the platform can send them (Node, Bun). A
+   * browser's WebSocket cannot set headers, so in a browser they reach HTTP only: send
+   * credentials for connections as `params` (or `getParams`, to refresh them).
+   */
   headers?: Record<string, string>;
   /** A `fetch` implementation (defaults to the global one). */
   fetch?: typeof fetch;
@@ -121,8 +126,8 @@ function normalizeKey(key: string | readonly string[] | undefined): string[] {
 
 /**
  * The canonical key string of docs/protocol.md, as core's key codec writes it: segments joined
- * by `/`, with `\\` and `/` escaped by a backslash, an empty segment written `\\0` and the
- * empty key `/`. The client runs where core does not (browsers), so it writes the string
+ * by `/`, a backslash or `/` inside a segment escaped by a backslash, an empty segment written
+ * as a backslash and `0`, the empty key as `/`. The client runs where core does not (browsers), so it writes the string
  * itself; the server decodes it with core's codec.
  */
 function canonicalKey(key: readonly string[]): string {
@@ -261,8 +266,7 @@ function makeHandle(transport: Transport, name: string, target: Target): any {
   };
   const rawWebSocket = (path = "/", protocols?: string | string[]): WebSocket => {
     const url = rawUrl(path).replace(/^http/, "ws");
-    const WebSocketImpl = globalThis.WebSocket ?? loadWebSocket();
-    return protocols === undefined ? new WebSocketImpl(url) : new WebSocketImpl(url, protocols);
+    return openWebSocket(loadWebSocket(), url, protocols, transport.options.headers);
   };
   return new Proxy(Object.create(null), {
     get(_target, property) {

@@ -66,6 +66,27 @@ export function loadWebSocket(): typeof WebSocket {
   return require("ws") as typeof WebSocket;
 }
 
+/**
+ * Opens a WebSocket with `headers` on the upgrade where the platform can send them. A
+ * browser's WebSocket cannot (its second argument is only the protocols), so there the
+ * headers are left off. The platform's global WebSocket (Node >= 22, Bun) takes them as
+ * `{ protocols, headers }`; the `ws` package, Node's stand-in before 22, as a third argument.
+ */
+export function openWebSocket(
+  WebSocketImpl: typeof WebSocket,
+  url: string,
+  protocols: string | string[] | undefined,
+  headers: Record<string, string> | undefined,
+): WebSocket {
+  const browser = typeof (globalThis as { document?: unknown }).document !== "undefined";
+  if (headers === undefined || Object.keys(headers).length === 0 || browser) {
+    return protocols === undefined ? new WebSocketImpl(url) : new WebSocketImpl(url, protocols);
+  }
+  const Impl = WebSocketImpl as unknown as new (url: string, ...rest: unknown[]) => WebSocket;
+  if (WebSocketImpl === globalThis.WebSocket) return new Impl(url, { protocols, headers });
+  return new Impl(url, protocols ?? [], { headers });
+}
+
 /** A connection to one actor. Action methods are added by the handle's proxy. */
 export class ActorConnectionImpl {
   /** The actor's id, once connected. */
@@ -205,13 +226,7 @@ export class ActorConnectionImpl {
   }
 
   private openWith(params: unknown): void {
-    const headers = this.target.headers;
-    // A browser's WebSocket takes protocols, not options, as its second argument.
-    const browser = typeof (globalThis as { document?: unknown }).document !== "undefined";
-    const socket =
-      headers !== undefined && Object.keys(headers).length > 0 && !browser
-        ? new (this.WebSocketImpl as unknown as new (url: string, options: unknown) => WebSocket)(this.url(), { headers })
-        : new this.WebSocketImpl(this.url());
+    const socket = openWebSocket(this.WebSocketImpl, this.url(), undefined, this.target.headers);
     socket.binaryType = "arraybuffer";
     this.socket = socket;
     socket.onopen = () => {

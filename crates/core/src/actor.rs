@@ -35,7 +35,7 @@ use crate::conn::{self, close, ConnHandle};
 use crate::error::{Error, Result};
 use crate::host::{
     ActionCall, ActorInfo, ConnectRequest, Effects, Encoding, Payload, RawRequest, RawResponse,
-    RawSocketEvent, StartRequest, StopReason,
+    RawSocketEvent, RequestHead, StartRequest, StopReason,
 };
 use crate::runtime::Core;
 use crate::store::StoredSchedule;
@@ -58,6 +58,8 @@ pub(crate) enum Command {
     Connect {
         conn: ConnHandle,
         params: Payload,
+        /// The WebSocket upgrade request.
+        request: Option<RequestHead>,
         reply: oneshot::Sender<Result<()>>,
     },
     /// A connection's socket ended.
@@ -390,8 +392,9 @@ impl ActorTask {
             Command::Connect {
                 conn,
                 params,
+                request,
                 reply,
-            } => self.handle_connect(conn, params, reply).await,
+            } => self.handle_connect(conn, params, request, reply).await,
             Command::Disconnect { conn_id } => self.handle_disconnect(conn_id).await,
             Command::Request { request, reply } => self.handle_request(request, reply).await,
             Command::RawSocket {
@@ -406,11 +409,13 @@ impl ActorTask {
         &mut self,
         conn: ConnHandle,
         params: Payload,
+        upgrade: Option<RequestHead>,
         reply: oneshot::Sender<Result<()>>,
     ) {
         let request = ConnectRequest {
             conn_id: conn.id.to_string(),
             params,
+            request: upgrade,
         };
         let result = if self.actor_type.hooks.on_connecting() {
             let timeout = self.core.config.hook_timeout;
@@ -608,6 +613,7 @@ impl ActorTask {
                     args: Payload::cbor(schedule.args.clone()),
                     output: Encoding::Cbor,
                     conn_id: None,
+                    request: None,
                 };
                 let timeout = self
                     .actor_type

@@ -38,7 +38,9 @@ use tracing::Instrument;
 use crate::actor::{Command, Reply};
 use crate::cbor;
 use crate::error::{Error, Result};
-use crate::host::{ActionCall, ActorInfo, Encoding, Outbound, Payload, RawSocketEvent};
+use crate::host::{
+    ActionCall, ActorInfo, Encoding, Outbound, Payload, RawSocketEvent, RequestHead,
+};
 use crate::runtime::{Core, Resolve, Target};
 
 /// The most frames one connection may have queued.
@@ -675,7 +677,12 @@ async fn abandon_write(closing: &Closing) {
 }
 
 /// Serves one socket of keel's connection protocol for actor type `name`.
-pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: String) {
+pub(crate) async fn serve_keel_socket(
+    core: Arc<Core>,
+    socket: WebSocket,
+    name: String,
+    upgrade: RequestHead,
+) {
     let dev = core.config.dev;
     let mut socket = socket;
     // The first message names the actor and fixes the encoding.
@@ -766,7 +773,7 @@ pub(crate) async fn serve_keel_socket(core: Arc<Core>, socket: WebSocket, name: 
         let _listed = core
             .connections
             .open(info.id.clone(), inspector_info(&core, &conn));
-        let accepted = Box::pin(connect(&core, &info, &conn, params)).await;
+        let accepted = Box::pin(connect(&core, &info, &conn, params, upgrade)).await;
         if let Err(err) = accepted {
             tracing::debug!(error = %err, "connection rejected");
             conn.push(error_frame(encoding, None, &err, dev));
@@ -824,11 +831,13 @@ async fn connect(
     info: &Arc<ActorInfo>,
     conn: &ConnHandle,
     params: Payload,
+    upgrade: RequestHead,
 ) -> Result<()> {
     let (reply, rx) = oneshot::channel();
     let command = Command::Connect {
         conn: conn.clone(),
         params,
+        request: Some(upgrade),
         reply,
     };
     core.deliver(info, command).await?;
@@ -932,6 +941,7 @@ async fn call(
         args,
         output: reply.conn.encoding,
         conn_id: Some(reply.conn.id.to_string()),
+        request: None,
     };
     let command = Command::Action {
         call,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
 use axum::Router;
@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::cbor;
 use crate::error::{Error, Result};
-use crate::host::{Encoding, Payload};
+use crate::host::{Encoding, Payload, RequestHead};
 use crate::runtime::{Core, Resolve, Target};
 
 /// An HTTP request as keel handles it.
@@ -231,6 +231,7 @@ async fn route_not_found(State(core): State<Arc<Core>>, request: Request) -> Res
 async fn connect(
     State(core): State<Arc<Core>>,
     path: PathOf<String>,
+    uri: Uri,
     headers: HeaderMap,
     upgrade: MaybeUpgrade,
 ) -> Response {
@@ -251,9 +252,12 @@ async fn connect(
         Ok((name, upgrade))
     })();
     match result {
-        Ok((name, upgrade)) => upgrade_socket(&core, upgrade, move |core, socket| {
-            crate::conn::serve_keel_socket(core, socket, name)
-        }),
+        Ok((name, upgrade)) => {
+            let head = request_head("GET", &uri, &headers);
+            upgrade_socket(&core, upgrade, move |core, socket| {
+                crate::conn::serve_keel_socket(core, socket, name, head)
+            })
+        }
         Err(err) => error_response(&err, dev),
     }
 }
@@ -555,9 +559,37 @@ fn response_encoding(headers: &HeaderMap, request: Encoding) -> Encoding {
 /// The media type of CBOR bodies.
 pub const CBOR_TYPE: &str = "application/cbor";
 
+/// The request head a call or connection hands to user code as `c.request`.
+fn request_head(method: &str, uri: &Uri, headers: &HeaderMap) -> RequestHead {
+    let mut block = String::with_capacity(
+        headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum(),
+    );
+    for (name, value) in headers {
+        // A value that is not visible ASCII cannot be a Fetch header string; it is left out,
+        // as the raw routes leave it out.
+        if let Ok(value) = value.to_str() {
+            block.push_str(name.as_str());
+            block.push_str(": ");
+            block.push_str(value);
+            block.push_str("\r\n");
+        }
+    }
+    RequestHead {
+        method: method.to_string(),
+        url: uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string()),
+        headers: block,
+    }
+}
+
 async fn action_by_key(
     State(core): State<Arc<Core>>,
     path: PathOf<(String, String)>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -568,7 +600,8 @@ async fn action_by_key(
         let Path((name, action)) = path?;
         let envelope = Envelope::read(&core, &headers, body, encoding).await?;
         let (target, args) = envelope.into_key_target(name)?;
-        crate::runtime::call_on(&core, target, &action, args, output).await
+        let head = request_head("POST", &uri, &headers);
+        crate::runtime::call_on(&core, target, &action, args, output, Some(head)).await
     }
     .await;
     respond(result, dev)
@@ -577,6 +610,7 @@ async fn action_by_key(
 pub(crate) async fn action_by_id(
     State(core): State<Arc<Core>>,
     path: PathOf<(String, String)>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -586,7 +620,9 @@ pub(crate) async fn action_by_id(
         let output = response_encoding(&headers, encoding);
         let Path((id, action)) = path?;
         let envelope = Envelope::read(&core, &headers, body, encoding).await?;
-        crate::runtime::call_on(&core, Target::Id(id), &action, envelope.args, output).await
+        let head = request_head("POST", &uri, &headers);
+        let target = Target::Id(id);
+        crate::runtime::call_on(&core, target, &action, envelope.args, output, Some(head)).await
     }
     .await;
     respond(result, dev)

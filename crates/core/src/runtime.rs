@@ -24,7 +24,7 @@ use crate::clock::Clock;
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::faults::{FaultState, Registration};
-use crate::host::{ActionCall, ActorInfo, Encoding, Host, Payload};
+use crate::host::{ActionCall, ActorInfo, Encoding, Host, Payload, RequestHead};
 use crate::inspector::Connections;
 use crate::key;
 use crate::metrics::{Metrics, ShutdownPhase};
@@ -396,6 +396,7 @@ pub(crate) async fn call_on(
     action: &str,
     args: Payload,
     output: Encoding,
+    request: Option<RequestHead>,
 ) -> Result<Payload> {
     if core.is_draining() {
         return Err(Error::RegistryShuttingDown);
@@ -410,6 +411,7 @@ pub(crate) async fn call_on(
             args,
             output,
             conn_id: None,
+            request,
         },
         reply: Reply::Caller(reply),
     };
@@ -543,7 +545,7 @@ impl Runtime {
         args: Payload,
         output: Encoding,
     ) -> Result<Payload> {
-        call_on(&self.core, target, action, args, output).await
+        call_on(&self.core, target, action, args, output, None).await
     }
 
     /// Reads an actor's KV values (after its own pending commits land).
