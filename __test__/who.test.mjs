@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer, connect as tcpConnect } from "node:net";
-import { actor, createClient, Forbidden, forbidden, KeelError, setup } from "keel";
+import { actor, createClient, event, Forbidden, forbidden, KeelError, setup } from "keel";
 import { post, tempDir } from "./helpers.mjs";
 
 const door = actor({
@@ -236,4 +236,84 @@ test("handle.fetch and handle.webSocket reach onRequest and onWebSocket with key
   assert.deepEqual(await (await created.fetch("x")).json(), { key: ["made here"], url: "/x", agent: "raw/1", body: "" });
   const id = await created.resolve();
   assert.throws(() => client.raw.getForId(id).fetch("/"), (err) => err.is("client.unsupported"));
+});
+
+const club = actor({
+  state: { checks: 0 },
+  events: {
+    news: event(),
+    vip: event({
+      canSubscribe: (c, conn) => {
+        c.state.checks++;
+        return conn.params?.vip === true;
+      },
+    }),
+    secret: event({
+      canSubscribe: () => {
+        throw new Forbidden("nobody hears secrets");
+      },
+    }),
+  },
+  actions: {
+    announce: (c) => {
+      c.broadcast("vip", "for vips");
+      c.broadcast("secret", "hush");
+      c.broadcast("news", "for all");
+    },
+    checks: (c) => c.state.checks,
+  },
+});
+
+test("canSubscribe refuses a subscription with auth.forbidden and delivers none of its events", async (t) => {
+  const registry = setup({ use: { club }, port: 0, dataDir: tempDir(t), disableSignalHandlers: true });
+  const serving = registry.start();
+  const { url } = await registry.listening();
+  t.after(async () => {
+    await registry.shutdown();
+    await serving;
+  });
+  const handle = createClient(url).club.getOrCreate(["room"]);
+  const heard = { guest: [], vip: [] };
+  const errors = { guest: [], vip: [] };
+
+  // The guest subscribes before it is admitted (the subscription travels in init)...
+  const guest = handle.connect({ vip: false });
+  guest.onError((err) => errors.guest.push(err));
+  guest.on("vip", (data) => heard.guest.push(`vip:${data}`));
+  guest.on("secret", (data) => heard.guest.push(`secret:${data}`));
+  const guestNews = nextEvent(guest, "news");
+  await guest.ready;
+  // ...the VIP after (a `sub` frame).
+  const vip = handle.connect({ vip: true });
+  vip.onError((err) => errors.vip.push(err));
+  await vip.ready;
+  vip.on("vip", (data) => heard.vip.push(`vip:${data}`));
+  vip.on("secret", (data) => heard.vip.push(`secret:${data}`));
+  const vipNews = nextEvent(vip, "news");
+  t.after(() => {
+    guest.dispose();
+    vip.dispose();
+  });
+  // Subscriptions go through the actor's mailbox in order, so they are settled by the time
+  // a later call of the same connection runs. A refusal is a failed call and changes
+  // nothing: only the VIP's granted check is counted.
+  assert.equal(await vip.checks(), 1);
+
+  await handle.announce();
+  // Each connection's events arrive in the order they were broadcast, so once `news` is in,
+  // anything `vip` or `secret` would have sent has been.
+  assert.equal(await guestNews, "for all");
+  assert.equal(await vipNews, "for all");
+  assert.deepEqual(heard, { guest: [], vip: ["vip:for vips"] });
+  assert.deepEqual(
+    errors.guest.map((err) => [err.fullCode, err.message]).sort(),
+    [
+      ["auth.forbidden", "nobody hears secrets"],
+      ["auth.forbidden", "this connection may not subscribe to vip"],
+    ],
+  );
+  assert.deepEqual(errors.vip.map((err) => [err.fullCode, err.message]), [["auth.forbidden", "nobody hears secrets"]]);
+  // A refused subscription leaves the connection open and working.
+  assert.equal(guest.status, "open");
+  assert.equal(await guest.checks(), 1);
 });

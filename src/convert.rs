@@ -117,6 +117,8 @@ pub struct ActorTypeOptions {
     pub on_connect: bool,
     /// Whether the type has `onDisconnect`.
     pub on_disconnect: bool,
+    /// The declared events with a `canSubscribe` check.
+    pub guarded_events: Option<Vec<String>>,
 }
 
 impl ActorTypeOptions {
@@ -131,6 +133,11 @@ impl ActorTypeOptions {
             on_connect: self.on_connect,
             on_disconnect: self.on_disconnect,
         };
+        actor_type.guarded_events = self
+            .guarded_events
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         if let Some(ms) = self.action_timeout_ms {
             actor_type.action_timeout = Some(millis("actionTimeoutMs", ms)?);
         }

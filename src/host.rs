@@ -101,6 +101,13 @@ pub enum Invocation {
         actor_id: String,
         conn_id: String,
     },
+    /// A connection asks to subscribe to an event with `canSubscribe`.
+    Subscribe {
+        id: u32,
+        actor_id: String,
+        conn_id: String,
+        event: String,
+    },
     /// A raw HTTP request for `onRequest`.
     Request {
         id: u32,
@@ -163,6 +170,7 @@ impl Invocation {
             | Invocation::Stop { id, .. }
             | Invocation::Connect { id, .. }
             | Invocation::Disconnect { id, .. }
+            | Invocation::Subscribe { id, .. }
             | Invocation::Request { id, .. }
             | Invocation::WsOpen { id, .. }
             | Invocation::WsMessage { id, .. }
@@ -746,6 +754,22 @@ impl Host for SharedHost {
             conn_id: conn_id.to_string(),
         };
         check(self.0.invoke(actor, id, invocation).await?, "disconnect")?.effects("disconnect")
+    }
+
+    async fn can_subscribe(
+        &self,
+        actor: &Arc<ActorInfo>,
+        conn_id: &str,
+        event: &str,
+    ) -> keel_core::Result<Effects> {
+        let id = self.0.next_id();
+        let invocation = Invocation::Subscribe {
+            id,
+            actor_id: actor.id.to_string(),
+            conn_id: conn_id.to_string(),
+            event: event.to_string(),
+        };
+        check(self.0.invoke(actor, id, invocation).await?, "subscribe")?.effects("subscribe")
     }
 
     fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {

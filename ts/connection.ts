@@ -293,7 +293,8 @@ export class ActorConnectionImpl {
       }
       case "error": {
         const err = new KeelError(message.error as ErrorBody);
-        this.refused = err;
+        // A refused subscription names its event and leaves the connection open.
+        if (typeof message.event !== "string") this.refused = err;
         this.emitError(err);
         break;
       }

@@ -8,7 +8,7 @@
 import { randomUUID } from "node:crypto";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
 import { decode, encode } from "./cbor";
-import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
+import { Forbidden, KeelError, errorInfoOf, type ErrorBody } from "./errors";
 import { CallerRequest } from "./caller";
 import { createActorLog } from "./log";
 import { kvLimits, type Completion, type CoreRegistry, type EffectsJs, type Invocation, type ScheduleOpJs } from "./native";
@@ -248,6 +248,9 @@ export class JsHost {
         case "disconnect":
           completion = await this.disconnect(invocation);
           break;
+        case "subscribe":
+          completion = await this.subscribe(invocation);
+          break;
         case "request":
           completion = await this.request(invocation);
           break;
@@ -393,6 +396,19 @@ export class JsHost {
     instance.conns.delete(invocation.connId);
     return this.guarded(instance, async () => {
       await instance.def.config.onDisconnect?.(instance.ctx as never, entry.conn);
+      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+    });
+  }
+
+  /** A guarded event's `canSubscribe`: a `false` is `auth.forbidden`, a throw its own error. */
+  private async subscribe(invocation: InvocationOf<"subscribe">): Promise<Completion> {
+    const instance = this.instance(invocation);
+    const check = instance.def.config.events?.[invocation.event]?.canSubscribe;
+    const entry = instance.conns.get(invocation.connId);
+    return this.guarded(instance, async () => {
+      if (check === undefined || entry === undefined) throw new Error(`no canSubscribe for event ${invocation.event}`);
+      const allowed = await check(instance.ctx as never, entry.conn);
+      if (allowed !== true) throw new Forbidden(`this connection may not subscribe to ${invocation.event}`);
       return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     });
   }

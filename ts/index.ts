@@ -9,6 +9,8 @@ export type {
   Action,
   Conn,
   CreateContext,
+  CanSubscribe,
+  EventOptions,
   EventType,
   KvKey,
   KvListOptions,

@@ -64,6 +64,14 @@ pub(crate) enum Command {
     },
     /// A connection's socket ended.
     Disconnect { conn_id: Arc<str> },
+    /// A connection subscribes to (or unsubscribes from) an event the type guards with
+    /// `canSubscribe`. Through the mailbox, so it keeps its place among the connection's calls.
+    Subscribe {
+        conn: ConnHandle,
+        event: String,
+        /// `false` for an unsubscribe, which needs no check but must not overtake a pending one.
+        subscribe: bool,
+    },
     /// A raw HTTP request for `onRequest`.
     Request {
         request: RawRequest,
@@ -123,6 +131,8 @@ impl Command {
             Command::Alarm { .. } => {}
             Command::Connect { reply, .. } => drop(reply.send(Err(err))),
             Command::Disconnect { .. } => {}
+            // The connection goes with its actor; nothing waits for this.
+            Command::Subscribe { .. } => {}
             Command::Request { reply, .. } => drop(reply.send(Err(err))),
             Command::RawSocket { reply, .. } => drop(reply.send(Err(err))),
         }
@@ -396,6 +406,11 @@ impl ActorTask {
                 reply,
             } => self.handle_connect(conn, params, request, reply).await,
             Command::Disconnect { conn_id } => self.handle_disconnect(conn_id).await,
+            Command::Subscribe {
+                conn,
+                event,
+                subscribe,
+            } => self.handle_subscribe(conn, event, subscribe).await,
             Command::Request { request, reply } => self.handle_request(request, reply).await,
             Command::RawSocket {
                 event,
@@ -455,6 +470,49 @@ impl ActorTask {
             Err(err) => {
                 // The socket task may have ended meanwhile.
                 let _ = reply.send(Err(err));
+            }
+        }
+    }
+
+    /// Grants a guarded subscription once the event's `canSubscribe` agrees and what it changed
+    /// is durable; a refusal sends the connection an `error` frame naming the event.
+    async fn handle_subscribe(&mut self, conn: ConnHandle, event: String, subscribe: bool) {
+        if !subscribe {
+            conn.unsubscribe(&event);
+            return;
+        }
+        if !self.conns.contains_key(&conn.id) {
+            // The connection closed (or was never admitted) before its turn came.
+            return;
+        }
+        let timeout = self.core.config.hook_timeout;
+        let result = self
+            .guarded(
+                timeout,
+                Call::Hook("canSubscribe"),
+                self.core.host.can_subscribe(&self.info, &conn.id, &event),
+            )
+            .await;
+        match result {
+            Ok(mut effects) => {
+                let messages = std::mem::take(&mut effects.messages);
+                let conns = self.conn_list.clone();
+                let dev = self.core.config.dev;
+                self.commit(
+                    effects,
+                    None,
+                    Box::new(move |durable| match durable {
+                        Ok(()) => {
+                            conn.subscribe(event);
+                            conn::deliver(&conns, &messages);
+                        }
+                        Err(err) => conn.refuse_subscription(&event, &err, dev),
+                    }),
+                );
+            }
+            Err(err) => {
+                tracing::debug!(event, error = %err, "subscription refused");
+                conn.refuse_subscription(&event, &err, self.core.config.dev);
             }
         }
     }

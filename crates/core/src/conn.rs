@@ -245,6 +245,23 @@ impl ConnHandle {
         }
     }
 
+    /// Adds `event` to what the connection hears.
+    pub(crate) fn subscribe(&self, event: String) {
+        self.shared.subscriptions.write().insert(event);
+    }
+
+    /// Removes `event` from what the connection hears.
+    pub(crate) fn unsubscribe(&self, event: &str) {
+        self.shared.subscriptions.write().remove(event);
+    }
+
+    /// Tells the client its subscription to `event` was refused: an `error` frame carrying
+    /// the event's name, which leaves the connection open.
+    pub(crate) fn refuse_subscription(&self, event: &str, err: &Error, dev: bool) {
+        let value = serde_json::json!({ "t": "error", "event": event, "error": err.to_body(dev) });
+        self.push(value_frame(self.encoding, &value));
+    }
+
     /// Closes the connection with `code` and `reason` (once; later calls are ignored), after
     /// the frames already queued.
     pub(crate) fn close(&self, code: u16, reason: &str) {
@@ -761,10 +778,18 @@ pub(crate) async fn serve_keel_socket(
         Ok(info) => info,
         Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
+    let actor_type = match core.types.get(&info.name) {
+        Ok(actor_type) => actor_type.clone(),
+        Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
+    };
     let conn_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
     let span = tracing::debug_span!(parent: &crate::actor::ActorTask::span(&info), "connection", conn_id = %conn_id);
     let (mut stream, conn) = split(&core, socket, conn_id.clone(), encoding, span.clone());
-    conn.shared.subscriptions.write().extend(subscriptions);
+    // Events the type guards with `canSubscribe` are asked for once the connection is in.
+    let (checked, free): (Vec<String>, Vec<String>) = subscriptions
+        .into_iter()
+        .partition(|event| actor_type.guarded_events.contains(event));
+    conn.shared.subscriptions.write().extend(free);
 
     async {
         // Listed before it is admitted: the actor sends `ready` itself, so a client that has
@@ -781,7 +806,10 @@ pub(crate) async fn serve_keel_socket(
             return;
         }
         tracing::debug!("connection open");
-        read_loop(&core, &info, &conn, &mut stream).await;
+        for event in checked {
+            Box::pin(subscribe(&core, &info, &conn, event, true)).await;
+        }
+        read_loop(&core, &info, &conn, &mut stream, &actor_type.guarded_events).await;
         // Tell the actor, whichever way the socket ended, unless it has already left: a
         // stopping actor forgets its connections itself, and must not be woken for this.
         if let Some(handle) = core.live_handle(&info.id) {
@@ -849,6 +877,7 @@ async fn read_loop(
     info: &Arc<ActorInfo>,
     conn: &ConnHandle,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    guarded: &HashSet<String>,
 ) {
     let dev = core.config.dev;
     // The number of the next call, for the order of replies.
@@ -889,12 +918,14 @@ async fn read_loop(
                 // Boxed: see `serve_keel_socket`.
                 Box::pin(call(core, info, reply, action, args)).await;
             }
-            Ok(ClientMessage::Subscribe(event)) => {
-                conn.shared.subscriptions.write().insert(event);
+            Ok(ClientMessage::Subscribe(event)) if guarded.contains(&event) => {
+                Box::pin(subscribe(core, info, conn, event, true)).await;
             }
-            Ok(ClientMessage::Unsubscribe(event)) => {
-                conn.shared.subscriptions.write().remove(&event);
+            Ok(ClientMessage::Unsubscribe(event)) if guarded.contains(&event) => {
+                Box::pin(subscribe(core, info, conn, event, false)).await;
             }
+            Ok(ClientMessage::Subscribe(event)) => conn.subscribe(event),
+            Ok(ClientMessage::Unsubscribe(event)) => conn.unsubscribe(&event),
             Ok(ClientMessage::Init { .. }) => {
                 conn.push(error_frame(
                     conn.encoding,
@@ -915,6 +946,28 @@ async fn read_loop(
                 conn.close(code, "malformed message");
                 return;
             }
+        }
+    }
+}
+
+/// Hands a (un)subscription of a guarded event to the actor, behind the connection's earlier
+/// calls. If the actor cannot take it (overloaded, stopping), the subscription is refused with
+/// that error.
+async fn subscribe(
+    core: &Arc<Core>,
+    info: &Arc<ActorInfo>,
+    conn: &ConnHandle,
+    event: String,
+    subscribe: bool,
+) {
+    let command = Command::Subscribe {
+        conn: conn.clone(),
+        event,
+        subscribe,
+    };
+    if let Err(failed) = core.deliver_or_return(info, command).await {
+        if let (err, Command::Subscribe { event, .. }) = *failed {
+            conn.refuse_subscription(&event, &err, core.config.dev);
         }
     }
 }

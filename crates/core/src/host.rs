@@ -384,6 +384,20 @@ pub trait Host: Send + Sync + 'static {
         Err(unsupported("connections"))
     }
 
+    /// A connection asks to subscribe to `event`, which the type guards (see
+    /// [`ActorType::guarded_events`](crate::actor_type::ActorType::guarded_events)): the
+    /// event's `canSubscribe`. An error refuses the subscription (`auth.forbidden` for a plain
+    /// "no"); the connection stays open.
+    async fn can_subscribe(
+        &self,
+        actor: &Arc<ActorInfo>,
+        conn_id: &str,
+        event: &str,
+    ) -> Result<Effects> {
+        let _ = (actor, conn_id, event);
+        Err(unsupported("guarded events"))
+    }
+
     /// A connection was admitted to an actor whose type has no connect hook (see
     /// [`Hooks`](crate::actor_type::Hooks)): no user code runs, and core does not wait. The
     /// host must know of it before its next call for `actor` (for `c.conns`).
