@@ -311,8 +311,8 @@ impl CoreRegistry {
         self.host.complete(completions);
     }
 
-    /// The registry's state: `idle`, `building_serverless`, `running_serve`,
-    /// `running_serverless` or `shutting_down`.
+    /// The registry's state: `idle`, `starting_serve`, `building_serverless`,
+    /// `running_serve`, `running_serverless` or `shutting_down`.
     #[napi(getter)]
     pub fn state(&self) -> String {
         self.registry.state_name().to_string()

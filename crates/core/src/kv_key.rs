@@ -1,18 +1,26 @@
-//! The KV key codec: how a user's key (`c.kv` in JS) is stored, ordered and shown.
+//! KV's one home: the format of a user's key (`c.kv` in JS), how keys are ordered and shown,
+//! the KV limits (their defaults and the check core runs on every commit) and the overlay of a
+//! call's own writes on what a list reads.
 //!
 //! A KV key is a string or a byte array. It is stored as one tag byte followed by the key:
 //! `s` (0x73) and the string's UTF-8 bytes for a string key, `b` (0x62) and the bytes for a
 //! byte key. Stored keys are ordered by their bytes, so every byte key sorts before every
 //! string key, and keys of one kind sort by their own bytes; a prefix of one kind matches only
-//! keys of that kind. The tag is not counted by the KV key limit
-//! ([`Limits::max_kv_key_bytes`](crate::config::Limits::max_kv_key_bytes)). This is the only
-//! definition of the format: keel's JS host hands core the user's keys and gets them back
-//! decoded, and the inspector shows them decoded (docs/observability.md). Data files written
-//! before this module existed hold the same bytes.
+//! keys of that kind. This is the only definition of the format: keel's JS host hands core the
+//! user's keys and gets them back decoded, and the inspector shows them decoded
+//! (docs/observability.md). Data files written before this module existed hold the same bytes.
 //!
 //! A stored key with neither tag was not written through this codec (a host with its own key
 //! format); [`decode`] reports it as [`StoredKey::Raw`].
+//!
+//! The limits: a key may hold [`DEFAULT_MAX_KEY_BYTES`] bytes, not counting its tag, and a
+//! value, as the host encoded it, [`DEFAULT_MAX_VALUE_BYTES`]. The configured numbers are
+//! [`Limits::max_kv_key_bytes`](crate::config::Limits::max_kv_key_bytes) and
+//! [`Limits::max_kv_value_bytes`](crate::config::Limits::max_kv_value_bytes), which default to
+//! these. What must stay true: every commit passes [`check`] before it reaches storage, so no
+//! host can store what the limits refuse; a host may check earlier, with the same numbers.
 
+use crate::error::{Error, Result};
 use crate::host::KvWrite;
 
 /// The tag of a string key.
@@ -21,6 +29,11 @@ pub const STRING_TAG: u8 = b's';
 pub const BYTES_TAG: u8 = b'b';
 /// How many bytes the tag takes; the key limit does not count them.
 pub const TAG_LEN: usize = 1;
+
+/// Default largest KV key, in bytes, not counting the tag.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 2 * 1024;
+/// Default largest KV value as the host encoded it, in bytes.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 128 * 1024;
 
 /// A user's KV key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,6 +80,29 @@ pub fn decode(stored: &[u8]) -> StoredKey {
 /// How long `key` is for the KV key limit: its bytes, without the tag.
 pub fn limit_len(stored: &[u8]) -> usize {
     stored.len().saturating_sub(TAG_LEN)
+}
+
+/// Fails with `kv.key_too_large` or `kv.value_too_large` at the first of `writes` past the
+/// limits (the configured `max_kv_key_bytes` and `max_kv_value_bytes`). Core runs this on
+/// every commit, so no host can store what the limits refuse.
+pub fn check(writes: &[KvWrite], max_key_bytes: usize, max_value_bytes: usize) -> Result<()> {
+    for write in writes {
+        let (key, value) = match write {
+            KvWrite::Put { key, value } => (key, Some(value)),
+            KvWrite::Delete { key } => (key, None),
+        };
+        if limit_len(key) > max_key_bytes {
+            return Err(Error::KvKeyTooLarge {
+                limit: max_key_bytes,
+            });
+        }
+        if value.is_some_and(|value| value.len() > max_value_bytes) {
+            return Err(Error::KvValueTooLarge {
+                limit: max_value_bytes,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The entries a list by `prefix` returns while a call's own writes are not committed yet:
@@ -124,6 +160,39 @@ mod tests {
         assert_eq!(decode(b"xyz"), StoredKey::Raw(b"xyz".to_vec()));
         assert_eq!(decode(b""), StoredKey::Raw(vec![]));
         assert_eq!(limit_len(&encode(&KvKey::Text("abc".into()))), 3);
+    }
+
+    #[test]
+    fn the_limits_count_the_key_without_its_tag_and_the_value_as_encoded() {
+        let put = |key: &KvKey, len: usize| KvWrite::Put {
+            key: encode(key),
+            value: vec![0; len],
+        };
+        let at_limit = [
+            put(&KvKey::Text("k".repeat(4)), 8),
+            put(&KvKey::Bytes(vec![1; 4]), 0),
+            KvWrite::Delete {
+                key: encode(&KvKey::Text("k".repeat(4))),
+            },
+        ];
+        assert!(check(&at_limit, 4, 8).is_ok());
+        let long_key = [put(&KvKey::Text("k".repeat(5)), 1)];
+        assert!(matches!(
+            check(&long_key, 4, 8),
+            Err(Error::KvKeyTooLarge { limit: 4 })
+        ));
+        let long_delete = [KvWrite::Delete {
+            key: encode(&KvKey::Bytes(vec![1; 5])),
+        }];
+        assert!(matches!(
+            check(&long_delete, 4, 8),
+            Err(Error::KvKeyTooLarge { limit: 4 })
+        ));
+        let large_value = [put(&KvKey::Text("k".into()), 9)];
+        assert!(matches!(
+            check(&large_value, 4, 8),
+            Err(Error::KvValueTooLarge { limit: 8 })
+        ));
     }
 
     #[test]

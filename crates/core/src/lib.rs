@@ -4,59 +4,74 @@
 //! N-API binding implements by calling JS and the tests implement in Rust.
 //!
 //! # Layout
-//! - [`registry`]: the `Idle` / `BuildingServerless` / `Running` / `ShuttingDown` state machine.
-//! - [`runtime`]: a built runtime: the actor directory, request dispatch and the drain.
-//! - [`actor`]: one task per live actor, its mailbox and handle.
-//! - [`actor_type`]: what core knows of each registered actor type.
-//! - [`alarms`]: the timer that fires durable schedules.
-//! - [`clock`]: epoch time derived from tokio's clock.
-//! - [`cbor`]: just enough CBOR to read and write envelopes.
-//! - [`conn`]: WebSocket connections, keel's protocol and raw sockets.
-//! - [`host`]: the seam to the code that runs user code.
-//! - [`store`]: the SQLite file, its lock, schema migrations and reads.
-//! - [`integrity`]: the checks that keep damage on disk from being served as data.
-//! - [`writer`]: the group-commit writer, which is also the output gate.
-//! - [`http`]: the versioned HTTP routes and the accept loop.
-//! - [`origin`]: which browser origins may open WebSockets and read responses (CORS).
-//! - [`linger`]: sockets that read and discard for a moment before they close.
-//! - [`inspector`]: the token-guarded inspector API and the directory of open connections.
-//! - [`metrics`]: counters and histograms, and the Prometheus page.
-//! - [`key`]: the canonical actor key codec.
-//! - [`kv_key`]: the KV key codec: stored form, order and the overlay of a call's own writes.
-//! - [`logging`]: the one log schema (JSON, logfmt, pretty) and the process-wide subscriber.
-//! - [`spans`]: which span a live actor's user code logs in.
-//! - [`config`]: every limit, timeout and default, defined once.
-//! - [`options`]: the numeric `setup()` options: names, defaults, ranges, units and docs.
-//! - [`error`]: the one error type, with stable `group`/`code` and HTTP status.
-//! - [`faults`]: failpoints on the commit path and a VFS shim, for fault-injection tests.
+//!
+//! The crate is a house of floors. Each folder is one floor, and a module uses only modules on
+//! a lower floor or on its own, never one above it, and never in a cycle
+//! (`tests/layers.rs` checks this on every test run, and that this doc and the README's
+//! layout table name every floor and base module). Internals are `pub(crate)`; the binding
+//! uses only the front door re-exported here.
+//!
+//! - **top**: [`registry`] (the `Idle` / `BuildingServerless` / `Running` / `ShuttingDown`
+//!   state machine) and `assemble` (the one place that picks an implementation for each seam
+//!   and opens a [`Runtime`]). Nothing uses them but the front door.
+//! - **`server/`**: keel's HTTP routes, the accept loop and CORS (`http.rs`), keel's
+//!   WebSocket protocol as the client speaks it and raw sockets (`socket.rs`), the inspector
+//!   routes, the open connections list (`connections.rs`), lingering sockets, the Prometheus
+//!   route: the `Ingress` implementation. Rule: reaches actors only through the runtime's
+//!   dispatch handle.
+//! - **`runtime/`**: the directory (which actor a key names), dispatch, the `Activation` seam
+//!   and its on-demand implementation, the `Ingress` seam, the alarm timer, the [`Runtime`]
+//!   facade and its drain. Rule: never names the server.
+//! - **`actor/`**: one task per live actor (`task.rs`, its message handlers in
+//!   `task/messages.rs`), its mailbox and handle, one actor's connections (`conn.rs`: the
+//!   frames keel sends, their order, the outgoing queue's bounds and the close codes), the
+//!   outbox that takes events and replies off storage's thread (`outbox.rs`), and one actor's
+//!   schedules (`schedules.rs`: every retry rule, and the index of when each falls due).
+//!   Rule: uses storage only through the `Storage` seam and tells the directory above it
+//!   what it needs through the `Lifecycle` callback.
+//! - **`storage/`**: the [`Storage`] seam (public, for implementations outside the crate)
+//!   and its embedded implementation: the SQLite file, its
+//!   lock, migrations and reads ([`store`]), the group-commit writer that is also the output
+//!   gate ([`writer`]), the damage checks ([`integrity`]); every SQL statement keel runs on
+//!   its own tables. Rule: knows no actor task.
+//! - **base** (the crate root's own files, with the children one keeps in a folder of its
+//!   name), used by every floor and using only each other: [`error`] (the one error type),
+//!   [`config`] (every configured number, defined once with its default), [`host`] (the seam
+//!   to user code, and the formats of what a call changes: KV writes, schedules), [`actor_type`]
+//!   (what core knows of each registered type), [`key`] (the actor key codec), [`cbor`],
+//!   [`clock`], [`origin`] (the `allowedOrigins` rules), [`metrics`] (counters, histograms
+//!   and the Prometheus page), [`logging`] (the log schema, settings and layer; its line
+//!   formats in `logging/format.rs`), [`spans`] (which span a live actor's user code logs
+//!   in), [`kv_key`] (KV's one home: the key codec, stored form and order, the KV limits'
+//!   defaults and the check every commit passes, the overlay of a call's own writes),
+//!   [`options`] (the numeric `setup()` options: names, defaults, ranges, units and docs),
+//!   [`faults`] (failpoints and the VFS shim, for fault-injection tests).
 
 #![warn(missing_docs)]
 
 pub mod actor;
 pub mod actor_type;
-pub mod alarms;
+mod assemble;
 pub mod cbor;
 pub mod clock;
 pub mod config;
-pub mod conn;
 pub mod error;
 pub mod faults;
 pub mod host;
-pub mod http;
-pub mod inspector;
-pub mod integrity;
 pub mod key;
 pub mod kv_key;
-pub mod linger;
 pub mod logging;
 pub mod metrics;
 pub mod options;
 pub mod origin;
 pub mod registry;
-pub mod runtime;
+mod runtime;
+mod server;
 pub mod spans;
-pub mod store;
-pub mod writer;
+mod storage;
+
+pub use server::http;
+pub use storage::{integrity, store, writer};
 
 pub use actor_type::{ActorType, ActorTypes, Hooks};
 pub use config::{
@@ -70,3 +85,4 @@ pub use host::{
 };
 pub use registry::{Mode, Registry};
 pub use runtime::{Resolve, Runtime, Target};
+pub use storage::seam::Storage;

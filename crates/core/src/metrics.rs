@@ -30,8 +30,6 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::runtime::Core;
-use crate::writer::WriterStats;
 
 /// The media type of the page: Prometheus text exposition format, version 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -236,6 +234,26 @@ impl ShutdownPhase {
     }
 }
 
+/// The gauges a running runtime answers when the page is rendered.
+pub(crate) trait Gauges: Send + Sync {
+    /// Actors whose instance is running now.
+    fn awake_actors(&self) -> usize;
+    /// Durable schedules waiting to fire.
+    fn pending_schedules(&self) -> usize;
+}
+
+/// Counters the group-commit writer keeps, for tests and metrics. Kept here, with the other
+/// counters, so that the page reads them without reaching up into storage.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub transactions: AtomicU64,
+    /// Ops applied.
+    pub ops: AtomicU64,
+    /// How long each committed transaction took, fsync included.
+    pub commit_seconds: Histogram<CommitBuckets>,
+}
+
 /// Everything keel counts, for one registry (or one runtime opened on its own).
 #[derive(Default)]
 pub struct Metrics {
@@ -253,7 +271,7 @@ pub struct Metrics {
     phase: AtomicU8,
     /// The runtime whose gauges the page shows; attached when it opens. Weak, so metrics
     /// never keep a drained runtime alive.
-    core: Mutex<Weak<Core>>,
+    gauges: Mutex<Option<Weak<dyn Gauges>>>,
     /// The writer's counters, kept after the runtime is gone so commits stay monotonic.
     writer: Mutex<Option<Arc<WriterStats>>>,
 }
@@ -292,8 +310,8 @@ impl Metrics {
     }
 
     /// Attaches the runtime whose gauges and writer the page shows.
-    pub(crate) fn attach(&self, core: &Arc<Core>, writer: Arc<WriterStats>) {
-        *self.core.lock() = Arc::downgrade(core);
+    pub(crate) fn attach(&self, gauges: Weak<dyn Gauges>, writer: Arc<WriterStats>) {
+        *self.gauges.lock() = Some(gauges);
         *self.writer.lock() = Some(writer);
     }
 
@@ -319,11 +337,11 @@ impl Metrics {
 
     /// The page, in Prometheus text format 0.0.4.
     pub fn render(&self) -> String {
-        let core = self.core.lock().upgrade();
+        let gauges = self.gauges.lock().as_ref().and_then(Weak::upgrade);
         let writer = self.writer.lock().clone();
         let mut page = Page(String::with_capacity(4096));
 
-        let awake = core.as_ref().map_or(0, |core| core.live_count());
+        let awake = gauges.as_ref().map_or(0, |gauges| gauges.awake_actors());
         page.header(
             "keel_actors_awake",
             "gauge",
@@ -377,7 +395,9 @@ impl Metrics {
             self.open_connections.load(Ordering::Relaxed).max(0),
         );
 
-        let pending = core.as_ref().map_or(0, |core| core.alarms.len());
+        let pending = gauges
+            .as_ref()
+            .map_or(0, |gauges| gauges.pending_schedules());
         page.header(
             "keel_schedules_pending",
             "gauge",

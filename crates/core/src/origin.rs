@@ -8,16 +8,16 @@
 //! a browser has to preflight every cross-origin action call, and only a listed origin gets
 //! a preflight answer. Listed origins get CORS headers on every response; `*` lets any page
 //! read responses, but never with credentials.
+//!
+//! The rules live here, below every floor, since the configuration names the list; the CORS
+//! layer that applies them to each response is the server's (`server/http.rs`).
 
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use crate::error::{Error, Result};
-use crate::http::{Request, Response};
-use crate::runtime::Core;
+
+/// An HTTP response as keel produces it.
+type Response = axum::http::Response<axum::body::Body>;
 
 /// How long a browser may cache a preflight answer, in seconds.
 const PREFLIGHT_MAX_AGE_SECS: &str = "600";
@@ -34,7 +34,7 @@ pub struct AllowedOrigins {
 
 /// What a listed origin is granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Grant {
+pub(crate) enum Grant {
     /// Listed by name: its own origin echoed back, with credentials.
     Exact,
     /// Allowed through `*`: `Access-Control-Allow-Origin: *`, never with credentials.
@@ -73,7 +73,7 @@ impl AllowedOrigins {
     }
 
     /// What `origin` (as a browser sent it) is granted, if it is listed.
-    fn grant(&self, origin: &str) -> Option<Grant> {
+    pub(crate) fn grant(&self, origin: &str) -> Option<Grant> {
         let listed = normalize(origin).is_some_and(|origin| self.exact.contains(&origin));
         if listed {
             Some(Grant::Exact)
@@ -153,7 +153,7 @@ fn same_origin(origin: &str, headers: &HeaderMap) -> bool {
 
 /// The request's `Origin` header, if it has one. A value that is not text counts as an
 /// origin that matches nothing.
-fn origin_of(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn origin_of(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::ORIGIN)
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
@@ -169,36 +169,8 @@ pub(crate) fn check_upgrade(allowed: &AllowedOrigins, headers: &HeaderMap) -> Re
     }
 }
 
-/// The CORS layer around every route. A preflight (`OPTIONS` with
-/// `Access-Control-Request-Method`) from a listed origin is answered here; from any other
-/// origin it is refused with `auth.origin_not_allowed` and no CORS headers. Other responses
-/// to a listed origin carry `Access-Control-Allow-Origin`.
-pub(crate) async fn cors(State(core): State<Arc<Core>>, request: Request, next: Next) -> Response {
-    let Some(origin) = origin_of(request.headers()) else {
-        return next.run(request).await;
-    };
-    let grant = core.config.allowed_origins.grant(&origin);
-    let preflight = request.method() == Method::OPTIONS
-        && request
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if preflight {
-        return match grant {
-            Some(grant) => preflight_response(grant, &origin, request.headers()),
-            None => {
-                crate::http::error_response(&Error::OriginNotAllowed { origin }, core.config.dev)
-            }
-        };
-    }
-    let mut response = next.run(request).await;
-    if let Some(grant) = grant {
-        allow(response.headers_mut(), grant, &origin);
-    }
-    response
-}
-
 /// The answer to a preflight from a listed origin: the method and headers it asked for.
-fn preflight_response(grant: Grant, origin: &str, request: &HeaderMap) -> Response {
+pub(crate) fn preflight_response(grant: Grant, origin: &str, request: &HeaderMap) -> Response {
     let mut response = Response::new(axum::body::Body::empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
     let headers = response.headers_mut();
@@ -229,7 +201,7 @@ fn preflight_response(grant: Grant, origin: &str, request: &HeaderMap) -> Respon
 }
 
 /// Adds the headers that let a page of `origin` read the response.
-fn allow(headers: &mut HeaderMap, grant: Grant, origin: &str) {
+pub(crate) fn allow(headers: &mut HeaderMap, grant: Grant, origin: &str) {
     match grant {
         Grant::Exact => {
             let Ok(value) = HeaderValue::from_str(origin) else {

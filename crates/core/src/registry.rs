@@ -10,6 +10,9 @@
 //!   so it resolves for callers who arrive before, during or long after the stop.
 //! - A failed build returns the registry to `Idle` (definitions kept) and every waiter gets
 //!   the build's own error; a shutdown during a build makes the builder drain what it built.
+//! - No lock is held while storage opens (blocking I/O that may wait on SQLite's busy
+//!   timeout): `serve` claims the registry (`StartingServe`), opens outside the lock, and
+//!   checks the state again before it moves to `Running`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,9 +25,9 @@ use crate::actor_type::{ActorType, ActorTypes};
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::host::Host;
-use crate::http::{Request, Response};
 use crate::metrics::{Metrics, ShutdownPhase};
-use crate::runtime::Runtime;
+use crate::runtime::facade::Runtime;
+use crate::runtime::ingress::{Request, Response};
 use crate::spans::{ActorSpans, SpanTracking};
 
 /// How a running registry receives requests.
@@ -45,12 +48,33 @@ impl Mode {
     }
 }
 
+/// Binds the serve-mode listener; returns it with the address it got.
+fn bind(listen: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = std::net::TcpListener::bind(listen)
+        .and_then(|listener| {
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })
+        .map_err(|source| Error::Bind {
+            address: listen.to_string(),
+            source,
+        })?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the bound address", e))?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|e| Error::io("registering the listener", e))?;
+    Ok((listener, address))
+}
+
 /// The published outcome of one serverless build; `None` while it runs.
 type BuildOutcome = Option<std::result::Result<(), Arc<Error>>>;
 
 enum State {
     /// Accepts `register`; nothing is running.
     Idle,
+    /// `serve` is binding its listener and opening storage, outside the lock.
+    StartingServe,
     /// The first serverless request is building the runtime.
     BuildingServerless {
         /// Receives the build's outcome; waiters clone it while holding the lock.
@@ -110,6 +134,7 @@ impl Registry {
     pub fn state_name(&self) -> &'static str {
         match &*self.state.lock() {
             State::Idle => "idle",
+            State::StartingServe => "starting_serve",
             State::BuildingServerless { .. } => "building_serverless",
             State::Running {
                 mode: Mode::Serve, ..
@@ -142,18 +167,6 @@ impl Registry {
         }
     }
 
-    fn build(&self, config: RuntimeConfig) -> Result<Runtime> {
-        self.metrics.runtime_built();
-        let types = Arc::new(self.types.lock().clone());
-        Runtime::open_with(
-            config,
-            types,
-            self.host.clone(),
-            &self.root,
-            self.metrics.clone(),
-        )
-    }
-
     /// Serves HTTP on `config.listen` until shutdown; `on_listening` gets the bound address.
     /// Resolves after the drain has completed.
     pub async fn serve(
@@ -161,7 +174,7 @@ impl Registry {
         config: RuntimeConfig,
         on_listening: impl FnOnce(SocketAddr),
     ) -> Result<()> {
-        let address = {
+        {
             let mut state = self.state.lock();
             match &*state {
                 State::Idle => {}
@@ -180,32 +193,63 @@ impl Registry {
                         wanted: "serve",
                     })
                 }
-                State::Running {
+                State::StartingServe
+                | State::Running {
                     mode: Mode::Serve, ..
                 } => return Err(Error::RegistryAlreadyRunning),
                 State::ShuttingDown => return Err(Error::RegistryShutDown),
             }
-            let listener = std::net::TcpListener::bind(config.listen)
-                .and_then(|listener| {
-                    listener.set_nonblocking(true)?;
-                    Ok(listener)
-                })
-                .map_err(|source| Error::Bind {
-                    address: config.listen.to_string(),
-                    source,
-                })?;
-            let address = listener
-                .local_addr()
-                .map_err(|e| Error::io("reading the bound address", e))?;
-            let listener = tokio::net::TcpListener::from_std(listener)
-                .map_err(|e| Error::io("registering the listener", e))?;
-            let runtime = Arc::new(self.build(config)?);
-            runtime.serve(listener);
-            *state = State::Running {
-                mode: Mode::Serve,
-                runtime,
-            };
-            address
+            *state = State::StartingServe;
+        }
+        // Binding and opening storage are blocking I/O that may wait on SQLite's busy
+        // timeout: off the async workers, and with no lock held.
+        let types = Arc::new(self.types.lock().clone());
+        let host = self.host.clone();
+        let root = self.root.clone();
+        let metrics = self.metrics.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            let (listener, address) = bind(config.listen)?;
+            metrics.runtime_built();
+            let runtime = Runtime::open_with(config, types, host, &root, metrics)?;
+            Ok((listener, address, runtime))
+        })
+        .await
+        .unwrap_or_else(|join| {
+            Err(Error::ActorInternal {
+                message: format!("starting the server panicked: {join}"),
+            })
+        });
+        let orphan = {
+            let mut state = self.state.lock();
+            let starting = matches!(*state, State::StartingServe);
+            match started {
+                Ok((listener, address, runtime)) if starting => {
+                    let runtime = Arc::new(runtime);
+                    runtime.serve(listener);
+                    *state = State::Running {
+                        mode: Mode::Serve,
+                        runtime,
+                    };
+                    Ok(address)
+                }
+                Err(err) if starting => {
+                    *state = State::Idle;
+                    return Err(err);
+                }
+                // A shutdown arrived meanwhile and is waiting on the stopped latch, which
+                // this starter owns.
+                started => Err(started.ok().map(|(_, _, runtime)| runtime)),
+            }
+        };
+        let address = match orphan {
+            Ok(address) => address,
+            Err(orphan) => {
+                if let Some(runtime) = orphan {
+                    runtime.drain().await;
+                }
+                self.stopped.send_replace(true);
+                return Err(Error::RegistryShutDown);
+            }
         };
         tracing::info!(%address, "listening");
         on_listening(address);
@@ -232,6 +276,12 @@ impl Registry {
                     State::Running {
                         mode: Mode::Serve, ..
                     } => {
+                        return Err(Error::RegistryWrongMode {
+                            running: Mode::Serve.as_str(),
+                            wanted: "handle serverless requests",
+                        })
+                    }
+                    State::StartingServe => {
                         return Err(Error::RegistryWrongMode {
                             running: Mode::Serve.as_str(),
                             wanted: "handle serverless requests",
@@ -338,8 +388,9 @@ impl Registry {
                 tracing::info!("shutdown finished");
                 self.stopped.send_replace(true);
             }
-            // The builder sees `ShuttingDown` when it settles and releases the latch.
-            State::BuildingServerless { .. } => {}
+            // The builder (or starter) sees `ShuttingDown` when it settles and releases the
+            // latch.
+            State::BuildingServerless { .. } | State::StartingServe => {}
             // Another caller is draining.
             State::ShuttingDown => {}
         }

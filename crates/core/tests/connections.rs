@@ -249,3 +249,30 @@ async fn a_type_with_connection_hooks_calls_the_host_for_them() {
     assert!(log[1].starts_with("disconnect:"), "{log:?}");
     runtime.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_socket_the_client_closes_is_let_go_at_once_so_the_drain_does_not_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, addr, _host) = serve(dir.path()).await;
+    let mut socket = connect(addr, "leaving").await;
+    send_call(&mut socket, 1, "broadcast", json!([])).await;
+    assert_eq!(next(&mut socket).await, Frame::Event(json!(1)));
+    assert_eq!(next(&mut socket).await, Frame::Reply(1));
+    let bye = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 4000.into(),
+        reason: "bye".into(),
+    };
+    socket.send(Message::Close(Some(bye))).await.unwrap();
+    // A bound on a hang, not a measure of speed: unanswered, the socket's writer idled
+    // (and held the socket open) until the drain was forced.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    ended.expect("the server let go of the socket the client closed");
+    runtime.drain().await;
+}

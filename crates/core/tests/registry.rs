@@ -431,3 +431,62 @@ async fn shutdown_during_a_slow_build_drains_what_the_builder_built() {
     // Nothing was left running: the data directory is free again.
     drop(keel_core::store::Store::open(dir.path(), keel_core::Durability::Full).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_opens_storage_without_holding_the_state_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    // Another SQLite user holds the database file exclusively, so opening storage waits on
+    // SQLite's busy timeout. It rolls back, so what keel then opens is an empty file.
+    let blocker = rusqlite::Connection::open(dir.path().join(keel_core::store::DB_FILE)).unwrap();
+    blocker
+        .execute_batch("BEGIN EXCLUSIVE; CREATE TABLE other (x);")
+        .unwrap();
+    let registry = registry(CounterHost::new());
+    let serving = tokio::spawn({
+        let registry = registry.clone();
+        let config = config(dir.path());
+        async move { registry.serve(config, |_| {}).await }
+    });
+    // Every look at the state takes the state lock: if `serve` held it while opening, none
+    // of these would answer before the open gave up.
+    common::eventually("serve is opening storage", || {
+        registry.state_name() == "starting_serve"
+    })
+    .await;
+    let err = registry
+        .serve(config(dir.path()), |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "already_running");
+    let err = registry
+        .register(ActorType::new("late", ["x"]))
+        .unwrap_err();
+    assert_eq!(err.code(), "not_idle");
+    let request = axum::http::Request::get("/health")
+        .body(Body::empty())
+        .unwrap();
+    let err = registry
+        .handle(&config(dir.path()), request)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "wrong_mode");
+    // A shutdown meanwhile waits for the starter, which drains what it opened.
+    let shutdown = tokio::spawn({
+        let registry = registry.clone();
+        async move { registry.shutdown().await }
+    });
+    common::eventually("the shutdown has begun", || {
+        registry.state_name() == "shutting_down"
+    })
+    .await;
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    let err = serving.await.unwrap().unwrap_err();
+    assert_eq!((err.group(), err.code()), ("registry", "shut_down"));
+    // Nothing was left running: the data directory is free again.
+    drop(keel_core::store::Store::open(dir.path(), keel_core::Durability::Full).unwrap());
+}

@@ -22,7 +22,6 @@
 //! - The peer check runs before the token check, so a remote peer learns nothing about the
 //!   token.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -30,20 +29,17 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
-use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::{InspectorConfig, RuntimeConfig};
 use crate::error::{Error, Result};
-use crate::http::{error_response, PeerAddr};
 use crate::key;
 use crate::kv_key::{self, KvKey, StoredKey};
-use crate::metrics::Metrics;
-use crate::runtime::Core;
-use crate::store::ActorListing;
+use crate::server::shared::{error_response, PeerAddr, Server};
+use crate::storage::seam::ActorListing;
 
 /// The most items one inspector page holds.
 pub const MAX_PAGE_LEN: usize = 1000;
@@ -52,9 +48,14 @@ pub const DEFAULT_PAGE_LEN: usize = 100;
 /// The `WWW-Authenticate` challenge of a `401`.
 const CHALLENGE: &str = "Bearer realm=\"keel-inspector\"";
 
-/// The inspector's routes over `core`, or no routes at all when the inspector is off.
-pub(crate) fn routes(core: &Arc<Core>) -> Router<Arc<Core>> {
-    let Some(auth) = Auth::from_config(&core.config) else {
+/// The inspector's routes over `server`, or no routes at all when the inspector is off.
+/// `call` is the route that calls an action by id (the public one, behind the inspector's
+/// guard here).
+pub(crate) fn routes(
+    server: &Arc<Server>,
+    call: axum::routing::MethodRouter<Arc<Server>>,
+) -> Router<Arc<Server>> {
+    let Some(auth) = Auth::from_config(&server.config) else {
         return Router::new();
     };
     Router::new()
@@ -64,10 +65,7 @@ pub(crate) fn routes(core: &Arc<Core>) -> Router<Arc<Core>> {
         .route("/v1/inspector/actors/{id}/kv", get(kv))
         .route("/v1/inspector/actors/{id}/schedules", get(schedules))
         .route("/v1/inspector/actors/{id}/connections", get(connections))
-        .route(
-            "/v1/inspector/actors/{id}/actions/{action}",
-            post(crate::http::action_by_id),
-        )
+        .route("/v1/inspector/actors/{id}/actions/{action}", call)
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::new(auth),
             authorize,
@@ -174,96 +172,6 @@ async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) 
     next.run(request).await
 }
 
-/// Open actor connections, by actor: what the inspector lists, and the source of the
-/// `keel_connections_open` gauge. The connection layer holds the guard [`Connections::open`]
-/// returns for as long as a connection is admitted, so however it ends, it leaves.
-pub(crate) struct Connections {
-    by_actor: Mutex<HashMap<Arc<str>, Vec<ConnectionInfo>>>,
-    metrics: Arc<Metrics>,
-}
-
-/// What the inspector shows of one open connection.
-#[derive(Debug, Clone)]
-pub(crate) struct ConnectionInfo {
-    /// The connection's id, unique within its actor.
-    pub(crate) id: String,
-    /// When it opened, in epoch milliseconds.
-    pub(crate) opened_at_ms: i64,
-    /// Whatever the connection layer wants shown (its params, say), as JSON; shared, since
-    /// many connections show the same.
-    pub(crate) details: Arc<Value>,
-}
-
-impl Connections {
-    pub(crate) fn new(metrics: Arc<Metrics>) -> Connections {
-        Connections {
-            by_actor: Mutex::new(HashMap::new()),
-            metrics,
-        }
-    }
-
-    /// Records an open connection of `actor_id` until the returned guard drops.
-    pub(crate) fn open(
-        self: &Arc<Self>,
-        actor_id: Arc<str>,
-        info: ConnectionInfo,
-    ) -> OpenConnection {
-        let id = info.id.clone();
-        self.opened(actor_id.clone(), info);
-        OpenConnection {
-            connections: self.clone(),
-            actor_id,
-            id,
-        }
-    }
-
-    /// Records an open connection of `actor_id`; pair it with [`Connections::closed`].
-    pub(crate) fn opened(&self, actor_id: Arc<str>, info: ConnectionInfo) {
-        self.by_actor.lock().entry(actor_id).or_default().push(info);
-        self.metrics.connection_opened();
-    }
-
-    /// Forgets a connection; a connection that was never recorded is ignored.
-    pub(crate) fn closed(&self, actor_id: &str, id: &str) {
-        let mut by_actor = self.by_actor.lock();
-        let Some(open) = by_actor.get_mut(actor_id) else {
-            return;
-        };
-        let before = open.len();
-        open.retain(|info| info.id != id);
-        let removed = before - open.len();
-        if open.is_empty() {
-            by_actor.remove(actor_id);
-        }
-        drop(by_actor);
-        for _ in 0..removed {
-            self.metrics.connection_closed();
-        }
-    }
-
-    /// The open connections of `actor_id`, oldest first.
-    pub(crate) fn of(&self, actor_id: &str) -> Vec<ConnectionInfo> {
-        self.by_actor
-            .lock()
-            .get(actor_id)
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-/// An admitted connection, listed until this guard drops.
-pub(crate) struct OpenConnection {
-    connections: Arc<Connections>,
-    actor_id: Arc<str>,
-    id: String,
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.connections.closed(&self.actor_id, &self.id);
-    }
-}
-
 /// Query parameters of the listing routes.
 #[derive(Deserialize, Default)]
 struct PageQuery {
@@ -294,87 +202,82 @@ type QueryResult = std::result::Result<Query<PageQuery>, axum::extract::rejectio
 type IdPath = std::result::Result<Path<String>, axum::extract::rejection::PathRejection>;
 
 /// Renders a handler's result: the JSON value, or the error with its status.
-fn reply(core: &Core, result: Result<Value>) -> Response {
+fn reply(server: &Server, result: Result<Value>) -> Response {
     match result {
         Ok(value) => Json(value).into_response(),
-        Err(err) => error_response(&err, core.config.dev),
+        Err(err) => error_response(&err, server.config.dev),
     }
 }
 
-fn listing_json(core: &Core, listing: &ActorListing) -> Result<Value> {
+fn listing_json(server: &Server, listing: &ActorListing) -> Result<Value> {
     Ok(json!({
         "actorId": listing.id,
         "name": listing.name,
         "key": key::decode(&listing.key)?,
         "createdAt": listing.created_at_ms,
-        "awake": core.is_awake(&listing.id),
+        "awake": server.is_awake(&listing.id),
     }))
 }
 
 /// The actor's listing, or `actor.not_found`.
-async fn find(core: &Arc<Core>, id: &str) -> Result<ActorListing> {
-    let owned = id.to_string();
-    core.read(id, move |store| store.actor_listing(&owned))
+async fn find(server: &Arc<Server>, id: &str) -> Result<ActorListing> {
+    server.settle_commits(id).await?;
+    server
+        .storage
+        .actor_listing(id)
         .await?
         .ok_or(Error::ActorNotFound)
 }
 
-async fn list_actors(State(core): State<Arc<Core>>, query: QueryResult) -> Response {
+async fn list_actors(State(server): State<Arc<Server>>, query: QueryResult) -> Response {
     let result = async {
         let Query(query) = query?;
         let limit = query.limit()?;
         let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
         let name = query.name.clone();
-        let store = core.store.clone();
-        let listings = tokio::task::spawn_blocking(move || {
-            let after = after.as_ref().map(|(n, k)| (n.as_str(), k.as_str()));
-            store.list_actors(name.as_deref(), after, limit)
-        })
-        .await
-        .map_err(|err| Error::ActorInternal {
-            message: format!("a storage read panicked: {err}"),
-        })??;
+        let listings = server.storage.list_actors(name, after, limit).await?;
         let next = (listings.len() == limit)
             .then(|| listings.last().map(encode_cursor))
             .flatten();
         let actors = listings
             .iter()
-            .map(|listing| listing_json(&core, listing))
+            .map(|listing| listing_json(&server, listing))
             .collect::<Result<Vec<_>>>()?;
         Ok(json!({ "actors": actors, "nextCursor": next }))
     }
     .await;
-    reply(&core, result)
+    reply(&server, result)
 }
 
-async fn actor(State(core): State<Arc<Core>>, id: IdPath) -> Response {
+async fn actor(State(server): State<Arc<Server>>, id: IdPath) -> Response {
     let result = async {
         let Path(id) = id?;
-        listing_json(&core, &find(&core, &id).await?)
+        listing_json(&server, &find(&server, &id).await?)
     }
     .await;
-    reply(&core, result)
+    reply(&server, result)
 }
 
-async fn state(State(core): State<Arc<Core>>, id: IdPath) -> Response {
+async fn state(State(server): State<Arc<Server>>, id: IdPath) -> Response {
     let result = async {
         let Path(id) = id?;
-        let owned = id.clone();
-        let snapshot = core
-            .read(&id, move |store| store.load(&owned))
+        server.settle_commits(&id).await?;
+        let snapshot = server
+            .storage
+            .load(&id)
             .await?
             .ok_or(Error::ActorNotFound)?;
         Ok(json!({
             "actorId": id,
-            "encoding": core.host.state_encoding().as_str(),
+            "encoding": server.host.state_encoding().as_str(),
             "state": snapshot.state.as_deref().map(base64::encode),
         }))
     }
     .await;
-    reply(&core, result)
+    reply(&server, result)
 }
 
-async fn kv(State(core): State<Arc<Core>>, id: IdPath, query: QueryResult) -> Response {
+async fn kv(State(server): State<Arc<Server>>, id: IdPath, query: QueryResult) -> Response {
     let result = async {
         let Path(id) = id?;
         let Query(query) = query?;
@@ -398,13 +301,9 @@ async fn kv(State(core): State<Arc<Core>>, id: IdPath, query: QueryResult) -> Re
             }
             None => None,
         };
-        find(&core, &id).await?;
-        let owned = id.clone();
-        let entries = core
-            .read(&id, move |store| {
-                store.kv_page(&owned, &prefix, after.as_deref(), limit)
-            })
-            .await?;
+        find(&server, &id).await?;
+        server.settle_commits(&id).await?;
+        let entries = server.storage.kv_page(&id, prefix, after, limit).await?;
         let next = (entries.len() == limit)
             .then(|| entries.last().map(|(key, _)| base64::encode_url(key)))
             .flatten();
@@ -421,23 +320,21 @@ async fn kv(State(core): State<Arc<Core>>, id: IdPath, query: QueryResult) -> Re
             .collect();
         Ok(json!({
             "actorId": id,
-            "encoding": core.host.state_encoding().as_str(),
+            "encoding": server.host.state_encoding().as_str(),
             "entries": entries,
             "nextCursor": next,
         }))
     }
     .await;
-    reply(&core, result)
+    reply(&server, result)
 }
 
-async fn schedules(State(core): State<Arc<Core>>, id: IdPath) -> Response {
+async fn schedules(State(server): State<Arc<Server>>, id: IdPath) -> Response {
     let result = async {
         let Path(id) = id?;
-        find(&core, &id).await?;
-        let owned = id.clone();
-        let stored = core
-            .read(&id, move |store| store.schedules_of(&owned))
-            .await?;
+        find(&server, &id).await?;
+        server.settle_commits(&id).await?;
+        let stored = server.storage.schedules_of(&id).await?;
         let schedules: Vec<Value> = stored
             .iter()
             .map(|stored| {
@@ -453,14 +350,14 @@ async fn schedules(State(core): State<Arc<Core>>, id: IdPath) -> Response {
         Ok(json!({ "actorId": id, "encoding": "cbor", "schedules": schedules }))
     }
     .await;
-    reply(&core, result)
+    reply(&server, result)
 }
 
-async fn connections(State(core): State<Arc<Core>>, id: IdPath) -> Response {
+async fn connections(State(server): State<Arc<Server>>, id: IdPath) -> Response {
     let result = async {
         let Path(id) = id?;
-        find(&core, &id).await?;
-        let connections: Vec<Value> = core
+        find(&server, &id).await?;
+        let connections: Vec<Value> = server
             .connections
             .of(&id)
             .into_iter()
@@ -475,7 +372,7 @@ async fn connections(State(core): State<Arc<Core>>, id: IdPath) -> Response {
         Ok(json!({ "actorId": id, "connections": connections }))
     }
     .await;
-    reply(&core, result)
+    reply(&server, result)
 }
 
 /// An actors cursor: the last listed `(name, key)` as a JSON pair, base64url.
@@ -612,28 +509,5 @@ mod tests {
             [0xfb, 0xff],
             "standard alphabet"
         );
-    }
-
-    #[test]
-    fn connections_feed_the_gauge() {
-        let metrics = Arc::new(Metrics::default());
-        let connections = Connections::new(metrics.clone());
-        let info = |id: &str| ConnectionInfo {
-            id: id.into(),
-            opened_at_ms: 1,
-            details: Arc::new(Value::Null),
-        };
-        let actor: Arc<str> = Arc::from("a");
-        connections.opened(actor.clone(), info("1"));
-        connections.opened(actor.clone(), info("2"));
-        assert!(metrics.render().contains("keel_connections_open 2\n"));
-        connections.closed("a", "1");
-        connections.closed("a", "1");
-        connections.closed("b", "1");
-        assert_eq!(connections.of("a").len(), 1);
-        assert!(metrics.render().contains("keel_connections_open 1\n"));
-        connections.closed("a", "2");
-        assert!(connections.of("a").is_empty());
-        assert!(metrics.render().contains("keel_connections_open 0\n"));
     }
 }

@@ -19,116 +19,23 @@
 //! instance, with the same error, until the actor task has replaced the instance with one
 //! loaded from committed state.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::faults::{self, Failpoint, Fault, FaultState};
 use crate::host::{KvWrite, Payload, ScheduleWrite};
-use crate::integrity::Integrity;
-use crate::store::{ActorRecord, Store};
+use crate::metrics::WriterStats;
+use crate::storage::integrity::Integrity;
+use crate::storage::store::{ActorRecord, Store};
 
 /// The most ops one transaction takes; a longer queue is split over several commits.
 const MAX_BATCH_OPS: usize = 4096;
 
-/// Called once the op's batch has committed (or failed to).
-pub type Release = Box<dyn FnOnce(Result<()>) + Send>;
-
-/// How a new actor row is inserted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CreateMode {
-    /// Fail with `actor.already_exists` if the key is taken.
-    Create,
-    /// Return the existing row if the key is taken.
-    GetOrCreate,
-}
-
-/// What happens to a schedule after one run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settle {
-    /// It ran (or gave up): delete it.
-    Done,
-    /// It failed: run it again at `at_ms`, counting the failure.
-    Retry {
-        /// When to run it again, in epoch milliseconds.
-        at_ms: i64,
-        /// Failures so far, this one included.
-        attempts: u32,
-    },
-}
-
-/// Everything one commit writes for one actor.
-#[derive(Debug, Default)]
-pub struct Writes {
-    /// The actor's new state.
-    pub state: Option<Vec<u8>>,
-    /// Key-value writes, in order.
-    pub kv: Vec<KvWrite>,
-    /// Schedule changes, in order.
-    pub schedules: Vec<ScheduleWrite>,
-    /// The outcome of the schedule whose run produced this commit.
-    pub settle: Option<(String, Settle)>,
-}
-
-impl Writes {
-    fn is_empty(&self) -> bool {
-        self.state.is_none()
-            && self.kv.is_empty()
-            && self.schedules.is_empty()
-            && self.settle.is_none()
-    }
-}
-
-/// Marks an actor instance that ran on top of a commit that failed. Shared by the actor's
-/// task, which passes it with each commit and replaces the instance once it is set, and the
-/// writer, which sets it when a batch holding the instance's writes fails and refuses the
-/// instance's later commits while it is set.
-#[derive(Debug, Default)]
-pub struct Poison {
-    /// Whether it is set: read on every commit, so a plain load on the common path.
-    set: AtomicBool,
-    /// The error of the commit that failed, given to every refused commit.
-    error: Mutex<Option<Error>>,
-}
-
-impl Poison {
-    /// Whether a commit of the instance has failed since the last [`Poison::clear`].
-    pub fn is_set(&self) -> bool {
-        self.set.load(Ordering::Acquire)
-    }
-
-    /// Clears the mark once the instance was replaced; the writer then accepts its commits.
-    pub fn clear(&self) {
-        *self.error.lock() = None;
-        self.set.store(false, Ordering::Release);
-    }
-
-    /// Marks the instance, keeping the first error.
-    fn set(&self, err: &Error) {
-        let mut error = self.error.lock();
-        if error.is_none() {
-            *error = Some(err.duplicate());
-        }
-        self.set.store(true, Ordering::Release);
-    }
-
-    /// The error a refused commit gets.
-    fn refusal(&self) -> Option<Error> {
-        if !self.is_set() {
-            return None;
-        }
-        Some(
-            self.error
-                .lock()
-                .as_ref()
-                .map_or(Error::WriterClosed, Error::duplicate),
-        )
-    }
-}
+pub use crate::storage::seam::{CreateMode, Poison, Release, Settle, Writes};
 
 /// One unit of work for the writer.
 pub enum WriteOp {
@@ -163,17 +70,6 @@ pub enum WriteOp {
     },
     /// Commits what came before, then stops the thread; later sends fail.
     Close,
-}
-
-/// Counters the writer keeps, for tests and metrics.
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    /// Transactions committed.
-    pub transactions: AtomicU64,
-    /// Ops applied.
-    pub ops: AtomicU64,
-    /// How long each committed transaction took, fsync included.
-    pub commit_seconds: crate::metrics::Histogram<crate::metrics::CommitBuckets>,
 }
 
 /// The sending side of the writer. Cloneable; the thread stops once every handle is dropped
@@ -487,7 +383,7 @@ impl WriterThread {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let seq = crate::integrity::next_commit_seq(&tx)?;
+            let seq = crate::storage::integrity::next_commit_seq(&tx)?;
             tx.commit()?;
             Ok(seq)
         })();
@@ -580,7 +476,7 @@ impl WriterThread {
         // Nothing more is committed once damage has been seen; the counter and its record let
         // the next open notice commits that the log lost (see `integrity.rs`).
         integrity.check()?;
-        let seq = crate::integrity::next_commit_seq(&tx)?;
+        let seq = crate::storage::integrity::next_commit_seq(&tx)?;
         match check(faults, Failpoint::BeforeWalWrite) {
             Fault::Continue => {}
             Fault::Fail => return Err(Refused::Failed(faults::injected_full())),
@@ -683,7 +579,7 @@ fn create_actor(
     input: Option<Payload>,
     mode: CreateMode,
 ) -> Result<(ActorRecord, bool)> {
-    let existing = crate::store::actor_id_by_key(tx, &record.name, &record.key)?;
+    let existing = crate::storage::store::actor_id_by_key(tx, &record.name, &record.key)?;
     if let Some(id) = existing {
         return match mode {
             CreateMode::Create => Err(Error::ActorAlreadyExists),

@@ -1,17 +1,18 @@
-//! keel's HTTP surface: the versioned routes, their JSON bodies, and the accept loop.
+//! keel's HTTP surface: the versioned routes, their JSON bodies, the CORS layer (whose rules
+//! are `origin.rs`'s), and the accept loop.
 //!
 //! The same [`axum::Router`] serves a listener (serve mode) and single requests handed over by
 //! a Fetch-style host (serverless mode). Every error leaves as `{group, code, message,
 //! metadata}` with the status from [`Error::http_status`]; no route answers with plain text.
 //! The protocol is documented in `docs/protocol.md`, which must stay true to this file.
+//! Routes reach actors only through the runtime's dispatch handle (`Server` derefs to it).
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::routing::{any, get, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -25,12 +26,11 @@ use tracing::Instrument;
 use crate::cbor;
 use crate::error::{Error, Result};
 use crate::host::{Encoding, Payload, RequestHead};
-use crate::runtime::{Core, Resolve, Target};
+use crate::runtime::target::{Resolve, Target};
+use crate::server::shared::{bytes_response, json_response, Server};
 
-/// An HTTP request as keel handles it.
-pub type Request = axum::http::Request<Body>;
-/// An HTTP response as keel produces it.
-pub type Response = axum::http::Response<Body>;
+pub use crate::runtime::ingress::{Request, Response};
+pub use crate::server::shared::{error_response, PeerAddr};
 
 /// A path extractor whose rejection the handler turns into keel's own error.
 type PathOf<T> = std::result::Result<Path<T>, axum::extract::rejection::PathRejection>;
@@ -38,17 +38,15 @@ type PathOf<T> = std::result::Result<Path<T>, axum::extract::rejection::PathReje
 type MaybeUpgrade =
     std::result::Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
 
-/// The address of the peer a request came from, set by the accept loop; serverless requests
-/// have none.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
-
-/// Builds the router over a runtime's core.
-pub(crate) fn router(core: Arc<Core>) -> Router {
+/// Builds the router over a runtime's server.
+pub(crate) fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .merge(crate::inspector::routes(&core))
+        .merge(crate::server::inspector::routes(
+            &server,
+            post(action_by_id),
+        ))
         .route("/v1/actors/{name}/actions/{action}", post(action_by_key))
         .route("/v1/actors/{name}/resolve", post(resolve))
         .route("/v1/ids/{id}/actions/{action}", post(action_by_id))
@@ -57,11 +55,38 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
         .route("/v1/actors/{name}/raw/{key}/{*path}", any(raw))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            core.clone(),
-            crate::origin::cors,
-        ))
-        .with_state(core)
+        .layer(axum::middleware::from_fn_with_state(server.clone(), cors))
+        .with_state(server)
+}
+
+/// The CORS layer around every route. A preflight (`OPTIONS` with
+/// `Access-Control-Request-Method`) from a listed origin is answered here; from any other
+/// origin it is refused with `auth.origin_not_allowed` and no CORS headers. Other responses
+/// to a listed origin carry `Access-Control-Allow-Origin` (the rules are `origin.rs`'s).
+async fn cors(
+    State(server): State<Arc<Server>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(origin) = crate::origin::origin_of(request.headers()) else {
+        return next.run(request).await;
+    };
+    let grant = server.config.allowed_origins.grant(&origin);
+    let preflight = request.method() == axum::http::Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if preflight {
+        return match grant {
+            Some(grant) => crate::origin::preflight_response(grant, &origin, request.headers()),
+            None => error_response(&Error::OriginNotAllowed { origin }, server.config.dev),
+        };
+    }
+    let mut response = next.run(request).await;
+    if let Some(grant) = grant {
+        crate::origin::allow(response.headers_mut(), grant, &origin);
+    }
+    response
 }
 
 /// Handles one request without a listener.
@@ -81,13 +106,13 @@ const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100
 /// listener closes at once, idle keep-alive connections close, and busy ones close after their
 /// current response. A failed accept (out of file descriptors) is logged once per run of
 /// failures and retried after a short pause.
-pub(crate) async fn accept_loop(core: Arc<Core>, listener: TcpListener, router: Router) {
+pub(crate) async fn accept_loop(server: Arc<Server>, listener: TcpListener, router: Router) {
     let mut failures: u64 = 0;
     loop {
         tokio::select! {
             // The drain outranks new connections.
             biased;
-            _ = core.stop.cancelled() => break,
+            _ = server.stop.cancelled() => break,
             // The next connection, or an accept error.
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -100,7 +125,7 @@ pub(crate) async fn accept_loop(core: Arc<Core>, listener: TcpListener, router: 
                         tokio::select! {
                             // The drain needs no more connections.
                             biased;
-                            _ = core.stop.cancelled() => break,
+                            _ = server.stop.cancelled() => break,
                             // Time to try again.
                             _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
                         }
@@ -113,11 +138,11 @@ pub(crate) async fn accept_loop(core: Arc<Core>, listener: TcpListener, router: 
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "setting TCP_NODELAY failed");
                 }
-                let stream = crate::linger::LingeringStream::new(
+                let stream = crate::server::linger::LingeringStream::new(
                     stream,
-                    core.config.linger,
-                    core.tracker.clone(),
-                    core.force.clone(),
+                    server.config.linger,
+                    server.tracker.clone(),
+                    server.force.clone(),
                 );
                 let service = TowerToHyperService::new(router.clone().map_request(
                     move |mut request: axum::http::Request<hyper::body::Incoming>| {
@@ -131,8 +156,8 @@ pub(crate) async fn accept_loop(core: Arc<Core>, listener: TcpListener, router: 
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 let span = tracing::trace_span!("connection", %peer);
-                core.tracker
-                    .spawn(serve_connection(core.clone(), connection).instrument(span));
+                server.tracker
+                    .spawn(serve_connection(server.clone(), connection).instrument(span));
             }
         }
     }
@@ -148,19 +173,19 @@ const FORCED_WRITE_GRACE: std::time::Duration = std::time::Duration::from_millis
 /// Runs one connection until the peer closes it. When the drain begins the connection ends
 /// after its current response; once the drain is forced it gets a last moment to write the
 /// errors of abandoned requests, then it is dropped.
-async fn serve_connection<C>(core: Arc<Core>, connection: C)
+async fn serve_connection<C>(server: Arc<Server>, connection: C)
 where
     C: std::future::Future<Output = hyper::Result<()>> + GracefulConnection,
 {
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         // The drain has begun: finish the current response, then close.
-        _ = core.stop.cancelled() => connection.as_mut().graceful_shutdown(),
+        _ = server.stop.cancelled() => connection.as_mut().graceful_shutdown(),
         // The peer closed the connection (or it failed).
         result = connection.as_mut() => return log_connection_end(result),
     }
     let forced = async {
-        core.force.cancelled().await;
+        server.force.cancelled().await;
         tokio::time::sleep(FORCED_WRITE_GRACE).await;
     };
     tokio::select! {
@@ -195,23 +220,23 @@ fn log_connection_end(result: hyper::Result<()>) {
     }
 }
 
-async fn health(State(core): State<Arc<Core>>) -> Response {
-    if core.is_draining() {
-        return error_response(&Error::RegistryShuttingDown, core.config.dev);
+async fn health(State(server): State<Arc<Server>>) -> Response {
+    if server.is_draining() {
+        return error_response(&Error::RegistryShuttingDown, server.config.dev);
     }
     // A store latched damaged fails every read and commit: take the process out of rotation.
     // 503, not the 500 of a call that met the damage, since it is the server that is unwell;
     // and not logged per probe: the damage was logged once, when it was found.
-    if let Err(err) = core.store.integrity().check() {
-        let body = err.to_body(core.config.dev).to_string();
+    if let Err(err) = server.storage.health() {
+        let body = err.to_body(server.config.dev).to_string();
         return json_response(StatusCode::SERVICE_UNAVAILABLE, body);
     }
     json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_string())
 }
 
 /// The Prometheus page; answered during a drain too, for as long as connections are served.
-async fn metrics(State(core): State<Arc<Core>>) -> Response {
-    let page = core.metrics.render();
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    let page = server.metrics.render();
     bytes_response(
         StatusCode::OK,
         page.into_bytes(),
@@ -219,25 +244,25 @@ async fn metrics(State(core): State<Arc<Core>>) -> Response {
     )
 }
 
-async fn route_not_found(State(core): State<Arc<Core>>, request: Request) -> Response {
+async fn route_not_found(State(server): State<Arc<Server>>, request: Request) -> Response {
     let err = Error::RouteNotFound {
         method: request.method().to_string(),
         path: request.uri().path().to_string(),
     };
-    error_response(&err, core.config.dev)
+    error_response(&err, server.config.dev)
 }
 
 /// `GET /v1/actors/{name}/connect`: a WebSocket speaking keel's connection protocol.
 async fn connect(
-    State(core): State<Arc<Core>>,
+    State(server): State<Arc<Server>>,
     path: PathOf<String>,
     uri: Uri,
     headers: HeaderMap,
     upgrade: MaybeUpgrade,
 ) -> Response {
-    let dev = core.config.dev;
+    let dev = server.config.dev;
     let result = (|| {
-        crate::origin::check_upgrade(&core.config.allowed_origins, &headers)?;
+        crate::origin::check_upgrade(&server.config.allowed_origins, &headers)?;
         let Path(name) = path?;
         let upgrade = upgrade.map_err(|e| {
             Error::malformed(format!(
@@ -245,17 +270,17 @@ async fn connect(
                 e.body_text()
             ))
         })?;
-        if core.is_draining() {
+        if server.is_draining() {
             return Err(Error::RegistryShuttingDown);
         }
-        core.types.get(&name)?;
+        server.types.get(&name)?;
         Ok((name, upgrade))
     })();
     match result {
         Ok((name, upgrade)) => {
             let head = request_head("GET", &uri, &headers);
-            upgrade_socket(&core, upgrade, move |core, socket| {
-                crate::conn::serve_keel_socket(core, socket, name, head)
+            upgrade_socket(&server, upgrade, move |server, socket| {
+                crate::server::socket::serve_keel_socket(server, socket, name, head)
             })
         }
         Err(err) => error_response(&err, dev),
@@ -263,23 +288,23 @@ async fn connect(
 }
 
 /// Accepts a WebSocket upgrade with the message size limit and keel's lean socket buffers
-/// (see [`crate::conn::READ_BUFFER_BYTES`]), serving the socket on a tracked task so the drain
+/// (see [`crate::actor::conn::READ_BUFFER_BYTES`]), serving the socket on a tracked task so the drain
 /// waits for it.
-fn upgrade_socket<F, Fut>(core: &Arc<Core>, upgrade: WebSocketUpgrade, serve: F) -> Response
+fn upgrade_socket<F, Fut>(server: &Arc<Server>, upgrade: WebSocketUpgrade, serve: F) -> Response
 where
-    F: FnOnce(Arc<Core>, axum::extract::ws::WebSocket) -> Fut + Send + 'static,
+    F: FnOnce(Arc<Server>, axum::extract::ws::WebSocket) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let limit = core.config.limits.max_ws_message_bytes;
-    let core = core.clone();
+    let limit = server.config.limits.max_ws_message_bytes;
+    let server = server.clone();
     upgrade
-        .read_buffer_size(crate::conn::READ_BUFFER_BYTES)
-        .write_buffer_size(crate::conn::WRITE_BUFFER_BYTES)
+        .read_buffer_size(crate::actor::conn::READ_BUFFER_BYTES)
+        .write_buffer_size(crate::actor::conn::WRITE_BUFFER_BYTES)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {
-            let tracker = core.tracker.clone();
-            tracker.track_future(serve(core, socket))
+            let tracker = server.tracker.clone();
+            tracker.track_future(serve(server, socket))
         })
 }
 
@@ -309,34 +334,32 @@ fn raw_sub_path(uri: &axum::http::Uri) -> String {
 /// `ANY /v1/actors/{name}/raw/{key}[/{*path}]`: the actor's `onRequest`, or its
 /// `onWebSocket` for a WebSocket upgrade.
 async fn raw(
-    State(core): State<Arc<Core>>,
+    State(server): State<Arc<Server>>,
     path: PathOf<RawPath>,
     upgrade: MaybeUpgrade,
     request: Request,
 ) -> Response {
-    let dev = core.config.dev;
+    let dev = server.config.dev;
     let result = async {
         if upgrade.is_ok() {
-            crate::origin::check_upgrade(&core.config.allowed_origins, request.headers())?;
+            crate::origin::check_upgrade(&server.config.allowed_origins, request.headers())?;
         }
         let Path(raw_path) = path?;
         let key = crate::key::decode(&raw_path.key)?;
         // Before the actor is resolved, so a type without the hook gets no actor row.
-        core.types.get(&raw_path.name)?.check_raw(
+        server.types.get(&raw_path.name)?.check_raw(
             upgrade.is_ok(),
             request.method().as_str(),
             request.uri().path(),
         )?;
-        let info = crate::runtime::resolve_on(
-            &core,
-            Target::Key {
+        let info = server
+            .resolve(Target::Key {
                 name: raw_path.name,
                 key,
                 mode: Resolve::GetOrCreate,
                 input: None,
-            },
-        )
-        .await?;
+            })
+            .await?;
         let sub_path = raw_sub_path(request.uri());
         let headers: Vec<(String, String)> = request
             .headers()
@@ -344,29 +367,20 @@ async fn raw(
             .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
             .collect();
         if let Ok(upgrade) = upgrade {
-            return Ok(upgrade_socket(&core, upgrade, move |core, socket| {
-                crate::conn::serve_raw_socket(core, socket, info, sub_path, headers)
+            return Ok(upgrade_socket(&server, upgrade, move |server, socket| {
+                crate::server::socket::serve_raw_socket(server, socket, info, sub_path, headers)
             }));
         }
         let method = request.method().to_string();
         let request_headers = request.headers().clone();
-        let body = read_body(&core, &request_headers, request.into_body()).await?;
+        let body = read_body(&server, &request_headers, request.into_body()).await?;
         let raw_request = crate::host::RawRequest {
             method,
             path: sub_path,
             headers,
             body: body.to_vec(),
         };
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        core.deliver(
-            &info,
-            crate::actor::Command::Request {
-                request: raw_request,
-                reply,
-            },
-        )
-        .await?;
-        let response = rx.await.map_err(|_| Error::ActorStopped)??;
+        let response = server.request(&info, raw_request).await?;
         let mut builder = axum::http::Response::builder().status(response.status);
         for (name, value) in &response.headers {
             builder = builder.header(name.as_str(), value.as_str());
@@ -381,12 +395,12 @@ async fn raw(
     result.unwrap_or_else(|err| error_response(&err, dev))
 }
 
-async fn method_not_allowed(State(core): State<Arc<Core>>, request: Request) -> Response {
+async fn method_not_allowed(State(server): State<Arc<Server>>, request: Request) -> Response {
     let err = Error::MethodNotAllowed {
         method: request.method().to_string(),
         path: request.uri().path().to_string(),
     };
-    error_response(&err, core.config.dev)
+    error_response(&err, server.config.dev)
 }
 
 /// The JSON form of a request body; every route takes a subset of these fields.
@@ -488,12 +502,12 @@ impl Envelope {
 
     /// Reads a body up to the limit and decodes it in the request's encoding.
     async fn read(
-        core: &Core,
+        server: &Server,
         headers: &HeaderMap,
         body: Body,
         encoding: Encoding,
     ) -> Result<Envelope> {
-        let bytes = read_body(core, headers, body).await?;
+        let bytes = read_body(server, headers, body).await?;
         Envelope::parse(&bytes, encoding)
     }
 
@@ -587,60 +601,61 @@ fn request_head(method: &str, uri: &Uri, headers: &HeaderMap) -> RequestHead {
 }
 
 async fn action_by_key(
-    State(core): State<Arc<Core>>,
+    State(server): State<Arc<Server>>,
     path: PathOf<(String, String)>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let dev = core.config.dev;
+    let dev = server.config.dev;
     let result = async {
         let encoding = request_encoding(&headers)?;
         let output = response_encoding(&headers, encoding);
         let Path((name, action)) = path?;
-        let envelope = Envelope::read(&core, &headers, body, encoding).await?;
+        let envelope = Envelope::read(&server, &headers, body, encoding).await?;
         let (target, args) = envelope.into_key_target(name)?;
         let head = request_head("POST", &uri, &headers);
-        crate::runtime::call_on(&core, target, &action, args, output, Some(head)).await
+        server.call(target, &action, args, output, Some(head)).await
     }
     .await;
     respond(result, dev)
 }
 
 pub(crate) async fn action_by_id(
-    State(core): State<Arc<Core>>,
+    State(server): State<Arc<Server>>,
     path: PathOf<(String, String)>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let dev = core.config.dev;
+    let dev = server.config.dev;
     let result = async {
         let encoding = request_encoding(&headers)?;
         let output = response_encoding(&headers, encoding);
         let Path((id, action)) = path?;
-        let envelope = Envelope::read(&core, &headers, body, encoding).await?;
+        let envelope = Envelope::read(&server, &headers, body, encoding).await?;
         let head = request_head("POST", &uri, &headers);
-        let target = Target::Id(id);
-        crate::runtime::call_on(&core, target, &action, envelope.args, output, Some(head)).await
+        server
+            .call(Target::Id(id), &action, envelope.args, output, Some(head))
+            .await
     }
     .await;
     respond(result, dev)
 }
 
 async fn resolve(
-    State(core): State<Arc<Core>>,
+    State(server): State<Arc<Server>>,
     path: PathOf<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let dev = core.config.dev;
+    let dev = server.config.dev;
     let result = async {
         let encoding = request_encoding(&headers)?;
         let Path(name) = path?;
-        let envelope = Envelope::read(&core, &headers, body, encoding).await?;
+        let envelope = Envelope::read(&server, &headers, body, encoding).await?;
         let (target, _) = envelope.into_key_target(name)?;
-        let info = crate::runtime::resolve_on(&core, target).await?;
+        let info = server.resolve(target).await?;
         Ok(serde_json::json!({
             "actorId": &*info.id,
             "name": &*info.name,
@@ -677,8 +692,8 @@ fn respond(result: Result<Payload>, dev: bool) -> Response {
 
 /// Reads a body up to the configured limit, within the body timeout: a client that stops
 /// sending gets `request.body_timed_out`, and its connection closes.
-async fn read_body(core: &Core, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes> {
-    let limit = core.config.limits.max_body_bytes;
+async fn read_body(server: &Server, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes> {
+    let limit = server.config.limits.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -686,7 +701,7 @@ async fn read_body(core: &Core, headers: &HeaderMap, body: Body) -> Result<axum:
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(Error::RequestTooLarge { limit });
     }
-    let timeout = core.config.body_timeout;
+    let timeout = server.config.body_timeout;
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| Error::RequestBodyTimedOut {
@@ -703,37 +718,4 @@ async fn read_body(core: &Core, headers: &HeaderMap, body: Body) -> Result<axum:
             Error::malformed(format!("reading the request body failed: {err}"))
         }
     })
-}
-
-fn json_response(status: StatusCode, body: String) -> Response {
-    bytes_response(status, body.into_bytes(), "application/json")
-}
-
-fn bytes_response(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> Response {
-    let mut response = (status, body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
-
-/// Renders an error with its one status mapping.
-pub fn error_response(err: &Error, expose_internal: bool) -> Response {
-    let status =
-        StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    // User code that threw was logged where it threw, with the actor's identity.
-    let logged = matches!(err, Error::ActorInternal { .. });
-    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE && !logged {
-        tracing::warn!(group = err.group(), code = err.code(), error = %err, "request failed");
-    } else {
-        tracing::trace!(group = err.group(), code = err.code(), error = %err, "request rejected");
-    }
-    let mut response = json_response(status, err.to_body(expose_internal).to_string());
-    if matches!(err, Error::RequestBodyTimedOut { .. }) {
-        // The rest of the body may still trickle in; the connection cannot be reused.
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
 }

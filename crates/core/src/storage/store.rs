@@ -21,7 +21,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::host::{Encoding, Payload, Schedule};
-use crate::integrity::{self, Integrity};
+use crate::storage::integrity::{self, Integrity};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "keel.db";
@@ -65,38 +65,7 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// One row of the actor directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ActorRecord {
-    /// Stable, generated id.
-    pub id: String,
-    /// Actor type name.
-    pub name: String,
-    /// Canonical key string.
-    pub key: String,
-}
-
-/// One actor as the inspector lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ActorListing {
-    /// Stable, generated id.
-    pub id: String,
-    /// Actor type name.
-    pub name: String,
-    /// Canonical key string.
-    pub key: String,
-    /// When the actor was created, in epoch milliseconds.
-    pub created_at_ms: i64,
-}
-
-/// What an actor's task loads when it starts.
-#[derive(Debug, Clone, Default)]
-pub struct ActorSnapshot {
-    /// The last committed state; `None` until the actor's state was first created.
-    pub state: Option<Vec<u8>>,
-    /// The creation input, kept until the state is first created.
-    pub input: Option<Payload>,
-}
+pub use crate::storage::seam::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
 
 impl ActorSnapshot {
     /// Checks that the state (in the host's `state_encoding`) and the input are each one
@@ -128,17 +97,6 @@ impl ActorSnapshot {
         }
         Ok(())
     }
-}
-
-/// A stored schedule and how often it has failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredSchedule {
-    /// The actor it belongs to.
-    pub actor_id: String,
-    /// The schedule itself.
-    pub schedule: Schedule,
-    /// How many runs have failed so far.
-    pub attempts: u32,
 }
 
 /// The open database: the process lock, the path, the read pool and its health.
@@ -467,6 +425,15 @@ impl Store {
             )?;
             rows.collect()
         })
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// Holds the read pool's lock until the guard drops: a test's stand-in for a read that
+    /// is stuck in SQLite (a busy database, a slow disk).
+    pub(crate) fn hold_readers(&self) -> impl Drop + '_ {
+        self.readers.lock()
     }
 }
 

@@ -1,0 +1,178 @@
+//! A built runtime: the front door of one runtime, and its graceful drain.
+//!
+//! [`Runtime`] is what the registry builds when it starts serving (or on the first serverless
+//! request); `assemble.rs` picks its parts (the embedded storage, on-demand activation and
+//! keel's HTTP server). It owns one cancellation tree: `stop` (a child of the registry's root
+//! token) begins the graceful drain, and `force` abandons what is left when the drain runs
+//! out of time. Every task it spawns (actors, the accept loop, connections) is tracked, so the
+//! drain can wait for all of them before it closes storage and releases the data directory.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
+use crate::host::{ActorInfo, Encoding, Payload};
+use crate::metrics::{Metrics, ShutdownPhase, WriterStats};
+use crate::runtime::dispatch::Dispatch;
+use crate::runtime::ingress::{Ingress, Request, Response};
+use crate::runtime::target::Target;
+use crate::storage::seam::StoredSchedule;
+
+/// A built runtime. Dropping it without draining abandons in-flight work; call
+/// [`Runtime::drain`] for a clean stop. Opened with [`Runtime::open`].
+pub struct Runtime {
+    dispatch: Arc<Dispatch>,
+    /// The front door: keel's HTTP routes, shared by the listener and serverless requests.
+    ingress: Arc<dyn Ingress>,
+    /// The writer's counters, kept after the writer closes.
+    writer_stats: Arc<WriterStats>,
+}
+
+impl Runtime {
+    /// A runtime over `dispatch`, reached through `ingress`; starts the alarm timer.
+    pub(crate) fn new(
+        dispatch: Arc<Dispatch>,
+        ingress: Arc<dyn Ingress>,
+        writer_stats: Arc<WriterStats>,
+    ) -> Runtime {
+        dispatch
+            .tracker
+            .spawn(crate::runtime::alarms::run(dispatch.clone()).in_current_span());
+        Runtime {
+            dispatch,
+            ingress,
+            writer_stats,
+        }
+    }
+
+    /// The configuration the runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.dispatch.config
+    }
+
+    /// Resolves a target to the actor's identity without calling it.
+    pub async fn resolve(&self, target: Target) -> Result<Arc<ActorInfo>> {
+        self.dispatch.resolve(target).await
+    }
+
+    /// Calls an action and returns its output once the effects it produced are durable.
+    pub async fn call(
+        &self,
+        target: Target,
+        action: &str,
+        args: Payload,
+        output: Encoding,
+    ) -> Result<Payload> {
+        self.dispatch.call(target, action, args, output, None).await
+    }
+
+    /// Reads an actor's KV values (after its own pending commits land).
+    pub async fn kv_get(&self, actor_id: &str, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        self.dispatch.settle_commits(actor_id).await?;
+        self.dispatch.storage.kv_get(actor_id, keys).await
+    }
+
+    /// Lists an actor's KV entries by prefix (after its own pending commits land).
+    pub async fn kv_list(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.dispatch.settle_commits(actor_id).await?;
+        self.dispatch
+            .storage
+            .kv_list(actor_id, prefix, limit, reverse)
+            .await
+    }
+
+    /// An actor's pending schedules (after its own pending commits land).
+    pub async fn schedules(&self, actor_id: &str) -> Result<Vec<StoredSchedule>> {
+        self.dispatch.settle_commits(actor_id).await?;
+        self.dispatch.storage.schedules_of(actor_id).await
+    }
+
+    /// The clock schedules are measured on, in epoch milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        self.dispatch.clock.now_ms()
+    }
+
+    /// How many schedules are pending.
+    pub fn pending_schedules(&self) -> usize {
+        self.dispatch.schedules.len()
+    }
+
+    /// Serves HTTP on `listener` until the drain begins. The accept loop and every connection
+    /// are tracked tasks, so [`Runtime::drain`] waits for them.
+    pub fn serve(&self, listener: TcpListener) {
+        self.ingress.serve(listener);
+    }
+
+    /// Handles one request without a listener (serverless mode).
+    pub async fn handle(&self, request: Request) -> Response {
+        self.ingress.handle(request).await
+    }
+
+    /// The runtime's counters and histograms.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.dispatch.metrics
+    }
+
+    /// Group-commit counters.
+    pub fn writer_stats(&self) -> &Arc<WriterStats> {
+        &self.writer_stats
+    }
+
+    /// The number of live actors.
+    pub fn live_actors(&self) -> usize {
+        self.dispatch.live_count()
+    }
+
+    /// Sends a message on a raw WebSocket (from `onWebSocket` code).
+    pub fn raw_send(&self, socket_id: &str, data: Vec<u8>, binary: bool) -> Result<()> {
+        let socket = self.dispatch.raw_sockets.lock().get(socket_id).cloned();
+        socket.ok_or(Error::ActorStopped)?.send_raw(data, binary)
+    }
+
+    /// Closes a raw WebSocket.
+    pub fn raw_close(&self, socket_id: &str, code: u16, reason: &str) {
+        if let Some(socket) = self.dispatch.raw_sockets.lock().get(socket_id).cloned() {
+            socket.close(code, reason);
+        }
+    }
+
+    /// The graceful drain: stop accepting, let queued and in-flight actions finish, stop and
+    /// flush every actor, close the connections and storage, release the data directory.
+    /// Bounded by the configured drain timeout; past it, what is left fails with
+    /// `registry.shut_down`, and only work that was never acknowledged is lost.
+    pub async fn drain(&self) {
+        let dispatch = &self.dispatch;
+        dispatch.close();
+        dispatch.metrics.enter_phase(ShutdownPhase::Draining);
+        dispatch.stop.cancel();
+        dispatch.tracker.close();
+        let timeout = dispatch.config.drain_timeout;
+        let live = dispatch.live_count();
+        tracing::debug!(live_actors = live, "drain begun");
+        if tokio::time::timeout(timeout, dispatch.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                drain_timeout_ms = timeout.as_millis() as u64,
+                remaining_tasks = dispatch.tracker.len(),
+                "drain timed out; abandoning the work that is left"
+            );
+            dispatch.metrics.enter_phase(ShutdownPhase::Forced);
+            dispatch.force.cancel();
+            dispatch.tracker.wait().await;
+        }
+        dispatch.metrics.enter_phase(ShutdownPhase::Closing);
+        dispatch.storage.close().await;
+        dispatch.metrics.enter_phase(ShutdownPhase::Stopped);
+    }
+}

@@ -1,0 +1,211 @@
+//! The embedded [`Storage`]: the SQLite file in the data directory ([`Store`]) and the
+//! group-commit writer ([`Writer`]), which is also the output gate.
+//!
+//! What must stay true:
+//! - Every read from async code runs here, on tokio's blocking pool ([`EmbeddedStorage::blocking`]),
+//!   never on an async worker: a read may wait on SQLite's busy timeout or a slow disk.
+//! - Every write goes through the one writer thread, in the order it was sent.
+//! - Faults (for tests) are registered before the store opens, so that its first connection
+//!   already goes through their VFS, and stay registered until this storage is dropped.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
+use crate::faults::{FaultState, Registration};
+use crate::host::Payload;
+use crate::metrics::WriterStats;
+use crate::storage::seam::Storage;
+use crate::storage::seam::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
+use crate::storage::seam::{CreateMode, Poison, Release, Writes};
+use crate::storage::store::Store;
+use crate::storage::writer::{Writer, WriterHandle};
+
+/// A pending schedule as the alarm index needs it: id, actor id, due time in epoch ms.
+pub(crate) type PendingSchedule = (String, String, i64);
+
+/// The SQLite store and its writer, behind the [`Storage`] seam.
+pub(crate) struct EmbeddedStorage {
+    /// The database file and its read connections.
+    store: Arc<Store>,
+    /// Sends to the writer thread.
+    writer: WriterHandle,
+    /// Owns the writer thread; taken by [`Storage::close`], which waits for it to finish.
+    thread: Mutex<Option<Writer>>,
+    /// The writer's counters, kept after it closes.
+    stats: Arc<WriterStats>,
+    /// Keeps the configured faults registered for this database.
+    _faults: Option<Registration>,
+}
+
+impl EmbeddedStorage {
+    /// Opens the data directory of `config` (locking it, checking and migrating the file) and
+    /// starts the writer. Also returns every pending schedule, for the alarm index. Blocking
+    /// I/O: call it off the async workers, or where blocking is acceptable (start-up).
+    /// Must be called within a tokio runtime.
+    pub(crate) fn open(config: &RuntimeConfig) -> Result<(EmbeddedStorage, Vec<PendingSchedule>)> {
+        let faults = match &config.faults {
+            Some(injector) => {
+                std::fs::create_dir_all(&config.data_dir)
+                    .map_err(|e| Error::io(format!("creating {}", config.data_dir.display()), e))?;
+                let db_file = config.data_dir.join(crate::storage::store::DB_FILE);
+                Some(FaultState::register(injector, &db_file)?)
+            }
+            None => None,
+        };
+        let (faults, registration) = faults.unzip();
+        let store = Store::open(&config.data_dir, config.durability)?;
+        let writer = Writer::start(&store, faults)?;
+        let pending = store.all_schedules()?;
+        let storage = EmbeddedStorage {
+            writer: writer.handle(),
+            stats: writer.stats().clone(),
+            thread: Mutex::new(Some(writer)),
+            store,
+            _faults: registration,
+        };
+        Ok((storage, pending))
+    }
+
+    /// The writer's counters.
+    pub(crate) fn stats(&self) -> &Arc<WriterStats> {
+        &self.stats
+    }
+
+    /// The store itself, for tests that hold its locks.
+    #[cfg(test)]
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The one path by which async code reads the database: `read` runs on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|err| Error::ActorInternal {
+                message: format!("a storage read panicked: {err}"),
+            })?
+    }
+}
+
+#[async_trait]
+impl Storage for EmbeddedStorage {
+    async fn load(&self, actor_id: &str) -> Result<Option<ActorSnapshot>> {
+        let id = actor_id.to_string();
+        self.blocking(move |store| store.load(&id)).await
+    }
+
+    async fn find_by_key(&self, name: &str, key: &str) -> Result<Option<ActorRecord>> {
+        let (name, key) = (name.to_string(), key.to_string());
+        self.blocking(move |store| store.find_by_key(&name, &key))
+            .await
+    }
+
+    async fn find_by_id(&self, id: &str) -> Result<Option<ActorRecord>> {
+        let id = id.to_string();
+        self.blocking(move |store| store.find_by_id(&id)).await
+    }
+
+    async fn create(
+        &self,
+        record: ActorRecord,
+        input: Option<Payload>,
+        mode: CreateMode,
+    ) -> Result<(ActorRecord, bool)> {
+        self.writer.create_actor(record, input, mode).await
+    }
+
+    fn commit(
+        &self,
+        actor_id: Arc<str>,
+        writes: Option<Box<Writes>>,
+        poison: Option<Arc<Poison>>,
+        release: Release,
+    ) {
+        self.writer.commit(actor_id, writes, poison, release);
+    }
+
+    async fn delete(&self, actor_id: Arc<str>) -> Result<()> {
+        self.writer.delete_actor(actor_id).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.writer.flush().await
+    }
+
+    async fn kv_get(&self, actor_id: &str, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        let id = actor_id.to_string();
+        self.blocking(move |store| store.kv_get(&id, &keys)).await
+    }
+
+    async fn kv_list(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let id = actor_id.to_string();
+        self.blocking(move |store| store.kv_list(&id, &prefix, limit, reverse))
+            .await
+    }
+
+    async fn kv_page(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let id = actor_id.to_string();
+        self.blocking(move |store| store.kv_page(&id, &prefix, after.as_deref(), limit))
+            .await
+    }
+
+    async fn schedules_of(&self, actor_id: &str) -> Result<Vec<StoredSchedule>> {
+        let id = actor_id.to_string();
+        self.blocking(move |store| store.schedules_of(&id)).await
+    }
+
+    async fn schedule(&self, id: &str) -> Result<Option<StoredSchedule>> {
+        let id = id.to_string();
+        self.blocking(move |store| store.schedule(&id)).await
+    }
+
+    async fn list_actors(
+        &self,
+        name: Option<String>,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<ActorListing>> {
+        self.blocking(move |store| {
+            let after = after.as_ref().map(|(n, k)| (n.as_str(), k.as_str()));
+            store.list_actors(name.as_deref(), after, limit)
+        })
+        .await
+    }
+
+    async fn actor_listing(&self, id: &str) -> Result<Option<ActorListing>> {
+        let id = id.to_string();
+        self.blocking(move |store| store.actor_listing(&id)).await
+    }
+
+    fn health(&self) -> Result<()> {
+        self.store.integrity().check()
+    }
+
+    async fn close(&self) {
+        let writer = self.thread.lock().take();
+        if let Some(writer) = writer {
+            writer.close().await;
+        }
+        self.store.close();
+    }
+}

@@ -1,0 +1,261 @@
+//! The `Storage` seam: everything the layers above need from durable storage, without a
+//! SQLite type in sight.
+//!
+//! Today's implementation is `EmbeddedStorage` (`embedded.rs`: the SQLite file and the
+//! group-commit writer). Another implementation (a remote, generation-fenced database that
+//! takes one batch per commit, such as the engine's) is written against this trait alone,
+//! which is public for that (`keel_core::Storage`), with the types it names: the snapshot,
+//! records and schedules (`keel_core::store`), the writes, poison mark and release
+//! (`keel_core::writer`).
+//!
+//! The contract:
+//! - **Durable** means what a crash cannot take back: once a commit's `release` has run with
+//!   `Ok`, a process restart (or a new owner of the actor) loads exactly those writes.
+//! - **Ordering.** Commits are durable, and their `release` callbacks run, in the order
+//!   `commit` was called (across actors too: a commit with no writes still waits for every
+//!   earlier one, which is what keeps one actor's replies in order and what `flush` is).
+//!   `release` runs exactly once, with `Ok` or with the error, also when storage has closed.
+//! - **The output gate.** Nothing the caller holds back for a commit (a reply, an event) may
+//!   be let out before its `release`; `release` must only hand off, never block, since it may
+//!   run on storage's own thread.
+//! - **A failure leaves nothing behind.** A commit that fails writes none of its writes, and
+//!   marks the instance's [`Poison`] so that later commits of that instance are refused with the
+//!   same error until the actor has replaced the instance (see `actor/task.rs`).
+//! - **Reads** see every commit whose `release` has run. A read that meets damage reports
+//!   `storage.corrupt` and latches it: later reads, commits and [`Storage::health`] fail too.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::host::{KvWrite, Payload, Schedule, ScheduleWrite};
+
+/// Durable storage for every actor of a runtime. See the module doc for the contract.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// What an actor's task loads when it starts; `None` if the actor does not exist.
+    async fn load(&self, actor_id: &str) -> Result<Option<ActorSnapshot>>;
+
+    /// The actor with type `name` and canonical key `key`, if there is one.
+    async fn find_by_key(&self, name: &str, key: &str) -> Result<Option<ActorRecord>>;
+
+    /// The actor with this id, if there is one.
+    async fn find_by_id(&self, id: &str) -> Result<Option<ActorRecord>>;
+
+    /// Inserts an actor row (or, by `mode`, finds the one holding the key); resolves once
+    /// durable, with the row that holds the key and whether this call created it.
+    async fn create(
+        &self,
+        record: ActorRecord,
+        input: Option<Payload>,
+        mode: CreateMode,
+    ) -> Result<(ActorRecord, bool)>;
+
+    /// Commits one call's writes (state, KV writes, schedule changes, the settled schedule);
+    /// `None` writes only orders `release` behind earlier commits. `release` runs once the
+    /// writes are durable, or failed; `poison` is the instance's mark (see the module doc).
+    fn commit(
+        &self,
+        actor_id: Arc<str>,
+        writes: Option<Box<Writes>>,
+        poison: Option<Arc<Poison>>,
+        release: Release,
+    );
+
+    /// Deletes an actor with its KV entries and schedules; resolves once durable, in commit
+    /// order: nothing of the actor is committed after it.
+    async fn delete(&self, actor_id: Arc<str>) -> Result<()>;
+
+    /// Resolves once every commit made before it is durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// The values of `keys` in the actor's KV store, in order.
+    async fn kv_get(&self, actor_id: &str, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>>;
+
+    /// The actor's KV entries whose key starts with `prefix`, in key order (or reversed), at
+    /// most `limit` of them.
+    async fn kv_list(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// The actor's KV entries under `prefix` strictly after `after`, in key order: one page
+    /// of the inspector's listing.
+    async fn kv_page(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// The actor's pending schedules.
+    async fn schedules_of(&self, actor_id: &str) -> Result<Vec<StoredSchedule>>;
+
+    /// One pending schedule by id, if it is still pending.
+    async fn schedule(&self, id: &str) -> Result<Option<StoredSchedule>>;
+
+    /// Actors in `(name, key)` order, of type `name` if given, strictly after `after`.
+    async fn list_actors(
+        &self,
+        name: Option<String>,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<ActorListing>>;
+
+    /// One actor's listing by id.
+    async fn actor_listing(&self, id: &str) -> Result<Option<ActorListing>>;
+
+    /// `Ok` unless damage has been seen (then `storage.corrupt`): what `/health` reports.
+    fn health(&self) -> Result<()>;
+
+    /// Makes everything committed so far durable, then closes: later commits are released
+    /// with `storage.writer_closed`, reads fail, and the data is handed to its next owner.
+    async fn close(&self);
+}
+
+/// One row of the actor directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorRecord {
+    /// Stable, generated id.
+    pub id: String,
+    /// Actor type name.
+    pub name: String,
+    /// Canonical key string.
+    pub key: String,
+}
+
+/// One actor as the inspector lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorListing {
+    /// Stable, generated id.
+    pub id: String,
+    /// Actor type name.
+    pub name: String,
+    /// Canonical key string.
+    pub key: String,
+    /// When the actor was created, in epoch milliseconds.
+    pub created_at_ms: i64,
+}
+
+/// What an actor's task loads when it starts.
+#[derive(Debug, Clone, Default)]
+pub struct ActorSnapshot {
+    /// The last committed state; `None` until the actor's state was first created.
+    pub state: Option<Vec<u8>>,
+    /// The creation input, kept until the state is first created.
+    pub input: Option<Payload>,
+}
+
+/// A stored schedule and how often it has failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSchedule {
+    /// The actor it belongs to.
+    pub actor_id: String,
+    /// The schedule itself.
+    pub schedule: Schedule,
+    /// How many runs have failed so far.
+    pub attempts: u32,
+}
+
+/// Called once the op's batch has committed (or failed to).
+pub type Release = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// How a new actor row is inserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    /// Fail with `actor.already_exists` if the key is taken.
+    Create,
+    /// Return the existing row if the key is taken.
+    GetOrCreate,
+}
+
+/// What happens to a schedule after one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// It ran (or gave up): delete it.
+    Done,
+    /// It failed: run it again at `at_ms`, counting the failure.
+    Retry {
+        /// When to run it again, in epoch milliseconds.
+        at_ms: i64,
+        /// Failures so far, this one included.
+        attempts: u32,
+    },
+}
+
+/// Everything one commit writes for one actor.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// The actor's new state.
+    pub state: Option<Vec<u8>>,
+    /// Key-value writes, in order.
+    pub kv: Vec<KvWrite>,
+    /// Schedule changes, in order.
+    pub schedules: Vec<ScheduleWrite>,
+    /// The outcome of the schedule whose run produced this commit.
+    pub settle: Option<(String, Settle)>,
+}
+
+impl Writes {
+    /// Whether the commit writes nothing (it only orders a release).
+    pub fn is_empty(&self) -> bool {
+        self.state.is_none()
+            && self.kv.is_empty()
+            && self.schedules.is_empty()
+            && self.settle.is_none()
+    }
+}
+
+/// Marks an actor instance that ran on top of a commit that failed. Shared by the actor's
+/// task, which passes it with each commit and replaces the instance once it is set, and the
+/// writer, which sets it when a batch holding the instance's writes fails and refuses the
+/// instance's later commits while it is set.
+#[derive(Debug, Default)]
+pub struct Poison {
+    /// Whether it is set: read on every commit, so a plain load on the common path.
+    set: AtomicBool,
+    /// The error of the commit that failed, given to every refused commit.
+    error: Mutex<Option<Error>>,
+}
+
+impl Poison {
+    /// Whether a commit of the instance has failed since the last [`Poison::clear`].
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Clears the mark once the instance was replaced; the writer then accepts its commits.
+    pub fn clear(&self) {
+        *self.error.lock() = None;
+        self.set.store(false, Ordering::Release);
+    }
+
+    /// Marks the instance, keeping the first error (storage does, when a commit fails).
+    pub fn set(&self, err: &Error) {
+        let mut error = self.error.lock();
+        if error.is_none() {
+            *error = Some(err.duplicate());
+        }
+        self.set.store(true, Ordering::Release);
+    }
+
+    /// The error a refused commit gets, while the mark is set.
+    pub fn refusal(&self) -> Option<Error> {
+        if !self.is_set() {
+            return None;
+        }
+        Some(
+            self.error
+                .lock()
+                .as_ref()
+                .map_or(Error::WriterClosed, Error::duplicate),
+        )
+    }
+}
