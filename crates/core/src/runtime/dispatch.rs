@@ -552,7 +552,7 @@ mod tests {
         let loud = dispatch.resolve(target("loud")).await.unwrap();
         let conn = ConnHandle::new(Arc::from("c"), Encoding::Json);
         dispatch
-            .connect(&loud, &conn, Payload::json("null"))
+            .connect(&loud, &conn, Payload::json("null"), RequestHead::default())
             .await
             .unwrap();
         conn.subscribe(["e".to_string()]);
@@ -566,11 +566,17 @@ mod tests {
             async move {
                 let args = Payload::json("[]");
                 dispatch
-                    .call(target("loud"), "shout", args, Encoding::Json)
+                    .call(target("loud"), "shout", args, Encoding::Json, None)
                     .await
             }
         });
-        let quiet = dispatch.call(target("quiet"), "noop", Payload::json("[]"), Encoding::Json);
+        let quiet = dispatch.call(
+            target("quiet"),
+            "noop",
+            Payload::json("[]"),
+            Encoding::Json,
+            None,
+        );
         // A bound on a hang, not a measure of speed: without the fix this never completes.
         let quiet = tokio::time::timeout(Duration::from_secs(10), quiet).await;
         drop(held);
