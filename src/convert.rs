@@ -41,11 +41,11 @@ impl ErrorInfo {
     }
 
     /// Converts an error reported by the JS host into a core error: a `UserError` keeps its
-    /// code and message, a KV limit error keeps its own code, `onStateChange` changing the state and a call
-    /// cycle keep `actor.state_change_mutation` and `actor.call_cycle`, a client payload the JS decoder
+    /// code and message, a thrown `Forbidden` is `auth.forbidden` with its message, a KV limit
+    /// error keeps its own code, `onStateChange` changing the state and a call cycle keep
+    /// `actor.state_change_mutation` and `actor.call_cycle`, a client payload the JS decoder
     /// refused is `request.malformed` (the host reports that group only for this), a stored
-    /// state it could not decode is `storage.corrupt` for its actor; anything else is
-    /// internal.
+    /// state it could not decode is `storage.corrupt` for its actor; anything else is internal.
     pub fn into_error(self) -> Error {
         let limit = || {
             self.metadata
@@ -58,6 +58,9 @@ impl ErrorInfo {
                 code: self.code,
                 message: self.message,
                 metadata: self.metadata,
+            },
+            ("auth", "forbidden") => Error::Forbidden {
+                message: self.message,
             },
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
@@ -126,6 +129,8 @@ pub struct ActorTypeOptions {
     pub on_connect: bool,
     /// Whether the type has `onDisconnect`.
     pub on_disconnect: bool,
+    /// The declared events with a `canSubscribe` check.
+    pub guarded_events: Option<Vec<String>>,
 }
 
 impl ActorTypeOptions {
@@ -140,6 +145,11 @@ impl ActorTypeOptions {
             on_connect: self.on_connect,
             on_disconnect: self.on_disconnect,
         };
+        actor_type.guarded_events = self
+            .guarded_events
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         if let Some(ms) = self.action_timeout_ms {
             actor_type.action_timeout = Some(millis("actionTimeoutMs", ms)?);
         }

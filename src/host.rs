@@ -25,8 +25,8 @@ use async_trait::async_trait;
 use keel_core::kv_key::{self, KvKey, StoredKey};
 use keel_core::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Error, Host, KvWrite,
-    Outbound, Payload, RawRequest, RawResponse, RawSocketEvent, Schedule, ScheduleOp, StartRequest,
-    StopReason,
+    Outbound, Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead, Schedule, ScheduleOp,
+    StartRequest, StopReason,
 };
 use napi::bindgen_prelude::{Buffer, Either};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -79,6 +79,8 @@ pub enum Invocation {
         output_encoding: String,
         /// The connection the call came over, if any.
         conn_id: Option<String>,
+        /// The HTTP request the call came with, if it came over HTTP.
+        request: Option<RequestHeadJs>,
         /// The ids of the actors whose calls await this one, nearest caller last.
         chain: Vec<String>,
     },
@@ -98,12 +100,21 @@ pub enum Invocation {
         params: Buffer,
         /// `json` or `cbor`: how `params`, and the connection's frames, are encoded.
         encoding: String,
+        /// The WebSocket upgrade request.
+        request: Option<RequestHeadJs>,
     },
     /// A connection closed.
     Disconnect {
         id: u32,
         actor_id: String,
         conn_id: String,
+    },
+    /// A connection asks to subscribe to an event with `canSubscribe`.
+    Subscribe {
+        id: u32,
+        actor_id: String,
+        conn_id: String,
+        event: String,
     },
     /// A raw HTTP request for `onRequest`.
     Request {
@@ -167,6 +178,7 @@ impl Invocation {
             | Invocation::Stop { id, .. }
             | Invocation::Connect { id, .. }
             | Invocation::Disconnect { id, .. }
+            | Invocation::Subscribe { id, .. }
             | Invocation::Request { id, .. }
             | Invocation::WsOpen { id, .. }
             | Invocation::WsMessage { id, .. }
@@ -250,6 +262,27 @@ pub enum ScheduleOpJs {
 }
 
 /// An event for connections reported by JS: to one connection (`to`) or broadcast.
+/// The HTTP request behind a call or connection (`c.request`), as core hands it over: the
+/// headers stay one HTTP/1 header block, which JS parses only if user code reads them.
+#[napi(object, object_from_js = false)]
+pub struct RequestHeadJs {
+    pub method: String,
+    /// The path and query string, as sent.
+    pub url: String,
+    /// `name: value\r\n` per header.
+    pub headers: String,
+}
+
+impl From<RequestHead> for RequestHeadJs {
+    fn from(head: RequestHead) -> Self {
+        RequestHeadJs {
+            method: head.method,
+            url: head.url,
+            headers: head.headers,
+        }
+    }
+}
+
 #[napi(object, object_to_js = false)]
 pub struct OutboundJs {
     pub to: Option<String>,
@@ -716,6 +749,7 @@ impl Host for SharedHost {
             encoding: call.args.encoding.as_str().to_string(),
             output_encoding: call.output.as_str().to_string(),
             conn_id: call.conn_id,
+            request: call.request.map(RequestHeadJs::from),
             chain: call.chain,
         };
         let (output, effects) = match check(self.0.invoke(actor, id, invocation).await?, "action")?
@@ -752,6 +786,7 @@ impl Host for SharedHost {
             conn_id: request.conn_id,
             params: Buffer::from(request.params.bytes),
             encoding: request.params.encoding.as_str().to_string(),
+            request: request.request.map(RequestHeadJs::from),
         };
         check(self.0.invoke(actor, id, invocation).await?, "connect")?.effects("connect")
     }
@@ -768,6 +803,22 @@ impl Host for SharedHost {
             conn_id: conn_id.to_string(),
         };
         check(self.0.invoke(actor, id, invocation).await?, "disconnect")?.effects("disconnect")
+    }
+
+    async fn can_subscribe(
+        &self,
+        actor: &Arc<ActorInfo>,
+        conn_id: &str,
+        event: &str,
+    ) -> keel_core::Result<Effects> {
+        let id = self.0.next_id();
+        let invocation = Invocation::Subscribe {
+            id,
+            actor_id: actor.id.to_string(),
+            conn_id: conn_id.to_string(),
+            event: event.to_string(),
+        };
+        check(self.0.invoke(actor, id, invocation).await?, "subscribe")?.effects("subscribe")
     }
 
     fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {

@@ -27,6 +27,7 @@ use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::host::{
     ActionCall, ActorInfo, Encoding, Host, Payload, RawRequest, RawResponse, RawSocketEvent,
+    RequestHead,
 };
 use crate::metrics::{Gauges, Metrics};
 use crate::runtime::activation::{Activation, OnDemand};
@@ -223,6 +224,7 @@ impl Dispatch {
         action: &str,
         args: Payload,
         output: Encoding,
+        request: Option<RequestHead>,
         chain: Vec<String>,
     ) -> Result<Payload> {
         if self.is_draining() {
@@ -260,6 +262,7 @@ impl Dispatch {
                 args,
                 output,
                 conn_id: None,
+                request,
                 chain,
             },
             reply: Reply::Caller(reply),
@@ -296,6 +299,7 @@ impl Dispatch {
             args,
             output: reply.encoding(),
             conn_id: Some(reply.conn_id().to_string()),
+            request: None,
             chain: Vec::new(),
         };
         let command = Command::Action {
@@ -316,15 +320,39 @@ impl Dispatch {
         info: &Arc<ActorInfo>,
         conn: &ConnHandle,
         params: Payload,
+        upgrade: RequestHead,
     ) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         let command = Command::Connect {
             conn: conn.clone(),
             params,
+            request: Some(upgrade),
             reply,
         };
         self.deliver(info, command).await?;
         rx.await.map_err(|_| Error::ActorStopped)?
+    }
+
+    /// Hands a (un)subscription of a guarded event to the actor, behind the connection's
+    /// earlier calls. If the actor cannot take it (overloaded, stopping), the subscription is
+    /// refused with that error.
+    pub(crate) async fn subscribe(
+        &self,
+        info: &Arc<ActorInfo>,
+        conn: &ConnHandle,
+        event: String,
+        subscribe: bool,
+    ) {
+        let command = Command::Subscribe {
+            conn: conn.clone(),
+            event,
+            subscribe,
+        };
+        if let Err(failed) = self.deliver_or_return(info, command).await {
+            if let (err, Command::Subscribe { event, .. }) = *failed {
+                conn.refuse_subscription(&event, &err, self.config.dev);
+            }
+        }
     }
 
     /// Tells a live actor that a connection's socket ended. An actor that has left is not
@@ -542,7 +570,7 @@ mod tests {
         let loud = dispatch.resolve(target("loud")).await.unwrap();
         let conn = ConnHandle::new(Arc::from("c"), Encoding::Json);
         dispatch
-            .connect(&loud, &conn, Payload::json("null"))
+            .connect(&loud, &conn, Payload::json("null"), RequestHead::default())
             .await
             .unwrap();
         conn.subscribe(["e".to_string()]);
@@ -556,7 +584,14 @@ mod tests {
             async move {
                 let args = Payload::json("[]");
                 dispatch
-                    .call(target("loud"), "shout", args, Encoding::Json, Vec::new())
+                    .call(
+                        target("loud"),
+                        "shout",
+                        args,
+                        Encoding::Json,
+                        None,
+                        Vec::new(),
+                    )
                     .await
             }
         });
@@ -565,6 +600,7 @@ mod tests {
             "noop",
             Payload::json("[]"),
             Encoding::Json,
+            None,
             Vec::new(),
         );
         // A bound on a hang, not a measure of speed: without the fix this never completes.

@@ -67,7 +67,7 @@ impl Runtime {
         output: Encoding,
     ) -> Result<Payload> {
         self.dispatch
-            .call(target, action, args, output, Vec::new())
+            .call(target, action, args, output, None, Vec::new())
             .await
     }
 
@@ -84,7 +84,7 @@ impl Runtime {
         chain: Vec<String>,
     ) -> Result<Payload> {
         self.dispatch
-            .call(target, action, args, output, chain)
+            .call(target, action, args, output, None, chain)
             .await
     }
 
