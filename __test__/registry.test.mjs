@@ -242,7 +242,7 @@ test("the numeric options' defaults and ranges come from core's one table, and t
   const specs = new Map(optionSpecs().map((spec) => [spec.name, spec]));
   const docs = readFileSync(new URL("../docs/configuration.md", import.meta.url), "utf8");
   const source = readFileSync(new URL("../ts/registry.ts", import.meta.url), "utf8");
-  for (const name of ["port", "drainTimeoutMs", "gracePeriodMs", "actionTimeoutMs", "hookTimeoutMs", "sleepTimeoutMs", "maxBodyBytes", "maxMailboxLen", "maxKeySegmentBytes", "maxKeyBytes", "bodyTimeoutMs", "lingerMs"]) {
+  for (const name of ["port", "drainTimeoutMs", "gracePeriodMs", "waitUntilGraceMs", "actionTimeoutMs", "hookTimeoutMs", "sleepTimeoutMs", "maxBodyBytes", "maxMailboxLen", "maxKeySegmentBytes", "maxKeyBytes", "bodyTimeoutMs", "lingerMs"]) {
     const spec = specs.get(name);
     assert.ok(spec, `core defines ${name}`);
     const row = docs.match(new RegExp(`^\\| \`${name}\` \\| number \\| \`(\\d+)\``, "m"));

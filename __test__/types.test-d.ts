@@ -151,6 +151,30 @@ function ChatHooks(): void {
 }
 void ChatHooks;
 
+// `c.client<typeof registry>()` inside an actor is the same typed client as `createClient`.
+const caller = actor({
+  state: null,
+  actions: {
+    callCounter: async (c) => {
+      const counters = c.client<typeof registry>().counter;
+      const total: number = await counters.getOrCreate(["k"]).increment(1);
+      const renamed: string = await counters.get("k").rename("x", true);
+      // @ts-expect-error: increment takes a number.
+      await counters.getOrCreate(["k"]).increment("1");
+      // @ts-expect-error: no such action.
+      await counters.getOrCreate(["k"]).decrement(1);
+      // @ts-expect-error: no such actor type.
+      void c.client<typeof registry>().nothing;
+      // @ts-expect-error: the input has the wrong shape.
+      c.client<typeof registry>().greeter.getOrCreate(["g"], { input: { greeting: 5 } });
+      // @ts-expect-error: the result is a number, not a string.
+      const wrong: string = await counters.getOrCreate(["k"]).getCount();
+      void wrong;
+      return `${total} ${renamed}`;
+    },
+  },
+});
+void setup({ use: { caller } });
 // Who is calling: `c.request` is a Fetch Request or undefined; Forbidden; canSubscribe; raw routes.
 import { Forbidden, forbidden } from "keel";
 const guarded = actor({

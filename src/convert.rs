@@ -42,9 +42,10 @@ impl ErrorInfo {
 
     /// Converts an error reported by the JS host into a core error: a `UserError` keeps its
     /// code and message, a thrown `Forbidden` is `auth.forbidden` with its message, a KV limit
-    /// error keeps its own code, a client payload the JS decoder refused is `request.malformed`
-    /// (the host reports that group only for this), a stored state it could not decode is
-    /// `storage.corrupt` for its actor; anything else is internal.
+    /// error keeps its own code, `onStateChange` changing the state and a call cycle keep
+    /// `actor.state_change_mutation` and `actor.call_cycle`, a client payload the JS decoder
+    /// refused is `request.malformed` (the host reports that group only for this), a stored
+    /// state it could not decode is `storage.corrupt` for its actor; anything else is internal.
     pub fn into_error(self) -> Error {
         let limit = || {
             self.metadata
@@ -64,6 +65,17 @@ impl ErrorInfo {
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
             ("request", "malformed") => Error::malformed(self.message),
+            ("actor", "state_change_mutation") => Error::StateChangeMutation {
+                message: self.message,
+            },
+            ("actor", "call_cycle") => Error::ActorCallCycle {
+                actor_id: self
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m["actorId"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            },
             ("storage", "corrupt") => Error::StorageCorrupt {
                 actor_id: self
                     .metadata

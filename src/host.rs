@@ -81,6 +81,8 @@ pub enum Invocation {
         conn_id: Option<String>,
         /// The HTTP request the call came with, if it came over HTTP.
         request: Option<RequestHeadJs>,
+        /// The ids of the actors whose calls await this one, nearest caller last.
+        chain: Vec<String>,
     },
     /// Runs the sleep or destroy hook and drops the instance.
     Stop {
@@ -748,6 +750,7 @@ impl Host for SharedHost {
             output_encoding: call.output.as_str().to_string(),
             conn_id: call.conn_id,
             request: call.request.map(RequestHeadJs::from),
+            chain: call.chain,
         };
         let (output, effects) = match check(self.0.invoke(actor, id, invocation).await?, "action")?
         {

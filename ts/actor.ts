@@ -1,3 +1,4 @@
+import type { Client, RegistryLike } from "./client";
 import type { ActorLog } from "./log";
 
 /** A KV key: a string or bytes. Strings and byte keys are separate key spaces. */
@@ -141,6 +142,32 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   sleep(): void;
   /** Destroy the actor once this call finishes: run `onDestroy`, delete state, KV and schedules. */
   destroy(): void;
+  /**
+   * Aborted when the actor is stopping (sleep, destroy, shutdown) or its current call timed
+   * out (the instance is then discarded): pass it to `fetch` and check it in loops. Its
+   * `reason` is a `KeelError`, `actor.stopped` or `actor.action_timed_out`.
+   */
+  readonly abortSignal: AbortSignal;
+  /** Whether `abortSignal` has fired. */
+  readonly aborted: boolean;
+  /**
+   * Keeps background work going: when the actor stops (sleep, shutdown, destroy), keel waits
+   * for `promise` (at most `waitUntilGraceMs`, default 10 s) before `onSleep`/`onDestroy`
+   * runs. A rejection is logged. State it changed is saved with `onSleep`'s commit.
+   */
+  waitUntil(promise: PromiseLike<unknown>): void;
+  /**
+   * Keeps the actor from sleeping for being idle until `promise` settles, and returns the
+   * same promise. It does not hold off `c.sleep()`, `c.destroy()` or a shutdown.
+   */
+  keepAwake<T>(promise: PromiseLike<T>): PromiseLike<T>;
+  /**
+   * The typed client of `createClient<typeof registry>()` for this actor's own registry,
+   * in process: `c.client<typeof registry>().counter.getOrCreate(["k"]).increment(1)`
+   * resolves once the callee's changes are durable. A call to an actor whose call is
+   * waiting for this one (itself, or a cycle) fails at once with `actor.call_cycle`.
+   */
+  client<R extends RegistryLike = RegistryLike>(): Client<R>;
 }
 
 /** The context `createState` receives (there is no state yet). */
@@ -186,6 +213,12 @@ export interface ActorConfig<S, I, V, A, E = Record<never, never>> {
   onDestroy?: Hook<NoInfer<S>, NoInfer<V>, NoInfer<A>>;
   /** Declared events, so clients' `conn.on` is typed: `{ message: event<string>() }`. */
   events?: E & Record<string, EventType<unknown>>;
+  /**
+   * Runs after an action or a connection or request hook changed the state, before the change
+   * is committed; `state` is the new state. It may broadcast and send, but not change the
+   * state: doing so fails the call with `actor.state_change_mutation`.
+   */
+  onStateChange?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, state: NoInfer<S>) => void | Promise<void>;
   /** Runs before a connection is admitted; throw (e.g. a `UserError`) to refuse it. */
   onBeforeConnect?: (c: ActorContext<NoInfer<S>, NoInfer<V>, NoInfer<A>>, params: any) => void | Promise<void>;
   /** Builds a connection's state from its parameters. */
@@ -229,6 +262,7 @@ const HOOKS = [
   "onDisconnect",
   "onRequest",
   "onWebSocket",
+  "onStateChange",
 ] as const;
 
 /** Defines an actor type. State, input, vars and action types are inferred from `config`. */

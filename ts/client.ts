@@ -115,7 +115,7 @@ type Mode = "get" | "create" | "getOrCreate";
 /** An actor by key, or by id (with its key when `create` learned it, for the raw routes). */
 type Target = { kind: "key"; key: string[]; mode: Mode; input?: unknown } | { kind: "id"; id: string; key?: string[] };
 
-function normalizeKey(key: string | readonly string[] | undefined): string[] {
+export function normalizeKey(key: string | readonly string[] | undefined): string[] {
   if (key === undefined) return [];
   if (typeof key === "string") return [key];
   if (!Array.isArray(key) || key.some((segment) => typeof segment !== "string")) {

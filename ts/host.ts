@@ -6,6 +6,8 @@
 // per call and reported with its completion; core commits it atomically with the reply. A
 // call that throws reports nothing, and its state changes are rolled back.
 import { randomUUID } from "node:crypto";
+import { createActorClient } from "./actor-client";
+import type { Client, RegistryLike } from "./client";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
 import { decode, encode } from "./cbor";
 import { Forbidden, KeelError, errorInfoOf, type ErrorBody } from "./errors";
@@ -73,6 +75,11 @@ class Effects {
   readonly cancelled = new Set<string>();
   sleep = false;
   destroy = false;
+
+  /** Whether nothing was changed through these effects. */
+  get empty(): boolean {
+    return this.kv.size === 0 && this.schedules.length === 0 && !this.sleep && !this.destroy && this.messages.length === 0 && this.disconnects.length === 0;
+  }
 }
 
 /** A connection as the host keeps it: the user-facing `Conn` plus its frame encoding. */
@@ -104,6 +111,27 @@ interface Instance {
   currentRequest: CallerRequest | undefined;
   /** Open raw sockets. */
   readonly sockets: Map<string, RawSocketEntry>;
+  /** Aborted once the instance is stopping: sleep, destroy, shutdown, or a timed-out call. */
+  readonly abort: AbortController;
+  /** Set while `onStateChange` runs, so assigning `c.state` is refused. */
+  observing: boolean;
+  /** The `c.waitUntil` promises not settled yet; a stop waits for them, up to the grace. */
+  readonly background: Set<Promise<void>>;
+  /** The keep-awake holds this instance opened in core and has not closed yet. */
+  holds: number;
+}
+
+/** The error `onStateChange` gets, or makes its call fail with, when it changes the state. */
+function stateChangeMutation(how: string): KeelError {
+  return new KeelError({ group: "actor", code: "state_change_mutation", message: `onStateChange may not change the state: it ${how}` });
+}
+
+/** Why an instance's `c.abortSignal` fires, by the reason core stops it. */
+function abortReason(reason: string): KeelError {
+  if (reason === "reset") {
+    return new KeelError({ group: "actor", code: "action_timed_out", message: "the call timed out; the actor's instance is discarded" });
+  }
+  return new KeelError({ group: "actor", code: "stopped", message: `the actor is stopping (${reason})` });
 }
 
 function decodePayload(bytes: Buffer | undefined, encoding: string | undefined): unknown {
@@ -188,12 +216,23 @@ function encodeState(state: unknown): Buffer {
 
 export class JsHost {
   private readonly instances = new Map<string, Instance>();
+  /**
+   * For each actor running a call, the actors whose calls await that call, itself last: what
+   * `c.client()` sends for its cycle check. An actor runs one call at a time, so one entry per
+   * actor is enough; between calls there is none, and background work calls with an empty
+   * chain. (Kept per actor rather than per async context: an AsyncLocalStorage would put a
+   * promise hook on every promise of the process.)
+   */
+  private readonly chains = new Map<string, string[]>();
+
   private completions: Completion[] = [];
   private flushScheduled = false;
   /** Set once the native registry exists. */
   native: CoreRegistry | undefined;
   /** The most verbose level `c.log` can write (see `logMaxLevel()`); set with `native`. */
   logMaxLevel = 0;
+  /** How long a stop waits for `c.waitUntil` promises (`waitUntilGraceMs`); set with `native`. */
+  waitUntilGraceMs = 0;
 
   constructor(private readonly definitions: ReadonlyMap<string, AnyActorDefinition>) {}
 
@@ -230,42 +269,52 @@ export class JsHost {
   }
 
   private async run(invocation: Call): Promise<void> {
+    const chain = invocation.kind === "action" ? [...invocation.chain, invocation.actorId] : [invocation.actorId];
+    this.chains.set(invocation.actorId, chain);
     let completion: Completion;
     try {
-      switch (invocation.kind) {
-        case "action":
-          completion = await this.action(invocation);
-          break;
-        case "start":
-          completion = await this.start(invocation);
-          break;
-        case "stop":
-          completion = await this.stop(invocation);
-          break;
-        case "connect":
-          completion = await this.connect(invocation);
-          break;
-        case "disconnect":
-          completion = await this.disconnect(invocation);
-          break;
-        case "subscribe":
-          completion = await this.subscribe(invocation);
-          break;
-        case "request":
-          completion = await this.request(invocation);
-          break;
-        case "ws_open":
-        case "ws_message":
-        case "ws_close":
-          completion = await this.rawSocket(invocation);
-          break;
-        default:
-          throw new Error(`unknown invocation kind ${(invocation as { kind: unknown }).kind}`);
-      }
+      completion = await this.invoke(invocation);
     } catch (err) {
       completion = { kind: "failed", id: invocation.id, error: failureOf(err) };
+    } finally {
+      // A timed-out call's code may end after the next call began: leave that one's entry.
+      if (this.chains.get(invocation.actorId) === chain) this.chains.delete(invocation.actorId);
     }
     this.push(completion);
+  }
+
+  /** Runs one call's user code; throws what it throws. */
+  private async invoke(invocation: Call): Promise<Completion> {
+    switch (invocation.kind) {
+      case "action":
+        return await this.action(invocation);
+      case "start":
+        return await this.start(invocation);
+      case "stop":
+        return await this.stop(invocation);
+      case "connect":
+        return await this.connect(invocation);
+      case "disconnect":
+        return await this.disconnect(invocation);
+      case "subscribe":
+        return await this.subscribe(invocation);
+      case "request":
+        return await this.request(invocation);
+      case "ws_open":
+      case "ws_message":
+      case "ws_close":
+        return await this.rawSocket(invocation);
+      default:
+        throw new Error(`unknown invocation kind ${(invocation as { kind: unknown }).kind}`);
+    }
+  }
+
+  /** The client `c.client()` returns for one actor: calls carry the chain of its current call. */
+  private client(actorId: string): Client<RegistryLike> {
+    return createActorClient({
+      native: () => this.native!,
+      chain: () => this.chains.get(actorId) ?? [],
+    });
   }
 
   private async start(invocation: InvocationOf<"start">): Promise<Completion> {
@@ -317,7 +366,22 @@ export class JsHost {
    * Runs one call of user code with fresh effects. A call that throws changes nothing: the
    * state goes back to the last reported one and its effects are dropped.
    */
+  /**
+   * Work outside any call (background work between calls) may have written KV, scheduled or
+   * sent through `c`; no call carries those effects, so they are dropped, with a warning,
+   * rather than committed by an unrelated call.
+   */
+  private dropBackgroundEffects(instance: Instance): void {
+    if (instance.effects.empty) return;
+    instance.ctx.log.warn("background work changed KV, schedules or connections outside a call; dropped", {
+      kvWrites: instance.effects.kv.size,
+      schedules: instance.effects.schedules.length,
+      messages: instance.effects.messages.length,
+    });
+  }
+
   private async guarded<T>(instance: Instance, body: () => Promise<T>): Promise<T> {
+    this.dropBackgroundEffects(instance);
     instance.effects = new Effects();
     try {
       return await body();
@@ -339,7 +403,7 @@ export class JsHost {
         const args = decodeClientPayload(invocation.args, invocation.encoding, "arguments") as unknown[];
         const result = await fn(instance.ctx, ...args);
         const output = encodePayload(result, invocation.outputEncoding);
-        return { kind: "returned", id: invocation.id, output, effects: this.finishCall(instance) };
+        return { kind: "returned", id: invocation.id, output, effects: await this.settleCall(instance) };
       } finally {
         instance.currentConn = undefined;
         instance.currentRequest = undefined;
@@ -361,7 +425,7 @@ export class JsHost {
         const conn = this.addConn(instance, connId, params, state, invocation.encoding);
         try {
           await config.onConnect?.(instance.ctx as never, conn);
-          return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+          return { kind: "ok", id: invocation.id, effects: await this.settleCall(instance) };
         } catch (err) {
           instance.conns.delete(connId);
           throw err;
@@ -396,7 +460,7 @@ export class JsHost {
     instance.conns.delete(invocation.connId);
     return this.guarded(instance, async () => {
       await instance.def.config.onDisconnect?.(instance.ctx as never, entry.conn);
-      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+      return { kind: "ok", id: invocation.id, effects: await this.settleCall(instance) };
     });
   }
 
@@ -440,7 +504,7 @@ export class JsHost {
         headers.push([pair[0], pair[1]]);
       }
       const body = Buffer.from(await response.arrayBuffer());
-      return { kind: "responded", id: invocation.id, response: { status, headers, body }, effects: this.finishCall(instance) };
+      return { kind: "responded", id: invocation.id, response: { status, headers, body }, effects: await this.settleCall(instance) };
     });
   }
 
@@ -465,7 +529,7 @@ export class JsHost {
         const event = { code: invocation.code, reason: invocation.reason };
         for (const listener of entry?.listeners.close ?? []) await listener(event);
       }
-      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+      return { kind: "ok", id: invocation.id, effects: await this.settleCall(instance) };
     });
   }
 
@@ -495,13 +559,21 @@ export class JsHost {
   private async stop(invocation: InvocationOf<"stop">): Promise<Completion> {
     const instance = this.instances.get(invocation.actorId);
     if (instance === undefined) return { kind: "ok", id: invocation.id };
+    // User code's own work (fetches, loops, background promises) learns it should stop
+    // before the stop hook runs.
+    instance.abort.abort(abortReason(invocation.reason));
+    // The actor's task outlives a discarded instance: close its holds, or a promise that
+    // never settles would keep the actor awake for good.
+    for (; instance.holds > 0; instance.holds -= 1) this.native!.keepAwake(invocation.actorId, false);
     if (invocation.reason === "reset") {
       // An action timed out and may still run: drop the instance without hooks. Whatever the
       // late code does now touches only this discarded object; core starts a fresh one.
       this.instances.delete(invocation.actorId);
       return { kind: "ok", id: invocation.id };
     }
-    instance.effects = new Effects();
+    // What the background work changed (it ran after the last call's effects were taken) is
+    // committed with the stop hook's effects.
+    await this.settleBackground(instance);
     try {
       const config = instance.def.config;
       if (invocation.reason === "destroy") await config.onDestroy?.(instance.ctx as never);
@@ -510,6 +582,51 @@ export class JsHost {
     } finally {
       this.instances.delete(invocation.actorId);
     }
+  }
+
+  /**
+   * Waits for the instance's `c.waitUntil` promises, for at most `waitUntilGraceMs`. What they
+   * changed (state, KV, schedules, events) is saved with the stop hook's effects (sleep and
+   * shutdown).
+   */
+  private async settleBackground(instance: Instance): Promise<void> {
+    if (instance.background.size === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    const grace = new Promise<void>((resolve) => (timer = setTimeout(resolve, this.waitUntilGraceMs)));
+    try {
+      await Promise.race([Promise.all(instance.background), grace]);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (instance.background.size > 0) {
+      instance.ctx.log.warn("c.waitUntil work did not finish within waitUntilGraceMs; stopping without it", {
+        pending: instance.background.size,
+        waitUntilGraceMs: this.waitUntilGraceMs,
+      });
+    }
+  }
+
+  /**
+   * Ends a call of an action or a connection or request hook: if the call changed the state,
+   * `onStateChange` sees the new state (and may broadcast) before the effects are taken. The
+   * hook may not change the state: assigning `c.state` throws, and a state that encodes
+   * differently after the hook fails the call, so the call's changes are rolled back.
+   */
+  private async settleCall(instance: Instance): Promise<EffectsJs | undefined> {
+    const hook = instance.def.config.onStateChange;
+    if (hook !== undefined) {
+      const changed = encodeState(instance.state);
+      if (!changed.equals(instance.snapshot)) {
+        instance.observing = true;
+        try {
+          await hook(instance.ctx as never, instance.state);
+        } finally {
+          instance.observing = false;
+        }
+        if (!encodeState(instance.state).equals(changed)) throw stateChangeMutation("changed a value inside c.state");
+      }
+    }
+    return this.finishCall(instance);
   }
 
   /**
@@ -577,6 +694,10 @@ export class JsHost {
       currentConn: undefined,
       currentRequest: undefined,
       sockets: new Map(),
+      abort: new AbortController(),
+      observing: false,
+      background: new Set(),
+      holds: 0,
       ctx: undefined as never,
     };
     const connsView: ReadonlyMap<string, Conn> = {
@@ -622,6 +743,8 @@ export class JsHost {
       }
       return id;
     };
+    // The in-process client of `c.client()`, made on first use.
+    let actorClient: Client<RegistryLike> | undefined;
     const ctx = {
       ...identity,
       log: createActorLog(host, identity),
@@ -629,6 +752,7 @@ export class JsHost {
         return instance.state;
       },
       set state(value: unknown) {
+        if (instance.observing) throw stateChangeMutation("assigned c.state");
         instance.state = value;
       },
       get vars() {
@@ -708,6 +832,33 @@ export class JsHost {
       },
       destroy() {
         instance.effects.destroy = true;
+      },
+      client: () => (actorClient ??= host.client(identity.actorId)),
+      keepAwake<T>(promise: PromiseLike<T>): PromiseLike<T> {
+        if (promise === null || typeof (promise as { then?: unknown })?.then !== "function") throw new TypeError("c.keepAwake takes a promise");
+        failOn({ error: host.native!.keepAwake(identity.actorId, true) });
+        instance.holds += 1;
+        const release = () => {
+          // A stop closed the holds of this instance already.
+          if (instance.holds === 0) return;
+          instance.holds -= 1;
+          host.native!.keepAwake(identity.actorId, false);
+        };
+        Promise.resolve(promise).then(release, release);
+        return promise;
+      },
+      waitUntil(promise: PromiseLike<unknown>) {
+        if (promise === null || typeof (promise as { then?: unknown })?.then !== "function") throw new TypeError("c.waitUntil takes a promise");
+        const settled: Promise<void> = Promise.resolve(promise).then(
+          () => undefined,
+          (err: unknown) => instance.ctx.log.warn("c.waitUntil work failed", { error: errorInfoOf(err).message }),
+        );
+        instance.background.add(settled);
+        void settled.finally(() => instance.background.delete(settled));
+      },
+      abortSignal: instance.abort.signal,
+      get aborted() {
+        return instance.abort.signal.aborted;
       },
     };
     (instance as { ctx: unknown }).ctx = Object.freeze(ctx);

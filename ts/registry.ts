@@ -23,6 +23,8 @@ export interface SetupConfig<U extends Record<string, AnyActorDefinition>> {
   drainTimeoutMs?: number;
   /** How long a signal-triggered shutdown may take before keel re-raises. Default 30000; must exceed `drainTimeoutMs`. */
   gracePeriodMs?: number;
+  /** How long a stopping actor waits for its `c.waitUntil` promises. Default 10000. */
+  waitUntilGraceMs?: number;
   /** Default per-action timeout. Default 60000. */
   actionTimeoutMs?: number;
   /** Timeout of one lifecycle hook. Default 15000. */
@@ -173,6 +175,7 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     this.native = new CoreRegistry(this.host.dispatch);
     this.host.native = this.native;
     this.host.logMaxLevel = logMaxLevel();
+    this.host.waitUntilGraceMs = config.waitUntilGraceMs ?? defaultOf("waitUntilGraceMs");
     for (const [name, def] of definitions) {
       const options = def.config.options ?? {};
       for (const option of ["actionTimeoutMs", "sleepTimeoutMs"] as const) {

@@ -105,6 +105,20 @@ pub enum Error {
     /// The actor's task stopped while the request was pending.
     #[error("the actor stopped before replying")]
     ActorStopped,
+    /// An actor's call called an actor whose own call is awaiting it (itself, or a cycle such
+    /// as A → B → A): waiting would deadlock on a mailbox the caller holds.
+    #[error("actor {actor_id} is already waiting for this call: calling it would deadlock")]
+    ActorCallCycle {
+        /// The actor that was called.
+        actor_id: String,
+    },
+    /// `onStateChange` changed the state it was told about; the call that triggered it fails
+    /// and its changes are rolled back.
+    #[error("{message}")]
+    StateChangeMutation {
+        /// What the hook did.
+        message: String,
+    },
 
     /// A `UserError` thrown by an action or hook: its code and message reach the client.
     #[error("{message}")]
@@ -260,6 +274,8 @@ impl Error {
             | ActionTimedOut { .. }
             | HookTimedOut { .. }
             | ActorInternal { .. }
+            | StateChangeMutation { .. }
+            | ActorCallCycle { .. }
             | ActorStopped => "actor",
             User { .. } => "user",
             KvKeyTooLarge { .. } | KvValueTooLarge { .. } => "kv",
@@ -304,6 +320,8 @@ impl Error {
             HookTimedOut { .. } => "hook_timed_out",
             ActorInternal { .. } => "internal_error",
             ActorStopped => "stopped",
+            StateChangeMutation { .. } => "state_change_mutation",
+            ActorCallCycle { .. } => "call_cycle",
             User { code, .. } => code,
             KvKeyTooLarge { .. } => "key_too_large",
             KvValueTooLarge { .. } => "value_too_large",
@@ -338,6 +356,7 @@ impl Error {
             | ActionNotFound { .. }
             | RouteNotFound { .. } => 404,
             ActorAlreadyExists
+            | ActorCallCycle { .. }
             | RegistryNotIdle
             | RegistryWrongMode { .. }
             | RegistryAlreadyRunning
@@ -351,6 +370,7 @@ impl Error {
             RegistryShuttingDown | RegistryShutDown | ActorStopped | StorageLocked { .. } => 503,
             ActionTimedOut { .. } | HookTimedOut { .. } => 504,
             ActorInternal { .. }
+            | StateChangeMutation { .. }
             | StorageCorrupt { .. }
             | StorageTooNew { .. }
             | Storage(_)
@@ -365,6 +385,7 @@ impl Error {
         match self {
             User { metadata, .. } => metadata.clone(),
             ActorOverloaded { capacity } => Some(serde_json::json!({ "capacity": capacity })),
+            ActorCallCycle { actor_id } => Some(serde_json::json!({ "actorId": actor_id })),
             ActionTimedOut { timeout_ms } | RequestBodyTimedOut { timeout_ms } => {
                 Some(serde_json::json!({ "timeoutMs": timeout_ms }))
             }
@@ -453,6 +474,12 @@ impl Error {
                 path: path.clone(),
             },
             ActorStopped => ActorStopped,
+            ActorCallCycle { actor_id } => ActorCallCycle {
+                actor_id: actor_id.clone(),
+            },
+            StateChangeMutation { message } => StateChangeMutation {
+                message: message.clone(),
+            },
             User {
                 code,
                 message,

@@ -320,6 +320,10 @@ pub struct ActionCall {
     pub conn_id: Option<String>,
     /// The HTTP request the call came with, if it came over HTTP (`c.request` in JS).
     pub request: Option<RequestHead>,
+    /// The ids of the actors whose calls are awaiting this one, nearest caller last; empty
+    /// for a call from a client or a schedule. A call to any of them would wait on a mailbox
+    /// that this call is holding, so it fails with `actor.call_cycle` instead.
+    pub chain: Vec<String>,
 }
 
 /// The result of one action.

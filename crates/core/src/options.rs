@@ -23,6 +23,11 @@ pub const MAX_OPTION_VALUE: u64 = u32::MAX as u64;
 /// default is defined in one table.
 pub const DEFAULT_GRACE_PERIOD_MS: u64 = 30_000;
 
+/// How long an actor that is stopping waits for the promises its code passed to
+/// `c.waitUntil`, before its stop hook runs. The JS host does the waiting; the stop as a whole
+/// stays bounded by `hookTimeoutMs` and, in a shutdown, by the drain.
+pub const DEFAULT_WAIT_UNTIL_GRACE_MS: u64 = 10_000;
+
 /// One numeric option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionSpec {
@@ -74,6 +79,15 @@ pub const NUMERIC_OPTIONS: &[OptionSpec] = &[
         env: None,
         unit: "ms",
         doc: "How long a signal-triggered shutdown may take before the signal is re-raised; must exceed drainTimeoutMs.",
+    },
+    OptionSpec {
+        name: "waitUntilGraceMs",
+        default: DEFAULT_WAIT_UNTIL_GRACE_MS,
+        min: 0,
+        max: MAX_OPTION_VALUE,
+        env: None,
+        unit: "ms",
+        doc: "How long a stopping actor waits for its c.waitUntil promises before onSleep or onDestroy runs; the stop stays bounded by hookTimeoutMs.",
     },
     OptionSpec {
         name: "actionTimeoutMs",

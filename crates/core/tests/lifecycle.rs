@@ -512,3 +512,47 @@ async fn kv_reads_see_the_actors_own_latest_writes() {
     assert_eq!(values, [Some(b"x".to_vec()), None]);
     runtime.drain().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_keep_awake_hold_blocks_idle_sleep_until_it_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = CounterHost::new();
+    let runtime = open(dir.path(), host.clone());
+    call(&runtime, counter("held"), "increment", "[1]")
+        .await
+        .unwrap();
+    let id = runtime
+        .resolve(counter("held"))
+        .await
+        .unwrap()
+        .id
+        .to_string();
+    runtime.keep_awake(&id, true).unwrap();
+    advance(Duration::from_secs(120)).await;
+    settle().await;
+    assert_eq!(
+        runtime.live_actors(),
+        1,
+        "held awake well past the sleep timeout"
+    );
+
+    // Closing the hold starts the idle time afresh.
+    runtime.keep_awake(&id, false).unwrap();
+    settle().await;
+    advance(Duration::from_secs(29)).await;
+    settle().await;
+    assert_eq!(
+        runtime.live_actors(),
+        1,
+        "awake before a full timeout since the release"
+    );
+    advance(Duration::from_secs(2)).await;
+    eventually("the actor sleeps", || runtime.live_actors() == 0).await;
+    let err = runtime.keep_awake(&id, true).unwrap_err();
+    assert_eq!(
+        err.code(),
+        "stopped",
+        "a sleeping actor is not woken by a hold"
+    );
+    runtime.drain().await;
+}

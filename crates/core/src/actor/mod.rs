@@ -164,6 +164,9 @@ pub(crate) struct ActorHandle {
     stopped: watch::Receiver<bool>,
     /// Commits sent to the writer and not yet durable.
     pending_commits: Arc<AtomicUsize>,
+    /// The open keep-awake holds, shared with the task, which watches it (see
+    /// [`ActorHandle::keep_awake`]).
+    holds: Arc<watch::Sender<usize>>,
 }
 
 impl ActorHandle {
@@ -187,6 +190,19 @@ impl ActorHandle {
     /// Like [`ActorHandle::try_deliver`], dropping the message on failure.
     pub(crate) fn send(&self, command: Command) -> Result<()> {
         self.try_deliver(command).map_err(|failed| failed.0)
+    }
+
+    /// Opens (`held`) or closes a keep-awake hold: while any is open, the actor does not sleep
+    /// for being idle; closing the last one starts its idle time afresh. Closing more holds
+    /// than were opened is ignored.
+    pub(crate) fn keep_awake(&self, held: bool) {
+        self.holds.send_modify(|count| {
+            *count = if held {
+                count.saturating_add(1)
+            } else {
+                count.saturating_sub(1)
+            }
+        });
     }
 
     /// Resolves once the task has stopped and left the live set.

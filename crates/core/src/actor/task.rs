@@ -77,6 +77,9 @@ pub(crate) struct ActorTask {
     /// Where commits' releases hand over what leaves for clients; started with the first
     /// connection, and from then on used by every release of the task (see `outbox.rs`).
     outbox: Option<Outbox>,
+    /// How many keep-awake holds (`c.keepAwake` in JS) are open; shared with the handles,
+    /// which change it. While it is above zero the actor does not sleep for being idle.
+    holds: Arc<watch::Sender<usize>>,
 }
 
 impl ActorTask {
@@ -91,6 +94,7 @@ impl ActorTask {
         let (tx, rx) = mpsc::channel(env.limits.max_mailbox_len);
         let (stopped, stopped_rx) = watch::channel(false);
         let pending_commits = Arc::new(AtomicUsize::new(0));
+        let holds = Arc::new(watch::channel(0).0);
         let task = ActorTask {
             stop: env.stop.child_token(),
             force: env.force.clone(),
@@ -109,12 +113,14 @@ impl ActorTask {
             conn_list: Arc::new(Vec::new()),
             raw_sockets: HashMap::new(),
             outbox: None,
+            holds: holds.clone(),
         };
         let handle = ActorHandle {
             info,
             tx,
             stopped: stopped_rx,
             pending_commits,
+            holds,
         };
         (task, handle)
     }
@@ -187,6 +193,7 @@ impl ActorTask {
             .sleep_timeout
             .unwrap_or(self.env.sleep_timeout);
         let mut idle_deadline = Instant::now() + idle;
+        let mut holds = self.holds.subscribe();
         loop {
             tokio::select! {
                 // Lifecycle first: once the drain begins, take no new messages but finish the
@@ -204,6 +211,11 @@ impl ActorTask {
                     }
                     None => return self.stopping.or(Some(StopReason::Shutdown)),
                 },
+                // A keep-awake hold opened or closed: the idle time counts from now. The task
+                // holds a sender itself, so this never reports a closed channel.
+                Ok(()) = holds.changed() => {
+                    idle_deadline = Instant::now() + idle;
+                }
                 // Idle for the whole sleep timeout, with nobody connected: sleep.
                 _ = tokio::time::sleep_until(idle_deadline), if self.stopping.is_none() && self.is_unattended() => {
                     self.begin_stopping(StopReason::Sleep);
@@ -233,9 +245,9 @@ impl ActorTask {
         }
     }
 
-    /// Whether no client holds the actor awake.
+    /// Whether no client and no keep-awake hold keeps the actor awake.
     fn is_unattended(&self) -> bool {
-        self.conns.is_empty() && self.raw_sockets.is_empty()
+        self.conns.is_empty() && self.raw_sockets.is_empty() && *self.holds.borrow() == 0
     }
 
     /// Hands effects to the writer. `release` runs once they are durable; schedule changes

@@ -158,6 +158,14 @@ impl Dispatch {
         self.activation.live(id)
     }
 
+    /// Opens or closes a keep-awake hold on a live actor (see [`ActorHandle::keep_awake`]);
+    /// an actor that is not awake is left asleep, and `actor.stopped` says so.
+    pub(crate) fn keep_awake(&self, id: &str, held: bool) -> Result<()> {
+        let handle = self.live_handle(id).ok_or(Error::ActorStopped)?;
+        handle.keep_awake(held);
+        Ok(())
+    }
+
     /// The number of live actors.
     pub(crate) fn live_count(&self) -> usize {
         self.activation.live_count()
@@ -208,6 +216,8 @@ impl Dispatch {
     }
 
     /// Calls an action and returns its output once the effects it produced are durable.
+    /// `chain` holds the actors whose calls await this one (see [`ActionCall::chain`]): a
+    /// target among them fails at once with `actor.call_cycle`, before it is sent.
     pub(crate) async fn call(
         &self,
         target: Target,
@@ -215,6 +225,7 @@ impl Dispatch {
         args: Payload,
         output: Encoding,
         request: Option<RequestHead>,
+        chain: Vec<String>,
     ) -> Result<Payload> {
         if self.is_draining() {
             return Err(Error::RegistryShuttingDown);
@@ -222,17 +233,6 @@ impl Dispatch {
         if let Target::Key { name, .. } = &target {
             self.types.get(name)?.check_action(action)?;
         }
-        let (reply, rx) = oneshot::channel();
-        let command = Command::Action {
-            call: ActionCall {
-                action: action.to_string(),
-                args,
-                output,
-                conn_id: None,
-                request,
-            },
-            reply: Reply::Caller(reply),
-        };
         let info = match &target {
             Target::Key {
                 name,
@@ -249,6 +249,23 @@ impl Dispatch {
                 self.types.get(&info.name)?.check_action(action)?;
                 info
             }
+        };
+        if chain.iter().any(|awaiting| *awaiting == *info.id) {
+            return Err(Error::ActorCallCycle {
+                actor_id: info.id.to_string(),
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Action {
+            call: ActionCall {
+                action: action.to_string(),
+                args,
+                output,
+                conn_id: None,
+                request,
+                chain,
+            },
+            reply: Reply::Caller(reply),
         };
         self.deliver(&info, command).await?;
         rx.await.map_err(|_| {
@@ -283,6 +300,7 @@ impl Dispatch {
             output: reply.encoding(),
             conn_id: Some(reply.conn_id().to_string()),
             request: None,
+            chain: Vec::new(),
         };
         let command = Command::Action {
             call,
@@ -566,7 +584,14 @@ mod tests {
             async move {
                 let args = Payload::json("[]");
                 dispatch
-                    .call(target("loud"), "shout", args, Encoding::Json, None)
+                    .call(
+                        target("loud"),
+                        "shout",
+                        args,
+                        Encoding::Json,
+                        None,
+                        Vec::new(),
+                    )
                     .await
             }
         });
@@ -576,6 +601,7 @@ mod tests {
             Payload::json("[]"),
             Encoding::Json,
             None,
+            Vec::new(),
         );
         // A bound on a hang, not a measure of speed: without the fix this never completes.
         let quiet = tokio::time::timeout(Duration::from_secs(10), quiet).await;

@@ -66,7 +66,26 @@ impl Runtime {
         args: Payload,
         output: Encoding,
     ) -> Result<Payload> {
-        self.dispatch.call(target, action, args, output, None).await
+        self.dispatch
+            .call(target, action, args, output, None, Vec::new())
+            .await
+    }
+
+    /// Calls an action on behalf of other actors' calls: `chain` holds the ids of the actors
+    /// whose calls await this one, nearest caller last. A target in the chain fails at once
+    /// with `actor.call_cycle` (it would wait on its own mailbox); otherwise this is
+    /// [`Runtime::call`], and the target's invocation carries the chain for its own calls.
+    pub async fn call_from(
+        &self,
+        target: Target,
+        action: &str,
+        args: Payload,
+        output: Encoding,
+        chain: Vec<String>,
+    ) -> Result<Payload> {
+        self.dispatch
+            .call(target, action, args, output, None, chain)
+            .await
     }
 
     /// Reads an actor's KV values (after its own pending commits land).
@@ -94,6 +113,13 @@ impl Runtime {
     pub async fn schedules(&self, actor_id: &str) -> Result<Vec<StoredSchedule>> {
         self.dispatch.settle_commits(actor_id).await?;
         self.dispatch.storage.schedules_of(actor_id).await
+    }
+
+    /// Opens (`held`) or closes a keep-awake hold on a live actor: while one is open the
+    /// actor does not sleep for being idle (`c.keepAwake` in JS). `actor.stopped` if the
+    /// actor is not awake.
+    pub fn keep_awake(&self, actor_id: &str, held: bool) -> Result<()> {
+        self.dispatch.keep_awake(actor_id, held)
     }
 
     /// The clock schedules are measured on, in epoch milliseconds.

@@ -615,7 +615,9 @@ async fn action_by_key(
         let envelope = Envelope::read(&server, &headers, body, encoding).await?;
         let (target, args) = envelope.into_key_target(name)?;
         let head = request_head("POST", &uri, &headers);
-        server.call(target, &action, args, output, Some(head)).await
+        server
+            .call(target, &action, args, output, Some(head), Vec::new())
+            .await
     }
     .await;
     respond(result, dev)
@@ -636,7 +638,14 @@ pub(crate) async fn action_by_id(
         let envelope = Envelope::read(&server, &headers, body, encoding).await?;
         let head = request_head("POST", &uri, &headers);
         server
-            .call(Target::Id(id), &action, envelope.args, output, Some(head))
+            .call(
+                Target::Id(id),
+                &action,
+                envelope.args,
+                output,
+                Some(head),
+                Vec::new(),
+            )
             .await
     }
     .await;

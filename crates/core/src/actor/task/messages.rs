@@ -307,6 +307,7 @@ impl ActorTask {
                     output: Encoding::Cbor,
                     conn_id: None,
                     request: None,
+                    chain: Vec::new(),
                 };
                 let timeout = self
                     .actor_type
