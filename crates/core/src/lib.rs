@@ -70,5 +70,6 @@ pub use host::{
     StopReason,
 };
 pub use registry::{Mode, Registry};
+pub use runtime::activation::Intents;
 pub use runtime::{Resolve, Runtime, Target};
 pub use storage::seam::Storage;

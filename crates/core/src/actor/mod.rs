@@ -37,7 +37,9 @@ use crate::actor::schedules::{Alarms, Firing};
 use crate::clock::Clock;
 use crate::config::{Limits, RuntimeConfig};
 use crate::error::{Error, Result};
-use crate::host::{ActionCall, ActorInfo, Host, Payload, RawRequest, RawResponse, RawSocketEvent};
+use crate::host::{
+    ActionCall, ActorInfo, Host, Payload, RawRequest, RawResponse, RawSocketEvent, StopReason,
+};
 use crate::metrics::Metrics;
 use crate::storage::seam::Storage;
 use crate::storage::seam::StoredSchedule;
@@ -150,6 +152,12 @@ pub(crate) struct ActorHandle {
     stopped: watch::Receiver<bool>,
     /// Commits sent to the writer and not yet durable.
     pending_commits: Arc<AtomicUsize>,
+    /// The task's own stop token (a child of the drain token): cancelling it makes the task
+    /// stop for the reason in `stop_reason`, as the drain does.
+    stop: CancellationToken,
+    /// Why [`ActorHandle::request_stop`] asked the task to stop; read by the task once
+    /// `stop` is cancelled (`Shutdown` if unset, which is the drain).
+    stop_reason: Arc<parking_lot::Mutex<Option<StopReason>>>,
 }
 
 impl ActorHandle {
@@ -186,6 +194,13 @@ impl ActorHandle {
     /// (a panic in user-facing code unwinds the task).
     pub(crate) fn has_exited(&self) -> bool {
         *self.stopped.borrow() || self.stopped.has_changed().is_err()
+    }
+
+    /// Asks the task to stop for `reason` from outside it (an engine's stop command): it
+    /// stops as for the drain, with that reason's hooks. The first reason asked for wins.
+    pub(crate) fn request_stop(&self, reason: StopReason) {
+        self.stop_reason.lock().get_or_insert(reason);
+        self.stop.cancel();
     }
 
     /// Whether commits of this actor are still on their way to disk.

@@ -47,8 +47,11 @@ pub(crate) struct ActorTask {
     lifecycle: Arc<dyn Lifecycle>,
     /// The mailbox; every [`ActorHandle`] holds a sender.
     rx: mpsc::Receiver<Command>,
-    /// A child of the runtime's stop token: cancelled when the graceful drain begins.
+    /// A child of the runtime's stop token: cancelled when the graceful drain begins, or
+    /// when a handle asks the task to stop (`ActorHandle::request_stop`).
     stop: CancellationToken,
+    /// Why a handle asked the task to stop; unset for the drain.
+    stop_reason: Arc<parking_lot::Mutex<Option<StopReason>>>,
     /// Cancelled when the drain runs out of time: abandon work at once.
     force: CancellationToken,
     /// Tells this task's entry in the live set apart from a later task for the same actor.
@@ -90,8 +93,11 @@ impl ActorTask {
         let (tx, rx) = mpsc::channel(env.limits.max_mailbox_len);
         let (stopped, stopped_rx) = watch::channel(false);
         let pending_commits = Arc::new(AtomicUsize::new(0));
+        let stop = env.stop.child_token();
+        let stop_reason = Arc::new(parking_lot::Mutex::new(None));
         let task = ActorTask {
-            stop: env.stop.child_token(),
+            stop: stop.clone(),
+            stop_reason: stop_reason.clone(),
             force: env.force.clone(),
             info: info.clone(),
             generation,
@@ -114,6 +120,8 @@ impl ActorTask {
             tx,
             stopped: stopped_rx,
             pending_commits,
+            stop,
+            stop_reason,
         };
         (task, handle)
     }
@@ -192,7 +200,8 @@ impl ActorTask {
                 // queued ones, which were already accepted.
                 biased;
                 _ = self.stop.cancelled(), if self.stopping.is_none() => {
-                    self.begin_stopping(StopReason::Shutdown);
+                    let reason = self.stop_reason.lock().unwrap_or(StopReason::Shutdown);
+                    self.begin_stopping(reason);
                 }
                 // The next message; `None` once the mailbox is closed and empty.
                 command = self.rx.recv() => match command {
