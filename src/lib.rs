@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - `convert`: options in, errors out (the one conversion of core errors for JS).
+//! - `engine`: `serve` as an envoy of a Rivet Engine (keel-envoy), and its drain.
 //! - `host`: the batched JS host.
 //! - `logging`: the process-wide subscriber, and `c.log` lines inside their actor's span.
 
@@ -14,6 +15,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod convert;
+mod engine;
 mod host;
 mod logging;
 
@@ -40,6 +42,9 @@ type ListeningFn = ThreadsafeFunction<String, (), String, Status, false, true>;
 pub struct CoreRegistry {
     registry: Arc<Registry>,
     host: Arc<JsHost>,
+    /// The envoy and its drain budget while running as an envoy of a Rivet Engine; the
+    /// shutdown stops it first, so the engine stops the actors as going away.
+    engine: engine::EngineSlot,
 }
 
 #[napi]
@@ -53,7 +58,11 @@ impl CoreRegistry {
         let _ = logging::init(None);
         let host = JsHost::new(dispatch);
         let registry = Arc::new(Registry::new(Arc::new(SharedHost(host.clone()))));
-        CoreRegistry { registry, host }
+        CoreRegistry {
+            registry,
+            host,
+            engine: Arc::default(),
+        }
     }
 
     /// Adds an actor type; only while idle. Returns an error object instead of throwing.
@@ -71,11 +80,14 @@ impl CoreRegistry {
     pub fn validate_options(&self, options: RuntimeOptions) -> Option<ErrorInfo> {
         options
             .to_config()
+            .and_then(|_| options.engine_config())
             .err()
             .map(|err| ErrorInfo::from_error(&err, false))
     }
 
-    /// Serves HTTP until shutdown; resolves after the drain completes.
+    /// Serves HTTP until shutdown, or, with an engine endpoint, runs as an envoy of that
+    /// engine (`onListening` then gets the engine's `host:port`); resolves after the drain
+    /// completes.
     #[napi(ts_args_type = "options: RuntimeOptions, onListening: (address: string) => void")]
     pub async fn serve(&self, options: RuntimeOptions, on_listening: ListeningFn) -> Outcome {
         let dev = options.dev.unwrap_or(false);
@@ -83,17 +95,25 @@ impl CoreRegistry {
             Ok(config) => config,
             Err(err) => return Outcome::from_result(Err(err), dev),
         };
-        let result = self
-            .registry
-            .serve(config, |address| {
-                let address = address.to_string();
-                tokio::spawn(async move {
-                    if let Err(err) = on_listening.call_async_catch(address).await {
-                        tracing::warn!(error = %err, "the listening callback failed");
-                    }
-                });
-            })
-            .await;
+        let engine = match options.engine_config() {
+            Ok(engine) => engine,
+            Err(err) => return Outcome::from_result(Err(err), dev),
+        };
+        let announce = move |address: String| {
+            tokio::spawn(async move {
+                if let Err(err) = on_listening.call_async_catch(address).await {
+                    tracing::warn!(error = %err, "the listening callback failed");
+                }
+            });
+        };
+        let result = match engine {
+            Some(engine) => engine::serve(&self.registry, &self.host, &self.engine, config, engine, announce).await,
+            None => {
+                self.registry
+                    .serve(config, |address| announce(address.to_string()))
+                    .await
+            }
+        };
         if let Err(err) = &result {
             if err.http_status() >= 500 {
                 tracing::error!(group = err.group(), code = err.code(), error = %err, "the server failed to start");
@@ -131,9 +151,11 @@ impl CoreRegistry {
         HttpResponse::from_http(response).await
     }
 
-    /// Shuts down and resolves once the drain is complete. Idempotent.
+    /// Shuts down and resolves once the drain is complete. Idempotent. In engine mode the
+    /// engine is told first, and stops every actor as going away within the drain timeout.
     #[napi]
     pub async fn shutdown(&self) {
+        engine::stop(&self.engine).await;
         self.registry.shutdown().await;
     }
 
