@@ -6,6 +6,8 @@ import { spawn, spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { setup, createClient } from "keel";
 import { once } from "node:events";
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { counter, callEvents } from "./fixtures/counter.mjs";
 import { fixtures, startServer, tempDir } from "./helpers.mjs";
 
@@ -66,6 +68,19 @@ test("serverless mode: 20 concurrent first calls build once and all succeed", as
   assert.equal(registry.state, "shutting_down");
   const after = await call(registry, "increment", { key: ["k0"] });
   assert.equal(after.status, 503);
+});
+
+test("serverless mode checks its options and resolves its host name once, not per request", async (t) => {
+  // A host name, not an address, so that resolving it means a lookup.
+  const registry = registryIn(t, { host: "localhost" });
+  for (let i = 1; i <= 5; i++) {
+    const response = await call(registry, "increment", { key: ["once"], args: [1] });
+    assert.deepEqual([response.status, await response.json()], [200, { output: i }]);
+  }
+  const health = await registry.handler(new Request("http://serverless.test/health"));
+  assert.equal(health.status, 200);
+  assert.equal(registry.optionResolutions, 1, "six requests, one resolution");
+  await registry.shutdown();
 });
 
 test("shutdown from idle is immediate and final", async (t) => {
@@ -220,4 +235,27 @@ test("the serverless handler strips its basePath, and a wrong method is 405", as
   );
   assert.equal(positional.status, 400);
   await registry.shutdown();
+});
+
+test("the numeric options' defaults and ranges come from core's one table, and the docs say the same", async (t) => {
+  const { optionSpecs } = createRequire(import.meta.url)("../index.js");
+  const specs = new Map(optionSpecs().map((spec) => [spec.name, spec]));
+  const docs = readFileSync(new URL("../docs/configuration.md", import.meta.url), "utf8");
+  const source = readFileSync(new URL("../ts/registry.ts", import.meta.url), "utf8");
+  for (const name of ["port", "drainTimeoutMs", "gracePeriodMs", "actionTimeoutMs", "hookTimeoutMs", "sleepTimeoutMs", "maxBodyBytes", "maxMailboxLen", "maxKeySegmentBytes", "maxKeyBytes", "bodyTimeoutMs", "lingerMs"]) {
+    const spec = specs.get(name);
+    assert.ok(spec, `core defines ${name}`);
+    const row = docs.match(new RegExp(`^\\| \`${name}\` \\| number \\| \`(\\d+)\``, "m"));
+    assert.ok(row, `configuration.md lists ${name}`);
+    assert.equal(Number(row[1]), spec.default, `configuration.md's default of ${name}`);
+    const comment = source.match(new RegExp(`Default (\\d[\\d_]*)\\.[^\\n]*\\n\\s*${name}\\?:`));
+    if (comment) assert.equal(Number(comment[1].replaceAll("_", "")), spec.default, `registry.ts's doc comment on ${name}`);
+    // The range core enforces is the one JS reports.
+    const registry = registryIn(t, { [name]: spec.max + 1 });
+    await assert.rejects(registry.start(), {
+      code: "invalid_config",
+      message: `${name} must be a whole number from ${spec.min} to ${spec.max}, not ${spec.max + 1}`,
+    });
+    await registry.shutdown();
+  }
 });

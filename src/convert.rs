@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_core::{
-    ActorType, AllowedOrigins, Durability, Error, InspectorConfig, InspectorToken, Limits,
+    ActorType, AllowedOrigins, Durability, Error, Hooks, InspectorConfig, InspectorToken, Limits,
     RuntimeConfig,
 };
 use napi::bindgen_prelude::Buffer;
@@ -106,6 +106,14 @@ pub struct ActorTypeOptions {
     pub raw_requests: bool,
     /// Whether the type has `onWebSocket`; without it a raw upgrade answers 404.
     pub raw_sockets: bool,
+    /// Whether the type has `onBeforeConnect`.
+    pub on_before_connect: bool,
+    /// Whether the type has `createConnState`.
+    pub create_conn_state: bool,
+    /// Whether the type has `onConnect`.
+    pub on_connect: bool,
+    /// Whether the type has `onDisconnect`.
+    pub on_disconnect: bool,
 }
 
 impl ActorTypeOptions {
@@ -114,43 +122,50 @@ impl ActorTypeOptions {
         let mut actor_type = ActorType::new(name, self.actions);
         actor_type.raw_requests = self.raw_requests;
         actor_type.raw_sockets = self.raw_sockets;
+        actor_type.hooks = Hooks {
+            on_before_connect: self.on_before_connect,
+            create_conn_state: self.create_conn_state,
+            on_connect: self.on_connect,
+            on_disconnect: self.on_disconnect,
+        };
         if let Some(ms) = self.action_timeout_ms {
-            actor_type.action_timeout = Some(positive_ms("actionTimeoutMs", ms)?);
+            actor_type.action_timeout = Some(millis("actionTimeoutMs", ms)?);
         }
         if let Some(ms) = self.sleep_timeout_ms {
-            actor_type.sleep_timeout = Some(positive_ms("sleepTimeoutMs", ms)?);
+            actor_type.sleep_timeout = Some(millis("sleepTimeoutMs", ms)?);
         }
         Ok(actor_type)
     }
 }
 
-/// Runtime settings from `setup()`; every field is optional and falls back to core's default.
+/// Runtime settings from `setup()`; every field is optional and falls back to core's default
+/// (the numeric ones are listed, with their defaults and ranges, in `keel_core::options`).
 #[napi(object)]
 #[derive(Default, Clone)]
 pub struct RuntimeOptions {
-    /// Host to listen on (serve mode). Default `127.0.0.1`.
+    /// Host to listen on (serve mode).
     pub host: Option<String>,
-    /// Port to listen on (serve mode); 0 picks a free one. Default 6420.
+    /// Port to listen on (serve mode); 0 picks a free one.
     pub port: Option<u32>,
-    /// Directory holding the database. Default `./.keel`.
+    /// Directory holding the database.
     pub data_dir: Option<String>,
     /// `full` (default) or `relaxed`.
     pub durability: Option<String>,
-    /// Bound on the whole graceful drain, in milliseconds. Default 20000.
+    /// Bound on the whole graceful drain, in milliseconds.
     pub drain_timeout_ms: Option<u32>,
-    /// Default per-action timeout, in milliseconds. Default 60000.
+    /// Default per-action timeout, in milliseconds.
     pub action_timeout_ms: Option<u32>,
-    /// Timeout of one lifecycle hook, in milliseconds. Default 15000.
+    /// Timeout of one lifecycle hook, in milliseconds.
     pub hook_timeout_ms: Option<u32>,
-    /// Idle time before an actor sleeps, in milliseconds. Default 30000.
+    /// Idle time before an actor sleeps, in milliseconds.
     pub sleep_timeout_ms: Option<u32>,
-    /// Largest HTTP request body, in bytes. Default 20 MiB.
+    /// Largest HTTP request body, in bytes.
     pub max_body_bytes: Option<u32>,
-    /// Messages one actor may hold queued. Default 1024.
+    /// Messages one actor may hold queued.
     pub max_mailbox_len: Option<u32>,
-    /// Largest key segment, in bytes. Default 128.
+    /// Largest key segment, in bytes.
     pub max_key_segment_bytes: Option<u32>,
-    /// Largest key, in bytes. Default 1024.
+    /// Largest key, in bytes.
     pub max_key_bytes: Option<u32>,
     /// Dev mode: internal error messages reach clients, and the inspector generates a token
     /// when none is given.
@@ -160,10 +175,10 @@ pub struct RuntimeOptions {
     pub inspector_token: Option<String>,
     /// Let the inspector answer peers off the loopback interface, and serverless requests.
     pub inspector_allow_remote: Option<bool>,
-    /// Bound on receiving one request body, in milliseconds. Default 30000.
+    /// Bound on receiving one request body, in milliseconds.
     pub body_timeout_ms: Option<u32>,
     /// How long a closing connection reads and discards what the client still sends, in
-    /// milliseconds; 0 closes at once. Default 1000.
+    /// milliseconds; 0 closes at once.
     pub linger_ms: Option<u32>,
     /// Browser origins (such as `https://app.example`, or `*` for any, without credentials)
     /// that may open WebSockets and get CORS headers, besides the server's own.
@@ -202,7 +217,8 @@ impl RuntimeOptions {
 }
 
 impl RuntimeOptions {
-    /// The core configuration these options describe.
+    /// The core configuration these options describe. Every number is checked against
+    /// core's table of options (`keel_core::options`), which also holds every default.
     pub fn to_config(&self) -> Result<RuntimeConfig, Error> {
         let mut config = RuntimeConfig::default();
         let host = self
@@ -210,8 +226,7 @@ impl RuntimeOptions {
             .clone()
             .unwrap_or_else(|| keel_core::config::DEFAULT_HOST.to_string());
         let port = match self.port {
-            Some(port) => u16::try_from(port)
-                .map_err(|_| Error::config(format!("port {port} is out of range")))?,
+            Some(port) => number("port", port)? as u16,
             None => keel_core::config::DEFAULT_PORT,
         };
         config.listen = resolve_listen(&host, port)?;
@@ -222,38 +237,42 @@ impl RuntimeOptions {
             config.durability = Durability::parse(durability)?;
         }
         if let Some(ms) = self.drain_timeout_ms {
-            config.drain_timeout = Duration::from_millis(ms.into());
+            config.drain_timeout = millis("drainTimeoutMs", ms)?;
         }
         if let Some(ms) = self.action_timeout_ms {
-            config.action_timeout = positive_ms("actionTimeoutMs", ms)?;
+            config.action_timeout = millis("actionTimeoutMs", ms)?;
         }
         if let Some(ms) = self.hook_timeout_ms {
-            config.hook_timeout = positive_ms("hookTimeoutMs", ms)?;
+            config.hook_timeout = millis("hookTimeoutMs", ms)?;
         }
         if let Some(ms) = self.sleep_timeout_ms {
-            config.sleep_timeout = positive_ms("sleepTimeoutMs", ms)?;
+            config.sleep_timeout = millis("sleepTimeoutMs", ms)?;
         }
+        let size = |name: &str, value: Option<u32>, default: usize| match value {
+            Some(value) => number(name, value).map(|v| v as usize),
+            None => Ok(default),
+        };
         let defaults = Limits::default();
         config.limits = Limits {
-            max_body_bytes: self
-                .max_body_bytes
-                .map_or(defaults.max_body_bytes, |v| v as usize),
-            max_mailbox_len: self
-                .max_mailbox_len
-                .map_or(defaults.max_mailbox_len, |v| v as usize),
-            max_key_segment_bytes: self
-                .max_key_segment_bytes
-                .map_or(defaults.max_key_segment_bytes, |v| v as usize),
-            max_key_bytes: self
-                .max_key_bytes
-                .map_or(defaults.max_key_bytes, |v| v as usize),
+            max_body_bytes: size("maxBodyBytes", self.max_body_bytes, defaults.max_body_bytes)?,
+            max_mailbox_len: size(
+                "maxMailboxLen",
+                self.max_mailbox_len,
+                defaults.max_mailbox_len,
+            )?,
+            max_key_segment_bytes: size(
+                "maxKeySegmentBytes",
+                self.max_key_segment_bytes,
+                defaults.max_key_segment_bytes,
+            )?,
+            max_key_bytes: size("maxKeyBytes", self.max_key_bytes, defaults.max_key_bytes)?,
             ..defaults
         };
         if let Some(ms) = self.body_timeout_ms {
-            config.body_timeout = positive_ms("bodyTimeoutMs", ms)?;
+            config.body_timeout = millis("bodyTimeoutMs", ms)?;
         }
         if let Some(ms) = self.linger_ms {
-            config.linger = Duration::from_millis(ms.into());
+            config.linger = millis("lingerMs", ms)?;
         }
         if let Some(origins) = &self.allowed_origins {
             config.allowed_origins = AllowedOrigins::parse(origins)?;
@@ -272,11 +291,14 @@ impl RuntimeOptions {
     }
 }
 
-fn positive_ms(name: &str, ms: u32) -> Result<Duration, Error> {
-    if ms == 0 {
-        return Err(Error::config(format!("{name} must be positive")));
-    }
-    Ok(Duration::from_millis(ms.into()))
+/// A numeric option, checked against its range in core's table.
+fn number(name: &str, value: u32) -> Result<u64, Error> {
+    keel_core::options::check(name, u64::from(value))
+}
+
+/// A millisecond option, checked against its range in core's table.
+fn millis(name: &str, ms: u32) -> Result<Duration, Error> {
+    number(name, ms).map(Duration::from_millis)
 }
 
 fn resolve_listen(host: &str, port: u16) -> Result<SocketAddr, Error> {

@@ -5,18 +5,24 @@
 //! results back in batches through `CoreRegistry.complete`. So a burst of actions across many
 //! actors costs one JS↔Rust hop each way, not one per action. A batch call returns as soon as
 //! JS has started the invocations, so a slow action never holds up the others in its batch.
+//!
+//! Invocations and completions are discriminated unions (napi structured enums): each kind
+//! carries exactly its fields. Besides calls, the queue carries notices (a connection opened
+//! or closed on a type without the hooks that would run then), which JS takes without
+//! answering; a notice waits here until the actor's next call, so it costs no trip of its own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use keel_core::kv_key::{self, KvKey, StoredKey};
 use keel_core::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Error, Host, KvWrite,
     Outbound, Payload, RawRequest, RawResponse, RawSocketEvent, Schedule, ScheduleOp, StartRequest,
     StopReason,
 };
-use napi::bindgen_prelude::Buffer;
+use napi::bindgen_prelude::{Buffer, Either};
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi::Status;
 use napi_derive::napi;
@@ -24,79 +30,219 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::convert::ErrorInfo;
-use crate::logging::{ActorSpans, HostCall};
 
 /// The most invocations sent to JS in one call.
 const MAX_BATCH_LEN: usize = 1024;
 
-/// One call into user code, as JS receives it.
-#[napi(object)]
-pub struct Invocation {
-    /// Matches the invocation to its [`Completion`].
-    pub id: u32,
-    /// `start`, `action` or `stop`.
-    pub kind: String,
-    /// The actor's id.
-    pub actor_id: String,
-    /// The actor type (on `start` only; JS keeps it with the instance).
-    pub actor_type: Option<String>,
-    /// The key segments (on `start` only).
-    pub key: Option<Vec<String>>,
-    /// The action name (on `action`).
-    pub action: Option<String>,
-    /// The arguments, an encoded array (on `action`).
-    pub args: Option<Buffer>,
-    /// `json` or `cbor`: how `args` (or `input`) is encoded.
-    pub encoding: Option<String>,
-    /// `json` or `cbor`: how to encode the output (on `action`).
-    pub output_encoding: Option<String>,
-    /// The last committed state (on `start`, when the actor has one).
-    pub state: Option<Buffer>,
-    /// The creation input (on `start` of a new actor created with one), in `encoding`.
-    pub input: Option<Buffer>,
-    /// Why the instance stops (on `stop`: `sleep`, `shutdown`, `destroy` or `reset`), or the
-    /// close reason (on `ws_close`).
-    pub reason: Option<String>,
-    /// The connection (on `connect`, `disconnect`, and `action` over a connection).
-    pub conn_id: Option<String>,
-    /// The connection parameters (on `connect`), in `encoding`.
-    pub params: Option<Buffer>,
-    /// The HTTP method (on `request`).
-    pub method: Option<String>,
-    /// The path below the actor's raw route, with the query (on `request`, `ws_open`).
-    pub path: Option<String>,
-    /// Header name and value pairs (on `request`, `ws_open`).
-    pub headers: Option<Vec<Vec<String>>>,
-    /// The request body (on `request`) or message data (on `ws_message`).
-    pub body: Option<Buffer>,
-    /// The raw socket (on `ws_open`, `ws_message`, `ws_close`).
-    pub socket_id: Option<String>,
-    /// Whether the message is binary (on `ws_message`).
-    pub binary: Option<bool>,
-    /// The close code (on `ws_close`).
-    pub code: Option<u32>,
+/// One call into user code, as JS receives it: one variant per kind, each with exactly its
+/// fields. JS sees a union discriminated by `kind` (`start`, `action`, `stop`, `connect`,
+/// `disconnect`, `request`, `ws_open`, `ws_message`, `ws_close`); every variant carries the
+/// `id` that matches it to its [`Completion`] and the `actorId` it is for.
+#[napi(
+    discriminant = "kind",
+    discriminant_case = "snake_case",
+    object_from_js = false
+)]
+pub enum Invocation {
+    /// Brings up an actor's instance.
+    Start {
+        id: u32,
+        actor_id: String,
+        /// The actor type (JS keeps it with the instance).
+        actor_type: String,
+        /// The key segments.
+        key: Vec<String>,
+        /// The last committed state; absent for a new actor.
+        state: Option<Buffer>,
+        /// The creation input of a new actor created with one, in `inputEncoding`.
+        input: Option<Buffer>,
+        /// `json` or `cbor`: how `input` is encoded (with `input` only).
+        input_encoding: Option<String>,
+    },
+    /// Runs one action.
+    Action {
+        id: u32,
+        actor_id: String,
+        /// The action's name.
+        action: String,
+        /// The arguments, an encoded array.
+        args: Buffer,
+        /// `json` or `cbor`: how `args` is encoded.
+        encoding: String,
+        /// `json` or `cbor`: how to encode the output.
+        output_encoding: String,
+        /// The connection the call came over, if any.
+        conn_id: Option<String>,
+    },
+    /// Runs the sleep or destroy hook and drops the instance.
+    Stop {
+        id: u32,
+        actor_id: String,
+        /// `sleep`, `shutdown`, `destroy` or `reset`.
+        reason: String,
+    },
+    /// Admits a connection.
+    Connect {
+        id: u32,
+        actor_id: String,
+        conn_id: String,
+        /// The connection parameters, in `encoding`.
+        params: Buffer,
+        /// `json` or `cbor`: how `params`, and the connection's frames, are encoded.
+        encoding: String,
+    },
+    /// A connection closed.
+    Disconnect {
+        id: u32,
+        actor_id: String,
+        conn_id: String,
+    },
+    /// A raw HTTP request for `onRequest`.
+    Request {
+        id: u32,
+        actor_id: String,
+        method: String,
+        /// The path below the actor's raw route, with the query.
+        path: String,
+        /// Header name and value pairs.
+        headers: Vec<Vec<String>>,
+        body: Buffer,
+    },
+    /// A raw WebSocket opened on the actor's raw route.
+    WsOpen {
+        id: u32,
+        actor_id: String,
+        socket_id: String,
+        /// The path below the actor's raw route, with the query.
+        path: String,
+        /// The upgrade request's header name and value pairs.
+        headers: Vec<Vec<String>>,
+    },
+    /// A message on a raw WebSocket.
+    WsMessage {
+        id: u32,
+        actor_id: String,
+        socket_id: String,
+        /// The message's bytes (UTF-8 for a text message).
+        data: Buffer,
+        binary: bool,
+    },
+    /// A raw WebSocket closed.
+    WsClose {
+        id: u32,
+        actor_id: String,
+        socket_id: String,
+        code: u32,
+        reason: String,
+    },
+    /// A notice, not a call (no id, no completion): a connection was admitted to an actor
+    /// whose type has no connect hook. It reaches JS just before the actor's next call.
+    ConnOpened {
+        actor_id: String,
+        conn_id: String,
+        /// The connection parameters, in `encoding`.
+        params: Buffer,
+        /// `json` or `cbor`: how `params`, and the connection's frames, are encoded.
+        encoding: String,
+    },
+    /// A notice, not a call: a connection closed on an actor whose type has no
+    /// `onDisconnect`. It reaches JS just before the actor's next call.
+    ConnClosed { actor_id: String, conn_id: String },
+}
+
+impl Invocation {
+    /// The id that matches the invocation to its completion; `None` for a notice.
+    fn id(&self) -> Option<u32> {
+        match self {
+            Invocation::Start { id, .. }
+            | Invocation::Action { id, .. }
+            | Invocation::Stop { id, .. }
+            | Invocation::Connect { id, .. }
+            | Invocation::Disconnect { id, .. }
+            | Invocation::Request { id, .. }
+            | Invocation::WsOpen { id, .. }
+            | Invocation::WsMessage { id, .. }
+            | Invocation::WsClose { id, .. } => Some(*id),
+            Invocation::ConnOpened { .. } | Invocation::ConnClosed { .. } => None,
+        }
+    }
 }
 
 /// One key-value write reported by JS; no `value` means delete.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct KvWriteJs {
-    pub key: Buffer,
+    /// The user's key, a string or bytes; core's KV key codec stores it.
+    pub key: Either<String, Buffer>,
     pub value: Option<Buffer>,
 }
 
-/// One schedule change reported by JS: an add (with `atMs`, `action`, `args`) or a cancel.
-#[napi(object)]
-pub struct ScheduleOpJs {
-    pub id: String,
-    /// When it falls due, in epoch milliseconds; absent for a cancel.
-    pub at_ms: Option<f64>,
-    pub action: Option<String>,
-    /// The arguments as a CBOR array.
-    pub args: Option<Buffer>,
+/// A user's KV key from JS, as core's codec knows it.
+pub fn kv_key_of(key: Either<String, Buffer>) -> KvKey {
+    match key {
+        Either::A(text) => KvKey::Text(text),
+        Either::B(bytes) => KvKey::Bytes(bytes.to_vec()),
+    }
+}
+
+/// A stored key as JS shows it: a string key as a string, anything else as bytes (a key in
+/// no format the codec knows never comes from the JS host; it shows as its stored bytes).
+pub fn kv_key_to_js(stored: &[u8]) -> Either<String, Buffer> {
+    match kv_key::decode(stored) {
+        StoredKey::Key(KvKey::Text(text)) => Either::A(text),
+        StoredKey::Key(KvKey::Bytes(bytes)) => Either::B(bytes.into()),
+        StoredKey::Raw(raw) => Either::B(raw.into()),
+    }
+}
+
+/// Core's KV writes from what JS reported.
+pub fn kv_writes(writes: Vec<KvWriteJs>) -> Vec<KvWrite> {
+    writes
+        .into_iter()
+        .map(|write| {
+            let key = kv_key::encode(&kv_key_of(write.key));
+            match write.value {
+                Some(value) => KvWrite::Put {
+                    key,
+                    value: value.to_vec(),
+                },
+                None => KvWrite::Delete { key },
+            }
+        })
+        .collect()
+}
+
+/// One schedule change reported by JS, discriminated by `op`: `at` an absolute time,
+/// `after` a delay that core resolves on its own clock, or `cancel`.
+#[napi(
+    discriminant = "op",
+    discriminant_case = "snake_case",
+    object_to_js = false
+)]
+pub enum ScheduleOpJs {
+    /// `c.schedule.at`.
+    At {
+        id: String,
+        /// When it falls due, in epoch milliseconds.
+        at_ms: f64,
+        action: String,
+        /// The arguments as a CBOR array.
+        args: Buffer,
+    },
+    /// `c.schedule.after`.
+    After {
+        id: String,
+        /// How long after the call it falls due, in milliseconds.
+        after_ms: f64,
+        action: String,
+        /// The arguments as a CBOR array.
+        args: Buffer,
+    },
+    /// `c.schedule.cancel`.
+    Cancel { id: String },
 }
 
 /// An event for connections reported by JS: to one connection (`to`) or broadcast.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct OutboundJs {
     pub to: Option<String>,
     pub event: String,
@@ -107,27 +253,23 @@ pub struct OutboundJs {
 }
 
 /// A connection JS closes, with its reason.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct DisconnectJs {
     pub conn_id: String,
     pub reason: String,
 }
 
 /// `onRequest`'s response.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct ResponseJs {
     pub status: u32,
     pub headers: Vec<Vec<String>>,
     pub body: Buffer,
 }
 
-/// The result of one invocation, as JS reports it.
-#[napi(object)]
-pub struct Completion {
-    /// The invocation's id.
-    pub id: u32,
-    /// The encoded result (on `action`).
-    pub output: Option<Buffer>,
+/// What a successful call changed; every field is absent when that part did not change.
+#[napi(object, object_to_js = false)]
+pub struct EffectsJs {
     /// The new state, when it changed.
     pub state: Option<Buffer>,
     /// Key-value writes, in order.
@@ -142,109 +284,177 @@ pub struct Completion {
     pub messages: Option<Vec<OutboundJs>>,
     /// Connections to close.
     pub disconnects: Option<Vec<DisconnectJs>>,
-    /// The response (on `request`).
-    pub response: Option<ResponseJs>,
-    /// Set when user code failed; the call then has no effects.
-    pub error: Option<ErrorInfo>,
+}
+
+/// The result of one invocation, as JS reports it, discriminated by `kind`: `ok` for a call
+/// without a result (start, stop, connect, disconnect, raw socket events), `returned` for an
+/// action, `responded` for a raw request, and `failed` for a call whose user code threw
+/// (it then has no effects).
+#[napi(
+    discriminant = "kind",
+    discriminant_case = "snake_case",
+    object_to_js = false
+)]
+pub enum Completion {
+    /// The call succeeded.
+    Ok { id: u32, effects: Option<EffectsJs> },
+    /// An action returned.
+    Returned {
+        id: u32,
+        /// The encoded result, in the invocation's `outputEncoding`.
+        output: Buffer,
+        effects: Option<EffectsJs>,
+    },
+    /// `onRequest` answered.
+    Responded {
+        id: u32,
+        response: ResponseJs,
+        effects: Option<EffectsJs>,
+    },
+    /// User code failed.
+    Failed { id: u32, error: ErrorInfo },
+}
+
+impl Completion {
+    fn id(&self) -> u32 {
+        match self {
+            Completion::Ok { id, .. }
+            | Completion::Returned { id, .. }
+            | Completion::Responded { id, .. }
+            | Completion::Failed { id, .. } => *id,
+        }
+    }
 }
 
 /// The JS function that receives batches; weak, so it never keeps Node alive by itself.
 pub type DispatchFn = ThreadsafeFunction<Vec<Invocation>, (), Vec<Invocation>, Status, false, true>;
 
 /// What a finished invocation carries back to the waiting Rust future.
-struct Reply {
-    output: Option<Vec<u8>>,
-    effects: Effects,
-    response: Option<RawResponse>,
-    error: Option<ErrorInfo>,
+enum Reply {
+    /// The call succeeded without a result.
+    Ok(Effects),
+    /// An action returned its encoded output.
+    Returned(Vec<u8>, Effects),
+    /// `onRequest` answered.
+    Responded(RawResponse, Effects),
+    /// User code failed; the call has no effects.
+    Failed(ErrorInfo),
 }
 
 impl Reply {
     fn from_completion(completion: Completion) -> Reply {
-        let kv = completion
-            .kv
-            .unwrap_or_default()
-            .into_iter()
-            .map(|write| match write.value {
-                Some(value) => KvWrite::Put {
-                    key: write.key.to_vec(),
-                    value: value.to_vec(),
+        match completion {
+            Completion::Ok { effects, .. } => Reply::Ok(effects_of(effects)),
+            Completion::Returned {
+                output, effects, ..
+            } => Reply::Returned(output.to_vec(), effects_of(effects)),
+            Completion::Responded {
+                response, effects, ..
+            } => Reply::Responded(
+                RawResponse {
+                    status: u16::try_from(response.status).unwrap_or(500),
+                    headers: response
+                        .headers
+                        .into_iter()
+                        .filter_map(|pair| match <[String; 2]>::try_from(pair) {
+                            Ok([name, value]) => Some((name, value)),
+                            Err(_) => None,
+                        })
+                        .collect(),
+                    body: response.body.to_vec(),
                 },
-                None => KvWrite::Delete {
-                    key: write.key.to_vec(),
-                },
-            })
-            .collect();
-        let schedules = completion
-            .schedules
-            .unwrap_or_default()
-            .into_iter()
-            .map(|op| match (op.at_ms, op.action, op.args) {
-                (Some(at_ms), Some(action), Some(args)) => ScheduleOp::Add(Schedule {
-                    id: op.id,
-                    at_ms: at_ms as i64,
-                    action,
-                    args: args.to_vec(),
-                }),
-                _ => ScheduleOp::Cancel { id: op.id },
-            })
-            .collect();
-        let messages = completion
-            .messages
-            .unwrap_or_default()
-            .into_iter()
-            .map(|message| Outbound {
-                to: message.to,
-                event: message.event,
-                json: message.json.map(|b| b.to_vec()),
-                cbor: message.cbor.map(|b| b.to_vec()),
-            })
-            .collect();
-        let disconnects = completion
-            .disconnects
-            .unwrap_or_default()
-            .into_iter()
-            .map(|d| (d.conn_id, d.reason))
-            .collect();
-        Reply {
-            output: completion.output.map(|b| b.to_vec()),
-            effects: Effects {
-                state: completion.state.map(|b| b.to_vec()),
-                kv,
-                schedules,
-                sleep: completion.sleep.unwrap_or(false),
-                destroy: completion.destroy.unwrap_or(false),
-                messages,
-                disconnects,
-            },
-            response: completion.response.map(|r| RawResponse {
-                status: u16::try_from(r.status).unwrap_or(500),
-                headers: r
-                    .headers
-                    .into_iter()
-                    .filter_map(|pair| match <[String; 2]>::try_from(pair) {
-                        Ok([name, value]) => Some((name, value)),
-                        Err(_) => None,
-                    })
-                    .collect(),
-                body: r.body.to_vec(),
-            }),
-            error: completion.error,
+                effects_of(effects),
+            ),
+            Completion::Failed { error, .. } => Reply::Failed(error),
         }
     }
 
     fn failed(message: String) -> Reply {
-        Reply {
-            output: None,
-            effects: Effects::default(),
-            response: None,
-            error: Some(ErrorInfo {
-                group: "actor".into(),
-                code: "internal_error".into(),
-                message,
-                metadata: None,
-            }),
+        Reply::Failed(ErrorInfo {
+            group: "actor".into(),
+            code: "internal_error".into(),
+            message,
+            metadata: None,
+        })
+    }
+
+    /// The effects of a call that has no result of its own.
+    fn effects(self, what: &str) -> Result<Effects, Error> {
+        match self {
+            Reply::Ok(effects) => Ok(effects),
+            _ => Err(mismatched(what)),
         }
+    }
+}
+
+fn mismatched(what: &str) -> Error {
+    Error::ActorInternal {
+        message: format!("the JS host answered the {what} call with the wrong kind of completion"),
+    }
+}
+
+/// Core's effects from what JS reported.
+fn effects_of(effects: Option<EffectsJs>) -> Effects {
+    let Some(effects) = effects else {
+        return Effects::default();
+    };
+    let kv = kv_writes(effects.kv.unwrap_or_default());
+    let schedules = effects
+        .schedules
+        .unwrap_or_default()
+        .into_iter()
+        .map(|op| match op {
+            ScheduleOpJs::At {
+                id,
+                at_ms,
+                action,
+                args,
+            } => ScheduleOp::Add(Schedule {
+                id,
+                at_ms: at_ms as i64,
+                action,
+                args: args.to_vec(),
+            }),
+            ScheduleOpJs::After {
+                id,
+                after_ms,
+                action,
+                args,
+            } => ScheduleOp::After {
+                id,
+                // A negative delay is due now; `as` saturates and maps NaN to 0.
+                delay_ms: after_ms.max(0.0) as u64,
+                action,
+                args: args.to_vec(),
+            },
+            ScheduleOpJs::Cancel { id } => ScheduleOp::Cancel { id },
+        })
+        .collect();
+    let messages = effects
+        .messages
+        .unwrap_or_default()
+        .into_iter()
+        .map(|message| Outbound {
+            to: message.to,
+            event: message.event,
+            json: message.json.map(|b| b.to_vec()),
+            cbor: message.cbor.map(|b| b.to_vec()),
+        })
+        .collect();
+    let disconnects = effects
+        .disconnects
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| (d.conn_id, d.reason))
+        .collect();
+    Effects {
+        state: effects.state.map(|b| b.to_vec()),
+        kv,
+        schedules,
+        sleep: effects.sleep.unwrap_or(false),
+        destroy: effects.destroy.unwrap_or(false),
+        messages,
+        disconnects,
     }
 }
 
@@ -261,8 +471,9 @@ pub struct JsHost {
     /// The receiving end, until the batching task takes it on first use.
     queue_rx: Mutex<Option<mpsc::UnboundedReceiver<Invocation>>>,
     started: AtomicBool,
-    /// Each live actor's current span, for lines its user code logs.
-    pub spans: ActorSpans,
+    /// Connection notices not yet sent, by actor: each goes out just before the actor's next
+    /// invocation, so an absent hook costs no trip to JS. Entries leave with that invocation.
+    notices: Mutex<HashMap<Arc<str>, Vec<Invocation>>>,
 }
 
 impl JsHost {
@@ -276,7 +487,7 @@ impl JsHost {
             queue,
             queue_rx: Mutex::new(Some(queue_rx)),
             started: AtomicBool::new(false),
-            spans: ActorSpans::default(),
+            notices: Mutex::new(HashMap::new()),
         })
     }
 
@@ -284,7 +495,7 @@ impl JsHost {
     pub fn complete(&self, completions: Vec<Completion>) {
         let mut pending = self.pending.lock();
         for completion in completions {
-            if let Some(waiter) = pending.remove(&completion.id) {
+            if let Some(waiter) = pending.remove(&completion.id()) {
                 // The waiter may have timed out since; its result is no longer wanted.
                 let _ = waiter.send(Reply::from_completion(completion));
             }
@@ -309,12 +520,24 @@ impl JsHost {
         ));
     }
 
-    async fn invoke(self: &Arc<Self>, invocation: Invocation) -> Result<Reply, Error> {
+    async fn invoke(
+        self: &Arc<Self>,
+        actor: &ActorInfo,
+        id: u32,
+        invocation: Invocation,
+    ) -> Result<Reply, Error> {
         self.ensure_batcher();
-        let id = invocation.id;
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
         let _guard = PendingGuard { host: self, id };
+        // The actor's notices first: JS learns of its connections before the call that may
+        // see them. The actor's calls are serial, so nothing of its own can come between.
+        let notices = self.notices.lock().remove(&actor.id);
+        for notice in notices.into_iter().flatten() {
+            self.queue
+                .send(notice)
+                .map_err(|_| Error::RegistryShutDown)?;
+        }
         self.queue
             .send(invocation)
             .map_err(|_| Error::RegistryShutDown)?;
@@ -323,30 +546,26 @@ impl JsHost {
         })
     }
 
-    fn invocation(&self, kind: &str, actor: &ActorInfo) -> Invocation {
-        Invocation {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            kind: kind.to_string(),
-            actor_id: actor.id.to_string(),
-            actor_type: None,
-            key: None,
-            action: None,
-            args: None,
-            encoding: None,
-            output_encoding: None,
-            state: None,
-            input: None,
-            reason: None,
-            conn_id: None,
-            params: None,
-            method: None,
-            path: None,
-            headers: None,
-            body: None,
-            socket_id: None,
-            binary: None,
-            code: None,
+    /// Keeps a connection notice for `actor`'s next invocation. A close whose open is still
+    /// waiting cancels it: JS never needs to hear of that connection.
+    fn notice(&self, actor: &ActorInfo, notice: Invocation) {
+        let mut notices = self.notices.lock();
+        let waiting = notices.entry(actor.id.clone()).or_default();
+        if let Invocation::ConnClosed { conn_id, .. } = &notice {
+            let opened = waiting.iter().position(|earlier| {
+                matches!(earlier, Invocation::ConnOpened { conn_id: id, .. } if id == conn_id)
+            });
+            if let Some(index) = opened {
+                waiting.remove(index);
+                return;
+            }
         }
+        waiting.push(notice);
+    }
+
+    /// A fresh invocation id.
+    fn next_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -377,7 +596,7 @@ async fn run_batcher(
                 Err(_) => break,
             }
         }
-        let ids: Vec<u32> = batch.iter().map(|invocation| invocation.id).collect();
+        let ids: Vec<u32> = batch.iter().filter_map(Invocation::id).collect();
         if let Err(err) = dispatch.call_async_catch(batch).await {
             tracing::error!(error = %err, invocations = ids.len(), "dispatching to JS failed");
             let Some(host) = host.upgrade() else { return };
@@ -393,15 +612,15 @@ async fn run_batcher(
 }
 
 fn check(reply: Reply, what: &str) -> Result<Reply, Error> {
-    match reply.error {
-        Some(info) => {
+    match reply {
+        Reply::Failed(info) => {
             let err = info.into_error();
             if let Error::ActorInternal { message } = &err {
                 tracing::warn!(call = what, error = %message, "user code threw");
             }
             Err(err)
         }
-        None => Ok(reply),
+        reply => Ok(reply),
     }
 }
 
@@ -415,18 +634,24 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: StartRequest,
     ) -> keel_core::Result<Effects> {
-        let span = self.0.spans.enter(actor, HostCall::Start);
-        let mut invocation = self.0.invocation("start", actor);
-        invocation.actor_type = Some(actor.name.to_string());
-        invocation.key = Some(actor.key.clone());
-        invocation.state = request.state.map(Buffer::from);
-        if let Some(input) = request.input {
-            invocation.encoding = Some(input.encoding.as_str().to_string());
-            invocation.input = Some(Buffer::from(input.bytes));
-        }
-        let reply = check(self.0.invoke(invocation).await?, "start")?;
-        span.started();
-        Ok(reply.effects)
+        let (input_encoding, input) = match request.input {
+            Some(input) => (
+                Some(input.encoding.as_str().to_string()),
+                Some(Buffer::from(input.bytes)),
+            ),
+            None => (None, None),
+        };
+        let id = self.0.next_id();
+        let invocation = Invocation::Start {
+            id,
+            actor_id: actor.id.to_string(),
+            actor_type: actor.name.to_string(),
+            key: actor.key.clone(),
+            state: request.state.map(Buffer::from),
+            input,
+            input_encoding,
+        };
+        check(self.0.invoke(actor, id, invocation).await?, "start")?.effects("start")
     }
 
     async fn action(
@@ -434,35 +659,36 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         call: ActionCall,
     ) -> keel_core::Result<ActionDone> {
-        let _span = self.0.spans.enter(actor, HostCall::Action);
-        let mut invocation = self.0.invocation("action", actor);
-        invocation.action = Some(call.action);
-        invocation.encoding = Some(call.args.encoding.as_str().to_string());
-        invocation.args = Some(Buffer::from(call.args.bytes));
-        invocation.output_encoding = Some(call.output.as_str().to_string());
-        invocation.conn_id = call.conn_id;
-        let reply = check(self.0.invoke(invocation).await?, "action")?;
-        let output = match call.output {
-            Encoding::Json => Payload::json(
-                reply
-                    .output
-                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-                    .unwrap_or_else(|| "null".to_string()),
-            ),
-            Encoding::Cbor => Payload::cbor(reply.output.unwrap_or_else(|| vec![0xf7])),
+        let id = self.0.next_id();
+        let invocation = Invocation::Action {
+            id,
+            actor_id: actor.id.to_string(),
+            action: call.action,
+            args: Buffer::from(call.args.bytes),
+            encoding: call.args.encoding.as_str().to_string(),
+            output_encoding: call.output.as_str().to_string(),
+            conn_id: call.conn_id,
         };
-        Ok(ActionDone {
-            output,
-            effects: reply.effects,
-        })
+        let (output, effects) = match check(self.0.invoke(actor, id, invocation).await?, "action")?
+        {
+            Reply::Returned(output, effects) => (output, effects),
+            _ => return Err(mismatched("action")),
+        };
+        let output = match call.output {
+            Encoding::Json => Payload::json(String::from_utf8_lossy(&output).into_owned()),
+            Encoding::Cbor => Payload::cbor(output),
+        };
+        Ok(ActionDone { output, effects })
     }
 
     async fn stop(&self, actor: &Arc<ActorInfo>, reason: StopReason) -> keel_core::Result<Effects> {
-        let _span = self.0.spans.enter(actor, HostCall::Stop);
-        let mut invocation = self.0.invocation("stop", actor);
-        invocation.reason = Some(reason.as_str().to_string());
-        let reply = check(self.0.invoke(invocation).await?, "stop")?;
-        Ok(reply.effects)
+        let id = self.0.next_id();
+        let invocation = Invocation::Stop {
+            id,
+            actor_id: actor.id.to_string(),
+            reason: reason.as_str().to_string(),
+        };
+        check(self.0.invoke(actor, id, invocation).await?, "stop")?.effects("stop")
     }
 
     async fn connect(
@@ -470,12 +696,15 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: ConnectRequest,
     ) -> keel_core::Result<Effects> {
-        let mut invocation = self.0.invocation("connect", actor);
-        invocation.conn_id = Some(request.conn_id);
-        invocation.encoding = Some(request.params.encoding.as_str().to_string());
-        invocation.params = Some(Buffer::from(request.params.bytes));
-        let reply = check(self.0.invoke(invocation).await?, "connect")?;
-        Ok(reply.effects)
+        let id = self.0.next_id();
+        let invocation = Invocation::Connect {
+            id,
+            actor_id: actor.id.to_string(),
+            conn_id: request.conn_id,
+            params: Buffer::from(request.params.bytes),
+            encoding: request.params.encoding.as_str().to_string(),
+        };
+        check(self.0.invoke(actor, id, invocation).await?, "connect")?.effects("connect")
     }
 
     async fn disconnect(
@@ -483,10 +712,31 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         conn_id: &str,
     ) -> keel_core::Result<Effects> {
-        let mut invocation = self.0.invocation("disconnect", actor);
-        invocation.conn_id = Some(conn_id.to_string());
-        let reply = check(self.0.invoke(invocation).await?, "disconnect")?;
-        Ok(reply.effects)
+        let id = self.0.next_id();
+        let invocation = Invocation::Disconnect {
+            id,
+            actor_id: actor.id.to_string(),
+            conn_id: conn_id.to_string(),
+        };
+        check(self.0.invoke(actor, id, invocation).await?, "disconnect")?.effects("disconnect")
+    }
+
+    fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {
+        let notice = Invocation::ConnOpened {
+            actor_id: actor.id.to_string(),
+            conn_id: request.conn_id,
+            params: Buffer::from(request.params.bytes),
+            encoding: request.params.encoding.as_str().to_string(),
+        };
+        self.0.notice(actor, notice);
+    }
+
+    fn disconnected(&self, actor: &Arc<ActorInfo>, conn_id: &str) {
+        let notice = Invocation::ConnClosed {
+            actor_id: actor.id.to_string(),
+            conn_id: conn_id.to_string(),
+        };
+        self.0.notice(actor, notice);
     }
 
     async fn request(
@@ -494,16 +744,21 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         request: RawRequest,
     ) -> keel_core::Result<(RawResponse, Effects)> {
-        let mut invocation = self.0.invocation("request", actor);
-        invocation.method = Some(request.method);
-        invocation.path = Some(request.path);
-        invocation.headers = Some(pairs(request.headers));
-        invocation.body = Some(Buffer::from(request.body));
-        let reply = check(self.0.invoke(invocation).await?, "request")?;
-        let response = reply.response.ok_or_else(|| Error::ActorInternal {
-            message: "onRequest returned no Response".into(),
-        })?;
-        Ok((response, reply.effects))
+        let id = self.0.next_id();
+        let invocation = Invocation::Request {
+            id,
+            actor_id: actor.id.to_string(),
+            method: request.method,
+            path: request.path,
+            headers: pairs(request.headers),
+            body: Buffer::from(request.body),
+        };
+        match check(self.0.invoke(actor, id, invocation).await?, "request")? {
+            Reply::Responded(response, effects) => Ok((response, effects)),
+            _ => Err(Error::ActorInternal {
+                message: "onRequest returned no Response".into(),
+            }),
+        }
     }
 
     async fn raw_socket(
@@ -511,43 +766,44 @@ impl Host for SharedHost {
         actor: &Arc<ActorInfo>,
         event: RawSocketEvent,
     ) -> keel_core::Result<Effects> {
+        let id = self.0.next_id();
+        let actor_id = actor.id.to_string();
         let invocation = match event {
             RawSocketEvent::Open {
                 socket_id,
                 path,
                 headers,
-            } => {
-                let mut invocation = self.0.invocation("ws_open", actor);
-                invocation.socket_id = Some(socket_id);
-                invocation.path = Some(path);
-                invocation.headers = Some(pairs(headers));
-                invocation
-            }
+            } => Invocation::WsOpen {
+                id,
+                actor_id,
+                socket_id,
+                path,
+                headers: pairs(headers),
+            },
             RawSocketEvent::Message {
                 socket_id,
                 data,
                 binary,
-            } => {
-                let mut invocation = self.0.invocation("ws_message", actor);
-                invocation.socket_id = Some(socket_id);
-                invocation.body = Some(Buffer::from(data));
-                invocation.binary = Some(binary);
-                invocation
-            }
+            } => Invocation::WsMessage {
+                id,
+                actor_id,
+                socket_id,
+                data: Buffer::from(data),
+                binary,
+            },
             RawSocketEvent::Close {
                 socket_id,
                 code,
                 reason,
-            } => {
-                let mut invocation = self.0.invocation("ws_close", actor);
-                invocation.socket_id = Some(socket_id);
-                invocation.code = Some(u32::from(code));
-                invocation.reason = Some(reason);
-                invocation
-            }
+            } => Invocation::WsClose {
+                id,
+                actor_id,
+                socket_id,
+                code: u32::from(code),
+                reason,
+            },
         };
-        let reply = check(self.0.invoke(invocation).await?, "websocket")?;
-        Ok(reply.effects)
+        check(self.0.invoke(actor, id, invocation).await?, "websocket")?.effects("websocket")
     }
 }
 

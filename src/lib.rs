@@ -19,18 +19,23 @@ mod engine;
 mod host;
 mod logging;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use keel_core::Registry;
-use napi::bindgen_prelude::Buffer;
+use keel_core::kv_key;
+use keel_core::{Registry, RuntimeConfig};
+use napi::bindgen_prelude::{Buffer, Either};
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi::Status;
 use napi_derive::napi;
+use parking_lot::Mutex;
 
 use crate::convert::{
     ActorTypeOptions, ErrorInfo, HttpRequest, HttpResponse, Outcome, RuntimeOptions,
 };
-use crate::host::{Completion, DispatchFn, JsHost, SharedHost};
+use crate::host::{
+    kv_key_of, kv_key_to_js, kv_writes, Completion, DispatchFn, JsHost, KvWriteJs, SharedHost,
+};
 pub use crate::logging::{init_logging, log_max_level};
 
 /// Called once with the bound address (`host:port`) when the server listens. Weak: the
@@ -45,6 +50,11 @@ pub struct CoreRegistry {
     /// The envoy and its drain budget while running as an envoy of a Rivet Engine; the
     /// shutdown stops it first, so the engine stops the actors as going away.
     engine: engine::EngineSlot,
+    /// The configuration `prepareServerless` resolved, with its dev flag; every serverless
+    /// request uses it as it is.
+    serverless: Mutex<Option<(Arc<RuntimeConfig>, bool)>>,
+    /// How many times options were turned into a runtime configuration (resolving the host).
+    option_resolutions: AtomicU32,
 }
 
 #[napi]
@@ -62,6 +72,8 @@ impl CoreRegistry {
             registry,
             host,
             engine: Arc::default(),
+            serverless: Mutex::new(None),
+            option_resolutions: AtomicU32::new(0),
         }
     }
 
@@ -78,11 +90,34 @@ impl CoreRegistry {
     /// Checks options without starting anything.
     #[napi]
     pub fn validate_options(&self, options: RuntimeOptions) -> Option<ErrorInfo> {
-        options
-            .to_config()
+        self.config_of(&options)
             .and_then(|_| options.engine_config())
             .err()
             .map(|err| ErrorInfo::from_error(&err, false))
+    }
+
+    /// Checks and resolves the options of serverless mode once, host name included; every
+    /// `handleRequest` then uses them as they are. Returns an error object for bad options,
+    /// keeping none. Calling it again replaces the options (a runtime already built keeps its
+    /// own).
+    #[napi]
+    pub fn prepare_serverless(&self, options: RuntimeOptions) -> Option<ErrorInfo> {
+        let dev = options.dev.unwrap_or(false);
+        match self.config_of(&options) {
+            Ok(config) => {
+                *self.serverless.lock() = Some((Arc::new(config), dev));
+                None
+            }
+            Err(err) => Some(ErrorInfo::from_error(&err, false)),
+        }
+    }
+
+    /// How many times this registry turned options into a runtime configuration (checking
+    /// them and resolving the host name): once per `start()` check and `serve`, once for
+    /// serverless mode however many requests it handles. For tests and diagnostics.
+    #[napi(getter)]
+    pub fn option_resolutions(&self) -> u32 {
+        self.option_resolutions.load(Ordering::Relaxed)
     }
 
     /// Serves HTTP until shutdown, or, with an engine endpoint, runs as an envoy of that
@@ -91,7 +126,7 @@ impl CoreRegistry {
     #[napi(ts_args_type = "options: RuntimeOptions, onListening: (address: string) => void")]
     pub async fn serve(&self, options: RuntimeOptions, on_listening: ListeningFn) -> Outcome {
         let dev = options.dev.unwrap_or(false);
-        let config = match options.to_config() {
+        let config = match self.config_of(&options) {
             Ok(config) => config,
             Err(err) => return Outcome::from_result(Err(err), dev),
         };
@@ -122,26 +157,21 @@ impl CoreRegistry {
         Outcome::from_result(result, dev)
     }
 
-    /// Handles one request in serverless mode, building the runtime on the first call. Every
-    /// failure, including the registry's own (`registry.wrong_mode`, `registry.shut_down`, a
-    /// failed build), comes back as a JSON error response with its mapped status; invalid
-    /// options come back as `registry.invalid_config` with status 500.
+    /// Handles one request in serverless mode, building the runtime on the first call, with
+    /// the options `prepareServerless` resolved. Every failure, including the registry's own
+    /// (`registry.wrong_mode`, `registry.shut_down`, a failed build), comes back as a JSON error
+    /// response with its mapped status; without prepared options the answer is
+    /// `registry.invalid_config` with status 500.
     #[napi]
-    pub async fn handle_request(
-        &self,
-        options: RuntimeOptions,
-        request: HttpRequest,
-    ) -> HttpResponse {
-        let dev = options.dev.unwrap_or(false);
-        let config = match options.to_config() {
-            Ok(config) => config,
-            Err(err) => {
-                // Bad options are the deployment's fault, not the caller's: a 500, as
-                // `registry.handler` answers for the options it checks itself.
-                let mut response = keel_core::http::error_response(&err, dev);
-                *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
-                return HttpResponse::from_http(response).await;
-            }
+    pub async fn handle_request(&self, request: HttpRequest) -> HttpResponse {
+        let prepared = self.serverless.lock().clone();
+        let Some((config, dev)) = prepared else {
+            // Bad options are the deployment's fault, not the caller's: a 500, as
+            // `registry.handler` answers for the options it checks itself.
+            let err = keel_core::Error::config("the serverless handler has no valid options");
+            let mut response = keel_core::http::error_response(&err, false);
+            *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+            return HttpResponse::from_http(response).await;
         };
         let response = match request.into_http() {
             Ok(request) => self.registry.handle(&config, request).await,
@@ -159,10 +189,14 @@ impl CoreRegistry {
         self.registry.shutdown().await;
     }
 
-    /// Reads KV values of a live actor (after its own pending commits land).
+    /// Reads KV values of a live actor (after its own pending commits land). Keys are the
+    /// user's, strings or bytes; core's codec finds them.
     #[napi]
-    pub async fn kv_get(&self, actor_id: String, keys: Vec<Buffer>) -> KvGetResult {
-        let keys: Vec<Vec<u8>> = keys.iter().map(|key| key.to_vec()).collect();
+    pub async fn kv_get(&self, actor_id: String, keys: Vec<Either<String, Buffer>>) -> KvGetResult {
+        let keys: Vec<Vec<u8>> = keys
+            .into_iter()
+            .map(|key| kv_key::encode(&kv_key_of(key)))
+            .collect();
         match self.running() {
             Ok(runtime) => match runtime.kv_get(&actor_id, keys).await {
                 Ok(values) => KvGetResult {
@@ -175,32 +209,37 @@ impl CoreRegistry {
         }
     }
 
-    /// Lists KV entries of a live actor by prefix, in key order (or reverse).
+    /// Lists KV entries of a live actor whose keys start with `prefix` (a string prefix lists
+    /// string keys, a byte prefix byte keys, none every key), in core's key order (or
+    /// reverse), with `pending`, the call's own uncommitted writes, laid over what is stored.
     #[napi]
     pub async fn kv_list(
         &self,
         actor_id: String,
-        prefix: Buffer,
+        prefix: Option<Either<String, Buffer>>,
         limit: u32,
         reverse: bool,
+        pending: Vec<KvWriteJs>,
     ) -> KvListResult {
-        let prefix = prefix.to_vec();
+        let prefix = prefix.map_or_else(Vec::new, |prefix| kv_key::encode(&kv_key_of(prefix)));
+        let pending = kv_writes(pending);
+        let limit = limit as usize;
         let listed = match self.running() {
             Ok(runtime) => {
                 runtime
-                    .kv_list(&actor_id, prefix, limit as usize, reverse)
+                    .kv_list(&actor_id, prefix.clone(), limit + pending.len(), reverse)
                     .await
             }
             Err(err) => Err(err),
         };
         match listed {
-            Ok(entries) => KvListResult {
+            Ok(stored) => KvListResult {
                 error: None,
                 entries: Some(
-                    entries
+                    kv_key::overlay(stored, &pending, &prefix, limit, reverse)
                         .into_iter()
                         .map(|(key, value)| KvEntry {
-                            key: key.into(),
+                            key: kv_key_to_js(&key),
                             value: value.into(),
                         })
                         .collect(),
@@ -250,6 +289,16 @@ impl CoreRegistry {
         self.registry.metrics().render()
     }
 
+    /// The runtime's clock, in epoch milliseconds: the clock schedules are stamped with and
+    /// fired on. Before the runtime is built (and after shutdown), the system clock.
+    #[napi]
+    pub fn clock_now_ms(&self) -> f64 {
+        self.registry.runtime().map_or_else(
+            || keel_core::clock::Clock::new().now_ms() as f64,
+            |runtime| runtime.now_ms() as f64,
+        )
+    }
+
     /// The number of live (awake) actors.
     #[napi(getter)]
     pub fn live_actors(&self) -> u32 {
@@ -296,6 +345,12 @@ impl CoreRegistry {
 }
 
 impl CoreRegistry {
+    /// Turns options into a runtime configuration, counting it.
+    fn config_of(&self, options: &RuntimeOptions) -> keel_core::Result<RuntimeConfig> {
+        self.option_resolutions.fetch_add(1, Ordering::Relaxed);
+        options.to_config()
+    }
+
     fn running(&self) -> keel_core::Result<Arc<keel_core::Runtime>> {
         self.registry
             .runtime()
@@ -322,6 +377,40 @@ pub fn kv_limits() -> KvLimits {
     }
 }
 
+/// One numeric option of `setup()`, as core defines it (`keel_core::options`).
+#[napi(object, object_from_js = false)]
+pub struct OptionSpecJs {
+    /// The option's name, such as `drainTimeoutMs`.
+    pub name: String,
+    pub default: f64,
+    pub min: f64,
+    pub max: f64,
+    /// The environment variable it falls back to, if any.
+    pub env: Option<String>,
+    /// `ms`, `bytes`, `messages` or `port`.
+    pub unit: String,
+    /// What it does.
+    pub doc: String,
+}
+
+/// Every numeric option with its default and range, from core's one table, so that the
+/// TypeScript layer checks and defaults with the values core uses.
+#[napi]
+pub fn option_specs() -> Vec<OptionSpecJs> {
+    keel_core::options::NUMERIC_OPTIONS
+        .iter()
+        .map(|spec| OptionSpecJs {
+            name: spec.name.to_string(),
+            default: spec.default as f64,
+            min: spec.min as f64,
+            max: spec.max as f64,
+            env: spec.env.map(str::to_string),
+            unit: spec.unit.to_string(),
+            doc: spec.doc.to_string(),
+        })
+        .collect()
+}
+
 /// The values `kvGet` read, in key order; `null` where a key is absent.
 #[napi(object)]
 pub struct KvGetResult {
@@ -338,15 +427,15 @@ impl KvGetResult {
     }
 }
 
-/// One KV entry.
-#[napi(object)]
+/// One KV entry: the user's key, a string or bytes, and the value as the host encoded it.
+#[napi(object, object_from_js = false)]
 pub struct KvEntry {
-    pub key: Buffer,
+    pub key: Either<String, Buffer>,
     pub value: Buffer,
 }
 
 /// The entries `kvList` found.
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct KvListResult {
     pub error: Option<ErrorInfo>,
     pub entries: Option<Vec<KvEntry>>,

@@ -13,12 +13,10 @@
 //! A debug build of the addon (`npm run build:debug`) says so with one warning when it
 //! installs the logger, so that nothing measures or ships it by mistake.
 //!
-//! User lines: each live actor's current span (its `actor` span, or the `action` span inside
-//! it while an action runs) is remembered in [`ActorSpans`] by the host calls, so a JS line is
-//! logged inside the very span a Rust line from the same place would be.
+//! User lines: core remembers each live actor's current span (its `actor` span, or the
+//! `action` span inside it while an action runs; see `keel_core::spans`), and a JS line is
+//! logged inside the span core names, the very span a Rust line from the same place would be.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use keel_core::logging::LogSettings;
@@ -144,110 +142,6 @@ fn level_number(level: Option<Level>) -> u32 {
     }
 }
 
-/// The span a live actor's user code logs in, kept by the host calls (see the module doc).
-#[derive(Default)]
-pub struct ActorSpans {
-    by_actor: Mutex<HashMap<Arc<str>, Spans>>,
-    next_call: AtomicU64,
-}
-
-/// One live actor's spans.
-struct Spans {
-    /// The actor's own span, from its start call.
-    actor: Span,
-    /// The span of the call in progress (an action's), and the call's number.
-    call: Option<(u64, Span)>,
-}
-
-/// Which host call is beginning.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum HostCall {
-    /// Starting the instance: the current span is the actor's. Unless the call reports
-    /// [`CallGuard::started`], the actor is forgotten when it ends (it failed to start).
-    Start,
-    /// An action or a schedule's run: the current span is the call's, inside the actor's.
-    Action,
-    /// Stopping the instance: the actor's spans are forgotten when the call ends.
-    Stop,
-}
-
-impl ActorSpans {
-    /// Remembers the current span for `actor` until the returned guard drops. Call it at the
-    /// start of every host call, inside the span core runs the call in.
-    pub fn enter<'a>(&'a self, actor: &ActorInfo, call: HostCall) -> CallGuard<'a> {
-        let current = Span::current();
-        let number = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let mut by_actor = self.by_actor.lock();
-        let spans = by_actor.entry(actor.id.clone()).or_insert_with(|| Spans {
-            actor: current.clone(),
-            call: None,
-        });
-        match call {
-            HostCall::Start => spans.actor = current,
-            HostCall::Action => spans.call = Some((number, current)),
-            HostCall::Stop => {}
-        }
-        CallGuard {
-            spans: self,
-            actor_id: actor.id.clone(),
-            call,
-            number,
-            started: false,
-        }
-    }
-
-    /// The spans a line of `actor_id` is logged in now, outermost first, if the actor is live.
-    fn current(&self, actor_id: &str) -> Option<(Span, Option<Span>)> {
-        let by_actor = self.by_actor.lock();
-        let spans = by_actor.get(actor_id)?;
-        Some((
-            spans.actor.clone(),
-            spans.call.as_ref().map(|(_, call)| call.clone()),
-        ))
-    }
-}
-
-/// Ends what [`ActorSpans::enter`] began.
-pub struct CallGuard<'a> {
-    spans: &'a ActorSpans,
-    actor_id: Arc<str>,
-    call: HostCall,
-    number: u64,
-    /// A start call succeeded: keep the actor's spans until it stops.
-    started: bool,
-}
-
-impl CallGuard<'_> {
-    /// Reports that a start call succeeded, so the actor's spans stay until it stops.
-    pub fn started(mut self) {
-        self.started = true;
-    }
-}
-
-impl Drop for CallGuard<'_> {
-    fn drop(&mut self) {
-        let mut by_actor = self.spans.by_actor.lock();
-        match self.call {
-            HostCall::Stop => {
-                by_actor.remove(&self.actor_id);
-            }
-            // An instance that failed to start (or timed out starting) gets no stop call.
-            HostCall::Start if !self.started => {
-                by_actor.remove(&self.actor_id);
-            }
-            HostCall::Action => {
-                if let Some(spans) = by_actor.get_mut(&self.actor_id) {
-                    // A later call (after a timeout) may own the slot by now.
-                    if spans.call.as_ref().is_some_and(|(n, _)| *n == self.number) {
-                        spans.call = None;
-                    }
-                }
-            }
-            HostCall::Start => {}
-        }
-    }
-}
-
 /// A `c.log` level: `error`, `warn`, `info` or `debug`.
 fn parse_level(level: &str) -> Option<Level> {
     match level {
@@ -297,10 +191,16 @@ impl CoreRegistry {
             throw_bad_level(&env, &level)?;
             return Ok(false);
         };
-        let Some((actor, call)) = self.host.spans.current(&actor_id) else {
+        let Some(spans) = self.registry.actor_spans().current(&actor_id) else {
             return Ok(false);
         };
-        emit_in(&actor, call.as_ref(), level, &msg, fields.as_deref());
+        emit_in(
+            &spans.actor,
+            spans.call.as_ref(),
+            level,
+            &msg,
+            fields.as_deref(),
+        );
         Ok(true)
     }
 

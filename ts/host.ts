@@ -10,34 +10,51 @@ import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawW
 import { decode, encode } from "./cbor";
 import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
 import { createActorLog } from "./log";
-import { kvLimits, type Completion, type CoreRegistry, type Invocation } from "./native";
+import { kvLimits, type Completion, type CoreRegistry, type EffectsJs, type Invocation, type ScheduleOpJs } from "./native";
+
+/** The invocation of one kind. */
+type InvocationOf<K extends Invocation["kind"]> = Extract<Invocation, { kind: K }>;
+/** The notices: what core tells without a call (no id, no completion). */
+type Notice = InvocationOf<"conn_opened" | "conn_closed">;
+/** The invocations that are calls, each answered by one completion. */
+type Call = Exclude<Invocation, Notice>;
 
 // Core enforces these on every commit; checking here too gives the caller the error at the
 // `c.kv` call rather than when the action's effects are committed.
 const { maxKeyBytes: MAX_KV_KEY_BYTES, maxValueBytes: MAX_KV_VALUE_BYTES } = kvLimits();
 const DEFAULT_KV_LIST_LIMIT = 1000;
 
-const STRING_KEY = 0x73; // "s"
-const BYTES_KEY = 0x62; // "b"
-
-function encodeKey(key: KvKey): Buffer {
-  let encoded: Buffer;
-  if (typeof key === "string") encoded = Buffer.concat([Buffer.of(STRING_KEY), Buffer.from(key, "utf8")]);
-  else if (key instanceof Uint8Array) encoded = Buffer.concat([Buffer.of(BYTES_KEY), key]);
-  else throw new TypeError("a KV key is a string or a Uint8Array");
-  if (encoded.length - 1 > MAX_KV_KEY_BYTES) {
+/**
+ * A KV key as the binding takes it: a string, or a copy of the bytes (the caller may change
+ * its array later). How keys are stored and ordered is core's KV key codec's business
+ * (`crates/core/src/kv_key.rs`); the limit counts the key's own bytes.
+ */
+function kvKey(key: KvKey): string | Buffer {
+  let passed: string | Buffer;
+  let length: number;
+  if (typeof key === "string") {
+    passed = key;
+    length = Buffer.byteLength(key, "utf8");
+  } else if (key instanceof Uint8Array) {
+    passed = Buffer.from(key);
+    length = passed.length;
+  } else {
+    throw new TypeError("a KV key is a string or a Uint8Array");
+  }
+  if (length > MAX_KV_KEY_BYTES) {
     throw new KeelError({
       group: "kv",
       code: "key_too_large",
-      message: `a KV key is ${encoded.length - 1} bytes; the limit is ${MAX_KV_KEY_BYTES}`,
+      message: `a KV key is ${length} bytes; the limit is ${MAX_KV_KEY_BYTES}`,
       metadata: { limit: MAX_KV_KEY_BYTES },
     });
   }
-  return encoded;
+  return passed;
 }
 
-function decodeKey(encoded: Buffer): KvKey {
-  return encoded[0] === STRING_KEY ? encoded.subarray(1).toString("utf8") : new Uint8Array(encoded.subarray(1));
+/** Which pending write of the current call a key names: only an identity within this map. */
+function pendingId(key: string | Buffer): string {
+  return typeof key === "string" ? `string:${key}` : `bytes:${key.toString("hex")}`;
 }
 
 function failOn(result: { error?: { group: string; code: string; message: string; metadata?: unknown } | null }): void {
@@ -48,8 +65,9 @@ function failOn(result: { error?: { group: string; code: string; message: string
 class Effects {
   readonly messages: Array<{ to?: string; event: string; data: unknown }> = [];
   readonly disconnects: Array<{ connId: string; reason: string }> = [];
-  readonly kv = new Map<string, { key: Buffer; value: Buffer | null }>();
-  readonly schedules: Array<{ id: string; atMs?: number; action?: string; args?: Buffer }> = [];
+  /** KV writes by `pendingId`; the last write of a key wins. */
+  readonly kv = new Map<string, { key: string | Buffer; value: Buffer | null }>();
+  readonly schedules: ScheduleOpJs[] = [];
   readonly added = new Map<string, ScheduledCall>();
   readonly cancelled = new Set<string>();
   sleep = false;
@@ -128,7 +146,7 @@ function failureOf(err: unknown): ErrorBody {
 
 /** A fixed error for a completion the binding refused, so its call still gets an answer. */
 function unsendable(id: number): Completion {
-  return { id, error: { group: "actor", code: "internal_error", message: "the call's result could not be handed to keel" } };
+  return { kind: "failed", id, error: { group: "actor", code: "internal_error", message: "the call's result could not be handed to keel" } };
 }
 
 function encodePayload(value: unknown, encoding: string | undefined): Buffer {
@@ -176,14 +194,39 @@ export class JsHost {
 
   constructor(private readonly definitions: ReadonlyMap<string, AnyActorDefinition>) {}
 
-  /** Core's entry point: start every invocation of the batch, never throw. */
+  /**
+   * Core's entry point: start every invocation of the batch, never throw. Notices are taken
+   * at once, in order, so the calls after them see what they tell.
+   */
   readonly dispatch = (batch: Invocation[]): void => {
     for (const invocation of batch) {
-      void this.run(invocation);
+      if (invocation.kind === "conn_opened" || invocation.kind === "conn_closed") this.notice(invocation);
+      else void this.run(invocation);
     }
   };
 
-  private async run(invocation: Invocation): Promise<void> {
+  /**
+   * A connection opened or closed on a type without the hooks that would run then: core
+   * admitted or closed it without a call, and tells it before the actor's next call.
+   */
+  private notice(notice: Notice): void {
+    const instance = this.instances.get(notice.actorId);
+    if (instance === undefined) return;
+    if (notice.kind === "conn_closed") {
+      instance.conns.delete(notice.connId);
+      return;
+    }
+    let params: unknown;
+    try {
+      params = decodeClientPayload(notice.params, notice.encoding, "connection parameters");
+    } catch {
+      // Core checked the parameters before admitting the connection; no hook reads them.
+      params = undefined;
+    }
+    this.addConn(instance, notice.connId, params, undefined, notice.encoding);
+  }
+
+  private async run(invocation: Call): Promise<void> {
     let completion: Completion;
     try {
       switch (invocation.kind) {
@@ -211,29 +254,29 @@ export class JsHost {
           completion = await this.rawSocket(invocation);
           break;
         default:
-          throw new Error(`unknown invocation kind ${invocation.kind}`);
+          throw new Error(`unknown invocation kind ${(invocation as { kind: unknown }).kind}`);
       }
     } catch (err) {
-      completion = { id: invocation.id, error: failureOf(err) };
+      completion = { kind: "failed", id: invocation.id, error: failureOf(err) };
     }
     this.push(completion);
   }
 
-  private async start(invocation: Invocation): Promise<Completion> {
-    const name = invocation.actorType!;
+  private async start(invocation: InvocationOf<"start">): Promise<Completion> {
+    const name = invocation.actorType;
     const def = this.definitions.get(name);
     if (def === undefined) throw new Error(`no definition for actor type ${name}`);
     const config = def.config;
     const identity = {
       actorId: invocation.actorId,
       name,
-      key: Object.freeze([...(invocation.key ?? [])]),
+      key: Object.freeze([...invocation.key]),
     };
     const instance = this.newInstance(def, identity);
     const isNew = invocation.state === undefined;
     let input: unknown;
     if (isNew) {
-      input = decodeClientPayload(invocation.input, invocation.encoding, "creation input");
+      input = decodeClientPayload(invocation.input, invocation.inputEncoding, "creation input");
       instance.state =
         config.createState !== undefined
           ? await config.createState(Object.freeze({ ...identity, log: instance.ctx.log }), input)
@@ -253,12 +296,12 @@ export class JsHost {
           : structuredClone(config.vars);
     if (isNew) await config.onCreate?.(instance.ctx as never, input);
     await config.onWake?.(instance.ctx as never);
-    const completion = this.finishCall(invocation.id, instance);
+    const completion: Completion = { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     this.instances.set(invocation.actorId, instance);
     return completion;
   }
 
-  private instance(invocation: Invocation): Instance {
+  private instance(invocation: { actorId: string }): Instance {
     const instance = this.instances.get(invocation.actorId);
     if (instance === undefined) throw new Error("the actor's instance is not started");
     return instance;
@@ -279,9 +322,9 @@ export class JsHost {
     }
   }
 
-  private async action(invocation: Invocation): Promise<Completion> {
+  private async action(invocation: InvocationOf<"action">): Promise<Completion> {
     const instance = this.instance(invocation);
-    const fn = instance.def.config.actions[invocation.action!];
+    const fn = instance.def.config.actions[invocation.action];
     if (typeof fn !== "function") throw new Error(`unknown action ${invocation.action}`);
     return this.guarded(instance, async () => {
       instance.currentConn = invocation.connId === undefined ? undefined : instance.conns.get(invocation.connId)?.conn;
@@ -289,37 +332,26 @@ export class JsHost {
         const args = decodeClientPayload(invocation.args, invocation.encoding, "arguments") as unknown[];
         const result = await fn(instance.ctx, ...args);
         const output = encodePayload(result, invocation.outputEncoding);
-        return { ...this.finishCall(invocation.id, instance), output };
+        return { kind: "returned", id: invocation.id, output, effects: this.finishCall(instance) };
       } finally {
         instance.currentConn = undefined;
       }
     });
   }
 
-  private async connect(invocation: Invocation): Promise<Completion> {
+  private async connect(invocation: InvocationOf<"connect">): Promise<Completion> {
     const instance = this.instance(invocation);
     const config = instance.def.config;
-    const connId = invocation.connId!;
+    const connId = invocation.connId;
     return this.guarded(instance, async () => {
       const params = decodeClientPayload(invocation.params, invocation.encoding, "connection parameters");
       await config.onBeforeConnect?.(instance.ctx as never, params);
       const state =
         config.createConnState !== undefined ? await config.createConnState(instance.ctx as never, params) : undefined;
-      const conn: Conn = {
-        id: connId,
-        params,
-        state,
-        send(event: string, data?: unknown) {
-          instance.effects.messages.push({ to: connId, event: String(event), data });
-        },
-        disconnect(reason = "") {
-          instance.effects.disconnects.push({ connId, reason: String(reason) });
-        },
-      };
-      instance.conns.set(connId, { conn, encoding: invocation.encoding ?? "json" });
+      const conn = this.addConn(instance, connId, params, state, invocation.encoding);
       try {
         await config.onConnect?.(instance.ctx as never, conn);
-        return this.finishCall(invocation.id, instance);
+        return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
       } catch (err) {
         instance.conns.delete(connId);
         throw err;
@@ -327,29 +359,46 @@ export class JsHost {
     });
   }
 
-  private async disconnect(invocation: Invocation): Promise<Completion> {
+  /** Adds a connection to the instance's `c.conns`. */
+  private addConn(instance: Instance, connId: string, params: unknown, state: unknown, encoding: string): Conn {
+    const conn: Conn = {
+      id: connId,
+      params,
+      state,
+      send(event: string, data?: unknown) {
+        instance.effects.messages.push({ to: connId, event: String(event), data });
+      },
+      disconnect(reason = "") {
+        instance.effects.disconnects.push({ connId, reason: String(reason) });
+      },
+    };
+    instance.conns.set(connId, { conn, encoding });
+    return conn;
+  }
+
+  private async disconnect(invocation: InvocationOf<"disconnect">): Promise<Completion> {
     const instance = this.instance(invocation);
-    const entry = instance.conns.get(invocation.connId!);
-    if (entry === undefined) return { id: invocation.id };
-    instance.conns.delete(invocation.connId!);
+    const entry = instance.conns.get(invocation.connId);
+    if (entry === undefined) return { kind: "ok", id: invocation.id };
+    instance.conns.delete(invocation.connId);
     return this.guarded(instance, async () => {
       await instance.def.config.onDisconnect?.(instance.ctx as never, entry.conn);
-      return this.finishCall(invocation.id, instance);
+      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     });
   }
 
-  private async request(invocation: Invocation): Promise<Completion> {
+  private async request(invocation: InvocationOf<"request">): Promise<Completion> {
     const instance = this.instance(invocation);
     const handler = instance.def.config.onRequest;
     return this.guarded(instance, async () => {
       // Core answers the raw route with a 404 itself when the type registered no onRequest.
       if (handler === undefined) throw new Error("this actor type has no onRequest handler");
-      const method = invocation.method ?? "GET";
+      const method = invocation.method;
       const hasBody = method !== "GET" && method !== "HEAD";
-      const request = new Request(`http://actor${invocation.path ?? "/"}`, {
+      const request = new Request(`http://actor${invocation.path}`, {
         method,
-        headers: (invocation.headers ?? []).map(([name, value]) => [name, value] as [string, string]),
-        body: hasBody && invocation.body !== undefined ? new Uint8Array(invocation.body) : undefined,
+        headers: invocation.headers.map(([name, value]) => [name, value] as [string, string]),
+        body: hasBody ? new Uint8Array(invocation.body) : undefined,
       });
       const response = await handler(instance.ctx as never, request);
       if (!(response instanceof Response)) throw new TypeError("onRequest must return a Response");
@@ -365,13 +414,13 @@ export class JsHost {
         headers.push([pair[0], pair[1]]);
       }
       const body = Buffer.from(await response.arrayBuffer());
-      return { ...this.finishCall(invocation.id, instance), response: { status, headers, body } };
+      return { kind: "responded", id: invocation.id, response: { status, headers, body }, effects: this.finishCall(instance) };
     });
   }
 
-  private async rawSocket(invocation: Invocation): Promise<Completion> {
+  private async rawSocket(invocation: InvocationOf<"ws_open" | "ws_message" | "ws_close">): Promise<Completion> {
     const instance = this.instance(invocation);
-    const socketId = invocation.socketId!;
+    const socketId = invocation.socketId;
     return this.guarded(instance, async () => {
       if (invocation.kind === "ws_open") {
         const handler = instance.def.config.onWebSocket;
@@ -381,25 +430,25 @@ export class JsHost {
         await handler(instance.ctx as never, entry.ws);
       } else if (invocation.kind === "ws_message") {
         const entry = instance.sockets.get(socketId);
-        const bytes = invocation.body ?? Buffer.alloc(0);
+        const bytes = invocation.data;
         const data = invocation.binary ? new Uint8Array(bytes) : bytes.toString("utf8");
         for (const listener of entry?.listeners.message ?? []) await listener({ data });
       } else {
         const entry = instance.sockets.get(socketId);
         instance.sockets.delete(socketId);
-        const event = { code: invocation.code ?? 1005, reason: invocation.reason ?? "" };
+        const event = { code: invocation.code, reason: invocation.reason };
         for (const listener of entry?.listeners.close ?? []) await listener(event);
       }
-      return this.finishCall(invocation.id, instance);
+      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     });
   }
 
-  private newRawSocket(socketId: string, invocation: Invocation): RawSocketEntry {
+  private newRawSocket(socketId: string, invocation: InvocationOf<"ws_open">): RawSocketEntry {
     const host = this;
     const listeners: RawSocketEntry["listeners"] = { message: [], close: [] };
     const ws: RawWebSocket = {
-      path: invocation.path ?? "/",
-      headers: Object.freeze(Object.fromEntries((invocation.headers ?? []).map(([n, v]) => [n, v]))),
+      path: invocation.path,
+      headers: Object.freeze(Object.fromEntries(invocation.headers.map(([n, v]) => [n, v]))),
       send(data: string | Uint8Array) {
         const binary = typeof data !== "string";
         const bytes = binary ? Buffer.from(data as Uint8Array) : Buffer.from(data as string, "utf8");
@@ -417,43 +466,50 @@ export class JsHost {
     return { ws, listeners };
   }
 
-  private async stop(invocation: Invocation): Promise<Completion> {
+  private async stop(invocation: InvocationOf<"stop">): Promise<Completion> {
     const instance = this.instances.get(invocation.actorId);
-    if (instance === undefined) return { id: invocation.id };
+    if (instance === undefined) return { kind: "ok", id: invocation.id };
     if (invocation.reason === "reset") {
       // An action timed out and may still run: drop the instance without hooks. Whatever the
       // late code does now touches only this discarded object; core starts a fresh one.
       this.instances.delete(invocation.actorId);
-      return { id: invocation.id };
+      return { kind: "ok", id: invocation.id };
     }
     instance.effects = new Effects();
     try {
       const config = instance.def.config;
       if (invocation.reason === "destroy") await config.onDestroy?.(instance.ctx as never);
       else await config.onSleep?.(instance.ctx as never);
-      return this.finishCall(invocation.id, instance);
+      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     } finally {
       this.instances.delete(invocation.actorId);
     }
   }
 
-  /** Builds the completion of a call: the state if it changed, and the call's effects. */
-  private finishCall(id: number, instance: Instance): Completion {
+  /**
+   * Takes what a call changed, for its completion: the state if it changed, and the call's
+   * other effects; `undefined` when it changed nothing.
+   */
+  private finishCall(instance: Instance): EffectsJs | undefined {
     const snapshot = encodeState(instance.state);
     const effects = instance.effects;
     instance.effects = new Effects();
-    const completion: Completion = { id };
+    let reported: EffectsJs | undefined;
     if (!snapshot.equals(instance.snapshot)) {
       instance.snapshot = snapshot;
-      completion.state = snapshot;
+      reported = { state: snapshot };
     }
-    if (effects.kv.size > 0) completion.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
-    if (effects.schedules.length > 0) completion.schedules = effects.schedules;
-    if (effects.sleep) completion.sleep = true;
-    if (effects.destroy) completion.destroy = true;
-    if (effects.messages.length > 0) completion.messages = effects.messages.map((m) => this.encodeMessage(instance, m));
-    if (effects.disconnects.length > 0) completion.disconnects = effects.disconnects;
-    return completion;
+    if (effects.kv.size === 0 && effects.schedules.length === 0 && !effects.sleep && !effects.destroy && effects.messages.length === 0 && effects.disconnects.length === 0) {
+      return reported;
+    }
+    reported ??= {};
+    if (effects.kv.size > 0) reported.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
+    if (effects.schedules.length > 0) reported.schedules = effects.schedules;
+    if (effects.sleep) reported.sleep = true;
+    if (effects.destroy) reported.destroy = true;
+    if (effects.messages.length > 0) reported.messages = effects.messages.map((m) => this.encodeMessage(instance, m));
+    if (effects.disconnects.length > 0) reported.disconnects = effects.disconnects;
+    return reported;
   }
 
   /** Encodes an event's data once for each encoding its recipients use. */
@@ -519,14 +575,24 @@ export class JsHost {
       },
     } as ReadonlyMap<string, Conn>;
     const actions = def.config.actions as Record<string, unknown>;
-    const schedule = (atMs: number, action: string, args: unknown[]): string => {
+    // `at` is absolute; `after` goes to core as a delay, which core resolves on its own clock
+    // (the one that fires schedules) when it takes the call's effects. Until then `list()`
+    // shows it at core's clock now plus the delay.
+    const schedule = (when: { at: number } | { after: number }, action: string, args: unknown[]): string => {
       if (typeof action !== "string") throw new TypeError("a schedule's action is an action's name, a string");
       if (!Object.hasOwn(actions, action) || typeof actions[action] !== "function") throw new TypeError(`cannot schedule unknown action ${JSON.stringify(action)}`);
-      if (!Number.isFinite(atMs)) throw new TypeError("a schedule time must be a finite number");
+      const ms = "at" in when ? when.at : when.after;
+      if (typeof ms !== "number" || !Number.isFinite(ms)) throw new TypeError("a schedule time must be a finite number");
       const id = randomUUID();
       const encodedArgs = Buffer.from(encode(args));
-      instance.effects.schedules.push({ id, atMs: Math.round(atMs), action, args: encodedArgs });
-      instance.effects.added.set(id, { id, at: Math.round(atMs), action, args });
+      if ("at" in when) {
+        instance.effects.schedules.push({ op: "at", id, atMs: Math.round(ms), action, args: encodedArgs });
+        instance.effects.added.set(id, { id, at: Math.round(ms), action, args });
+      } else {
+        const afterMs = Math.max(0, Math.round(ms));
+        instance.effects.schedules.push({ op: "after", id, afterMs, action, args: encodedArgs });
+        instance.effects.added.set(id, { id, at: host.native!.clockNowMs() + afterMs, action, args });
+      }
       return id;
     };
     const ctx = {
@@ -546,16 +612,16 @@ export class JsHost {
       },
       kv: {
         async get(key: KvKey) {
-          const encoded = encodeKey(key);
-          const pending = instance.effects.kv.get(encoded.toString("hex"));
+          const passed = kvKey(key);
+          const pending = instance.effects.kv.get(pendingId(passed));
           if (pending !== undefined) return pending.value === null ? undefined : decode(pending.value);
-          const result = await host.native!.kvGet(identity.actorId, [encoded]);
+          const result = await host.native!.kvGet(identity.actorId, [passed]);
           failOn(result);
           const value = result.values![0];
           return value == null ? undefined : decode(value);
         },
         async put(key: KvKey, value: unknown) {
-          const encoded = encodeKey(key);
+          const passed = kvKey(key);
           const bytes = Buffer.from(encode(value));
           if (bytes.length > MAX_KV_VALUE_BYTES) {
             throw new KeelError({
@@ -565,32 +631,28 @@ export class JsHost {
               metadata: { limit: MAX_KV_VALUE_BYTES },
             });
           }
-          instance.effects.kv.set(encoded.toString("hex"), { key: encoded, value: bytes });
+          instance.effects.kv.set(pendingId(passed), { key: passed, value: bytes });
         },
         async delete(key: KvKey) {
-          const encoded = encodeKey(key);
-          instance.effects.kv.set(encoded.toString("hex"), { key: encoded, value: null });
+          const passed = kvKey(key);
+          instance.effects.kv.set(pendingId(passed), { key: passed, value: null });
         },
         async list(options: KvListOptions = {}) {
           const limit = options.limit ?? DEFAULT_KV_LIST_LIMIT;
-          const prefix = options.prefix === undefined ? Buffer.alloc(0) : encodeKey(options.prefix);
-          const pending = [...instance.effects.kv.values()].filter(({ key }) => key.subarray(0, prefix.length).equals(prefix));
-          const result = await host.native!.kvList(identity.actorId, prefix, limit + pending.length, options.reverse ?? false);
+          const prefix = options.prefix === undefined ? undefined : kvKey(options.prefix);
+          // Core lays the call's own writes over what is stored, in its key order.
+          const pending = [...instance.effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
+          const result = await host.native!.kvList(identity.actorId, prefix, limit, options.reverse ?? false, pending);
           failOn(result);
-          const merged = new Map<string, { key: Buffer; value: Buffer | null }>();
-          for (const entry of result.entries!) merged.set(entry.key.toString("hex"), entry);
-          for (const entry of pending) merged.set(entry.key.toString("hex"), entry);
-          const entries = [...merged.values()].filter((entry) => entry.value !== null);
-          entries.sort((a, b) => Buffer.compare(a.key, b.key) * (options.reverse ? -1 : 1));
-          return entries.slice(0, limit).map(({ key, value }) => [decodeKey(key), decode(value!)] as [KvKey, unknown]);
+          return result.entries!.map(({ key, value }) => [typeof key === "string" ? key : new Uint8Array(key), decode(value)] as [KvKey, unknown]);
         },
       },
       schedule: {
-        after: (ms: number, action: string, ...args: unknown[]) => schedule(Date.now() + ms, action, args),
-        at: (epochMs: number, action: string, ...args: unknown[]) => schedule(epochMs, action, args),
+        after: (ms: number, action: string, ...args: unknown[]) => schedule({ after: ms }, action, args),
+        at: (epochMs: number, action: string, ...args: unknown[]) => schedule({ at: epochMs }, action, args),
         cancel(id: string) {
           if (typeof id !== "string") throw new TypeError("a schedule id is a string");
-          instance.effects.schedules.push({ id });
+          instance.effects.schedules.push({ op: "cancel", id });
           instance.effects.added.delete(id);
           instance.effects.cancelled.add(id);
         },

@@ -1,7 +1,7 @@
 // A client for keel's inspector API (docs/observability.md): lists actors, reads an actor's
 // state, KV entries, schedules and connections, and calls actions. The server sends values as
-// base64 in the host's encoding (CBOR for keel's JS host); this client decodes them the way
-// the host encoded them, KV keys included.
+// base64 in the host's encoding (CBOR for keel's JS host), which this client decodes, and KV
+// keys already decoded by core (a string, or base64 bytes, by `keyType`).
 import type { KvKey } from "./actor";
 import { decode } from "./cbor";
 import { KeelError, type ErrorBody } from "./errors";
@@ -63,18 +63,17 @@ export interface Inspector {
   call(actorId: string, action: string, ...args: unknown[]): Promise<unknown>;
 }
 
-// The JS host's KV key encoding (see `encodeKey` in host.ts): one tag byte, then the key.
-const STRING_KEY = 0x73; // "s"
-const BYTES_KEY = 0x62; // "b"
-
-function encodeKvKey(key: KvKey): Buffer {
-  if (typeof key === "string") return Buffer.concat([Buffer.of(STRING_KEY), Buffer.from(key, "utf8")]);
-  if (key instanceof Uint8Array) return Buffer.concat([Buffer.of(BYTES_KEY), key]);
+/** The query that keeps keys starting with `prefix`: `prefix` for a string, `bytesPrefix` for bytes. */
+function prefixQuery(prefix: KvKey | undefined): { prefix?: string; bytesPrefix?: string } {
+  if (prefix === undefined) return {};
+  if (typeof prefix === "string") return { prefix };
+  if (prefix instanceof Uint8Array) return { bytesPrefix: Buffer.from(prefix).toString("base64url") };
   throw new TypeError("a KV key is a string or a Uint8Array");
 }
 
-function decodeKvKey(encoded: Buffer): KvKey {
-  return encoded[0] === STRING_KEY ? encoded.subarray(1).toString("utf8") : new Uint8Array(encoded.subarray(1));
+/** A key as the inspector sends it; a key of no known format (`raw`) comes back as its bytes. */
+function kvKeyOf(key: string, keyType: string): KvKey {
+  return keyType === "string" ? key : new Uint8Array(Buffer.from(key, "base64"));
 }
 
 function decodeValue(base64: string, encoding: string): unknown {
@@ -119,10 +118,9 @@ export function createInspector(url: string, options: InspectorOptions): Inspect
       return body.state === null ? undefined : decodeValue(body.state, body.encoding);
     },
     async kv(actorId, o = {}) {
-      const prefix = o.prefix === undefined ? undefined : encodeKvKey(o.prefix).toString("base64url");
-      const body = await request(`/actors/${id(actorId)}/kv` + query({ prefix, limit: o.limit, cursor: o.cursor }));
-      const entries = (body.entries as Array<{ key: string; value: string }>).map(
-        ({ key, value }) => [decodeKvKey(Buffer.from(key, "base64")), decodeValue(value, body.encoding)] as [KvKey, unknown],
+      const body = await request(`/actors/${id(actorId)}/kv` + query({ ...prefixQuery(o.prefix), limit: o.limit, cursor: o.cursor }));
+      const entries = (body.entries as Array<{ key: string; keyType: string; value: string }>).map(
+        ({ key, keyType, value }) => [kvKeyOf(key, keyType), decodeValue(value, body.encoding)] as [KvKey, unknown],
       );
       return { entries, nextCursor: body.nextCursor };
     },

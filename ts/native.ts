@@ -4,11 +4,13 @@ import * as binding from "../index.js";
 export type {
   ActorTypeOptions,
   Completion,
+  EffectsJs,
   ErrorInfo,
   Invocation,
   LoggingOptions,
   Outcome,
   RuntimeOptions,
+  ScheduleOpJs,
 } from "../index.js";
 
 export const CoreRegistry = binding.CoreRegistry;
@@ -16,3 +18,4 @@ export type CoreRegistry = binding.CoreRegistry;
 export const initLogging = binding.initLogging;
 export const logMaxLevel = binding.logMaxLevel;
 export const kvLimits = binding.kvLimits;
+export const optionSpecs = binding.optionSpecs;

@@ -1,7 +1,7 @@
 import type { AnyActorDefinition } from "./actor";
 import { KeelError, type ErrorBody } from "./errors";
 import { JsHost } from "./host";
-import { CoreRegistry, initLogging, logMaxLevel, type RuntimeOptions } from "./native";
+import { CoreRegistry, initLogging, logMaxLevel, optionSpecs, type RuntimeOptions } from "./native";
 import { forgetRegistry, handleSignalsFor } from "./signals";
 
 /**
@@ -101,8 +101,17 @@ export interface ListenInfo {
   url: string;
 }
 
-const DEFAULT_DRAIN_TIMEOUT_MS = 20_000;
-const DEFAULT_GRACE_PERIOD_MS = 30_000;
+/**
+ * The numeric options, by name: default and range, from core's one table (the doc comments
+ * above repeat the defaults for editors; a test checks them against this table).
+ */
+const NUMERIC_OPTIONS = new Map(optionSpecs().map((spec) => [spec.name, spec]));
+
+function defaultOf(name: string): number {
+  const spec = NUMERIC_OPTIONS.get(name);
+  if (spec === undefined) throw new Error(`core defines no numeric option ${name}`);
+  return spec.default;
+}
 
 function envNumber(name: string): number | undefined {
   const raw = process.env[name];
@@ -126,22 +135,6 @@ function invalidConfig(message: string): KeelError {
   return new KeelError({ group: "registry", code: "invalid_config", message });
 }
 
-/** Numeric options: whole numbers within their range, or a clear error. */
-const NUMERIC_OPTIONS: Record<string, [min: number, max: number]> = {
-  port: [0, 65535],
-  drainTimeoutMs: [0, 2 ** 32 - 1],
-  gracePeriodMs: [1, 2 ** 32 - 1],
-  actionTimeoutMs: [1, 2 ** 32 - 1],
-  hookTimeoutMs: [1, 2 ** 32 - 1],
-  sleepTimeoutMs: [1, 2 ** 32 - 1],
-  maxBodyBytes: [1, 2 ** 32 - 1],
-  maxMailboxLen: [1, 2 ** 32 - 1],
-  maxKeySegmentBytes: [1, 2 ** 32 - 1],
-  maxKeyBytes: [1, 2 ** 32 - 1],
-  bodyTimeoutMs: [1, 2 ** 32 - 1],
-  lingerMs: [0, 2 ** 32 - 1],
-};
-
 /** `allowedOrigins` is an array of strings; core checks each one. */
 function checkOrigins(origins: unknown): void {
   if (origins === undefined) return;
@@ -150,14 +143,21 @@ function checkOrigins(origins: unknown): void {
   }
 }
 
-function checkNumbers(options: Record<string, unknown>): void {
-  for (const [name, [min, max]] of Object.entries(NUMERIC_OPTIONS)) {
-    const value = options[name];
-    if (value === undefined) continue;
-    if (typeof value !== "number" || !Number.isInteger(value) || value < min || value > max) {
-      throw invalidConfig(`${name} must be a whole number from ${min} to ${max}, not ${JSON.stringify(value)}`);
-    }
+/**
+ * Checks one number against its range in core's table. Core checks the range again, but a
+ * fraction or a non-number would not reach it intact, so whole numbers are checked here.
+ */
+function checkNumber(name: string, label: string, value: unknown): void {
+  const spec = NUMERIC_OPTIONS.get(name);
+  if (value === undefined || spec === undefined) return;
+  if (typeof value !== "number" || !Number.isInteger(value) || value < spec.min || value > spec.max) {
+    throw invalidConfig(`${label} must be a whole number from ${spec.min} to ${spec.max}, not ${JSON.stringify(value)}`);
   }
+}
+
+/** Numeric options: whole numbers within their range, or a clear error. */
+function checkNumbers(options: Record<string, unknown>): void {
+  for (const name of NUMERIC_OPTIONS.keys()) checkNumber(name, name, options[name]);
 }
 
 /** A set of actor types and the runtime that serves them. */
@@ -171,7 +171,8 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
   private resolveListening: ((info: ListenInfo) => void) | undefined;
   private rejectListening: ((err: unknown) => void) | undefined;
   private serving: Promise<void> | undefined;
-  private serverlessOptions: RuntimeOptions | undefined;
+  /** Whether the binding holds serverless mode's options, checked and resolved once. */
+  private serverlessReady = false;
 
   constructor(config: SetupConfig<U>) {
     if (config === null || typeof config !== "object" || typeof config.use !== "object") {
@@ -193,10 +194,7 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     for (const [name, def] of definitions) {
       const options = def.config.options ?? {};
       for (const option of ["actionTimeoutMs", "sleepTimeoutMs"] as const) {
-        const value = options[option];
-        if (value !== undefined && (typeof value !== "number" || !Number.isInteger(value) || value < 1 || value > 2 ** 32 - 1)) {
-          throw invalidConfig(`use.${name}.options.${option} must be a whole number from 1 to ${2 ** 32 - 1}, not ${JSON.stringify(value)}`);
-        }
+        checkNumber(option, `use.${name}.options.${option}`, options[option]);
       }
       fail(
         this.native.register(name, {
@@ -205,6 +203,10 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
           sleepTimeoutMs: def.config.options?.sleepTimeoutMs,
           rawRequests: def.config.onRequest !== undefined,
           rawSockets: def.config.onWebSocket !== undefined,
+          onBeforeConnect: def.config.onBeforeConnect !== undefined,
+          createConnState: def.config.createConnState !== undefined,
+          onConnect: def.config.onConnect !== undefined,
+          onDisconnect: def.config.onDisconnect !== undefined,
         }),
       );
     }
@@ -237,20 +239,26 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     };
   }
 
-  /** The runtime options, checked: numbers are whole and in range. */
-  private checkedOptions(): RuntimeOptions {
+  /** The runtime options, with the checks JS makes: numbers are whole and in range. */
+  private shapedOptions(): RuntimeOptions {
     checkNumbers(this.config as unknown as Record<string, unknown>);
     checkOrigins(this.config.allowedOrigins);
     const options = this.runtimeOptions();
     checkNumbers(options as Record<string, unknown>);
+    return options;
+  }
+
+  /** The runtime options, checked by core too. */
+  private checkedOptions(): RuntimeOptions {
+    const options = this.shapedOptions();
     fail(this.native.validateOptions(options));
     return options;
   }
 
   /** The signal handlers' grace period, which must exceed the drain timeout. */
   private gracePeriodMs(): number {
-    const grace = this.config.gracePeriodMs ?? DEFAULT_GRACE_PERIOD_MS;
-    const drain = this.config.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
+    const grace = this.config.gracePeriodMs ?? defaultOf("gracePeriodMs");
+    const drain = this.config.drainTimeoutMs ?? defaultOf("drainTimeoutMs");
     if (!(grace > drain)) throw invalidConfig(`gracePeriodMs (${grace}) must exceed drainTimeoutMs (${drain})`);
     return grace;
   }
@@ -357,7 +365,11 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
    */
   readonly handler = async (request: Request): Promise<Response> => {
     try {
-      this.serverlessOptions ??= this.checkedOptions();
+      // Checked and resolved (the host name included) once, not per request.
+      if (!this.serverlessReady) {
+        fail(this.native.prepareServerless(this.shapedOptions()));
+        this.serverlessReady = true;
+      }
     } catch (err) {
       // Bad options are the deployment's fault, not the caller's, so this is a 500 (the
       // documented answer), whatever status the error has elsewhere. A plain `Error` from the
@@ -376,7 +388,7 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     }
     const hasBody = request.method !== "GET" && request.method !== "HEAD";
     const body = hasBody ? Buffer.from(await request.arrayBuffer()) : undefined;
-    const response = await this.native.handleRequest(this.serverlessOptions, {
+    const response = await this.native.handleRequest({
       method: request.method,
       url,
       headers: [...request.headers],
@@ -390,6 +402,15 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
   /** How many runtimes this registry has built (1 once started; for diagnostics and tests). */
   get buildCount(): number {
     return this.native.buildCount;
+  }
+
+  /**
+   * How many times options were checked and resolved into a runtime configuration (host name
+   * included): once per `start()`, once for `handler()` however many requests it serves (for
+   * diagnostics and tests).
+   */
+  get optionResolutions(): number {
+    return this.native.optionResolutions;
   }
 
   /** How many actors are awake right now (for diagnostics and tests). */

@@ -26,10 +26,65 @@ pub struct ActorType {
     /// Whether the type accepts raw WebSockets (has `onWebSocket`). Without it, an upgrade
     /// on the raw route answers `request.route_not_found` and creates nothing.
     pub raw_sockets: bool,
+    /// Which connection hooks the type has; core calls the host only for those.
+    pub hooks: Hooks,
+}
+
+/// Which of its optional connection hooks a type defines. Core asks the host to run a hook
+/// only when the type has it: a connection to a type with none of `onBeforeConnect`,
+/// `createConnState` and `onConnect` is admitted without calling the host, and a close
+/// without `onDisconnect` calls no hook either; the host is told of both with
+/// [`Host::connected`](crate::host::Host::connected) and
+/// [`Host::disconnected`](crate::host::Host::disconnected), which run no user code and are
+/// not waited for. (`onRequest` and `onWebSocket` are [`ActorType::raw_requests`] and
+/// [`ActorType::raw_sockets`]. The start and stop calls always reach the host, whatever
+/// lifecycle hooks the type has, because the host builds and tears down the instance there.)
+///
+/// The default is every hook present, so a host that does not say calls are made as always.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hooks {
+    /// `onBeforeConnect`: may reject a connection.
+    pub on_before_connect: bool,
+    /// `createConnState`: builds a connection's state.
+    pub create_conn_state: bool,
+    /// `onConnect`: runs once a connection is admitted.
+    pub on_connect: bool,
+    /// `onDisconnect`: runs when a connection closes.
+    pub on_disconnect: bool,
+}
+
+impl Hooks {
+    /// Every connection hook present.
+    pub const ALL: Hooks = Hooks {
+        on_before_connect: true,
+        create_conn_state: true,
+        on_connect: true,
+        on_disconnect: true,
+    };
+
+    /// No connection hook.
+    pub const NONE: Hooks = Hooks {
+        on_before_connect: false,
+        create_conn_state: false,
+        on_connect: false,
+        on_disconnect: false,
+    };
+
+    /// Whether admitting a connection runs user code.
+    pub fn on_connecting(&self) -> bool {
+        self.on_before_connect || self.create_conn_state || self.on_connect
+    }
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks::ALL
+    }
 }
 
 impl ActorType {
-    /// A type with the given actions and default options, without raw routes.
+    /// A type with the given actions and default options, without raw routes, with every
+    /// connection hook.
     pub fn new(
         name: impl Into<String>,
         actions: impl IntoIterator<Item = impl Into<String>>,
@@ -41,6 +96,7 @@ impl ActorType {
             sleep_timeout: None,
             raw_requests: false,
             raw_sockets: false,
+            hooks: Hooks::ALL,
         }
     }
 

@@ -1,7 +1,9 @@
 //! Runtime configuration, defined once with its defaults.
 //!
-//! Every limit and timeout keel enforces lives here, so the binding, the docs and the tests
-//! all read one value. Durations are `Duration` inside Rust; the binding converts `*Ms` numbers.
+//! Every limit and timeout keel enforces is configured here, so the binding, the docs and the
+//! tests all read one value. A concept with its own home keeps its rules and defaults there and
+//! only its configured numbers here (KV: `kv_key.rs`). Durations are `Duration` inside Rust;
+//! the binding converts `*Ms` numbers.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::faults::FaultInjector;
-use crate::host::KvWrite;
+use crate::kv_key;
 pub use crate::origin::AllowedOrigins;
 
 /// Default HTTP host.
@@ -32,6 +34,15 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// sends, so that a refusal reaches the client instead of a connection reset.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(1);
 
+/// Default largest HTTP request body, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 20 * 1024 * 1024;
+/// Default messages one actor may hold queued.
+pub const DEFAULT_MAX_MAILBOX_LEN: usize = 1024;
+/// Default largest key segment, in bytes.
+pub const DEFAULT_MAX_KEY_SEGMENT_BYTES: usize = 128;
+/// Default largest key, in bytes.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
+
 /// Sizes that bound what a client may send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -45,51 +56,24 @@ pub struct Limits {
     pub max_key_bytes: usize,
     /// Messages one actor may hold queued before callers get `actor.overloaded`.
     pub max_mailbox_len: usize,
-    /// Largest KV key, in bytes, not counting the one byte a host puts first to mark the key's
-    /// kind (keel's TypeScript host marks string and byte keys). Checked on every commit.
+    /// Largest KV key, in bytes, not counting the tag byte the KV key codec puts first to mark
+    /// the key's kind. `kv_key.rs` owns the default and the check, run on every commit.
     pub max_kv_key_bytes: usize,
-    /// Largest KV value as the host encoded it, in bytes. Checked on every commit.
+    /// Largest KV value as the host encoded it, in bytes. `kv_key.rs` owns the default and the
+    /// check, run on every commit.
     pub max_kv_value_bytes: usize,
 }
-
-impl Limits {
-    /// Fails with `kv.key_too_large` or `kv.value_too_large` at the first write past the KV
-    /// limits. Core runs this on every commit, so no host can store what the limits refuse; a
-    /// host may check earlier for a better message, with these same values.
-    pub fn check_kv(&self, writes: &[KvWrite]) -> Result<()> {
-        for write in writes {
-            let (key, value) = match write {
-                KvWrite::Put { key, value } => (key, Some(value)),
-                KvWrite::Delete { key } => (key, None),
-            };
-            if key.len().saturating_sub(KV_KEY_KIND_BYTES) > self.max_kv_key_bytes {
-                return Err(Error::KvKeyTooLarge {
-                    limit: self.max_kv_key_bytes,
-                });
-            }
-            if value.is_some_and(|value| value.len() > self.max_kv_value_bytes) {
-                return Err(Error::KvValueTooLarge {
-                    limit: self.max_kv_value_bytes,
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The bytes a host puts before a KV key to mark its kind; not counted by the key limit.
-pub const KV_KEY_KIND_BYTES: usize = 1;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_body_bytes: 20 * 1024 * 1024,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_ws_message_bytes: 64 * 1024,
-            max_key_segment_bytes: 128,
-            max_key_bytes: 1024,
-            max_mailbox_len: 1024,
-            max_kv_key_bytes: 2 * 1024,
-            max_kv_value_bytes: 128 * 1024,
+            max_key_segment_bytes: DEFAULT_MAX_KEY_SEGMENT_BYTES,
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_mailbox_len: DEFAULT_MAX_MAILBOX_LEN,
+            max_kv_key_bytes: kv_key::DEFAULT_MAX_KEY_BYTES,
+            max_kv_value_bytes: kv_key::DEFAULT_MAX_VALUE_BYTES,
         }
     }
 }

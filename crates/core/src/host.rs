@@ -115,12 +115,59 @@ pub struct Schedule {
     pub args: Vec<u8>,
 }
 
-/// One change to an actor's schedules.
+/// One change to an actor's schedules, as a host reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScheduleOp {
-    /// Adds a schedule.
+    /// Adds a schedule due at an absolute time (`c.schedule.at`).
     Add(Schedule),
+    /// Adds a schedule due `delay_ms` after the call, on core's clock (`c.schedule.after`):
+    /// core resolves it to an absolute time when it takes the call's effects, so the time a
+    /// schedule is stamped with and the clock that fires it are the same clock.
+    After {
+        /// Unique id, chosen by the host.
+        id: String,
+        /// How long after the call it falls due, in milliseconds.
+        delay_ms: u64,
+        /// The action to run.
+        action: String,
+        /// Its arguments, as a CBOR array.
+        args: Vec<u8>,
+    },
     /// Cancels a schedule by id (no error if it already ran or never existed).
+    Cancel {
+        /// The schedule's id.
+        id: String,
+    },
+}
+
+impl ScheduleOp {
+    /// The change as committed, with an `After` resolved against `now_ms`, core's clock when
+    /// it takes the call's effects.
+    pub fn resolve(self, now_ms: i64) -> ScheduleWrite {
+        match self {
+            ScheduleOp::Add(schedule) => ScheduleWrite::Add(schedule),
+            ScheduleOp::After {
+                id,
+                delay_ms,
+                action,
+                args,
+            } => ScheduleWrite::Add(Schedule {
+                id,
+                at_ms: now_ms.saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX)),
+                action,
+                args,
+            }),
+            ScheduleOp::Cancel { id } => ScheduleWrite::Cancel { id },
+        }
+    }
+}
+
+/// One change to an actor's schedules as core commits it: every time is absolute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScheduleWrite {
+    /// Adds (or replaces) a schedule.
+    Add(Schedule),
+    /// Cancels a schedule by id.
     Cancel {
         /// The schedule's id.
         id: String,
@@ -315,6 +362,19 @@ pub trait Host: Send + Sync + 'static {
     async fn disconnect(&self, actor: &Arc<ActorInfo>, conn_id: &str) -> Result<Effects> {
         let _ = (actor, conn_id);
         Err(unsupported("connections"))
+    }
+
+    /// A connection was admitted to an actor whose type has no connect hook (see
+    /// [`Hooks`](crate::actor_type::Hooks)): no user code runs, and core does not wait. The
+    /// host must know of it before its next call for `actor` (for `c.conns`).
+    fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {
+        let _ = (actor, request);
+    }
+
+    /// A connection closed on an actor whose type has no `onDisconnect`: no user code runs,
+    /// and core does not wait. The host must know of it before its next call for `actor`.
+    fn disconnected(&self, actor: &Arc<ActorInfo>, conn_id: &str) {
+        let _ = (actor, conn_id);
     }
 
     /// Answers a raw HTTP request (`onRequest`).

@@ -5,6 +5,10 @@
 //! `tracing_subscriber` layer that writes one line per event to any `MakeWriter`; [`init`]
 //! installs it as the process-wide subscriber behind an `EnvFilter`.
 //!
+//! This file owns the schema, the settings and their sources, [`emit`] and the layer, which
+//! gathers a line's fields under the rules below; how a gathered line is written in each
+//! format (quoting, escaping, colors) is `logging/format.rs`.
+//!
 //! # The schema
 //! Every line has, in this order and in every format:
 //! - `ts`: when the event happened, RFC 3339 in UTC with microseconds;
@@ -68,7 +72,7 @@
 //! `KEEL_LOG=info,keel::js=debug`.
 
 use std::borrow::Cow;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::io::{IsTerminal, Write as _};
 
 use serde::de::{Deserializer, MapAccess, Visitor};
@@ -84,6 +88,10 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::error::{Error, Result};
+
+mod format;
+
+use format::{write_json_string, write_json_value, Line};
 
 /// The environment variable holding the filter, in `EnvFilter` syntax.
 pub const FILTER_ENV: &str = "KEEL_LOG";
@@ -646,166 +654,4 @@ fn key_name<'a>(name: &'a str) -> Cow<'a, str> {
 /// `fields`: a header key, `message` (the event's message, written as `msg`), or one of them.
 fn is_keel_key(key: &str, fields: &[(&str, &Value)]) -> bool {
     HEADER_KEYS.contains(&key) || key == "message" || fields.iter().any(|(k, _)| *k == key)
-}
-
-/// One event, ready to be written.
-struct Line<'a> {
-    ts: &'a str,
-    level: Level,
-    target: &'a str,
-    msg: &'a str,
-    fields: &'a [(&'a str, &'a Value)],
-}
-
-impl Line<'_> {
-    fn level_name(&self) -> &'static str {
-        match self.level {
-            Level::ERROR => "error",
-            Level::WARN => "warn",
-            Level::INFO => "info",
-            Level::DEBUG => "debug",
-            Level::TRACE => "trace",
-        }
-    }
-
-    fn write_json(&self, out: &mut String) {
-        out.push_str("{\"ts\":");
-        write_json_string(out, self.ts);
-        out.push_str(",\"level\":");
-        write_json_string(out, self.level_name());
-        out.push_str(",\"target\":");
-        write_json_string(out, self.target);
-        out.push_str(",\"msg\":");
-        write_json_string(out, self.msg);
-        for (key, value) in self.fields {
-            out.push(',');
-            write_json_string(out, key);
-            out.push(':');
-            write_json_value(out, value);
-        }
-        out.push('}');
-    }
-
-    fn write_logfmt(&self, out: &mut String) {
-        out.push_str("ts=");
-        write_logfmt_text(out, self.ts);
-        out.push_str(" level=");
-        out.push_str(self.level_name());
-        out.push_str(" target=");
-        write_logfmt_text(out, self.target);
-        out.push_str(" msg=");
-        write_logfmt_text(out, self.msg);
-        for (key, value) in self.fields {
-            out.push(' ');
-            out.push_str(key);
-            out.push('=');
-            write_logfmt_value(out, value);
-        }
-    }
-
-    fn write_pretty(&self, out: &mut String, ansi: bool) {
-        let paint = |out: &mut String, style: &str, text: &str| {
-            if ansi {
-                // Writing into a `String` cannot fail.
-                let _ = write!(out, "\x1b[{style}m{text}\x1b[0m");
-            } else {
-                out.push_str(text);
-            }
-        };
-        paint(out, DIM, self.ts);
-        out.push(' ');
-        let level_style = match self.level {
-            Level::ERROR => "31",
-            Level::WARN => "33",
-            Level::INFO => "32",
-            Level::DEBUG => "34",
-            Level::TRACE => "35",
-        };
-        paint(out, level_style, &format!("{:>5}", self.level_name()));
-        out.push(' ');
-        paint(out, DIM, &format!("{}:", self.target));
-        out.push(' ');
-        if self.msg.contains(char::is_control) {
-            let mut quoted = String::new();
-            write_json_string(&mut quoted, self.msg);
-            paint(out, BOLD, &quoted);
-        } else {
-            paint(out, BOLD, self.msg);
-        }
-        for (key, value) in self.fields {
-            out.push(' ');
-            paint(out, ITALIC, key);
-            paint(out, DIM, "=");
-            write_logfmt_value(out, value);
-        }
-    }
-}
-
-const DIM: &str = "2";
-const BOLD: &str = "1";
-const ITALIC: &str = "3";
-
-/// Whether a logfmt value must be quoted to parse back as one value.
-fn needs_quotes(text: &str) -> bool {
-    text.is_empty()
-        || text
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '=' | '"' | '\\'))
-}
-
-fn write_logfmt_text(out: &mut String, text: &str) {
-    if needs_quotes(text) {
-        write_json_string(out, text);
-    } else {
-        out.push_str(text);
-    }
-}
-
-fn write_logfmt_value(out: &mut String, value: &Value) {
-    match value {
-        Value::String(text) => write_logfmt_text(out, text),
-        Value::Array(_) | Value::Object(_) => write_logfmt_text(out, &value.to_string()),
-        // Numbers, booleans and null have no characters that need quoting.
-        scalar => {
-            let _ = write!(out, "{scalar}");
-        }
-    }
-}
-
-fn write_json_value(out: &mut String, value: &Value) {
-    match value {
-        Value::String(text) => write_json_string(out, text),
-        // `Value`'s `Display` is compact JSON; writing into a `String` cannot fail.
-        other => {
-            let _ = write!(out, "{other}");
-        }
-    }
-}
-
-/// Writes `text` as a quoted JSON string; control characters (terminal escapes included) are
-/// escaped, so a value can neither break a line nor restyle a terminal.
-///
-/// Hand-written rather than `serde_json`'s escaping, for a measured reason: `serde_json`
-/// escapes only U+0000 to U+001F and leaves DEL and the C1 controls raw, and U+009B is a
-/// terminal's CSI (`serde_json::to_string("\u{9b}31m")` keeps the byte). Measured with a
-/// release loop over 2 million log-sized strings (15 to 80 characters) on the shared 2-core
-/// dev machine: this loop 125 to 290 ns per string, `serde_json::to_writer` 55 to 170 ns, and
-/// `serde_json` plus the extra scan and UTF-8 check that catching C1 would need 140 to 190 ns,
-/// so the library would not make lines faster once it is made safe.
-fn write_json_string(out: &mut String, text: &str) {
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }

@@ -30,6 +30,7 @@ use crate::runtime::activation::Intents;
 use crate::runtime::facade::Runtime;
 use crate::storage::seam::Storage;
 use crate::runtime::ingress::{Request, Response};
+use crate::spans::{ActorSpans, SpanTracking};
 
 /// How a running registry receives requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +96,8 @@ pub struct Registry {
     state: Mutex<State>,
     types: Mutex<ActorTypes>,
     host: Arc<dyn Host>,
+    /// Each live actor's current span, kept by the host wrapper `new` puts around `host`.
+    spans: Arc<ActorSpans>,
     /// Tripped first thing by `shutdown()`; the runtime's tokens are its children.
     root: CancellationToken,
     /// The stopped latch: `true` once the drain is complete. Never goes back to `false`.
@@ -106,10 +109,12 @@ pub struct Registry {
 impl Registry {
     /// A new, idle registry whose user code runs on `host`.
     pub fn new(host: Arc<dyn Host>) -> Registry {
+        let spans = Arc::new(ActorSpans::default());
         Registry {
             state: Mutex::new(State::Idle),
             types: Mutex::new(ActorTypes::default()),
-            host,
+            host: Arc::new(SpanTracking::new(host, spans.clone())),
+            spans,
             root: CancellationToken::new(),
             stopped: watch::Sender::new(false),
             metrics: Arc::default(),
@@ -123,6 +128,11 @@ impl Registry {
             return Err(Error::RegistryNotIdle);
         }
         self.types.lock().add(actor_type)
+    }
+
+    /// Which span each live actor's user code logs in (see `spans.rs`).
+    pub fn actor_spans(&self) -> &Arc<ActorSpans> {
+        &self.spans
     }
 
     /// The state's name, for diagnostics and tests.

@@ -8,13 +8,14 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::CounterHost;
+use common::{eventually, CounterHost, ACTIONS};
 use futures::{SinkExt, StreamExt};
-use keel_core::Runtime;
+use keel_core::{ActorType, ActorTypes, Hooks, Runtime};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -161,5 +162,117 @@ async fn a_close_a_call_causes_comes_after_that_calls_reply() {
             );
         }
     }
+    runtime.drain().await;
+}
+
+/// A counter type with the given connection hooks, served on a free port.
+async fn serve_with_hooks(
+    dir: &std::path::Path,
+    hooks: Hooks,
+) -> (Runtime, SocketAddr, Arc<CounterHost>) {
+    let host = CounterHost::new();
+    let mut types = ActorTypes::default();
+    types
+        .add(ActorType {
+            hooks,
+            ..ActorType::new("counter", ACTIONS.iter().copied())
+        })
+        .unwrap();
+    let runtime = Runtime::open(
+        common::config(dir),
+        Arc::new(types),
+        host.clone(),
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.serve(listener);
+    (runtime, addr, host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_type_without_connection_hooks_connects_without_a_host_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, addr, host) = serve_with_hooks(dir.path(), Hooks::NONE).await;
+    let mut socket = connect(addr, "bare").await;
+    send_call(&mut socket, 1, "broadcast", json!([])).await;
+    assert_eq!(next(&mut socket).await, Frame::Event(json!(1)));
+    assert_eq!(next(&mut socket).await, Frame::Reply(1));
+    socket.close(None).await.unwrap();
+    eventually("the close reaches the actor", || {
+        host.conn_log.lock().len() == 2
+    })
+    .await;
+    let log = host.conn_log.lock().clone();
+    assert!(log[0].starts_with("connected:"), "{log:?}");
+    assert!(log[1].starts_with("disconnected:"), "{log:?}");
+    assert_eq!(
+        log[0]["connected:".len()..],
+        log[1]["disconnected:".len()..]
+    );
+    runtime.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_type_with_only_on_disconnect_runs_only_that_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Hooks {
+        on_disconnect: true,
+        ..Hooks::NONE
+    };
+    let (runtime, addr, host) = serve_with_hooks(dir.path(), hooks).await;
+    let mut socket = connect(addr, "leaving").await;
+    socket.close(None).await.unwrap();
+    eventually("the close reaches the actor", || {
+        host.conn_log.lock().len() == 2
+    })
+    .await;
+    let log = host.conn_log.lock().clone();
+    assert!(log[0].starts_with("connected:"), "{log:?}");
+    assert!(log[1].starts_with("disconnect:"), "the hook runs: {log:?}");
+    runtime.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_type_with_connection_hooks_calls_the_host_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, addr, host) = serve_with_hooks(dir.path(), Hooks::ALL).await;
+    let mut socket = connect(addr, "hooked").await;
+    socket.close(None).await.unwrap();
+    eventually("the close reaches the actor", || {
+        host.conn_log.lock().len() == 2
+    })
+    .await;
+    let log = host.conn_log.lock().clone();
+    assert!(log[0].starts_with("connect:"), "{log:?}");
+    assert!(log[1].starts_with("disconnect:"), "{log:?}");
+    runtime.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_socket_the_client_closes_is_let_go_at_once_so_the_drain_does_not_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, addr, _host) = serve(dir.path()).await;
+    let mut socket = connect(addr, "leaving").await;
+    send_call(&mut socket, 1, "broadcast", json!([])).await;
+    assert_eq!(next(&mut socket).await, Frame::Event(json!(1)));
+    assert_eq!(next(&mut socket).await, Frame::Reply(1));
+    let bye = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 4000.into(),
+        reason: "bye".into(),
+    };
+    socket.send(Message::Close(Some(bye))).await.unwrap();
+    // A bound on a hang, not a measure of speed: unanswered, the socket's writer idled
+    // (and held the socket open) until the drain was forced.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    ended.expect("the server let go of the socket the client closed");
     runtime.drain().await;
 }

@@ -305,12 +305,28 @@ async fn the_inspector_lists_reads_and_calls() {
             .await
             .unwrap();
     }
-    call(runtime, counter("k1"), "kv_put", r#"["a", "1"]"#)
+    // Stored keys in core's KV key codec: `s` then a string key, `b` then a byte key; and one
+    // in no format the codec knows.
+    for (key, value) in [("sa", "1"), ("sb", "2")] {
+        call(
+            runtime,
+            counter("k1"),
+            "kv_put",
+            &json!([key, value]).to_string(),
+        )
         .await
         .unwrap();
-    call(runtime, counter("k1"), "kv_put", r#"["b", "2"]"#)
+    }
+    for (key, value) in [("b\u{1}", "3"), ("xraw", "4")] {
+        call(
+            runtime,
+            counter("k2"),
+            "kv_put",
+            &json!([key, value]).to_string(),
+        )
         .await
         .unwrap();
+    }
     let far = keel_core::writer::now_ms() + 3_600_000;
     call(
         runtime,
@@ -381,7 +397,8 @@ async fn the_inspector_lists_reads_and_calls() {
     assert_eq!(status, 200, "{page}");
     let entries = page["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 1);
-    assert_eq!(base64_decode(entries[0]["key"].as_str().unwrap()), b"a");
+    assert_eq!(entries[0]["key"], "a", "a string key, decoded");
+    assert_eq!(entries[0]["keyType"], "string");
     assert_eq!(base64_decode(entries[0]["value"].as_str().unwrap()), b"1");
     let next = page["nextCursor"].as_str().unwrap();
     let (_, page) = served
@@ -389,12 +406,9 @@ async fn the_inspector_lists_reads_and_calls() {
             "/v1/inspector/actors/{k1}/kv?limit=1&cursor={next}"
         ))
         .await;
-    assert_eq!(
-        base64_decode(page["entries"][0]["key"].as_str().unwrap()),
-        b"b"
-    );
+    assert_eq!(page["entries"][0]["key"], "b");
     let (_, page) = served
-        .get(&format!("/v1/inspector/actors/{k1}/kv?prefix=Yg"))
+        .get(&format!("/v1/inspector/actors/{k1}/kv?prefix=b"))
         .await;
     assert_eq!(
         page["entries"].as_array().unwrap().len(),
@@ -402,6 +416,27 @@ async fn the_inspector_lists_reads_and_calls() {
         "prefix b: {page}"
     );
     assert_eq!(page["nextCursor"], Value::Null);
+    // A byte key shows as base64, and sorts before the key in no known format.
+    let k2 = listed[2]["actorId"].as_str().unwrap().to_string();
+    let (_, page) = served.get(&format!("/v1/inspector/actors/{k2}/kv")).await;
+    assert_eq!(
+        page["entries"],
+        json!([
+            { "key": "AQ==", "keyType": "bytes", "value": "Mw==" },
+            { "key": "eHJhdw==", "keyType": "raw", "value": "NA==" },
+        ]),
+        "{page}"
+    );
+    let (_, page) = served
+        .get(&format!("/v1/inspector/actors/{k2}/kv?bytesPrefix=AQ"))
+        .await;
+    assert_eq!(page["entries"].as_array().unwrap().len(), 1, "{page}");
+    let (status, _) = served
+        .get(&format!(
+            "/v1/inspector/actors/{k2}/kv?prefix=a&bytesPrefix=AQ"
+        ))
+        .await;
+    assert_eq!(status, 400, "both prefixes at once");
 
     // Schedules and connections.
     let (_, schedules) = served

@@ -14,15 +14,43 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// The floor of a module, by its first path segment; higher floors may use lower ones.
+/// The base modules: the crate root's own files, each with the children it keeps in a folder
+/// of its name (`logging/format.rs`). Every floor uses them; they use only each other.
+const BASE: &[&str] = &[
+    "actor_type",
+    "cbor",
+    "clock",
+    "config",
+    "error",
+    "faults",
+    "host",
+    "key",
+    "kv_key",
+    "logging",
+    "metrics",
+    "options",
+    "origin",
+    "spans",
+];
+
+/// The folders that are floors, from the bottom.
+const FOLDERS: &[&str] = &["storage", "actor", "runtime", "server"];
+
+/// The modules of the top floor.
+const TOP: &[&str] = &["registry", "assemble"];
+
+/// The floor of a module, by its first path segment; higher floors may use lower ones. A
+/// module this file does not place is on no floor (and reported): a new module must be given
+/// one here, and in `lib.rs`'s layout doc.
 fn floor(module: &str) -> (usize, &'static str) {
     match module.split("::").next().unwrap_or_default() {
         "storage" => (1, "storage/"),
         "actor" => (2, "actor/"),
         "runtime" => (3, "runtime/"),
         "server" => (4, "server/"),
-        "registry" | "assemble" => (5, "top"),
-        _ => (0, "base"),
+        name if TOP.contains(&name) => (5, "top"),
+        name if BASE.contains(&name) => (0, "base"),
+        _ => (usize::MAX, "no floor"),
     }
 }
 
@@ -435,6 +463,12 @@ fn the_module_graph_has_no_cycle_and_no_upward_arrow() {
     }
 
     let mut problems = Vec::new();
+    for module in graph.keys().filter(|module| floor(module).0 == usize::MAX) {
+        problems.push(format!(
+            "{} is on no floor: place it in `floor()` of tests/layers.rs and in lib.rs's layout doc",
+            file_of(module, &src)
+        ));
+    }
     for (from, tos) in &graph {
         for to in tos {
             if floor(to).0 > floor(from).0 {
@@ -458,6 +492,72 @@ fn the_module_graph_has_no_cycle_and_no_upward_arrow() {
             file_of(module, &src),
             paths.iter().cloned().collect::<Vec<_>>().join(", ")
         ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The crate's layout doc (the `//!` lines of `lib.rs`) and the README's layout table describe
+/// the house as it is: the doc names every folder, every base module and the top floor's
+/// modules, and the README's row for the base names every base module. A module added without
+/// being described fails here, as one on no floor fails above.
+#[test]
+fn the_layout_doc_and_the_readme_name_every_floor_and_base_module() {
+    let src = std::env::var_os("KEEL_LAYERS_SRC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+    let doc: String = lib
+        .lines()
+        .filter_map(|line| line.strip_prefix("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut problems = Vec::new();
+    let roots: BTreeSet<String> = modules(&src)
+        .keys()
+        .map(|module| module.split("::").next().unwrap_or_default().to_string())
+        .collect();
+    for root in &roots {
+        let named = if FOLDERS.contains(&root.as_str()) {
+            doc.contains(&format!("`{root}/`"))
+        } else {
+            doc.contains(&format!("[`{root}`]")) || doc.contains(&format!("`{root}`"))
+        };
+        if !named {
+            problems.push(format!("lib.rs's layout doc does not name `{root}`"));
+        }
+    }
+    for folder in FOLDERS {
+        if !roots.contains(*folder) {
+            problems.push(format!(
+                "tests/layers.rs names a floor `{folder}/` that is gone"
+            ));
+        }
+    }
+    for module in BASE.iter().chain(TOP) {
+        if !roots.contains(*module) {
+            problems.push(format!(
+                "tests/layers.rs names a module `{module}` that is gone"
+            ));
+        }
+    }
+    // The README describes this checkout, not one `KEEL_LAYERS_SRC` points at.
+    if std::env::var_os("KEEL_LAYERS_SRC").is_none() {
+        let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+        let readme = std::fs::read_to_string(&readme_path).unwrap();
+        let base_row = readme
+            .lines()
+            .find(|line| line.starts_with("| `crates/core/src/*.rs`"))
+            .expect("the README's layout table has a row for the base modules");
+        let words: BTreeSet<&str> = base_row
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .collect();
+        for module in BASE {
+            if !words.contains(module) {
+                problems.push(format!(
+                    "the README's layout row for the base modules does not name `{module}`"
+                ));
+            }
+        }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

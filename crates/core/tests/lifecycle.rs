@@ -151,6 +151,45 @@ async fn schedules_fire_in_time_order_and_wake_a_sleeping_actor() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_after_schedule_is_due_its_delay_after_the_call_on_cores_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = CounterHost::new();
+    let runtime = open(dir.path(), host.clone());
+    // Core's clock runs an hour ahead of the system clock now: a time stamped on any other
+    // clock would be an hour off.
+    advance(Duration::from_secs(3600)).await;
+    let before = runtime.now_ms();
+    call(
+        &runtime,
+        counter("after"),
+        "schedule_after",
+        r#"["later", 10000, "append", 5]"#,
+    )
+    .await
+    .unwrap();
+    let after = runtime.now_ms();
+    let at_ms = rows(dir.path(), "SELECT at_ms FROM schedules WHERE id = 'later'");
+    assert!(
+        (before + 10_000..=after + 10_000).contains(&at_ms),
+        "due at {at_ms}, the call ran from {before} to {after} on core's clock"
+    );
+
+    advance(Duration::from_millis(9_000)).await;
+    settle().await;
+    assert_eq!(runtime.pending_schedules(), 1, "not due before its delay");
+    advance(Duration::from_millis(1_500)).await;
+    eventually("the schedule runs", || runtime.pending_schedules() == 0).await;
+    settle().await;
+    assert_eq!(
+        call(&runtime, counter("after"), "seen", "[]")
+            .await
+            .unwrap(),
+        "[5]"
+    );
+    runtime.drain().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cancelled_schedule_never_fires() {
     let dir = tempfile::tempdir().unwrap();
     let host = CounterHost::new();

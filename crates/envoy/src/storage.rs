@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use keel_core::store::{ActorSnapshot, StoredSchedule};
 use keel_core::writer::{Release, Settle, Writes};
-use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleOp};
+use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -486,10 +486,10 @@ fn op_size(op: &Op) -> (usize, usize) {
         .schedules
         .iter()
         .map(|op| match op {
-            ScheduleOp::Add(schedule) => {
+            ScheduleWrite::Add(schedule) => {
                 schedule.id.len() + schedule.action.len() + schedule.args.len() + 128
             }
-            ScheduleOp::Cancel { id } => id.len() + 48,
+            ScheduleWrite::Cancel { id } => id.len() + 48,
         })
         .sum();
     let count = usize::from(writes.state.is_some())
@@ -534,7 +534,7 @@ fn op_statements(op: &Op, state_encoding: Encoding, with_state: bool) -> Vec<Sta
     }
     for op in &writes.schedules {
         statements.push(match op {
-            ScheduleOp::Add(schedule) => Statement::new(
+            ScheduleWrite::Add(schedule) => Statement::new(
                 "INSERT OR REPLACE INTO keel_schedules (id, at_ms, action, args, attempts) \
                  VALUES (?, ?, ?, ?, 0)",
                 vec![
@@ -544,7 +544,7 @@ fn op_statements(op: &Op, state_encoding: Encoding, with_state: bool) -> Vec<Sta
                     schedule.args.clone().into(),
                 ],
             ),
-            ScheduleOp::Cancel { id } => Statement::new(
+            ScheduleWrite::Cancel { id } => Statement::new(
                 "DELETE FROM keel_schedules WHERE id = ?",
                 vec![id.as_str().into()],
             ),

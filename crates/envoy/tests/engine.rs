@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::{next_event, TestEngine, STEP_TIMEOUT};
 use keel_core::writer::Writes;
-use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleOp};
+use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
 use keel_envoy::{
     ActorIdentity, ActorStore, Engine, EngineEvent, EngineStopReason, ShutdownOutcome, Snapshot,
 };
@@ -147,19 +147,19 @@ async fn an_actor_created_through_the_api_commits_100_increments_and_loads_them(
             writes.kv.push(KvWrite::Delete {
                 key: b"log/001".to_vec(),
             });
-            writes.schedules.push(ScheduleOp::Add(Schedule {
+            writes.schedules.push(ScheduleWrite::Add(Schedule {
                 id: "later".into(),
                 at_ms: 2_000_000_000_000,
                 action: "tick".into(),
                 args: vec![0x80],
             }));
-            writes.schedules.push(ScheduleOp::Add(Schedule {
+            writes.schedules.push(ScheduleWrite::Add(Schedule {
                 id: "cancelled".into(),
                 at_ms: 1,
                 action: "tick".into(),
                 args: vec![0x80],
             }));
-            writes.schedules.push(ScheduleOp::Cancel {
+            writes.schedules.push(ScheduleWrite::Cancel {
                 id: "cancelled".into(),
             });
         }

@@ -1,6 +1,14 @@
 //! Schedules of one actor: how a failed run is retried, and the in-memory index of when each
 //! pending schedule falls due.
 //!
+//! The retry rules live here alone: a run that failed is retried after [`retry_delay`] until
+//! it has failed [`SCHEDULE_MAX_ATTEMPTS`] times ([`after_failure`]); a failure before anything
+//! of a run was committed (a failed read or commit) is no attempt, and the schedule is offered
+//! again after the delay its next retry would wait ([`offer_again_delay`]); an actor whose
+//! mailbox is full is offered it again after [`SCHEDULE_BUSY_RETRY`]. The schedule's format
+//! (`Schedule`, `ScheduleOp`, `ScheduleWrite`) is in `host.rs`, below both the host and the
+//! storage seams that carry it; its SQL is storage's.
+//!
 //! Schedules live in storage; this index mirrors them so the alarm timer (`runtime/alarms.rs`)
 //! need not poll. What must stay true: the index changes only after the commit that changed a
 //! schedule is durable (an actor applies its commit's schedule changes in the commit's
@@ -16,7 +24,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::host::ScheduleOp;
+use crate::host::ScheduleWrite;
 
 /// How many times a schedule runs before keel gives up on it: the first run and four retries.
 pub const SCHEDULE_MAX_ATTEMPTS: u32 = 5;
@@ -25,10 +33,26 @@ pub const SCHEDULE_RETRY_BASE: Duration = Duration::from_secs(1);
 /// The longest delay between retries.
 pub const SCHEDULE_RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// How long a due schedule waits before it is offered again to an actor whose mailbox was
+/// full; the offer is not an attempt.
+pub const SCHEDULE_BUSY_RETRY: Duration = Duration::from_secs(1);
+
 /// The delay before retry number `attempts` (1 for the first retry).
 pub fn retry_delay(attempts: u32) -> Duration {
     let factor = 1u32 << attempts.saturating_sub(1).min(16);
     (SCHEDULE_RETRY_BASE * factor).min(SCHEDULE_RETRY_MAX)
+}
+
+/// What follows a failed run, `attempts` counting every failed run so far, this one included:
+/// the delay before the next run, or `None` once the schedule is given up.
+pub fn after_failure(attempts: u32) -> Option<Duration> {
+    (attempts < SCHEDULE_MAX_ATTEMPTS).then(|| retry_delay(attempts))
+}
+
+/// The delay before a schedule is offered again after a failure that left it unchanged in
+/// storage (`attempts` failed runs so far): its next retry's delay, with no attempt counted.
+pub fn offer_again_delay(attempts: u32) -> Duration {
+    retry_delay(attempts + 1)
 }
 
 #[derive(Default)]
@@ -71,13 +95,13 @@ impl Alarms {
     }
 
     /// Applies the schedule changes of a commit that succeeded.
-    pub(crate) fn apply(&self, actor_id: &Arc<str>, ops: &[ScheduleOp]) {
+    pub(crate) fn apply(&self, actor_id: &Arc<str>, ops: &[ScheduleWrite]) {
         for op in ops {
             match op {
-                ScheduleOp::Add(schedule) => {
+                ScheduleWrite::Add(schedule) => {
                     self.add(schedule.id.clone(), actor_id.clone(), schedule.at_ms)
                 }
-                ScheduleOp::Cancel { id } => self.remove(id),
+                ScheduleWrite::Cancel { id } => self.remove(id),
             }
         }
     }
@@ -124,5 +148,29 @@ pub(crate) struct Firing {
 impl Drop for Firing {
     fn drop(&mut self) {
         self.alarms.index.lock().firing -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_run_is_retried_after_1_2_4_and_8_seconds_then_given_up() {
+        let delays: Vec<_> = (1..=SCHEDULE_MAX_ATTEMPTS).map(after_failure).collect();
+        let secs = Duration::from_secs;
+        assert_eq!(
+            delays,
+            [
+                Some(secs(1)),
+                Some(secs(2)),
+                Some(secs(4)),
+                Some(secs(8)),
+                None
+            ]
+        );
+        assert_eq!(retry_delay(40), SCHEDULE_RETRY_MAX);
+        assert_eq!(offer_again_delay(0), secs(1));
+        assert_eq!(offer_again_delay(2), secs(4));
     }
 }

@@ -33,6 +33,7 @@ use crate::actor::{ActorEnv, ActorHandle, Command, Lifecycle};
 use crate::actor_type::ActorType;
 use crate::error::{Error, Result};
 use crate::host::{ActorInfo, Effects, RawSocketEvent, StartRequest, StopReason};
+use crate::kv_key;
 use crate::storage::seam::{Poison, Release, Settle, Writes};
 
 mod messages;
@@ -253,7 +254,13 @@ impl ActorTask {
     /// written, sent, slept or destroyed), and `release` gets the limit error, still in
     /// commit order.
     fn commit(&mut self, effects: Effects, settle: Option<(String, Settle)>, release: Release) {
-        let (effects, release) = match self.env.limits.check_kv(&effects.kv) {
+        let limits = &self.env.limits;
+        let checked = kv_key::check(
+            &effects.kv,
+            limits.max_kv_key_bytes,
+            limits.max_kv_value_bytes,
+        );
+        let (effects, release) = match checked {
             Ok(()) => (effects, release),
             Err(err) => {
                 tracing::debug!(error = %err, "refusing a call's effects");
@@ -267,11 +274,16 @@ impl ActorTask {
         } else if effects.sleep {
             self.begin_stopping(StopReason::Sleep);
         }
+        let now_ms = self.env.clock.now_ms();
         let writes = (effects.writes() || settle.is_some()).then(|| {
             Box::new(Writes {
                 state: effects.state,
                 kv: effects.kv,
-                schedules: effects.schedules,
+                schedules: effects
+                    .schedules
+                    .into_iter()
+                    .map(|op| op.resolve(now_ms))
+                    .collect(),
                 settle,
             })
         });

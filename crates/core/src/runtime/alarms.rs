@@ -9,15 +9,11 @@
 //! restart (at least once).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::actor::schedules::{retry_delay, Firing};
+use crate::actor::schedules::{offer_again_delay, Firing, SCHEDULE_BUSY_RETRY};
 use crate::actor::Command;
 use crate::error::Error;
 use crate::runtime::dispatch::Dispatch;
-
-/// How long to wait before offering a schedule again to an actor whose mailbox was full.
-const BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// The timer task: fires due schedules until the drain begins.
 pub(crate) async fn run(dispatch: Arc<Dispatch>) {
@@ -49,9 +45,10 @@ async fn fire(dispatch: &Dispatch, id: String, actor_id: Arc<str>, firing: Firin
         // Cancelled, or already run, since it was indexed.
         Ok(None) => return,
         Err(err) => {
-            // Offered again later, as a failed commit is: the read failing is not an attempt.
+            // Offered again later, as a failed commit is: the read failing is not an attempt
+            // (its attempts are unknown, so it waits as a first retry would).
             tracing::warn!(error = %err, schedule_id = %id, actor_id = %actor_id, "reading a due schedule failed; offering it again later");
-            let retry_at = dispatch.clock.now_ms() + retry_delay(1).as_millis() as i64;
+            let retry_at = dispatch.clock.now_ms() + offer_again_delay(0).as_millis() as i64;
             dispatch.schedules.add(id, actor_id, retry_at);
             return;
         }
@@ -74,7 +71,7 @@ async fn fire(dispatch: &Dispatch, id: String, actor_id: Arc<str>, firing: Firin
         Ok(()) => dispatch.metrics.schedule_fired(),
         Err(err) => {
             tracing::debug!(error = %err, schedule_id = %id, "actor busy; offering the schedule again later");
-            let retry_at = dispatch.clock.now_ms() + BUSY_RETRY.as_millis() as i64;
+            let retry_at = dispatch.clock.now_ms() + SCHEDULE_BUSY_RETRY.as_millis() as i64;
             dispatch.schedules.add(id, actor_id, retry_at);
         }
     }

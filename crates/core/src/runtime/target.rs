@@ -1,4 +1,8 @@
 //! Which actor a request names: by id, or by type name and key with a resolve mode.
+//!
+//! The ingress names an actor with these two types, so what a request may ask for is defined
+//! once. What must stay true: a `Target` is only a name; resolving it, and so creating an
+//! actor, is the directory's (`runtime/directory.rs`), under the mode the request carries.
 
 use crate::host::Payload;
 

@@ -2,9 +2,11 @@
 //!
 //! It lists actors (awake and asleep, from the database), reads an actor's committed state,
 //! KV entries, schedules and open connections, and calls actions. It reads without waking
-//! anyone: a sleeping actor stays asleep. Values that the host encodes (state, KV keys and
-//! values, schedule arguments) leave as base64 with the host's encoding named, for a client
-//! that knows the encoding (keel's TypeScript inspector client) to decode.
+//! anyone: a sleeping actor stays asleep. Values that the host encodes (state, KV values,
+//! schedule arguments) leave as base64 with the host's encoding named, for a client that knows
+//! the encoding (keel's TypeScript inspector client) to decode. KV keys leave decoded by core's
+//! KV key codec (`kv_key.rs`): a string key as its text, a byte key as base64, each with its
+//! `keyType`.
 //!
 //! Who may use it (see [`InspectorConfig`]):
 //! - With a configured token, or in dev mode (which generates one and prints it once on
@@ -35,6 +37,7 @@ use serde_json::{json, Value};
 use crate::config::{InspectorConfig, RuntimeConfig};
 use crate::error::{Error, Result};
 use crate::key;
+use crate::kv_key::{self, KvKey, StoredKey};
 use crate::server::shared::{error_response, PeerAddr, Server};
 use crate::storage::seam::ActorListing;
 
@@ -176,8 +179,11 @@ struct PageQuery {
     cursor: Option<String>,
     /// `actors`: only this actor type.
     name: Option<String>,
-    /// `kv`: only keys with this prefix (base64url).
+    /// `kv`: only string keys that start with this text.
     prefix: Option<String>,
+    /// `kv`: only byte keys that start with these bytes (base64url).
+    #[serde(rename = "bytesPrefix")]
+    bytes_prefix: Option<String>,
 }
 
 impl PageQuery {
@@ -276,15 +282,23 @@ async fn kv(State(server): State<Arc<Server>>, id: IdPath, query: QueryResult) -
         let Path(id) = id?;
         let Query(query) = query?;
         let limit = query.limit()?;
-        let prefix = match &query.prefix {
-            Some(prefix) => base64::decode(prefix)
-                .ok_or_else(|| Error::malformed("prefix must be base64url"))?,
-            None => Vec::new(),
+        let prefix = match (&query.prefix, &query.bytes_prefix) {
+            (Some(_), Some(_)) => {
+                return Err(Error::malformed(
+                    "give prefix (string keys) or bytesPrefix (byte keys), not both",
+                ))
+            }
+            (Some(text), None) => kv_key::encode(&KvKey::Text(text.clone())),
+            (None, Some(bytes)) => kv_key::encode(&KvKey::Bytes(
+                base64::decode(bytes)
+                    .ok_or_else(|| Error::malformed("bytesPrefix must be base64url"))?,
+            )),
+            (None, None) => Vec::new(),
         };
         let after = match &query.cursor {
-            Some(cursor) => Some(
-                base64::decode(cursor).ok_or_else(|| Error::malformed("invalid cursor"))?,
-            ),
+            Some(cursor) => {
+                Some(base64::decode(cursor).ok_or_else(|| Error::malformed("invalid cursor"))?)
+            }
             None => None,
         };
         find(&server, &id).await?;
@@ -295,7 +309,14 @@ async fn kv(State(server): State<Arc<Server>>, id: IdPath, query: QueryResult) -
             .flatten();
         let entries: Vec<Value> = entries
             .iter()
-            .map(|(key, value)| json!({ "key": base64::encode(key), "value": base64::encode(value) }))
+            .map(|(key, value)| {
+                let (key, key_type) = match kv_key::decode(key) {
+                    StoredKey::Key(KvKey::Text(text)) => (text, "string"),
+                    StoredKey::Key(KvKey::Bytes(bytes)) => (base64::encode(&bytes), "bytes"),
+                    StoredKey::Raw(raw) => (base64::encode(&raw), "raw"),
+                };
+                json!({ "key": key, "keyType": key_type, "value": base64::encode(value) })
+            })
             .collect();
         Ok(json!({
             "actorId": id,

@@ -1,5 +1,9 @@
 //! What every route and socket task of the server shares: the [`Server`] state, the peer
 //! address, and the one way an error becomes a response.
+//!
+//! What must stay true: the server reaches actors only through the dispatch handle it holds
+//! here, and a route's error becomes a response through [`error_response`] (the error's body
+//! and its one status), except `/health`'s answer to a damaged store (see `http.rs`).
 
 use std::sync::Arc;
 

@@ -273,6 +273,10 @@ pub(crate) async fn serve_keel_socket(server: Arc<Server>, socket: WebSocket, na
         }
         tracing::debug!("connection open");
         read_loop(&server, &info, &conn, &mut stream).await;
+        // However reading ended (the peer vanished, say), the writer has nothing more to do:
+        // without this it would idle until the drain is forced. A close already asked for
+        // keeps its code.
+        conn.close(close::NORMAL, "");
         // Tell the actor, whichever way the socket ended, unless it has already left: a
         // stopping actor forgets its connections itself, and must not be woken for this.
         server.disconnect(&info, conn.id.clone());
@@ -340,7 +344,13 @@ async fn read_loop(
             }
             None => return,
         };
-        if matches!(frame, Message::Close(_)) {
+        if let Message::Close(frame) = frame {
+            // Answers the client's close at once, with its own code, so the socket's writer
+            // ends and neither the client nor the drain waits for it.
+            let (code, reason) = frame.map_or((close::NORMAL, String::new()), |f| {
+                (f.code, f.reason.to_string())
+            });
+            conn.close(code, &reason);
             return;
         }
         if matches!(frame, Message::Ping(_) | Message::Pong(_)) {

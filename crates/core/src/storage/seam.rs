@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::host::{KvWrite, Payload, Schedule, ScheduleOp};
+use crate::host::{KvWrite, Payload, Schedule, ScheduleWrite};
 
 /// Durable storage for every actor of a runtime. See the module doc for the contract.
 #[async_trait]
@@ -198,7 +198,7 @@ pub struct Writes {
     /// Key-value writes, in order.
     pub kv: Vec<KvWrite>,
     /// Schedule changes, in order.
-    pub schedules: Vec<ScheduleOp>,
+    pub schedules: Vec<ScheduleWrite>,
     /// The outcome of the schedule whose run produced this commit.
     pub settle: Option<(String, Settle)>,
 }

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::faults::{self, Failpoint, Fault, FaultState};
-use crate::host::{KvWrite, Payload, ScheduleOp};
+use crate::host::{KvWrite, Payload, ScheduleWrite};
 use crate::metrics::WriterStats;
 use crate::storage::integrity::Integrity;
 use crate::storage::store::{ActorRecord, Store};
@@ -542,7 +542,7 @@ fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) 
     }
     for op in writes.schedules {
         match op {
-            ScheduleOp::Add(schedule) => tx
+            ScheduleWrite::Add(schedule) => tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO schedules (id, actor_id, at_ms, action, args, attempts) \
                      VALUES (?1, ?2, ?3, ?4, ?5, 0)",
@@ -554,7 +554,7 @@ fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) 
                     &schedule.action,
                     &schedule.args,
                 ))?,
-            ScheduleOp::Cancel { id } => tx
+            ScheduleWrite::Cancel { id } => tx
                 .prepare_cached("DELETE FROM schedules WHERE id = ?1 AND actor_id = ?2")?
                 .execute((id, actor_id))?,
         };

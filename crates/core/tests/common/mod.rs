@@ -30,6 +30,7 @@ pub const ACTIONS: &[&str] = &[
     "seen",
     "kv_put",
     "schedule",
+    "schedule_after",
     "cancel",
     "sleep",
     "destroy",
@@ -54,6 +55,9 @@ pub struct CounterHost {
     pub stop_log: Mutex<Vec<String>>,
     /// How many more times `flaky` fails before it succeeds.
     pub flaky_failures: Mutex<u32>,
+    /// Every connection call, as `connect:<conn>` or `disconnect:<conn>` for the hook calls
+    /// and `connected:<conn>` or `disconnected:<conn>` for the notices of hookless types.
+    pub conn_log: Mutex<Vec<String>>,
 }
 
 impl CounterHost {
@@ -66,6 +70,7 @@ impl CounterHost {
             stops: Mutex::new(0),
             stop_log: Mutex::new(Vec::new()),
             flaky_failures: Mutex::new(0),
+            conn_log: Mutex::new(Vec::new()),
         })
     }
 
@@ -196,6 +201,22 @@ impl Host for CounterHost {
                     ..Effects::default()
                 }))
             }
+            "schedule_after" => {
+                // args: [id, delay_ms, action, arg]
+                let inner = json!([args[3].clone()]).to_string();
+                assert!(inner.len() < 256, "the test host keeps schedule args short");
+                let mut encoded = vec![0x78, inner.len() as u8];
+                encoded.extend_from_slice(inner.as_bytes());
+                Ok(Self::effects(Effects {
+                    schedules: vec![ScheduleOp::After {
+                        id: args[0].as_str().unwrap().to_string(),
+                        delay_ms: args[1].as_u64().unwrap(),
+                        action: args[2].as_str().unwrap().to_string(),
+                        args: encoded,
+                    }],
+                    ..Effects::default()
+                }))
+            }
             "cancel" => Ok(Self::effects(Effects {
                 schedules: vec![ScheduleOp::Cancel {
                     id: args[0].as_str().unwrap().to_string(),
@@ -276,11 +297,25 @@ impl Host for CounterHost {
         Encoding::Json
     }
 
-    async fn connect(&self, _actor: &Arc<ActorInfo>, _request: ConnectRequest) -> Result<Effects> {
+    async fn connect(&self, _actor: &Arc<ActorInfo>, request: ConnectRequest) -> Result<Effects> {
+        self.conn_log
+            .lock()
+            .push(format!("connect:{}", request.conn_id));
         Ok(Effects::default())
     }
 
-    async fn disconnect(&self, _actor: &Arc<ActorInfo>, _conn_id: &str) -> Result<Effects> {
+    fn connected(&self, _actor: &Arc<ActorInfo>, request: ConnectRequest) {
+        self.conn_log
+            .lock()
+            .push(format!("connected:{}", request.conn_id));
+    }
+
+    fn disconnected(&self, _actor: &Arc<ActorInfo>, conn_id: &str) {
+        self.conn_log.lock().push(format!("disconnected:{conn_id}"));
+    }
+
+    async fn disconnect(&self, _actor: &Arc<ActorInfo>, conn_id: &str) -> Result<Effects> {
+        self.conn_log.lock().push(format!("disconnect:{conn_id}"));
         Ok(Effects::default())
     }
 

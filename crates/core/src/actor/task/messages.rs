@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::{log_commit_failure, ActorTask, Call};
 use crate::actor::conn::{self, ConnHandle};
 use crate::actor::outbox::Outbox;
-use crate::actor::schedules::{retry_delay, SCHEDULE_MAX_ATTEMPTS};
+use crate::actor::schedules::{after_failure, offer_again_delay};
 use crate::actor::{ActorEnv, Answer, Command, Reply};
 use crate::error::{Error, Result};
 use crate::host::{
@@ -54,14 +54,19 @@ impl ActorTask {
             conn_id: conn.id.to_string(),
             params,
         };
-        let timeout = self.env.hook_timeout;
-        let result = self
-            .guarded(
+        let result = if self.actor_type.hooks.on_connecting() {
+            let timeout = self.env.hook_timeout;
+            self.guarded(
                 timeout,
                 Call::Hook("connect"),
                 self.env.host.connect(&self.info, request),
             )
-            .await;
+            .await
+        } else {
+            // No user code to run: admit it, and let the host know without waiting.
+            self.env.host.connected(&self.info, request);
+            Ok(Effects::default())
+        };
         match result {
             Ok(mut effects) => {
                 if self.outbox.is_none() {
@@ -100,6 +105,11 @@ impl ActorTask {
             return;
         }
         self.conn_list = Arc::new(self.conns.values().cloned().collect());
+        if !self.actor_type.hooks.on_disconnect {
+            // No user code to run: let the host know without waiting.
+            self.env.host.disconnected(&self.info, &conn_id);
+            return;
+        }
         let timeout = self.env.hook_timeout;
         let result = self
             .guarded(
@@ -275,14 +285,13 @@ impl ActorTask {
             Err(Error::RegistryShutDown) if self.force.is_cancelled() => return,
             Err(err) => {
                 let attempts = stored.attempts + 1;
-                if attempts >= SCHEDULE_MAX_ATTEMPTS {
-                    tracing::warn!(error = %err, attempts, action = %schedule.action, "schedule failed; giving up");
-                    (Effects::default(), Settle::Done)
-                } else {
-                    let delay = retry_delay(attempts);
+                if let Some(delay) = after_failure(attempts) {
                     tracing::debug!(error = %err, attempts, delay_ms = delay.as_millis() as u64, "schedule failed; will retry");
                     let at_ms = self.env.clock.now_ms() + delay.as_millis() as i64;
                     (Effects::default(), Settle::Retry { at_ms, attempts })
+                } else {
+                    tracing::warn!(error = %err, attempts, action = %schedule.action, "schedule failed; giving up");
+                    (Effects::default(), Settle::Done)
                 }
             }
         };
@@ -317,6 +326,6 @@ impl ActorTask {
 /// Offers a schedule whose run left it unchanged in the database again after the delay of
 /// its next retry; the attempt is not counted, since nothing of it was committed.
 fn offer_again(env: &ActorEnv, id: String, actor_id: Arc<str>, attempts: u32) {
-    let at_ms = env.clock.now_ms() + retry_delay(attempts + 1).as_millis() as i64;
+    let at_ms = env.clock.now_ms() + offer_again_delay(attempts).as_millis() as i64;
     env.schedules.add(id, actor_id, at_ms);
 }
