@@ -34,7 +34,10 @@ pub async fn serve(
     let drain_timeout = config.drain_timeout;
     let state_encoding = SharedHost(host.clone()).state_encoding();
     keel_envoy::serve(registry, config, engine, state_encoding, |run| {
-        tracing::info!(envoy_key = run.envoy_key(), "serving as an envoy of the engine");
+        tracing::info!(
+            envoy_key = run.envoy_key(),
+            "serving as an envoy of the engine"
+        );
         *slot.lock() = Some((run, drain_timeout));
         announce(address);
     })

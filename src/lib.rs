@@ -142,7 +142,17 @@ impl CoreRegistry {
             });
         };
         let result = match engine {
-            Some(engine) => engine::serve(&self.registry, &self.host, &self.engine, config, engine, announce).await,
+            Some(engine) => {
+                engine::serve(
+                    &self.registry,
+                    &self.host,
+                    &self.engine,
+                    config,
+                    engine,
+                    announce,
+                )
+                .await
+            }
             None => {
                 self.registry
                     .serve(config, |address| announce(address.to_string()))

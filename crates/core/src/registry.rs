@@ -28,9 +28,9 @@ use crate::host::Host;
 use crate::metrics::{Metrics, ShutdownPhase};
 use crate::runtime::activation::Intents;
 use crate::runtime::facade::Runtime;
-use crate::storage::seam::Storage;
 use crate::runtime::ingress::{Request, Response};
 use crate::spans::{ActorSpans, SpanTracking};
+use crate::storage::seam::Storage;
 
 /// How a running registry receives requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

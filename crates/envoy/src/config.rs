@@ -115,8 +115,13 @@ mod tests {
             _ => None,
         };
         let none = |_: &str| None;
-        assert_eq!(EngineConfig::resolve(None, None, None, None, none).unwrap(), None);
-        let config = EngineConfig::resolve(None, None, None, None, env).unwrap().unwrap();
+        assert_eq!(
+            EngineConfig::resolve(None, None, None, None, none).unwrap(),
+            None
+        );
+        let config = EngineConfig::resolve(None, None, None, None, env)
+            .unwrap()
+            .unwrap();
         assert_eq!(config.endpoint, "http://127.0.0.1:7000");
         assert_eq!(config.namespace, DEFAULT_NAMESPACE);
         assert_eq!(config.pool, "env-pool");
@@ -131,11 +136,16 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(
-            (config.endpoint.as_str(), config.namespace.as_str(), config.pool.as_str()),
+            (
+                config.endpoint.as_str(),
+                config.namespace.as_str(),
+                config.pool.as_str()
+            ),
             ("http://127.0.0.1:6420", "ns", "p")
         );
         assert_eq!(config.token.as_deref(), Some("t"));
-        let err = EngineConfig::resolve(Some("ftp://x".into()), None, None, None, none).unwrap_err();
+        let err =
+            EngineConfig::resolve(Some("ftp://x".into()), None, None, None, none).unwrap_err();
         assert_eq!((err.group(), err.code()), ("registry", "invalid_config"));
     }
 }

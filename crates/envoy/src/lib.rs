@@ -41,8 +41,7 @@ mod sql;
 pub mod storage;
 
 pub use activation::{
-    EngineEvent, EngineStopReason, StartReply, StopDone, Tunnel, TunneledRequest,
-    TunneledResponse,
+    EngineEvent, EngineStopReason, StartReply, StopDone, Tunnel, TunneledRequest, TunneledResponse,
 };
 pub use config::EngineConfig;
 pub use envoy::{connect, connect_with, Engine, ShutdownOutcome};

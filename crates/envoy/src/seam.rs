@@ -42,7 +42,13 @@ pub struct EngineStorage {
 
 impl EngineStorage {
     /// Adds the store of an actor the engine started, with what it loaded on opening.
-    pub fn insert(&self, store: ActorStore, record: ActorRecord, created_at_ms: i64, first: Snapshot) {
+    pub fn insert(
+        &self,
+        store: ActorStore,
+        record: ActorRecord,
+        created_at_ms: i64,
+        first: Snapshot,
+    ) {
         let id: Arc<str> = record.id.as_str().into();
         self.open.lock().insert(
             id,
@@ -68,11 +74,18 @@ impl EngineStorage {
     }
 
     fn store(&self, actor_id: &str) -> Option<Arc<ActorStore>> {
-        self.open.lock().get(actor_id).map(|entry| entry.store.clone())
+        self.open
+            .lock()
+            .get(actor_id)
+            .map(|entry| entry.store.clone())
     }
 
     fn stores(&self) -> Vec<Arc<ActorStore>> {
-        self.open.lock().values().map(|entry| entry.store.clone()).collect()
+        self.open
+            .lock()
+            .values()
+            .map(|entry| entry.store.clone())
+            .collect()
     }
 
     fn listing(entry: &Open) -> ActorListing {

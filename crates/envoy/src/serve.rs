@@ -99,11 +99,7 @@ pub async fn serve(
                 storage,
                 state_encoding,
             };
-            tokio::spawn(
-                event_loop
-                    .run(events, run.done.clone())
-                    .in_current_span(),
-            );
+            tokio::spawn(event_loop.run(events, run.done.clone()).in_current_span());
             on_connected(run.clone());
         })
         .await;
@@ -119,12 +115,14 @@ struct EngineIntents {
 impl keel_core::Intents for EngineIntents {
     fn sleep(&self, actor_id: &str, generation: u64) {
         tracing::debug!(%actor_id, generation, "asking the engine to put the actor to sleep");
-        self.engine.sleep_actor(actor_id, engine_generation(generation));
+        self.engine
+            .sleep_actor(actor_id, engine_generation(generation));
     }
 
     fn destroy(&self, actor_id: &str, generation: u64) {
         tracing::debug!(%actor_id, generation, "asking the engine to destroy the actor");
-        self.engine.stop_actor(actor_id, engine_generation(generation));
+        self.engine
+            .stop_actor(actor_id, engine_generation(generation));
     }
 }
 

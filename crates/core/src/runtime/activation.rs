@@ -319,7 +319,10 @@ impl Activation for Driven {
 
     fn live_count(&self) -> usize {
         let owned = self.owned.lock();
-        owned.values().filter(|entry| entry.handle.is_some()).count()
+        owned
+            .values()
+            .filter(|entry| entry.handle.is_some())
+            .count()
     }
 
     fn close(&self) {
