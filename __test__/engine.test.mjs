@@ -173,6 +173,33 @@ test("c.sleep() puts the actor to sleep through the engine, and the next call wa
   assert.deepEqual((await gateway(engine, "napper", "n1", "increment")).body, { output: 4 });
 });
 
+test("a schedule fires through engine storage while its actor is awake", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine);
+  assert.equal((await gateway(engine, "napper", "s1", "later", [20])).status, 200);
+  await until("the scheduled increment", async () => {
+    const { body } = await gateway(engine, "napper", "s1", "status");
+    return body.output.count === 1 ? true : undefined;
+  });
+});
+
+test("a schedule that fell due while its actor slept fires when the actor is started again", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine);
+  const { actorId } = (await gateway(engine, "napper", "s2", "status")).body.output;
+  // Due in 1 ms, asleep at once: it falls due after this activation has stopped (no engine
+  // alarm wakes the actor yet), so only the next start can fire it.
+  assert.equal((await gateway(engine, "napper", "s2", "laterAsleep", [1])).status, 200);
+  await until("the engine marking the actor asleep", async () => {
+    const { actors } = await (await fetch(`${engine.url}/actors?namespace=default&actor_ids=${actorId}`)).json();
+    return actors?.[0]?.sleep_ts ? true : undefined;
+  });
+  await until("the overdue increment after the wake", async () => {
+    const { body } = await gateway(engine, "napper", "s2", "status");
+    return body.output.count === 1 ? true : undefined;
+  });
+});
+
 test("kill -9 of keel during acknowledged increments loses none of them: the pool's other keel takes over", async (t) => {
   // The engine declares a vanished envoy lost after 2 s (15 s by default), then starts its
   // actors on another envoy of the pool.

@@ -224,9 +224,17 @@ impl EventLoop {
             name: name.clone(),
             key: key.clone(),
         };
+        let schedules = snapshot
+            .schedules
+            .iter()
+            .map(|stored| (stored.schedule.id.clone(), stored.schedule.at_ms))
+            .collect();
         self.storage.insert(store, record, created_at_ms, snapshot);
         self.runtime
-            .start_actor(actor_id, &name, &key, u64::from(generation))
+            .start_actor(actor_id, &name, &key, u64::from(generation))?;
+        // Overdue ones fire at once, through the task just started.
+        self.runtime.index_schedules(actor_id, schedules);
+        Ok(())
     }
 }
 

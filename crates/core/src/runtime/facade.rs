@@ -133,6 +133,16 @@ impl Runtime {
         driven.start(info, generation).map(drop)
     }
 
+    /// Indexes an actor's stored schedules, `(id, at_ms)`, for the alarm timer: a driven
+    /// runtime does so when it starts the actor, so the ones that fell due while it slept fire
+    /// at once and the others while it is awake.
+    pub fn index_schedules(&self, actor_id: &str, schedules: Vec<(String, i64)>) {
+        let actor_id: Arc<str> = Arc::from(actor_id);
+        for (id, at_ms) in schedules {
+            self.dispatch.schedules.add(id, actor_id.clone(), at_ms);
+        }
+    }
+
     /// A driven runtime's stop of the actor's activation at `generation`, through keel's own
     /// stop path for `reason` (hooks, last commit, flush); resolves once it is done. Nothing
     /// of that activation is committed afterwards.
