@@ -150,3 +150,38 @@ function ChatHooks(): void {
   keel.useActor({ name: "greeter", key: ["g"], input: { greeting: 5 } });
 }
 void ChatHooks;
+
+// Who is calling: `c.request` is a Fetch Request or undefined; Forbidden; canSubscribe; raw routes.
+import { Forbidden, forbidden } from "keel";
+const guarded = actor({
+  state: {},
+  events: {
+    open: event<string>(),
+    admins: event<string>({ canSubscribe: (_c, conn) => conn.params === "admin" }),
+    // @ts-expect-error: canSubscribe answers with a boolean.
+    wrong: event<string>({ canSubscribe: () => "yes" }),
+  },
+  onBeforeConnect: (c) => {
+    const token: string | null | undefined = c.request?.headers.get("authorization");
+    if (token === undefined) throw new Forbidden("no request");
+  },
+  actions: {
+    method: (c) => {
+      // @ts-expect-error: c.request may be undefined (over a connection, or scheduled).
+      c.request.headers.get("x");
+      return c.request?.method ?? "none";
+    },
+    deny: () => {
+      throw forbidden("no");
+    },
+  },
+});
+const guardedRegistry = setup({ use: { guarded } });
+const guardedClient = createClient<typeof guardedRegistry>("http://127.0.0.1:1", { headers: { authorization: "Bearer x" } });
+const guardedHandle = guardedClient.guarded.getForId("id");
+const response: Promise<Response> = guardedHandle.fetch("/x", { method: "POST" });
+const rawSocket: WebSocket = guardedHandle.webSocket("/live");
+// @ts-expect-error: fetch takes a path string.
+guardedHandle.fetch(42);
+const refreshing = guardedHandle.connect(undefined, { getParams: async () => ({ token: "fresh" }) });
+void [response, rawSocket, refreshing];

@@ -41,10 +41,10 @@ impl ErrorInfo {
     }
 
     /// Converts an error reported by the JS host into a core error: a `UserError` keeps its
-    /// code and message, a KV limit error keeps its own code, a client payload the JS decoder
-    /// refused is `request.malformed` (the host reports that group only for this), a stored
-    /// state it could not decode is `storage.corrupt` for its actor; anything else is
-    /// internal.
+    /// code and message, a thrown `Forbidden` is `auth.forbidden` with its message, a KV limit
+    /// error keeps its own code, a client payload the JS decoder refused is `request.malformed`
+    /// (the host reports that group only for this), a stored state it could not decode is
+    /// `storage.corrupt` for its actor; anything else is internal.
     pub fn into_error(self) -> Error {
         let limit = || {
             self.metadata
@@ -57,6 +57,9 @@ impl ErrorInfo {
                 code: self.code,
                 message: self.message,
                 metadata: self.metadata,
+            },
+            ("auth", "forbidden") => Error::Forbidden {
+                message: self.message,
             },
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
@@ -114,6 +117,8 @@ pub struct ActorTypeOptions {
     pub on_connect: bool,
     /// Whether the type has `onDisconnect`.
     pub on_disconnect: bool,
+    /// The declared events with a `canSubscribe` check.
+    pub guarded_events: Option<Vec<String>>,
 }
 
 impl ActorTypeOptions {
@@ -128,6 +133,11 @@ impl ActorTypeOptions {
             on_connect: self.on_connect,
             on_disconnect: self.on_disconnect,
         };
+        actor_type.guarded_events = self
+            .guarded_events
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         if let Some(ms) = self.action_timeout_ms {
             actor_type.action_timeout = Some(millis("actionTimeoutMs", ms)?);
         }

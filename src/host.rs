@@ -1,10 +1,16 @@
 //! Core's [`Host`] implemented by calling JS.
 //!
 //! Every call into user code (start, action, stop) becomes an [`Invocation`]. Invocations are
-//! queued and sent to JS in batches, one threadsafe-function call per batch, and JS reports
-//! results back in batches through `CoreRegistry.complete`. So a burst of actions across many
-//! actors costs one JS↔Rust hop each way, not one per action. A batch call returns as soon as
-//! JS has started the invocations, so a slow action never holds up the others in its batch.
+//! sent to JS in batches, one threadsafe-function call per batch, and JS reports results back
+//! in batches through `CoreRegistry.complete`. So a burst of actions across many actors costs
+//! one JS↔Rust hop each way, not one per action. A batch call returns as soon as JS has
+//! started the invocations, so a slow action never holds up the others in its batch.
+//!
+//! One batch is in flight at a time; invocations that come meanwhile wait in the [`Outbox`]
+//! and leave together, from the JS thread, when it returns. A call that finds nothing in
+//! flight goes from the actor's task straight to the JS thread: no batching task sits in
+//! between, so an uncontended call wakes no Rust thread on its way to JS or back from the
+//! batch call.
 //!
 //! Invocations and completions are discriminated unions (napi structured enums): each kind
 //! carries exactly its fields. Besides calls, the queue carries notices (a connection opened
@@ -12,22 +18,22 @@
 //! answering; a notice waits here until the actor's next call, so it costs no trip of its own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use keel_core::kv_key::{self, KvKey, StoredKey};
 use keel_core::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Error, Host, KvWrite,
-    Outbound, Payload, RawRequest, RawResponse, RawSocketEvent, Schedule, ScheduleOp, StartRequest,
-    StopReason,
+    Outbound, Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead, Schedule, ScheduleOp,
+    StartRequest, StopReason,
 };
 use napi::bindgen_prelude::{Buffer, Either};
-use napi::threadsafe_function::ThreadsafeFunction;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::convert::ErrorInfo;
 
@@ -73,6 +79,8 @@ pub enum Invocation {
         output_encoding: String,
         /// The connection the call came over, if any.
         conn_id: Option<String>,
+        /// The HTTP request the call came with, if it came over HTTP.
+        request: Option<RequestHeadJs>,
     },
     /// Runs the sleep or destroy hook and drops the instance.
     Stop {
@@ -90,12 +98,21 @@ pub enum Invocation {
         params: Buffer,
         /// `json` or `cbor`: how `params`, and the connection's frames, are encoded.
         encoding: String,
+        /// The WebSocket upgrade request.
+        request: Option<RequestHeadJs>,
     },
     /// A connection closed.
     Disconnect {
         id: u32,
         actor_id: String,
         conn_id: String,
+    },
+    /// A connection asks to subscribe to an event with `canSubscribe`.
+    Subscribe {
+        id: u32,
+        actor_id: String,
+        conn_id: String,
+        event: String,
     },
     /// A raw HTTP request for `onRequest`.
     Request {
@@ -159,6 +176,7 @@ impl Invocation {
             | Invocation::Stop { id, .. }
             | Invocation::Connect { id, .. }
             | Invocation::Disconnect { id, .. }
+            | Invocation::Subscribe { id, .. }
             | Invocation::Request { id, .. }
             | Invocation::WsOpen { id, .. }
             | Invocation::WsMessage { id, .. }
@@ -242,6 +260,27 @@ pub enum ScheduleOpJs {
 }
 
 /// An event for connections reported by JS: to one connection (`to`) or broadcast.
+/// The HTTP request behind a call or connection (`c.request`), as core hands it over: the
+/// headers stay one HTTP/1 header block, which JS parses only if user code reads them.
+#[napi(object, object_from_js = false)]
+pub struct RequestHeadJs {
+    pub method: String,
+    /// The path and query string, as sent.
+    pub url: String,
+    /// `name: value\r\n` per header.
+    pub headers: String,
+}
+
+impl From<RequestHead> for RequestHeadJs {
+    fn from(head: RequestHead) -> Self {
+        RequestHeadJs {
+            method: head.method,
+            url: head.url,
+            headers: head.headers,
+        }
+    }
+}
+
 #[napi(object, object_to_js = false)]
 pub struct OutboundJs {
     pub to: Option<String>,
@@ -461,16 +500,13 @@ fn effects_of(effects: Option<EffectsJs>) -> Effects {
 /// Calls JS for core.
 pub struct JsHost {
     /// Batches leave through this function; JS answers through [`JsHost::complete`].
-    dispatch: Arc<DispatchFn>,
+    dispatch: DispatchFn,
     /// Waiting invocations by id; the entry is removed on completion or when the waiter
     /// gives up (a timeout drops it).
     pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     next_id: AtomicU32,
-    /// Feeds the batching task; the task ends when this sender is dropped with the host.
-    queue: mpsc::UnboundedSender<Invocation>,
-    /// The receiving end, until the batching task takes it on first use.
-    queue_rx: Mutex<Option<mpsc::UnboundedReceiver<Invocation>>>,
-    started: AtomicBool,
+    /// Invocations waiting for the batch in flight to return.
+    outbox: Mutex<Outbox>,
     /// Connection notices not yet sent, by actor: each goes out just before the actor's next
     /// invocation, so an absent hook costs no trip to JS. Entries leave with that invocation.
     notices: Mutex<HashMap<Arc<str>, Vec<Invocation>>>,
@@ -479,14 +515,11 @@ pub struct JsHost {
 impl JsHost {
     /// A host that sends batches to `dispatch`.
     pub fn new(dispatch: DispatchFn) -> Arc<JsHost> {
-        let (queue, queue_rx) = mpsc::unbounded_channel();
         Arc::new(JsHost {
-            dispatch: Arc::new(dispatch),
+            dispatch,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
-            queue,
-            queue_rx: Mutex::new(Some(queue_rx)),
-            started: AtomicBool::new(false),
+            outbox: Mutex::new(Outbox::default()),
             notices: Mutex::new(HashMap::new()),
         })
     }
@@ -502,22 +535,42 @@ impl JsHost {
         }
     }
 
-    fn ensure_batcher(self: &Arc<Self>) {
-        if self.started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let Some(rx) = self.queue_rx.lock().take() else {
-            return;
+    /// Sends `invocations` to JS at once if no batch is in flight, or queues them for the batch
+    /// that leaves when the one in flight returns. No Rust task stands in between: a lone call
+    /// goes straight from the actor's task to the JS thread, and the next batch leaves from the
+    /// JS thread itself, in the return callback of the one before.
+    fn send(self: &Arc<Self>, invocations: impl IntoIterator<Item = Invocation>) {
+        let batch = {
+            let mut outbox = self.outbox.lock();
+            outbox.queue.extend(invocations);
+            if outbox.in_flight {
+                return;
+            }
+            outbox.next_batch()
         };
-        let host = Arc::downgrade(self);
-        let dispatch = self.dispatch.clone();
-        // Its own span: the batcher serves every actor, so it must not inherit the identity
-        // of whichever actor happened to start it.
-        let span = tracing::debug_span!(parent: None, "js_batcher");
-        tokio::spawn(tracing::Instrument::instrument(
-            run_batcher(rx, dispatch, host),
-            span,
-        ));
+        if let Some(batch) = batch {
+            self.dispatch_batch(batch);
+        }
+    }
+
+    /// Calls JS with `batch`; the batch counts as in flight until its call returns or is
+    /// refused (see [`BatchInFlight`]).
+    fn dispatch_batch(self: &Arc<Self>, batch: Vec<Invocation>) {
+        let in_flight = BatchInFlight {
+            host: Arc::downgrade(self),
+            ids: batch.iter().filter_map(Invocation::id).collect(),
+            outcome: Err("the call never reached JS (it is shutting down)".into()),
+        };
+        // A refused call drops the callback unrun, and with it `in_flight`, which fails the
+        // batch; so the status adds nothing here.
+        let _ = self.dispatch.call_with_return_value(
+            batch,
+            ThreadsafeFunctionCallMode::NonBlocking,
+            move |result, _env| {
+                in_flight.returned(result);
+                Ok(())
+            },
+        );
     }
 
     async fn invoke(
@@ -526,21 +579,13 @@ impl JsHost {
         id: u32,
         invocation: Invocation,
     ) -> Result<Reply, Error> {
-        self.ensure_batcher();
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
         let _guard = PendingGuard { host: self, id };
         // The actor's notices first: JS learns of its connections before the call that may
         // see them. The actor's calls are serial, so nothing of its own can come between.
         let notices = self.notices.lock().remove(&actor.id);
-        for notice in notices.into_iter().flatten() {
-            self.queue
-                .send(notice)
-                .map_err(|_| Error::RegistryShutDown)?;
-        }
-        self.queue
-            .send(invocation)
-            .map_err(|_| Error::RegistryShutDown)?;
+        self.send(notices.into_iter().flatten().chain([invocation]));
         rx.await.map_err(|_| Error::ActorInternal {
             message: "the JS host dropped the invocation".into(),
         })
@@ -581,32 +626,66 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// Sends queued invocations to JS, one batch per call. While a call is in flight, new
-/// invocations accumulate into the next batch.
-async fn run_batcher(
-    mut rx: mpsc::UnboundedReceiver<Invocation>,
-    dispatch: Arc<DispatchFn>,
-    host: std::sync::Weak<JsHost>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_LEN {
-            match rx.try_recv() {
-                Ok(invocation) => batch.push(invocation),
-                Err(_) => break,
-            }
+/// The invocations that wait for JS while a batch is in flight. One batch at a time is in
+/// JS's queue or running, so invocations that come meanwhile go together in the next one.
+#[derive(Default)]
+struct Outbox {
+    /// Queued invocations, in the order they reach JS.
+    queue: Vec<Invocation>,
+    /// Whether a batch call is in flight.
+    in_flight: bool,
+}
+
+impl Outbox {
+    /// The next batch to send, marking it in flight; `None` (and nothing in flight) when the
+    /// queue is empty.
+    fn next_batch(&mut self) -> Option<Vec<Invocation>> {
+        self.in_flight = !self.queue.is_empty();
+        if !self.in_flight {
+            return None;
         }
-        let ids: Vec<u32> = batch.iter().filter_map(Invocation::id).collect();
-        if let Err(err) = dispatch.call_async_catch(batch).await {
-            tracing::error!(error = %err, invocations = ids.len(), "dispatching to JS failed");
-            let Some(host) = host.upgrade() else { return };
+        let len = self.queue.len().min(MAX_BATCH_LEN);
+        Some(self.queue.drain(..len).collect())
+    }
+}
+
+/// A batch that JS has not returned from yet. It ends when dropped: on the JS thread when the
+/// call returns, or wherever napi drops a call it refused. Then the waiters of a batch that
+/// failed to run get their failure, and the next batch leaves.
+struct BatchInFlight {
+    host: Weak<JsHost>,
+    /// The batch's calls (notices have no id and no waiter).
+    ids: Vec<u32>,
+    /// How the call went; a failure until JS returns.
+    outcome: Result<(), String>,
+}
+
+impl BatchInFlight {
+    /// JS returned from the batch, normally or by throwing.
+    fn returned(mut self, result: napi::Result<()>) {
+        self.outcome = result.map_err(|err| err.to_string());
+    }
+}
+
+impl Drop for BatchInFlight {
+    fn drop(&mut self) {
+        let Some(host) = self.host.upgrade() else {
+            return;
+        };
+        if let Err(reason) = &self.outcome {
+            tracing::error!(error = %reason, invocations = self.ids.len(), "dispatching to JS failed");
             let mut pending = host.pending.lock();
-            for id in ids {
-                if let Some(waiter) = pending.remove(&id) {
+            for id in &self.ids {
+                if let Some(waiter) = pending.remove(id) {
                     // The waiter may have given up already.
-                    let _ = waiter.send(Reply::failed(format!("dispatching to JS failed: {err}")));
+                    let _ =
+                        waiter.send(Reply::failed(format!("dispatching to JS failed: {reason}")));
                 }
             }
+        }
+        let next = host.outbox.lock().next_batch();
+        if let Some(batch) = next {
+            host.dispatch_batch(batch);
         }
     }
 }
@@ -668,6 +747,7 @@ impl Host for SharedHost {
             encoding: call.args.encoding.as_str().to_string(),
             output_encoding: call.output.as_str().to_string(),
             conn_id: call.conn_id,
+            request: call.request.map(RequestHeadJs::from),
         };
         let (output, effects) = match check(self.0.invoke(actor, id, invocation).await?, "action")?
         {
@@ -703,6 +783,7 @@ impl Host for SharedHost {
             conn_id: request.conn_id,
             params: Buffer::from(request.params.bytes),
             encoding: request.params.encoding.as_str().to_string(),
+            request: request.request.map(RequestHeadJs::from),
         };
         check(self.0.invoke(actor, id, invocation).await?, "connect")?.effects("connect")
     }
@@ -719,6 +800,22 @@ impl Host for SharedHost {
             conn_id: conn_id.to_string(),
         };
         check(self.0.invoke(actor, id, invocation).await?, "disconnect")?.effects("disconnect")
+    }
+
+    async fn can_subscribe(
+        &self,
+        actor: &Arc<ActorInfo>,
+        conn_id: &str,
+        event: &str,
+    ) -> keel_core::Result<Effects> {
+        let id = self.0.next_id();
+        let invocation = Invocation::Subscribe {
+            id,
+            actor_id: actor.id.to_string(),
+            conn_id: conn_id.to_string(),
+            event: event.to_string(),
+        };
+        check(self.0.invoke(actor, id, invocation).await?, "subscribe")?.effects("subscribe")
     }
 
     fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {

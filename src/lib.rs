@@ -8,6 +8,7 @@
 //! - `engine`: `serve` as an envoy of a Rivet Engine (keel-envoy), and its drain.
 //! - `host`: the batched JS host.
 //! - `logging`: the process-wide subscriber, and `c.log` lines inside their actor's span.
+//! - `workers`: the tokio runtime, sized by `KEEL_WORKER_THREADS`.
 
 /// mimalloc returns freed memory to the OS promptly (glibc keeps per-thread arenas), so the
 /// process shrinks again after a burst of actors goes to sleep.
@@ -18,6 +19,7 @@ mod convert;
 mod engine;
 mod host;
 mod logging;
+mod workers;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -37,6 +39,7 @@ use crate::host::{
     kv_key_of, kv_key_to_js, kv_writes, Completion, DispatchFn, JsHost, KvWriteJs, SharedHost,
 };
 pub use crate::logging::{init_logging, log_max_level};
+pub use crate::workers::worker_threads;
 
 /// Called once with the bound address (`host:port`) when the server listens. Weak: the
 /// pending `serve` promise is what keeps Node alive.
@@ -126,6 +129,9 @@ impl CoreRegistry {
     #[napi(ts_args_type = "options: RuntimeOptions, onListening: (address: string) => void")]
     pub async fn serve(&self, options: RuntimeOptions, on_listening: ListeningFn) -> Outcome {
         let dev = options.dev.unwrap_or(false);
+        if let Some(err) = workers::rejected() {
+            return Outcome::from_result(Err(err), dev);
+        }
         let config = match self.config_of(&options) {
             Ok(config) => config,
             Err(err) => return Outcome::from_result(Err(err), dev),

@@ -82,11 +82,28 @@ export interface EventType<T> {
   readonly kind: "keel.event";
   /** Never set; carries the payload type. */
   readonly payload?: T;
+  /** Decides whether a connection may subscribe; see `EventOptions`. */
+  readonly canSubscribe?: CanSubscribe;
+}
+
+/**
+ * Runs when a connection subscribes to the event (on `conn.on`, and again on each reconnect).
+ * Return `false` or throw (a `Forbidden`, say) to refuse: the client gets `auth.forbidden`
+ * (or what was thrown) through `onError`, hears none of the event, and stays connected.
+ */
+export type CanSubscribe = (c: ActorContext<any, any, any>, conn: Conn<any, any>) => boolean | Promise<boolean>;
+
+/** Options for `event()`. */
+export interface EventOptions {
+  /** Who may subscribe. Without it, every connection may. */
+  canSubscribe?: CanSubscribe;
 }
 
 /** Declares an event with payload type `T`, for typed `conn.on` in clients. */
-export function event<T = unknown>(): EventType<T> {
-  return { kind: "keel.event" };
+export function event<T = unknown>(options: EventOptions = {}): EventType<T> {
+  const canSubscribe = options.canSubscribe;
+  if (canSubscribe !== undefined && typeof canSubscribe !== "function") throw new TypeError("canSubscribe must be a function");
+  return canSubscribe === undefined ? { kind: "keel.event" } : { kind: "keel.event", canSubscribe };
 }
 
 /** What every action and hook receives as `c`. */
@@ -109,6 +126,13 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
   readonly conns: ReadonlyMap<string, Conn<any, any>>;
   /** The connection an action was called over, if any. */
   readonly conn: Conn<any, any> | undefined;
+  /**
+   * The caller's HTTP request (method, URL with query, headers; no body): the request of an
+   * action called over HTTP, or the WebSocket upgrade in `onBeforeConnect`, `createConnState`
+   * and `onConnect`. `undefined` for actions called over a connection, scheduled actions and
+   * lifecycle hooks.
+   */
+  readonly request: Request | undefined;
   /** Sends an event to every connection subscribed to it (after the call's effects are durable). */
   broadcast(event: string, data?: unknown): void;
   /** Structured log lines through keel's logger, carrying this actor's identity. */

@@ -1,7 +1,7 @@
 // A typed HTTP client for keel: `createClient<typeof registry>(url)`.
 import type { ActorDefinition, AnyActorDefinition } from "./actor";
 import { decode, encode } from "./cbor";
-import { ActorConnectionImpl, type ConnectionStatus, type ReconnectOptions } from "./connection";
+import { ActorConnectionImpl, loadWebSocket, openWebSocket, type ConnectionStatus, type ReconnectOptions } from "./connection";
 import { KeelError, type ErrorBody } from "./errors";
 
 /** Anything with actor definitions, such as a `Registry` from `setup()`. */
@@ -20,6 +20,11 @@ export type EventData<T> = T extends { readonly payload?: infer P } ? P : unknow
 
 /** Options for `handle.connect`. */
 export interface ConnectOptions {
+  /**
+   * Called before every connect and reconnect attempt; what it returns (or resolves to) is
+   * that attempt's params, in place of the `params` argument. Use it for tokens that expire.
+   */
+  getParams?: () => unknown;
   /** Reconnection with backoff (the default), or `false` to give up when the socket drops. */
   reconnect?: ReconnectOptions | false;
   /** A WebSocket constructor (defaults to the global one, or the `ws` package in Node). */
@@ -53,8 +58,19 @@ export type ActionMethods<A> = {
 export type ActorHandle<D> = ActionMethods<ActionsOf<D>> & {
   /** Resolves the handle to the actor's id (creating the actor if the handle allows). */
   resolve(): Promise<string>;
-  /** Opens a live connection with `params` (handles from `getForId` cannot connect). */
+  /**
+   * Opens a live connection with `params`, or with `connect({ getParams })` params fetched
+   * afresh on every (re)connect attempt.
+   */
   connect(params?: unknown, options?: ConnectOptions): ActorConnection<D>;
+  /**
+   * Sends a request to the actor's `onRequest` at `path` (below its raw route, query
+   * included), with the client's headers under `init`'s own. Handles by key and from
+   * `create` only: the raw route names the actor by key.
+   */
+  fetch(path: string, init?: RequestInit): Promise<Response>;
+  /** Opens a raw WebSocket to the actor's `onWebSocket` at `path` (handles by key only). */
+  webSocket(path?: string, protocols?: string | string[]): WebSocket;
   /** Calls an action by name (for names the typed methods cannot reach, such as `then`). */
   action(name: string, ...args: unknown[]): Promise<unknown>;
 };
@@ -84,14 +100,20 @@ export type Client<R extends RegistryLike> = {
 
 /** Client settings. */
 export interface ClientOptions {
-  /** Extra headers for every request. */
+  /**
+   * Extra headers for every request: HTTP calls, `handle.fetch`, and the WebSocket upgrade of
+   * `connect()` and `handle.webSocket()` where the platform can send them (Node, Bun). A
+   * browser's WebSocket cannot set headers, so in a browser they reach HTTP only: send
+   * credentials for connections as `params` (or `getParams`, to refresh them).
+   */
   headers?: Record<string, string>;
   /** A `fetch` implementation (defaults to the global one). */
   fetch?: typeof fetch;
 }
 
 type Mode = "get" | "create" | "getOrCreate";
-type Target = { kind: "key"; key: string[]; mode: Mode; input?: unknown } | { kind: "id"; id: string };
+/** An actor by key, or by id (with its key when `create` learned it, for the raw routes). */
+type Target = { kind: "key"; key: string[]; mode: Mode; input?: unknown } | { kind: "id"; id: string; key?: string[] };
 
 function normalizeKey(key: string | readonly string[] | undefined): string[] {
   if (key === undefined) return [];
@@ -102,12 +124,28 @@ function normalizeKey(key: string | readonly string[] | undefined): string[] {
   return [...key];
 }
 
+/**
+ * The canonical key string of docs/protocol.md, as core's key codec writes it: segments joined
+ * by `/`, a backslash or `/` inside a segment escaped by a backslash, an empty segment written
+ * as a backslash and `0`, the empty key as `/`. The client runs where core does not (browsers), so it writes the string
+ * itself; the server decodes it with core's codec.
+ */
+function canonicalKey(key: readonly string[]): string {
+  if (key.length === 0) return "/";
+  return key.map((segment) => (segment === "" ? "\\0" : segment.replace(/[\\/]/g, (ch) => `\\${ch}`))).join("/");
+}
+
+/** `path` below a raw route, always starting with `/`. */
+function rawSubPath(path: string): string {
+  return path.startsWith("/") ? path : `/${path}`;
+}
+
 class Transport {
   readonly base: string;
-  private readonly fetch: typeof fetch;
+  readonly fetch: typeof fetch;
   constructor(
     url: string,
-    private readonly options: ClientOptions,
+    readonly options: ClientOptions,
   ) {
     this.base = url.replace(/\/+$/, "");
     this.fetch = options.fetch ?? globalThis.fetch;
@@ -159,16 +197,21 @@ class Transport {
 
 const CONNECTION_MEMBERS = new Set(["on", "ready", "status", "onStatusChange", "onError", "actorId", "dispose", "connId", "call"]);
 
-function makeConnection(url: string, name: string, target: Target, params: unknown, options: ConnectOptions = {}): any {
-  if (target.kind !== "key") {
-    throw new KeelError({ group: "client", code: "unsupported", message: "connect() needs a handle by key, not by id" });
-  }
+/** Whether `connect`'s first argument is `{ getParams }` rather than params: a function cannot be sent as params. */
+function isGetParamsOptions(value: unknown): value is { getParams: () => unknown } {
+  return typeof value === "object" && value !== null && typeof (value as { getParams?: unknown }).getParams === "function";
+}
+
+function makeConnection(transport: Transport, name: string, target: Target, params: unknown, options: ConnectOptions = {}): any {
+  const getParams = options.getParams ?? (isGetParamsOptions(params) ? params.getParams : undefined);
   const connection = new ActorConnectionImpl({
-    url: `${url}/v1/actors/${encodeURIComponent(name)}/connect`,
-    key: target.key,
-    mode: target.mode,
-    input: target.input,
-    params,
+    url: `${transport.base}/v1/actors/${encodeURIComponent(name)}/connect`,
+    ...(target.kind === "key"
+      ? { key: target.key, mode: target.mode, input: target.input }
+      : { key: [], mode: "get" as const, actorId: target.id }),
+    params: getParams === undefined ? params : undefined,
+    getParams,
+    headers: transport.options.headers,
     reconnect: options.reconnect,
     WebSocket: options.WebSocket,
   });
@@ -209,13 +252,31 @@ function makeHandle(transport: Transport, name: string, target: Target): any {
     });
     return reply.actorId;
   };
+  const rawUrl = (path: string): string => {
+    const key = target.key;
+    if (key === undefined) {
+      throw new KeelError({ group: "client", code: "unsupported", message: "raw routes name the actor by key; a handle from getForId has none" });
+    }
+    return `${transport.base}/v1/actors/${encodedName}/raw/${encodeURIComponent(canonicalKey(key))}${rawSubPath(path)}`;
+  };
+  const rawFetch = (path: string, init: RequestInit = {}): Promise<Response> => {
+    const headers = new Headers(transport.options.headers);
+    new Headers(init.headers).forEach((value, header) => headers.set(header, value));
+    return transport.fetch(rawUrl(path), { ...init, headers });
+  };
+  const rawWebSocket = (path = "/", protocols?: string | string[]): WebSocket => {
+    const url = rawUrl(path).replace(/^http/, "ws");
+    return openWebSocket(loadWebSocket(), url, protocols, transport.options.headers);
+  };
   return new Proxy(Object.create(null), {
     get(_target, property) {
       if (typeof property !== "string") return undefined;
       // Not a thenable: `await handle` must yield the handle itself.
       if (property === "then") return undefined;
       if (property === "resolve") return resolve;
-      if (property === "connect") return (params?: unknown, options?: ConnectOptions) => makeConnection(transport.base, name, target, params, options);
+      if (property === "fetch") return rawFetch;
+      if (property === "webSocket") return rawWebSocket;
+      if (property === "connect") return (params?: unknown, options?: ConnectOptions) => makeConnection(transport, name, target, params, options);
       if (property === "action") return (action: string, ...args: unknown[]) => call(action, args);
       return (...args: unknown[]) => call(property, args);
     },
@@ -239,7 +300,7 @@ export function createClient<R extends RegistryLike>(url: string, options: Clien
           mode: "create",
           input: opts?.input,
         });
-        return makeHandle(transport, name, { kind: "id", id: reply.actorId });
+        return makeHandle(transport, name, { kind: "id", id: reply.actorId, key: normalizeKey(key) });
       },
       getForId: (actorId) => makeHandle(transport, name, { kind: "id", id: actorId }),
     };

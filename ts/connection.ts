@@ -20,10 +20,21 @@ export interface ReconnectOptions {
 /** What a connection needs to (re)connect. */
 export interface ConnectTarget {
   url: string;
+  /** The actor by key, or (with `actorId`) nothing: the id names it. */
   key: string[];
   mode: "get" | "create" | "getOrCreate";
+  /** The actor by id, for handles from `getForId` and `create`. */
+  actorId?: string;
   input?: unknown;
   params?: unknown;
+  /** Called before every (re)connect attempt; its result is that attempt's params. */
+  getParams?: () => unknown;
+  /**
+   * Headers for the WebSocket upgrade. Sent where the platform's WebSocket takes them (Node's
+   * `ws`, Node >= 22, Bun, Deno); a browser's WebSocket cannot send headers, so there they are
+   * left off and credentials belong in `params` or `getParams`.
+   */
+  headers?: Record<string, string>;
   reconnect?: ReconnectOptions | false;
   /** A WebSocket constructor; defaults to the global one, else the `ws` package. */
   WebSocket?: typeof WebSocket;
@@ -38,7 +49,8 @@ interface PendingCall {
 
 const OPEN = 1;
 
-function loadWebSocket(): typeof WebSocket {
+/** The platform's WebSocket, or the `ws` package on Node before 22. */
+export function loadWebSocket(): typeof WebSocket {
   if (typeof globalThis.WebSocket === "function") return globalThis.WebSocket;
   // Only Node before 22 lacks a global WebSocket, and there `ws` implements the same
   // interface. The package's `browser` field maps `ws` to nothing, so bundlers for the web
@@ -52,6 +64,27 @@ function loadWebSocket(): typeof WebSocket {
   }
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   return require("ws") as typeof WebSocket;
+}
+
+/**
+ * Opens a WebSocket with `headers` on the upgrade where the platform can send them. A
+ * browser's WebSocket cannot (its second argument is only the protocols), so there the
+ * headers are left off. The platform's global WebSocket (Node >= 22, Bun) takes them as
+ * `{ protocols, headers }`; the `ws` package, Node's stand-in before 22, as a third argument.
+ */
+export function openWebSocket(
+  WebSocketImpl: typeof WebSocket,
+  url: string,
+  protocols: string | string[] | undefined,
+  headers: Record<string, string> | undefined,
+): WebSocket {
+  const browser = typeof (globalThis as { document?: unknown }).document !== "undefined";
+  if (headers === undefined || Object.keys(headers).length === 0 || browser) {
+    return protocols === undefined ? new WebSocketImpl(url) : new WebSocketImpl(url, protocols);
+  }
+  const Impl = WebSocketImpl as unknown as new (url: string, ...rest: unknown[]) => WebSocket;
+  if (WebSocketImpl === globalThis.WebSocket) return new Impl(url, { protocols, headers });
+  return new Impl(url, protocols ?? [], { headers });
 }
 
 /** A connection to one actor. Action methods are added by the handle's proxy. */
@@ -169,7 +202,31 @@ export class ActorConnectionImpl {
   }
 
   private open(): void {
-    const socket = new this.WebSocketImpl(this.url());
+    if (this.target.getParams === undefined) return this.openWith(this.target.params);
+    // Fresh params for every attempt, so a token can be refreshed between reconnects. A
+    // throwing `getParams` fails this attempt like a lost socket: it is reported and retried.
+    Promise.resolve()
+      .then(() => this.target.getParams!())
+      .then(
+        (params) => {
+          if (!this.disposed) this.openWith(params);
+        },
+        (cause) => {
+          if (this.disposed) return;
+          this.emitError(
+            new KeelError(
+              { group: "client", code: "get_params_failed", message: `getParams threw: ${(cause as Error)?.message ?? cause}` },
+              { cause },
+            ),
+          );
+          this.socket = undefined;
+          this.onClose(undefined, 1006, "getParams failed");
+        },
+      );
+  }
+
+  private openWith(params: unknown): void {
+    const socket = openWebSocket(this.WebSocketImpl, this.url(), undefined, this.target.headers);
     socket.binaryType = "arraybuffer";
     this.socket = socket;
     socket.onopen = () => {
@@ -177,9 +234,10 @@ export class ActorConnectionImpl {
         t: "init",
         key: this.target.key,
         mode: this.target.mode,
-        params: this.target.params ?? null,
+        params: params ?? null,
         subs: [...this.listeners.keys()],
       };
+      if (this.target.actorId !== undefined) init.actorId = this.target.actorId;
       if (this.target.input !== undefined) init.input = this.target.input;
       socket.send(encode(init));
       this.initSent.add(socket);
@@ -235,7 +293,8 @@ export class ActorConnectionImpl {
       }
       case "error": {
         const err = new KeelError(message.error as ErrorBody);
-        this.refused = err;
+        // A refused subscription names its event and leaves the connection open.
+        if (typeof message.event !== "string") this.refused = err;
         this.emitError(err);
         break;
       }
@@ -245,7 +304,7 @@ export class ActorConnectionImpl {
   /** The structured error of a refused connection, which ends reconnection. */
   private refused: KeelError | undefined;
 
-  private onClose(socket: WebSocket, code: number, reason: string): void {
+  private onClose(socket: WebSocket | undefined, code: number, reason: string): void {
     if (socket !== this.socket || this.disposed) return;
     const lost = new KeelError({
       group: "client",

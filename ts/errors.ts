@@ -53,6 +53,23 @@ export class UserError extends Error {
   }
 }
 
+/**
+ * Thrown by user code to refuse the caller: it reaches the client as `auth.forbidden` (HTTP
+ * 403, or the connection's `error` frame), with this message. RivetKit's name; `forbidden()`
+ * makes one.
+ */
+export class Forbidden extends Error {
+  constructor(message = "forbidden") {
+    super(message);
+    this.name = "Forbidden";
+  }
+}
+
+/** A `Forbidden` error to throw: `throw forbidden("admins only")`. */
+export function forbidden(message?: string): Forbidden {
+  return new Forbidden(message);
+}
+
 /** Metadata as plain JSON data, or `undefined` if it cannot be read or expressed as JSON. */
 function plainMetadata(read: () => unknown): unknown {
   try {
@@ -87,13 +104,19 @@ function internalError(message: string): ErrorBody {
  * `instanceof` throws). So every read is guarded, and what cannot be read becomes
  * `actor.internal_error` with a fixed message: a hostile throw fails its call, never the
  * process. A `UserError` keeps its code and message if both can be turned into strings; a
- * `KeelError` keeps its code only for the `kv` limit errors and the `user` errors of another
- * actor, the two kinds core relays. Everything else is `actor.internal_error`.
+ * `Forbidden` is `auth.forbidden` with its message; a `KeelError` keeps its code only for the
+ * `kv` limit errors and the `user` and `auth.forbidden` errors of another actor, the kinds
+ * core relays. Everything else is `actor.internal_error`.
  */
 export function errorInfoOf(err: unknown): ErrorBody {
-  let kind: "user" | "keel" | "error" | "other";
+  let kind: "user" | "forbidden" | "keel" | "error" | "other";
   try {
-    kind = err instanceof UserError ? "user" : err instanceof KeelError ? "keel" : err instanceof Error ? "error" : "other";
+    kind =
+      err instanceof UserError
+        ? "user"
+        : err instanceof Forbidden
+          ? "forbidden"
+          : err instanceof KeelError ? "keel" : err instanceof Error ? "error" : "other";
   } catch {
     return internalError(UNREADABLE_MESSAGE);
   }
@@ -113,10 +136,13 @@ export function errorInfoOf(err: unknown): ErrorBody {
     return { group: "user", code, message, metadata: metadata() };
   }
   const message = kind === "other" ? stringOf(err) : read("message");
+  if (kind === "forbidden") return { group: "auth", code: "forbidden", message: message ?? "forbidden" };
   if (kind === "keel") {
     const group = read("group");
     const code = read("code");
-    const relayed = group === "user" || (group === "kv" && (code === "key_too_large" || code === "value_too_large"));
+    const relayed =
+      group === "user" ||
+      (group === "auth" && code === "forbidden") || (group === "kv" && (code === "key_too_large" || code === "value_too_large"));
     if (relayed && code !== undefined && message !== undefined) return { group, code, message, metadata: metadata() };
   }
   return internalError(message ?? UNREADABLE_MESSAGE);

@@ -8,7 +8,8 @@
 import { randomUUID } from "node:crypto";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
 import { decode, encode } from "./cbor";
-import { KeelError, errorInfoOf, type ErrorBody } from "./errors";
+import { Forbidden, KeelError, errorInfoOf, type ErrorBody } from "./errors";
+import { CallerRequest } from "./caller";
 import { createActorLog } from "./log";
 import { kvLimits, type Completion, type CoreRegistry, type EffectsJs, type Invocation, type ScheduleOpJs } from "./native";
 
@@ -99,6 +100,8 @@ interface Instance {
   readonly conns: Map<string, ConnEntry>;
   /** The connection the current action came over. */
   currentConn: Conn | undefined;
+  /** The HTTP request behind the current call or connection (`c.request`), if any. */
+  currentRequest: CallerRequest | undefined;
   /** Open raw sockets. */
   readonly sockets: Map<string, RawSocketEntry>;
 }
@@ -245,6 +248,9 @@ export class JsHost {
         case "disconnect":
           completion = await this.disconnect(invocation);
           break;
+        case "subscribe":
+          completion = await this.subscribe(invocation);
+          break;
         case "request":
           completion = await this.request(invocation);
           break;
@@ -328,6 +334,7 @@ export class JsHost {
     if (typeof fn !== "function") throw new Error(`unknown action ${invocation.action}`);
     return this.guarded(instance, async () => {
       instance.currentConn = invocation.connId === undefined ? undefined : instance.conns.get(invocation.connId)?.conn;
+      instance.currentRequest = invocation.request === undefined ? undefined : new CallerRequest(invocation.request);
       try {
         const args = decodeClientPayload(invocation.args, invocation.encoding, "arguments") as unknown[];
         const result = await fn(instance.ctx, ...args);
@@ -335,6 +342,7 @@ export class JsHost {
         return { kind: "returned", id: invocation.id, output, effects: this.finishCall(instance) };
       } finally {
         instance.currentConn = undefined;
+        instance.currentRequest = undefined;
       }
     });
   }
@@ -344,17 +352,22 @@ export class JsHost {
     const config = instance.def.config;
     const connId = invocation.connId;
     return this.guarded(instance, async () => {
-      const params = decodeClientPayload(invocation.params, invocation.encoding, "connection parameters");
-      await config.onBeforeConnect?.(instance.ctx as never, params);
-      const state =
-        config.createConnState !== undefined ? await config.createConnState(instance.ctx as never, params) : undefined;
-      const conn = this.addConn(instance, connId, params, state, invocation.encoding);
+      instance.currentRequest = invocation.request === undefined ? undefined : new CallerRequest(invocation.request);
       try {
-        await config.onConnect?.(instance.ctx as never, conn);
-        return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
-      } catch (err) {
-        instance.conns.delete(connId);
-        throw err;
+        const params = decodeClientPayload(invocation.params, invocation.encoding, "connection parameters");
+        await config.onBeforeConnect?.(instance.ctx as never, params);
+        const state =
+          config.createConnState !== undefined ? await config.createConnState(instance.ctx as never, params) : undefined;
+        const conn = this.addConn(instance, connId, params, state, invocation.encoding);
+        try {
+          await config.onConnect?.(instance.ctx as never, conn);
+          return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+        } catch (err) {
+          instance.conns.delete(connId);
+          throw err;
+        }
+      } finally {
+        instance.currentRequest = undefined;
       }
     });
   }
@@ -383,6 +396,19 @@ export class JsHost {
     instance.conns.delete(invocation.connId);
     return this.guarded(instance, async () => {
       await instance.def.config.onDisconnect?.(instance.ctx as never, entry.conn);
+      return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
+    });
+  }
+
+  /** A guarded event's `canSubscribe`: a `false` is `auth.forbidden`, a throw its own error. */
+  private async subscribe(invocation: InvocationOf<"subscribe">): Promise<Completion> {
+    const instance = this.instance(invocation);
+    const check = instance.def.config.events?.[invocation.event]?.canSubscribe;
+    const entry = instance.conns.get(invocation.connId);
+    return this.guarded(instance, async () => {
+      if (check === undefined || entry === undefined) throw new Error(`no canSubscribe for event ${invocation.event}`);
+      const allowed = await check(instance.ctx as never, entry.conn);
+      if (allowed !== true) throw new Forbidden(`this connection may not subscribe to ${invocation.event}`);
       return { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     });
   }
@@ -549,6 +575,7 @@ export class JsHost {
       effects: new Effects(),
       conns: new Map(),
       currentConn: undefined,
+      currentRequest: undefined,
       sockets: new Map(),
       ctx: undefined as never,
     };
@@ -669,6 +696,9 @@ export class JsHost {
       conns: connsView,
       get conn() {
         return instance.currentConn;
+      },
+      get request() {
+        return instance.currentRequest?.request;
       },
       broadcast(event: string, data?: unknown) {
         instance.effects.messages.push({ event: String(event), data });

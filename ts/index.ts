@@ -9,13 +9,15 @@ export type {
   Action,
   Conn,
   CreateContext,
+  CanSubscribe,
+  EventOptions,
   EventType,
   KvKey,
   KvListOptions,
   RawWebSocket,
   ScheduledCall,
 } from "./actor";
-export { KeelError, UserError } from "./errors";
+export { Forbidden, forbidden, KeelError, UserError } from "./errors";
 export { createInspector } from "./inspector";
 export type { InspectedActor, InspectedConnection, InspectedSchedule, Inspector, InspectorOptions } from "./inspector";
 export type { ActorLog, LogFields, LogLevel } from "./log";

@@ -9,6 +9,7 @@ export type {
   Invocation,
   LoggingOptions,
   Outcome,
+  RequestHeadJs,
   RuntimeOptions,
   ScheduleOpJs,
 } from "../index.js";

@@ -1,4 +1,4 @@
-import type { AnyActorDefinition } from "./actor";
+import type { AnyActorDefinition, EventType } from "./actor";
 import { KeelError, type ErrorBody } from "./errors";
 import { JsHost } from "./host";
 import { CoreRegistry, initLogging, logMaxLevel, optionSpecs, type RuntimeOptions } from "./native";
@@ -207,6 +207,9 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
           createConnState: def.config.createConnState !== undefined,
           onConnect: def.config.onConnect !== undefined,
           onDisconnect: def.config.onDisconnect !== undefined,
+          guardedEvents: Object.entries(def.config.events ?? {})
+            .filter(([, declared]) => (declared as EventType<unknown> | undefined)?.canSubscribe !== undefined)
+            .map(([name]) => name),
         }),
       );
     }

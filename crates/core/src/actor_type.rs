@@ -28,6 +28,11 @@ pub struct ActorType {
     pub raw_sockets: bool,
     /// Which connection hooks the type has; core calls the host only for those.
     pub hooks: Hooks,
+    /// The events whose subscriptions the host must allow (`canSubscribe`): a connection's
+    /// `sub` of one of them reaches the actor's mailbox and is granted only if
+    /// [`Host::can_subscribe`](crate::host::Host::can_subscribe) agrees. Other events are
+    /// subscribed to without asking.
+    pub guarded_events: HashSet<String>,
 }
 
 /// Which of its optional connection hooks a type defines. Core asks the host to run a hook
@@ -97,6 +102,7 @@ impl ActorType {
             raw_requests: false,
             raw_sockets: false,
             hooks: Hooks::ALL,
+            guarded_events: HashSet::new(),
         }
     }
 

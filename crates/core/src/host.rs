@@ -221,6 +221,24 @@ pub struct ConnectRequest {
     pub conn_id: String,
     /// The connection parameters the client sent, in `params.encoding`.
     pub params: Payload,
+    /// The WebSocket upgrade request (`c.request` in `onBeforeConnect` and `createConnState`).
+    pub request: Option<RequestHead>,
+}
+
+/// Who is calling: the method, URL and headers of the HTTP request a call came with, or of a
+/// connection's WebSocket upgrade (`c.request` in JS). Calls over a connection and scheduled
+/// calls have none.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestHead {
+    /// The HTTP method.
+    pub method: String,
+    /// The path and query string, as the client sent them.
+    pub url: String,
+    /// The headers as one HTTP/1 header block, `name: value\r\n` per header in the order
+    /// received, names lowercase. One string rather than a list of pairs: every HTTP call
+    /// carries it, and most never read it, so it should cost one allocation, not two per
+    /// header; the host parses it only when user code asks.
+    pub headers: String,
 }
 
 /// A raw HTTP request for the actor's `onRequest`.
@@ -300,6 +318,8 @@ pub struct ActionCall {
     pub output: Encoding,
     /// The connection the call came over, if any (`c.conn` in JS).
     pub conn_id: Option<String>,
+    /// The HTTP request the call came with, if it came over HTTP (`c.request` in JS).
+    pub request: Option<RequestHead>,
 }
 
 /// The result of one action.
@@ -362,6 +382,20 @@ pub trait Host: Send + Sync + 'static {
     async fn disconnect(&self, actor: &Arc<ActorInfo>, conn_id: &str) -> Result<Effects> {
         let _ = (actor, conn_id);
         Err(unsupported("connections"))
+    }
+
+    /// A connection asks to subscribe to `event`, which the type guards (see
+    /// [`ActorType::guarded_events`](crate::actor_type::ActorType::guarded_events)): the
+    /// event's `canSubscribe`. An error refuses the subscription (`auth.forbidden` for a plain
+    /// "no"); the connection stays open.
+    async fn can_subscribe(
+        &self,
+        actor: &Arc<ActorInfo>,
+        conn_id: &str,
+        event: &str,
+    ) -> Result<Effects> {
+        let _ = (actor, conn_id, event);
+        Err(unsupported("guarded events"))
     }
 
     /// A connection was admitted to an actor whose type has no connect hook (see

@@ -184,6 +184,15 @@ impl Host for SpanTracking {
         self.inner.disconnect(actor, conn_id).await
     }
 
+    async fn can_subscribe(
+        &self,
+        actor: &Arc<ActorInfo>,
+        conn_id: &str,
+        event: &str,
+    ) -> Result<Effects> {
+        self.inner.can_subscribe(actor, conn_id, event).await
+    }
+
     fn connected(&self, actor: &Arc<ActorInfo>, request: ConnectRequest) {
         self.inner.connected(actor, request);
     }

@@ -263,6 +263,13 @@ impl ConnHandle {
         self.shared.subscriptions.write().extend(events);
     }
 
+    /// Tells the client its subscription to `event` was refused: an `error` frame carrying
+    /// the event's name, which leaves the connection open.
+    pub(crate) fn refuse_subscription(&self, event: &str, err: &Error, dev: bool) {
+        let value = serde_json::json!({ "t": "error", "event": event, "error": err.to_body(dev) });
+        self.push(value_frame(self.encoding, &value));
+    }
+
     /// Drops an event this connection no longer wants (`unsub`).
     pub(crate) fn unsubscribe(&self, event: &str) {
         self.shared.subscriptions.write().remove(event);

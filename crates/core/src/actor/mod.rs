@@ -38,7 +38,8 @@ use crate::clock::Clock;
 use crate::config::{Limits, RuntimeConfig};
 use crate::error::{Error, Result};
 use crate::host::{
-    ActionCall, ActorInfo, Host, Payload, RawRequest, RawResponse, RawSocketEvent, StopReason,
+    ActionCall, ActorInfo, Host, Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead,
+    StopReason,
 };
 use crate::metrics::Metrics;
 use crate::storage::seam::Storage;
@@ -72,10 +73,20 @@ pub(crate) enum Command {
     Connect {
         conn: ConnHandle,
         params: Payload,
+        /// The WebSocket upgrade request.
+        request: Option<RequestHead>,
         reply: oneshot::Sender<Result<()>>,
     },
     /// A connection's socket ended.
     Disconnect { conn_id: Arc<str> },
+    /// A connection subscribes to (or unsubscribes from) an event the type guards with
+    /// `canSubscribe`. Through the mailbox, so it keeps its place among the connection's calls.
+    Subscribe {
+        conn: ConnHandle,
+        event: String,
+        /// `false` for an unsubscribe, which needs no check but must not overtake a pending one.
+        subscribe: bool,
+    },
     /// A raw HTTP request for `onRequest`.
     Request {
         request: RawRequest,
@@ -135,6 +146,8 @@ impl Command {
             Command::Alarm { .. } => {}
             Command::Connect { reply, .. } => drop(reply.send(Err(err))),
             Command::Disconnect { .. } => {}
+            // The connection goes with its actor; nothing waits for this.
+            Command::Subscribe { .. } => {}
             Command::Request { reply, .. } => drop(reply.send(Err(err))),
             Command::RawSocket { reply, .. } => drop(reply.send(Err(err))),
         }
@@ -222,6 +235,8 @@ pub(crate) struct ActorEnv {
     pub(crate) limits: Limits,
     /// The timeout of each lifecycle hook.
     pub(crate) hook_timeout: Duration,
+    /// Dev mode: errors sent to clients (a refused subscription's) show internal messages.
+    pub(crate) dev: bool,
     /// The default timeout of an action (a type may set its own).
     pub(crate) action_timeout: Duration,
     /// The default idle time before an actor sleeps (a type may set its own).
@@ -258,6 +273,7 @@ impl ActorEnv {
             clock,
             limits: config.limits.clone(),
             hook_timeout: config.hook_timeout,
+            dev: config.dev,
             action_timeout: config.action_timeout,
             sleep_timeout: config.sleep_timeout,
             stop,

@@ -27,6 +27,7 @@ use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::host::{
     ActionCall, ActorInfo, Encoding, Host, Payload, RawRequest, RawResponse, RawSocketEvent,
+    RequestHead,
 };
 use crate::metrics::{Gauges, Metrics};
 use crate::runtime::activation::{Activation, Driven, Intents, OnDemand};
@@ -238,6 +239,7 @@ impl Dispatch {
         action: &str,
         args: Payload,
         output: Encoding,
+        request: Option<RequestHead>,
     ) -> Result<Payload> {
         if self.is_draining() {
             return Err(Error::RegistryShuttingDown);
@@ -252,6 +254,7 @@ impl Dispatch {
                 args,
                 output,
                 conn_id: None,
+                request,
             },
             reply: Reply::Caller(reply),
         };
@@ -304,6 +307,7 @@ impl Dispatch {
             args,
             output: reply.encoding(),
             conn_id: Some(reply.conn_id().to_string()),
+            request: None,
         };
         let command = Command::Action {
             call,
@@ -323,15 +327,39 @@ impl Dispatch {
         info: &Arc<ActorInfo>,
         conn: &ConnHandle,
         params: Payload,
+        upgrade: RequestHead,
     ) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         let command = Command::Connect {
             conn: conn.clone(),
             params,
+            request: Some(upgrade),
             reply,
         };
         self.deliver(info, command).await?;
         rx.await.map_err(|_| Error::ActorStopped)?
+    }
+
+    /// Hands a (un)subscription of a guarded event to the actor, behind the connection's
+    /// earlier calls. If the actor cannot take it (overloaded, stopping), the subscription is
+    /// refused with that error.
+    pub(crate) async fn subscribe(
+        &self,
+        info: &Arc<ActorInfo>,
+        conn: &ConnHandle,
+        event: String,
+        subscribe: bool,
+    ) {
+        let command = Command::Subscribe {
+            conn: conn.clone(),
+            event,
+            subscribe,
+        };
+        if let Err(failed) = self.deliver_or_return(info, command).await {
+            if let (err, Command::Subscribe { event, .. }) = *failed {
+                conn.refuse_subscription(&event, &err, self.config.dev);
+            }
+        }
     }
 
     /// Tells a live actor that a connection's socket ended. An actor that has left is not
@@ -550,7 +578,7 @@ mod tests {
         let loud = dispatch.resolve(target("loud")).await.unwrap();
         let conn = ConnHandle::new(Arc::from("c"), Encoding::Json);
         dispatch
-            .connect(&loud, &conn, Payload::json("null"))
+            .connect(&loud, &conn, Payload::json("null"), RequestHead::default())
             .await
             .unwrap();
         conn.subscribe(["e".to_string()]);
@@ -564,11 +592,17 @@ mod tests {
             async move {
                 let args = Payload::json("[]");
                 dispatch
-                    .call(target("loud"), "shout", args, Encoding::Json)
+                    .call(target("loud"), "shout", args, Encoding::Json, None)
                     .await
             }
         });
-        let quiet = dispatch.call(target("quiet"), "noop", Payload::json("[]"), Encoding::Json);
+        let quiet = dispatch.call(
+            target("quiet"),
+            "noop",
+            Payload::json("[]"),
+            Encoding::Json,
+            None,
+        );
         // A bound on a hang, not a measure of speed: without the fix this never completes.
         let quiet = tokio::time::timeout(Duration::from_secs(10), quiet).await;
         drop(held);

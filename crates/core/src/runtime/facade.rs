@@ -66,7 +66,7 @@ impl Runtime {
         args: Payload,
         output: Encoding,
     ) -> Result<Payload> {
-        self.dispatch.call(target, action, args, output).await
+        self.dispatch.call(target, action, args, output, None).await
     }
 
     /// Reads an actor's KV values (after its own pending commits land).

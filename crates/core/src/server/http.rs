@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::routing::{any, get, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use crate::cbor;
 use crate::error::{Error, Result};
-use crate::host::{Encoding, Payload};
+use crate::host::{Encoding, Payload, RequestHead};
 use crate::runtime::target::{Resolve, Target};
 use crate::server::shared::{bytes_response, json_response, Server};
 
@@ -284,6 +284,7 @@ async fn route_not_found(State(server): State<Arc<Server>>, request: Request) ->
 async fn connect(
     State(server): State<Arc<Server>>,
     path: PathOf<String>,
+    uri: Uri,
     headers: HeaderMap,
     upgrade: MaybeUpgrade,
 ) -> Response {
@@ -304,9 +305,12 @@ async fn connect(
         Ok((name, upgrade))
     })();
     match result {
-        Ok((name, upgrade)) => upgrade_socket(&server, upgrade, move |server, socket| {
-            crate::server::socket::serve_keel_socket(server, socket, name)
-        }),
+        Ok((name, upgrade)) => {
+            let head = request_head("GET", &uri, &headers);
+            upgrade_socket(&server, upgrade, move |server, socket| {
+                crate::server::socket::serve_keel_socket(server, socket, name, head)
+            })
+        }
         Err(err) => error_response(&err, dev),
     }
 }
@@ -597,9 +601,37 @@ fn response_encoding(headers: &HeaderMap, request: Encoding) -> Encoding {
 /// The media type of CBOR bodies.
 pub const CBOR_TYPE: &str = "application/cbor";
 
+/// The request head a call or connection hands to user code as `c.request`.
+fn request_head(method: &str, uri: &Uri, headers: &HeaderMap) -> RequestHead {
+    let mut block = String::with_capacity(
+        headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum(),
+    );
+    for (name, value) in headers {
+        // A value that is not visible ASCII cannot be a Fetch header string; it is left out,
+        // as the raw routes leave it out.
+        if let Ok(value) = value.to_str() {
+            block.push_str(name.as_str());
+            block.push_str(": ");
+            block.push_str(value);
+            block.push_str("\r\n");
+        }
+    }
+    RequestHead {
+        method: method.to_string(),
+        url: uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string()),
+        headers: block,
+    }
+}
+
 async fn action_by_key(
     State(server): State<Arc<Server>>,
     path: PathOf<(String, String)>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -610,7 +642,8 @@ async fn action_by_key(
         let Path((name, action)) = path?;
         let envelope = Envelope::read(&server, &headers, body, encoding).await?;
         let (target, args) = envelope.into_key_target(name)?;
-        server.call(target, &action, args, output).await
+        let head = request_head("POST", &uri, &headers);
+        server.call(target, &action, args, output, Some(head)).await
     }
     .await;
     respond(result, dev)
@@ -619,6 +652,7 @@ async fn action_by_key(
 pub(crate) async fn action_by_id(
     State(server): State<Arc<Server>>,
     path: PathOf<(String, String)>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -628,8 +662,9 @@ pub(crate) async fn action_by_id(
         let output = response_encoding(&headers, encoding);
         let Path((id, action)) = path?;
         let envelope = Envelope::read(&server, &headers, body, encoding).await?;
+        let head = request_head("POST", &uri, &headers);
         server
-            .call(Target::Id(id), &action, envelope.args, output)
+            .call(Target::Id(id), &action, envelope.args, output, Some(head))
             .await
     }
     .await;

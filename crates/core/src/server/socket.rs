@@ -5,12 +5,13 @@
 //! (`actor/conn.rs`). The reader never writes to the socket itself, except to refuse one
 //! before it is admitted.
 //!
-//! The protocol (docs/protocol.md): the client's first message is `init` (key, mode, input,
-//! params, subscriptions); then `call`, `sub` and `unsub`. Text frames carry JSON and binary
+//! The protocol (docs/protocol.md): the client's first message is `init` (key or actor id,
+//! mode, input, params, subscriptions); then `call`, `sub` and `unsub`. Text frames carry JSON and binary
 //! frames CBOR; the `init` frame picks the connection's encoding. What must stay true: one
 //! connection's calls enter the actor's mailbox in the order the client sent them (each
 //! call is delivered before the next message is read).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use tracing::Instrument;
 use crate::actor::conn::{close, error_frame, split, ConnHandle, ReplySlot, CLOSE_TIMEOUT};
 use crate::cbor;
 use crate::error::{Error, Result};
-use crate::host::{ActorInfo, Encoding, Payload, RawSocketEvent};
+use crate::host::{ActorInfo, Encoding, Payload, RawSocketEvent, RequestHead};
 use crate::runtime::target::{Resolve, Target};
 use crate::server::shared::Server;
 
@@ -33,7 +34,10 @@ const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One decoded client message.
 enum ClientMessage {
     Init {
+        /// The actor by key (ignored when `actor_id` is set).
         key: Vec<String>,
+        /// The actor by id, for clients that hold an id rather than a key.
+        actor_id: Option<String>,
         mode: Resolve,
         input: Option<Payload>,
         params: Payload,
@@ -53,6 +57,8 @@ struct JsonMessage<'a> {
     t: String,
     #[serde(default)]
     key: Option<Vec<String>>,
+    #[serde(default, rename = "actorId")]
+    actor_id: Option<String>,
     #[serde(default)]
     mode: Option<String>,
     #[serde(borrow, default)]
@@ -97,7 +103,12 @@ impl ClientMessage {
         let missing = |field: &str| Error::malformed(format!("the message needs {field:?}"));
         Ok(match message.t.as_str() {
             "init" => ClientMessage::Init {
-                key: message.key.ok_or_else(|| missing("key"))?,
+                key: match (message.key, &message.actor_id) {
+                    (Some(key), _) => key,
+                    (None, Some(_)) => Vec::new(),
+                    (None, None) => return Err(missing("key")),
+                },
+                actor_id: message.actor_id,
                 mode: parse_mode(message.mode.as_deref())?,
                 input: message.input.map(|raw| Payload::json(raw.get())),
                 params: Payload::json(message.params.map_or("null", RawValue::get)),
@@ -123,6 +134,7 @@ impl ClientMessage {
     fn parse_cbor(bytes: &[u8]) -> Result<ClientMessage> {
         let mut t = None;
         let mut key = None;
+        let mut actor_id = None;
         let mut mode = None;
         let mut input = None;
         let mut params = None;
@@ -136,6 +148,7 @@ impl ClientMessage {
             match name.as_str() {
                 "t" => t = Some(cbor::text(bytes, at)?),
                 "key" => key = Some(cbor::text_array(bytes, at)?),
+                "actorId" => actor_id = Some(cbor::text(bytes, at)?),
                 "mode" => mode = Some(cbor::text(bytes, at)?),
                 "input" => input = Some(Payload::cbor(bytes[range].to_vec())),
                 "params" => params = Some(Payload::cbor(bytes[range].to_vec())),
@@ -153,7 +166,12 @@ impl ClientMessage {
         let missing = |field: &str| Error::malformed(format!("the message needs {field:?}"));
         Ok(match t.as_deref() {
             Some("init") => ClientMessage::Init {
-                key: key.ok_or_else(|| missing("key"))?,
+                key: match (key, &actor_id) {
+                    (Some(key), _) => key,
+                    (None, Some(_)) => Vec::new(),
+                    (None, None) => return Err(missing("key")),
+                },
+                actor_id,
                 mode: parse_mode(mode.as_deref())?,
                 input,
                 params: params.unwrap_or_else(|| Payload::cbor(vec![0xf6])),
@@ -173,7 +191,12 @@ impl ClientMessage {
 }
 
 /// Serves one socket of keel's connection protocol for actor type `name`.
-pub(crate) async fn serve_keel_socket(server: Arc<Server>, socket: WebSocket, name: String) {
+pub(crate) async fn serve_keel_socket(
+    server: Arc<Server>,
+    socket: WebSocket,
+    name: String,
+    upgrade: RequestHead,
+) {
     let dev = server.config.dev;
     let mut socket = socket;
     // The first message names the actor and fixes the encoding.
@@ -212,14 +235,15 @@ pub(crate) async fn serve_keel_socket(server: Arc<Server>, socket: WebSocket, na
         _ => Encoding::Json,
     };
     let init = ClientMessage::parse(&first, encoding);
-    let (key, mode, input, params, subscriptions) = match init {
+    let (key, actor_id, mode, input, params, subscriptions) = match init {
         Ok(ClientMessage::Init {
             key,
+            actor_id,
             mode,
             input,
             params,
             subscriptions,
-        }) => (key, mode, input, params, subscriptions),
+        }) => (key, actor_id, mode, input, params, subscriptions),
         Ok(_) => {
             return Box::pin(reject(
                 socket,
@@ -231,17 +255,28 @@ pub(crate) async fn serve_keel_socket(server: Arc<Server>, socket: WebSocket, na
         }
         Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
-    let target = Target::Key {
-        name,
-        key,
-        mode,
-        input,
+    let target = match actor_id {
+        Some(id) => Target::Id(id),
+        None => Target::Key {
+            name: name.clone(),
+            key,
+            mode,
+            input,
+        },
     };
     // Boxed, as every large step of a socket's task: the task's future is as large as its
     // largest state and lives as long as the socket, so steps that run once (resolving the
     // actor, admitting the connection) or briefly (a call) take heap only while they run.
     let info = match Box::pin(server.resolve(target)).await {
+        // An id names one actor of one type: another type's actor is not found on this route.
+        Ok(info) if *info.name != *name => {
+            return Box::pin(reject(socket, encoding, &Error::ActorNotFound, dev)).await
+        }
         Ok(info) => info,
+        Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
+    };
+    let actor_type = match server.types.get(&info.name) {
+        Ok(actor_type) => actor_type.clone(),
         Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
     let conn_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
@@ -255,7 +290,11 @@ pub(crate) async fn serve_keel_socket(server: Arc<Server>, socket: WebSocket, na
         encoding,
         span.clone(),
     );
-    conn.subscribe(subscriptions);
+    // Events the type guards with `canSubscribe` are asked for once the connection is in.
+    let (checked, free): (Vec<String>, Vec<String>) = subscriptions
+        .into_iter()
+        .partition(|event| actor_type.guarded_events.contains(event));
+    conn.subscribe(free);
 
     async {
         // Listed before it is admitted: the actor sends `ready` itself, so a client that has
@@ -264,7 +303,7 @@ pub(crate) async fn serve_keel_socket(server: Arc<Server>, socket: WebSocket, na
         let _listed = server
             .connections
             .open(info.id.clone(), inspector_info(&server, &conn));
-        let accepted = Box::pin(server.connect(&info, &conn, params)).await;
+        let accepted = Box::pin(server.connect(&info, &conn, params, upgrade)).await;
         if let Err(err) = accepted {
             tracing::debug!(error = %err, "connection rejected");
             conn.push(error_frame(encoding, None, &err, dev));
@@ -272,7 +311,17 @@ pub(crate) async fn serve_keel_socket(server: Arc<Server>, socket: WebSocket, na
             return;
         }
         tracing::debug!("connection open");
-        read_loop(&server, &info, &conn, &mut stream).await;
+        for event in checked {
+            Box::pin(server.subscribe(&info, &conn, event, true)).await;
+        }
+        read_loop(
+            &server,
+            &info,
+            &conn,
+            &mut stream,
+            &actor_type.guarded_events,
+        )
+        .await;
         // However reading ended (the peer vanished, say), the writer has nothing more to do:
         // without this it would idle until the drain is forced. A close already asked for
         // keeps its code.
@@ -323,6 +372,7 @@ async fn read_loop(
     info: &Arc<ActorInfo>,
     conn: &ConnHandle,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    guarded: &HashSet<String>,
 ) {
     let dev = server.config.dev;
     // The number of the next call, for the order of replies.
@@ -362,6 +412,12 @@ async fn read_loop(
                 seq += 1;
                 // Boxed: see `serve_keel_socket`.
                 Box::pin(server.call_on_conn(info, reply, action, args)).await;
+            }
+            Ok(ClientMessage::Subscribe(event)) if guarded.contains(&event) => {
+                Box::pin(server.subscribe(info, conn, event, true)).await;
+            }
+            Ok(ClientMessage::Unsubscribe(event)) if guarded.contains(&event) => {
+                Box::pin(server.subscribe(info, conn, event, false)).await;
             }
             Ok(ClientMessage::Subscribe(event)) => {
                 conn.subscribe([event]);

@@ -15,7 +15,8 @@ use crate::actor::schedules::{after_failure, offer_again_delay};
 use crate::actor::{ActorEnv, Answer, Command, Reply};
 use crate::error::{Error, Result};
 use crate::host::{
-    ActionCall, ConnectRequest, Effects, Encoding, Payload, RawRequest, RawResponse, RawSocketEvent,
+    ActionCall, ConnectRequest, Effects, Encoding, Payload, RawRequest, RawResponse,
+    RawSocketEvent, RequestHead,
 };
 use crate::storage::seam::Settle;
 use crate::storage::seam::StoredSchedule;
@@ -32,9 +33,15 @@ impl ActorTask {
             Command::Connect {
                 conn,
                 params,
+                request,
                 reply,
-            } => self.handle_connect(conn, params, reply).await,
+            } => self.handle_connect(conn, params, request, reply).await,
             Command::Disconnect { conn_id } => self.handle_disconnect(conn_id).await,
+            Command::Subscribe {
+                conn,
+                event,
+                subscribe,
+            } => self.handle_subscribe(conn, event, subscribe).await,
             Command::Request { request, reply } => self.handle_request(request, reply).await,
             Command::RawSocket {
                 event,
@@ -48,11 +55,13 @@ impl ActorTask {
         &mut self,
         conn: ConnHandle,
         params: Payload,
+        upgrade: Option<RequestHead>,
         reply: oneshot::Sender<Result<()>>,
     ) {
         let request = ConnectRequest {
             conn_id: conn.id.to_string(),
             params,
+            request: upgrade,
         };
         let result = if self.actor_type.hooks.on_connecting() {
             let timeout = self.env.hook_timeout;
@@ -96,6 +105,49 @@ impl ActorTask {
             Err(err) => {
                 // The socket task may have ended meanwhile.
                 let _ = reply.send(Err(err));
+            }
+        }
+    }
+
+    /// Grants a guarded subscription once the event's `canSubscribe` agrees and what it changed
+    /// is durable; a refusal sends the connection an `error` frame naming the event.
+    async fn handle_subscribe(&mut self, conn: ConnHandle, event: String, subscribe: bool) {
+        if !subscribe {
+            conn.unsubscribe(&event);
+            return;
+        }
+        if !self.conns.contains_key(&conn.id) {
+            // The connection closed (or was never admitted) before its turn came.
+            return;
+        }
+        let timeout = self.env.hook_timeout;
+        let result = self
+            .guarded(
+                timeout,
+                Call::Hook("canSubscribe"),
+                self.env.host.can_subscribe(&self.info, &conn.id, &event),
+            )
+            .await;
+        let dev = self.env.dev;
+        match result {
+            Ok(mut effects) => {
+                let messages = std::mem::take(&mut effects.messages);
+                let conns = self.conn_list.clone();
+                self.commit(
+                    effects,
+                    None,
+                    Box::new(move |durable| match durable {
+                        Ok(()) => {
+                            conn.subscribe([event]);
+                            conn::deliver(&conns, &messages);
+                        }
+                        Err(err) => conn.refuse_subscription(&event, &err, dev),
+                    }),
+                );
+            }
+            Err(err) => {
+                tracing::debug!(event, error = %err, "subscription refused");
+                conn.refuse_subscription(&event, &err, dev);
             }
         }
     }
@@ -254,6 +306,7 @@ impl ActorTask {
                     args: Payload::cbor(schedule.args.clone()),
                     output: Encoding::Cbor,
                     conn_id: None,
+                    request: None,
                 };
                 let timeout = self
                     .actor_type
