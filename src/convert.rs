@@ -205,6 +205,37 @@ pub struct RuntimeOptions {
     /// Browser origins (such as `https://app.example`, or `*` for any, without credentials)
     /// that may open WebSockets and get CORS headers, besides the server's own.
     pub allowed_origins: Option<Vec<String>>,
+    /// Run as an envoy of a Rivet Engine instead of listening (`registry.start()` only).
+    pub engine: Option<EngineOptions>,
+}
+
+/// Where the Rivet Engine is, for engine mode. Each field falls back to its `KEEL_ENGINE_*`
+/// environment variable, then its default; without an endpoint keel runs embedded.
+#[napi(object)]
+#[derive(Clone, Default)]
+pub struct EngineOptions {
+    /// The engine's address, `http://host:port`. `KEEL_ENGINE_ENDPOINT`.
+    pub endpoint: Option<String>,
+    /// The engine namespace. `KEEL_ENGINE_NAMESPACE`, default `default`.
+    pub namespace: Option<String>,
+    /// The pool (runner name) to serve. `KEEL_ENGINE_POOL`, default `default`.
+    pub pool: Option<String>,
+    /// The engine's admin token, if it has auth. `KEEL_ENGINE_TOKEN`.
+    pub token: Option<String>,
+}
+
+impl RuntimeOptions {
+    /// The engine settings, with environment fallbacks; `None` runs embedded.
+    pub fn engine_config(&self) -> Result<Option<keel_envoy::EngineConfig>, Error> {
+        let options = self.engine.clone().unwrap_or_default();
+        keel_envoy::EngineConfig::resolve(
+            options.endpoint,
+            options.namespace,
+            options.pool,
+            options.token,
+            |name| std::env::var(name).ok(),
+        )
+    }
 }
 
 impl RuntimeOptions {

@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - `convert`: options in, errors out (the one conversion of core errors for JS).
+//! - `engine`: `serve` as an envoy of a Rivet Engine (keel-envoy), and its drain.
 //! - `host`: the batched JS host.
 //! - `logging`: the process-wide subscriber, and `c.log` lines inside their actor's span.
 //! - `workers`: the tokio runtime, sized by `KEEL_WORKER_THREADS`.
@@ -16,6 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod calls;
 mod convert;
+mod engine;
 mod host;
 mod logging;
 mod workers;
@@ -49,6 +51,9 @@ type ListeningFn = ThreadsafeFunction<String, (), String, Status, false, true>;
 pub struct CoreRegistry {
     registry: Arc<Registry>,
     host: Arc<JsHost>,
+    /// The envoy and its drain budget while running as an envoy of a Rivet Engine; the
+    /// shutdown stops it first, so the engine stops the actors as going away.
+    engine: engine::EngineSlot,
     /// The configuration `prepareServerless` resolved, with its dev flag; every serverless
     /// request uses it as it is.
     serverless: Mutex<Option<(Arc<RuntimeConfig>, bool)>>,
@@ -70,6 +75,7 @@ impl CoreRegistry {
         CoreRegistry {
             registry,
             host,
+            engine: Arc::default(),
             serverless: Mutex::new(None),
             option_resolutions: AtomicU32::new(0),
         }
@@ -89,6 +95,7 @@ impl CoreRegistry {
     #[napi]
     pub fn validate_options(&self, options: RuntimeOptions) -> Option<ErrorInfo> {
         self.config_of(&options)
+            .and_then(|_| options.engine_config())
             .err()
             .map(|err| ErrorInfo::from_error(&err, false))
     }
@@ -117,7 +124,9 @@ impl CoreRegistry {
         self.option_resolutions.load(Ordering::Relaxed)
     }
 
-    /// Serves HTTP until shutdown; resolves after the drain completes.
+    /// Serves HTTP until shutdown, or, with an engine endpoint, runs as an envoy of that
+    /// engine (`onListening` then gets the engine's `host:port`); resolves after the drain
+    /// completes.
     #[napi(ts_args_type = "options: RuntimeOptions, onListening: (address: string) => void")]
     pub async fn serve(&self, options: RuntimeOptions, on_listening: ListeningFn) -> Outcome {
         let dev = options.dev.unwrap_or(false);
@@ -128,17 +137,35 @@ impl CoreRegistry {
             Ok(config) => config,
             Err(err) => return Outcome::from_result(Err(err), dev),
         };
-        let result = self
-            .registry
-            .serve(config, |address| {
-                let address = address.to_string();
-                tokio::spawn(async move {
-                    if let Err(err) = on_listening.call_async_catch(address).await {
-                        tracing::warn!(error = %err, "the listening callback failed");
-                    }
-                });
-            })
-            .await;
+        let engine = match options.engine_config() {
+            Ok(engine) => engine,
+            Err(err) => return Outcome::from_result(Err(err), dev),
+        };
+        let announce = move |address: String| {
+            tokio::spawn(async move {
+                if let Err(err) = on_listening.call_async_catch(address).await {
+                    tracing::warn!(error = %err, "the listening callback failed");
+                }
+            });
+        };
+        let result = match engine {
+            Some(engine) => {
+                engine::serve(
+                    &self.registry,
+                    &self.host,
+                    &self.engine,
+                    config,
+                    engine,
+                    announce,
+                )
+                .await
+            }
+            None => {
+                self.registry
+                    .serve(config, |address| announce(address.to_string()))
+                    .await
+            }
+        };
         if let Err(err) = &result {
             if err.http_status() >= 500 {
                 tracing::error!(group = err.group(), code = err.code(), error = %err, "the server failed to start");
@@ -171,9 +198,11 @@ impl CoreRegistry {
         HttpResponse::from_http(response).await
     }
 
-    /// Shuts down and resolves once the drain is complete. Idempotent.
+    /// Shuts down and resolves once the drain is complete. Idempotent. In engine mode the
+    /// engine is told first, and stops every actor as going away within the drain timeout.
     #[napi]
     pub async fn shutdown(&self) {
+        engine::stop(&self.engine).await;
         self.registry.shutdown().await;
     }
 

@@ -23,6 +23,6 @@ export type { InspectedActor, InspectedConnection, InspectedSchedule, Inspector,
 export type { ActorLog, LogFields, LogLevel } from "./log";
 export type { ErrorBody } from "./errors";
 export { Registry, setup } from "./registry";
-export type { InspectorConfig, ListenInfo, LoggingConfig, SetupConfig } from "./registry";
+export type { EngineConfig, InspectorConfig, ListenInfo, LoggingConfig, SetupConfig } from "./registry";
 export { createClient } from "./client";
 export type { ActorAccessor, ActorConnection, ActorHandle, Client, ClientOptions, ConnectOptions } from "./client";

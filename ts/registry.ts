@@ -59,6 +59,24 @@ export interface SetupConfig<U extends Record<string, AnyActorDefinition>> {
    * See docs/protocol.md, "Browsers and origins". Default none.
    */
   allowedOrigins?: string[];
+  /**
+   * Run `start()` as an envoy of a self-hosted Rivet Engine instead of opening keel's own
+   * listener; see docs/engine.md. Without an endpoint (here or in `KEEL_ENGINE_ENDPOINT`) keel
+   * runs embedded. `handler()` always runs embedded.
+   */
+  engine?: EngineConfig;
+}
+
+/** `setup({ engine })`. Each field falls back to its environment variable, then its default. */
+export interface EngineConfig {
+  /** The engine's address, such as `"http://127.0.0.1:6420"`. `KEEL_ENGINE_ENDPOINT`. */
+  endpoint?: string;
+  /** The engine namespace. `KEEL_ENGINE_NAMESPACE`, default `"default"`. */
+  namespace?: string;
+  /** The pool (runner name) this process serves; it needs a runner config. `KEEL_ENGINE_POOL`, default `"default"`. */
+  pool?: string;
+  /** The engine's admin token, if the engine has auth configured. `KEEL_ENGINE_TOKEN`. */
+  token?: string;
 }
 
 /** `setup({ logging })`. Each field falls back to its environment variable, then its default. */
@@ -222,6 +240,8 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
       bodyTimeoutMs: c.bodyTimeoutMs,
       lingerMs: c.lingerMs,
       allowedOrigins: c.allowedOrigins,
+      // Core resolves the `KEEL_ENGINE_*` fallbacks and defaults, and checks the values.
+      engine: c.engine,
     };
   }
 

@@ -84,5 +84,6 @@ pub use host::{
     ScheduleWrite, StartRequest, StopReason,
 };
 pub use registry::{Mode, Registry};
+pub use runtime::activation::Intents;
 pub use runtime::{Resolve, Runtime, Target};
 pub use storage::seam::Storage;

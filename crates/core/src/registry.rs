@@ -26,9 +26,11 @@ use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::metrics::{Metrics, ShutdownPhase};
+use crate::runtime::activation::Intents;
 use crate::runtime::facade::Runtime;
 use crate::runtime::ingress::{Request, Response};
 use crate::spans::{ActorSpans, SpanTracking};
+use crate::storage::seam::Storage;
 
 /// How a running registry receives requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub enum Mode {
     Serve,
     /// A Fetch-style host hands requests over one at a time.
     Serverless,
+    /// A driver (a Rivet Engine) starts and stops actors and tunnels their requests.
+    Engine,
 }
 
 impl Mode {
@@ -44,6 +48,7 @@ impl Mode {
         match self {
             Mode::Serve => "serve",
             Mode::Serverless => "serverless",
+            Mode::Engine => "engine",
         }
     }
 }
@@ -143,6 +148,9 @@ impl Registry {
                 mode: Mode::Serverless,
                 ..
             } => "running_serverless",
+            State::Running {
+                mode: Mode::Engine, ..
+            } => "running_engine",
             State::ShuttingDown => "shutting_down",
         }
     }
@@ -195,7 +203,8 @@ impl Registry {
                 }
                 State::StartingServe
                 | State::Running {
-                    mode: Mode::Serve, ..
+                    mode: Mode::Serve | Mode::Engine,
+                    ..
                 } => return Err(Error::RegistryAlreadyRunning),
                 State::ShuttingDown => return Err(Error::RegistryShutDown),
             }
@@ -257,6 +266,58 @@ impl Registry {
         Ok(())
     }
 
+    /// Runs as a driven runtime (engine mode) over `storage` until shutdown: no listener;
+    /// `on_running` gets the runtime, through which the driver starts and stops actors and
+    /// tunnels their requests. Resolves after the drain has completed.
+    pub async fn serve_driven(
+        &self,
+        config: RuntimeConfig,
+        storage: Arc<dyn Storage>,
+        intents: Arc<dyn Intents>,
+        on_running: impl FnOnce(Arc<Runtime>),
+    ) -> Result<()> {
+        let runtime = {
+            let mut state = self.state.lock();
+            match &*state {
+                State::Idle => {}
+                State::BuildingServerless { .. }
+                | State::Running {
+                    mode: Mode::Serverless,
+                    ..
+                } => {
+                    return Err(Error::RegistryWrongMode {
+                        running: Mode::Serverless.as_str(),
+                        wanted: "serve",
+                    })
+                }
+                State::StartingServe | State::Running { .. } => {
+                    return Err(Error::RegistryAlreadyRunning)
+                }
+                State::ShuttingDown => return Err(Error::RegistryShutDown),
+            }
+            let types = Arc::new(self.types.lock().clone());
+            self.metrics.runtime_built();
+            let runtime = Arc::new(Runtime::open_driven(
+                config,
+                types,
+                self.host.clone(),
+                &self.root,
+                self.metrics.clone(),
+                storage,
+                intents,
+            )?);
+            *state = State::Running {
+                mode: Mode::Engine,
+                runtime: runtime.clone(),
+            };
+            runtime
+        };
+        tracing::info!("running as an engine envoy");
+        on_running(runtime);
+        self.wait_stopped().await;
+        Ok(())
+    }
+
     /// Handles one serverless request, building the runtime on the first call.
     pub async fn handle(&self, config: &RuntimeConfig, request: Request) -> Result<Response> {
         /// What the request does next, decided under the lock and done after it.
@@ -274,10 +335,11 @@ impl Registry {
                         runtime,
                     } => Next::Handle(runtime.clone()),
                     State::Running {
-                        mode: Mode::Serve, ..
+                        mode: mode @ (Mode::Serve | Mode::Engine),
+                        ..
                     } => {
                         return Err(Error::RegistryWrongMode {
-                            running: Mode::Serve.as_str(),
+                            running: mode.as_str(),
                             wanted: "handle serverless requests",
                         })
                     }

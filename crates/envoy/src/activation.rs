@@ -15,6 +15,7 @@
 //! [`EngineStopReason`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rivet_envoy_client::config::{
     ActorStopHandle, BoxFuture, EnvoyCallbacks, HttpRequest, HttpResponse, WebSocketHandler,
@@ -166,16 +167,62 @@ impl Drop for StopDone {
     }
 }
 
+/// An HTTP request the engine's gateway tunneled to one actor: the path is what followed
+/// `/gateway/{actor}`, with the gateway's `rvt-*` query parameters removed.
+#[derive(Debug)]
+pub struct TunneledRequest {
+    /// The HTTP method.
+    pub method: String,
+    /// The path and query inside the actor.
+    pub path: String,
+    /// The request's headers.
+    pub headers: HashMap<String, String>,
+    /// The whole body (streamed bodies are refused before they get here).
+    pub body: Vec<u8>,
+}
+
+/// The answer to a [`TunneledRequest`], sent back through the engine whole.
+#[derive(Debug)]
+pub struct TunneledResponse {
+    /// The HTTP status.
+    pub status: u16,
+    /// The response's headers.
+    pub headers: HashMap<String, String>,
+    /// The whole body.
+    pub body: Vec<u8>,
+}
+
+/// Where tunneled requests go (keel's runtime, in engine mode). Without one, every tunneled
+/// request is answered with keel's `request.route_not_found`.
+pub trait Tunnel: Send + Sync + 'static {
+    /// Serves one request for `actor_id`, an actor this envoy was told to start.
+    fn fetch(&self, actor_id: String, request: TunneledRequest) -> BoxFuture<TunneledResponse>;
+}
+
 /// The envoy's callbacks: forwards commands as [`EngineEvent`]s.
 pub(crate) struct Callbacks {
     /// Drained by the caller of `connect`; a closed receiver fails starts and completes stops.
     events: mpsc::Sender<EngineEvent>,
+    /// Serves tunneled requests; `None` answers each with a structured 404.
+    tunnel: Option<Arc<dyn Tunnel>>,
 }
 
 impl Callbacks {
-    pub fn new() -> (Callbacks, mpsc::Receiver<EngineEvent>) {
+    pub fn new(tunnel: Option<Arc<dyn Tunnel>>) -> (Callbacks, mpsc::Receiver<EngineEvent>) {
         let (events, rx) = mpsc::channel(MAX_PENDING_EVENTS);
-        (Callbacks { events }, rx)
+        (Callbacks { events, tunnel }, rx)
+    }
+}
+
+/// keel's JSON error body for `err`, as a tunneled response.
+pub(crate) fn error_response(err: &keel_core::Error) -> TunneledResponse {
+    let body = serde_json::to_vec(&err.to_body(false)).unwrap_or_default();
+    let mut headers = HashMap::new();
+    headers.insert("content-type".to_string(), "application/json".to_string());
+    TunneledResponse {
+        status: err.http_status(),
+        headers,
+        body,
     }
 }
 
@@ -252,23 +299,27 @@ impl EnvoyCallbacks for Callbacks {
         _request_id: protocol::RequestId,
         request: HttpRequest,
     ) -> BoxFuture<anyhow::Result<HttpResponse>> {
-        // Tunneled requests are not routed to keel's actors yet: answer every one with keel's
-        // own structured error, so callers see a clear 404 rather than a hung request.
-        let err = keel_core::Error::RouteNotFound {
-            method: request.method.clone(),
-            path: request.path.clone(),
+        let Some(tunnel) = self.tunnel.clone() else {
+            let err = keel_core::Error::RouteNotFound {
+                method: request.method.clone(),
+                path: request.path.clone(),
+            };
+            tracing::debug!(%actor_id, method = %request.method, path = %request.path, "tunneled request has no route");
+            return Box::pin(async move { Ok(into_http(error_response(&err))) });
         };
-        tracing::debug!(%actor_id, method = %request.method, path = %request.path, "tunneled request has no route");
         Box::pin(async move {
-            let body = serde_json::to_vec(&err.to_body(false))?;
-            let mut headers = HashMap::new();
-            headers.insert("content-type".to_string(), "application/json".to_string());
-            Ok(HttpResponse {
-                status: err.http_status(),
-                headers,
-                body: Some(body),
-                body_stream: None,
-            })
+            if request.body_stream.is_some() {
+                // The gateway streams large bodies; keel takes whole bodies only, for now.
+                let err = keel_core::Error::malformed("streamed request bodies are not supported");
+                return Ok(into_http(error_response(&err)));
+            }
+            let request = TunneledRequest {
+                method: request.method,
+                path: request.path,
+                headers: request.headers,
+                body: request.body.unwrap_or_default(),
+            };
+            Ok(into_http(tunnel.fetch(actor_id, request).await))
         })
     }
 
@@ -297,6 +348,15 @@ impl EnvoyCallbacks for Callbacks {
         _request: &HttpRequest,
     ) -> BoxFuture<anyhow::Result<bool>> {
         Box::pin(async { Ok(false) })
+    }
+}
+
+fn into_http(response: TunneledResponse) -> HttpResponse {
+    HttpResponse {
+        status: response.status,
+        headers: response.headers,
+        body: Some(response.body),
+        body_stream: None,
     }
 }
 

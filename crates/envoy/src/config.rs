@@ -39,6 +39,36 @@ impl EngineConfig {
         }
     }
 
+    /// The engine settings from explicit options, each falling back to its environment
+    /// variable (`KEEL_ENGINE_ENDPOINT`, `KEEL_ENGINE_NAMESPACE`, `KEEL_ENGINE_POOL`,
+    /// `KEEL_ENGINE_TOKEN`, read through `env`) and then to its default. `None` without an
+    /// endpoint: keel runs embedded. An empty value counts as unset.
+    pub fn resolve(
+        endpoint: Option<String>,
+        namespace: Option<String>,
+        pool: Option<String>,
+        token: Option<String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<EngineConfig>> {
+        let pick = |value: Option<String>, name: &str| {
+            value
+                .filter(|value| !value.is_empty())
+                .or_else(|| env(name).filter(|value| !value.is_empty()))
+        };
+        let Some(endpoint) = pick(endpoint, "KEEL_ENGINE_ENDPOINT") else {
+            return Ok(None);
+        };
+        let config = EngineConfig {
+            endpoint,
+            namespace: pick(namespace, "KEEL_ENGINE_NAMESPACE")
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+            pool: pick(pool, "KEEL_ENGINE_POOL").unwrap_or_else(|| DEFAULT_POOL.to_string()),
+            token: pick(token, "KEEL_ENGINE_TOKEN"),
+        };
+        config.validate()?;
+        Ok(Some(config))
+    }
+
     /// Checks the values before anything connects, so a typo is `registry.invalid_config`
     /// rather than an envoy that retries forever.
     pub fn validate(&self) -> Result<()> {
@@ -75,5 +105,47 @@ mod tests {
         config.pool = String::new();
         let err = config.validate().unwrap_err();
         assert_eq!(err.code(), "invalid_config");
+    }
+
+    #[test]
+    fn resolve_prefers_options_then_the_environment_then_defaults() {
+        let env = |name: &str| match name {
+            "KEEL_ENGINE_ENDPOINT" => Some("http://127.0.0.1:7000".to_string()),
+            "KEEL_ENGINE_POOL" => Some("env-pool".to_string()),
+            _ => None,
+        };
+        let none = |_: &str| None;
+        assert_eq!(
+            EngineConfig::resolve(None, None, None, None, none).unwrap(),
+            None
+        );
+        let config = EngineConfig::resolve(None, None, None, None, env)
+            .unwrap()
+            .unwrap();
+        assert_eq!(config.endpoint, "http://127.0.0.1:7000");
+        assert_eq!(config.namespace, DEFAULT_NAMESPACE);
+        assert_eq!(config.pool, "env-pool");
+        assert_eq!(config.token, None);
+        let config = EngineConfig::resolve(
+            Some("http://127.0.0.1:6420".into()),
+            Some("ns".into()),
+            Some("p".into()),
+            Some("t".into()),
+            env,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (
+                config.endpoint.as_str(),
+                config.namespace.as_str(),
+                config.pool.as_str()
+            ),
+            ("http://127.0.0.1:6420", "ns", "p")
+        );
+        assert_eq!(config.token.as_deref(), Some("t"));
+        let err =
+            EngineConfig::resolve(Some("ftp://x".into()), None, None, None, none).unwrap_err();
+        assert_eq!((err.group(), err.code()), ("registry", "invalid_config"));
     }
 }

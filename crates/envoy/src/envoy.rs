@@ -10,7 +10,7 @@ use rivet_envoy_client::config::EnvoyConfig;
 use rivet_envoy_client::handle::EnvoyHandle;
 use tokio::sync::mpsc;
 
-use crate::activation::{Callbacks, EngineEvent};
+use crate::activation::{Callbacks, EngineEvent, Tunnel};
 use crate::config::{EngineConfig, CONNECT_TIMEOUT};
 use crate::remote::Remote;
 use crate::storage::{ActorIdentity, ActorStore, Snapshot};
@@ -40,8 +40,16 @@ pub struct Engine {
 /// most [`CONNECT_TIMEOUT`]. Must be called within a tokio runtime (keel's); the envoy's tasks
 /// run there. The receiver gets every start and stop command; dropping it fails later starts.
 pub async fn connect(config: EngineConfig) -> Result<(Engine, mpsc::Receiver<EngineEvent>)> {
+    connect_with(config, None).await
+}
+
+/// [`connect`], serving tunneled requests with `tunnel`.
+pub async fn connect_with(
+    config: EngineConfig,
+    tunnel: Option<Arc<dyn Tunnel>>,
+) -> Result<(Engine, mpsc::Receiver<EngineEvent>)> {
     config.validate()?;
-    let (callbacks, events) = Callbacks::new();
+    let (callbacks, events) = Callbacks::new(tunnel);
     let namespace: Arc<str> = config.namespace.as_str().into();
     let endpoint = config.endpoint.clone();
     let handle = rivet_envoy_client::envoy::start_envoy_sync(EnvoyConfig {

@@ -22,6 +22,9 @@
 //! - [`envoy`]: [`connect`], the [`Engine`] handle (intents, storage, shutdown).
 //! - [`activation`]: the client's callbacks, as [`EngineEvent`]s on a channel.
 //! - [`storage`]: one actor's schema, snapshot and group commit ([`ActorStore`]).
+//! - [`seam`]: keel-core's `Storage` seam over the stores of the actors this envoy runs.
+//! - [`serve`]: keel's registry as an envoy: engine events into the driven runtime, tunneled
+//!   requests into its routes, actors' own sleep and destroy out as intents.
 //! - `remote`: one activation's fenced requests, and the one mapping of failures to keel's
 //!   errors.
 //! - `sql`: statements and values, converted to and from the protocol's types.
@@ -32,10 +35,16 @@ pub mod activation;
 pub mod config;
 pub mod envoy;
 mod remote;
+pub mod seam;
+pub mod serve;
 mod sql;
 pub mod storage;
 
-pub use activation::{EngineEvent, EngineStopReason, StartReply, StopDone};
+pub use activation::{
+    EngineEvent, EngineStopReason, StartReply, StopDone, Tunnel, TunneledRequest, TunneledResponse,
+};
 pub use config::EngineConfig;
-pub use envoy::{connect, Engine, ShutdownOutcome};
+pub use envoy::{connect, connect_with, Engine, ShutdownOutcome};
+pub use seam::EngineStorage;
+pub use serve::{serve, EngineRun};
 pub use storage::{ActorIdentity, ActorStore, CommitStats, Snapshot};

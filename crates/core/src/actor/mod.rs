@@ -39,6 +39,7 @@ use crate::config::{Limits, RuntimeConfig};
 use crate::error::{Error, Result};
 use crate::host::{
     ActionCall, ActorInfo, Host, Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead,
+    StopReason,
 };
 use crate::metrics::Metrics;
 use crate::storage::seam::Storage;
@@ -167,6 +168,12 @@ pub(crate) struct ActorHandle {
     /// The open keep-awake holds, shared with the task, which watches it (see
     /// [`ActorHandle::keep_awake`]).
     holds: Arc<watch::Sender<usize>>,
+    /// The task's own stop token (a child of the drain token): cancelling it makes the task
+    /// stop for the reason in `stop_reason`, as the drain does.
+    stop: CancellationToken,
+    /// Why [`ActorHandle::request_stop`] asked the task to stop; read by the task once
+    /// `stop` is cancelled (`Shutdown` if unset, which is the drain).
+    stop_reason: Arc<parking_lot::Mutex<Option<StopReason>>>,
 }
 
 impl ActorHandle {
@@ -216,6 +223,13 @@ impl ActorHandle {
     /// (a panic in user-facing code unwinds the task).
     pub(crate) fn has_exited(&self) -> bool {
         *self.stopped.borrow() || self.stopped.has_changed().is_err()
+    }
+
+    /// Asks the task to stop for `reason` from outside it (an engine's stop command): it
+    /// stops as for the drain, with that reason's hooks. The first reason asked for wins.
+    pub(crate) fn request_stop(&self, reason: StopReason) {
+        self.stop_reason.lock().get_or_insert(reason);
+        self.stop.cancel();
     }
 
     /// Whether commits of this actor are still on their way to disk.

@@ -48,8 +48,11 @@ pub(crate) struct ActorTask {
     lifecycle: Arc<dyn Lifecycle>,
     /// The mailbox; every [`ActorHandle`] holds a sender.
     rx: mpsc::Receiver<Command>,
-    /// A child of the runtime's stop token: cancelled when the graceful drain begins.
+    /// A child of the runtime's stop token: cancelled when the graceful drain begins, or
+    /// when a handle asks the task to stop (`ActorHandle::request_stop`).
     stop: CancellationToken,
+    /// Why a handle asked the task to stop; unset for the drain.
+    stop_reason: Arc<parking_lot::Mutex<Option<StopReason>>>,
     /// Cancelled when the drain runs out of time: abandon work at once.
     force: CancellationToken,
     /// Tells this task's entry in the live set apart from a later task for the same actor.
@@ -95,8 +98,11 @@ impl ActorTask {
         let (stopped, stopped_rx) = watch::channel(false);
         let pending_commits = Arc::new(AtomicUsize::new(0));
         let holds = Arc::new(watch::channel(0).0);
+        let stop = env.stop.child_token();
+        let stop_reason = Arc::new(parking_lot::Mutex::new(None));
         let task = ActorTask {
-            stop: env.stop.child_token(),
+            stop: stop.clone(),
+            stop_reason: stop_reason.clone(),
             force: env.force.clone(),
             info: info.clone(),
             generation,
@@ -121,6 +127,8 @@ impl ActorTask {
             stopped: stopped_rx,
             pending_commits,
             holds,
+            stop,
+            stop_reason,
         };
         (task, handle)
     }
@@ -200,7 +208,8 @@ impl ActorTask {
                 // queued ones, which were already accepted.
                 biased;
                 _ = self.stop.cancelled(), if self.stopping.is_none() => {
-                    self.begin_stopping(StopReason::Shutdown);
+                    let reason = self.stop_reason.lock().unwrap_or(StopReason::Shutdown);
+                    self.begin_stopping(reason);
                 }
                 // The next message; `None` once the mailbox is closed and empty.
                 command = self.rx.recv() => match command {

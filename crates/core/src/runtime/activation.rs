@@ -164,3 +164,212 @@ impl Lifecycle for OnDemand {
         }
     }
 }
+
+/// What a driven runtime tells whoever drives it (an engine) when an actor decides to stop on
+/// its own. Implemented outside the crate (keel's envoy adapter); called from the actor's task
+/// once it has stopped and flushed, never while a lock is held.
+pub trait Intents: Send + Sync + 'static {
+    /// The actor at `generation` went to sleep by itself (its idle timer, `c.sleep()`): ask
+    /// the driver to stop it as asleep.
+    fn sleep(&self, actor_id: &str, generation: u64);
+    /// The actor at `generation` destroyed itself (`c.destroy()`), its data already deleted:
+    /// ask the driver to destroy it.
+    fn destroy(&self, actor_id: &str, generation: u64);
+}
+
+/// One actor the driver has started and not yet stopped.
+struct Owned {
+    /// The driver's generation of this activation; tags its tasks.
+    generation: u64,
+    info: Arc<ActorInfo>,
+    /// The live task, if one runs: an actor that slept by itself keeps its entry (the driver
+    /// still counts it as running until its stop arrives) and is started again by the next
+    /// message, at the same generation.
+    handle: Option<ActorHandle>,
+    /// Set once the actor destroyed itself: nothing starts it again.
+    destroyed: bool,
+}
+
+/// The activation of a driven runtime: a task runs only for an actor the driver has started
+/// ([`Driven::start`]) and stops when the driver says so ([`Driven::stop`]). An actor that
+/// stops by itself tells the driver through [`Intents`] and waits for its stop.
+pub(crate) struct Driven {
+    me: Weak<Driven>,
+    env: Arc<ActorEnv>,
+    types: Arc<ActorTypes>,
+    directory: Arc<Directory>,
+    tracker: TaskTracker,
+    /// Told when an actor stops by itself.
+    intents: Arc<dyn Intents>,
+    /// The actors the driver has started, by id.
+    owned: Mutex<HashMap<Arc<str>, Owned>>,
+    closed: AtomicBool,
+}
+
+impl Driven {
+    pub(crate) fn new(
+        env: Arc<ActorEnv>,
+        types: Arc<ActorTypes>,
+        directory: Arc<Directory>,
+        tracker: TaskTracker,
+        intents: Arc<dyn Intents>,
+    ) -> Arc<Driven> {
+        Arc::new_cyclic(|me| Driven {
+            me: me.clone(),
+            env,
+            types,
+            directory,
+            tracker,
+            intents,
+            owned: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The driver started the actor at `generation`: its task starts now (it loads the
+    /// actor from storage, which the driver has opened for this generation).
+    pub(crate) fn start(&self, info: Arc<ActorInfo>, generation: u64) -> Result<ActorHandle> {
+        let mut owned = self.owned.lock();
+        if self.is_closed() || self.env.stop.is_cancelled() {
+            return Err(Error::RegistryShuttingDown);
+        }
+        if let Some(previous) = owned.get(&info.id) {
+            if previous.generation >= generation {
+                return Err(Error::ActorStopped);
+            }
+            if let Some(handle) = &previous.handle {
+                // The driver only starts a newer generation once the older one was stopped;
+                // a task still running for it must not write on behalf of the new one.
+                handle.request_stop(crate::host::StopReason::Reset);
+            }
+        }
+        owned.insert(
+            info.id.clone(),
+            Owned {
+                generation,
+                info: info.clone(),
+                handle: None,
+                destroyed: false,
+            },
+        );
+        let entry = owned.get_mut(&info.id).ok_or(Error::ActorStopped)?;
+        self.spawn(entry)
+    }
+
+    /// The driver stops the actor's activation at `generation` for `reason`; resolves once
+    /// its task (if one runs) has stopped and flushed. Nothing starts it again until the
+    /// driver starts it anew.
+    pub(crate) async fn stop(&self, id: &str, generation: u64, reason: crate::host::StopReason) {
+        let handle = {
+            let mut owned = self.owned.lock();
+            match owned.get(id) {
+                Some(entry) if entry.generation == generation => {
+                    owned.remove(id).and_then(|entry| entry.handle)
+                }
+                _ => None,
+            }
+        };
+        if let Some(handle) = handle {
+            handle.request_stop(reason);
+            handle.wait_stopped().await;
+        }
+    }
+
+    fn spawn(&self, entry: &mut Owned) -> Result<ActorHandle> {
+        let actor_type = self.types.get(&entry.info.name)?.clone();
+        let lifecycle: Arc<dyn Lifecycle> = self.me.upgrade().ok_or(Error::RegistryShutDown)?;
+        let (task, handle) = ActorTask::new(
+            entry.info.clone(),
+            actor_type,
+            self.env.clone(),
+            lifecycle,
+            entry.generation,
+        );
+        entry.handle = Some(handle.clone());
+        let span = crate::actor::span(&entry.info);
+        self.tracker.spawn(task.run().instrument(span));
+        Ok(handle)
+    }
+}
+
+impl Activation for Driven {
+    fn activate(&self, info: &Arc<ActorInfo>) -> Result<ActorHandle> {
+        let mut owned = self.owned.lock();
+        if self.is_closed() || self.env.stop.is_cancelled() {
+            return Err(Error::RegistryShuttingDown);
+        }
+        // An actor the driver has not started (or has stopped) is not ours to run: the
+        // driver routes its requests here only while it runs.
+        let entry = owned.get_mut(&info.id).ok_or(Error::ActorStopped)?;
+        if entry.destroyed {
+            return Err(Error::ActorNotFound);
+        }
+        if let Some(handle) = &entry.handle {
+            if !handle.has_exited() {
+                return Ok(handle.clone());
+            }
+        }
+        self.spawn(entry)
+    }
+
+    fn live(&self, id: &str) -> Option<ActorHandle> {
+        let owned = self.owned.lock();
+        owned.get(id)?.handle.clone()
+    }
+
+    fn live_count(&self) -> usize {
+        let owned = self.owned.lock();
+        owned
+            .values()
+            .filter(|entry| entry.handle.is_some())
+            .count()
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Lifecycle for Driven {
+    fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: watch::Receiver<bool>) {
+        if let Some(entry) = self.owned.lock().get_mut(&info.id) {
+            entry.destroyed = true;
+        }
+        self.directory.mark_dying(info, stopped);
+    }
+
+    fn forget_key(&self, info: &ActorInfo) {
+        self.directory.forget_key(info);
+    }
+
+    /// The task tagged `generation` has stopped and flushed. If the driver did not ask for
+    /// it (the actor slept or destroyed itself), the driver is told, unless the drain is on
+    /// (the driver stops everything then).
+    fn left(&self, id: &str, generation: u64) {
+        let intent = {
+            let mut owned = self.owned.lock();
+            let Some(entry) = owned.get_mut(id) else {
+                return;
+            };
+            if entry.generation != generation {
+                return;
+            }
+            entry.handle = None;
+            self.directory.forget_key(&entry.info);
+            if self.is_closed() || self.env.stop.is_cancelled() {
+                None
+            } else {
+                Some(entry.destroyed)
+            }
+        };
+        match intent {
+            Some(true) => self.intents.destroy(id, generation),
+            Some(false) => self.intents.sleep(id, generation),
+            None => {}
+        }
+    }
+}

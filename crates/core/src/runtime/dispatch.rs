@@ -30,7 +30,7 @@ use crate::host::{
     RequestHead,
 };
 use crate::metrics::{Gauges, Metrics};
-use crate::runtime::activation::{Activation, OnDemand};
+use crate::runtime::activation::{Activation, Driven, Intents, OnDemand};
 use crate::runtime::directory::Directory;
 use crate::runtime::target::Target;
 use crate::storage::seam::Storage;
@@ -63,11 +63,14 @@ pub(crate) struct Dispatch {
     directory: Arc<Directory>,
     /// Which actors have a live task; starts them.
     activation: Arc<dyn Activation>,
+    /// The same activation when a driver (an engine) starts and stops actors; `None` when
+    /// actors start on demand.
+    driven: Option<Arc<Driven>>,
 }
 
 impl Dispatch {
-    /// Builds the dispatch over `storage`, starting actors on demand. `stop` is the runtime's
-    /// drain token.
+    /// Builds the dispatch over `storage`, starting actors on demand, or, with `intents`, only
+    /// when a driver says so (see [`Driven`]). `stop` is the runtime's drain token.
     pub(crate) fn new(
         config: RuntimeConfig,
         types: Arc<ActorTypes>,
@@ -75,6 +78,7 @@ impl Dispatch {
         storage: Arc<dyn Storage>,
         stop: CancellationToken,
         metrics: Arc<Metrics>,
+        intents: Option<Arc<dyn Intents>>,
     ) -> Dispatch {
         let force = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -96,7 +100,22 @@ impl Dispatch {
             types.clone(),
             config.limits.clone(),
         ));
-        let activation = OnDemand::new(env, types.clone(), directory.clone(), tracker.clone());
+        let (activation, driven): (Arc<dyn Activation>, _) = match intents {
+            None => (
+                OnDemand::new(env, types.clone(), directory.clone(), tracker.clone()),
+                None,
+            ),
+            Some(intents) => {
+                let driven = Driven::new(
+                    env,
+                    types.clone(),
+                    directory.clone(),
+                    tracker.clone(),
+                    intents,
+                );
+                (driven.clone(), Some(driven))
+            }
+        };
         Dispatch {
             config,
             types,
@@ -111,7 +130,13 @@ impl Dispatch {
             raw_sockets: Mutex::new(HashMap::new()),
             directory,
             activation,
+            driven,
         }
+    }
+
+    /// The driven activation; `actor.stopped` when actors start on demand.
+    pub(crate) fn driven(&self) -> Result<&Arc<Driven>> {
+        self.driven.as_ref().ok_or(Error::ActorStopped)
     }
 
     /// Whether the drain has begun.
@@ -527,6 +552,7 @@ mod tests {
             storage.clone(),
             CancellationToken::new(),
             Arc::default(),
+            None,
         ));
         (dispatch, storage)
     }

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
-use crate::host::{ActorInfo, Encoding, Payload};
+use crate::host::{ActorInfo, Encoding, Payload, StopReason};
 use crate::metrics::{Metrics, ShutdownPhase, WriterStats};
 use crate::runtime::dispatch::Dispatch;
 use crate::runtime::ingress::{Ingress, Request, Response};
@@ -141,6 +141,47 @@ impl Runtime {
     /// Handles one request without a listener (serverless mode).
     pub async fn handle(&self, request: Request) -> Response {
         self.ingress.handle(request).await
+    }
+
+    /// A driven runtime's start of the actor `id` of type `name` under canonical key `key`,
+    /// at the driver's `generation`: its task starts and loads it from storage (which the
+    /// driver opened for this generation). `actor.stopped` on a runtime that is not driven,
+    /// `registry.shutting_down` once the drain has begun.
+    pub fn start_actor(&self, id: &str, name: &str, key: &str, generation: u64) -> Result<()> {
+        let driven = self.dispatch.driven()?;
+        let actor_type = self.dispatch.types.get(name)?;
+        let info = Arc::new(ActorInfo {
+            id: Arc::from(id),
+            name: Arc::from(actor_type.name.as_str()),
+            key: crate::key::decode(key)?,
+            key_string: key.to_string(),
+        });
+        driven.start(info, generation).map(drop)
+    }
+
+    /// Indexes an actor's stored schedules, `(id, at_ms)`, for the alarm timer: a driven
+    /// runtime does so when it starts the actor, so the ones that fell due while it slept fire
+    /// at once and the others while it is awake.
+    pub fn index_schedules(&self, actor_id: &str, schedules: Vec<(String, i64)>) {
+        let actor_id: Arc<str> = Arc::from(actor_id);
+        for (id, at_ms) in schedules {
+            self.dispatch.schedules.add(id, actor_id.clone(), at_ms);
+        }
+    }
+
+    /// A driven runtime's stop of the actor's activation at `generation`, through keel's own
+    /// stop path for `reason` (hooks, last commit, flush); resolves once it is done. Nothing
+    /// of that activation is committed afterwards.
+    pub async fn stop_actor(&self, id: &str, generation: u64, reason: StopReason) -> Result<()> {
+        self.dispatch.driven()?.stop(id, generation, reason).await;
+        Ok(())
+    }
+
+    /// Handles one request tunneled to the actor `actor_id`, which the driver has already
+    /// resolved: keel's own routes, and `POST /action/{name}` with `{"args": [...]}` answered
+    /// `{"output": ...}` (the shape RivetKit's gateway clients use).
+    pub async fn handle_tunneled(&self, actor_id: &str, request: Request) -> Response {
+        self.ingress.handle_tunneled(actor_id, request).await
     }
 
     /// The runtime's counters and histograms.

@@ -35,4 +35,7 @@ pub(crate) trait Ingress: Send + Sync + 'static {
     fn serve(&self, listener: TcpListener);
     /// Handles one request handed over by the embedding host (serverless mode).
     async fn handle(&self, request: Request) -> Response;
+    /// Handles one request tunneled to `actor_id`, an actor already resolved by whoever
+    /// tunnels it (an engine's gateway).
+    async fn handle_tunneled(&self, actor_id: &str, request: Request) -> Response;
 }

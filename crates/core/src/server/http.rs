@@ -97,6 +97,34 @@ pub(crate) async fn handle(router: Router, request: Request) -> Response {
     }
 }
 
+/// A request tunneled to the already-resolved actor `actor_id`, as keel's router serves it:
+/// RivetKit's `/action/{name}` (with `{"args": [...]}`, answered `{"output": ...}`) is the
+/// by-id action route `/v1/ids/{actor_id}/actions/{name}`, whose body has the same shape;
+/// every other path is one of keel's own routes, served as it is.
+pub(crate) fn tunneled(actor_id: &str, mut request: Request) -> Request {
+    let path = request.uri().path();
+    let action = path
+        .strip_prefix("/action/")
+        .filter(|name| !name.is_empty() && !name.contains('/'));
+    // Engine ids are plain identifiers; any other id is left to fail as an unknown route
+    // rather than be spliced into a path.
+    let plain_id = !actor_id.is_empty()
+        && actor_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if let (Some(action), true) = (action, plain_id) {
+        let mut rewritten = format!("/v1/ids/{actor_id}/actions/{action}");
+        if let Some(query) = request.uri().query() {
+            rewritten.push('?');
+            rewritten.push_str(query);
+        }
+        if let Ok(uri) = rewritten.parse() {
+            *request.uri_mut() = uri;
+        }
+    }
+    request
+}
+
 /// How long the accept loop waits after a failed accept before it tries again. The usual
 /// cause is running out of file descriptors, which frees up as connections close; the
 /// listener stays readable meanwhile, so retrying at once would spin.

@@ -66,4 +66,9 @@ impl Ingress for HttpIngress {
     async fn handle(&self, request: Request) -> Response {
         http::handle(self.router.clone(), request).await
     }
+
+    async fn handle_tunneled(&self, actor_id: &str, request: Request) -> Response {
+        let request = http::tunneled(actor_id, request);
+        http::handle(self.router.clone(), request).await
+    }
 }

@@ -1,0 +1,285 @@
+//! keel-core's `Storage` seam over the engine: each actor this envoy runs has its own
+//! [`ActorStore`], opened for the activation's generation when the engine starts the actor
+//! and dropped when it stops it.
+//!
+//! What must stay true:
+//! - Every write goes through the actor's store, so it is fenced by the activation's
+//!   generation and released only once its batch was acknowledged (the output gate).
+//! - An actor this envoy does not run has no storage here: its commits are refused with
+//!   `actor.stopped` and its reads find nothing, so a stopped activation writes nothing.
+//! - A failed commit marks the instance's poison, as the embedded writer does, so the actor's
+//!   task replaces its instance before it runs on top of writes that did not land.
+//! - Creating actors by key is the engine's job (its gateway resolves `rvt-*` queries):
+//!   `create` is refused with `actor.not_found`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keel_core::store::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
+use keel_core::writer::{CreateMode, Poison, Release, Writes};
+use keel_core::{Error, Payload, Result, Storage};
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::storage::{ActorStore, Snapshot};
+
+/// One actor this envoy runs.
+struct Open {
+    store: Arc<ActorStore>,
+    record: ActorRecord,
+    created_at_ms: i64,
+    /// The snapshot the store loaded when it opened, handed to the task's first load so a
+    /// start costs one round trip; later loads (a restarted instance) read again.
+    first: Option<Snapshot>,
+}
+
+/// The engine-backed storage of one envoy's runtime.
+#[derive(Default)]
+pub struct EngineStorage {
+    open: Mutex<HashMap<Arc<str>, Open>>,
+}
+
+impl EngineStorage {
+    /// Adds the store of an actor the engine started, with what it loaded on opening.
+    pub fn insert(
+        &self,
+        store: ActorStore,
+        record: ActorRecord,
+        created_at_ms: i64,
+        first: Snapshot,
+    ) {
+        let id: Arc<str> = record.id.as_str().into();
+        self.open.lock().insert(
+            id,
+            Open {
+                store: Arc::new(store),
+                record,
+                created_at_ms,
+                first: Some(first),
+            },
+        );
+    }
+
+    /// Drops the actor's store once its activation at `generation` stopped; a newer
+    /// activation's store stays.
+    pub fn remove(&self, actor_id: &str, generation: u32) {
+        let mut open = self.open.lock();
+        if open
+            .get(actor_id)
+            .is_some_and(|entry| entry.store.generation() == generation)
+        {
+            open.remove(actor_id);
+        }
+    }
+
+    fn store(&self, actor_id: &str) -> Option<Arc<ActorStore>> {
+        self.open
+            .lock()
+            .get(actor_id)
+            .map(|entry| entry.store.clone())
+    }
+
+    fn stores(&self) -> Vec<Arc<ActorStore>> {
+        self.open
+            .lock()
+            .values()
+            .map(|entry| entry.store.clone())
+            .collect()
+    }
+
+    fn listing(entry: &Open) -> ActorListing {
+        ActorListing {
+            id: entry.record.id.clone(),
+            name: entry.record.name.clone(),
+            key: entry.record.key.clone(),
+            created_at_ms: entry.created_at_ms,
+        }
+    }
+}
+
+/// Commits nothing through `store` and resolves once every earlier commit of it is released.
+async fn settle(store: &ActorStore) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    store.commit(
+        Writes::default(),
+        Box::new(move |result| {
+            // The waiter may be gone; nothing to tell then.
+            let _ = tx.send(result);
+        }),
+    );
+    rx.await.map_err(|_| Error::WriterClosed)?
+}
+
+#[async_trait]
+impl Storage for EngineStorage {
+    async fn load(&self, actor_id: &str) -> Result<Option<ActorSnapshot>> {
+        let (first, store) = {
+            let mut open = self.open.lock();
+            let Some(entry) = open.get_mut(actor_id) else {
+                return Ok(None);
+            };
+            (entry.first.take(), entry.store.clone())
+        };
+        let snapshot = match first {
+            Some(snapshot) => Some(snapshot),
+            None => store.load().await?,
+        };
+        Ok(snapshot.map(|snapshot| snapshot.core()))
+    }
+
+    async fn find_by_key(&self, name: &str, key: &str) -> Result<Option<ActorRecord>> {
+        let open = self.open.lock();
+        Ok(open
+            .values()
+            .find(|entry| entry.record.name == name && entry.record.key == key)
+            .map(|entry| entry.record.clone()))
+    }
+
+    async fn find_by_id(&self, id: &str) -> Result<Option<ActorRecord>> {
+        Ok(self.open.lock().get(id).map(|entry| entry.record.clone()))
+    }
+
+    async fn create(
+        &self,
+        _record: ActorRecord,
+        _input: Option<Payload>,
+        _mode: CreateMode,
+    ) -> Result<(ActorRecord, bool)> {
+        Err(Error::ActorNotFound)
+    }
+
+    fn commit(
+        &self,
+        actor_id: Arc<str>,
+        writes: Option<Box<Writes>>,
+        poison: Option<Arc<Poison>>,
+        release: Release,
+    ) {
+        if let Some(err) = poison.as_ref().and_then(|poison| poison.refusal()) {
+            release(Err(err));
+            return;
+        }
+        let Some(store) = self.store(&actor_id) else {
+            release(Err(Error::ActorStopped));
+            return;
+        };
+        let writes = writes.map(|writes| *writes).unwrap_or_default();
+        store.commit(
+            writes,
+            Box::new(move |result| {
+                if let (Err(err), Some(poison)) = (&result, &poison) {
+                    poison.set(err);
+                }
+                release(result);
+            }),
+        );
+    }
+
+    async fn delete(&self, actor_id: Arc<str>) -> Result<()> {
+        let store = self.store(&actor_id).ok_or(Error::ActorStopped)?;
+        let (tx, rx) = oneshot::channel();
+        store.delete(Box::new(move |result| {
+            // The waiter may be gone; nothing to tell then.
+            let _ = tx.send(result);
+        }));
+        rx.await.map_err(|_| Error::WriterClosed)?
+    }
+
+    async fn flush(&self) -> Result<()> {
+        for store in self.stores() {
+            settle(&store).await?;
+        }
+        Ok(())
+    }
+
+    async fn kv_get(&self, actor_id: &str, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        let store = self.store(actor_id).ok_or(Error::ActorStopped)?;
+        store.kv_get(&keys).await
+    }
+
+    async fn kv_list(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let store = self.store(actor_id).ok_or(Error::ActorStopped)?;
+        store.kv_list(&prefix, limit, reverse).await
+    }
+
+    async fn kv_page(
+        &self,
+        actor_id: &str,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let store = self.store(actor_id).ok_or(Error::ActorStopped)?;
+        let entries = store.kv_list(&prefix, usize::MAX, false).await?;
+        Ok(entries
+            .into_iter()
+            .filter(|(key, _)| after.as_ref().is_none_or(|after| key > after))
+            .take(limit)
+            .collect())
+    }
+
+    async fn schedules_of(&self, actor_id: &str) -> Result<Vec<StoredSchedule>> {
+        let Some(store) = self.store(actor_id) else {
+            return Ok(Vec::new());
+        };
+        Ok(store
+            .load()
+            .await?
+            .map(|snapshot| snapshot.schedules)
+            .unwrap_or_default())
+    }
+
+    async fn schedule(&self, id: &str) -> Result<Option<StoredSchedule>> {
+        for store in self.stores() {
+            if let Some(snapshot) = store.load().await? {
+                if let Some(found) = snapshot.schedules.into_iter().find(|s| s.schedule.id == id) {
+                    return Ok(Some(found));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn list_actors(
+        &self,
+        name: Option<String>,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<ActorListing>> {
+        let open = self.open.lock();
+        let mut listings: Vec<ActorListing> = open
+            .values()
+            .filter(|entry| name.as_ref().is_none_or(|name| &entry.record.name == name))
+            .map(EngineStorage::listing)
+            .filter(|listing| {
+                after.as_ref().is_none_or(|(name, key)| {
+                    (listing.name.as_str(), listing.key.as_str()) > (name.as_str(), key.as_str())
+                })
+            })
+            .collect();
+        listings.sort_by(|a, b| (&a.name, &a.key).cmp(&(&b.name, &b.key)));
+        listings.truncate(limit);
+        Ok(listings)
+    }
+
+    async fn actor_listing(&self, id: &str) -> Result<Option<ActorListing>> {
+        Ok(self.open.lock().get(id).map(EngineStorage::listing))
+    }
+
+    fn health(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn close(&self) {
+        if let Err(err) = self.flush().await {
+            tracing::warn!(error = %err, "flushing engine storage on close failed");
+        }
+    }
+}
