@@ -7,6 +7,7 @@
 //! - `convert`: options in, errors out (the one conversion of core errors for JS).
 //! - `engine`: `serve` as an envoy of a Rivet Engine (keel-envoy), and its drain.
 //! - `host`: the batched JS host.
+//! - `shapes`: the napi shapes of invocations and completions, and their conversion.
 //! - `logging`: the process-wide subscriber, and `c.log` lines inside their actor's span.
 //! - `workers`: the tokio runtime, sized by `KEEL_WORKER_THREADS`.
 
@@ -20,6 +21,7 @@ mod convert;
 mod engine;
 mod host;
 mod logging;
+mod shapes;
 mod workers;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -36,10 +38,9 @@ use parking_lot::Mutex;
 use crate::convert::{
     ActorTypeOptions, ErrorInfo, HttpRequest, HttpResponse, Outcome, RuntimeOptions,
 };
-use crate::host::{
-    kv_key_of, kv_key_to_js, kv_writes, Completion, DispatchFn, JsHost, KvWriteJs, SharedHost,
-};
+use crate::host::{JsHost, SharedHost};
 pub use crate::logging::{init_logging, log_max_level};
+use crate::shapes::{kv_key_of, kv_key_to_js, kv_writes, Completion, DispatchFn, KvWriteJs};
 pub use crate::workers::worker_threads;
 
 /// Called once with the bound address (`host:port`) when the server listens. Weak: the
