@@ -289,14 +289,18 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     }
     const first = this.serving === undefined;
     if (first) this.freshListening();
-    const serving = this.native
-      .serve(options, (address) => {
+    const begin = () =>
+      this.native.serve(options, (address) => {
         const index = address.lastIndexOf(":");
         const host = address.slice(0, index).replace(/^\[|\]$/g, "");
         const port = Number(address.slice(index + 1));
         const urlHost = host.includes(":") ? `[${host}]` : host;
         this.resolveListening?.({ host, port, url: `http://${urlHost}:${port}` });
-      })
+      });
+    // The native call takes the registry on a worker thread, so two calls made together
+    // could reach core in either order and the later `start()` could win. A later start
+    // asks core only once the first has listened or failed, so it is the one refused.
+    const serving = (first ? begin() : this.listening().then(begin, begin))
       .then((outcome) => {
         if (!outcome.error) return;
         const err = new KeelError(outcome.error);

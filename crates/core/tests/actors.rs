@@ -9,6 +9,7 @@ use std::sync::Arc;
 use common::{call, committed_count, counter, open, CounterHost};
 use futures::future::join_all;
 use keel_core::{Resolve, Target};
+use tokio::task::JoinSet;
 
 fn key_target(key: &str, mode: Resolve) -> Target {
     Target::Key {
@@ -139,15 +140,30 @@ async fn a_full_mailbox_is_overloaded() {
             .unwrap(),
     );
     call(&runtime, counter("busy"), "get", "[]").await.unwrap();
-    // One call is taken off the mailbox and blocks; two more fill the mailbox.
-    let mut pending = Vec::new();
-    for _ in 0..3 {
+    let spawn_block = |calls: &mut JoinSet<_>| {
         let runtime = runtime.clone();
-        pending.push(tokio::spawn(async move {
-            call(&runtime, counter("busy"), "block", "[]").await
-        }));
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        calls.spawn(async move { call(&runtime, counter("busy"), "block", "[]").await });
+    };
+    // One call is taken off the mailbox and blocks at the gate, which stays shut until the
+    // end: nothing queued behind it can run, so the mailbox only fills.
+    let mut pending = JoinSet::new();
+    spawn_block(&mut pending);
+    host.blocked
+        .subscribe()
+        .wait_for(|waiting| *waiting == 1)
+        .await
+        .unwrap();
+    // Three more calls race for the two free places: two are queued and cannot finish, so
+    // the first to finish is the one refused, whatever order they arrived in.
+    for _ in 0..3 {
+        spawn_block(&mut pending);
     }
+    let refused = pending.join_next().await.unwrap().unwrap().unwrap_err();
+    assert_eq!(
+        (refused.group(), refused.code(), refused.http_status()),
+        ("actor", "overloaded", 429)
+    );
+    // The mailbox is now full and stays so: the next call is refused too.
     let err = call(&runtime, counter("busy"), "get", "[]")
         .await
         .unwrap_err();
@@ -156,8 +172,8 @@ async fn a_full_mailbox_is_overloaded() {
         ("actor", "overloaded", 429)
     );
     host.gate.add_permits(3);
-    for task in pending {
-        task.await.unwrap().unwrap();
+    while let Some(done) = pending.join_next().await {
+        done.unwrap().unwrap();
     }
     // The actor keeps working once the queue drains.
     assert_eq!(

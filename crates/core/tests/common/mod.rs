@@ -16,7 +16,7 @@ use keel_core::{
 };
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// The actions of the `counter` type.
@@ -48,6 +48,9 @@ pub struct CounterHost {
     pub log: Mutex<Vec<String>>,
     /// `block` waits for a permit here.
     pub gate: Arc<Semaphore>,
+    /// How many `block` runs are waiting at the gate; tests wait on it to know a call is
+    /// running (taken off its mailbox) without sleeping.
+    pub blocked: watch::Sender<usize>,
     /// How many instances were started and stopped.
     pub starts: Mutex<u32>,
     pub stops: Mutex<u32>,
@@ -66,6 +69,7 @@ impl CounterHost {
             states: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
             gate: Arc::new(Semaphore::new(0)),
+            blocked: watch::Sender::new(0),
             starts: Mutex::new(0),
             stops: Mutex::new(0),
             stop_log: Mutex::new(Vec::new()),
@@ -282,8 +286,10 @@ impl Host for CounterHost {
                 }))
             }
             "block" => {
+                self.blocked.send_modify(|waiting| *waiting += 1);
                 let permit = self.gate.acquire().await.expect("the gate stays open");
                 permit.forget();
+                self.blocked.send_modify(|waiting| *waiting -= 1);
                 Ok(self.update(&id, |s| {
                     s["count"] = json!(s["count"].as_i64().unwrap() + 1);
                     s["count"].clone()
