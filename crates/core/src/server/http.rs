@@ -635,20 +635,10 @@ async fn action_by_key(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let dev = server.config.dev;
-    let result = async {
-        let encoding = request_encoding(&headers)?;
-        let output = response_encoding(&headers, encoding);
-        let Path((name, action)) = path?;
-        let envelope = Envelope::read(&server, &headers, body, encoding).await?;
-        let (target, args) = envelope.into_key_target(name)?;
-        let head = request_head("POST", &uri, &headers);
-        server
-            .call(target, &action, args, output, Some(head), Vec::new())
-            .await
-    }
-    .await;
-    respond(result, dev)
+    call_action(server, path, uri, headers, body, |name, envelope| {
+        envelope.into_key_target(name)
+    })
+    .await
 }
 
 pub(crate) async fn action_by_id(
@@ -658,22 +648,32 @@ pub(crate) async fn action_by_id(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    call_action(server, path, uri, headers, body, |id, envelope| {
+        Ok((Target::Id(id), envelope.args))
+    })
+    .await
+}
+
+/// One action call over HTTP: the body's envelope read in the request's encoding, the target
+/// named by the path's first segment (`target`), the reply in the encoding the client accepts.
+async fn call_action(
+    server: Arc<Server>,
+    path: PathOf<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+    target: impl FnOnce(String, Envelope) -> Result<(Target, Payload)>,
+) -> Response {
     let dev = server.config.dev;
     let result = async {
         let encoding = request_encoding(&headers)?;
         let output = response_encoding(&headers, encoding);
-        let Path((id, action)) = path?;
+        let Path((named, action)) = path?;
         let envelope = Envelope::read(&server, &headers, body, encoding).await?;
+        let (target, args) = target(named, envelope)?;
         let head = request_head("POST", &uri, &headers);
         server
-            .call(
-                Target::Id(id),
-                &action,
-                envelope.args,
-                output,
-                Some(head),
-                Vec::new(),
-            )
+            .call(target, &action, args, output, Some(head), Vec::new())
             .await
     }
     .await;
