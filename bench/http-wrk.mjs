@@ -132,11 +132,13 @@ const round3 = (x) => (x === null || x === undefined ? null : Math.round(x * 100
 /**
  * One HTTP counter workload under wrk against a started server. Resolves a result with the
  * fields run.mjs summarises for the JS generator's workloads (callsPerSec, latencyMs, calls,
- * errors, warmupErrors, cpuUsPerCall, verify), plus wrk's own totals.
+ * errors, warmupErrors, cpuUsPerCall, verify), plus wrk's own totals. `routeFor(key)` resolves
+ * `{path(action), body(args)}` for a key; by default the server's own counter route
+ * (counterRoute), the engine workloads pass the gateway's (bench/engine/workloads.mjs).
  */
-export async function runWrkCounter({ kind, port, serverPid, workload, connections, durationS, warmupS = 1 }) {
+export async function runWrkCounter({ kind, port, serverPid, workload, connections, durationS, warmupS = 1, routeFor = (key) => counterRoute(kind, port, key) }) {
   const keys = Array.from({ length: connections }, (_, i) => `${workload}-${i}`);
-  const routes = await Promise.all(keys.map((key) => counterRoute(kind, port, key)));
+  const routes = await Promise.all(keys.map((key) => routeFor(key)));
   const planWith = (starts) => routes.map((r, i) => ({ path: r.path("increment"), body: r.body([1]), start: starts[i] }));
 
   // Warm-up on the same keys (creates the actors, opens the connections, warms the JITs).

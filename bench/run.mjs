@@ -78,6 +78,7 @@ import {
   workloads,
 } from "./run/workloads.mjs";
 import { socketsWorkload } from "./sockets.mjs";
+import { ENGINE_KINDS, measureEngineKind, printEngineTable, summarizeEngine } from "./engine/workloads.mjs";
 
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
@@ -96,7 +97,9 @@ async function main() {
   if (tree.dirtyEngineFiles.length) console.error(`warning: ${keelDir} has uncommitted engine changes: ${tree.dirtyEngineFiles.join(", ")}`);
 
   // wrk for the http-* workloads (installed here when missing and root).
-  const wrk = httpWorkloads(opts).length ? ensureWrk() : { available: false, version: null, note: "not used" };
+  const withEngine = opts.only.includes("engine");
+  const wrk = httpWorkloads(opts).length || withEngine ? ensureWrk() : { available: false, version: null, note: "not used" };
+  if (withEngine && !wrk.available) throw new Error(`the engine workloads need wrk: ${wrk.note}`);
 
   const disk = probeDisk();
   if (disk.tmpfs) console.error(`warning: ${disk.dataDirParent} is tmpfs; fsync costs nothing there and the figures will not reflect a disk`);
@@ -105,6 +108,7 @@ async function main() {
   const startedAt = new Date().toISOString();
   const loadavgStart = os.loadavg();
   const raw = {};
+  const engineRaw = {};
   for (let round = 0; round < opts.rounds; round++) {
     // Alternate which server goes first so neither always gets the quieter slot.
     const order = round % 2 === 0 ? ["keel", "baseline"] : ["baseline", "keel"];
@@ -144,6 +148,21 @@ async function main() {
         ((raw[workload.name] ??= {})[kind] ??= []).push(result);
       }
     }
+    if (withEngine) {
+      // keel and RivetKit on a fresh engine each, embedded keel beside; the order rotates.
+      const kinds = Object.keys(ENGINE_KINDS);
+      const order = kinds.map((_, i) => kinds[(i + round) % kinds.length]);
+      for (const kind of order) {
+        console.error(`round ${round + 1}/${opts.rounds}: engine workloads on ${kind} ...`);
+        const result = await measureEngineKind(kind, opts, spec);
+        console.error(
+          `  cold start ${result.coldStartMs} ms, first call ${result.firstCallMs?.p50} ms, sequential p50 ${result.sequential?.p50} ms p99 ${result.sequential?.p99} ms, ` +
+            `wake ${result.wakeMs?.p50} ms, 8 actors ${result.throughput?.[8]?.callsPerSec} calls/s, 64 actors ${result.throughput?.[64]?.callsPerSec} calls/s, verified: ${result.verify.ok}`,
+        );
+        if (!result.verify.ok) console.error(`  failures: ${result.verify.failures.join("\n  ")}`);
+        (engineRaw[kind] ??= []).push(result);
+      }
+    }
   }
   // Start-up figures, once per run: 10,000 actors on each server (the baseline's fsync per
   // new row makes it the longest step of a run), then cold start and idle RSS over their own
@@ -173,6 +192,7 @@ async function main() {
   }
 
   const figures = FIGURE_WORKLOADS.some((n) => raw[n]) ? summarizeFigures(raw, summary) : null;
+  const engine = withEngine ? { summary: summarizeEngine(engineRaw), rounds: engineRaw } : null;
 
   const report = {
     startedAt,
@@ -196,6 +216,8 @@ async function main() {
     // The start-up figures (cold start, idle RSS, many actors, memory per actor) and goals.
     figures,
     loadGenerator: { http: wrk.available ? wrk.version : "js", note: wrk.note },
+    // The engine workloads (--only engine): medians and ratios, and every round's figures.
+    engine,
     rounds: raw,
   };
   fs.mkdirSync(resultsDir, { recursive: true });
@@ -203,11 +225,12 @@ async function main() {
   fs.writeFileSync(out, JSON.stringify(report, null, 2) + "\n");
 
   printTables(summary, figures, wrk);
+  if (engine) printEngineTable(engine.summary, opts.rounds);
   const la = report.machine;
   console.log(`\nload average (1/5/15 min): ${la.loadavgStart.map((x) => x.toFixed(2)).join(" ")} at the start, ${la.loadavgEnd.map((x) => x.toFixed(2)).join(" ")} at the end; ${la.cpus} CPUs`);
   console.log(`\nwritten to ${path.relative(process.cwd(), out) || out}`);
 
-  if (anyFailed(raw, summary)) {
+  if (anyFailed(raw, summary) || (engine && !engine.summary.ok)) {
     console.error("FAILED: some calls errored, a durable count did not match its acknowledged increments, or a life-cycle check failed (see latest.json)");
     process.exitCode = 1;
   }

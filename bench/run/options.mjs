@@ -7,7 +7,7 @@
 // start an hour-long run.
 
 import path from "node:path";
-import { ALL_WORKLOADS, PEERS } from "./workloads.mjs";
+import { ALL_WORKLOADS, OPT_IN_WORKLOADS, PEERS } from "./workloads.mjs";
 
 export function parseArgs(argv) {
   const opts = {
@@ -33,6 +33,9 @@ export function parseArgs(argv) {
     coldRounds: 5,
     socketConns: 10_000,
     socketActors: 1000,
+    engineSeqCalls: 500,
+    engineFirstActors: 10,
+    engineWakeActors: 10,
   };
   const numeric = {
     "--rounds": "rounds",
@@ -53,6 +56,9 @@ export function parseArgs(argv) {
     "--cold-rounds": "coldRounds",
     "--socket-conns": "socketConns",
     "--socket-actors": "socketActors",
+    "--engine-seq-calls": "engineSeqCalls",
+    "--engine-first-actors": "engineFirstActors",
+    "--engine-wake-actors": "engineWakeActors",
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -63,7 +69,8 @@ export function parseArgs(argv) {
       opts.build = false;
     } else if (arg === "--only") {
       const names = (argv[++i] ?? "").split(",").filter(Boolean);
-      const known = ALL_WORKLOADS;
+      // The opt-in ones (the engine group, which needs the engine binary) only when named.
+      const known = [...ALL_WORKLOADS, ...OPT_IN_WORKLOADS];
       const unknown = names.filter((n) => !known.includes(n));
       if (!names.length || unknown.length) throw new Error(`--only takes a comma-separated list from ${known.join(",")}`);
       opts.only = names;
@@ -93,6 +100,9 @@ export function parseArgs(argv) {
   opts.fanoutPayload = Math.min(Math.floor(opts.fanoutPayload), 65_536);
   opts.manyActors = Math.min(Math.floor(opts.manyActors), 100_000);
   opts.coldRounds = Math.min(Math.floor(opts.coldRounds), 20);
+  opts.engineSeqCalls = Math.min(Math.floor(opts.engineSeqCalls), 20_000);
+  opts.engineFirstActors = Math.min(Math.floor(opts.engineFirstActors), 1000);
+  opts.engineWakeActors = Math.min(Math.floor(opts.engineWakeActors), 1000);
   if (opts.fanoutConns < opts.fanoutActors) throw new Error("--fanout-conns must be at least --fanout-actors");
   opts.socketActors = Math.min(Math.floor(opts.socketActors), 5000);
   opts.socketConns = Math.min(Math.floor(opts.socketConns / opts.socketActors) * opts.socketActors, 15_000);

@@ -22,9 +22,9 @@ export function run(cmd, args, options = {}) {
   if (res.status !== 0) throw new Error(`${cmd} ${args.join(" ")} exited with ${res.status}`);
 }
 
-/** Whether bench/'s own dependencies are installed: better-sqlite3 (built), ws and rivetkit. */
+/** Whether bench/'s own dependencies are installed: better-sqlite3 (built), ws, rivetkit 2.0.33 and 2.3.19 (`rivetkit-engine`). */
 function canLoadDeps() {
-  const res = spawnSync(process.execPath, ["-e", "new (require('better-sqlite3'))(':memory:').close(); require('ws'); require.resolve('rivetkit'); require.resolve('@hono/node-server')"], {
+  const res = spawnSync(process.execPath, ["-e", "new (require('better-sqlite3'))(':memory:').close(); require('ws'); require.resolve('rivetkit'); require.resolve('rivetkit-engine'); require.resolve('@hono/node-server')"], {
     cwd: benchDir,
     stdio: "ignore",
   });

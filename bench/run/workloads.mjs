@@ -23,6 +23,10 @@ export const FIGURE_WORKLOADS = ["cold-start", "idle-rss", "many-actors"];
 export const PEERS = ["rivetkit"];
 // Server memory per open WebSocket, keel (both socket kinds) vs the baseline (sockets.mjs).
 export const SOCKET_WORKLOADS = ["sockets"];
+// Opt-in, run only when `--only` names them: `engine`, keel and RivetKit 2.3.19 on a Rivet Engine
+// with embedded keel beside (bench/engine/workloads.mjs); it needs the engine binary.
+export const OPT_IN_WORKLOADS = ["engine"];
+// The default of `--only`.
 export const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS, ...HTTP_WORKLOADS, ...FIGURE_WORKLOADS, ...SOCKET_WORKLOADS];
 
 /** The workloads of latest.json's `workloads`: the counter, fan-out and life-cycle ones selected. */
