@@ -38,6 +38,12 @@
 //                        http-* workloads and the start-up figures
 //   --many-actors N      actors created and called once each in many-actors (default 10000)
 //   --cold-rounds N      spawns timed by cold-start and measured by idle-rss (default 5)
+//   --only engine        (opt-in, never in the default) keel and RivetKit 2.3.19 on a Rivet
+//                        Engine, embedded keel beside: see bench/engine/workloads.mjs
+//   --engine-seq-calls N     timed sequential calls in the engine group (default 500)
+//   --engine-first-actors N  new actors timed by their first call (default 10)
+//   --engine-wake-actors N   actors timed waking from sleep (default 10)
+//   --engine-actors LIST     actor counts of the engine group's wrk throughput (default 8,64)
 //
 // The http-* workloads drive HTTP with wrk (installed with apt-get when missing and root; else
 // the JS generator, noted in the table), in `full` and `relaxed` durability; see http-wrk.mjs.
@@ -157,7 +163,7 @@ async function main() {
         const result = await measureEngineKind(kind, opts, spec);
         console.error(
           `  cold start ${result.coldStartMs} ms, first call ${result.firstCallMs?.p50} ms, sequential p50 ${result.sequential?.p50} ms p99 ${result.sequential?.p99} ms, ` +
-            `wake ${result.wakeMs?.p50} ms, 8 actors ${result.throughput?.[8]?.callsPerSec} calls/s, 64 actors ${result.throughput?.[64]?.callsPerSec} calls/s, verified: ${result.verify.ok}`,
+            `wake ${result.wakeMs?.p50} ms, ${opts.engineActors.map((n) => `${n} actors ${result.throughput?.[n]?.callsPerSec} calls/s`).join(", ")}, verified: ${result.verify.ok}`,
         );
         if (!result.verify.ok) console.error(`  failures: ${result.verify.failures.join("\n  ")}`);
         (engineRaw[kind] ??= []).push(result);
@@ -192,7 +198,7 @@ async function main() {
   }
 
   const figures = FIGURE_WORKLOADS.some((n) => raw[n]) ? summarizeFigures(raw, summary) : null;
-  const engine = withEngine ? { summary: summarizeEngine(engineRaw), rounds: engineRaw } : null;
+  const engine = withEngine ? { summary: summarizeEngine(engineRaw, opts.engineActors), rounds: engineRaw } : null;
 
   const report = {
     startedAt,

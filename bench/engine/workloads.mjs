@@ -10,7 +10,7 @@
 //      (on the engine, the gateway's getOrCreate: create, allocate, start, call);
 //   3. sequential: `seqCalls` increments on one key, one at a time, after 20 untimed ones;
 //      p50/p99, and the server's and the engine's CPU per call over them;
-//   4. throughput with 8 and with 64 actors: wrk, one connection per actor with one request in
+//   4. throughput with 8 and with 64 actors (`--engine-actors`): wrk, one connection per actor with one request in
 //      flight (http-wrk.mjs with wrk/counter.lua), `durationS` after a 1 s warm-up, on actors
 //      created beforehand one at a time;
 //   5. wake: `wakeActors` `dozer`s, all created first by an increment; then each is put to
@@ -43,7 +43,6 @@ export const ENGINE_KINDS = {
   "keel-embedded": { script: "keel-engine.mjs", engine: false, keel: true },
 };
 
-const THROUGHPUT_ACTORS = [8, 64];
 const STEP_MS = 60_000;
 
 /** CPU ms (user + system) of process `pid` so far, from /proc (10 ms ticks). */
@@ -239,7 +238,7 @@ export async function measureEngineKind(kind, opts, spec) {
 
     // 4. Throughput with 8 and 64 actors, under wrk.
     result.throughput = {};
-    for (const actors of THROUGHPUT_ACTORS) {
+    for (const actors of opts.engineActors) {
       // The actors are created first, one at a time and untimed (`getCount`, which the
       // gateway's getOrCreate creates), so that wrk's warm-up does not create 64 at once.
       for (let i = 0; i < actors; i++) {
@@ -288,26 +287,28 @@ export async function measureEngineKind(kind, opts, spec) {
   return result;
 }
 
-/** The rows of the engine table: [label, getter of a round's value, "higher" | "lower" is better]. */
-export const ENGINE_FIGURES = [
-  ["cold start to first answered action, ms", (r) => r.coldStartMs, "lower"],
-  ["  of which until ready (envoy accepted), ms", (r) => r.readyMs, "lower"],
-  ["first call to a new actor, p50 ms", (r) => r.firstCallMs?.p50, "lower"],
-  ["new actors whose getOrCreate timed out (15 s, sent again)", (r) => r.newActorTimeouts, "lower"],
-  ["sequential increments, p50 ms", (r) => r.sequential?.p50, "lower"],
-  ["sequential increments, p99 ms", (r) => r.sequential?.p99, "lower"],
-  ["sequential, server CPU µs/call", (r) => r.sequential?.serverCpuUsPerCall, "lower"],
-  ["sequential, engine CPU µs/call", (r) => r.sequential?.engineCpuUsPerCall, "lower"],
-  ["wake from sleep, p50 ms", (r) => r.wakeMs?.p50, "lower"],
-  ["8 actors (wrk), calls/s", (r) => r.throughput?.[8]?.callsPerSec, "higher"],
-  ["8 actors, p99 ms", (r) => r.throughput?.[8]?.p99, "lower"],
-  ["64 actors (wrk), calls/s", (r) => r.throughput?.[64]?.callsPerSec, "higher"],
-  ["64 actors, p99 ms", (r) => r.throughput?.[64]?.p99, "lower"],
-];
+/** The rows of the engine table: [label, getter of a round's value], for the actor counts run. */
+export function engineFigures(actorCounts) {
+  return [
+    ["cold start to first answered action, ms", (r) => r.coldStartMs],
+    ["  of which until ready (envoy accepted), ms", (r) => r.readyMs],
+    ["first call to a new actor, p50 ms", (r) => r.firstCallMs?.p50],
+    ["new actors whose getOrCreate timed out (15 s, sent again)", (r) => r.newActorTimeouts],
+    ["sequential increments, p50 ms", (r) => r.sequential?.p50],
+    ["sequential increments, p99 ms", (r) => r.sequential?.p99],
+    ["sequential, server CPU µs/call", (r) => r.sequential?.serverCpuUsPerCall],
+    ["sequential, engine CPU µs/call", (r) => r.sequential?.engineCpuUsPerCall],
+    ["wake from sleep, p50 ms", (r) => r.wakeMs?.p50],
+    ...actorCounts.flatMap((n) => [
+      [`${n} actors (wrk), calls/s`, (r) => r.throughput?.[n]?.callsPerSec],
+      [`${n} actors, p99 ms`, (r) => r.throughput?.[n]?.p99],
+    ]),
+  ];
+}
 
 /** Medians over rounds of every figure per kind, and the keel-engine/rivetkit-engine ratios. */
-export function summarizeEngine(rounds) {
-  const rows = ENGINE_FIGURES.map(([label, get, better]) => {
+export function summarizeEngine(rounds, actorCounts) {
+  const rows = engineFigures(actorCounts).map(([label, get]) => {
     const values = {};
     for (const kind of Object.keys(ENGINE_KINDS)) {
       const xs = (rounds[kind] ?? []).map(get).filter((x) => typeof x === "number");
@@ -316,7 +317,7 @@ export function summarizeEngine(rounds) {
     const k = values["keel-engine"];
     const rk = values["rivetkit-engine"];
     const ratio = k !== null && rk !== null && rk !== 0 ? round3(k / rk) : null;
-    return { label, better, ...values, keelOverRivetkit: ratio };
+    return { label, ...values, keelOverRivetkit: ratio };
   });
   return { rows, ok: Object.values(rounds).every((rs) => rs.every((r) => r.verify.ok)) };
 }

@@ -36,6 +36,7 @@ export function parseArgs(argv) {
     engineSeqCalls: 500,
     engineFirstActors: 10,
     engineWakeActors: 10,
+    engineActors: [8, 64],
   };
   const numeric = {
     "--rounds": "rounds",
@@ -74,6 +75,10 @@ export function parseArgs(argv) {
       const unknown = names.filter((n) => !known.includes(n));
       if (!names.length || unknown.length) throw new Error(`--only takes a comma-separated list from ${known.join(",")}`);
       opts.only = names;
+    } else if (arg === "--engine-actors") {
+      const counts = (argv[++i] ?? "").split(",").filter(Boolean).map(Number);
+      if (!counts.length || counts.some((n) => !Number.isInteger(n) || n < 1 || n > 256)) throw new Error("--engine-actors takes a comma-separated list of actor counts from 1 to 256");
+      opts.engineActors = counts;
     } else if (arg === "--peers") {
       const names = (argv[++i] ?? "").split(",").filter(Boolean);
       if (!names.length || names.some((n) => !PEERS.includes(n))) throw new Error(`--peers takes a comma-separated list from ${PEERS.join(",")}`);
