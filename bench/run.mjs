@@ -166,6 +166,8 @@ async function main() {
             `wake ${result.wakeMs?.p50} ms, ${opts.engineActors.map((n) => `${n} actors ${result.throughput?.[n]?.callsPerSec} calls/s`).join(", ")}, verified: ${result.verify.ok}`,
         );
         if (!result.verify.ok) console.error(`  failures: ${result.verify.failures.join("\n  ")}`);
+        // Everything, in case the run is cut short before latest.json is written.
+        console.error(`  ENGINE_RESULT ${JSON.stringify({ round, ...result, verify: undefined })}`);
         (engineRaw[kind] ??= []).push(result);
       }
     }

@@ -10,10 +10,10 @@
 //      (on the engine, the gateway's getOrCreate: create, allocate, start, call);
 //   3. sequential: `seqCalls` increments on one key, one at a time, after 20 untimed ones;
 //      p50/p99, and the server's and the engine's CPU per call over them;
-//   4. throughput with 8 and with 64 actors (`--engine-actors`): wrk, one connection per actor with one request in
-//      flight (http-wrk.mjs with wrk/counter.lua), `durationS` after a 1 s warm-up, on actors
-//      created beforehand one at a time;
-//   5. wake: `wakeActors` `dozer`s, all created first by an increment; then each is put to
+//   4. throughput with 8 and with 64 actors (`--engine-actors`): wrk, one connection per actor
+//      with one request in flight (http-wrk.mjs with wrk/counter.lua), `durationS` after a 1 s
+//      warm-up, on actors created beforehand one at a time (create() below);
+//   5. wake: `wakeActors` `dozer`s, all created first (create(), one increment); then each is put to
 //      sleep by `nap` (`c.sleep()`) and, once asleep (on the engine: its `sleep_ts` is set;
 //      embedded: the probe's live count dropped), gets one timed increment, which wakes it.
 // On the engine every call is `POST {guard}/gateway/{name}/action/{action}?rvt-namespace=default
@@ -162,6 +162,25 @@ async function firstCall(server, name, key, action, args = []) {
   }
 }
 
+/**
+ * Creates actor `name`/`key` untimed before it is measured: on the engine with its API
+ * (`PUT /actors`, get or create, waited on for up to 60 s instead of the gateway's 15 s), then
+ * with a `getCount` through the route the measurement uses (firstCall). Resolves that reply.
+ */
+async function create(server, engine, name, key) {
+  if (engine) {
+    const res = await fetch(`${engine.url}/actors?namespace=default`, {
+      method: "PUT",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ name, key, runner_name_selector: "default", crash_policy: "sleep" }),
+      signal: AbortSignal.timeout(STEP_MS),
+    }).catch((err) => ({ ok: false, status: 0, text: async () => String(err) }));
+    if (!res.ok) throw new Error(`PUT /actors ${name}/${key}: ${res.status} ${(await res.text()).slice(0, 300)}`);
+    await res.text();
+  }
+  return firstCall(server, name, key, "getCount");
+}
+
 /** Resolves once the `dozer` `key` is asleep: the engine's `sleep_ts`, or embedded the probe. */
 async function waitAsleep(server, engine, key, liveBefore) {
   if (engine) {
@@ -242,7 +261,7 @@ export async function measureEngineKind(kind, opts, spec) {
       // The actors are created first, one at a time and untimed (`getCount`, which the
       // gateway's getOrCreate creates), so that wrk's warm-up does not create 64 at once.
       for (let i = 0; i < actors; i++) {
-        const made = await firstCall(server, "counter", `tp${actors}-${i}`, "getCount");
+        const made = await create(server, engine, "counter", `tp${actors}-${i}`);
         check(made.output === 0, `throughput ${actors} create tp${actors}-${i}: ${made.status} ${made.text ?? made.output}`);
         result.newActorTimeouts += made.timeouts;
       }
@@ -261,9 +280,11 @@ export async function measureEngineKind(kind, opts, spec) {
     // 5. Wake from sleep: every dozer is created first.
     const wakes = [];
     for (let i = 0; i < opts.engineWakeActors; i++) {
-      const made = await firstCall(server, "dozer", `wake-${i}`, "increment", [1]);
-      check(made.output === 1, `wake wake-${i} create: ${made.status} ${made.text ?? made.output}`);
+      const made = await create(server, engine, "dozer", `wake-${i}`);
+      check(made.output === 0, `wake wake-${i} create: ${made.status} ${made.text ?? made.output}`);
       result.newActorTimeouts += made.timeouts;
+      const one = await call(server, "dozer", `wake-${i}`, "increment", [1]);
+      check(one.output === 1, `wake wake-${i} increment: ${one.status} ${one.text ?? one.output}`);
     }
     for (let i = 0; i < opts.engineWakeActors; i++) {
       const key = `wake-${i}`;
