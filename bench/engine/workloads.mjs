@@ -164,18 +164,18 @@ async function firstCall(server, name, key, action, args = []) {
 
 /**
  * Creates actor `name`/`key` untimed before it is measured: on the engine with its API
- * (`PUT /actors`, get or create, waited on for up to 60 s instead of the gateway's 15 s), then
+ * (`PUT /actors`, get or create, waited on for up to 20 s), then
  * with a `getCount` through the route the measurement uses (firstCall). Resolves that reply.
  */
 async function create(server, engine, name, key) {
   // Under load the engine also answers this with 500 `core.internal_error` now and then: up to
-  // 3 tries, then the gateway call below (which creates it too) is left to do it.
-  for (let attempt = 0; engine && attempt < 3; attempt++) {
+  // 2 tries, then the gateway call below (which creates it too) is left to do it.
+  for (let attempt = 0; engine && attempt < 2; attempt++) {
     const res = await fetch(`${engine.url}/actors?namespace=default`, {
       method: "PUT",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ name, key, runner_name_selector: "default", crash_policy: "sleep" }),
-      signal: AbortSignal.timeout(STEP_MS),
+      signal: AbortSignal.timeout(20_000),
     }).catch(() => null);
     await res?.text().catch(() => {});
     if (res?.ok) break;
