@@ -200,6 +200,36 @@ test("a schedule that fell due while its actor slept fires when the actor is sta
   });
 });
 
+/** The engine's record of one actor (its API), without touching the actor. */
+async function engineActor(engine, actorId) {
+  const { actors } = await (await fetch(`${engine.url}/actors?namespace=default&actor_ids=${actorId}`)).json();
+  return actors?.[0];
+}
+
+test("a schedule wakes its sleeping actor through the engine's alarm, and its effect is durable", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine);
+  const { actorId } = (await gateway(engine, "napper", "a1", "status")).body.output;
+  // Due in 3 s; a sooner one is cancelled and a far one stays: the alarm is the earliest left.
+  const { status, body } = await gateway(engine, "napper", "a1", "alarmAsleep", [3000]);
+  assert.equal(status, 200, JSON.stringify(body));
+  const due = body.output;
+  await until("the engine marking the actor asleep", async () => ((await engineActor(engine, actorId))?.sleep_ts ? true : undefined));
+  // No request reaches the actor from here: only the engine's alarm can start it again.
+  await until("the engine starting the actor at its alarm", async () =>
+    (await engineActor(engine, actorId))?.sleep_ts ? undefined : true);
+  const after = (await until("the scheduled tick", async () => {
+    const { body } = await gateway(engine, "napper", "a1", "status");
+    return body.output.ticks.length > 0 ? body.output : undefined;
+  }));
+  assert.equal(after.ticks.length, 1, JSON.stringify(after.ticks));
+  const [tick] = after.ticks;
+  assert.equal(tick.due, due, "the due one ran, not the cancelled or the far one");
+  assert.ok(tick.firedAt >= due, `fired ${due - tick.firedAt} ms early`);
+  assert.equal(tick.wake, 2, "it ran in the activation the alarm started");
+  console.log(`measured: alarm wake, due time to the scheduled action running ${tick.firedAt - due} ms`);
+});
+
 test("kill -9 of keel during acknowledged increments loses none of them: the pool's other keel takes over", async (t) => {
   // The engine declares a vanished envoy lost after 2 s (15 s by default), then starts its
   // actors on another envoy of the pool.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{next_event, TestEngine, STEP_TIMEOUT};
-use keel_core::writer::Writes;
+use keel_core::writer::{Settle, Writes};
 use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
 use keel_envoy::{
     ActorIdentity, ActorStore, Engine, EngineEvent, EngineStopReason, ShutdownOutcome, Snapshot,
@@ -569,4 +569,127 @@ async fn an_abandoned_envoy_s_actor_restarts_on_another_with_every_acknowledged_
         panic!("expected the drain's stop");
     };
     assert_eq!(reason, EngineStopReason::GoingAway);
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+}
+
+fn add_schedule(id: &str, at_ms: i64) -> ScheduleWrite {
+    ScheduleWrite::Add(Schedule {
+        id: id.into(),
+        at_ms,
+        action: "tick".into(),
+        args: b"[]".to_vec(),
+    })
+}
+
+/// Stops the activation for the sleep the envoy asked for, as keel's stop path does.
+async fn sleep_and_stop(envoy: &Engine, events: &mut mpsc::Receiver<EngineEvent>, started: Started) {
+    envoy.sleep_actor(&started.actor_id, started.generation);
+    let EngineEvent::Stop { reason, done, .. } = next_event(events).await else {
+        panic!("expected a stop");
+    };
+    assert_eq!(reason, EngineStopReason::Sleep);
+    drop(started.store);
+    done.complete();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_alarm_wakes_a_sleeping_actor_at_its_earliest_schedule_not_a_cancelled_one() {
+    let pool = "keel-alarm";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    let actor_id = engine.create_actor("counter", "alarm", pool, b"null").await;
+    let first = accept_start(&envoy, &mut events).await;
+    assert!(first.snapshot.schedules.is_empty());
+
+    // Three schedules in one commit, then the earliest cancelled in the next: the alarm must
+    // follow the cancel to the second one, or the engine would wake the actor at the first.
+    let now = epoch_ms();
+    let (cancelled, due, far) = (now + 1_500, now + 3_000, now + 600_000);
+    commit(
+        &first.store,
+        Writes {
+            schedules: vec![
+                add_schedule("cancelled", cancelled),
+                add_schedule("due", due),
+                add_schedule("far", far),
+            ],
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("commit the schedules");
+    commit(
+        &first.store,
+        Writes {
+            schedules: vec![ScheduleWrite::Cancel {
+                id: "cancelled".into(),
+            }],
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("commit the cancel");
+    let generation = first.generation;
+    sleep_and_stop(&envoy, &mut events, first).await;
+
+    // No request from here on: only the alarm can start the actor again.
+    let second = accept_start(&envoy, &mut events).await;
+    let woke_at = epoch_ms();
+    assert_eq!(second.actor_id, actor_id);
+    assert_eq!(second.generation, generation + 1);
+    assert!(
+        woke_at >= due,
+        "woken {} ms before the earliest schedule left: the cancelled one's alarm fired",
+        due - woke_at
+    );
+    let ids: Vec<&str> = second
+        .snapshot
+        .schedules
+        .iter()
+        .map(|stored| stored.schedule.id.as_str())
+        .collect();
+    assert_eq!(ids, ["due", "far"], "the woken actor finds its due work");
+    eprintln!(
+        "measured: engine alarm wake, due time to start received {} ms",
+        woke_at - due
+    );
+
+    // The due one ran (settled in the commit of its effects): the alarm moves to the far one,
+    // and the actor sleeps again without being woken before it.
+    commit(
+        &second.store,
+        Writes {
+            state: Some(b"1".to_vec()),
+            settle: Some(("due".into(), Settle::Done)),
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("settle the due schedule");
+    assert_eq!(load_count(&second.store).await, Some(1));
+    let generation = second.generation;
+    sleep_and_stop(&envoy, &mut events, second).await;
+
+    // A request wakes it (the far alarm is minutes away) with the effect and the far schedule.
+    let gateway = wake_through_gateway(&engine, &actor_id);
+    let third = accept_start(&envoy, &mut events).await;
+    assert_eq!(third.generation, generation + 1);
+    assert_eq!(state_of(&third.snapshot), Some(1), "the schedule's effect is durable");
+    let ids: Vec<&str> = third
+        .snapshot
+        .schedules
+        .iter()
+        .map(|stored| stored.schedule.id.as_str())
+        .collect();
+    assert_eq!(ids, ["far"]);
+    gateway.await.expect("joined").expect("gateway answered");
+    envoy.abandon();
 }
