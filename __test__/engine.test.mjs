@@ -128,13 +128,17 @@ async function startKeel(t, engine, env = {}) {
   return keel;
 }
 
-/** Calls `action` on the actor `name`/`key` through the gateway (getOrCreate by key). */
-async function gateway(engine, name, key, action, args = []) {
+/**
+ * Calls `action` on the actor `name`/`key` through the gateway (getOrCreate by key); with
+ * `timeoutMs`, gives up (rejects) after that long.
+ */
+async function gateway(engine, name, key, action, args = [], { timeoutMs } = {}) {
   const query = `rvt-namespace=default&rvt-method=getOrCreate&rvt-runner=default&rvt-key=${encodeURIComponent(key)}`;
   const response = await fetch(`${engine.url}/gateway/${name}/action/${action}?${query}`, {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify({ args }),
+    signal: timeoutMs === undefined ? undefined : AbortSignal.timeout(timeoutMs),
   });
   const text = await response.text();
   let body;
@@ -360,6 +364,36 @@ test("kill -9 of the engine, then a restart on its data: keel reconnects and ser
   assert.deepEqual((await gateway(engine, "counter", "k5", "increment")).body, { output: count + 1 });
   assert.equal(keel.exitCode, null, "keel kept running");
   console.log(`measured: engine kill -9, restart to keel serving again ${recovered} ms`);
+});
+
+test("an owner frozen while the engine moves its actor, then thawed (a zombie), is refused and never overwrites its successor", async (t) => {
+  const engine = await startEngine(t, { envoy_lost_threshold: 2000 });
+  const owner = await startKeel(t, engine);
+  for (let i = 1; i <= 5; i++) assert.deepEqual((await gateway(engine, "napper", "z1", "increment")).body, { output: i });
+  const standby = await startKeel(t, engine);
+  // A schedule the owner's own timer fires once it thaws: on its stale state (5), with its
+  // stale generation.
+  assert.equal((await gateway(engine, "napper", "z1", "later", [3000])).status, 200);
+  owner.kill("SIGSTOP");
+  t.after(() => owner.kill("SIGCONT"));
+  // The engine declares the frozen owner lost (its socket stays open: only the missing pings
+  // tell), and a new request starts the actor on the standby, whose start fires the same
+  // schedule. A request the gateway sent to the frozen owner hangs, so each one gives up.
+  const moved = await until("the standby running the schedule", async () => {
+    const { status, body } = await gateway(engine, "napper", "z1", "status", [], { timeoutMs: 3000 });
+    return status === 200 && body.output.count === 6 ? body.output : undefined;
+  });
+  assert.equal(moved.wakes, 2, "a new activation");
+  assert.deepEqual((await gateway(engine, "napper", "z1", "increment")).body, { output: 7 });
+  owner.kill("SIGCONT");
+  // The thawed owner still runs its old activation until it learns otherwise; its write of
+  // the schedule's run is refused by the engine's generation fence.
+  await until("the zombie's write refused", async () => (owner.stderrText.includes("engine commit failed") ? true : undefined));
+  assert.match(owner.stderrText, /actor is stopped|actor\.stopped|stopped/);
+  const after = (await gateway(engine, "napper", "z1", "status")).body.output;
+  assert.equal(after.count, 7, "the successor's count was not overwritten");
+  assert.deepEqual((await gateway(engine, "napper", "z1", "increment")).body, { output: 8 });
+  assert.equal(standby.exitCode, null);
 });
 
 test("SIGTERM tells the engine, stops the actors as going away, and exits by the signal", async (t) => {

@@ -561,6 +561,30 @@ async fn an_abandoned_envoy_s_actor_restarts_on_another_with_every_acknowledged_
     assert_eq!(status, 404);
     eprintln!("measured: abandoned envoy to the actor started elsewhere {moved_after:?}");
 
+    // A zombie of the old owner: another connection writing with the old generation, as the
+    // owner would if it came back. Opening writes (schema, identity): the engine refuses it,
+    // and the successor's data is untouched.
+    let (zombie, _zombie_events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect the zombie");
+    let identity = ActorIdentity {
+        name: "counter".into(),
+        key: "moved".into(),
+        created_at_ms: 0,
+        input: None,
+    };
+    let refused = zombie
+        .open_actor(&actor_id, first.generation, &identity, Encoding::Json)
+        .await
+        .err()
+        .expect("a write with the old generation is refused");
+    assert_eq!((refused.group(), refused.code()), ("actor", "stopped"), "{refused}");
+    assert_eq!(load_count(&second.store).await, Some(11), "the successor's data is intact");
+    commit(&second.store, state(12))
+        .await
+        .expect("the successor still commits");
+    zombie.abandon();
+
     // A drain whose stops nobody completes is bounded: past the budget the envoy stops at
     // once. The stop sits unanswered in the channel meanwhile.
     let budget = std::time::Duration::from_millis(300);
