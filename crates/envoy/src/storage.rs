@@ -475,7 +475,10 @@ impl CommitTask {
 
     /// Sets the engine's alarm from the batch's last read (the earliest due schedule), if it
     /// changed. The batch is committed either way: an unreadable answer only logs.
-    async fn reset_alarm(&mut self, read: Option<rivet_envoy_client::protocol::SqliteExecuteResult>) {
+    async fn reset_alarm(
+        &mut self,
+        read: Option<rivet_envoy_client::protocol::SqliteExecuteResult>,
+    ) {
         let next = match read.map(|read| next_due(self.remote.actor_id(), read)) {
             Some(Ok(next)) => next,
             Some(Err(err)) => {

@@ -578,8 +578,16 @@ async fn an_abandoned_envoy_s_actor_restarts_on_another_with_every_acknowledged_
         .await
         .err()
         .expect("a write with the old generation is refused");
-    assert_eq!((refused.group(), refused.code()), ("actor", "stopped"), "{refused}");
-    assert_eq!(load_count(&second.store).await, Some(11), "the successor's data is intact");
+    assert_eq!(
+        (refused.group(), refused.code()),
+        ("actor", "stopped"),
+        "{refused}"
+    );
+    assert_eq!(
+        load_count(&second.store).await,
+        Some(11),
+        "the successor's data is intact"
+    );
     commit(&second.store, state(12))
         .await
         .expect("the successor still commits");
@@ -612,7 +620,11 @@ fn add_schedule(id: &str, at_ms: i64) -> ScheduleWrite {
 }
 
 /// Stops the activation for the sleep the envoy asked for, as keel's stop path does.
-async fn sleep_and_stop(envoy: &Engine, events: &mut mpsc::Receiver<EngineEvent>, started: Started) {
+async fn sleep_and_stop(
+    envoy: &Engine,
+    events: &mut mpsc::Receiver<EngineEvent>,
+    started: Started,
+) {
     envoy.sleep_actor(&started.actor_id, started.generation);
     let EngineEvent::Stop { reason, done, .. } = next_event(events).await else {
         panic!("expected a stop");
@@ -706,7 +718,11 @@ async fn the_engine_alarm_wakes_a_sleeping_actor_at_its_earliest_schedule_not_a_
     let gateway = wake_through_gateway(&engine, &actor_id);
     let third = accept_start(&envoy, &mut events).await;
     assert_eq!(third.generation, generation + 1);
-    assert_eq!(state_of(&third.snapshot), Some(1), "the schedule's effect is durable");
+    assert_eq!(
+        state_of(&third.snapshot),
+        Some(1),
+        "the schedule's effect is durable"
+    );
     let ids: Vec<&str> = third
         .snapshot
         .schedules
