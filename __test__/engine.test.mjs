@@ -204,18 +204,16 @@ test("a schedule fires through engine storage while its actor is awake", async (
 test("a schedule that fell due while its actor slept fires when the actor is started again", async (t) => {
   const engine = await startEngine(t);
   await startKeel(t, engine);
-  const { actorId } = (await gateway(engine, "napper", "s2", "status")).body.output;
-  // Due in 1 ms, asleep at once: it falls due after this activation has stopped (no engine
-  // alarm wakes the actor yet), so only the next start can fire it.
+  // Due in 1 ms, asleep at once: it falls due while this activation stops, so only the next
+  // start fires it (the engine's alarm, already due, or the next request starts the actor).
   assert.equal((await gateway(engine, "napper", "s2", "laterAsleep", [1])).status, 200);
-  await until("the engine marking the actor asleep", async () => {
-    const { actors } = await (await fetch(`${engine.url}/actors?namespace=default&actor_ids=${actorId}`)).json();
-    return actors?.[0]?.sleep_ts ? true : undefined;
-  });
-  await until("the overdue increment after the wake", async () => {
+  const after = await until("the overdue increment after the wake", async () => {
     const { body } = await gateway(engine, "napper", "s2", "status");
-    return body.output.count === 1 ? true : undefined;
+    return body.output.count === 1 ? body.output : undefined;
   });
+  // It ran once, in a later activation. (Often the third: the engine starts the actor for the
+  // due alarm as it stops, and the request that arrives meanwhile starts another.)
+  assert.ok(after.wakes >= 2, `wakes ${after.wakes}`);
 });
 
 /** The engine's record of one actor (its API), without touching the actor. */
