@@ -242,6 +242,21 @@ impl ActorStore {
         }
     }
 
+    /// A fresh store of the same activation, with the alarm set from `snapshot` (just loaded):
+    /// for an instance that reloaded after a failed batch, whose commits are computed on what
+    /// is committed again. Ops still queued on this store keep their refusal. A fenced-off
+    /// activation gains nothing by it: the engine refuses its batches again.
+    pub fn renewed(&self, snapshot: &Snapshot) -> ActorStore {
+        let alarm = snapshot.schedules.first().map(|s| s.schedule.at_ms);
+        self.remote.set_alarm_later(alarm);
+        ActorStore::start(self.remote.clone(), self.state_encoding, alarm)
+    }
+
+    /// Whether a batch of this store failed (every later commit is then refused).
+    pub fn has_failed(&self) -> bool {
+        self.stats.borrow().failed > 0
+    }
+
     /// The actor's id.
     pub fn actor_id(&self) -> &str {
         self.remote.actor_id()

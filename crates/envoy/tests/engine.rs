@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{next_event, TestEngine, STEP_TIMEOUT};
+use keel_core::store::ActorRecord;
 use keel_core::writer::{Settle, Writes};
+use keel_core::Storage as _;
 use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
 use keel_envoy::{
-    ActorIdentity, ActorStore, Engine, EngineEvent, EngineStopReason, ShutdownOutcome, Snapshot,
+    ActorIdentity, ActorStore, Engine, EngineEvent, EngineStopReason, EngineStorage,
+    ShutdownOutcome, Snapshot,
 };
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -731,5 +734,92 @@ async fn the_engine_alarm_wakes_a_sleeping_actor_at_its_earliest_schedule_not_a_
         .collect();
     assert_eq!(ids, ["far"]);
     gateway.await.expect("joined").expect("gateway answered");
+    envoy.abandon();
+}
+
+/// One commit through keel-core's `Storage` seam, awaited until its release.
+async fn seam_commit(storage: &EngineStorage, actor_id: &Arc<str>, writes: Writes) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    storage.commit(
+        actor_id.clone(),
+        Some(Box::new(writes)),
+        None,
+        Box::new(move |result| {
+            let _ = tx.send(result); // Awaited below.
+        }),
+    );
+    rx.await.expect("every commit is released")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_batch_lost_to_an_engine_crash_the_reloaded_instance_commits_again() {
+    let pool = "keel-renew";
+    let mut engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    engine.create_actor("counter", "renew", pool, b"null").await;
+    let started = accept_start(&envoy, &mut events).await;
+    let storage = Arc::new(EngineStorage::default());
+    let record = ActorRecord {
+        id: started.actor_id.clone(),
+        name: "counter".into(),
+        key: "renew".into(),
+    };
+    let id: Arc<str> = started.actor_id.as_str().into();
+    storage.insert(started.store, record, 0, started.snapshot);
+    assert!(storage.load(&id).await.expect("first load").is_some());
+
+    // Commits back to back, so one is in flight when the engine dies: it fails (its outcome
+    // unknown), and the store refuses what follows.
+    let (acked_tx, mut acked) = tokio::sync::watch::channel(0u64);
+    let writer = {
+        let (storage, id) = (storage.clone(), id.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                n += 1;
+                if let Err(err) = seam_commit(&storage, &id, state(n)).await {
+                    return (n, err);
+                }
+                acked_tx.send_replace(n);
+            }
+        })
+    };
+    tokio::time::timeout(STEP_TIMEOUT, acked.wait_for(|n| *n >= 10))
+        .await
+        .expect("10 commits in time")
+        .expect("the writer runs");
+    engine.kill();
+    let (failed_at, err) = tokio::time::timeout(STEP_TIMEOUT, writer)
+        .await
+        .expect("the commit in flight at the crash fails")
+        .expect("joined");
+    assert_eq!((err.group(), err.code()), ("storage", "io"), "{err}");
+    engine.restart().await;
+
+    // keel-core's task replaces the instance: its load reads what is committed, and from then
+    // on its commits land again.
+    let snapshot = tokio::time::timeout(STEP_TIMEOUT, storage.load(&id))
+        .await
+        .expect("the envoy reconnects in time")
+        .expect("reload")
+        .expect("the actor exists");
+    let count: u64 = std::str::from_utf8(snapshot.state.as_deref().expect("state"))
+        .expect("utf-8")
+        .parse()
+        .expect("a count");
+    assert!(
+        (failed_at - 1..=failed_at).contains(&count),
+        "acknowledged commits survive: {count}, failed at {failed_at}"
+    );
+    seam_commit(&storage, &id, state(count + 1))
+        .await
+        .expect("the reloaded instance commits again");
+    let snapshot = storage.load(&id).await.expect("load").expect("exists");
+    assert_eq!(
+        snapshot.state.as_deref(),
+        Some((count + 1).to_string().as_bytes())
+    );
     envoy.abandon();
 }
