@@ -80,8 +80,8 @@ pub use config::{
 pub use error::{Error, Result};
 pub use host::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Host, KvWrite, Outbound,
-    Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead, Schedule, ScheduleOp,
-    ScheduleWrite, StartRequest, StopReason,
+    Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead, RestoredConn, Schedule,
+    ScheduleOp, ScheduleWrite, StartRequest, StopReason,
 };
 pub use registry::{Mode, Registry};
 pub use runtime::activation::Intents;
