@@ -357,7 +357,7 @@ pub(crate) async fn serve_keel_socket(
         for event in checked {
             Box::pin(server.subscribe(&info, &conn, event, true)).await;
         }
-        read_loop(
+        let closed_here = read_loop(
             &server,
             &info,
             &conn,
@@ -371,9 +371,10 @@ pub(crate) async fn serve_keel_socket(
         conn.close(close::NORMAL, "");
         // Tell the actor, whichever way the socket ended, unless it has already left: a
         // stopping actor forgets its connections itself, and must not be woken for this.
-        // A hibernatable connection outlives its actor's sleep, so its actor is woken to
-        // close it for good (but not during the drain, which keeps its record).
-        if actor_type.hibernatable_conns {
+        // A hibernatable connection outlives its actor's sleep, so when its client closes it
+        // the actor is woken to close it for good (but not during the drain, which keeps its
+        // record). One the actor or the server closed needs no wake: the actor knows.
+        if actor_type.hibernatable_conns && !closed_here {
             Box::pin(server.disconnect_waking(&info, &conn)).await;
         } else {
             server.disconnect(&info, &conn);
@@ -416,13 +417,15 @@ async fn reject(mut socket: WebSocket, encoding: Encoding, err: &Error, dev: boo
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
 }
 
+/// Reads the client's messages until the socket ends; `true` if it ended because the
+/// connection was closed from this side (by the actor, the server or an overflow).
 async fn read_loop(
     server: &Arc<Server>,
     info: &Arc<ActorInfo>,
     conn: &ConnHandle,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
     guarded: &HashSet<String>,
-) {
+) -> bool {
     let dev = server.config.dev;
     // The number of the next call, for the order of replies.
     let mut seq = 0;
@@ -430,7 +433,7 @@ async fn read_loop(
         let next = tokio::select! {
             // Closed by the actor, the server, or a slow-consumer overflow.
             biased;
-            _ = conn.closed() => return,
+            _ = conn.closed() => return true,
             // The next message from the client.
             next = stream.next() => next,
         };
@@ -439,9 +442,9 @@ async fn read_loop(
             Some(Err(err)) => {
                 let (code, reason) = classify_read_error(&err);
                 conn.close(code, &reason);
-                return;
+                return false;
             }
-            None => return,
+            None => return false,
         };
         if let Message::Close(frame) = frame {
             // Answers the client's close at once, with its own code, so the socket's writer
@@ -450,7 +453,7 @@ async fn read_loop(
                 (f.code, f.reason.to_string())
             });
             conn.close(code, &reason);
-            return;
+            return false;
         }
         if matches!(frame, Message::Ping(_) | Message::Pong(_)) {
             continue;
@@ -482,7 +485,7 @@ async fn read_loop(
                     dev,
                 ));
                 conn.close(close::POLICY, "init was already sent");
-                return;
+                return false;
             }
             Err(err) => {
                 conn.push(error_frame(conn.encoding, None, &err, dev));
@@ -492,7 +495,7 @@ async fn read_loop(
                     close::INVALID_PAYLOAD
                 };
                 conn.close(code, "malformed message");
-                return;
+                return false;
             }
         }
     }

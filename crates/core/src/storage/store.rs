@@ -742,15 +742,40 @@ mod tests {
     fn a_database_from_before_the_commit_counter_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), Durability::Full).unwrap());
-        // What the previous schema version left: no commits table, no commit record.
+        // What schema version 1 left: no commits table, no commit record, no conns table.
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        conn.execute_batch("DROP TABLE commits; PRAGMA user_version = 1;")
+        conn.execute_batch("DROP TABLE commits; DROP TABLE conns; PRAGMA user_version = 1;")
             .unwrap();
         drop(conn);
         std::fs::remove_file(dir.path().join(integrity::COMMITS_FILE)).unwrap();
         let store = Store::open(dir.path(), Durability::Full).unwrap();
         let conn = store.connect(false).unwrap();
         assert_eq!(integrity::commit_seq(&conn).unwrap(), 0);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_database_from_before_durable_connections_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Durability::Full).unwrap());
+        // What schema version 2 left: no conns table.
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch("DROP TABLE conns; PRAGMA user_version = 2;")
+            .unwrap();
+        drop(conn);
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        let conn = store.connect(false).unwrap();
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'conns'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 1, "the conns table is created");
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .unwrap();
