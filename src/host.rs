@@ -269,6 +269,7 @@ impl Host for SharedHost {
             state: request.state.map(Buffer::from),
             input,
             input_encoding,
+            db_token: request.db_token.map(|token| token as i64),
         };
         check(self.0.invoke(actor, id, invocation).await?, "start")?.effects("start")
     }

@@ -41,6 +41,8 @@ pub enum Invocation {
         input: Option<Buffer>,
         /// `json` or `cbor`: how `input` is encoded (with `input` only).
         input_encoding: Option<String>,
+        /// For a type with a SQL database, the token its statements carry.
+        db_token: Option<i64>,
     },
     /// Runs one action.
     Action {

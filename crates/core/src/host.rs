@@ -305,6 +305,9 @@ pub struct StartRequest {
     pub state: Option<Vec<u8>>,
     /// The creation input, present only for a new actor that was created with one.
     pub input: Option<Payload>,
+    /// For a type with a SQL database, the token this instance's statements carry (see
+    /// `Runtime::db_execute`); `None` for a type without one.
+    pub db_token: Option<u64>,
 }
 
 /// One action call.

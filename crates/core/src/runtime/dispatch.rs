@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::actor::conn::{ConnHandle, ReplySlot};
 use crate::actor::schedules::Alarms;
-use crate::actor::{ActorEnv, ActorHandle, Command, Reply};
+use crate::actor::{ActorEnv, ActorHandle, Command, OpenDbs, Reply};
 use crate::actor_type::ActorTypes;
 use crate::clock::Clock;
 use crate::config::RuntimeConfig;
@@ -59,6 +59,8 @@ pub(crate) struct Dispatch {
     pub(crate) metrics: Arc<Metrics>,
     /// Open raw WebSockets by id, so the host can send on them.
     pub(crate) raw_sockets: Mutex<HashMap<Arc<str>, ConnHandle>>,
+    /// The SQL databases of live actors, shared with their tasks.
+    pub(crate) databases: Arc<OpenDbs>,
     /// Which actor a key names.
     directory: Arc<Directory>,
     /// Which actors have a live task; starts them.
@@ -95,6 +97,7 @@ impl Dispatch {
             metrics.clone(),
             schedules.clone(),
         ));
+        let databases = env.databases.clone();
         let directory = Arc::new(Directory::new(
             storage.clone(),
             types.clone(),
@@ -128,6 +131,7 @@ impl Dispatch {
             schedules,
             metrics,
             raw_sockets: Mutex::new(HashMap::new()),
+            databases,
             directory,
             activation,
             driven,

@@ -60,6 +60,14 @@ const MIGRATIONS: &[&str] = &[
     // `integrity.rs`).
     "CREATE TABLE commits (seq INTEGER NOT NULL) STRICT;
     INSERT INTO commits (seq) VALUES (0);",
+    // Version 3: the log of changes to actors' SQL databases (see `actor_db.rs`): each
+    // actor's entries not yet durable in its own database, and the last one that is.
+    "CREATE TABLE db_log (
+        actor_id   TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        changeset  BLOB NOT NULL,
+        PRIMARY KEY (actor_id, seq)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// The schema version this build writes.
@@ -261,6 +269,18 @@ impl Store {
                 .optional()?;
             check_found_id("actors", id, row.as_ref().map(|(found, _)| found.as_str()))?;
             Ok::<_, Error>(row.map(|(_, snapshot)| snapshot))
+        })
+    }
+
+    /// The actor's entries in the log of changes to its SQL database, in order.
+    pub fn db_log(&self, actor_id: &str) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT seq, changeset FROM db_log WHERE actor_id = ?1 ORDER BY seq")?;
+            let rows = statement.query_map([actor_id], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get::<_, Vec<u8>>(1)?))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
         })
     }
 
