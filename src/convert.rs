@@ -181,7 +181,12 @@ impl ActorTypeOptions {
                 config.max_size_bytes = bytes as u64;
             }
             if let Some(ms) = db.statement_timeout_ms {
-                config.statement_timeout = millis("statementTimeoutMs", ms)?;
+                if ms == 0 {
+                    return Err(Error::InvalidConfig {
+                        message: "db statementTimeoutMs must be at least 1".into(),
+                    });
+                }
+                config.statement_timeout = Duration::from_millis(u64::from(ms));
             }
             actor_type.db = Some(config);
         }

@@ -1118,9 +1118,15 @@ impl Reader<'_> {
         Ok(slice)
     }
 
-    /// Reads a head: (major type, argument); for major 7 the argument is the additional info
-    /// for simple values, or the float's bits.
+    /// Reads a head: (major type, argument).
     fn head(&mut self) -> Result<(u8, u64)> {
+        let (major, _, argument) = self.head_with_info()?;
+        Ok((major, argument))
+    }
+
+    /// Reads a head: (major type, additional info, argument); for major 7 the argument is the
+    /// simple value's number or the float's bits.
+    fn head_with_info(&mut self) -> Result<(u8, u8, u64)> {
         let first = self.take(1)?[0];
         let (major, info) = (first >> 5, first & 0x1f);
         let argument = match info {
@@ -1133,10 +1139,7 @@ impl Reader<'_> {
             }
             _ => return Err(bad_parameter("unsupported length")),
         };
-        if major == 7 {
-            return Ok((7, (u64::from(info) << 56) | argument));
-        }
-        Ok((major, argument))
+        Ok((major, info, argument))
     }
 
     fn text(&mut self, len: u64) -> Result<String> {
@@ -1145,7 +1148,7 @@ impl Reader<'_> {
     }
 
     fn value(&mut self) -> Result<SqlValue> {
-        let (major, argument) = self.head()?;
+        let (major, info, argument) = self.head_with_info()?;
         Ok(match major {
             0 => SqlValue::Integer(
                 i64::try_from(argument).map_err(|_| bad_parameter("an integer exceeds 64 bits"))?,
@@ -1174,8 +1177,7 @@ impl Reader<'_> {
                 SqlValue::Integer(if argument == 2 { magnitude } else { -1 - magnitude })
             }
             7 => {
-                let info = (argument >> 56) as u8;
-                let bits = argument & ((1 << 56) - 1);
+                let bits = argument;
                 match info {
                     20 => SqlValue::Integer(0),
                     21 => SqlValue::Integer(1),
