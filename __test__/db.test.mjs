@@ -50,8 +50,8 @@ const notes = actor({
         1.5,
         new Uint8Array([1, 2, 3]),
       );
-      const [row] = await c.db.execute("SELECT body, n, x, data, NULL AS nothing FROM notes WHERE body = 'types'");
-      return { big: row.n === 9007199254740993n, x: row.x, data: [...row.data], nothing: row.nothing };
+      const [row] = await c.db.execute("SELECT body, n, x, data, NULL AS empty FROM notes WHERE body = 'types'");
+      return { big: row.n === 9007199254740993n, x: row.x, data: [...row.data], nothing: row.empty };
     },
     seesOwnWrites: async (c) => {
       await c.db.execute("INSERT INTO notes (body) VALUES ('own')");

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 /// `count` counts them, `insert_then_fail` inserts and then fails, `destroy` destroys.
 #[derive(Default)]
 struct SqlHost {
-    runtime: OnceLock<Runtime>,
+    runtime: OnceLock<Arc<Runtime>>,
     tokens: Mutex<HashMap<String, u64>>,
 }
 
@@ -131,7 +131,7 @@ impl Faults for Switch {
     }
 }
 
-fn open(dir: &std::path::Path, faults: Option<Arc<Switch>>) -> Runtime {
+fn open(dir: &std::path::Path, faults: Option<Arc<Switch>>) -> Arc<Runtime> {
     let mut types = ActorTypes::default();
     types
         .add(ActorType {
@@ -144,8 +144,9 @@ fn open(dir: &std::path::Path, faults: Option<Arc<Switch>>) -> Runtime {
         ..common::config(dir)
     };
     let host = Arc::new(SqlHost::default());
-    let runtime = Runtime::open(config, Arc::new(types), host.clone(), &CancellationToken::new())
-        .unwrap();
+    let runtime = Arc::new(
+        Runtime::open(config, Arc::new(types), host.clone(), &CancellationToken::new()).unwrap(),
+    );
     host.runtime.set(runtime.clone()).ok().unwrap();
     runtime
 }
