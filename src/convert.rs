@@ -173,9 +173,15 @@ impl ActorTypeOptions {
         if let Some(db) = self.db {
             let mut config = keel_core::DbConfig::default();
             if let Some(bytes) = db.max_size_bytes {
-                if !(bytes.is_finite() && bytes >= 4096.0 && bytes.fract() == 0.0 && bytes <= 2f64.powi(53)) {
+                if !(bytes.is_finite()
+                    && bytes >= 4096.0
+                    && bytes.fract() == 0.0
+                    && bytes <= 2f64.powi(53))
+                {
                     return Err(Error::InvalidConfig {
-                        message: format!("db maxSizeBytes must be a whole number of at least 4096, not {bytes}"),
+                        message: format!(
+                            "db maxSizeBytes must be a whole number of at least 4096, not {bytes}"
+                        ),
                     });
                 }
                 config.max_size_bytes = bytes as u64;

@@ -69,8 +69,12 @@ impl Host for SqlHost {
         let output = match call.action.as_str() {
             "insert" => {
                 // `["x"]` in CBOR.
-                self.sql(actor, "INSERT INTO items (v) VALUES (?)", &[0x81, 0x61, b'x'])
-                    .await?;
+                self.sql(
+                    actor,
+                    "INSERT INTO items (v) VALUES (?)",
+                    &[0x81, 0x61, b'x'],
+                )
+                .await?;
                 "null".to_string()
             }
             "insert_then_fail" => {
@@ -145,7 +149,13 @@ fn open(dir: &std::path::Path, faults: Option<Arc<Switch>>) -> Arc<Runtime> {
     };
     let host = Arc::new(SqlHost::default());
     let runtime = Arc::new(
-        Runtime::open(config, Arc::new(types), host.clone(), &CancellationToken::new()).unwrap(),
+        Runtime::open(
+            config,
+            Arc::new(types),
+            host.clone(),
+            &CancellationToken::new(),
+        )
+        .unwrap(),
     );
     host.runtime.set(runtime.clone()).ok().unwrap();
     runtime

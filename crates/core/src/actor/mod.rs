@@ -38,12 +38,12 @@ use crate::actor::schedules::{Alarms, Firing};
 use crate::clock::Clock;
 use crate::config::{Limits, RuntimeConfig};
 use crate::error::{DbError, Error, Result};
-use crate::storage::seam::ActorDb;
 use crate::host::{
     ActionCall, ActorInfo, Host, Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead,
     StopReason,
 };
 use crate::metrics::Metrics;
+use crate::storage::seam::ActorDb;
 use crate::storage::seam::Storage;
 use crate::storage::seam::StoredSchedule;
 

@@ -31,10 +31,10 @@ use crate::actor::conn::{self, close, ConnHandle};
 use crate::actor::outbox::Outbox;
 use crate::actor::{ActorEnv, ActorHandle, Command, Lifecycle};
 use crate::actor_type::ActorType;
+use crate::actor_type::DbConfig;
 use crate::error::{Error, Result};
 use crate::host::{ActorInfo, Effects, RawSocketEvent, StartRequest, StopReason};
 use crate::kv_key;
-use crate::actor_type::DbConfig;
 use crate::storage::seam::{ActorDb, DbChange, Poison, Release, Settle, Writes};
 
 mod messages;
@@ -290,7 +290,11 @@ impl ActorTask {
             limits.max_kv_key_bytes,
             limits.max_kv_value_bytes,
         );
-        let mut db_change = self.db_change.lock().take();
+        // Only an actor with a database has changes to take (and a lock to take them from).
+        let mut db_change = match self.db {
+            Some(_) => self.db_change.lock().take(),
+            None => None,
+        };
         let (effects, release) = match checked {
             Ok(()) => (effects, release),
             Err(err) => {

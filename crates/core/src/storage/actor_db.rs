@@ -122,9 +122,7 @@ impl Session {
         let mut raw = std::ptr::null_mut();
         // SAFETY: the handle is the live connection's; the session is deleted (on drop) before
         // the connection closes, since the worker drops its transaction first.
-        let rc = unsafe {
-            ffi::sqlite3session_create(conn.handle(), c"main".as_ptr(), &mut raw)
-        };
+        let rc = unsafe { ffi::sqlite3session_create(conn.handle(), c"main".as_ptr(), &mut raw) };
         check_rc(conn, rc)?;
         let session = Session(raw);
         let mut on: std::ffi::c_int = 1;
@@ -154,8 +152,7 @@ impl Session {
             return Ok(Vec::new());
         }
         // SAFETY: SQLite wrote `len` bytes at `data`, which it allocated with sqlite3_malloc.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(data as *const u8, len as usize) }.to_vec();
+        let bytes = unsafe { std::slice::from_raw_parts(data as *const u8, len as usize) }.to_vec();
         // SAFETY: freed once, with SQLite's allocator.
         unsafe { rusqlite::ffi::sqlite3_free(data) };
         Ok(bytes)
@@ -180,7 +177,9 @@ fn check_rc(conn: &Connection, rc: std::ffi::c_int) -> Result<()> {
     // SAFETY: reads the connection's last error message.
     let message = unsafe {
         let text = rusqlite::ffi::sqlite3_errmsg(conn.handle());
-        std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(text)
+            .to_string_lossy()
+            .into_owned()
     };
     Err(Error::Storage(rusqlite::Error::SqliteFailure(
         rusqlite::ffi::Error::new(rc),
@@ -440,7 +439,9 @@ impl SqliteActorDb {
             conn.execute_batch("BEGIN IMMEDIATE")?;
             for (seq, changeset) in &pending {
                 if *seq != applied + 1 {
-                    return Err(corrupt(format!("keel.db's log of actor SQL changes skips from {applied} to {seq}")));
+                    return Err(corrupt(format!(
+                        "keel.db's log of actor SQL changes skips from {applied} to {seq}"
+                    )));
                 }
                 apply_changeset(&conn, changeset).map_err(|err| {
                     corrupt(format!(
@@ -452,11 +453,16 @@ impl SqliteActorDb {
             }
             conn.execute("UPDATE _keel_applied SET seq = ?1", [applied as i64])?;
             conn.execute_batch("COMMIT")?;
-            tracing::debug!(changes = pending.len(), "applied logged SQL changes to the actor's database");
+            tracing::debug!(
+                changes = pending.len(),
+                "applied logged SQL changes to the actor's database"
+            );
         }
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
         let max_pages = (config.max_size_bytes / page_size.max(512) as u64).max(1);
-        conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| Ok(()))?;
+        conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| {
+            Ok(())
+        })?;
 
         let mode = Arc::new(AtomicU8::new(MODE_KEEL));
         let authorizer_mode = mode.clone();
@@ -790,8 +796,9 @@ impl Worker {
             rusqlite::Error::MultipleStatement => {
                 DbError::Sql.with("execute runs one statement; call it once per statement")
             }
-            rusqlite::Error::InvalidParameterCount(given, wanted) => DbError::BadParameter
-                .with(format!("the statement takes {wanted} parameters, {given} were given")),
+            rusqlite::Error::InvalidParameterCount(given, wanted) => DbError::BadParameter.with(
+                format!("the statement takes {wanted} parameters, {given} were given"),
+            ),
             rusqlite::Error::InvalidParameterName(name) => {
                 DbError::BadParameter.with(format!("the statement has no parameter named {name}"))
             }
@@ -806,8 +813,10 @@ impl Worker {
                 self.state = State::Migrating;
                 Ok(())
             }
-            (MigrationStep::Begin, _) => Err(DbError::Unavailable
-                .with("onMigrate runs before any other statement of the start")),
+            (MigrationStep::Begin, _) => {
+                Err(DbError::Unavailable
+                    .with("onMigrate runs before any other statement of the start"))
+            }
             (MigrationStep::Commit, State::Migrating) => {
                 let committed = self.keel("COMMIT");
                 if committed.is_err() {
@@ -839,7 +848,8 @@ impl Worker {
             }
             State::Prepared { seq } => {
                 self.state = State::Prepared { seq };
-                Err(DbError::Unavailable.with("the actor's previous call is still committing its SQL"))
+                Err(DbError::Unavailable
+                    .with("the actor's previous call is still committing its SQL"))
             }
             State::Call { session, failed } => {
                 if let Some(err) = failed {
@@ -875,7 +885,10 @@ impl Worker {
 
     fn finish(&mut self, seq: u64, durable: bool) {
         if !matches!(self.state, State::Prepared { seq: prepared } if prepared == seq) {
-            tracing::error!(seq, "a commit finished an SQL change the actor's database did not prepare");
+            tracing::error!(
+                seq,
+                "a commit finished an SQL change the actor's database did not prepare"
+            );
             return;
         }
         self.state = State::Idle;
@@ -1174,7 +1187,11 @@ impl Reader<'_> {
                     .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
                 let magnitude = i64::try_from(magnitude)
                     .map_err(|_| bad_parameter("a BigInt parameter must fit in 64 bits"))?;
-                SqlValue::Integer(if argument == 2 { magnitude } else { -1 - magnitude })
+                SqlValue::Integer(if argument == 2 {
+                    magnitude
+                } else {
+                    -1 - magnitude
+                })
             }
             7 => {
                 let bits = argument;
@@ -1188,11 +1205,9 @@ impl Reader<'_> {
                     _ => return Err(bad_parameter("unsupported simple value")),
                 }
             }
-            _ => {
-                return Err(bad_parameter(
-                    "a parameter must be null, a boolean, a number, a BigInt, a string or a Uint8Array",
-                ))
-            }
+            _ => return Err(bad_parameter(
+                "a parameter must be null, a boolean, a number, a BigInt, a string or a Uint8Array",
+            )),
         })
     }
 }

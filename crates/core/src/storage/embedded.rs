@@ -16,12 +16,12 @@ use parking_lot::Mutex;
 
 use crate::actor_type::DbConfig;
 use crate::config::{Durability, RuntimeConfig};
-use crate::storage::actor_db::SqliteActorDb;
-use crate::storage::seam::ActorDb;
 use crate::error::{Error, Result};
 use crate::faults::{FaultState, Registration};
 use crate::host::Payload;
 use crate::metrics::WriterStats;
+use crate::storage::actor_db::SqliteActorDb;
+use crate::storage::seam::ActorDb;
 use crate::storage::seam::Storage;
 use crate::storage::seam::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
 use crate::storage::seam::{CreateMode, Poison, Release, Writes};

@@ -126,8 +126,9 @@ pub trait Storage: Send + Sync + 'static {
     /// per-actor databases refuses with `db.unavailable`.
     async fn open_db(&self, actor_id: Arc<str>, config: DbConfig) -> Result<Arc<dyn ActorDb>> {
         let _ = (actor_id, config);
-        Err(DbError::Unavailable
-            .with("this storage has no per-actor SQL databases (`db` is not supported in this mode)"))
+        Err(DbError::Unavailable.with(
+            "this storage has no per-actor SQL databases (`db` is not supported in this mode)",
+        ))
     }
 }
 

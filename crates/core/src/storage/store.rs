@@ -275,8 +275,9 @@ impl Store {
     /// The actor's entries in the log of changes to its SQL database, in order.
     pub fn db_log(&self, actor_id: &str) -> Result<Vec<(u64, Vec<u8>)>> {
         self.read(|conn| {
-            let mut statement = conn
-                .prepare_cached("SELECT seq, changeset FROM db_log WHERE actor_id = ?1 ORDER BY seq")?;
+            let mut statement = conn.prepare_cached(
+                "SELECT seq, changeset FROM db_log WHERE actor_id = ?1 ORDER BY seq",
+            )?;
             let rows = statement.query_map([actor_id], |row| {
                 Ok((row.get::<_, i64>(0)? as u64, row.get::<_, Vec<u8>>(1)?))
             })?;
