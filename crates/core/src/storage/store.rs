@@ -712,9 +712,10 @@ mod tests {
     fn a_database_from_before_the_commit_counter_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), Durability::Full).unwrap());
-        // What the previous schema version left: no commits table, no commit record.
+        // What schema version 1 left: no commits table (nor the later SQL log), no commit
+        // record.
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        conn.execute_batch("DROP TABLE commits; PRAGMA user_version = 1;")
+        conn.execute_batch("DROP TABLE commits; DROP TABLE db_log; PRAGMA user_version = 1;")
             .unwrap();
         drop(conn);
         std::fs::remove_file(dir.path().join(integrity::COMMITS_FILE)).unwrap();
