@@ -117,6 +117,7 @@ impl Snapshot {
         ActorSnapshot {
             state: self.state.as_ref().map(|state| state.bytes.clone()),
             input: self.input.clone(),
+            ..ActorSnapshot::default()
         }
     }
 }
