@@ -784,9 +784,9 @@ mod tests {
     fn a_database_from_before_durable_connections_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), Durability::Full).unwrap());
-        // What schema version 2 left: no conns table.
+        // What schema version 2 left: no conns table (nor the later SQL log).
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        conn.execute_batch("DROP TABLE conns; PRAGMA user_version = 2;")
+        conn.execute_batch("DROP TABLE conns; DROP TABLE db_log; PRAGMA user_version = 2;")
             .unwrap();
         drop(conn);
         let store = Store::open(dir.path(), Durability::Full).unwrap();
