@@ -2,6 +2,7 @@
 // Each `@ts-expect-error` must be an error, or tsc fails the build.
 import { actor, createInspector, event, setup } from "keel";
 import { createClient } from "keel/client";
+import { db, type SqlRow } from "keel/db";
 
 const counter = actor({
   state: { count: 0 },
@@ -209,3 +210,39 @@ const rawSocket: WebSocket = guardedHandle.webSocket("/live");
 guardedHandle.fetch(42);
 const refreshing = guardedHandle.connect(undefined, { getParams: async () => ({ token: "fresh" }) });
 void [response, rawSocket, refreshing];
+
+// `keel/db`: c.db is typed on every actor; parameters are SQL values; rows can be typed.
+const withDb = actor({
+  state: { n: 0 },
+  db: db({
+    onMigrate: async (d) => {
+      await d.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)");
+    },
+    statementTimeoutMs: 1000,
+  }),
+  actions: {
+    add: async (c, v: string) => {
+      await c.db.execute("INSERT INTO t (v) VALUES (?)", v);
+      await c.db.execute("INSERT INTO t (v) VALUES (:v)", { v });
+      await c.db.execute("SELECT ?, ?, ?, ?, ?", null, 1, 2n, true, new Uint8Array(1));
+      // @ts-expect-error: a Date is not a SQL value.
+      await c.db.execute("SELECT ?", new Date());
+      // @ts-expect-error: nested objects are not SQL values.
+      await c.db.execute("SELECT :a", { a: { nested: 1 } });
+      // @ts-expect-error: the SQL is a string.
+      await c.db.execute(42);
+    },
+    rows: async (c) => {
+      const typed: Array<{ id: number; v: string }> = await c.db.execute<{ id: number; v: string }>("SELECT id, v FROM t");
+      const loose: SqlRow[] = await c.db.execute("SELECT 1 AS one");
+      // @ts-expect-error: a row's values are SQL results, not arbitrary objects.
+      const wrong: Array<{ id: Date }> = await c.db.execute("SELECT id FROM t");
+      return [typed, loose, wrong];
+    },
+  },
+});
+// @ts-expect-error: onMigrate is a function.
+db({ onMigrate: "CREATE TABLE t (x)" });
+// @ts-expect-error: `db` takes db() from keel/db, not a config object.
+actor({ state: {}, db: { onMigrate: () => {} }, actions: {} });
+void withDb;

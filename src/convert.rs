@@ -44,7 +44,8 @@ impl ErrorInfo {
     /// code and message, a thrown `Forbidden` is `auth.forbidden` with its message, a KV limit
     /// error keeps its own code, `onStateChange` changing the state and a call cycle keep
     /// `actor.state_change_mutation` and `actor.call_cycle`, a client payload the JS decoder
-    /// refused is `request.malformed` (the host reports that group only for this), a stored
+    /// refused is `request.malformed` (the host reports that group only for this), an error of
+    /// the actor's SQL database keeps its `db` code, a stored
     /// state it could not decode is `storage.corrupt` for its actor; anything else is internal.
     pub fn into_error(self) -> Error {
         let limit = || {
@@ -65,6 +66,10 @@ impl ErrorInfo {
             ("kv", "key_too_large") => Error::KvKeyTooLarge { limit: limit() },
             ("kv", "value_too_large") => Error::KvValueTooLarge { limit: limit() },
             ("request", "malformed") => Error::malformed(self.message),
+            ("db", code) if keel_core::DbError::from_code(code).is_some() => Error::Db {
+                kind: keel_core::DbError::from_code(code).unwrap_or(keel_core::DbError::Sql),
+                message: self.message,
+            },
             ("actor", "state_change_mutation") => Error::StateChangeMutation {
                 message: self.message,
             },
@@ -135,6 +140,18 @@ pub struct ActorTypeOptions {
     pub hibernatable_connections: Option<bool>,
     /// How long a connection restored after a restart may take to resume, in milliseconds.
     pub reconnect_window_ms: Option<u32>,
+    /// The type's SQL database (`db()` in JS), if it has one.
+    pub db: Option<DbOptions>,
+}
+
+/// The limits of a type's SQL database, as `db()` takes them; absent ones take core's
+/// defaults.
+#[napi(object)]
+pub struct DbOptions {
+    /// The largest an actor's database may grow, in bytes.
+    pub max_size_bytes: Option<f64>,
+    /// How long one statement may run, in milliseconds.
+    pub statement_timeout_ms: Option<u32>,
 }
 
 impl ActorTypeOptions {
@@ -156,6 +173,32 @@ impl ActorTypeOptions {
             .collect();
         if let Some(ms) = self.action_timeout_ms {
             actor_type.action_timeout = Some(millis("actionTimeoutMs", ms)?);
+        }
+        if let Some(db) = self.db {
+            let mut config = keel_core::DbConfig::default();
+            if let Some(bytes) = db.max_size_bytes {
+                if !(bytes.is_finite()
+                    && bytes >= 4096.0
+                    && bytes.fract() == 0.0
+                    && bytes <= 2f64.powi(53))
+                {
+                    return Err(Error::InvalidConfig {
+                        message: format!(
+                            "db maxSizeBytes must be a whole number of at least 4096, not {bytes}"
+                        ),
+                    });
+                }
+                config.max_size_bytes = bytes as u64;
+            }
+            if let Some(ms) = db.statement_timeout_ms {
+                if ms == 0 {
+                    return Err(Error::InvalidConfig {
+                        message: "db statementTimeoutMs must be at least 1".into(),
+                    });
+                }
+                config.statement_timeout = Duration::from_millis(u64::from(ms));
+            }
+            actor_type.db = Some(config);
         }
         if let Some(ms) = self.sleep_timeout_ms {
             actor_type.sleep_timeout = Some(millis("sleepTimeoutMs", ms)?);

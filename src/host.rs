@@ -283,6 +283,7 @@ impl Host for SharedHost {
                     })
                     .collect()
             }),
+            db_token: request.db_token.map(|token| token as i64),
         };
         check(self.0.invoke(actor, id, invocation).await?, "start")?.effects("start")
     }

@@ -207,6 +207,52 @@ impl CoreRegistry {
         self.registry.shutdown().await;
     }
 
+    /// Runs one SQL statement on a live actor's database for the instance whose start carried
+    /// `db_token`. `params` and the result are CBOR (see core's `Runtime::db_execute`).
+    #[napi]
+    pub async fn db_execute(
+        &self,
+        actor_id: String,
+        db_token: i64,
+        sql: String,
+        params: Buffer,
+    ) -> DbResult {
+        let result = match self.running() {
+            Ok(runtime) => {
+                runtime
+                    .db_execute(&actor_id, db_token as u64, sql, params.to_vec())
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(bytes) => DbResult {
+                error: None,
+                result: Some(Buffer::from(bytes)),
+            },
+            Err(err) => DbResult {
+                error: Some(ErrorInfo::from_error(&err, false)),
+                result: None,
+            },
+        }
+    }
+
+    /// Begins (`begin`), commits (`commit`) or rolls back (`rollback`) the migration
+    /// transaction of a starting actor's database, around `onMigrate`.
+    #[napi]
+    pub async fn db_migration(&self, actor_id: String, db_token: i64, step: String) -> Outcome {
+        let step = match step.as_str() {
+            "begin" => keel_core::MigrationStep::Begin,
+            "commit" => keel_core::MigrationStep::Commit,
+            _ => keel_core::MigrationStep::Rollback,
+        };
+        let result = match self.running() {
+            Ok(runtime) => runtime.db_migration(&actor_id, db_token as u64, step).await,
+            Err(err) => Err(err),
+        };
+        Outcome::from_result(result, false)
+    }
+
     /// Reads KV values of a live actor (after its own pending commits land). Keys are the
     /// user's, strings or bytes; core's codec finds them.
     #[napi]
@@ -476,4 +522,13 @@ pub struct ScheduleInfo {
 pub struct ScheduleListResult {
     pub error: Option<ErrorInfo>,
     pub schedules: Option<Vec<ScheduleInfo>>,
+}
+
+/// The result of one SQL statement: `result` (CBOR) or `error`.
+#[napi(object, object_from_js = false)]
+pub struct DbResult {
+    /// The failure, if any.
+    pub error: Option<ErrorInfo>,
+    /// `[columns, values, changes, lastInsertRowid]` as CBOR.
+    pub result: Option<Buffer>,
 }

@@ -43,6 +43,8 @@ pub enum Invocation {
         input_encoding: Option<String>,
         /// The durable connections the instance starts with (hibernatable connections).
         conns: Option<Vec<RestoredConnJs>>,
+        /// For a type with a SQL database, the token its statements carry.
+        db_token: Option<i64>,
     },
     /// Runs one action.
     Action {

@@ -1,4 +1,5 @@
 import type { Client, RegistryLike } from "./client";
+import type { ActorDatabase, DbDefinition } from "./db";
 import type { ActorLog } from "./log";
 
 /** A KV key: a string or bytes. Strings and byte keys are separate key spaces. */
@@ -171,6 +172,13 @@ export interface ActorContext<S, V = undefined, A = Record<string, unknown>> {
    * waiting for this one (itself, or a cycle) fails at once with `actor.call_cycle`.
    */
   client<R extends RegistryLike = RegistryLike>(): Client<R>;
+  /**
+   * The actor's SQL database, for a type defined with `db: db({ ... })` from `keel/db`: a
+   * call's statements commit atomically with its state, KV and schedules, and a call that
+   * throws changes nothing. On a type without `db` every statement fails with
+   * `db.unavailable`.
+   */
+  readonly db: ActorDatabase;
 }
 
 /** The context `createState` receives (there is no state yet). */
@@ -255,6 +263,8 @@ export interface ActorConfig<S, I, V, A, E = Record<never, never>> {
   actions: A & Record<string, Action<NoInfer<S>, NoInfer<V>>>;
   /** Per-type options. */
   options?: ActorOptions;
+  /** A SQL database per actor: `db({ onMigrate })` from `keel/db`. */
+  db?: DbDefinition;
 }
 
 /** An actor type, ready to be passed to `setup({ use })`. */
@@ -304,6 +314,9 @@ export function actor<S, I = undefined, A = Record<never, never>, V = undefined,
   }
   if (config.vars !== undefined && config.createVars !== undefined) {
     throw new TypeError("actor() takes `vars` or `createVars`, not both");
+  }
+  if (config.db !== undefined && (config.db === null || (config.db as { kind?: unknown }).kind !== "keel.db")) {
+    throw new TypeError("actor()'s `db` must come from db() of keel/db");
   }
   return { kind: "keel.actor", config };
 }

@@ -105,7 +105,8 @@ function internalError(message: string): ErrorBody {
  * `actor.internal_error` with a fixed message: a hostile throw fails its call, never the
  * process. A `UserError` keeps its code and message if both can be turned into strings; a
  * `Forbidden` is `auth.forbidden` with its message; a `KeelError` keeps its code only for the
- * `kv` limit errors, the `user` and `auth.forbidden` errors of another actor,
+ * `kv` limit errors, the `db` errors of the actor's SQL database, the `user` and
+ * `auth.forbidden` errors of another actor,
  * `actor.state_change_mutation` and `actor.call_cycle`, the kinds core relays. Everything
  * else is `actor.internal_error`.
  */
@@ -145,6 +146,7 @@ export function errorInfoOf(err: unknown): ErrorBody {
       group === "user" ||
       (group === "auth" && code === "forbidden") ||
       (group === "kv" && (code === "key_too_large" || code === "value_too_large")) ||
+      group === "db" ||
       (group === "actor" && (code === "state_change_mutation" || code === "call_cycle"));
     if (relayed && code !== undefined && message !== undefined) return { group, code, message, metadata: metadata() };
   }

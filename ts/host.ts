@@ -10,6 +10,8 @@ import { createActorClient } from "./actor-client";
 import type { Client, RegistryLike } from "./client";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
 import { decode, encode } from "./cbor";
+import type { ActorDatabase, SqlRow } from "./db";
+import { decodeSqlRows, encodeSqlParams } from "./sql";
 import { Forbidden, KeelError, errorInfoOf } from "./errors";
 import { CallerRequest } from "./caller";
 import { createActorLog } from "./log";
@@ -102,6 +104,8 @@ interface Instance {
   readonly background: Set<Promise<void>>;
   /** The keep-awake holds this instance opened in core and has not closed yet. */
   holds: number;
+  /** For a type with a SQL database, the token this instance's statements carry. */
+  dbToken: number | undefined;
 }
 
 export class JsHost {
@@ -218,6 +222,8 @@ export class JsHost {
       key: Object.freeze([...invocation.key]),
     };
     const instance = this.newInstance(def, identity);
+    instance.dbToken = invocation.dbToken ?? undefined;
+    await this.migrate(instance, invocation.actorId);
     const isNew = invocation.state === undefined;
     let input: unknown;
     if (isNew) {
@@ -256,6 +262,35 @@ export class JsHost {
     const completion: Completion = { kind: "ok", id: invocation.id, effects: this.finishCall(instance) };
     this.instances.set(invocation.actorId, instance);
     return completion;
+  }
+
+  /**
+   * Runs `onMigrate` in its own transaction, committed before the start goes on: a throw rolls
+   * it back and fails the start with `db.migration_failed`.
+   */
+  private async migrate(instance: Instance, actorId: string): Promise<void> {
+    const onMigrate = instance.def.config.db?.config.onMigrate;
+    if (onMigrate === undefined || instance.dbToken === undefined) return;
+    const native = this.native!;
+    failOn(await native.dbMigration(actorId, instance.dbToken, "begin"));
+    try {
+      await onMigrate(instance.ctx.db);
+    } catch (err) {
+      await native.dbMigration(actorId, instance.dbToken, "rollback");
+      throw new KeelError({ group: "db", code: "migration_failed", message: `onMigrate failed: ${errorInfoOf(err).message}` });
+    }
+    failOn(await native.dbMigration(actorId, instance.dbToken, "commit"));
+  }
+
+  /** Runs one statement of `c.db` (or of `onMigrate`'s database). */
+  private async sqlExecute(instance: Instance, actorId: string, sql: unknown, params: unknown[]): Promise<SqlRow[]> {
+    if (typeof sql !== "string") throw new TypeError("db.execute takes the SQL text as a string");
+    if (instance.dbToken === undefined) {
+      throw new KeelError({ group: "db", code: "unavailable", message: "this actor type has no database; give it one with `db: db()` from keel/db" });
+    }
+    const result = await this.native!.dbExecute(actorId, instance.dbToken, sql, encodeSqlParams(params));
+    failOn(result);
+    return decodeSqlRows(result.result!);
   }
 
   private instance(invocation: { actorId: string }): Instance {
@@ -627,6 +662,7 @@ export class JsHost {
       observing: false,
       background: new Set(),
       holds: 0,
+      dbToken: undefined,
       ctx: undefined as never,
     };
     const connsView: ReadonlyMap<string, Conn> = {
@@ -763,6 +799,9 @@ export class JsHost {
         instance.effects.destroy = true;
       },
       client: () => (actorClient ??= host.client(identity.actorId)),
+      db: Object.freeze({
+        execute: (sql: string, ...params: unknown[]) => host.sqlExecute(instance, identity.actorId, sql, params),
+      }) as ActorDatabase,
       keepAwake<T>(promise: PromiseLike<T>): PromiseLike<T> {
         if (promise === null || typeof (promise as { then?: unknown })?.then !== "function") throw new TypeError("c.keepAwake takes a promise");
         failOn({ error: host.native!.keepAwake(identity.actorId, true) });

@@ -230,6 +230,10 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
           guardedEvents: Object.entries(def.config.events ?? {})
             .filter(([, declared]) => (declared as EventType<unknown> | undefined)?.canSubscribe !== undefined)
             .map(([name]) => name),
+          db:
+            def.config.db === undefined
+              ? undefined
+              : { maxSizeBytes: def.config.db.config.maxSizeBytes, statementTimeoutMs: def.config.db.config.statementTimeoutMs },
         }),
       );
     }

@@ -40,6 +40,34 @@ pub struct ActorType {
     /// With hibernatable connections: how long a connection restored after a restart
     /// (its socket closed by the shutdown) may take to resume before it is closed for good.
     pub reconnect_window: Duration,
+    /// The type's SQL database (`db` in JS), if it has one: each actor of the type then gets
+    /// its own, opened when it starts and closed when it stops.
+    pub db: Option<DbConfig>,
+}
+
+/// The limits of each actor's SQL database, for a type that has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbConfig {
+    /// The largest the database file may grow, in bytes; a statement that would grow it
+    /// further fails with `db.too_large`.
+    pub max_size_bytes: u64,
+    /// How long one statement may run before it is interrupted with
+    /// `db.statement_timed_out`.
+    pub statement_timeout: Duration,
+}
+
+/// The default size limit of an actor's SQL database: 1 GiB.
+pub const DEFAULT_DB_MAX_SIZE_BYTES: u64 = 1 << 30;
+/// The default time limit of one statement on an actor's SQL database.
+pub const DEFAULT_DB_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        DbConfig {
+            max_size_bytes: DEFAULT_DB_MAX_SIZE_BYTES,
+            statement_timeout: DEFAULT_DB_STATEMENT_TIMEOUT,
+        }
+    }
 }
 
 /// The default [`ActorType::reconnect_window`].
@@ -121,6 +149,7 @@ impl ActorType {
             guarded_events: HashSet::new(),
             hibernatable_conns: false,
             reconnect_window: DEFAULT_RECONNECT_WINDOW,
+            db: None,
         }
     }
 

@@ -10,6 +10,87 @@ use serde_json::Value;
 /// Result alias used throughout core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The codes of the `db` group: how an actor's SQL database refused or failed a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbError {
+    /// The statement is not valid SQL, names what does not exist, or SQLite failed it
+    /// (`db.sql_error`, 400).
+    Sql,
+    /// The statement broke a constraint: unique, not null, check, foreign key
+    /// (`db.constraint`, 409).
+    Constraint,
+    /// The statement does what an actor's database does not allow: attaching files, pragmas
+    /// other than the read-only ones, transaction statements, keel's own tables, schema
+    /// changes outside `onMigrate` (`db.not_allowed`, 403).
+    NotAllowed,
+    /// A parameter is not a SQL value, or the parameters do not match the placeholders
+    /// (`db.bad_parameter`, 400).
+    BadParameter,
+    /// The statement ran past the statement time limit and was interrupted
+    /// (`db.statement_timed_out`, 504).
+    StatementTimedOut,
+    /// The database would grow past its size limit (`db.too_large`, 413).
+    TooLarge,
+    /// `onMigrate` failed: the actor did not start (`db.migration_failed`, 500).
+    MigrationFailed,
+    /// `c.db` was used where there is no database to use: on a type without `db`, outside
+    /// a call of the instance that holds it, or in a mode that has none (the engine mode)
+    /// (`db.unavailable`, 500).
+    Unavailable,
+}
+
+impl DbError {
+    /// The code within the `db` group.
+    pub fn code(self) -> &'static str {
+        match self {
+            DbError::Sql => "sql_error",
+            DbError::Constraint => "constraint",
+            DbError::NotAllowed => "not_allowed",
+            DbError::BadParameter => "bad_parameter",
+            DbError::StatementTimedOut => "statement_timed_out",
+            DbError::TooLarge => "too_large",
+            DbError::MigrationFailed => "migration_failed",
+            DbError::Unavailable => "unavailable",
+        }
+    }
+
+    /// The kind with this code, if there is one.
+    pub fn from_code(code: &str) -> Option<DbError> {
+        [
+            DbError::Sql,
+            DbError::Constraint,
+            DbError::NotAllowed,
+            DbError::BadParameter,
+            DbError::StatementTimedOut,
+            DbError::TooLarge,
+            DbError::MigrationFailed,
+            DbError::Unavailable,
+        ]
+        .into_iter()
+        .find(|kind| kind.code() == code)
+    }
+
+    /// The HTTP status of the error.
+    pub fn http_status(self) -> u16 {
+        match self {
+            DbError::Sql | DbError::BadParameter => 400,
+            DbError::NotAllowed => 403,
+            DbError::Constraint => 409,
+            DbError::TooLarge => 413,
+            DbError::StatementTimedOut => 504,
+            DbError::MigrationFailed | DbError::Unavailable => 500,
+        }
+    }
+
+    /// The error, with its message.
+    pub fn with(self, message: impl Into<String>) -> Error {
+        Error::Db {
+            kind: self,
+            message: message.into(),
+        }
+    }
+}
+
 /// Every error keel reports, with a stable `group`/`code` per variant.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -142,6 +223,15 @@ pub enum Error {
     KvValueTooLarge {
         /// The limit, in bytes.
         limit: usize,
+    },
+
+    /// An actor's SQL database refused or failed a statement (see [`DbError`]).
+    #[error("{message}")]
+    Db {
+        /// Which failure it is: the error's code.
+        kind: DbError,
+        /// What went wrong, with SQLite's own words where it has them.
+        message: String,
     },
 
     /// The request body or its fields are malformed.
@@ -283,6 +373,7 @@ impl Error {
             | ActorStopped => "actor",
             User { .. } => "user",
             KvKeyTooLarge { .. } | KvValueTooLarge { .. } => "kv",
+            Db { .. } => "db",
             RequestMalformed { .. }
             | RequestTooLarge { .. }
             | RequestBodyTimedOut { .. }
@@ -330,6 +421,7 @@ impl Error {
             User { code, .. } => code,
             KvKeyTooLarge { .. } => "key_too_large",
             KvValueTooLarge { .. } => "value_too_large",
+            Db { kind, .. } => kind.code(),
             RequestMalformed { .. } => "malformed",
             RequestTooLarge { .. } => "body_too_large",
             RequestBodyTimedOut { .. } => "body_timed_out",
@@ -375,6 +467,7 @@ impl Error {
             ActorOverloaded { .. } => 429,
             RegistryShuttingDown | RegistryShutDown | ActorStopped | StorageLocked { .. } => 503,
             ActionTimedOut { .. } | HookTimedOut { .. } => 504,
+            Db { kind, .. } => kind.http_status(),
             ActorInternal { .. }
             | StateChangeMutation { .. }
             | StorageCorrupt { .. }
@@ -471,6 +564,10 @@ impl Error {
             },
             KvKeyTooLarge { limit } => KvKeyTooLarge { limit: *limit },
             KvValueTooLarge { limit } => KvValueTooLarge { limit: *limit },
+            Db { kind, message } => Db {
+                kind: *kind,
+                message: message.clone(),
+            },
             Bind { address, source } => Bind {
                 address: address.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),

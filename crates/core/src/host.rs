@@ -313,6 +313,9 @@ pub struct StartRequest {
     pub state: Option<Vec<u8>>,
     /// The creation input, present only for a new actor that was created with one.
     pub input: Option<Payload>,
+    /// For a type with a SQL database, the token this instance's statements carry (see
+    /// `Runtime::db_execute`); `None` for a type without one.
+    pub db_token: Option<u64>,
     /// The durable connections the instance starts with (`c.conns`), for a type with
     /// hibernatable connections: those that stayed open while it slept, and those that may
     /// still resume after a restart. Their connect hooks do not run again.

@@ -33,8 +33,9 @@
 //! - **`storage/`**: the [`Storage`] seam (public, for implementations outside the crate)
 //!   and its embedded implementation: the SQLite file, its
 //!   lock, migrations and reads ([`store`]), the group-commit writer that is also the output
-//!   gate ([`writer`]), the damage checks ([`integrity`]); every SQL statement keel runs on
-//!   its own tables. Rule: knows no actor task.
+//!   gate ([`writer`]), the damage checks ([`integrity`]), each actor's own SQL database
+//!   and how its changes commit through keel.db's log ([`actor_db`]); every SQL statement
+//!   keel runs on its own tables. Rule: knows no actor task.
 //! - **base** (the crate root's own files, with the children one keeps in a folder of its
 //!   name), used by every floor and using only each other: [`error`] (the one error type),
 //!   [`config`] (every configured number, defined once with its default), [`host`] (the seam
@@ -72,13 +73,13 @@ pub mod spans;
 mod storage;
 
 pub use server::http;
-pub use storage::{integrity, store, writer};
+pub use storage::{actor_db, integrity, store, writer};
 
-pub use actor_type::{ActorType, ActorTypes, Hooks};
+pub use actor_type::{ActorType, ActorTypes, DbConfig, Hooks};
 pub use config::{
     AllowedOrigins, Durability, InspectorConfig, InspectorToken, Limits, RuntimeConfig,
 };
-pub use error::{Error, Result};
+pub use error::{DbError, Error, Result};
 pub use host::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Host, KvWrite, Outbound,
     Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead, RestoredConn, Schedule,
@@ -87,4 +88,4 @@ pub use host::{
 pub use registry::{Mode, Registry};
 pub use runtime::activation::Intents;
 pub use runtime::{Resolve, Runtime, Target};
-pub use storage::seam::Storage;
+pub use storage::seam::{ActorDb, DbChange, MigrationStep, Storage};

@@ -27,6 +27,7 @@ pub(crate) mod outbox;
 pub(crate) mod schedules;
 pub(crate) mod task;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,12 +41,13 @@ use crate::actor::hibernation::Hibernated;
 use crate::actor::schedules::{Alarms, Firing};
 use crate::clock::Clock;
 use crate::config::{Limits, RuntimeConfig};
-use crate::error::{Error, Result};
+use crate::error::{DbError, Error, Result};
 use crate::host::{
     ActionCall, ActorInfo, Host, Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead,
     StopReason,
 };
 use crate::metrics::Metrics;
+use crate::storage::seam::ActorDb;
 use crate::storage::seam::Storage;
 use crate::storage::seam::StoredSchedule;
 
@@ -278,6 +280,41 @@ pub(crate) struct ActorEnv {
     /// The open connections of sleeping actors (hibernatable connections); the runtime
     /// closes it when the drain begins.
     pub(crate) hibernated: Arc<Hibernated>,
+    /// The SQL databases of live actors, by actor id: tasks add theirs when they start and
+    /// remove it when they stop; the runtime finds them for the host's statements.
+    pub(crate) databases: Arc<OpenDbs>,
+}
+
+/// The open SQL databases of live actors, by actor id.
+#[derive(Default)]
+pub(crate) struct OpenDbs {
+    by_actor: parking_lot::Mutex<HashMap<Arc<str>, Arc<dyn ActorDb>>>,
+}
+
+impl OpenDbs {
+    /// Registers an actor's newly opened database, replacing an earlier one.
+    pub(crate) fn insert(&self, actor_id: Arc<str>, db: Arc<dyn ActorDb>) {
+        self.by_actor.lock().insert(actor_id, db);
+    }
+
+    /// Removes the actor's database if it is the one with `token`.
+    pub(crate) fn remove(&self, actor_id: &str, token: u64) {
+        let mut by_actor = self.by_actor.lock();
+        if by_actor.get(actor_id).is_some_and(|db| db.token() == token) {
+            by_actor.remove(actor_id);
+        }
+    }
+
+    /// The actor's open database, if `token` names it: statements of a discarded instance,
+    /// or of no instance, are refused.
+    pub(crate) fn get(&self, actor_id: &str, token: u64) -> Result<Arc<dyn ActorDb>> {
+        match self.by_actor.lock().get(actor_id) {
+            Some(db) if db.token() == token => Ok(db.clone()),
+            _ => Err(DbError::Unavailable.with(
+                "the actor's database is not open for this instance (it has stopped, or this code outlived its call)",
+            )),
+        }
+    }
 }
 
 impl ActorEnv {
@@ -310,6 +347,7 @@ impl ActorEnv {
             metrics,
             schedules,
             hibernated,
+            databases: Arc::default(),
         }
     }
 }

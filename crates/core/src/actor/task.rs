@@ -31,12 +31,13 @@ use crate::actor::conn::{self, close, ConnHandle};
 use crate::actor::outbox::Outbox;
 use crate::actor::{ActorEnv, ActorHandle, Command, Lifecycle};
 use crate::actor_type::ActorType;
+use crate::actor_type::DbConfig;
 use crate::error::{Error, Result};
 use crate::host::{
     ActorInfo, Effects, Payload, RawSocketEvent, RestoredConn, StartRequest, StopReason,
 };
 use crate::kv_key;
-use crate::storage::seam::{ConnWrite, Poison, Release, Settle, Writes};
+use crate::storage::seam::{ActorDb, ConnWrite, DbChange, Poison, Release, Settle, Writes};
 
 mod messages;
 
@@ -94,6 +95,12 @@ pub(crate) struct ActorTask {
     /// How many keep-awake holds (`c.keepAwake` in JS) are open; shared with the handles,
     /// which change it. While it is above zero the actor does not sleep for being idle.
     holds: Arc<watch::Sender<usize>>,
+    /// The instance's SQL database, for a type with one: opened by each start, closed when
+    /// the instance is discarded or the task stops.
+    db: Option<Arc<dyn ActorDb>>,
+    /// The SQL changes of the host call that just returned, taken by the commit that follows
+    /// it (set by [`ActorTask::guarded`], which only borrows the task).
+    db_change: parking_lot::Mutex<Option<DbChange>>,
 }
 
 impl ActorTask {
@@ -134,6 +141,8 @@ impl ActorTask {
             raw_sockets: HashMap::new(),
             outbox: None,
             holds: holds.clone(),
+            db: None,
+            db_change: parking_lot::Mutex::new(None),
         };
         let handle = ActorHandle {
             info,
@@ -154,6 +163,7 @@ impl ActorTask {
             tracing::warn!(error = %err, "actor failed to start");
             self.close_and_fail(|| err.duplicate());
             self.close_sockets(close::GOING_AWAY, "actor failed to start");
+            self.close_db().await;
             self.exit();
             return;
         }
@@ -164,6 +174,7 @@ impl ActorTask {
                 self.close_and_fail(|| Error::RegistryShutDown);
                 self.close_sockets(close::GOING_AWAY, "server shutting down");
                 tracing::debug!("actor abandoned by a forced drain");
+                self.close_db().await;
                 self.exit();
             }
         }
@@ -180,11 +191,16 @@ impl ActorTask {
             .ok_or(Error::ActorNotFound)?;
         snapshot.verify(&self.info.id, self.env.host.state_encoding())?;
         let is_new = snapshot.state.is_none();
+        let db_token = match self.actor_type.db {
+            Some(config) => Some(self.open_db(config).await?),
+            None => None,
+        };
         let conns = self.restore_conns(std::mem::take(&mut snapshot.conns));
         let request = StartRequest {
             state: snapshot.state,
             input: snapshot.input,
             conns,
+            db_token,
         };
         let timeout = self.env.hook_timeout;
         let started = self.guarded(
@@ -198,6 +214,8 @@ impl ActorTask {
                 Ok(())
             }
             Err(err) => {
+                // Closed before a new actor's deletion, which removes its file.
+                self.close_db().await;
                 if is_new {
                     self.lifecycle.forget_key(&self.info);
                     if let Err(delete) = self.env.storage.delete(self.info.id.clone()).await {
@@ -362,11 +380,19 @@ impl ActorTask {
             limits.max_kv_key_bytes,
             limits.max_kv_value_bytes,
         );
+        // Only an actor with a database has changes to take (and a lock to take them from).
+        let mut db_change = match self.db {
+            Some(_) => self.db_change.lock().take(),
+            None => None,
+        };
         let (effects, release) = match checked {
             Ok(()) => (effects, release),
             Err(err) => {
                 tracing::debug!(error = %err, "refusing a call's effects");
                 self.refused = true;
+                if let (Some(change), Some(db)) = (db_change.take(), &self.db) {
+                    db.finish(change.seq, false);
+                }
                 let release: Release = Box::new(move |durable| release(durable.and(Err(err))));
                 (Effects::default(), release)
             }
@@ -377,6 +403,8 @@ impl ActorTask {
             self.begin_stopping(StopReason::Sleep);
         }
         let now_ms = self.env.clock.now_ms();
+        let db_seq = db_change.as_ref().map(|change| change.seq);
+        let db = self.db.clone().filter(|_| db_seq.is_some());
         let mut conn_writes = std::mem::take(&mut self.conn_writes);
         // Only connections with a record have a durable state.
         conn_writes.extend(
@@ -390,9 +418,11 @@ impl ActorTask {
             || !effects.kv.is_empty()
             || !effects.schedules.is_empty()
             || settle.is_some()
-            || !conn_writes.is_empty())
+            || !conn_writes.is_empty()
+            || db_change.is_some())
         .then(|| {
             Box::new(Writes {
+                db: db_change,
                 state: effects.state,
                 kv: effects.kv,
                 schedules: effects
@@ -423,6 +453,11 @@ impl ActorTask {
             Some(self.poison.clone()),
             Box::new(move |durable| {
                 let ok = durable.is_ok();
+                // The SQL change is committed to (or dropped from) the actor's database; the
+                // actor's next call waits for that, the caller need not.
+                if let (Some(db), Some(seq)) = (&db, db_seq) {
+                    db.finish(seq, ok);
+                }
                 // Schedules are armed before the caller hears back.
                 if ok && !schedule_ops.is_empty() {
                     schedules.apply(&actor_id, &schedule_ops);
@@ -463,8 +498,39 @@ impl ActorTask {
         }
     }
 
-    /// Runs a host call under a timeout, giving up at once if the drain is forced.
+    /// Runs a host call under a timeout, giving up at once if the drain is forced. For an
+    /// actor with a SQL database, the call runs after the previous call's SQL is committed to
+    /// it, and its own statements end with it: prepared for the commit that follows if it
+    /// returned, rolled back if it failed.
     async fn guarded<T>(
+        &self,
+        timeout: Duration,
+        what: Call<'_>,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let Some(db) = &self.db else {
+            return self.bounded(timeout, what, call).await;
+        };
+        db.settled().await;
+        db.enter();
+        let result = self.bounded(timeout, what, call).await;
+        match result {
+            Ok(value) => match db.prepare().await {
+                Ok(change) => {
+                    *self.db_change.lock() = change;
+                    Ok(value)
+                }
+                Err(err) => Err(err),
+            },
+            Err(err) => {
+                db.rollback().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Runs a host call under its timeout, giving up at once if the drain is forced.
+    async fn bounded<T>(
         &self,
         timeout: Duration,
         what: Call<'_>,
@@ -539,6 +605,9 @@ impl ActorTask {
         if let Err(err) = reset.await {
             tracing::warn!(error = %err, "discarding the timed-out instance failed");
         }
+        // The discarded instance's late statements must not reach the fresh one: the start
+        // opens the database again, with a new token.
+        self.close_db().await;
         if let Err(err) = self.start().await {
             tracing::warn!(error = %err, "restarting the actor after a timeout failed; stopping it");
             self.close_and_fail(|| err.duplicate());
@@ -589,6 +658,9 @@ impl ActorTask {
             }
         }
         if reason == StopReason::Destroy {
+            // Closed before the deletion removes its file; what `onDestroy` wrote to it is
+            // dropped with it.
+            self.close_db().await;
             if let Err(err) = self.env.storage.delete(self.info.id.clone()).await {
                 tracing::error!(error = %err, "deleting the destroyed actor failed");
             }
@@ -598,6 +670,10 @@ impl ActorTask {
         if let Err(err) = self.env.storage.flush().await {
             tracing::error!(error = %err, "flushing the actor's state failed");
         }
+        if let Some(db) = &self.db {
+            db.settled().await;
+        }
+        self.close_db().await;
         // What the last commits let out reaches the connections before they close.
         if let Some(outbox) = &self.outbox {
             outbox.drained().await;
@@ -641,6 +717,31 @@ impl ActorTask {
                 }
                 Err(err) => tracing::warn!(error = %err, "a raw socket's close listener failed"),
             }
+        }
+    }
+
+    /// Opens the instance's SQL database (applying what the log holds for it) and makes it
+    /// reachable for the host's statements; returns its token.
+    async fn open_db(&mut self, config: DbConfig) -> Result<u64> {
+        self.close_db().await;
+        let db = self
+            .env
+            .storage
+            .open_db(self.info.id.clone(), config)
+            .await?;
+        let token = db.token();
+        self.env.databases.insert(self.info.id.clone(), db.clone());
+        self.db = Some(db);
+        Ok(token)
+    }
+
+    /// Closes the instance's SQL database, if open: what a call left uncommitted is rolled
+    /// back, and the host's statements are refused from now on.
+    async fn close_db(&mut self) {
+        if let Some(db) = self.db.take() {
+            self.env.databases.remove(&self.info.id, db.token());
+            self.db_change.lock().take();
+            db.close().await;
         }
     }
 

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::actor::conn::{ConnHandle, ReplySlot};
 use crate::actor::hibernation::Hibernated;
 use crate::actor::schedules::Alarms;
-use crate::actor::{ActorEnv, ActorHandle, Command, Reply};
+use crate::actor::{ActorEnv, ActorHandle, Command, OpenDbs, Reply};
 use crate::actor_type::ActorTypes;
 use crate::clock::Clock;
 use crate::config::RuntimeConfig;
@@ -63,6 +63,8 @@ pub(crate) struct Dispatch {
     /// The open connections of sleeping actors (shared with every actor task); closed when
     /// the drain begins.
     pub(crate) hibernated: Arc<Hibernated>,
+    /// The SQL databases of live actors, shared with their tasks.
+    pub(crate) databases: Arc<OpenDbs>,
     /// Which actor a key names.
     directory: Arc<Directory>,
     /// Which actors have a live task; starts them.
@@ -101,6 +103,7 @@ impl Dispatch {
             schedules.clone(),
             hibernated.clone(),
         ));
+        let databases = env.databases.clone();
         let directory = Arc::new(Directory::new(
             storage.clone(),
             types.clone(),
@@ -135,6 +138,7 @@ impl Dispatch {
             metrics,
             raw_sockets: Mutex::new(HashMap::new()),
             hibernated,
+            databases,
             directory,
             activation,
             driven,

@@ -19,7 +19,7 @@ use crate::metrics::{Metrics, ShutdownPhase, WriterStats};
 use crate::runtime::dispatch::Dispatch;
 use crate::runtime::ingress::{Ingress, Request, Response};
 use crate::runtime::target::Target;
-use crate::storage::seam::StoredSchedule;
+use crate::storage::seam::{MigrationStep, StoredSchedule};
 
 /// A built runtime. Dropping it without draining abandons in-flight work; call
 /// [`Runtime::drain`] for a clean stop. Opened with [`Runtime::open`].
@@ -86,6 +86,33 @@ impl Runtime {
         self.dispatch
             .call(target, action, args, output, None, chain)
             .await
+    }
+
+    /// Runs one statement on an actor's SQL database for the instance holding `db_token`
+    /// (the token its start carried): `params` is a CBOR array (`?` placeholders) or map
+    /// (named ones) of SQL values, and the result a CBOR array `[columns, values, changes,
+    /// lastInsertRowid]`, the values of every row one after another (see `actor_db.rs`).
+    pub async fn db_execute(
+        &self,
+        actor_id: &str,
+        db_token: u64,
+        sql: String,
+        params: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let db = self.dispatch.databases.get(actor_id, db_token)?;
+        db.execute(sql, params).await
+    }
+
+    /// Begins, commits or rolls back the migration transaction of an actor's SQL database
+    /// (around `onMigrate`, during the instance's start).
+    pub async fn db_migration(
+        &self,
+        actor_id: &str,
+        db_token: u64,
+        step: MigrationStep,
+    ) -> Result<()> {
+        let db = self.dispatch.databases.get(actor_id, db_token)?;
+        db.migration(step).await
     }
 
     /// Reads an actor's KV values (after its own pending commits land).

@@ -8,16 +8,20 @@
 //! - Faults (for tests) are registered before the store opens, so that its first connection
 //!   already goes through their VFS, and stay registered until this storage is dropped.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use crate::config::RuntimeConfig;
+use crate::actor_type::DbConfig;
+use crate::config::{Durability, RuntimeConfig};
 use crate::error::{Error, Result};
 use crate::faults::{FaultState, Registration};
 use crate::host::Payload;
 use crate::metrics::WriterStats;
+use crate::storage::actor_db::SqliteActorDb;
+use crate::storage::seam::ActorDb;
 use crate::storage::seam::Storage;
 use crate::storage::seam::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
 use crate::storage::seam::{CreateMode, Poison, Release, Writes};
@@ -39,6 +43,10 @@ pub(crate) struct EmbeddedStorage {
     stats: Arc<WriterStats>,
     /// Keeps the configured faults registered for this database.
     _faults: Option<Registration>,
+    /// Where actors' SQL databases live (see `actor_db.rs`).
+    db_dir: PathBuf,
+    /// The durability actors' SQL databases commit with, as keel.db's.
+    durability: Durability,
 }
 
 impl EmbeddedStorage {
@@ -66,6 +74,8 @@ impl EmbeddedStorage {
             thread: Mutex::new(Some(writer)),
             store,
             _faults: registration,
+            db_dir: config.data_dir.join(crate::storage::actor_db::DB_DIR),
+            durability: config.durability,
         };
         Ok((storage, pending))
     }
@@ -133,7 +143,28 @@ impl Storage for EmbeddedStorage {
     }
 
     async fn delete(&self, actor_id: Arc<str>) -> Result<()> {
-        self.writer.delete_actor(actor_id).await
+        self.writer.delete_actor(actor_id.clone()).await?;
+        // Only once the actor's rows (its SQL log among them) are gone: a crash in between
+        // leaves a file no actor names, never an actor whose file is missing.
+        let dir = self.db_dir.clone();
+        tokio::task::spawn_blocking(move || crate::storage::actor_db::remove_db(&dir, &actor_id))
+            .await
+            .map_err(|err| Error::ActorInternal {
+                message: format!("removing an actor's database panicked: {err}"),
+            })?
+    }
+
+    async fn open_db(&self, actor_id: Arc<str>, config: DbConfig) -> Result<Arc<dyn ActorDb>> {
+        let dir = self.db_dir.clone();
+        let durability = self.durability;
+        let span = tracing::Span::current();
+        self.blocking(move |store| {
+            let _entered = span.enter();
+            let log = store.db_log(&actor_id)?;
+            let db = SqliteActorDb::open(&dir, &actor_id, config, durability, log)?;
+            Ok(Arc::new(db) as Arc<dyn ActorDb>)
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<()> {

@@ -9,6 +9,7 @@
 //! Rule: modules here use only each other and the base modules; nothing here knows of
 //! actors' tasks, the runtime or the server.
 
+pub mod actor_db;
 pub(crate) mod embedded;
 pub mod integrity;
 pub(crate) mod seam;

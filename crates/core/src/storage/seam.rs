@@ -30,7 +30,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result};
+use crate::actor_type::DbConfig;
+use crate::error::{DbError, Error, Result};
 use crate::host::{Encoding, KvWrite, Payload, Schedule, ScheduleWrite};
 
 /// Durable storage for every actor of a runtime. See the module doc for the contract.
@@ -118,6 +119,88 @@ pub trait Storage: Send + Sync + 'static {
     /// Makes everything committed so far durable, then closes: later commits are released
     /// with `storage.writer_closed`, reads fail, and the data is handed to its next owner.
     async fn close(&self);
+
+    /// Opens the SQL database of an actor whose type has one (creating it on first use), with
+    /// every change the log holds for it applied. The actor's task holds it while it runs and
+    /// closes it when it stops; `delete` removes it with the actor. A storage without
+    /// per-actor databases refuses with `db.unavailable`.
+    async fn open_db(&self, actor_id: Arc<str>, config: DbConfig) -> Result<Arc<dyn ActorDb>> {
+        let _ = (actor_id, config);
+        Err(DbError::Unavailable.with(
+            "this storage has no per-actor SQL databases (`db` is not supported in this mode)",
+        ))
+    }
+}
+
+/// One actor's SQL database while its task runs. Its contract, with the commit's:
+/// - A call's statements run in one transaction that nothing else sees until it is finished.
+///   [`ActorDb::prepare`] ends the call: it returns the call's changes (`None` if it changed
+///   nothing, and then the transaction is over already), which go into the call's
+///   [`Writes::db`]; the commit's release then calls [`ActorDb::finish`], which makes the
+///   transaction durable in the actor's database on `Ok` and rolls it back on an error. So a
+///   change is in the actor's database only once its log entry is durable, and on start
+///   [`Storage::open_db`] applies log entries the database has not (a crash in between).
+/// - [`ActorDb::rollback`] drops a failed call's statements.
+/// - The next call waits for [`ActorDb::settled`]: one call's changes at a time.
+/// - Migrations (`onMigrate`) run between [`MigrationStep::Begin`] and its end, in a
+///   transaction of their own that is committed to the actor's database directly (a schema
+///   change is not a change the log carries), and may change the schema; calls may not.
+#[async_trait]
+pub trait ActorDb: Send + Sync + 'static {
+    /// Tells this opening apart from the actor's earlier and later ones: a statement sent
+    /// with another instance's token is refused, so late code of a discarded instance cannot
+    /// reach the current one's transaction.
+    fn token(&self) -> u64;
+
+    /// A call of the actor's user code begins: statements are accepted until its
+    /// [`ActorDb::prepare`] or [`ActorDb::rollback`]. Statements at any other time are work
+    /// outside a call, with no commit to join, and are refused. Never blocks.
+    fn enter(&self);
+
+    /// Runs one statement; `params` and the result are in the codec of `actor_db.rs`.
+    async fn execute(&self, sql: String, params: Vec<u8>) -> Result<Vec<u8>>;
+
+    /// Begins or ends the migration transaction.
+    async fn migration(&self, step: MigrationStep) -> Result<()>;
+
+    /// Ends the current call: its changes, to commit, or `None`.
+    async fn prepare(&self) -> Result<Option<DbChange>>;
+
+    /// Drops the current call's statements.
+    async fn rollback(&self);
+
+    /// The commit carrying change `seq` was released: make it durable, or drop it. Never
+    /// blocks (it runs in a release).
+    fn finish(&self, seq: u64, durable: bool);
+
+    /// Resolves once no prepared change waits for its commit.
+    async fn settled(&self);
+
+    /// Drops what is open and closes the database.
+    async fn close(&self);
+}
+
+/// A step of the migration transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationStep {
+    /// Begins it: statements may change the schema until it ends.
+    Begin,
+    /// `onMigrate` returned: commit it.
+    Commit,
+    /// `onMigrate` threw: roll it back.
+    Rollback,
+}
+
+/// One call's changes to its actor's SQL database, in the same commit as its other writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbChange {
+    /// The change's place in the actor's log: one more than the last change before it.
+    pub seq: u64,
+    /// The changes as an SQLite changeset.
+    pub changeset: Vec<u8>,
+    /// Every change of the actor below this number is durable in its database, so the log may
+    /// drop them.
+    pub trim_below: u64,
 }
 
 /// One row of the actor directory.
@@ -240,6 +323,8 @@ pub struct Writes {
     pub settle: Option<(String, Settle)>,
     /// Changes to the actor's durable connections, in order.
     pub conns: Vec<ConnWrite>,
+    /// The call's changes to the actor's SQL database, if it has one and they changed it.
+    pub db: Option<DbChange>,
 }
 
 impl Writes {
@@ -250,6 +335,7 @@ impl Writes {
             && self.schedules.is_empty()
             && self.settle.is_none()
             && self.conns.is_empty()
+            && self.db.is_none()
     }
 }
 

@@ -70,6 +70,14 @@ const MIGRATIONS: &[&str] = &[
         state     BLOB,
         PRIMARY KEY (actor_id, id)
     ) STRICT, WITHOUT ROWID;",
+    // Version 4: the log of changes to actors' SQL databases (see `actor_db.rs`): each
+    // actor's entries not yet durable in its own database, and the last one that is.
+    "CREATE TABLE db_log (
+        actor_id   TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        changeset  BLOB NOT NULL,
+        PRIMARY KEY (actor_id, seq)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// The schema version this build writes.
@@ -312,6 +320,19 @@ impl Store {
                 });
             }
             Ok::<_, Error>(Some(snapshot))
+        })
+    }
+
+    /// The actor's entries in the log of changes to its SQL database, in order.
+    pub fn db_log(&self, actor_id: &str) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT seq, changeset FROM db_log WHERE actor_id = ?1 ORDER BY seq",
+            )?;
+            let rows = statement.query_map([actor_id], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get::<_, Vec<u8>>(1)?))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
         })
     }
 
@@ -742,10 +763,12 @@ mod tests {
     fn a_database_from_before_the_commit_counter_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), Durability::Full).unwrap());
-        // What schema version 1 left: no commits table, no commit record, no conns table.
+        // What schema version 1 left: no commits table, no commit record, no conns table, no SQL log.
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        conn.execute_batch("DROP TABLE commits; DROP TABLE conns; PRAGMA user_version = 1;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE commits; DROP TABLE conns; DROP TABLE db_log; PRAGMA user_version = 1;",
+        )
+        .unwrap();
         drop(conn);
         std::fs::remove_file(dir.path().join(integrity::COMMITS_FILE)).unwrap();
         let store = Store::open(dir.path(), Durability::Full).unwrap();
@@ -761,9 +784,9 @@ mod tests {
     fn a_database_from_before_durable_connections_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), Durability::Full).unwrap());
-        // What schema version 2 left: no conns table.
+        // What schema version 2 left: no conns table (nor the later SQL log).
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        conn.execute_batch("DROP TABLE conns; PRAGMA user_version = 2;")
+        conn.execute_batch("DROP TABLE conns; DROP TABLE db_log; PRAGMA user_version = 2;")
             .unwrap();
         drop(conn);
         let store = Store::open(dir.path(), Durability::Full).unwrap();

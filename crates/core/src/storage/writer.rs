@@ -35,7 +35,7 @@ use crate::storage::store::{ActorRecord, Store};
 /// The most ops one transaction takes; a longer queue is split over several commits.
 const MAX_BATCH_OPS: usize = 4096;
 
-pub use crate::storage::seam::{ConnWrite, CreateMode, Poison, Release, Settle, Writes};
+pub use crate::storage::seam::{ConnWrite, CreateMode, DbChange, Poison, Release, Settle, Writes};
 
 /// One unit of work for the writer.
 pub enum WriteOp {
@@ -465,6 +465,7 @@ impl WriterThread {
                         "DELETE FROM kv WHERE actor_id = ?1",
                         "DELETE FROM schedules WHERE actor_id = ?1",
                         "DELETE FROM conns WHERE actor_id = ?1",
+                        "DELETE FROM db_log WHERE actor_id = ?1",
                         "DELETE FROM actors WHERE id = ?1",
                     ] {
                         tx.prepare_cached(sql)?.execute([&*actor_id])?;
@@ -594,6 +595,19 @@ fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) 
                 .execute((actor_id, id))?,
         };
     }
+    if let Some(change) = writes.db {
+        apply_db_change(tx, actor_id, change)?;
+    }
+    Ok(())
+}
+
+/// Logs one call's change to its actor's SQL database, and drops the entries the actor's
+/// database holds durably (see `actor_db.rs`).
+fn apply_db_change(tx: &rusqlite::Transaction<'_>, actor_id: &str, change: DbChange) -> Result<()> {
+    tx.prepare_cached("INSERT INTO db_log (actor_id, seq, changeset) VALUES (?1, ?2, ?3)")?
+        .execute((actor_id, change.seq as i64, change.changeset))?;
+    tx.prepare_cached("DELETE FROM db_log WHERE actor_id = ?1 AND seq < ?2")?
+        .execute((actor_id, change.trim_below as i64))?;
     Ok(())
 }
 
