@@ -85,5 +85,6 @@ pub use host::{
 };
 pub use registry::{Mode, Registry};
 pub use runtime::activation::Intents;
+pub use runtime::ingress::{SocketMessage, SocketPeer, TunneledSocket, TUNNELED_SOCKET_BACKLOG};
 pub use runtime::{Resolve, Runtime, Target};
 pub use storage::seam::Storage;
