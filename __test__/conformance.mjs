@@ -65,6 +65,8 @@ export const conformance = {
     assert.equal(await client.greeter.getForId(id).greet("bob"), "hi, bob");
     assert.equal(await client.greeter.get(key).greet("cy"), "hi, cy");
     await rejectsWith(client.greeter.create(key), "actor.already_exists");
+    await rejectsWith(client.greeter.create(key, { input: { greeting: "again" } }), "actor.already_exists");
+    assert.equal(await client.greeter.getForId(id).greet("dee"), "hi, dee", "a refused create changes nothing");
     const counter = client.counter.getOrCreate(fresh("w"));
     const who = await counter.whoAmI();
     assert.equal(who.actorId, await counter.resolve());

@@ -8,12 +8,15 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
+import { createClient } from "keel/client";
 import { fixtures, startServer, tempDir } from "./helpers.mjs";
+import { runConformance } from "./conformance.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const engineBinary =
   process.env.KEEL_RIVET_ENGINE ?? join(root, "node_modules/@rivetkit/engine-cli-linux-x64-musl/rivet-engine");
 const engineServer = join(fixtures, "engine-server.mjs");
+const conformanceServer = join(fixtures, "conformance-server.mjs");
 
 /** How long one harness step may take before the test fails: a bound on a hang. */
 const STEP_MS = 30_000;
@@ -103,10 +106,10 @@ async function startEngine(t, pegboard = {}) {
 }
 
 /** keel in engine mode, as a child process; resolves once the engine accepted it. */
-async function startKeel(t, engine, env = {}) {
+async function startKeel(t, engine, env = {}, script = engineServer) {
   const keel = await startServer(t, {
     dataDir: tempDir(t),
-    script: engineServer,
+    script,
     env: { KEEL_ENGINE_ENDPOINT: engine.url, ...env },
   });
   children.add(keel);
@@ -239,4 +242,10 @@ test("SIGTERM tells the engine, stops the actors as going away, and exits by the
   // Left asleep, not destroyed: the next envoy wakes it with its state.
   await startKeel(t, engine);
   assert.deepEqual((await gateway(engine, "counter", "k3", "getCount")).body, { output: 5 });
+});
+
+test("conformance: through the engine's gateway, the typed client not told it is an engine", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  await runConformance(t, { mode: "engine", url: engine.url, client: createClient(engine.url) });
 });

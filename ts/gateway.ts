@@ -168,10 +168,30 @@ export class EngineApi {
     return actor.actor_id;
   }
 
-  /** Creates an actor; `actor.already_exists` if the key is taken. */
+  /**
+   * Creates an actor; `actor.already_exists` if the key is taken. The engine answers a taken
+   * key with `actor.duplicate_key`, or at times `actor.destroyed_during_creation` (the new
+   * actor lost the key to the existing one): that one is `actor.already_exists` too when an
+   * actor has the key.
+   */
   async create(name: string, key: readonly string[], input: unknown): Promise<string> {
-    const reply = await this.request("POST", "/actors", this.createBody(name, key, input));
-    return reply.actor.actor_id;
+    try {
+      const reply = await this.request("POST", "/actors", this.createBody(name, key, input));
+      return reply.actor.actor_id;
+    } catch (err) {
+      if (err instanceof KeelError && err.group === "actor" && err.code === "destroyed_during_creation") {
+        const existing = await this.resolve({ kind: "key", name, key: [...key], mode: "get" }).catch(() => undefined);
+        if (existing !== undefined) {
+          throw new KeelError({
+            group: "actor",
+            code: "already_exists",
+            message: `a ${name} actor with this key already exists`,
+            metadata: { existing_actor_id: existing, key: canonicalKey(key) },
+          });
+        }
+      }
+      throw err;
+    }
   }
 }
 
