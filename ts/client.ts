@@ -179,16 +179,19 @@ class Transport {
     return this.known;
   }
 
-  /** Which kind of server this is: asked once, then kept. */
+  /**
+   * Which kind of server this is: asked once, then kept. A probe without an answer (the
+   * server unreachable, or a browser withholding the answer from a page of a foreign origin)
+   * is not kept: this request goes as to keel's own server, where it fails the way it would
+   * have embedded, and the next one asks again.
+   */
   async kind(): Promise<ServerKind> {
     if (this.known !== undefined) return this.known;
-    this.probing ??= discover(this.base, this.fetch, this.options.headers).then(
-      (kind) => (this.known = kind),
-      (err) => {
-        this.probing = undefined;
-        throw err;
-      },
-    );
+    this.probing ??= discover(this.base, this.fetch, this.options.headers).then((kind) => {
+      this.probing = undefined;
+      if (kind !== undefined) this.known = kind;
+      return kind ?? "keel";
+    });
     return this.probing;
   }
 

@@ -10,18 +10,16 @@ export type ServerKind = "keel" | "engine";
 
 /**
  * Asks `base` which kind of server it is, with one `GET /health`: an engine answers
- * `{"runtime":"engine",...}`, keel `{"status":"ok"}` (or its JSON error while it drains). A
- * server that cannot be reached is `client.unreachable`.
+ * `{"runtime":"engine",...}`, keel `{"status":"ok"}` (or its JSON error while it drains).
+ * `undefined` when the probe got no answer it could read: the server is unreachable, or a
+ * browser withheld the answer (a page of an origin the server does not allow).
  */
-export async function discover(base: string, fetchImpl: typeof fetch, headers?: Record<string, string>): Promise<ServerKind> {
+export async function discover(base: string, fetchImpl: typeof fetch, headers?: Record<string, string>): Promise<ServerKind | undefined> {
   let response: Response;
   try {
     response = await fetchImpl(`${base}/health`, { headers });
-  } catch (cause) {
-    throw new KeelError(
-      { group: "client", code: "unreachable", message: `cannot reach ${base}: ${(cause as Error)?.message ?? cause}` },
-      { cause },
-    );
+  } catch {
+    return undefined;
   }
   const body = await response.json().catch(() => undefined);
   return body !== null && typeof body === "object" && (body as { runtime?: unknown }).runtime === "engine" ? "engine" : "keel";
