@@ -15,7 +15,8 @@
 //!   state machine) and `assemble` (the one place that picks an implementation for each seam
 //!   and opens a [`Runtime`]). Nothing uses them but the front door.
 //! - **`server/`**: keel's HTTP routes, the accept loop and CORS (`http.rs`), keel's
-//!   WebSocket protocol as the client speaks it and raw sockets (`socket.rs`), the inspector
+//!   WebSocket protocol as the client speaks it and raw sockets (`socket.rs`), sockets a
+//!   tunnel hands over for an already-resolved actor (`tunnel.rs`), the inspector
 //!   routes, the open connections list (`connections.rs`), lingering sockets, the Prometheus
 //!   route: the `Ingress` implementation. Rule: reaches actors only through the runtime's
 //!   dispatch handle.
