@@ -375,3 +375,22 @@ test("kill -9 of the engine ends its tunneled sockets; the client reconnects onc
   assert.equal(keel.exitCode, null, "keel kept running");
   conn.dispose();
 });
+
+test("a client that closes its socket mid-reply through the gateway: the call still runs once, the actor keeps serving", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  const query = "rvt-namespace=default&rvt-method=getOrCreate&rvt-runner=default&rvt-key=midreply";
+  const ws = await openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/counter/connect?${query}`);
+  ws.send(JSON.stringify({ t: "init", key: [], params: null }));
+  await ws.received(1);
+  assert.equal(JSON.parse(ws.messages[0]).t, "ready");
+  // The call is in flight (it waits 200 ms) when the client goes away.
+  ws.send(JSON.stringify({ t: "call", id: 1, action: "slowIncrement", args: [200] }));
+  ws.close();
+  await ws.closed;
+  await until("the abandoned call's increment", async () => {
+    const { body } = await gateway(engine, "counter", "midreply", "getCount");
+    return body.output === 1 ? true : undefined;
+  });
+  assert.deepEqual((await gateway(engine, "counter", "midreply", "increment")).body, { output: 2 });
+});
