@@ -134,6 +134,22 @@ export const conformance = {
     await closed;
   },
 
+  async "oversize and undecodable frames get the same close codes"({ client, url }) {
+    const key = fresh("bad");
+    const room = client.room.getOrCreate(key);
+    await room.messages();
+    const ws = room.webSocket("/echo");
+    await new Promise((resolve) => (ws.onopen = resolve));
+    const closed = new Promise((resolve) => (ws.onclose = (event) => resolve(event.code)));
+    // Past the default maxWsMessageBytes (64 KiB).
+    ws.send("x".repeat(70 * 1024));
+    assert.equal(await closed, 1009);
+    void url;
+  },
+  // Last: in 2 of 7 engine runs here, the first getOrCreate of a *new* key after this body's
+  // sleep and wake got no start command from the engine within its 15 s route timeout
+  // (`Timed out resolving actor query route`; keel's log showed no start at all). Not
+  // understood yet; see the engine notes in the branch's report.
   async "an actor that sleeps closes its sockets with 1001; the client reconnects to the next activation, state kept"({ client }) {
     const key = fresh("nap");
     const conn = client.room.getOrCreate(key).connect({ name: "ada" });
@@ -150,18 +166,6 @@ export const conformance = {
     conn.dispose();
   },
 
-  async "oversize and undecodable frames get the same close codes"({ client, url }) {
-    const key = fresh("bad");
-    const room = client.room.getOrCreate(key);
-    await room.messages();
-    const ws = room.webSocket("/echo");
-    await new Promise((resolve) => (ws.onopen = resolve));
-    const closed = new Promise((resolve) => (ws.onclose = (event) => resolve(event.code)));
-    // Past the default maxWsMessageBytes (64 KiB).
-    ws.send("x".repeat(70 * 1024));
-    assert.equal(await closed, 1009);
-    void url;
-  },
 };
 
 /** Runs every body as a subtest of `t` against `target`. */
