@@ -188,7 +188,7 @@ pub(crate) fn serve(server: &Arc<Server>, actor_id: &str, socket: TunneledSocket
         let limit = server.config.limits.max_ws_message_bytes;
         let stream = TunnelStream::new(incoming, peer.clone(), limit);
         match admit(&server, &actor_id, &path, &headers).await {
-            Ok((Route::Connect, _)) => {
+            Ok(Admitted::Connect) => {
                 let head = RequestHead {
                     method: "GET".to_string(),
                     url: path,
@@ -202,16 +202,26 @@ pub(crate) fn serve(server: &Arc<Server>, actor_id: &str, socket: TunneledSocket
                 ))
                 .await;
             }
-            Ok((Route::Raw(sub_path), Some(info))) => {
+            Ok(Admitted::Raw { sub_path, info }) => {
                 Box::pin(serve_raw_socket(server, stream, info, sub_path, headers)).await;
             }
-            Ok((Route::Raw(_), None)) => unreachable!("a raw route resolves its actor"),
             Err(err) => {
                 tracing::debug!(%actor_id, %path, error = %err, "tunneled socket refused");
                 peer.close(close::POLICY, &format!("{}.{}", err.group(), err.code()));
             }
         }
     });
+}
+
+/// A tunneled socket that passed [`admit`].
+enum Admitted {
+    /// keel's connection protocol, for the tunnel's actor.
+    Connect,
+    /// The raw hook of this actor, at `sub_path`.
+    Raw {
+        sub_path: String,
+        info: Arc<ActorInfo>,
+    },
 }
 
 /// Checks a tunneled socket before it is served, as keel's listener checks an upgrade: its
@@ -221,7 +231,7 @@ async fn admit(
     actor_id: &str,
     path: &str,
     headers: &[(String, String)],
-) -> Result<(Route, Option<Arc<ActorInfo>>)> {
+) -> Result<Admitted> {
     let not_found = || Error::RouteNotFound {
         method: "GET".to_string(),
         path: path.to_string(),
@@ -241,11 +251,11 @@ async fn admit(
     }
     crate::origin::check_upgrade(&server.config.allowed_origins, &map)?;
     match route {
-        Route::Connect => Ok((Route::Connect, None)),
+        Route::Connect => Ok(Admitted::Connect),
         Route::Raw(sub_path) => {
             let info = server.resolve(Target::Id(actor_id.to_string())).await?;
             server.types.get(&info.name)?.check_raw(true, "GET", path)?;
-            Ok((Route::Raw(sub_path), Some(info)))
+            Ok(Admitted::Raw { sub_path, info })
         }
     }
 }
