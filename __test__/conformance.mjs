@@ -146,10 +146,9 @@ export const conformance = {
     assert.equal(await closed, 1009);
     void url;
   },
-  // Last: in 2 of 7 engine runs here, the first getOrCreate of a *new* key after this body's
-  // sleep and wake got no start command from the engine within its 15 s route timeout
-  // (`Timed out resolving actor query route`; keel's log showed no start at all). Not
-  // understood yet; see the engine notes in the branch's report.
+  // Last: in engine runs here the first getOrCreate of a *new* key after a body that used
+  // tunneled WebSockets sometimes got no start command from the engine within its 15 s route
+  // timeout (`Timed out resolving actor query route`); not understood yet (docs/engine.md).
   async "an actor that sleeps closes its sockets with 1001; the client reconnects to the next activation, state kept"({ client }) {
     const key = fresh("nap");
     const conn = client.room.getOrCreate(key).connect({ name: "ada" });
