@@ -8,12 +8,16 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
+import { createClient } from "keel/client";
+import WebSocket from "ws";
 import { fixtures, startServer, tempDir } from "./helpers.mjs";
+import { runConformance } from "./conformance.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const engineBinary =
   process.env.KEEL_RIVET_ENGINE ?? join(root, "node_modules/@rivetkit/engine-cli-linux-x64-musl/rivet-engine");
 const engineServer = join(fixtures, "engine-server.mjs");
+const conformanceServer = join(fixtures, "conformance-server.mjs");
 
 /** How long one harness step may take before the test fails: a bound on a hang. */
 const STEP_MS = 30_000;
@@ -117,10 +121,10 @@ async function startEngine(t, pegboard = {}) {
 }
 
 /** keel in engine mode, as a child process; resolves once the engine accepted it. */
-async function startKeel(t, engine, env = {}) {
+async function startKeel(t, engine, env = {}, script = engineServer) {
   const keel = await startServer(t, {
     dataDir: tempDir(t),
-    script: engineServer,
+    script,
     env: { KEEL_ENGINE_ENDPOINT: engine.url, ...env },
   });
   children.add(keel);
@@ -415,4 +419,138 @@ test("SIGTERM tells the engine, stops the actors as going away, and exits by the
   // Left asleep, not destroyed: the next envoy wakes it with its state.
   await startKeel(t, engine);
   assert.deepEqual((await gateway(engine, "counter", "k3", "getCount")).body, { output: 5 });
+});
+
+test("conformance: through the engine's gateway, the typed client not told it is an engine", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  await runConformance(t, { mode: "engine", url: engine.url, client: createClient(engine.url) });
+});
+
+/** Opens a WebSocket (offering the gateway's `rivet` subprotocol) and resolves once open. */
+async function openSocket(url) {
+  const ws = new WebSocket(url, ["rivet"]);
+  ws.binaryType = "arraybuffer";
+  const messages = [];
+  const waiters = [];
+  ws.onmessage = (event) => {
+    messages.push(event.data);
+    while (waiters.length > 0 && waiters[0].count <= messages.length) waiters.shift().resolve();
+  };
+  ws.closed = new Promise((resolve) => (ws.onclose = (event) => resolve({ code: event.code, reason: event.reason })));
+  ws.messages = messages;
+  /** Resolves once `count` messages have arrived in all. */
+  ws.received = (count) =>
+    count <= messages.length ? Promise.resolve() : new Promise((resolve) => waiters.push({ count, resolve }));
+  await new Promise((resolve, reject) => {
+    ws.onopen = resolve;
+    ws.onerror = () => reject(new Error(`${url} failed to open`));
+  });
+  return ws;
+}
+
+test("keel's connection protocol through the gateway by id: ready, replies and events in order, 1001 when the actor sleeps", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  const { body } = await gateway(engine, "room", "proto", "messages");
+  assert.deepEqual(body, { output: [] });
+  const id = (await createClient(engine.url).room.getOrCreate("proto").resolve());
+  const opened = Date.now();
+  const ws = await openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/${id}/connect`);
+  // The init names no actor that matters: the gateway resolved it.
+  ws.send(JSON.stringify({ t: "init", key: ["ignored"], params: { name: "ada" }, subs: ["message"] }));
+  await ws.received(1);
+  const ready = JSON.parse(ws.messages[0]);
+  assert.equal(ready.t, "ready");
+  assert.equal(ready.actorId, id);
+  t.diagnostic(`connection open to ready through the gateway: ${Date.now() - opened} ms`);
+  for (let i = 1; i <= 10; i++) ws.send(JSON.stringify({ t: "call", id: i, action: "send", args: [`m${i}`] }));
+  // welcome, then per call its event and its reply.
+  await ws.received(1 + 1 + 20);
+  const frames = ws.messages.slice(1).map((text) => JSON.parse(text));
+  const expected = [{ t: "event", event: "welcome", data: "hello ada" }];
+  for (let i = 1; i <= 10; i++) expected.push({ t: "event", event: "message", data: `m${i}` }, { t: "reply", id: i, output: i });
+  // `welcome` is sent to this connection; `message` is a broadcast it subscribed to.
+  assert.deepEqual(frames, expected);
+  // Bad input gets keel's error frame and close code, as embedded.
+  ws.send(JSON.stringify({ t: "call", id: 11, action: "nap", args: [] }));
+  const { code, reason } = await ws.closed;
+  assert.deepEqual({ code, reason }, { code: 1001, reason: "actor stopping" });
+  const malformed = await openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/${id}/connect`);
+  malformed.send("{not json");
+  assert.equal((await malformed.closed).code, 1008);
+  assert.equal(JSON.parse(malformed.messages[0]).error.code, "malformed");
+  // An unknown route closes 1008 with its error as the reason.
+  const unknown = await openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/${id}/nowhere`);
+  assert.deepEqual(await unknown.closed, { code: 1008, reason: "request.route_not_found" });
+});
+
+test("raw WebSocket echo through the gateway by rvt-* query, and its latencies", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  const query = "rvt-namespace=default&rvt-method=getOrCreate&rvt-runner=default&rvt-key=echo";
+  const url = `${engine.url.replace(/^http/, "ws")}/gateway/room/websocket/echo?${query}`;
+  // The first open starts the actor.
+  let started = Date.now();
+  const first = await openSocket(url);
+  t.diagnostic(`first raw socket open (actor started): ${Date.now() - started} ms`);
+  first.close();
+  started = Date.now();
+  const ws = await openSocket(url);
+  t.diagnostic(`raw socket open, actor awake: ${Date.now() - started} ms`);
+  const times = [];
+  for (let i = 0; i < 200; i++) {
+    const sent = performance.now();
+    ws.send(`n${i}`);
+    await ws.received(i + 1);
+    times.push(performance.now() - sent);
+  }
+  assert.deepEqual(ws.messages, Array.from({ length: 200 }, (_, i) => `echo:n${i}`));
+  times.sort((a, b) => a - b);
+  t.diagnostic(`echo round trip through the gateway: p50 ${times[100].toFixed(1)} ms, p99 ${times[198].toFixed(1)} ms`);
+  ws.close();
+});
+
+test("kill -9 of the engine ends its tunneled sockets; the client reconnects once it is back, state kept", async (t) => {
+  const engine = await startEngine(t);
+  const keel = await startKeel(t, engine, {}, conformanceServer);
+  const client = createClient(engine.url);
+  const conn = client.room.getOrCreate("outage").connect({ name: "ada" }, { reconnect: { initialDelayMs: 100, maxDelayMs: 500 } });
+  await conn.ready;
+  assert.equal(await conn.send("before"), 1);
+  const statuses = [];
+  conn.onStatusChange((status) => statuses.push(status));
+  const down = Date.now();
+  await engine.kill();
+  await until("the connection noticing the engine is gone", async () => (conn.status === "reconnecting" ? true : undefined));
+  await engine.restart();
+  await until("the connection open again", async () => (conn.status === "open" ? true : undefined));
+  t.diagnostic(`engine kill -9 to the connection open again: ${Date.now() - down} ms`);
+  assert.deepEqual(await conn.messages(), ["before"]);
+  assert.equal(await conn.send("after"), 2);
+  // The socket the engine's death cut off left the actor (its onDisconnect ran): only the new
+  // one is there.
+  await until("the cut-off connection leaving the actor", async () => ((await conn.connCount()) === 1 ? true : undefined));
+  assert.ok(statuses.includes("reconnecting"), statuses.join());
+  assert.equal(keel.exitCode, null, "keel kept running");
+  conn.dispose();
+});
+
+test("a client that closes its socket mid-reply through the gateway: the call still runs once, the actor keeps serving", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  const query = "rvt-namespace=default&rvt-method=getOrCreate&rvt-runner=default&rvt-key=midreply";
+  const ws = await openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/counter/connect?${query}`);
+  ws.send(JSON.stringify({ t: "init", key: [], params: null }));
+  await ws.received(1);
+  assert.equal(JSON.parse(ws.messages[0]).t, "ready");
+  // The call is in flight (it waits 200 ms) when the client goes away.
+  ws.send(JSON.stringify({ t: "call", id: 1, action: "slowIncrement", args: [200] }));
+  ws.close();
+  await ws.closed;
+  await until("the abandoned call's increment", async () => {
+    const { body } = await gateway(engine, "counter", "midreply", "getCount");
+    return body.output === 1 ? true : undefined;
+  });
+  assert.deepEqual((await gateway(engine, "counter", "midreply", "increment")).body, { output: 2 });
 });

@@ -3,6 +3,7 @@ import type { ActorDefinition, AnyActorDefinition } from "./actor";
 import { decode, encode } from "./cbor";
 import { ActorConnectionImpl, loadWebSocket, openWebSocket, type ConnectionStatus, type ReconnectOptions } from "./connection";
 import { KeelError, type ErrorBody } from "./errors";
+import { discover, EngineApi, gatewayUrl, gatewayUrlNow, type GatewayTarget, type ServerKind } from "./gateway";
 
 /** Anything with actor definitions, such as a `Registry` from `setup()`. */
 export interface RegistryLike {
@@ -109,6 +110,16 @@ export interface ClientOptions {
   headers?: Record<string, string>;
   /** A `fetch` implementation (defaults to the global one). */
   fetch?: typeof fetch;
+  /**
+   * Which kind of server `url` is: keel's own (`"keel"`) or a Rivet Engine's gateway in front
+   * of keel in engine mode (`"engine"`). Left out, the client asks once, with `GET /health`
+   * before its first request, and keeps the answer (see docs/engine.md).
+   */
+  server?: ServerKind;
+  /** Engine only: the engine namespace the actors live in (default `default`). */
+  namespace?: string;
+  /** Engine only: the pool (runner name) that hosts the actors it creates (default `default`). */
+  pool?: string;
 }
 
 type Mode = "get" | "create" | "getOrCreate";
@@ -143,21 +154,59 @@ function rawSubPath(path: string): string {
 class Transport {
   readonly base: string;
   readonly fetch: typeof fetch;
+  /** The engine's API, used once the server is known to be an engine. */
+  readonly engine: EngineApi;
+  /** The kind of server, once known; a failed probe is forgotten, so the next call asks again. */
+  private known: ServerKind | undefined;
+  private probing: Promise<ServerKind> | undefined;
   constructor(
     url: string,
     readonly options: ClientOptions,
   ) {
     this.base = url.replace(/\/+$/, "");
-    this.fetch = options.fetch ?? globalThis.fetch;
+    this.fetch = options.fetch ?? ((...args) => globalThis.fetch(...args));
+    this.known = options.server;
+    this.engine = new EngineApi(
+      this.base,
+      { namespace: options.namespace ?? "default", pool: options.pool ?? "default" },
+      this.fetch,
+      options.headers,
+    );
   }
 
-  /** POSTs `body` (CBOR unless `json`) and returns the decoded reply. */
-  async post(path: string, body: unknown, json = false): Promise<any> {
+  /** The kind of server, if already known (given, or asked). */
+  get kindKnown(): ServerKind | undefined {
+    return this.known;
+  }
+
+  /**
+   * Which kind of server this is: asked once, then kept. A probe without an answer (the
+   * server unreachable, or a browser withholding the answer from a page of a foreign origin)
+   * is not kept: this request goes as to keel's own server, where it fails the way it would
+   * have embedded, and the next one asks again.
+   */
+  async kind(): Promise<ServerKind> {
+    if (this.known !== undefined) return this.known;
+    this.probing ??= discover(this.base, this.fetch, this.options.headers).then((kind) => {
+      this.probing = undefined;
+      if (kind !== undefined) this.known = kind;
+      return kind ?? "keel";
+    });
+    return this.probing;
+  }
+
+  /** POSTs `body` (CBOR unless `json`) to `path` below the base URL and returns the decoded reply. */
+  post(path: string, body: unknown, json = false): Promise<any> {
+    return this.postUrl(`${this.base}${path}`, body, json);
+  }
+
+  /** POSTs `body` (CBOR unless `json`) to `url` and returns the decoded reply. */
+  async postUrl(url: string, body: unknown, json = false): Promise<any> {
     // Encoding fails (with a TypeError naming the value) before anything is sent.
     const payload = json ? JSON.stringify(body) : encode(body);
     let response: Response;
     try {
-      response = await this.fetch(`${this.base}${path}`, {
+      response = await this.fetch(url, {
         method: "POST",
         headers: json
           ? { "content-type": "application/json", ...this.options.headers }
@@ -205,7 +254,10 @@ function isGetParamsOptions(value: unknown): value is { getParams: () => unknown
 function makeConnection(transport: Transport, name: string, target: Target, params: unknown, options: ConnectOptions = {}): any {
   const getParams = options.getParams ?? (isGetParamsOptions(params) ? params.getParams : undefined);
   const connection = new ActorConnectionImpl({
-    url: `${transport.base}/v1/actors/${encodeURIComponent(name)}/connect`,
+    url: async () =>
+      (await transport.kind()) === "engine"
+        ? { url: await gatewayUrl(transport.engine, gatewayTarget(name, target), "/connect"), protocols: ["rivet"] }
+        : { url: `${transport.base}/v1/actors/${encodeURIComponent(name)}/connect` },
     ...(target.kind === "key"
       ? { key: target.key, mode: target.mode, input: target.input }
       : { key: [], mode: "get" as const, actorId: target.id }),
@@ -228,10 +280,23 @@ function makeConnection(transport: Transport, name: string, target: Target, para
   });
 }
 
+/** A target as the engine's gateway names it (`create` handles hold an id). */
+function gatewayTarget(name: string, target: Target): GatewayTarget {
+  if (target.kind === "id") return { kind: "id", id: target.id };
+  if (target.mode === "create") {
+    throw new KeelError({ group: "client", code: "unsupported", message: "a handle in create mode comes from create()" });
+  }
+  return { kind: "key", name, key: target.key, mode: target.mode, input: target.input };
+}
+
 function makeHandle(transport: Transport, name: string, target: Target): any {
   const encodedName = encodeURIComponent(name);
   const call = async (action: string, args: unknown[]) => {
     const encodedAction = encodeURIComponent(action);
+    if ((await transport.kind()) === "engine") {
+      const url = await gatewayUrl(transport.engine, gatewayTarget(name, target), `/action/${encodedAction}`);
+      return (await transport.postUrl(url, { args })).output;
+    }
     const reply =
       target.kind === "key"
         ? await transport.post(`/v1/actors/${encodedName}/actions/${encodedAction}`, {
@@ -245,6 +310,7 @@ function makeHandle(transport: Transport, name: string, target: Target): any {
   };
   const resolve = async (): Promise<string> => {
     if (target.kind === "id") return target.id;
+    if ((await transport.kind()) === "engine") return transport.engine.resolve(gatewayTarget(name, target));
     const reply = await transport.post(`/v1/actors/${encodedName}/resolve`, {
       key: target.key,
       mode: target.mode,
@@ -260,11 +326,33 @@ function makeHandle(transport: Transport, name: string, target: Target): any {
     return `${transport.base}/v1/actors/${encodedName}/raw/${encodeURIComponent(canonicalKey(key))}${rawSubPath(path)}`;
   };
   const rawFetch = (path: string, init: RequestInit = {}): Promise<Response> => {
-    const headers = new Headers(transport.options.headers);
-    new Headers(init.headers).forEach((value, header) => headers.set(header, value));
-    return transport.fetch(rawUrl(path), { ...init, headers });
+    // Against keel's own server a handle without a key throws at once, as it always has.
+    if (transport.kindKnown === "keel") rawUrl(path);
+    return (async () => {
+      const headers = new Headers(transport.options.headers);
+      new Headers(init.headers).forEach((value, header) => headers.set(header, value));
+      const url =
+        (await transport.kind()) === "engine"
+          ? await gatewayUrl(transport.engine, gatewayTarget(name, target), `/request${rawSubPath(path)}`)
+          : rawUrl(path);
+      return transport.fetch(url, { ...init, headers });
+    })();
   };
   const rawWebSocket = (path = "/", protocols?: string | string[]): WebSocket => {
+    const kind = transport.kindKnown;
+    if (kind === undefined) {
+      // A WebSocket is returned at once, so the kind of server must be known already.
+      throw new KeelError({
+        group: "client",
+        code: "server_unknown",
+        message: "webSocket() needs to know which kind of server this is: make any call first, or pass the client's `server` option",
+      });
+    }
+    if (kind === "engine") {
+      const url = gatewayUrlNow(transport.engine, gatewayTarget(name, target), `/websocket${rawSubPath(path)}`);
+      const offered = protocols === undefined ? [] : typeof protocols === "string" ? [protocols] : protocols;
+      return openWebSocket(loadWebSocket(), url.replace(/^http/, "ws"), ["rivet", ...offered], transport.options.headers);
+    }
     const url = rawUrl(path).replace(/^http/, "ws");
     return openWebSocket(loadWebSocket(), url, protocols, transport.options.headers);
   };
@@ -295,6 +383,10 @@ export function createClient<R extends RegistryLike>(url: string, options: Clien
         makeHandle(transport, name, { kind: "key", key: normalizeKey(key), mode: "getOrCreate", input: opts?.input }),
       get: (key) => makeHandle(transport, name, { kind: "key", key: normalizeKey(key), mode: "get" }),
       create: async (key, opts) => {
+        if ((await transport.kind()) === "engine") {
+          const id = await transport.engine.create(name, normalizeKey(key), opts?.input);
+          return makeHandle(transport, name, { kind: "id", id, key: normalizeKey(key) });
+        }
         const reply = await transport.post(`/v1/actors/${encodeURIComponent(name)}/resolve`, {
           key: normalizeKey(key),
           mode: "create",

@@ -17,9 +17,20 @@ export interface ReconnectOptions {
   maxAttempts?: number;
 }
 
+/** Where a socket goes: its URL and the subprotocols to offer (an engine's gateway selects `rivet`). */
+export interface SocketAddress {
+  url: string;
+  protocols?: string[];
+}
+
 /** What a connection needs to (re)connect. */
 export interface ConnectTarget {
-  url: string;
+  /**
+   * The socket's URL, or a function that finds it before each attempt (the typed client asks
+   * which kind of server it talks to first, once). A rejection fails that attempt like a lost
+   * socket: it is reported through `onError` and retried.
+   */
+  url: string | (() => Promise<SocketAddress>);
   /** The actor by key, or (with `actorId`) nothing: the id names it. */
   key: string[];
   mode: "get" | "create" | "getOrCreate";
@@ -206,37 +217,51 @@ export class ActorConnectionImpl {
     for (const listener of this.errorListeners) listener(err);
   }
 
-  private url(): string {
-    const base = this.target.url.replace(/\/+$/, "").replace(/^http/, "ws");
-    return base;
+  private static wsUrl(url: string): string {
+    return url.replace(/\/+$/, "").replace(/^http/, "ws");
   }
 
   private open(): void {
-    if (this.target.getParams === undefined) return this.openWith(this.target.params);
+    const { url, getParams } = this.target;
+    if (getParams === undefined && typeof url === "string") return this.openWith({ url }, this.target.params);
     // Fresh params for every attempt, so a token can be refreshed between reconnects. A
-    // throwing `getParams` fails this attempt like a lost socket: it is reported and retried.
-    Promise.resolve()
-      .then(() => this.target.getParams!())
-      .then(
-        (params) => {
-          if (!this.disposed) this.openWith(params);
-        },
-        (cause) => {
-          if (this.disposed) return;
-          this.emitError(
-            new KeelError(
-              { group: "client", code: "get_params_failed", message: `getParams threw: ${(cause as Error)?.message ?? cause}` },
-              { cause },
-            ),
-          );
-          this.socket = undefined;
-          this.onClose(undefined, 1006, "getParams failed");
-        },
-      );
+    // throwing `getParams` (or a URL that cannot be found) fails this attempt like a lost
+    // socket: it is reported and retried.
+    const failed = (err: KeelError, reason: string) => {
+      if (this.disposed) return;
+      this.emitError(err);
+      this.socket = undefined;
+      this.onClose(undefined, 1006, reason);
+    };
+    Promise.resolve(typeof url === "string" ? { url } : url()).then(
+      (found) =>
+        Promise.resolve()
+          .then(() => (getParams === undefined ? this.target.params : getParams()))
+          .then(
+            (params) => {
+              if (!this.disposed) this.openWith(found, params);
+            },
+            (cause) =>
+              failed(
+                new KeelError(
+                  { group: "client", code: "get_params_failed", message: `getParams threw: ${(cause as Error)?.message ?? cause}` },
+                  { cause },
+                ),
+                "getParams failed",
+              ),
+          ),
+      (cause) =>
+        failed(
+          cause instanceof KeelError
+            ? cause
+            : new KeelError({ group: "client", code: "unreachable", message: `${(cause as Error)?.message ?? cause}` }, { cause }),
+          "server unreachable",
+        ),
+    );
   }
 
-  private openWith(params: unknown): void {
-    const socket = openWebSocket(this.WebSocketImpl, this.url(), undefined, this.target.headers);
+  private openWith(address: SocketAddress, params: unknown): void {
+    const socket = openWebSocket(this.WebSocketImpl, ActorConnectionImpl.wsUrl(address.url), address.protocols, this.target.headers);
     socket.binaryType = "arraybuffer";
     this.socket = socket;
     socket.onopen = () => {

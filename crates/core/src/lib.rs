@@ -15,7 +15,8 @@
 //!   state machine) and `assemble` (the one place that picks an implementation for each seam
 //!   and opens a [`Runtime`]). Nothing uses them but the front door.
 //! - **`server/`**: keel's HTTP routes, the accept loop and CORS (`http.rs`), keel's
-//!   WebSocket protocol as the client speaks it and raw sockets (`socket.rs`), the inspector
+//!   WebSocket protocol as the client speaks it and raw sockets (`socket.rs`), sockets a
+//!   tunnel hands over for an already-resolved actor (`tunnel.rs`), the inspector
 //!   routes, the open connections list (`connections.rs`), lingering sockets, the Prometheus
 //!   route: the `Ingress` implementation. Rule: reaches actors only through the runtime's
 //!   dispatch handle.
@@ -87,5 +88,6 @@ pub use host::{
 };
 pub use registry::{Mode, Registry};
 pub use runtime::activation::Intents;
+pub use runtime::ingress::{SocketMessage, SocketPeer, TunneledSocket, TUNNELED_SOCKET_BACKLOG};
 pub use runtime::{Resolve, Runtime, Target};
 pub use storage::seam::{ActorDb, DbChange, MigrationStep, Storage};

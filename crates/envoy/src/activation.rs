@@ -192,11 +192,14 @@ pub struct TunneledResponse {
     pub body: Vec<u8>,
 }
 
-/// Where tunneled requests go (keel's runtime, in engine mode). Without one, every tunneled
-/// request is answered with keel's `request.route_not_found`.
+/// Where tunneled requests and WebSockets go (keel's runtime, in engine mode). Without one,
+/// every tunneled request is answered with keel's `request.route_not_found` and every
+/// tunneled WebSocket refused.
 pub trait Tunnel: Send + Sync + 'static {
     /// Serves one request for `actor_id`, an actor this envoy was told to start.
     fn fetch(&self, actor_id: String, request: TunneledRequest) -> BoxFuture<TunneledResponse>;
+    /// Serves one WebSocket for `actor_id`, already open (see `socket.rs`); returns at once.
+    fn websocket(&self, actor_id: String, socket: keel_core::TunneledSocket);
 }
 
 /// The envoy's callbacks: forwards commands as [`EngineEvent`]s.
@@ -205,12 +208,22 @@ pub(crate) struct Callbacks {
     events: mpsc::Sender<EngineEvent>,
     /// Serves tunneled requests; `None` answers each with a structured 404.
     tunnel: Option<Arc<dyn Tunnel>>,
+    /// The tunneled sockets open through this envoy's connection.
+    sockets: Arc<crate::socket::Sockets>,
 }
 
 impl Callbacks {
     pub fn new(tunnel: Option<Arc<dyn Tunnel>>) -> (Callbacks, mpsc::Receiver<EngineEvent>) {
         let (events, rx) = mpsc::channel(MAX_PENDING_EVENTS);
-        (Callbacks { events, tunnel }, rx)
+        let sockets = Arc::default();
+        (
+            Callbacks {
+                events,
+                tunnel,
+                sockets,
+            },
+            rx,
+        )
     }
 }
 
@@ -289,6 +302,11 @@ impl EnvoyCallbacks for Callbacks {
 
     fn on_shutdown(&self) {
         tracing::debug!("envoy shut down");
+        self.sockets.disconnected();
+    }
+
+    fn on_disconnect(&self, _handle: EnvoyHandle) {
+        self.sockets.disconnected();
     }
 
     fn fetch(
@@ -331,13 +349,20 @@ impl EnvoyCallbacks for Callbacks {
         _request_id: protocol::RequestId,
         _request: HttpRequest,
         path: String,
-        _headers: HashMap<String, String>,
+        headers: HashMap<String, String>,
         _is_hibernatable: bool,
         _is_restoring_hibernatable: bool,
         _sender: WebSocketSender,
     ) -> BoxFuture<anyhow::Result<WebSocketHandler>> {
-        tracing::debug!(%actor_id, %path, "tunneled websocket has no route");
-        Box::pin(async move { Err(anyhow::anyhow!("no websocket route for {path}")) })
+        let Some(tunnel) = self.tunnel.clone() else {
+            tracing::debug!(%actor_id, %path, "tunneled websocket has no route");
+            return Box::pin(async move { Err(anyhow::anyhow!("no websocket route for {path}")) });
+        };
+        tracing::debug!(%actor_id, %path, "tunneled websocket");
+        let handler = crate::socket::handler(self.sockets.clone(), path, headers, move |socket| {
+            tunnel.websocket(actor_id, socket)
+        });
+        Box::pin(async move { Ok(handler) })
     }
 
     fn can_hibernate(

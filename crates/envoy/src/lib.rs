@@ -29,6 +29,7 @@
 //!   requests into its routes, actors' own sleep and destroy out as intents.
 //! - `remote`: one activation's fenced requests, and the one mapping of failures to keel's
 //!   errors.
+//! - `socket`: tunneled WebSockets, handed to keel-core's socket code (not hibernatable).
 //! - `sql`: statements and values, converted to and from the protocol's types.
 
 #![warn(missing_docs)]
@@ -39,6 +40,7 @@ pub mod envoy;
 mod remote;
 pub mod seam;
 pub mod serve;
+mod socket;
 mod sql;
 pub mod storage;
 

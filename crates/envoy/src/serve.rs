@@ -256,6 +256,17 @@ struct RuntimeTunnel {
 }
 
 impl Tunnel for RuntimeTunnel {
+    fn websocket(&self, actor_id: String, socket: keel_core::TunneledSocket) {
+        match self.runtime.get() {
+            Some(runtime) => runtime.serve_tunneled_socket(&actor_id, socket),
+            None => {
+                let err = Error::RegistryShuttingDown;
+                let reason = format!("{}.{}", err.group(), err.code());
+                socket.peer.close(1008, &reason);
+            }
+        }
+    }
+
     fn fetch(&self, actor_id: String, request: TunneledRequest) -> BoxFuture<TunneledResponse> {
         let runtime = self.runtime.get().cloned();
         Box::pin(async move {

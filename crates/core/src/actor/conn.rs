@@ -26,8 +26,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use parking_lot::RwLock;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -521,16 +521,37 @@ fn reply_frame(encoding: Encoding, id: u64, output: &[u8]) -> Message {
     }
 }
 
+/// What keel serves a WebSocket over: axum's socket from keel's own listener, or a tunneled
+/// one (`server/socket.rs`). Messages are axum's; a read error is axum's error (whose source
+/// is tungstenite's, which picks the close code).
+pub(crate) trait Socket:
+    Stream<Item = std::result::Result<Message, axum::Error>>
+    + Sink<Message, Error = axum::Error>
+    + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<S> Socket for S where
+    S: Stream<Item = std::result::Result<Message, axum::Error>>
+        + Sink<Message, Error = axum::Error>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// Splits a socket into a writer task (on `tracker`) and returns the reader half and the
 /// handle. `force` is the runtime's forced-drain token: it drops the socket at once.
-pub(crate) fn split(
+pub(crate) fn split<S: Socket>(
     tracker: &TaskTracker,
     force: &CancellationToken,
-    socket: WebSocket,
+    socket: S,
     id: Arc<str>,
     encoding: Encoding,
     span: tracing::Span,
-) -> (futures_util::stream::SplitStream<WebSocket>, ConnHandle) {
+) -> (futures_util::stream::SplitStream<S>, ConnHandle) {
     let (mut sink, stream) = socket.split();
     let handle = ConnHandle::new(id, encoding);
     // The writer's own handle keeps the shared state alive; the task ends on a close, a

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::host::{ActorInfo, Encoding, Payload, StopReason};
 use crate::metrics::{Metrics, ShutdownPhase, WriterStats};
 use crate::runtime::dispatch::Dispatch;
-use crate::runtime::ingress::{Ingress, Request, Response};
+use crate::runtime::ingress::{Ingress, Request, Response, TunneledSocket};
 use crate::runtime::target::Target;
 use crate::storage::seam::{MigrationStep, StoredSchedule};
 
@@ -214,6 +214,16 @@ impl Runtime {
     /// `{"output": ...}` (the shape RivetKit's gateway clients use).
     pub async fn handle_tunneled(&self, actor_id: &str, request: Request) -> Response {
         self.ingress.handle_tunneled(actor_id, request).await
+    }
+
+    /// Serves one WebSocket tunneled to the actor `actor_id`, which the driver has already
+    /// resolved, with the socket code keel's own listener uses: `/connect` speaks keel's
+    /// connection protocol (its `init` names no actor: the tunnel did), `/websocket[/...]` is
+    /// the actor's `onWebSocket` (seeing the path after `/websocket`). Any other path, a
+    /// draining runtime or a refused origin closes the socket with 1008 and the error's
+    /// `group.code` as the reason. Returns at once; the socket is served on a tracked task.
+    pub fn serve_tunneled_socket(&self, actor_id: &str, socket: TunneledSocket) {
+        self.ingress.serve_tunneled_socket(actor_id, socket);
     }
 
     /// The runtime's counters and histograms.

@@ -20,8 +20,11 @@
 //!   client's request or socket, and every call an ingress dispatched gets its reply or an
 //!   error, never silence.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 /// An HTTP request as keel handles it.
 pub type Request = axum::http::Request<axum::body::Body>;
@@ -38,4 +41,69 @@ pub(crate) trait Ingress: Send + Sync + 'static {
     /// Handles one request tunneled to `actor_id`, an actor already resolved by whoever
     /// tunnels it (an engine's gateway).
     async fn handle_tunneled(&self, actor_id: &str, request: Request) -> Response;
+    /// Serves one WebSocket tunneled to `actor_id` (resolved by whoever tunnels it) with the
+    /// same socket code as keel's own listener, on a tracked task; returns at once.
+    fn serve_tunneled_socket(&self, actor_id: &str, socket: TunneledSocket);
+}
+
+/// How many messages of one tunneled socket may wait for keel to read them before the
+/// tunnel's sender waits too.
+pub const TUNNELED_SOCKET_BACKLOG: usize = 64;
+
+/// One message from the peer of a tunneled socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketMessage {
+    /// A text message's bytes; keel checks they are UTF-8 (1007 otherwise).
+    Text(Vec<u8>),
+    /// A binary message.
+    Binary(Vec<u8>),
+    /// The peer closed the socket with this code and reason.
+    Close {
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
+}
+
+/// The way back to a tunneled socket's peer. keel calls it from the socket's writer task, in
+/// the order the frames leave; after `close` it calls nothing more.
+pub trait SocketPeer: Send + Sync + 'static {
+    /// Sends one message (`binary`, or UTF-8 text).
+    fn send(&self, data: Vec<u8>, binary: bool);
+    /// Closes the socket with `code` and `reason`.
+    fn close(&self, code: u16, reason: &str);
+}
+
+/// A WebSocket that reached keel through a tunnel (an engine's gateway) rather than its own
+/// listener, already upgraded: its path decides what serves it (see
+/// [`Runtime::serve_tunneled_socket`](crate::Runtime::serve_tunneled_socket)).
+pub struct TunneledSocket {
+    /// The path (and query) inside the actor, as the tunnel passed it.
+    pub path: String,
+    /// The upgrade request's headers.
+    pub headers: Vec<(String, String)>,
+    /// The peer's messages in order; a closed channel is a socket that vanished (1006).
+    pub incoming: mpsc::Receiver<SocketMessage>,
+    /// Where keel's frames go.
+    pub peer: Arc<dyn SocketPeer>,
+}
+
+impl TunneledSocket {
+    /// A socket at `path` over `peer`, with the sender its tunnel feeds the peer's messages
+    /// into (bounded by [`TUNNELED_SOCKET_BACKLOG`]).
+    pub fn new(
+        path: String,
+        headers: Vec<(String, String)>,
+        peer: Arc<dyn SocketPeer>,
+    ) -> (TunneledSocket, mpsc::Sender<SocketMessage>) {
+        let (tx, incoming) = mpsc::channel(TUNNELED_SOCKET_BACKLOG);
+        let socket = TunneledSocket {
+            path,
+            headers,
+            incoming,
+            peer,
+        };
+        (socket, tx)
+    }
 }

@@ -50,6 +50,8 @@ pub(crate) fn router(server: Arc<Server>) -> Router {
         .route("/v1/actors/{name}/actions/{action}", post(action_by_key))
         .route("/v1/actors/{name}/resolve", post(resolve))
         .route("/v1/ids/{id}/actions/{action}", post(action_by_id))
+        .route("/v1/ids/{id}/raw", any(raw_by_id))
+        .route("/v1/ids/{id}/raw/{*path}", any(raw_by_id))
         .route("/v1/actors/{name}/connect", get(connect))
         .route("/v1/actors/{name}/raw/{key}", any(raw))
         .route("/v1/actors/{name}/raw/{key}/{*path}", any(raw))
@@ -100,27 +102,37 @@ pub(crate) async fn handle(router: Router, request: Request) -> Response {
 /// A request tunneled to the already-resolved actor `actor_id`, as keel's router serves it:
 /// RivetKit's `/action/{name}` (with `{"args": [...]}`, answered `{"output": ...}`) is the
 /// by-id action route `/v1/ids/{actor_id}/actions/{name}`, whose body has the same shape;
-/// every other path is one of keel's own routes, served as it is.
+/// `/request[/...]` is the by-id raw route `/v1/ids/{actor_id}/raw[/...]` (the actor's
+/// `onRequest`, seeing what follows `/request`); every other path is one of keel's own
+/// routes, served as it is.
 pub(crate) fn tunneled(actor_id: &str, mut request: Request) -> Request {
     let path = request.uri().path();
-    let action = path
-        .strip_prefix("/action/")
-        .filter(|name| !name.is_empty() && !name.contains('/'));
     // Engine ids are plain identifiers; any other id is left to fail as an unknown route
     // rather than be spliced into a path.
     let plain_id = !actor_id.is_empty()
         && actor_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if let (Some(action), true) = (action, plain_id) {
-        let mut rewritten = format!("/v1/ids/{actor_id}/actions/{action}");
-        if let Some(query) = request.uri().query() {
-            rewritten.push('?');
-            rewritten.push_str(query);
-        }
-        if let Ok(uri) = rewritten.parse() {
-            *request.uri_mut() = uri;
-        }
+    if !plain_id {
+        return request;
+    }
+    let action = path
+        .strip_prefix("/action/")
+        .filter(|name| !name.is_empty() && !name.contains('/'));
+    let raw = path
+        .strip_prefix("/request")
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+    let mut rewritten = match (action, raw) {
+        (Some(action), _) => format!("/v1/ids/{actor_id}/actions/{action}"),
+        (None, Some(rest)) => format!("/v1/ids/{actor_id}/raw{rest}"),
+        (None, None) => return request,
+    };
+    if let Some(query) = request.uri().query() {
+        rewritten.push('?');
+        rewritten.push_str(query);
+    }
+    if let Ok(uri) = rewritten.parse() {
+        *request.uri_mut() = uri;
     }
     request
 }
@@ -308,7 +320,12 @@ async fn connect(
         Ok((name, upgrade)) => {
             let head = request_head("GET", &uri, &headers);
             upgrade_socket(&server, upgrade, move |server, socket| {
-                crate::server::socket::serve_keel_socket(server, socket, name, head)
+                crate::server::socket::serve_keel_socket(
+                    server,
+                    socket,
+                    crate::server::socket::SocketActor::Named(name),
+                    head,
+                )
             })
         }
         Err(err) => error_response(&err, dev),
@@ -344,13 +361,17 @@ struct RawPath {
     key: String,
 }
 
-/// What a raw route's hook sees as its path: everything after
-/// `/v1/actors/{name}/raw/{key}` and the query string, exactly as the client sent them (still
-/// percent-encoded, dot segments untouched), or `/` when nothing follows the key. Decoding
-/// would let `%2F` split a segment, `%3F` start a query and `..%2F` climb out of a prefix.
-fn raw_sub_path(uri: &axum::http::Uri) -> String {
-    // `/v1/actors/{name}/raw/{key}` is six `/`-separated parts, the first one empty.
-    let rest = uri.path().splitn(7, '/').nth(6).unwrap_or_default();
+/// What a raw route's hook sees as its path: everything after the route's first `parts`
+/// `/`-separated parts (`/v1/actors/{name}/raw/{key}` is six, the first one empty;
+/// `/v1/ids/{id}/raw` five) and the query string, exactly as the client sent them (still
+/// percent-encoded, dot segments untouched), or `/` when nothing follows. Decoding would let
+/// `%2F` split a segment, `%3F` start a query and `..%2F` climb out of a prefix.
+fn raw_sub_path(uri: &axum::http::Uri, parts: usize) -> String {
+    let rest = uri
+        .path()
+        .splitn(parts + 1, '/')
+        .nth(parts)
+        .unwrap_or_default();
     let mut sub_path = format!("/{rest}");
     if let Some(query) = uri.query() {
         sub_path.push('?');
@@ -369,58 +390,119 @@ async fn raw(
 ) -> Response {
     let dev = server.config.dev;
     let result = async {
-        if upgrade.is_ok() {
-            crate::origin::check_upgrade(&server.config.allowed_origins, request.headers())?;
-        }
         let Path(raw_path) = path?;
         let key = crate::key::decode(&raw_path.key)?;
-        // Before the actor is resolved, so a type without the hook gets no actor row.
-        server.types.get(&raw_path.name)?.check_raw(
-            upgrade.is_ok(),
-            request.method().as_str(),
-            request.uri().path(),
-        )?;
-        let info = server
-            .resolve(Target::Key {
-                name: raw_path.name,
-                key,
-                mode: Resolve::GetOrCreate,
-                input: None,
-            })
-            .await?;
-        let sub_path = raw_sub_path(request.uri());
-        let headers: Vec<(String, String)> = request
-            .headers()
-            .iter()
-            .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
-            .collect();
-        if let Ok(upgrade) = upgrade {
-            return Ok(upgrade_socket(&server, upgrade, move |server, socket| {
-                crate::server::socket::serve_raw_socket(server, socket, info, sub_path, headers)
-            }));
-        }
-        let method = request.method().to_string();
-        let request_headers = request.headers().clone();
-        let body = read_body(&server, &request_headers, request.into_body()).await?;
-        let raw_request = crate::host::RawRequest {
-            method,
-            path: sub_path,
-            headers,
-            body: body.to_vec(),
+        let target = Target::Key {
+            name: raw_path.name.clone(),
+            key,
+            mode: Resolve::GetOrCreate,
+            input: None,
         };
-        let response = server.request(&info, raw_request).await?;
-        let mut builder = axum::http::Response::builder().status(response.status);
-        for (name, value) in &response.headers {
-            builder = builder.header(name.as_str(), value.as_str());
-        }
-        builder
-            .body(Body::from(response.body))
-            .map_err(|err| Error::ActorInternal {
-                message: format!("onRequest returned an invalid response: {err}"),
-            })
+        let sub_path = raw_sub_path(request.uri(), 6);
+        serve_raw(
+            &server,
+            Some(&raw_path.name),
+            target,
+            sub_path,
+            upgrade,
+            request,
+        )
+        .await
     }
     .await;
     result.unwrap_or_else(|err| error_response(&err, dev))
+}
+
+/// `ANY /v1/ids/{id}/raw[/{*path}]`: [`raw`] for the actor with this id. The engine's
+/// gateway reaches it as `/request[/...]` (see [`tunneled`]).
+async fn raw_by_id(
+    State(server): State<Arc<Server>>,
+    path: PathOf<RawIdPath>,
+    upgrade: MaybeUpgrade,
+    request: Request,
+) -> Response {
+    let dev = server.config.dev;
+    let result = async {
+        let Path(raw_path) = path?;
+        let sub_path = raw_sub_path(request.uri(), 5);
+        serve_raw(
+            &server,
+            None,
+            Target::Id(raw_path.id),
+            sub_path,
+            upgrade,
+            request,
+        )
+        .await
+    }
+    .await;
+    result.unwrap_or_else(|err| error_response(&err, dev))
+}
+
+/// The path of the by-id raw routes.
+#[derive(Deserialize)]
+struct RawIdPath {
+    id: String,
+}
+
+/// The body the raw routes share: checks the upgrade's origin and the type's hook (before the
+/// actor is resolved when the type is known from the path, so a type without the hook gets no
+/// actor row), then serves the socket or the request.
+async fn serve_raw(
+    server: &Arc<Server>,
+    name: Option<&str>,
+    target: Target,
+    sub_path: String,
+    upgrade: MaybeUpgrade,
+    request: Request,
+) -> Result<Response> {
+    if upgrade.is_ok() {
+        crate::origin::check_upgrade(&server.config.allowed_origins, request.headers())?;
+    }
+    let is_upgrade = upgrade.is_ok();
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let check = |name: &str| {
+        server
+            .types
+            .get(name)?
+            .check_raw(is_upgrade, &method, &path)
+    };
+    if let Some(name) = name {
+        check(name)?;
+    }
+    let info = server.resolve(target).await?;
+    if name.is_none() {
+        check(&info.name)?;
+    }
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect();
+    if let Ok(upgrade) = upgrade {
+        return Ok(upgrade_socket(server, upgrade, move |server, socket| {
+            crate::server::socket::serve_raw_socket(server, socket, info, sub_path, headers)
+        }));
+    }
+    let request_headers = request.headers().clone();
+    let body = read_body(server, &request_headers, request.into_body()).await?;
+    let raw_request = crate::host::RawRequest {
+        method,
+        path: sub_path,
+        headers,
+        body: body.to_vec(),
+    };
+    let response = server.request(&info, raw_request).await?;
+    let mut builder = axum::http::Response::builder().status(response.status);
+    for (name, value) in &response.headers {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    builder
+        .body(Body::from(response.body))
+        .map_err(|err| Error::ActorInternal {
+            message: format!("onRequest returned an invalid response: {err}"),
+        })
 }
 
 async fn method_not_allowed(State(server): State<Arc<Server>>, request: Request) -> Response {

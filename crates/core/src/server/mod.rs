@@ -5,6 +5,7 @@
 //! - [`shared`]: the `Server` state every route is handed, and the error response.
 //! - [`http`]: the versioned HTTP routes, their bodies, CORS and the accept loop.
 //! - [`socket`]: keel's connection protocol and raw sockets over WebSocket.
+//! - [`tunnel`]: WebSockets tunneled to an already-resolved actor, served by `socket`'s code.
 //! - [`inspector`]: the token-guarded inspector API.
 //! - [`connections`]: the open connections, by actor, for the inspector and the gauge.
 //! - [`linger`]: sockets that read and discard for a moment before they close.
@@ -19,6 +20,7 @@ pub(crate) mod inspector;
 pub(crate) mod linger;
 pub(crate) mod shared;
 pub(crate) mod socket;
+pub(crate) mod tunnel;
 
 use std::sync::Arc;
 
@@ -27,7 +29,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::runtime::dispatch::Dispatch;
-use crate::runtime::ingress::{Ingress, Request, Response};
+use crate::runtime::ingress::{Ingress, Request, Response, TunneledSocket};
 use crate::server::connections::Connections;
 use crate::server::shared::Server;
 
@@ -70,5 +72,9 @@ impl Ingress for HttpIngress {
     async fn handle_tunneled(&self, actor_id: &str, request: Request) -> Response {
         let request = http::tunneled(actor_id, request);
         http::handle(self.router.clone(), request).await
+    }
+
+    fn serve_tunneled_socket(&self, actor_id: &str, socket: TunneledSocket) {
+        tunnel::serve(&self.server, actor_id, socket);
     }
 }

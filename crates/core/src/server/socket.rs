@@ -15,13 +15,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::StreamExt;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tracing::Instrument;
 
-use crate::actor::conn::{close, error_frame, split, ConnHandle, ReplySlot, CLOSE_TIMEOUT};
+use crate::actor::conn::{close, error_frame, split, ConnHandle, ReplySlot, Socket, CLOSE_TIMEOUT};
 use crate::cbor;
 use crate::error::{Error, Result};
 use crate::host::{ActorInfo, Encoding, Payload, RawSocketEvent, RequestHead};
@@ -228,11 +228,20 @@ impl ClientMessage {
     }
 }
 
-/// Serves one socket of keel's connection protocol for actor type `name`.
-pub(crate) async fn serve_keel_socket(
+/// Which actor a socket of keel's connection protocol is for.
+pub(crate) enum SocketActor {
+    /// An actor of this type, named by the client's `init` (key or id): keel's own route.
+    Named(String),
+    /// This actor, already resolved by a tunnel; the `init`'s key, id, mode and input are
+    /// ignored.
+    Resolved(String),
+}
+
+/// Serves one socket of keel's connection protocol for `actor`.
+pub(crate) async fn serve_keel_socket<S: Socket>(
     server: Arc<Server>,
-    socket: WebSocket,
-    name: String,
+    socket: S,
+    actor: SocketActor,
     upgrade: RequestHead,
 ) {
     let dev = server.config.dev;
@@ -244,7 +253,7 @@ pub(crate) async fn serve_keel_socket(
         _ = server.stop.cancelled() => return,
         // The init message, within its timeout.
         // Boxed: see below.
-        first = Box::pin(tokio::time::timeout(INIT_TIMEOUT, socket.recv())) => first,
+        first = Box::pin(tokio::time::timeout(INIT_TIMEOUT, socket.next())) => first,
     };
     let first = match first {
         Ok(Some(Ok(frame))) => frame,
@@ -294,21 +303,25 @@ pub(crate) async fn serve_keel_socket(
         }
         Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
-    let target = match actor_id {
-        Some(id) => Target::Id(id),
-        None => Target::Key {
-            name: name.clone(),
-            key,
-            mode,
-            input,
-        },
+    let (target, name) = match (actor, actor_id) {
+        (SocketActor::Resolved(id), _) => (Target::Id(id), None),
+        (SocketActor::Named(name), Some(id)) => (Target::Id(id), Some(name)),
+        (SocketActor::Named(name), None) => (
+            Target::Key {
+                name: name.clone(),
+                key,
+                mode,
+                input,
+            },
+            Some(name),
+        ),
     };
     // Boxed, as every large step of a socket's task: the task's future is as large as its
     // largest state and lives as long as the socket, so steps that run once (resolving the
     // actor, admitting the connection) or briefly (a call) take heap only while they run.
     let info = match Box::pin(server.resolve(target)).await {
         // An id names one actor of one type: another type's actor is not found on this route.
-        Ok(info) if *info.name != *name => {
+        Ok(info) if name.as_ref().is_some_and(|name| *info.name != **name) => {
             return Box::pin(reject(socket, encoding, &Error::ActorNotFound, dev)).await
         }
         Ok(info) => info,
@@ -408,7 +421,7 @@ fn inspector_info(
     }
 }
 
-async fn reject(mut socket: WebSocket, encoding: Encoding, err: &Error, dev: bool) {
+async fn reject<S: Socket>(mut socket: S, encoding: Encoding, err: &Error, dev: bool) {
     let _ = socket.send(error_frame(encoding, None, err, dev)).await;
     let frame = CloseFrame {
         code: close::POLICY,
@@ -419,11 +432,11 @@ async fn reject(mut socket: WebSocket, encoding: Encoding, err: &Error, dev: boo
 
 /// Reads the client's messages until the socket ends; `true` if it ended because the
 /// connection was closed from this side (by the actor, the server or an overflow).
-async fn read_loop(
+async fn read_loop<S: Socket>(
     server: &Arc<Server>,
     info: &Arc<ActorInfo>,
     conn: &ConnHandle,
-    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    stream: &mut futures_util::stream::SplitStream<S>,
     guarded: &HashSet<String>,
 ) -> bool {
     let dev = server.config.dev;
@@ -504,7 +517,7 @@ async fn read_loop(
 /// The close code and reason for a socket whose read failed, chosen by the WebSocket
 /// library's error variant (axum's error wraps tungstenite's): a message past the size limit
 /// is 1009, a text message that is not UTF-8 is 1007, any other framing failure is 1008.
-fn classify_read_error(err: &axum::Error) -> (u16, String) {
+pub(crate) fn classify_read_error(err: &axum::Error) -> (u16, String) {
     use tungstenite::error::{CapacityError, Error as WsError};
     let ws_error = std::error::Error::source(err).and_then(|inner| inner.downcast_ref::<WsError>());
     match ws_error {
@@ -517,9 +530,9 @@ fn classify_read_error(err: &axum::Error) -> (u16, String) {
 }
 
 /// Serves a raw WebSocket handed to the actor's `onWebSocket`.
-pub(crate) async fn serve_raw_socket(
+pub(crate) async fn serve_raw_socket<S: Socket>(
     server: Arc<Server>,
-    socket: WebSocket,
+    socket: S,
     info: Arc<ActorInfo>,
     path: String,
     headers: Vec<(String, String)>,
