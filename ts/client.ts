@@ -289,13 +289,29 @@ function gatewayTarget(name: string, target: Target): GatewayTarget {
   return { kind: "key", name, key: target.key, mode: target.mode, input: target.input };
 }
 
+/**
+ * How often an action is sent to the engine's gateway in all while the engine answers that it
+ * never delivered it: it could not resolve the actor's route or the actor did not become ready
+ * in time (seen now and then for a new actor on a loaded engine; docs/engine.md). Those
+ * answers mean the action did not run, so sending it again cannot run it twice.
+ */
+const GATEWAY_ATTEMPTS = 3;
+const UNDELIVERED = new Set(["route_resolve_query_timeout", "actor_ready_timeout"]);
+const undelivered = (err: unknown): boolean => err instanceof KeelError && UNDELIVERED.has(err.code);
+
 function makeHandle(transport: Transport, name: string, target: Target): any {
   const encodedName = encodeURIComponent(name);
   const call = async (action: string, args: unknown[]) => {
     const encodedAction = encodeURIComponent(action);
     if ((await transport.kind()) === "engine") {
       const url = await gatewayUrl(transport.engine, gatewayTarget(name, target), `/action/${encodedAction}`);
-      return (await transport.postUrl(url, { args })).output;
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return (await transport.postUrl(url, { args })).output;
+        } catch (err) {
+          if (attempt >= GATEWAY_ATTEMPTS || !undelivered(err)) throw err;
+        }
+      }
     }
     const reply =
       target.kind === "key"
