@@ -95,7 +95,7 @@ struct Shared {
     /// Ops waiting for the writer, in send order. Unbounded on purpose: each actor has at most
     /// one action running at a time and bounded mailboxes, so the queue is bounded by the work
     /// already admitted; blocking an actor on the writer would only move the queue elsewhere.
-    queue: WriteQueue,
+    queue: WriteQueue<WriteOp>,
     /// The connection and what applies a batch, locked by whoever holds the queue's right to
     /// apply (so never contended); `None` once the writer has closed or crashed.
     core: Mutex<Option<WriterThread>>,
@@ -179,7 +179,8 @@ impl Writer {
 impl WriterHandle {
     /// Queues an op. Fails only when the writer has stopped.
     pub fn send(&self, op: WriteOp) -> Result<()> {
-        match self.shared.queue.send(op, false) {
+        let closes = matches!(op, WriteOp::Close);
+        match self.shared.queue.send(op, false, closes) {
             Sent::Queued => Ok(()),
             Sent::Inline(_) => unreachable!("only commits are applied inline"),
             Sent::Refused(_) => Err(Error::WriterClosed),
@@ -205,7 +206,7 @@ impl WriterHandle {
             poison,
             release,
         };
-        match self.shared.queue.send(op, true) {
+        match self.shared.queue.send(op, true, false) {
             Sent::Queued => {}
             Sent::Inline(op) => self.shared.apply_inline(op),
             Sent::Refused(op) => refuse(op),
@@ -219,10 +220,10 @@ impl WriterHandle {
             // The caller may have stopped waiting.
             let _ = tx.send(result);
         });
-        if let Sent::Refused(op) = self
-            .shared
-            .queue
-            .send(WriteOp::DeleteActor { actor_id, release }, false)
+        if let Sent::Refused(op) =
+            self.shared
+                .queue
+                .send(WriteOp::DeleteActor { actor_id, release }, false, false)
         {
             refuse(op);
         }
@@ -231,7 +232,7 @@ impl WriterHandle {
 
     /// The queue, for tests of when commits skip it.
     #[cfg(test)]
-    pub(crate) fn shared_queue(&self) -> &WriteQueue {
+    pub(crate) fn shared_queue(&self) -> &WriteQueue<WriteOp> {
         &self.shared.queue
     }
 
@@ -312,7 +313,10 @@ impl Shared {
 /// handle is gone, or an injected crash.
 fn run(shared: &Shared) {
     let mut batch = Vec::new();
-    while shared.queue.take(&mut batch, MAX_BATCH_OPS) {
+    while shared
+        .queue
+        .take(&mut batch, MAX_BATCH_OPS, |op| matches!(op, WriteOp::Close))
+    {
         let started = Instant::now();
         let closing = matches!(batch.last(), Some(WriteOp::Close));
         if closing {
@@ -709,3 +713,6 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests;
