@@ -331,6 +331,7 @@ test("/metrics is Prometheus text and its counters move with actions", async (t)
     "keel_actors_awake",
     "keel_commit_duration_seconds",
     "keel_commits_total",
+    "keel_connections_hibernated",
     "keel_connections_open",
     "keel_runtime_builds_total",
     "keel_schedules_fired_total",

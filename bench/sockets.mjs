@@ -6,6 +6,11 @@
 //     `tick`, one `broadcast` action per room sent over the room's first connection;
 //   - keel, raw sockets: `rawroom` actors (`onWebSocket`), one text message per room sent
 //     over the room's first socket, which the actor sends to each of the room's sockets;
+//   - keel, hibernated: `hroom` actors (the same room, with `hibernatableConnections` and a
+//     1 s sleep timeout): the idle reading is taken once every actor sleeps and every socket
+//     is kept as hibernated (`keel_connections_hibernated` = count, `keel_actors_awake` = 0),
+//     so it is the memory of a sleeping actor's connections; the broadcast then wakes each
+//     actor through its first socket, and every hibernated connection must get the event;
 //   - baseline: servers/baseline.mjs (`ws`), the connection protocol's frames, as for keel.
 // Steps per case: warm up (wake every actor with an HTTP call, open and close 100 sockets),
 // read the server's VmRSS after a full GC (base), open all the connections, `connections /
@@ -40,6 +45,7 @@ export async function socketsWorkload({ connections, actors, addonPath, keelDir 
   const cases = [
     { name: "keel", server: "sockets", protocol: "keel" },
     { name: "keel-raw", server: "sockets", protocol: "raw" },
+    { name: "keel-hibernated", server: "sockets", protocol: "keel", type: "hroom", hibernate: true },
     { name: "baseline", server: "baseline", protocol: "keel" },
   ];
   const results = {};
@@ -47,7 +53,7 @@ export async function socketsWorkload({ connections, actors, addonPath, keelDir 
     console.error(`sockets: ${connections} ${c.protocol === "raw" ? "raw sockets" : "connections"} over ${actors} actors on ${c.name} ...`);
     const server = await startServer(c.server, { addonPath, keelDir });
     try {
-      results[c.name] = await measureCase(WebSocket, server, c.protocol, connections, actors);
+      results[c.name] = await measureCase(WebSocket, server, c, connections, actors);
     } finally {
       await stopServer(server);
     }
@@ -63,7 +69,7 @@ export async function socketsWorkload({ connections, actors, addonPath, keelDir 
   };
 }
 
-async function measureCase(WebSocket, server, protocol, total, actors) {
+async function measureCase(WebSocket, server, { protocol, type = protocol === "raw" ? "rawroom" : "room", hibernate = false }, total, actors) {
   const perActor = total / actors;
   let sourceIndex = 0;
   const open = (actor, onMessage) =>
@@ -71,7 +77,7 @@ async function measureCase(WebSocket, server, protocol, total, actors) {
       url:
         protocol === "raw"
           ? `ws://${HOST}:${server.port}/v1/actors/rawroom/raw/room-${actor}`
-          : `ws://${HOST}:${server.port}/v1/actors/room/connect`,
+          : `ws://${HOST}:${server.port}/v1/actors/${type}/connect`,
       localAddress: SOURCE_ADDRESSES[sourceIndex++ % SOURCE_ADDRESSES.length],
       protocol,
       key: [`room-${actor}`],
@@ -82,7 +88,6 @@ async function measureCase(WebSocket, server, protocol, total, actors) {
   // path on a few sockets. Few, because the allocators keep what the warm-up freed and the
   // measured sockets reuse it, which the base reading would hide.
   if (server.kind !== "baseline") {
-    const type = protocol === "raw" ? "rawroom" : "room";
     await bounded(forEachConcurrently(actors, 16, (actor) => wake(server.port, type, actor)), STEP_TIMEOUT_MS);
   }
   const warm = await openAll(Math.min(WARMUP_SOCKETS, actors), (i) => open(i, () => {}));
@@ -101,6 +106,12 @@ async function measureCase(WebSocket, server, protocol, total, actors) {
     if (received[i]++ === 0 && ++delivered === total) allDelivered?.();
   };
   const sockets = await openAll(total, (i) => open(Math.floor(i / perActor), onMessage(i)));
+  // Hibernated: every actor asleep, every socket kept for it, before the idle reading.
+  let hibernated;
+  if (hibernate) {
+    await bounded(untilGauges(server.port, total), STEP_TIMEOUT_MS);
+    hibernated = total;
+  }
   const idle = await reading(server);
 
   // One broadcast per actor, over its first socket.
@@ -131,9 +142,20 @@ async function measureCase(WebSocket, server, protocol, total, actors) {
     readings: { base, idle, afterBroadcast },
     delivered,
     duplicates,
+    hibernated,
     errors: errors.slice(0, 5),
     verified: !timedOut && delivered === total && duplicates === 0 && errors.length === 0,
   };
+}
+
+/** Resolves once no actor is awake and `count` connections are kept for sleeping actors. */
+async function untilGauges(port, count) {
+  for (;;) {
+    const page = await (await fetch(`http://${HOST}:${port}/metrics`)).text();
+    const value = (name) => Number(page.split("\n").find((line) => line.startsWith(`${name} `))?.split(" ")[1]);
+    if (value("keel_actors_awake") === 0 && value("keel_connections_hibernated") === count) return;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
 }
 
 /** Wakes (and first creates) actor `room-<actor>` of `type` with an HTTP call to `size`. */
@@ -344,8 +366,8 @@ export function printSocketsTable(s) {
   const rows = [["sockets", "server", "RSS MiB base", "idle", "after broadcast", "KiB/conn idle", "KiB/conn after broadcast", "delivered", "verified"]];
   for (const [name, r] of Object.entries(s.results)) {
     rows.push([
-      name === "keel-raw" ? "raw onWebSocket" : "connection protocol",
-      name === "keel-raw" ? "keel" : name,
+      name === "keel-raw" ? "raw onWebSocket" : name === "keel-hibernated" ? "connection protocol, actor asleep" : "connection protocol",
+      name === "keel-raw" || name === "keel-hibernated" ? "keel" : name,
       r.rssMiB.base.toFixed(1),
       r.rssMiB.idle.toFixed(1),
       r.rssMiB.afterBroadcast.toFixed(1),

@@ -131,6 +131,10 @@ pub struct ActorTypeOptions {
     pub on_disconnect: bool,
     /// The declared events with a `canSubscribe` check.
     pub guarded_events: Option<Vec<String>>,
+    /// Whether the type's connections survive its sleep (`hibernatableConnections`).
+    pub hibernatable_connections: Option<bool>,
+    /// How long a connection restored after a restart may take to resume, in milliseconds.
+    pub reconnect_window_ms: Option<u32>,
 }
 
 impl ActorTypeOptions {
@@ -155,6 +159,14 @@ impl ActorTypeOptions {
         }
         if let Some(ms) = self.sleep_timeout_ms {
             actor_type.sleep_timeout = Some(millis("sleepTimeoutMs", ms)?);
+        }
+        actor_type.hibernatable_conns = self.hibernatable_connections.unwrap_or(false);
+        if let Some(ms) = self.reconnect_window_ms {
+            // A per-type option only, so not in core's table of `setup()` options.
+            if ms == 0 {
+                return Err(Error::config("reconnectWindowMs must be at least 1"));
+            }
+            actor_type.reconnect_window = Duration::from_millis(u64::from(ms));
         }
         Ok(actor_type)
     }

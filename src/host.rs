@@ -32,7 +32,9 @@ use napi::threadsafe_function::ThreadsafeFunctionCallMode;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::shapes::{mismatched, Completion, DispatchFn, Invocation, Reply, RequestHeadJs};
+use crate::shapes::{
+    mismatched, Completion, DispatchFn, Invocation, Reply, RequestHeadJs, RestoredConnJs,
+};
 
 /// The most invocations sent to JS in one call.
 const MAX_BATCH_LEN: usize = 1024;
@@ -269,6 +271,18 @@ impl Host for SharedHost {
             state: request.state.map(Buffer::from),
             input,
             input_encoding,
+            conns: (!request.conns.is_empty()).then(|| {
+                request
+                    .conns
+                    .into_iter()
+                    .map(|conn| RestoredConnJs {
+                        conn_id: conn.conn_id,
+                        encoding: conn.params.encoding.as_str().to_string(),
+                        params: Buffer::from(conn.params.bytes),
+                        state: conn.state.map(Buffer::from),
+                    })
+                    .collect()
+            }),
         };
         check(self.0.invoke(actor, id, invocation).await?, "start")?.effects("start")
     }

@@ -41,6 +41,8 @@ pub enum Invocation {
         input: Option<Buffer>,
         /// `json` or `cbor`: how `input` is encoded (with `input` only).
         input_encoding: Option<String>,
+        /// The durable connections the instance starts with (hibernatable connections).
+        conns: Option<Vec<RestoredConnJs>>,
     },
     /// Runs one action.
     Action {
@@ -270,6 +272,25 @@ pub struct OutboundJs {
     pub cbor: Option<Buffer>,
 }
 
+/// A connection an instance starts with, restored from storage (hibernatable connections).
+#[napi(object, object_from_js = false)]
+pub struct RestoredConnJs {
+    pub conn_id: String,
+    /// The parameters the client connected with, in `encoding`.
+    pub params: Buffer,
+    /// `json` or `cbor`.
+    pub encoding: String,
+    /// `conn.state`, CBOR; absent when it has none.
+    pub state: Option<Buffer>,
+}
+
+/// A connection's `conn.state` that a call changed (hibernatable connections), CBOR.
+#[napi(object, object_to_js = false)]
+pub struct ConnStateJs {
+    pub conn_id: String,
+    pub state: Buffer,
+}
+
 /// A connection JS closes, with its reason.
 #[napi(object, object_to_js = false)]
 pub struct DisconnectJs {
@@ -302,6 +323,8 @@ pub struct EffectsJs {
     pub messages: Option<Vec<OutboundJs>>,
     /// Connections to close.
     pub disconnects: Option<Vec<DisconnectJs>>,
+    /// `conn.state` of the connections whose state changed (hibernatable connections).
+    pub conn_states: Option<Vec<ConnStateJs>>,
 }
 
 /// The result of one invocation, as JS reports it, discriminated by `kind`: `ok` for a call
@@ -473,5 +496,11 @@ pub(crate) fn effects_of(effects: Option<EffectsJs>) -> Effects {
         destroy: effects.destroy.unwrap_or(false),
         messages,
         disconnects,
+        conn_states: effects
+            .conn_states
+            .unwrap_or_default()
+            .into_iter()
+            .map(|conn| (conn.conn_id, conn.state.to_vec()))
+            .collect(),
     }
 }

@@ -55,7 +55,10 @@ export interface Conn<CS = unknown, P = unknown> {
   readonly id: string;
   /** The parameters the client connected with. */
   readonly params: P;
-  /** Per-connection state from `createConnState` (not persisted). */
+  /**
+   * Per-connection state from `createConnState`. Kept in memory only, unless the type has
+   * `hibernatableConnections`: then it is durable, saved with the call that changed it.
+   */
   state: CS;
   /** Sends an event to this connection only (after the call's effects are durable). */
   send(event: string, data?: unknown): void;
@@ -189,6 +192,20 @@ export interface ActorOptions {
   actionTimeoutMs?: number;
   /** Idle time before this type's actors sleep, in milliseconds (default: the registry's, 30000). */
   sleepTimeoutMs?: number;
+  /**
+   * Connections that survive sleep: an actor whose connections are all idle may sleep while
+   * keel keeps their sockets open; `conn.state` is durable (saved with the call that changed
+   * it), and the next message on any of them wakes the actor with `c.conns` restored. After
+   * a graceful restart a client resumes its connection with the id and token it got on
+   * connect. Default `false`. See docs/actors.md.
+   */
+  hibernatableConnections?: boolean;
+  /**
+   * With `hibernatableConnections`: how long a connection restored after a restart waits for
+   * its client to resume it, from the actor's start, before it closes for good
+   * (`onDisconnect` runs). Default 30000.
+   */
+  reconnectWindowMs?: number;
 }
 
 type Hook<S, V, A> = (c: ActorContext<S, V, A>) => void | Promise<void>;

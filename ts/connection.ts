@@ -91,8 +91,18 @@ export function openWebSocket(
 export class ActorConnectionImpl {
   /** The actor's id, once connected. */
   actorId: string | undefined;
-  /** This connection's id, once connected (a new one after each reconnect). */
+  /**
+   * This connection's id, once connected: a new one after each reconnect, unless the actor's
+   * type has `hibernatableConnections` and the connection was resumed.
+   */
   connId: string | undefined;
+  /**
+   * The secret that resumes this connection after the server restarted (types with
+   * `hibernatableConnections`), sent with `connId` in the next `init`.
+   */
+  private connToken: string | undefined;
+  /** Set when the server refused to resume: the next attempt connects afresh at once. */
+  private resumeRefused = false;
   private socket: WebSocket | undefined;
   private statusValue: ConnectionStatus = "connecting";
   private readonly listeners = new Map<string, Set<Listener>>();
@@ -239,6 +249,10 @@ export class ActorConnectionImpl {
       };
       if (this.target.actorId !== undefined) init.actorId = this.target.actorId;
       if (this.target.input !== undefined) init.input = this.target.input;
+      if (this.connId !== undefined && this.connToken !== undefined) {
+        init.connId = this.connId;
+        init.connToken = this.connToken;
+      }
       socket.send(encode(init));
       this.initSent.add(socket);
     };
@@ -262,6 +276,7 @@ export class ActorConnectionImpl {
       case "ready": {
         this.actorId = message.actorId;
         this.connId = message.connId;
+        this.connToken = typeof message.connToken === "string" ? message.connToken : undefined;
         this.attempts = 0;
         this.setStatus("open");
         this.firstReady.resolve();
@@ -293,6 +308,15 @@ export class ActorConnectionImpl {
       }
       case "error": {
         const err = new KeelError(message.error as ErrorBody);
+        if (err.group === "connection" && err.code === "resume_refused") {
+          // The connection closed for good while we were away (or its record expired): what
+          // it had is gone, so connect afresh as a new connection.
+          this.connId = undefined;
+          this.connToken = undefined;
+          this.resumeRefused = true;
+          this.emitError(err);
+          break;
+        }
         // A refused subscription names its event and leaves the connection open.
         if (typeof message.event !== "string") this.refused = err;
         this.emitError(err);
@@ -315,6 +339,12 @@ export class ActorConnectionImpl {
     // Calls in flight may or may not have run: fail them. Queued ones wait for the next socket.
     this.failPending(lost, false);
     const options = this.target.reconnect === false ? undefined : (this.target.reconnect ?? {});
+    if (this.resumeRefused) {
+      this.resumeRefused = false;
+      this.setStatus("reconnecting");
+      this.open();
+      return;
+    }
     // 1000: the actor closed this connection on purpose; 1007/1008: it refused what we sent.
     // Reconnecting would not help; 1001 (going away), 1006, 1011 and 1013 are worth a retry.
     const final = code === 1000 || code === 1007 || code === 1008;

@@ -59,6 +59,16 @@ class Effects {
 interface ConnEntry {
   readonly conn: Conn;
   readonly encoding: string;
+  /**
+   * With hibernatable connections: `conn.state` as last reported to core (durable), encoded;
+   * `undefined` while nothing was reported.
+   */
+  snapshot?: Buffer;
+}
+
+/** Whether the type's connections survive its sleep: their `conn.state` is then durable. */
+function hibernatable(instance: Instance): boolean {
+  return instance.def.config.options?.hibernatableConnections === true;
 }
 
 /** A raw socket as the host keeps it. */
@@ -223,6 +233,18 @@ export class JsHost {
       instance.snapshot = invocation.state!;
       instance.state = decodeStoredState(invocation.actorId, instance.snapshot);
     }
+    // Hibernatable connections come back with the instance, as durable: their connect hooks
+    // do not run again.
+    for (const restored of invocation.conns ?? []) {
+      let params: unknown;
+      try {
+        params = decodeClientPayload(restored.params, restored.encoding, "connection parameters");
+      } catch {
+        params = undefined;
+      }
+      const state = restored.state === undefined ? undefined : decode(restored.state);
+      this.addConn(instance, restored.connId, params, state, restored.encoding).snapshot = restored.state;
+    }
     instance.vars =
       config.createVars !== undefined
         ? await config.createVars(instance.ctx as never)
@@ -268,6 +290,12 @@ export class JsHost {
     } catch (err) {
       instance.state = decode(instance.snapshot);
       instance.effects = new Effects();
+      // Durable connection states go back to their last reported values too.
+      if (hibernatable(instance)) {
+        for (const entry of instance.conns.values()) {
+          entry.conn.state = entry.snapshot === undefined ? undefined : decode(entry.snapshot);
+        }
+      }
       throw err;
     }
   }
@@ -302,7 +330,7 @@ export class JsHost {
         await config.onBeforeConnect?.(instance.ctx as never, params);
         const state =
           config.createConnState !== undefined ? await config.createConnState(instance.ctx as never, params) : undefined;
-        const conn = this.addConn(instance, connId, params, state, invocation.encoding);
+        const conn = this.addConn(instance, connId, params, state, invocation.encoding).conn;
         try {
           await config.onConnect?.(instance.ctx as never, conn);
           return { kind: "ok", id: invocation.id, effects: await this.settleCall(instance) };
@@ -317,7 +345,7 @@ export class JsHost {
   }
 
   /** Adds a connection to the instance's `c.conns`. */
-  private addConn(instance: Instance, connId: string, params: unknown, state: unknown, encoding: string): Conn {
+  private addConn(instance: Instance, connId: string, params: unknown, state: unknown, encoding: string): ConnEntry {
     const conn: Conn = {
       id: connId,
       params,
@@ -329,8 +357,9 @@ export class JsHost {
         instance.effects.disconnects.push({ connId, reason: String(reason) });
       },
     };
-    instance.conns.set(connId, { conn, encoding });
-    return conn;
+    const entry: ConnEntry = { conn, encoding };
+    instance.conns.set(connId, entry);
+    return entry;
   }
 
   private async disconnect(invocation: InvocationOf<"disconnect">): Promise<Completion> {
@@ -522,6 +551,8 @@ export class JsHost {
       instance.snapshot = snapshot;
       reported = { state: snapshot };
     }
+    const connStates = hibernatable(instance) ? this.changedConnStates(instance) : undefined;
+    if (connStates !== undefined) (reported ??= {}).connStates = connStates;
     if (effects.kv.size === 0 && effects.schedules.length === 0 && !effects.sleep && !effects.destroy && effects.messages.length === 0 && effects.disconnects.length === 0) {
       return reported;
     }
@@ -533,6 +564,24 @@ export class JsHost {
     if (effects.messages.length > 0) reported.messages = effects.messages.map((m) => this.encodeMessage(instance, m));
     if (effects.disconnects.length > 0) reported.disconnects = effects.disconnects;
     return reported;
+  }
+
+  /**
+   * The `conn.state` of every connection whose state changed since it was last reported
+   * (hibernatable connections, whose state is durable): each one is encoded and compared, so
+   * a call costs one encoding per connection of its actor.
+   */
+  private changedConnStates(instance: Instance): Array<{ connId: string; state: Buffer }> | undefined {
+    let changed: Array<{ connId: string; state: Buffer }> | undefined;
+    for (const [connId, entry] of instance.conns) {
+      const state = entry.conn.state;
+      if (state === undefined && entry.snapshot === undefined) continue;
+      const encoded = encodeState(state);
+      if (entry.snapshot !== undefined && encoded.equals(entry.snapshot)) continue;
+      entry.snapshot = encoded;
+      (changed ??= []).push({ connId, state: encoded });
+    }
+    return changed;
   }
 
   /** Encodes an event's data once for each encoding its recipients use. */

@@ -157,6 +157,21 @@ function checkNumber(name: string, label: string, value: unknown): void {
   }
 }
 
+/** A type's `hibernatableConnections`: a boolean, or a clear error. */
+function hibernatableOption(type: string, value: unknown): boolean | undefined {
+  if (value === undefined || typeof value === "boolean") return value;
+  throw invalidConfig(`use.${type}.options.hibernatableConnections must be a boolean, not ${JSON.stringify(value)}`);
+}
+
+/** A type's `reconnectWindowMs` (a per-type option, so not in core's table): a whole number of ms. */
+function reconnectWindowOption(type: string, value: unknown): number | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== "number" || !Number.isInteger(value) || value < 1 || value > 0xffffffff) {
+    throw invalidConfig(`use.${type}.options.reconnectWindowMs must be a whole number from 1 to 4294967295, not ${JSON.stringify(value)}`);
+  }
+  return value;
+}
+
 /** Numeric options: whole numbers within their range, or a clear error. */
 function checkNumbers(options: Record<string, unknown>): void {
   for (const name of NUMERIC_OPTIONS.keys()) checkNumber(name, name, options[name]);
@@ -204,6 +219,8 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
           actions: Object.keys(def.config.actions as object),
           actionTimeoutMs: def.config.options?.actionTimeoutMs,
           sleepTimeoutMs: def.config.options?.sleepTimeoutMs,
+          hibernatableConnections: hibernatableOption(name, options.hibernatableConnections),
+          reconnectWindowMs: reconnectWindowOption(name, options.reconnectWindowMs),
           rawRequests: def.config.onRequest !== undefined,
           rawSockets: def.config.onWebSocket !== undefined,
           onBeforeConnect: def.config.onBeforeConnect !== undefined,

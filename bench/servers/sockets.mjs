@@ -5,7 +5,9 @@
 // Like servers/keel.mjs (same environment: NAPI_RS_NATIVE_LIBRARY_PATH, KEEL_BENCH_KEEL_DIR),
 // with two actor types: `room` (servers/room.mjs) for keel's connection protocol, and
 // `rawroom`, whose `onWebSocket` sockets broadcast what any of them sends to all of the
-// room's sockets. Both sleep only after 10 minutes idle, so no actor sleeps during a run.
+// room's sockets. Both sleep only after 10 minutes idle, so no actor sleeps during a run;
+// and `hroom`, the room with hibernatable connections, which sleeps after 1 s idle with its
+// sockets kept open.
 // Prints `{"ready":true,"port":N}` once listening and serves until its stdin closes.
 
 import { room as roomConfig } from "./room.mjs";
@@ -24,6 +26,16 @@ const IDLE = { sleepTimeoutMs: 600_000 };
 
 /** `size` (0) lets the bench wake a room over HTTP before it opens any socket. */
 const room = actor({ ...roomConfig, actions: { ...roomConfig.actions, size: () => 0 }, options: IDLE });
+
+/**
+ * The same room with hibernatable connections and a 1 s sleep timeout: once its sockets are
+ * idle it sleeps, and they stay open (kept as hibernated) until the next call wakes it.
+ */
+const hroom = actor({
+  ...roomConfig,
+  actions: { ...roomConfig.actions, size: () => 0 },
+  options: { hibernatableConnections: true, sleepTimeoutMs: 1000 },
+});
 
 /**
  * A room of raw sockets. Each socket gets `ready` once it is in the room; any message a
@@ -48,7 +60,7 @@ const rawroom = actor({
 });
 
 const registry = setup({
-  use: { room, rawroom },
+  use: { room, rawroom, hroom },
   host: "127.0.0.1",
   port: 0,
   dataDir,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 
 /// One registered actor type.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ActorType {
     /// The type's name, as used in URLs and clients.
     pub name: String,
@@ -33,7 +33,17 @@ pub struct ActorType {
     /// [`Host::can_subscribe`](crate::host::Host::can_subscribe) agrees. Other events are
     /// subscribed to without asking.
     pub guarded_events: HashSet<String>,
+    /// Hibernatable connections: the type's actors may sleep while connections are open
+    /// (and idle); the sockets stay open, `conn.state` is durable, and the next message on
+    /// any of them wakes the actor with its connections restored.
+    pub hibernatable_conns: bool,
+    /// With hibernatable connections: how long a connection restored after a restart
+    /// (its socket closed by the shutdown) may take to resume before it is closed for good.
+    pub reconnect_window: Duration,
 }
+
+/// The default [`ActorType::reconnect_window`].
+pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(30);
 
 /// Which of its optional connection hooks a type defines. Core asks the host to run a hook
 /// only when the type has it: a connection to a type with none of `onBeforeConnect`,
@@ -87,6 +97,12 @@ impl Default for Hooks {
     }
 }
 
+impl Default for ActorType {
+    fn default() -> Self {
+        ActorType::new(String::new(), Vec::<String>::new())
+    }
+}
+
 impl ActorType {
     /// A type with the given actions and default options, without raw routes, with every
     /// connection hook.
@@ -103,6 +119,8 @@ impl ActorType {
             raw_sockets: false,
             hooks: Hooks::ALL,
             guarded_events: HashSet::new(),
+            hibernatable_conns: false,
+            reconnect_window: DEFAULT_RECONNECT_WINDOW,
         }
     }
 
@@ -161,6 +179,11 @@ impl ActorTypes {
             .ok_or_else(|| Error::ActorTypeNotFound {
                 name: name.to_string(),
             })
+    }
+
+    /// Every registered type, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ActorType>> {
+        self.types.values()
     }
 
     /// The number of registered types.

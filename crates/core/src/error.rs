@@ -202,6 +202,10 @@ pub enum Error {
         /// Why the request may not use the route.
         message: String,
     },
+    /// A client asked to resume a hibernatable connection that its actor does not have (it
+    /// closed for good, or never existed), or presented the wrong token for it.
+    #[error("the connection cannot be resumed: unknown connection or wrong token")]
+    ConnResumeRefused,
     /// A browser page from another origin, not in `allowedOrigins`, tried a WebSocket upgrade
     /// or a CORS preflight.
     #[error("the origin {origin} is not allowed")]
@@ -287,6 +291,7 @@ impl Error {
             | MethodNotAllowed { .. }
             | RouteNotFound { .. } => "request",
             Unauthorized | Forbidden { .. } | OriginNotAllowed { .. } => "auth",
+            ConnResumeRefused => "connection",
             StorageLocked { .. }
             | StorageCorrupt { .. }
             | StorageTooNew { .. }
@@ -334,6 +339,7 @@ impl Error {
             MethodNotAllowed { .. } => "method_not_allowed",
             Unauthorized => "unauthorized",
             Forbidden { .. } => "forbidden",
+            ConnResumeRefused => "resume_refused",
             OriginNotAllowed { .. } => "origin_not_allowed",
             StorageLocked { .. } => "locked",
             StorageCorrupt { .. } => "corrupt",
@@ -350,7 +356,7 @@ impl Error {
         match self {
             RequestMalformed { .. } | InvalidKey { .. } | User { .. } | InvalidConfig { .. } => 400,
             Unauthorized => 401,
-            Forbidden { .. } | OriginNotAllowed { .. } => 403,
+            Forbidden { .. } | OriginNotAllowed { .. } | ConnResumeRefused => 403,
             ActorTypeNotFound { .. }
             | ActorNotFound
             | ActionNotFound { .. }
@@ -507,6 +513,7 @@ impl Error {
                 path: path.clone(),
             },
             Unauthorized => Unauthorized,
+            ConnResumeRefused => ConnResumeRefused,
             Forbidden { message } => Forbidden {
                 message: message.clone(),
             },

@@ -205,12 +205,20 @@ pub struct Effects {
     pub messages: Vec<Outbound>,
     /// Connections to close once the rest is durable: (connection id, reason).
     pub disconnects: Vec<(String, String)>,
+    /// `conn.state` of each connection whose state the call changed, in the host's state
+    /// encoding: (connection id, state). Only types with hibernatable connections report
+    /// them; core commits them with the rest, so a connection's state is durable before the
+    /// call's reply leaves.
+    pub conn_states: Vec<(String, Vec<u8>)>,
 }
 
 impl Effects {
     /// Whether committing these effects writes anything to the database.
     pub fn writes(&self) -> bool {
-        self.state.is_some() || !self.kv.is_empty() || !self.schedules.is_empty()
+        self.state.is_some()
+            || !self.kv.is_empty()
+            || !self.schedules.is_empty()
+            || !self.conn_states.is_empty()
     }
 }
 
@@ -305,6 +313,21 @@ pub struct StartRequest {
     pub state: Option<Vec<u8>>,
     /// The creation input, present only for a new actor that was created with one.
     pub input: Option<Payload>,
+    /// The durable connections the instance starts with (`c.conns`), for a type with
+    /// hibernatable connections: those that stayed open while it slept, and those that may
+    /// still resume after a restart. Their connect hooks do not run again.
+    pub conns: Vec<RestoredConn>,
+}
+
+/// A connection an instance starts with, restored from storage.
+#[derive(Debug, Clone)]
+pub struct RestoredConn {
+    /// The connection's id.
+    pub conn_id: String,
+    /// The parameters the client connected with.
+    pub params: Payload,
+    /// `conn.state` in the host's state encoding, if it has one.
+    pub state: Option<Vec<u8>>,
 }
 
 /// One action call.

@@ -25,7 +25,8 @@
 //! - **`actor/`**: one task per live actor (`task.rs`, its message handlers in
 //!   `task/messages.rs`), its mailbox and handle, one actor's connections (`conn.rs`: the
 //!   frames keel sends, their order, the outgoing queue's bounds and the close codes), the
-//!   outbox that takes events and replies off storage's thread (`outbox.rs`), and one actor's
+//!   outbox that takes events and replies off storage's thread (`outbox.rs`), the open
+//!   connections of sleeping actors with hibernatable connections (`hibernation.rs`), and one actor's
 //!   schedules (`schedules.rs`: every retry rule, and the index of when each falls due).
 //!   Rule: uses storage only through the `Storage` seam and tells the directory above it
 //!   what it needs through the `Lifecycle` callback.
@@ -81,8 +82,8 @@ pub use config::{
 pub use error::{Error, Result};
 pub use host::{
     ActionCall, ActionDone, ActorInfo, ConnectRequest, Effects, Encoding, Host, KvWrite, Outbound,
-    Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead, Schedule, ScheduleOp,
-    ScheduleWrite, StartRequest, StopReason,
+    Payload, RawRequest, RawResponse, RawSocketEvent, RequestHead, RestoredConn, Schedule,
+    ScheduleOp, ScheduleWrite, StartRequest, StopReason,
 };
 pub use registry::{Mode, Registry};
 pub use runtime::activation::Intents;

@@ -240,6 +240,8 @@ pub(crate) trait Gauges: Send + Sync {
     fn awake_actors(&self) -> usize;
     /// Durable schedules waiting to fire.
     fn pending_schedules(&self) -> usize;
+    /// Open connections of sleeping actors (hibernatable connections).
+    fn hibernated_connections(&self) -> usize;
 }
 
 /// Counters the group-commit writer keeps, for tests and metrics. Kept here, with the other
@@ -394,6 +396,16 @@ impl Metrics {
             "",
             self.open_connections.load(Ordering::Relaxed).max(0),
         );
+
+        let hibernated = gauges
+            .as_ref()
+            .map_or(0, |gauges| gauges.hibernated_connections());
+        page.header(
+            "keel_connections_hibernated",
+            "gauge",
+            "Open connections whose actor sleeps (hibernatable connections).",
+        );
+        page.sample("keel_connections_hibernated", "", hibernated);
 
         let pending = gauges
             .as_ref()

@@ -15,6 +15,8 @@
 //! - One commit is one atomic batch (or part of one); at most one batch per actor is in
 //!   flight; a release runs only after its batch was acknowledged (`storage.rs`).
 //! - A write refused by the fence is `actor.stopped` and changes nothing (`remote.rs`).
+//! - The engine's alarm of an actor is its earliest due schedule, set by the activation on
+//!   start and after each acknowledged batch that changed schedules (`storage.rs`).
 //! - Every stop the engine sends is completed (`activation.rs`).
 //!
 //! # Layout

@@ -7,14 +7,23 @@
 //! actor, and a retry reaches its successor); any other failure of a request (the socket
 //! dropped with the request in flight, the envoy shut down, SQL the engine refused) is
 //! `storage.io`, whose outcome the caller must treat as unknown.
+//!
+//! The activation's engine alarm is set here too: it is an event of the activation, tagged
+//! with its generation like every request, so the engine ignores one from an older activation.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel_core::{Error, Result};
 use rivet_envoy_client::handle::EnvoyHandle;
 use rivet_envoy_client::protocol;
+use tokio::sync::oneshot;
 
 use crate::sql::Statement;
+
+/// How long [`Remote::set_alarm`] waits for the envoy to queue the alarm: the envoy's own
+/// loop answers at once, so this bounds only a wedged envoy.
+const ALARM_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends one instance's statements. Cloneable; holds no state besides who it speaks for.
 #[derive(Clone)]
@@ -83,6 +92,32 @@ impl Remote {
                 Err(self.engine_error(&err))
             }
         }
+    }
+
+    /// Sets the engine's alarm of this activation to `at_ms` (epoch milliseconds), or clears it
+    /// with `None`: one alarm per actor, the latest set wins, and the engine starts the actor
+    /// at that time if it sleeps then. Resolves once the envoy has queued the event behind the
+    /// activation's earlier ones, so a stop completed afterwards reaches the engine after it;
+    /// an alarm of an activation the envoy no longer runs is dropped.
+    pub async fn set_alarm(&self, at_ms: Option<i64>) {
+        let (tx, rx) = oneshot::channel();
+        self.handle.set_alarm_with_ack(
+            self.actor_id.to_string(),
+            at_ms,
+            Some(self.generation),
+            Some(tx),
+        );
+        // A dropped sender means the envoy is gone; the alarm went with it.
+        if tokio::time::timeout(ALARM_QUEUE_TIMEOUT, rx).await.is_err() {
+            tracing::warn!(actor_id = %self.actor_id, ?at_ms, "the envoy did not queue the alarm in time");
+        }
+    }
+
+    /// [`Remote::set_alarm`] without waiting: the activation's start uses it, as the envoy
+    /// queues the activation's events only once its start has been answered.
+    pub fn set_alarm_later(&self, at_ms: Option<i64>) {
+        self.handle
+            .set_alarm(self.actor_id.to_string(), at_ms, Some(self.generation));
     }
 
     /// A request that never got an answer: the outcome is unknown.

@@ -8,7 +8,9 @@
 //! - An actor this envoy does not run has no storage here: its commits are refused with
 //!   `actor.stopped` and its reads find nothing, so a stopped activation writes nothing.
 //! - A failed commit marks the instance's poison, as the embedded writer does, so the actor's
-//!   task replaces its instance before it runs on top of writes that did not land.
+//!   task replaces its instance before it runs on top of writes that did not land. The new
+//!   instance's load renews the actor's store (the failed one refuses everything after its
+//!   failure), so the actor writes again once it runs on what is committed.
 //! - Creating actors by key is the engine's job (its gateway resolves `rvt-*` queries):
 //!   `create` is refused with `actor.not_found`.
 
@@ -73,6 +75,17 @@ impl EngineStorage {
         }
     }
 
+    /// Replaces `failed`, the actor's store, with a fresh one of the same activation.
+    fn renew(&self, actor_id: &str, failed: &Arc<ActorStore>, snapshot: &Snapshot) {
+        let mut open = self.open.lock();
+        if let Some(entry) = open.get_mut(actor_id) {
+            if Arc::ptr_eq(&entry.store, failed) {
+                tracing::debug!(%actor_id, "renewing the actor's store after a failed batch");
+                entry.store = Arc::new(failed.renewed(snapshot));
+            }
+        }
+    }
+
     fn store(&self, actor_id: &str) -> Option<Arc<ActorStore>> {
         self.open
             .lock()
@@ -123,7 +136,16 @@ impl Storage for EngineStorage {
         };
         let snapshot = match first {
             Some(snapshot) => Some(snapshot),
-            None => store.load().await?,
+            None => {
+                let snapshot = store.load().await?;
+                if let (Some(snapshot), true) = (&snapshot, store.has_failed()) {
+                    // A restarted instance after a failed batch (say, the engine's connection
+                    // dropped with it in flight): it runs on what is committed again, so its
+                    // commits go through a fresh store instead of the latched one.
+                    self.renew(actor_id, &store, snapshot);
+                }
+                snapshot
+            }
         };
         Ok(snapshot.map(|snapshot| snapshot.core()))
     }

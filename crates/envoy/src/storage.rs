@@ -16,6 +16,11 @@
 //! - After a failed batch the store refuses every later commit with that batch's error: those
 //!   commits were computed on top of writes that may not have landed. The owner recovers by
 //!   opening a new store (which loads what is committed), or stops if it was fenced off.
+//! - The engine's alarm of the actor is the earliest due time of its stored schedules, or none:
+//!   set when the store opens (from what it loaded) and after each acknowledged batch that
+//!   changed the schedules (from a read in that same batch), before the batch's releases run.
+//!   So a sleeping actor is started again when its next schedule falls due, and the last alarm
+//!   of an activation reaches the engine before its stop does.
 
 use std::time::{Duration, Instant};
 
@@ -72,6 +77,9 @@ const INSERT_ACTOR: &str =
     "INSERT INTO keel_actor (id, name, key, created_at, input, input_encoding) \
      VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING";
 
+/// Read at the end of a batch that changed the schedules: what the actor's alarm must be.
+const NEXT_DUE: &str = "SELECT MIN(at_ms) FROM keel_schedules";
+
 /// The reads of a load, in this order.
 const LOAD: &[&str] = &[
     "SELECT version FROM keel_schema",
@@ -109,6 +117,7 @@ impl Snapshot {
         ActorSnapshot {
             state: self.state.as_ref().map(|state| state.bytes.clone()),
             input: self.input.clone(),
+            ..ActorSnapshot::default()
         }
     }
 }
@@ -201,10 +210,14 @@ impl ActorStore {
                 "the actor row is missing after its insert",
             )
         })?;
-        Ok((ActorStore::start(remote, state_encoding), snapshot))
+        // Schedules are loaded soonest first. Set on every start: the previous activation may
+        // have committed a schedule change and died before its alarm reached the engine.
+        let alarm = snapshot.schedules.first().map(|s| s.schedule.at_ms);
+        remote.set_alarm_later(alarm);
+        Ok((ActorStore::start(remote, state_encoding, alarm), snapshot))
     }
 
-    fn start(remote: Remote, state_encoding: Encoding) -> ActorStore {
+    fn start(remote: Remote, state_encoding: Encoding, alarm: Option<i64>) -> ActorStore {
         let (ops, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(CommitStats::default());
         let task = CommitTask {
@@ -214,6 +227,7 @@ impl ActorStore {
             stats: stats_tx,
             state_encoding,
             carried: None,
+            alarm,
         };
         let span = tracing::debug_span!(
             "engine_commits",
@@ -227,6 +241,21 @@ impl ActorStore {
             stats,
             state_encoding,
         }
+    }
+
+    /// A fresh store of the same activation, with the alarm set from `snapshot` (just loaded):
+    /// for an instance that reloaded after a failed batch, whose commits are computed on what
+    /// is committed again. Ops still queued on this store keep their refusal. A fenced-off
+    /// activation gains nothing by it: the engine refuses its batches again.
+    pub fn renewed(&self, snapshot: &Snapshot) -> ActorStore {
+        let alarm = snapshot.schedules.first().map(|s| s.schedule.at_ms);
+        self.remote.set_alarm_later(alarm);
+        ActorStore::start(self.remote.clone(), self.state_encoding, alarm)
+    }
+
+    /// Whether a batch of this store failed (every later commit is then refused).
+    pub fn has_failed(&self) -> bool {
+        self.stats.borrow().failed > 0
     }
 
     /// The actor's id.
@@ -356,6 +385,8 @@ struct CommitTask {
     state_encoding: Encoding,
     /// An op taken from the queue that did not fit the last batch; it opens the next one.
     carried: Option<Op>,
+    /// The alarm last set in the engine for this activation.
+    alarm: Option<i64>,
 }
 
 impl CommitTask {
@@ -400,7 +431,11 @@ impl CommitTask {
     }
 
     async fn send(&mut self, ops: Vec<Op>) {
-        let statements = batch_statements(&ops, self.state_encoding);
+        let mut statements = batch_statements(&ops, self.state_encoding);
+        let reschedules = ops.iter().any(changes_schedules);
+        if reschedules {
+            statements.push(Statement::plain(NEXT_DUE));
+        }
         let count = ops.len() as u64;
         let result = if statements.is_empty() {
             Ok(())
@@ -410,7 +445,7 @@ impl CommitTask {
                 stats.in_flight = true;
             });
             let sent = Instant::now();
-            let result = self.remote.batch(statements).await.map(drop);
+            let result = self.remote.batch(statements).await;
             let round_trip = sent.elapsed();
             self.stats.send_modify(|stats| {
                 stats.in_flight = false;
@@ -424,7 +459,13 @@ impl CommitTask {
                 ok = result.is_ok(),
                 "engine batch done"
             );
-            result
+            match result {
+                Ok(mut results) if reschedules => {
+                    self.reset_alarm(results.pop()).await;
+                    Ok(())
+                }
+                other => other.map(drop),
+            }
         };
         match result {
             Ok(()) => {
@@ -448,6 +489,27 @@ impl CommitTask {
         }
     }
 
+    /// Sets the engine's alarm from the batch's last read (the earliest due schedule), if it
+    /// changed. The batch is committed either way: an unreadable answer only logs.
+    async fn reset_alarm(
+        &mut self,
+        read: Option<rivet_envoy_client::protocol::SqliteExecuteResult>,
+    ) {
+        let next = match read.map(|read| next_due(self.remote.actor_id(), read)) {
+            Some(Ok(next)) => next,
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "reading the next due schedule failed; the alarm is unchanged");
+                return;
+            }
+            None => return,
+        };
+        if next != self.alarm {
+            tracing::debug!(alarm_ms = ?next, "setting the engine alarm");
+            self.remote.set_alarm(next).await;
+            self.alarm = next;
+        }
+    }
+
     fn refuse(&self, op: Op, err: &Error) {
         self.stats.send_modify(|stats| stats.failed += 1);
         (op.into_release())(Err(err.duplicate()));
@@ -466,6 +528,28 @@ fn batch_statements(ops: &[Op], state_encoding: Encoding) -> Vec<Statement> {
         .enumerate()
         .flat_map(|(index, op)| op_statements(op, state_encoding, Some(index) == last_state))
         .collect()
+}
+
+/// Whether the op adds, moves or removes a schedule (a delete removes them all).
+fn changes_schedules(op: &Op) -> bool {
+    match op {
+        Op::Commit { writes, .. } => !writes.schedules.is_empty() || writes.settle.is_some(),
+        Op::Delete { .. } => true,
+    }
+}
+
+/// The earliest due time in a [`NEXT_DUE`] read; `None` if no schedule is left.
+fn next_due(
+    actor_id: &str,
+    result: rivet_envoy_client::protocol::SqliteExecuteResult,
+) -> Result<Option<i64>> {
+    match Rows::new(actor_id, result).values(1)?.pop() {
+        Some(mut row) => match row.remove(0) {
+            Value::Null => Ok(None),
+            value => value.integer(actor_id, "the next due time").map(Some),
+        },
+        None => Ok(None),
+    }
 }
 
 /// How many statements one op adds to a batch at most, and roughly how many bytes.

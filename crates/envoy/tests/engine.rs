@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{next_event, TestEngine, STEP_TIMEOUT};
-use keel_core::writer::Writes;
+use keel_core::store::ActorRecord;
+use keel_core::writer::{Settle, Writes};
+use keel_core::Storage as _;
 use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
 use keel_envoy::{
-    ActorIdentity, ActorStore, Engine, EngineEvent, EngineStopReason, ShutdownOutcome, Snapshot,
+    ActorIdentity, ActorStore, Engine, EngineEvent, EngineStopReason, EngineStorage,
+    ShutdownOutcome, Snapshot,
 };
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -561,6 +564,38 @@ async fn an_abandoned_envoy_s_actor_restarts_on_another_with_every_acknowledged_
     assert_eq!(status, 404);
     eprintln!("measured: abandoned envoy to the actor started elsewhere {moved_after:?}");
 
+    // A zombie of the old owner: another connection writing with the old generation, as the
+    // owner would if it came back. Opening writes (schema, identity): the engine refuses it,
+    // and the successor's data is untouched.
+    let (zombie, _zombie_events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect the zombie");
+    let identity = ActorIdentity {
+        name: "counter".into(),
+        key: "moved".into(),
+        created_at_ms: 0,
+        input: None,
+    };
+    let refused = zombie
+        .open_actor(&actor_id, first.generation, &identity, Encoding::Json)
+        .await
+        .err()
+        .expect("a write with the old generation is refused");
+    assert_eq!(
+        (refused.group(), refused.code()),
+        ("actor", "stopped"),
+        "{refused}"
+    );
+    assert_eq!(
+        load_count(&second.store).await,
+        Some(11),
+        "the successor's data is intact"
+    );
+    commit(&second.store, state(12))
+        .await
+        .expect("the successor still commits");
+    zombie.abandon();
+
     // A drain whose stops nobody completes is bounded: past the budget the envoy stops at
     // once. The stop sits unanswered in the channel meanwhile.
     let budget = std::time::Duration::from_millis(300);
@@ -569,4 +604,222 @@ async fn an_abandoned_envoy_s_actor_restarts_on_another_with_every_acknowledged_
         panic!("expected the drain's stop");
     };
     assert_eq!(reason, EngineStopReason::GoingAway);
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+}
+
+fn add_schedule(id: &str, at_ms: i64) -> ScheduleWrite {
+    ScheduleWrite::Add(Schedule {
+        id: id.into(),
+        at_ms,
+        action: "tick".into(),
+        args: b"[]".to_vec(),
+    })
+}
+
+/// Stops the activation for the sleep the envoy asked for, as keel's stop path does.
+async fn sleep_and_stop(
+    envoy: &Engine,
+    events: &mut mpsc::Receiver<EngineEvent>,
+    started: Started,
+) {
+    envoy.sleep_actor(&started.actor_id, started.generation);
+    let EngineEvent::Stop { reason, done, .. } = next_event(events).await else {
+        panic!("expected a stop");
+    };
+    assert_eq!(reason, EngineStopReason::Sleep);
+    drop(started.store);
+    done.complete();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_alarm_wakes_a_sleeping_actor_at_its_earliest_schedule_not_a_cancelled_one() {
+    let pool = "keel-alarm";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    let actor_id = engine.create_actor("counter", "alarm", pool, b"null").await;
+    let first = accept_start(&envoy, &mut events).await;
+    assert!(first.snapshot.schedules.is_empty());
+
+    // Three schedules in one commit, then the earliest cancelled in the next: the alarm must
+    // follow the cancel to the second one, or the engine would wake the actor at the first.
+    let now = epoch_ms();
+    let (cancelled, due, far) = (now + 1_500, now + 3_000, now + 600_000);
+    commit(
+        &first.store,
+        Writes {
+            schedules: vec![
+                add_schedule("cancelled", cancelled),
+                add_schedule("due", due),
+                add_schedule("far", far),
+            ],
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("commit the schedules");
+    commit(
+        &first.store,
+        Writes {
+            schedules: vec![ScheduleWrite::Cancel {
+                id: "cancelled".into(),
+            }],
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("commit the cancel");
+    let generation = first.generation;
+    sleep_and_stop(&envoy, &mut events, first).await;
+
+    // No request from here on: only the alarm can start the actor again.
+    let second = accept_start(&envoy, &mut events).await;
+    let woke_at = epoch_ms();
+    assert_eq!(second.actor_id, actor_id);
+    assert_eq!(second.generation, generation + 1);
+    assert!(
+        woke_at >= due,
+        "woken {} ms before the earliest schedule left: the cancelled one's alarm fired",
+        due - woke_at
+    );
+    let ids: Vec<&str> = second
+        .snapshot
+        .schedules
+        .iter()
+        .map(|stored| stored.schedule.id.as_str())
+        .collect();
+    assert_eq!(ids, ["due", "far"], "the woken actor finds its due work");
+    eprintln!(
+        "measured: engine alarm wake, due time to start received {} ms",
+        woke_at - due
+    );
+
+    // The due one ran (settled in the commit of its effects): the alarm moves to the far one,
+    // and the actor sleeps again without being woken before it.
+    commit(
+        &second.store,
+        Writes {
+            state: Some(b"1".to_vec()),
+            settle: Some(("due".into(), Settle::Done)),
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("settle the due schedule");
+    assert_eq!(load_count(&second.store).await, Some(1));
+    let generation = second.generation;
+    sleep_and_stop(&envoy, &mut events, second).await;
+
+    // A request wakes it (the far alarm is minutes away) with the effect and the far schedule.
+    let gateway = wake_through_gateway(&engine, &actor_id);
+    let third = accept_start(&envoy, &mut events).await;
+    assert_eq!(third.generation, generation + 1);
+    assert_eq!(
+        state_of(&third.snapshot),
+        Some(1),
+        "the schedule's effect is durable"
+    );
+    let ids: Vec<&str> = third
+        .snapshot
+        .schedules
+        .iter()
+        .map(|stored| stored.schedule.id.as_str())
+        .collect();
+    assert_eq!(ids, ["far"]);
+    gateway.await.expect("joined").expect("gateway answered");
+    envoy.abandon();
+}
+
+/// One commit through keel-core's `Storage` seam, awaited until its release.
+async fn seam_commit(storage: &EngineStorage, actor_id: &Arc<str>, writes: Writes) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    storage.commit(
+        actor_id.clone(),
+        Some(Box::new(writes)),
+        None,
+        Box::new(move |result| {
+            let _ = tx.send(result); // Awaited below.
+        }),
+    );
+    rx.await.expect("every commit is released")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_batch_lost_to_an_engine_crash_the_reloaded_instance_commits_again() {
+    let pool = "keel-renew";
+    let mut engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    engine.create_actor("counter", "renew", pool, b"null").await;
+    let started = accept_start(&envoy, &mut events).await;
+    let storage = Arc::new(EngineStorage::default());
+    let record = ActorRecord {
+        id: started.actor_id.clone(),
+        name: "counter".into(),
+        key: "renew".into(),
+    };
+    let id: Arc<str> = started.actor_id.as_str().into();
+    storage.insert(started.store, record, 0, started.snapshot);
+    assert!(storage.load(&id).await.expect("first load").is_some());
+
+    // Commits back to back, so one is in flight when the engine dies: it fails (its outcome
+    // unknown), and the store refuses what follows.
+    let (acked_tx, mut acked) = tokio::sync::watch::channel(0u64);
+    let writer = {
+        let (storage, id) = (storage.clone(), id.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                n += 1;
+                if let Err(err) = seam_commit(&storage, &id, state(n)).await {
+                    return (n, err);
+                }
+                acked_tx.send_replace(n);
+            }
+        })
+    };
+    tokio::time::timeout(STEP_TIMEOUT, acked.wait_for(|n| *n >= 10))
+        .await
+        .expect("10 commits in time")
+        .expect("the writer runs");
+    engine.kill();
+    let (failed_at, err) = tokio::time::timeout(STEP_TIMEOUT, writer)
+        .await
+        .expect("the commit in flight at the crash fails")
+        .expect("joined");
+    assert_eq!((err.group(), err.code()), ("storage", "io"), "{err}");
+    engine.restart().await;
+
+    // keel-core's task replaces the instance: its load reads what is committed, and from then
+    // on its commits land again.
+    let snapshot = tokio::time::timeout(STEP_TIMEOUT, storage.load(&id))
+        .await
+        .expect("the envoy reconnects in time")
+        .expect("reload")
+        .expect("the actor exists");
+    let count: u64 = std::str::from_utf8(snapshot.state.as_deref().expect("state"))
+        .expect("utf-8")
+        .parse()
+        .expect("a count");
+    assert!(
+        (failed_at - 1..=failed_at).contains(&count),
+        "acknowledged commits survive: {count}, failed at {failed_at}"
+    );
+    seam_commit(&storage, &id, state(count + 1))
+        .await
+        .expect("the reloaded instance commits again");
+    let snapshot = storage.load(&id).await.expect("load").expect("exists");
+    assert_eq!(
+        snapshot.state.as_deref(),
+        Some((count + 1).to_string().as_bytes())
+    );
+    envoy.abandon();
 }

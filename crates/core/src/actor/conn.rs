@@ -59,7 +59,7 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Close codes keel uses.
 pub mod close {
-    /// Normal closure (`conn.disconnect`, destroy).
+    /// Normal closure (`conn.disconnect`, destroy, a hibernated socket of a destroyed actor).
     pub const NORMAL: u16 = 1000;
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
@@ -167,6 +167,17 @@ impl ConnHandle {
 
     fn closing(&self) -> &Closing {
         &self.shared.closing
+    }
+
+    /// Whether `other` is a handle of the same socket (not merely of the same id: a resumed
+    /// connection keeps its id on a new socket).
+    pub(crate) fn same(&self, other: &ConnHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Whether the connection is closing or closed.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing().token.is_cancelled()
     }
 
     /// Queues the reply of call number `seq` once every earlier call's reply has been queued.
@@ -449,9 +460,22 @@ fn event_frame(encoding: Encoding, message: &Outbound) -> Option<Message> {
     }
 }
 
-/// `{"t":"ready",...}` for a connection.
-pub(crate) fn ready_frame(encoding: Encoding, actor_id: &str, conn_id: &str) -> Message {
-    let value = serde_json::json!({ "t": "ready", "actorId": actor_id, "connId": conn_id });
+/// `{"t":"ready",...}` for a connection; `token` is the secret that resumes a hibernatable
+/// connection after a restart (`connToken`), and `resumed` says the connection was resumed.
+pub(crate) fn ready_frame(
+    encoding: Encoding,
+    actor_id: &str,
+    conn_id: &str,
+    token: Option<&str>,
+    resumed: bool,
+) -> Message {
+    let mut value = serde_json::json!({ "t": "ready", "actorId": actor_id, "connId": conn_id });
+    if let Some(token) = token {
+        value["connToken"] = token.into();
+    }
+    if resumed {
+        value["resumed"] = true.into();
+    }
     value_frame(encoding, &value)
 }
 

@@ -12,6 +12,8 @@
 //! - `task`: the task that owns one live actor's instance, its life cycle and commits
 //!   (`task/messages.rs`: how it handles each message).
 //! - `conn`: one actor's connections: their outgoing queues, frames and reply order.
+//! - `hibernation`: the open connections of sleeping actors whose type has hibernatable
+//!   connections, kept until the actor's next task takes them.
 //! - `outbox`: where a commit's release hands events and replies over, off storage's thread.
 //! - `schedules`: schedule retries and the in-memory index of when each falls due.
 //!
@@ -20,6 +22,7 @@
 //! callback that the runtime implements.
 
 pub mod conn;
+pub(crate) mod hibernation;
 pub(crate) mod outbox;
 pub(crate) mod schedules;
 pub(crate) mod task;
@@ -33,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::actor::conn::ConnHandle;
+use crate::actor::hibernation::Hibernated;
 use crate::actor::schedules::{Alarms, Firing};
 use crate::clock::Clock;
 use crate::config::{Limits, RuntimeConfig};
@@ -73,12 +77,16 @@ pub(crate) enum Command {
     Connect {
         conn: ConnHandle,
         params: Payload,
+        /// The token of the durable connection the client asks to resume (its id is the
+        /// handle's); `None` for a new connection.
+        resume: Option<String>,
         /// The WebSocket upgrade request.
         request: Option<RequestHead>,
         reply: oneshot::Sender<Result<()>>,
     },
-    /// A connection's socket ended.
-    Disconnect { conn_id: Arc<str> },
+    /// A connection's socket ended. `conn` is the socket's own handle, so the end of an old
+    /// socket never removes a connection resumed on a new one under the same id.
+    Disconnect { conn: ConnHandle },
     /// A connection subscribes to (or unsubscribes from) an event the type guards with
     /// `canSubscribe`. Through the mailbox, so it keeps its place among the connection's calls.
     Subscribe {
@@ -267,6 +275,9 @@ pub(crate) struct ActorEnv {
     pub(crate) metrics: Arc<Metrics>,
     /// When each pending schedule falls due; commits keep it up to date.
     pub(crate) schedules: Arc<Alarms>,
+    /// The open connections of sleeping actors (hibernatable connections); the runtime
+    /// closes it when the drain begins.
+    pub(crate) hibernated: Arc<Hibernated>,
 }
 
 impl ActorEnv {
@@ -282,6 +293,7 @@ impl ActorEnv {
         tracker: TaskTracker,
         metrics: Arc<Metrics>,
         schedules: Arc<Alarms>,
+        hibernated: Arc<Hibernated>,
     ) -> ActorEnv {
         ActorEnv {
             storage,
@@ -297,6 +309,7 @@ impl ActorEnv {
             tracker,
             metrics,
             schedules,
+            hibernated,
         }
     }
 }

@@ -32,9 +32,11 @@ use crate::actor::outbox::Outbox;
 use crate::actor::{ActorEnv, ActorHandle, Command, Lifecycle};
 use crate::actor_type::ActorType;
 use crate::error::{Error, Result};
-use crate::host::{ActorInfo, Effects, RawSocketEvent, StartRequest, StopReason};
+use crate::host::{
+    ActorInfo, Effects, Payload, RawSocketEvent, RestoredConn, StartRequest, StopReason,
+};
 use crate::kv_key;
-use crate::storage::seam::{Poison, Release, Settle, Writes};
+use crate::storage::seam::{ConnWrite, Poison, Release, Settle, Writes};
 
 mod messages;
 
@@ -75,6 +77,15 @@ pub(crate) struct ActorTask {
     /// The same connections as a list, shared with commits that fan events out after they
     /// are durable; rebuilt when a connection comes or goes.
     conn_list: Arc<Vec<ConnHandle>>,
+    /// The tokens of the actor's durable connections, by id (types with hibernatable
+    /// connections): every connection with a record, with a socket or not.
+    tokens: HashMap<Arc<str>, String>,
+    /// Durable connections without a socket (restored after a restart, not yet resumed),
+    /// and when each stops waiting: then it closes for good. They keep the actor awake.
+    detached: HashMap<Arc<str>, Instant>,
+    /// Changes to durable connections that the next commit carries, with the effects of the
+    /// call that made them.
+    conn_writes: Vec<ConnWrite>,
     /// Open raw sockets, by id; like connections, they keep the actor awake.
     raw_sockets: HashMap<String, ConnHandle>,
     /// Where commits' releases hand over what leaves for clients; started with the first
@@ -117,6 +128,9 @@ impl ActorTask {
             stopping: None,
             conns: HashMap::new(),
             conn_list: Arc::new(Vec::new()),
+            tokens: HashMap::new(),
+            detached: HashMap::new(),
+            conn_writes: Vec::new(),
             raw_sockets: HashMap::new(),
             outbox: None,
             holds: holds.clone(),
@@ -158,7 +172,7 @@ impl ActorTask {
     /// Loads the actor and starts its instance. A new actor whose creation fails is deleted,
     /// so a failed create hook leaves no actor behind.
     async fn start(&mut self) -> Result<()> {
-        let snapshot = self
+        let mut snapshot = self
             .env
             .storage
             .load(&self.info.id)
@@ -166,9 +180,11 @@ impl ActorTask {
             .ok_or(Error::ActorNotFound)?;
         snapshot.verify(&self.info.id, self.env.host.state_encoding())?;
         let is_new = snapshot.state.is_none();
+        let conns = self.restore_conns(std::mem::take(&mut snapshot.conns));
         let request = StartRequest {
             state: snapshot.state,
             input: snapshot.input,
+            conns,
         };
         let timeout = self.env.hook_timeout;
         let started = self.guarded(
@@ -190,6 +206,67 @@ impl ActorTask {
                 }
                 Err(err)
             }
+        }
+    }
+
+    /// Reattaches a hibernatable type's durable connections to their sockets: those kept
+    /// while the actor slept, and (after a reset) those of the replaced instance. A record
+    /// without a socket waits, detached, for its client to resume it; a socket without a
+    /// record (its admission never became durable) cannot be served and is closed.
+    fn restore_conns(
+        &mut self,
+        stored: Vec<crate::storage::seam::StoredConn>,
+    ) -> Vec<RestoredConn> {
+        if !self.actor_type.hibernatable_conns {
+            return Vec::new();
+        }
+        let mut sockets: HashMap<Arc<str>, ConnHandle> = self
+            .env
+            .hibernated
+            .take(&self.info.id)
+            .into_iter()
+            .map(|conn| (conn.id.clone(), conn))
+            .collect();
+        sockets.extend(self.conns.drain());
+        self.tokens.clear();
+        self.detached.clear();
+        let deadline = Instant::now() + self.actor_type.reconnect_window;
+        let mut restored = Vec::with_capacity(stored.len());
+        for conn in stored {
+            let id: Arc<str> = Arc::from(conn.id.as_str());
+            match sockets.remove(&id) {
+                Some(socket) => {
+                    self.conns.insert(id.clone(), socket);
+                }
+                None => {
+                    self.detached.insert(id.clone(), deadline);
+                }
+            }
+            self.tokens.insert(id, conn.token);
+            restored.push(RestoredConn {
+                conn_id: conn.id,
+                params: Payload {
+                    encoding: conn.encoding,
+                    bytes: conn.params,
+                },
+                state: conn.state,
+            });
+        }
+        for socket in sockets.into_values() {
+            socket.close(close::INTERNAL, "connection lost");
+        }
+        self.conn_list = Arc::new(self.conns.values().cloned().collect());
+        if !self.conns.is_empty() {
+            self.ensure_outbox();
+        }
+        restored
+    }
+
+    /// Starts the outbox that the releases of a task with connections hand frames to.
+    pub(super) fn ensure_outbox(&mut self) {
+        if self.outbox.is_none() {
+            let span = tracing::Span::current();
+            self.outbox = Some(Outbox::start(&self.env.tracker, &self.force, span));
         }
     }
 
@@ -225,7 +302,15 @@ impl ActorTask {
                 Ok(()) = holds.changed() => {
                     idle_deadline = Instant::now() + idle;
                 }
-                // Idle for the whole sleep timeout, with nobody connected: sleep.
+                // A restored connection was not resumed in its window: it closed for good.
+                _ = tokio::time::sleep_until(
+                    self.detached.values().min().copied().unwrap_or_else(Instant::now)
+                ), if self.stopping.is_none() && !self.detached.is_empty() => {
+                    self.expire_detached().await;
+                    idle_deadline = Instant::now() + idle;
+                }
+                // Idle for the whole sleep timeout, with nobody connected (or only
+                // hibernatable connections): sleep.
                 _ = tokio::time::sleep_until(idle_deadline), if self.stopping.is_none() && self.is_unattended() => {
                     self.begin_stopping(StopReason::Sleep);
                 }
@@ -254,9 +339,14 @@ impl ActorTask {
         }
     }
 
-    /// Whether no client and no keep-awake hold keeps the actor awake.
+    /// Whether no client and no keep-awake hold keeps the actor awake. Hibernatable
+    /// connections do not (they stay open while the actor sleeps); detached ones, waiting to
+    /// be resumed, do.
     fn is_unattended(&self) -> bool {
-        self.conns.is_empty() && self.raw_sockets.is_empty() && *self.holds.borrow() == 0
+        (self.conns.is_empty() || self.actor_type.hibernatable_conns)
+            && self.detached.is_empty()
+            && self.raw_sockets.is_empty()
+            && *self.holds.borrow() == 0
     }
 
     /// Hands effects to the writer. `release` runs once they are durable; schedule changes
@@ -287,7 +377,21 @@ impl ActorTask {
             self.begin_stopping(StopReason::Sleep);
         }
         let now_ms = self.env.clock.now_ms();
-        let writes = (effects.writes() || settle.is_some()).then(|| {
+        let mut conn_writes = std::mem::take(&mut self.conn_writes);
+        // Only connections with a record have a durable state.
+        conn_writes.extend(
+            effects
+                .conn_states
+                .into_iter()
+                .filter(|(id, _)| self.tokens.contains_key(id.as_str()))
+                .map(|(id, state)| ConnWrite::State { id, state }),
+        );
+        let writes = (effects.state.is_some()
+            || !effects.kv.is_empty()
+            || !effects.schedules.is_empty()
+            || settle.is_some()
+            || !conn_writes.is_empty())
+        .then(|| {
             Box::new(Writes {
                 state: effects.state,
                 kv: effects.kv,
@@ -297,6 +401,7 @@ impl ActorTask {
                     .map(|op| op.resolve(now_ms))
                     .collect(),
                 settle,
+                conns: conn_writes,
             })
         });
         let schedule_ops = writes
@@ -410,8 +515,16 @@ impl ActorTask {
     /// a commit failed, so that the refused change is gone from memory too.
     async fn reset_instance(&mut self, why: &str) {
         // Connections belong to the instance being discarded; their clients reconnect to the
-        // fresh one (1011 is a retryable close).
-        self.close_sockets(close::INTERNAL, why);
+        // fresh one (1011 is a retryable close). Hibernatable ones are durable: the fresh
+        // instance takes them over as committed.
+        if self.actor_type.hibernatable_conns {
+            for socket in self.raw_sockets.values() {
+                socket.close(close::INTERNAL, why);
+            }
+            self.raw_sockets.clear();
+        } else {
+            self.close_sockets(close::INTERNAL, why);
+        }
         // Every commit of the old instance is answered (refused, if it was poisoned) before
         // the mark is cleared, so none of them can land afterwards.
         self.settle_commits().await;
@@ -489,6 +602,9 @@ impl ActorTask {
         if let Some(outbox) = &self.outbox {
             outbox.drained().await;
         }
+        if reason == StopReason::Sleep && self.actor_type.hibernatable_conns {
+            self.hibernate_conns();
+        }
         self.close_sockets(code, close_reason);
         tracing::debug!(reason = reason.as_str(), "actor stopped");
         self.exit();
@@ -524,6 +640,23 @@ impl ActorTask {
                     self.commit(effects, None, Box::new(log_commit_failure));
                 }
                 Err(err) => tracing::warn!(error = %err, "a raw socket's close listener failed"),
+            }
+        }
+    }
+
+    /// Leaves the open connections of a sleeping actor to the runtime, open, for its next
+    /// task; before `exit`, so that task finds them. Once the drain has begun they are closed
+    /// instead (their records stay for the restart).
+    fn hibernate_conns(&mut self) {
+        let conns: Vec<ConnHandle> = self.conns.drain().map(|(_, conn)| conn).collect();
+        self.conn_list = Arc::new(Vec::new());
+        let count = conns.len();
+        match self.env.hibernated.put(self.info.id.clone(), conns) {
+            Ok(()) => tracing::debug!(count, "connections hibernated"),
+            Err(conns) => {
+                for conn in conns {
+                    conn.close(close::GOING_AWAY, "server shutting down");
+                }
             }
         }
     }

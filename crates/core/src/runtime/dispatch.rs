@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::actor::conn::{ConnHandle, ReplySlot};
+use crate::actor::hibernation::Hibernated;
 use crate::actor::schedules::Alarms;
 use crate::actor::{ActorEnv, ActorHandle, Command, Reply};
 use crate::actor_type::ActorTypes;
@@ -59,6 +60,9 @@ pub(crate) struct Dispatch {
     pub(crate) metrics: Arc<Metrics>,
     /// Open raw WebSockets by id, so the host can send on them.
     pub(crate) raw_sockets: Mutex<HashMap<Arc<str>, ConnHandle>>,
+    /// The open connections of sleeping actors (shared with every actor task); closed when
+    /// the drain begins.
+    pub(crate) hibernated: Arc<Hibernated>,
     /// Which actor a key names.
     directory: Arc<Directory>,
     /// Which actors have a live task; starts them.
@@ -84,6 +88,7 @@ impl Dispatch {
         let tracker = TaskTracker::new();
         let clock = Clock::new();
         let schedules = Arc::new(Alarms::default());
+        let hibernated = Arc::new(Hibernated::default());
         let env = Arc::new(ActorEnv::new(
             &config,
             storage.clone(),
@@ -94,6 +99,7 @@ impl Dispatch {
             tracker.clone(),
             metrics.clone(),
             schedules.clone(),
+            hibernated.clone(),
         ));
         let directory = Arc::new(Directory::new(
             storage.clone(),
@@ -128,6 +134,7 @@ impl Dispatch {
             schedules,
             metrics,
             raw_sockets: Mutex::new(HashMap::new()),
+            hibernated,
             directory,
             activation,
             driven,
@@ -144,9 +151,11 @@ impl Dispatch {
         self.activation.is_closed() || self.stop.is_cancelled()
     }
 
-    /// Starts no more actor tasks: the drain's first step.
+    /// Starts no more actor tasks and closes the sockets of sleeping actors: the drain's
+    /// first step.
     pub(crate) fn close(&self) {
         self.activation.close();
+        self.hibernated.close();
     }
 
     /// Resolves a target to the actor's identity without calling it.
@@ -346,11 +355,13 @@ impl Dispatch {
         conn: &ConnHandle,
         params: Payload,
         upgrade: RequestHead,
+        resume: Option<String>,
     ) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         let command = Command::Connect {
             conn: conn.clone(),
             params,
+            resume,
             request: Some(upgrade),
             reply,
         };
@@ -382,10 +393,24 @@ impl Dispatch {
 
     /// Tells a live actor that a connection's socket ended. An actor that has left is not
     /// woken for it: a stopping actor forgets its connections itself.
-    pub(crate) fn disconnect(&self, info: &ActorInfo, conn_id: Arc<str>) {
+    pub(crate) fn disconnect(&self, info: &ActorInfo, conn: &ConnHandle) {
         if let Some(handle) = self.live_handle(&info.id) {
             // The actor may be stopping; then it has forgotten the connection already.
-            let _ = handle.send(Command::Disconnect { conn_id });
+            let _ = handle.send(Command::Disconnect { conn: conn.clone() });
+        }
+    }
+
+    /// Tells the actor that a hibernatable connection's socket ended, waking it if it
+    /// sleeps: the connection closed for good, so its `onDisconnect` runs and its durable
+    /// record goes. Once the drain has begun nothing is delivered, and the record stays
+    /// for the client to resume after the restart.
+    pub(crate) async fn disconnect_waking(&self, info: &Arc<ActorInfo>, conn: &ConnHandle) {
+        if self.is_draining() {
+            return;
+        }
+        let command = Command::Disconnect { conn: conn.clone() };
+        if let Err(err) = self.deliver(info, command).await {
+            tracing::debug!(error = %err, "telling the actor of a closed connection failed");
         }
     }
 
@@ -455,6 +480,10 @@ impl Dispatch {
 impl Gauges for Dispatch {
     fn awake_actors(&self) -> usize {
         self.live_count()
+    }
+
+    fn hibernated_connections(&self) -> usize {
+        self.hibernated.len()
     }
 
     fn pending_schedules(&self) -> usize {
@@ -596,7 +625,13 @@ mod tests {
         let loud = dispatch.resolve(target("loud")).await.unwrap();
         let conn = ConnHandle::new(Arc::from("c"), Encoding::Json);
         dispatch
-            .connect(&loud, &conn, Payload::json("null"), RequestHead::default())
+            .connect(
+                &loud,
+                &conn,
+                Payload::json("null"),
+                RequestHead::default(),
+                None,
+            )
             .await
             .unwrap();
         conn.subscribe(["e".to_string()]);

@@ -127,6 +127,11 @@ impl Runtime {
         self.dispatch.clock.now_ms()
     }
 
+    /// How many connections of sleeping actors are kept open (hibernatable connections).
+    pub fn hibernated_connections(&self) -> usize {
+        self.dispatch.hibernated.len()
+    }
+
     /// How many schedules are pending.
     pub fn pending_schedules(&self) -> usize {
         self.dispatch.schedules.len()

@@ -42,6 +42,8 @@ enum ClientMessage {
         input: Option<Payload>,
         params: Payload,
         subscriptions: Vec<String>,
+        /// The id and token of a hibernatable connection the client resumes.
+        resume: Option<(String, String)>,
     },
     Call {
         id: u64,
@@ -75,6 +77,36 @@ struct JsonMessage<'a> {
     args: Option<&'a RawValue>,
     #[serde(default)]
     event: Option<String>,
+    #[serde(default, rename = "connId")]
+    conn_id: Option<String>,
+    #[serde(default, rename = "connToken")]
+    conn_token: Option<String>,
+}
+
+/// The connection a client resumes, from `init`'s `connId` and `connToken` (both or neither).
+fn parse_resume(
+    conn_id: Option<String>,
+    token: Option<String>,
+) -> Result<Option<(String, String)>> {
+    match (conn_id, token) {
+        (None, None) => Ok(None),
+        (Some(id), Some(token)) => {
+            let plain = |text: &str| {
+                !text.is_empty()
+                    && text.len() <= 64
+                    && text.bytes().all(|b| b.is_ascii_alphanumeric())
+            };
+            if !plain(&id) || !plain(&token) {
+                return Err(Error::malformed(
+                    "\"connId\" and \"connToken\" must be the ones the server sent",
+                ));
+            }
+            Ok(Some((id, token)))
+        }
+        _ => Err(Error::malformed(
+            "resuming a connection needs both \"connId\" and \"connToken\"",
+        )),
+    }
 }
 
 fn parse_mode(mode: Option<&str>) -> Result<Resolve> {
@@ -113,6 +145,7 @@ impl ClientMessage {
                 input: message.input.map(|raw| Payload::json(raw.get())),
                 params: Payload::json(message.params.map_or("null", RawValue::get)),
                 subscriptions: message.subs.unwrap_or_default(),
+                resume: parse_resume(message.conn_id, message.conn_token)?,
             },
             "call" => {
                 let args = message.args.map_or("[]", RawValue::get);
@@ -143,6 +176,8 @@ impl ClientMessage {
         let mut action = None;
         let mut args = None;
         let mut event = None;
+        let mut conn_id = None;
+        let mut conn_token = None;
         for (name, range) in cbor::map_entries(bytes)? {
             let at = range.start;
             match name.as_str() {
@@ -160,6 +195,8 @@ impl ClientMessage {
                 }
                 "args" => return Err(Error::malformed("\"args\" must be an array")),
                 "event" => event = Some(cbor::text(bytes, at)?),
+                "connId" => conn_id = Some(cbor::text(bytes, at)?),
+                "connToken" => conn_token = Some(cbor::text(bytes, at)?),
                 _ => {}
             }
         }
@@ -176,6 +213,7 @@ impl ClientMessage {
                 input,
                 params: params.unwrap_or_else(|| Payload::cbor(vec![0xf6])),
                 subscriptions: subs,
+                resume: parse_resume(conn_id, conn_token)?,
             },
             Some("call") => ClientMessage::Call {
                 id: id.ok_or_else(|| missing("id"))?,
@@ -235,7 +273,7 @@ pub(crate) async fn serve_keel_socket(
         _ => Encoding::Json,
     };
     let init = ClientMessage::parse(&first, encoding);
-    let (key, actor_id, mode, input, params, subscriptions) = match init {
+    let (key, actor_id, mode, input, params, subscriptions, resume) = match init {
         Ok(ClientMessage::Init {
             key,
             actor_id,
@@ -243,7 +281,8 @@ pub(crate) async fn serve_keel_socket(
             input,
             params,
             subscriptions,
-        }) => (key, actor_id, mode, input, params, subscriptions),
+            resume,
+        }) => (key, actor_id, mode, input, params, subscriptions, resume),
         Ok(_) => {
             return Box::pin(reject(
                 socket,
@@ -279,7 +318,11 @@ pub(crate) async fn serve_keel_socket(
         Ok(actor_type) => actor_type.clone(),
         Err(err) => return Box::pin(reject(socket, encoding, &err, dev)).await,
     };
-    let conn_id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
+    // A resumed connection keeps its id; its actor checks the token before admitting it.
+    let (conn_id, resume) = match resume {
+        Some((id, token)) => (Arc::<str>::from(id), Some(token)),
+        None => (Arc::from(format!("{:016x}", rand::random::<u64>())), None),
+    };
     let span =
         tracing::debug_span!(parent: &crate::actor::span(&info), "connection", conn_id = %conn_id);
     let (mut stream, conn) = split(
@@ -303,7 +346,7 @@ pub(crate) async fn serve_keel_socket(
         let _listed = server
             .connections
             .open(info.id.clone(), inspector_info(&server, &conn));
-        let accepted = Box::pin(server.connect(&info, &conn, params, upgrade)).await;
+        let accepted = Box::pin(server.connect(&info, &conn, params, upgrade, resume)).await;
         if let Err(err) = accepted {
             tracing::debug!(error = %err, "connection rejected");
             conn.push(error_frame(encoding, None, &err, dev));
@@ -314,7 +357,7 @@ pub(crate) async fn serve_keel_socket(
         for event in checked {
             Box::pin(server.subscribe(&info, &conn, event, true)).await;
         }
-        read_loop(
+        let closed_here = read_loop(
             &server,
             &info,
             &conn,
@@ -328,7 +371,14 @@ pub(crate) async fn serve_keel_socket(
         conn.close(close::NORMAL, "");
         // Tell the actor, whichever way the socket ended, unless it has already left: a
         // stopping actor forgets its connections itself, and must not be woken for this.
-        server.disconnect(&info, conn.id.clone());
+        // A hibernatable connection outlives its actor's sleep, so when its client closes it
+        // the actor is woken to close it for good (but not during the drain, which keeps its
+        // record). One the actor or the server closed needs no wake: the actor knows.
+        if actor_type.hibernatable_conns && !closed_here {
+            Box::pin(server.disconnect_waking(&info, &conn)).await;
+        } else {
+            server.disconnect(&info, &conn);
+        }
         tracing::debug!("connection closed");
     }
     .instrument(span)
@@ -367,13 +417,15 @@ async fn reject(mut socket: WebSocket, encoding: Encoding, err: &Error, dev: boo
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
 }
 
+/// Reads the client's messages until the socket ends; `true` if it ended because the
+/// connection was closed from this side (by the actor, the server or an overflow).
 async fn read_loop(
     server: &Arc<Server>,
     info: &Arc<ActorInfo>,
     conn: &ConnHandle,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
     guarded: &HashSet<String>,
-) {
+) -> bool {
     let dev = server.config.dev;
     // The number of the next call, for the order of replies.
     let mut seq = 0;
@@ -381,7 +433,7 @@ async fn read_loop(
         let next = tokio::select! {
             // Closed by the actor, the server, or a slow-consumer overflow.
             biased;
-            _ = conn.closed() => return,
+            _ = conn.closed() => return true,
             // The next message from the client.
             next = stream.next() => next,
         };
@@ -390,9 +442,9 @@ async fn read_loop(
             Some(Err(err)) => {
                 let (code, reason) = classify_read_error(&err);
                 conn.close(code, &reason);
-                return;
+                return false;
             }
-            None => return,
+            None => return false,
         };
         if let Message::Close(frame) = frame {
             // Answers the client's close at once, with its own code, so the socket's writer
@@ -401,7 +453,7 @@ async fn read_loop(
                 (f.code, f.reason.to_string())
             });
             conn.close(code, &reason);
-            return;
+            return false;
         }
         if matches!(frame, Message::Ping(_) | Message::Pong(_)) {
             continue;
@@ -433,7 +485,7 @@ async fn read_loop(
                     dev,
                 ));
                 conn.close(close::POLICY, "init was already sent");
-                return;
+                return false;
             }
             Err(err) => {
                 conn.push(error_frame(conn.encoding, None, &err, dev));
@@ -443,7 +495,7 @@ async fn read_loop(
                     close::INVALID_PAYLOAD
                 };
                 conn.close(code, "malformed message");
-                return;
+                return false;
             }
         }
     }

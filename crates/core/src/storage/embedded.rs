@@ -209,3 +209,82 @@ impl Storage for EmbeddedStorage {
         self.store.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Encoding;
+    use crate::storage::seam::{ConnWrite, StoredConn};
+
+    /// Commits `conns` for `actor_id` and waits until they are durable.
+    async fn commit(storage: &EmbeddedStorage, actor_id: &str, conns: Vec<ConnWrite>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let writes = Writes {
+            conns,
+            ..Writes::default()
+        };
+        storage.commit(
+            Arc::from(actor_id),
+            Some(Box::new(writes)),
+            None,
+            Box::new(move |result| drop(tx.send(result))),
+        );
+        rx.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn durable_connections_are_written_loaded_and_deleted_with_their_actor() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RuntimeConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..RuntimeConfig::default()
+        };
+        let (storage, _) = EmbeddedStorage::open(&config).unwrap();
+        let record = ActorRecord {
+            id: "a1".into(),
+            name: "room".into(),
+            key: "k".into(),
+        };
+        storage
+            .create(record, None, CreateMode::Create)
+            .await
+            .unwrap();
+        let stored = |id: &str, state: Option<&[u8]>| StoredConn {
+            id: id.into(),
+            token: format!("token-{id}"),
+            encoding: Encoding::Json,
+            params: b"null".to_vec(),
+            state: state.map(<[u8]>::to_vec),
+        };
+        commit(
+            &storage,
+            "a1",
+            vec![
+                ConnWrite::Open(stored("c1", None)),
+                ConnWrite::Open(stored("c2", Some(&[0x01]))),
+                ConnWrite::State {
+                    id: "c1".into(),
+                    state: vec![0x02],
+                },
+            ],
+        )
+        .await;
+        let conns = storage.load("a1").await.unwrap().unwrap().conns;
+        assert_eq!(
+            conns,
+            [stored("c1", Some(&[0x02])), stored("c2", Some(&[0x01]))]
+        );
+        commit(&storage, "a1", vec![ConnWrite::Close { id: "c2".into() }]).await;
+        let conns = storage.load("a1").await.unwrap().unwrap().conns;
+        assert_eq!(conns, [stored("c1", Some(&[0x02]))]);
+        storage.delete(Arc::from("a1")).await.unwrap();
+        let left: i64 = storage
+            .store()
+            .connect(false)
+            .unwrap()
+            .query_row("SELECT count(*) FROM conns", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "destroying an actor deletes its connections");
+        storage.close().await;
+    }
+}

@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::host::{KvWrite, Payload, Schedule, ScheduleWrite};
+use crate::host::{Encoding, KvWrite, Payload, Schedule, ScheduleWrite};
 
 /// Durable storage for every actor of a runtime. See the module doc for the contract.
 #[async_trait]
@@ -153,6 +153,43 @@ pub struct ActorSnapshot {
     pub state: Option<Vec<u8>>,
     /// The creation input, kept until the state is first created.
     pub input: Option<Payload>,
+    /// The actor's durable connections (types with hibernatable connections only), by id.
+    pub conns: Vec<StoredConn>,
+}
+
+/// A durable connection of an actor whose type has hibernatable connections: what brings
+/// it back after the actor slept or the server restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredConn {
+    /// The connection's id, unique within its actor.
+    pub id: String,
+    /// The secret a client presents to resume the connection after a restart.
+    pub token: String,
+    /// The encoding of the connection's frames and of `params`.
+    pub encoding: Encoding,
+    /// The parameters the client connected with, in `encoding`.
+    pub params: Vec<u8>,
+    /// `conn.state`, in the host's state encoding; `None` when the connection has none.
+    pub state: Option<Vec<u8>>,
+}
+
+/// One change to an actor's durable connections, committed with the call that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnWrite {
+    /// A connection was admitted.
+    Open(StoredConn),
+    /// A call changed `conn.state`.
+    State {
+        /// The connection's id.
+        id: String,
+        /// The new state, in the host's state encoding.
+        state: Vec<u8>,
+    },
+    /// The connection closed for good.
+    Close {
+        /// The connection's id.
+        id: String,
+    },
 }
 
 /// A stored schedule and how often it has failed.
@@ -203,6 +240,8 @@ pub struct Writes {
     pub schedules: Vec<ScheduleWrite>,
     /// The outcome of the schedule whose run produced this commit.
     pub settle: Option<(String, Settle)>,
+    /// Changes to the actor's durable connections, in order.
+    pub conns: Vec<ConnWrite>,
 }
 
 impl Writes {
@@ -212,6 +251,7 @@ impl Writes {
             && self.kv.is_empty()
             && self.schedules.is_empty()
             && self.settle.is_none()
+            && self.conns.is_empty()
     }
 }
 

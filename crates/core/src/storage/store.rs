@@ -60,12 +60,24 @@ const MIGRATIONS: &[&str] = &[
     // `integrity.rs`).
     "CREATE TABLE commits (seq INTEGER NOT NULL) STRICT;
     INSERT INTO commits (seq) VALUES (0);",
+    // Version 3: the durable connections of types with hibernatable connections.
+    "CREATE TABLE conns (
+        actor_id  TEXT NOT NULL,
+        id        TEXT NOT NULL,
+        token     TEXT NOT NULL,
+        encoding  TEXT NOT NULL,
+        params    BLOB NOT NULL,
+        state     BLOB,
+        PRIMARY KEY (actor_id, id)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-pub use crate::storage::seam::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
+pub use crate::storage::seam::{
+    ActorListing, ActorRecord, ActorSnapshot, StoredConn, StoredSchedule,
+};
 
 impl ActorSnapshot {
     /// Checks that the state (in the host's `state_encoding`) and the input are each one
@@ -82,7 +94,17 @@ impl ActorSnapshot {
                 self.input.as_ref().map(|input| input.bytes.as_slice()),
             ),
         ];
-        for (what, encoding, bytes) in values {
+        let conns = self.conns.iter().flat_map(|conn| {
+            [
+                (
+                    "connection parameters",
+                    conn.encoding,
+                    Some(conn.params.as_slice()),
+                ),
+                ("connection state", state_encoding, conn.state.as_deref()),
+            ]
+        });
+        for (what, encoding, bytes) in values.into_iter().chain(conns) {
             if let Some(bytes) = bytes.filter(|bytes| !integrity::well_formed(encoding, bytes)) {
                 return Err(Error::StorageCorrupt {
                     detail: format!(
@@ -255,12 +277,41 @@ impl Store {
                                 .unwrap_or_default(),
                             bytes,
                         }),
+                        conns: Vec::new(),
                     };
                     Ok((found, snapshot))
                 })
                 .optional()?;
             check_found_id("actors", id, row.as_ref().map(|(found, _)| found.as_str()))?;
-            Ok::<_, Error>(row.map(|(_, snapshot)| snapshot))
+            let Some((_, mut snapshot)) = row else {
+                return Ok(None);
+            };
+            let mut select = conn.prepare_cached(
+                "SELECT id, token, encoding, params, state FROM conns WHERE actor_id = ?1",
+            )?;
+            let rows = select.query_map([id], |row| {
+                let encoding: String = row.get(2)?;
+                Ok((row.get(0)?, row.get(1)?, encoding, row.get(3)?, row.get(4)?))
+            })?;
+            for row in rows {
+                let (conn_id, token, encoding, params, state): (String, String, String, _, _) =
+                    row?;
+                let encoding = Encoding::parse(&encoding).ok_or_else(|| Error::StorageCorrupt {
+                    detail: format!(
+                        "the stored connection {conn_id} of actor {id} has an unknown encoding"
+                    ),
+                    actor_id: Some(id.to_string()),
+                    source: None,
+                })?;
+                snapshot.conns.push(StoredConn {
+                    id: conn_id,
+                    token,
+                    encoding,
+                    params,
+                    state,
+                });
+            }
+            Ok::<_, Error>(Some(snapshot))
         })
     }
 
@@ -691,15 +742,40 @@ mod tests {
     fn a_database_from_before_the_commit_counter_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::open(dir.path(), Durability::Full).unwrap());
-        // What the previous schema version left: no commits table, no commit record.
+        // What schema version 1 left: no commits table, no commit record, no conns table.
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        conn.execute_batch("DROP TABLE commits; PRAGMA user_version = 1;")
+        conn.execute_batch("DROP TABLE commits; DROP TABLE conns; PRAGMA user_version = 1;")
             .unwrap();
         drop(conn);
         std::fs::remove_file(dir.path().join(integrity::COMMITS_FILE)).unwrap();
         let store = Store::open(dir.path(), Durability::Full).unwrap();
         let conn = store.connect(false).unwrap();
         assert_eq!(integrity::commit_seq(&conn).unwrap(), 0);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_database_from_before_durable_connections_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Durability::Full).unwrap());
+        // What schema version 2 left: no conns table.
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch("DROP TABLE conns; PRAGMA user_version = 2;")
+            .unwrap();
+        drop(conn);
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        let conn = store.connect(false).unwrap();
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'conns'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 1, "the conns table is created");
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .unwrap();

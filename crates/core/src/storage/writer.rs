@@ -43,7 +43,7 @@ use crate::storage::store::{ActorRecord, Store};
 /// The most ops one transaction takes; a longer queue is split over several commits.
 const MAX_BATCH_OPS: usize = 4096;
 
-pub use crate::storage::seam::{CreateMode, Poison, Release, Settle, Writes};
+pub use crate::storage::seam::{ConnWrite, CreateMode, Poison, Release, Settle, Writes};
 
 /// One unit of work for the writer.
 pub enum WriteOp {
@@ -565,6 +565,7 @@ impl WriterThread {
                     for sql in [
                         "DELETE FROM kv WHERE actor_id = ?1",
                         "DELETE FROM schedules WHERE actor_id = ?1",
+                        "DELETE FROM conns WHERE actor_id = ?1",
                         "DELETE FROM actors WHERE id = ?1",
                     ] {
                         tx.prepare_cached(sql)?.execute([&*actor_id])?;
@@ -670,6 +671,29 @@ fn apply_writes(tx: &rusqlite::Transaction<'_>, actor_id: &str, writes: Writes) 
                 .execute((id, at_ms, attempts))?;
         }
         None => {}
+    }
+    for write in writes.conns {
+        match write {
+            ConnWrite::Open(conn) => tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO conns (actor_id, id, token, encoding, params, state) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute((
+                    actor_id,
+                    &conn.id,
+                    &conn.token,
+                    conn.encoding.as_str(),
+                    &conn.params,
+                    &conn.state,
+                ))?,
+            ConnWrite::State { id, state } => tx
+                .prepare_cached("UPDATE conns SET state = ?3 WHERE actor_id = ?1 AND id = ?2")?
+                .execute((actor_id, id, state))?,
+            ConnWrite::Close { id } => tx
+                .prepare_cached("DELETE FROM conns WHERE actor_id = ?1 AND id = ?2")?
+                .execute((actor_id, id))?,
+        };
     }
     Ok(())
 }

@@ -10,7 +10,6 @@ use tracing::Instrument;
 
 use super::{log_commit_failure, ActorTask, Call};
 use crate::actor::conn::{self, ConnHandle};
-use crate::actor::outbox::Outbox;
 use crate::actor::schedules::{after_failure, offer_again_delay};
 use crate::actor::{ActorEnv, Answer, Command, Reply};
 use crate::error::{Error, Result};
@@ -18,8 +17,8 @@ use crate::host::{
     ActionCall, ConnectRequest, Effects, Encoding, Payload, RawRequest, RawResponse,
     RawSocketEvent, RequestHead,
 };
-use crate::storage::seam::Settle;
 use crate::storage::seam::StoredSchedule;
+use crate::storage::seam::{ConnWrite, Settle, StoredConn};
 
 impl ActorTask {
     /// Handles one message from the mailbox.
@@ -33,10 +32,18 @@ impl ActorTask {
             Command::Connect {
                 conn,
                 params,
+                resume: Some(token),
+                reply,
+                ..
+            } => self.handle_resume(conn, params, token, reply),
+            Command::Connect {
+                conn,
+                params,
+                resume: None,
                 request,
                 reply,
             } => self.handle_connect(conn, params, request, reply).await,
-            Command::Disconnect { conn_id } => self.handle_disconnect(conn_id).await,
+            Command::Disconnect { conn } => self.handle_disconnect(conn).await,
             Command::Subscribe {
                 conn,
                 event,
@@ -58,6 +65,11 @@ impl ActorTask {
         upgrade: Option<RequestHead>,
         reply: oneshot::Sender<Result<()>>,
     ) {
+        // A hibernatable connection's record keeps what it connected with.
+        let stored_params = self
+            .actor_type
+            .hibernatable_conns
+            .then(|| params.bytes.clone());
         let request = ConnectRequest {
             conn_id: conn.id.to_string(),
             params,
@@ -78,15 +90,37 @@ impl ActorTask {
         };
         match result {
             Ok(mut effects) => {
-                if self.outbox.is_none() {
-                    let span = tracing::Span::current();
-                    self.outbox = Some(Outbox::start(&self.env.tracker, &self.force, span));
-                }
+                self.ensure_outbox();
                 self.conns.insert(conn.id.clone(), conn.clone());
                 self.conn_list = Arc::new(self.conns.values().cloned().collect());
+                // A hibernatable connection's record (with the state its connect gave it)
+                // is written in the connect's own commit, so it is durable before `ready`.
+                let token = stored_params.map(|params| {
+                    let token = format!("{:032x}", rand::random::<u128>());
+                    let at = effects
+                        .conn_states
+                        .iter()
+                        .position(|(id, _)| **id == *conn.id);
+                    let state = at.map(|at| effects.conn_states.swap_remove(at).1);
+                    self.conn_writes.push(ConnWrite::Open(StoredConn {
+                        id: conn.id.to_string(),
+                        token: token.clone(),
+                        encoding: conn.encoding,
+                        params,
+                        state,
+                    }));
+                    self.tokens.insert(conn.id.clone(), token.clone());
+                    token
+                });
                 // The new connection hears `ready` before any event of its own connect, so
                 // this release sends those events itself, after `ready`.
-                let ready = conn::ready_frame(conn.encoding, &self.info.id, &conn.id);
+                let ready = conn::ready_frame(
+                    conn.encoding,
+                    &self.info.id,
+                    &conn.id,
+                    token.as_deref(),
+                    false,
+                );
                 let messages = std::mem::take(&mut effects.messages);
                 let conns = self.conn_list.clone();
                 self.commit(
@@ -107,6 +141,51 @@ impl ActorTask {
                 let _ = reply.send(Err(err));
             }
         }
+    }
+
+    /// Resumes a hibernatable connection on a new socket (after a restart): the client
+    /// presents the connection's id (the handle's) and token. No connect hook runs; the
+    /// connection is in `c.conns` already, restored with the instance. An unknown id, a
+    /// wrong token, or an id whose socket is still open is `connection.resume_refused`.
+    fn handle_resume(
+        &mut self,
+        conn: ConnHandle,
+        params: Payload,
+        token: String,
+        reply: oneshot::Sender<Result<()>>,
+    ) {
+        use subtle::ConstantTimeEq;
+        // The stored parameters are the connection's; the ones sent again are not used.
+        drop(params);
+        let known = self
+            .tokens
+            .get(&conn.id)
+            .is_some_and(|stored| bool::from(stored.as_bytes().ct_eq(token.as_bytes())));
+        let in_use = matches!(self.conns.get(&conn.id), Some(open) if !open.is_closing());
+        if !known || in_use {
+            tracing::debug!(known, in_use, "resuming a connection refused");
+            // The socket task may have ended meanwhile.
+            let _ = reply.send(Err(Error::ConnResumeRefused));
+            return;
+        }
+        self.detached.remove(&conn.id);
+        self.ensure_outbox();
+        self.conns.insert(conn.id.clone(), conn.clone());
+        self.conn_list = Arc::new(self.conns.values().cloned().collect());
+        let ready = conn::ready_frame(conn.encoding, &self.info.id, &conn.id, Some(&token), true);
+        tracing::debug!("connection resumed");
+        // Behind the actor's earlier commits, as any other admission.
+        self.commit(
+            Effects::default(),
+            None,
+            Box::new(move |durable| {
+                if durable.is_ok() {
+                    conn.push(ready);
+                }
+                // The socket task may have ended meanwhile.
+                let _ = reply.send(durable);
+            }),
+        );
     }
 
     /// Grants a guarded subscription once the event's `canSubscribe` agrees and what it changed
@@ -152,14 +231,50 @@ impl ActorTask {
         }
     }
 
-    async fn handle_disconnect(&mut self, conn_id: Arc<str>) {
-        if self.conns.remove(&conn_id).is_none() {
+    async fn handle_disconnect(&mut self, conn: ConnHandle) {
+        // Only this socket's connection: one resumed on a new socket under the same id stays.
+        if !self
+            .conns
+            .get(&conn.id)
+            .is_some_and(|open| open.same(&conn))
+        {
             return;
         }
+        self.conns.remove(&conn.id);
         self.conn_list = Arc::new(self.conns.values().cloned().collect());
+        self.close_for_good(conn.id.clone()).await;
+    }
+
+    /// Restored connections whose resume window has passed close for good.
+    pub(super) async fn expire_detached(&mut self) {
+        let now = tokio::time::Instant::now();
+        let expired: Vec<Arc<str>> = self
+            .detached
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for conn_id in expired {
+            self.detached.remove(&conn_id);
+            tracing::debug!(conn_id = %conn_id, "restored connection not resumed in time");
+            self.close_for_good(conn_id).await;
+        }
+    }
+
+    /// A connection closed for good: `onDisconnect` runs, and its durable record (if it has
+    /// one) is deleted in the same commit.
+    async fn close_for_good(&mut self, conn_id: Arc<str>) {
+        if self.tokens.remove(&conn_id).is_some() {
+            self.conn_writes.push(ConnWrite::Close {
+                id: conn_id.to_string(),
+            });
+        }
         if !self.actor_type.hooks.on_disconnect {
             // No user code to run: let the host know without waiting.
             self.env.host.disconnected(&self.info, &conn_id);
+            if !self.conn_writes.is_empty() {
+                self.commit(Effects::default(), None, Box::new(log_commit_failure));
+            }
             return;
         }
         let timeout = self.env.hook_timeout;
@@ -172,7 +287,13 @@ impl ActorTask {
             .await;
         match result {
             Ok(effects) => self.commit(effects, None, Box::new(log_commit_failure)),
-            Err(err) => tracing::warn!(error = %err, "the disconnect hook failed"),
+            Err(err) => {
+                tracing::warn!(error = %err, "the disconnect hook failed");
+                // The connection is gone all the same, and so is its record.
+                if !self.conn_writes.is_empty() {
+                    self.commit(Effects::default(), None, Box::new(log_commit_failure));
+                }
+            }
         }
     }
 
