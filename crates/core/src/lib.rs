@@ -34,7 +34,8 @@
 //! - **`storage/`**: the [`Storage`] seam (public, for implementations outside the crate)
 //!   and its embedded implementation: the SQLite file, its
 //!   lock, migrations and reads ([`store`]), the group-commit writer that is also the output
-//!   gate ([`writer`]), the damage checks ([`integrity`]), each actor's own SQL database
+//!   gate ([`writer`]; its queue, and when a commit to an idle writer skips it, in `queue.rs`),
+//!   the damage checks ([`integrity`]), each actor's own SQL database
 //!   and how its changes commit through keel.db's log ([`actor_db`]); every SQL statement
 //!   keel runs on its own tables. Rule: knows no actor task.
 //! - **base** (the crate root's own files, with the children one keeps in a folder of its

@@ -17,7 +17,9 @@
 //!   `release` runs exactly once, with `Ok` or with the error, also when storage has closed.
 //! - **The output gate.** Nothing the caller holds back for a commit (a reply, an event) may
 //!   be let out before its `release`; `release` must only hand off, never block, since it may
-//!   run on storage's own thread.
+//!   run on storage's own thread, or on the caller's before `commit` returns (the embedded
+//!   writer applies a commit to an idle writer inline); so a caller sets up whatever its
+//!   `release` needs before calling `commit`.
 //! - **A failure leaves nothing behind.** A commit that fails writes none of its writes, and
 //!   marks the instance's [`Poison`] so that later commits of that instance are refused with the
 //!   same error until the actor has replaced the instance (see `actor/task.rs`).

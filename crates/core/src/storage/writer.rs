@@ -18,18 +18,26 @@
 //! also poisons the actor's instance ([`Poison`]): the writer refuses every later commit of that
 //! instance, with the same error, until the actor task has replaced the instance with one
 //! loaded from committed state.
+//!
+//! A commit sent while the writer is idle skips the thread: its sender applies it, and runs
+//! its release, before [`WriterHandle::commit`] returns (see `queue.rs` for when, and what
+//! keeps the order). It is the same batch of one, through the same code, that the thread
+//! would have applied; it only saves the two thread hand-offs.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
+use parking_lot::Mutex;
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::faults::{self, Failpoint, Fault, FaultState};
 use crate::host::{KvWrite, Payload, ScheduleWrite};
 use crate::metrics::WriterStats;
 use crate::storage::integrity::Integrity;
+use crate::storage::queue::{Sent, WriteQueue};
 use crate::storage::store::{ActorRecord, Store};
 
 /// The most ops one transaction takes; a longer queue is split over several commits.
@@ -76,10 +84,30 @@ pub enum WriteOp {
 /// and the queue is empty.
 #[derive(Clone)]
 pub struct WriterHandle {
-    /// Unbounded on purpose: each actor has at most one action running at a time and bounded
-    /// mailboxes, so the queue is bounded by the work already admitted; blocking an actor on
-    /// the writer would only move the queue elsewhere.
-    tx: mpsc::UnboundedSender<WriteOp>,
+    shared: Arc<Shared>,
+    /// Counts as one handle in the queue for all its clones; dropping the last clone stops
+    /// sends.
+    _alive: Arc<Alive>,
+}
+
+/// What the handles and the writer thread share.
+struct Shared {
+    /// Ops waiting for the writer, in send order. Unbounded on purpose: each actor has at most
+    /// one action running at a time and bounded mailboxes, so the queue is bounded by the work
+    /// already admitted; blocking an actor on the writer would only move the queue elsewhere.
+    queue: WriteQueue<WriteOp>,
+    /// The connection and what applies a batch, locked by whoever holds the queue's right to
+    /// apply (so never contended); `None` once the writer has closed or crashed.
+    core: Mutex<Option<WriterThread>>,
+}
+
+/// Stops sends when the last [`WriterHandle`] clone drops.
+struct Alive(Arc<Shared>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.queue.drop_handle();
+    }
 }
 
 /// Owns the writer thread; `join` waits for it to finish what was queued.
@@ -97,24 +125,28 @@ impl Writer {
     pub(crate) fn start(store: &Arc<Store>, faults: Option<Arc<FaultState>>) -> Result<Writer> {
         let conn = store.connect(true)?;
         let integrity = store.integrity();
-        let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WriterStats::default());
-        let thread_stats = stats.clone();
+        let shared = Arc::new(Shared {
+            queue: WriteQueue::new(true),
+            core: Mutex::new(Some(WriterThread {
+                conn,
+                store: store.clone(),
+                faults,
+                stats: stats.clone(),
+                integrity,
+            })),
+        });
         let span = tracing::Span::current();
-        let store = store.clone();
+        let thread_shared = shared.clone();
         let thread = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            let writer = WriterThread {
-                conn,
-                store,
-                faults,
-                stats: thread_stats,
-                integrity,
-            };
-            writer.run(rx);
+            run(&thread_shared);
         });
         Ok(Writer {
-            handle: Some(WriterHandle { tx }),
+            handle: Some(WriterHandle {
+                _alive: Arc::new(Alive(shared.clone())),
+                shared,
+            }),
             thread: Some(thread),
             stats,
         })
@@ -147,12 +179,19 @@ impl Writer {
 impl WriterHandle {
     /// Queues an op. Fails only when the writer has stopped.
     pub fn send(&self, op: WriteOp) -> Result<()> {
-        self.tx.send(op).map_err(|_| Error::WriterClosed)
+        let closes = matches!(op, WriteOp::Close);
+        match self.shared.queue.send(op, false, closes) {
+            Sent::Queued => Ok(()),
+            Sent::Inline(_) => unreachable!("only commits are applied inline"),
+            Sent::Refused(_) => Err(Error::WriterClosed),
+        }
     }
 
-    /// Queues a commit whose `release` runs after it is durable. If the writer has stopped,
-    /// `release` runs at once with `storage.writer_closed`. An actor passes its instance's
-    /// `poison`, so the commit is refused if an earlier one of the instance failed.
+    /// Queues a commit whose `release` runs after it is durable, or applies it at once on
+    /// this thread when the writer is idle: `release` may then run before this returns. If
+    /// the writer has stopped, `release` runs at once with `storage.writer_closed`. An actor
+    /// passes its instance's `poison`, so the commit is refused if an earlier one of the
+    /// instance failed.
     pub fn commit(
         &self,
         actor_id: Arc<str>,
@@ -167,8 +206,10 @@ impl WriterHandle {
             poison,
             release,
         };
-        if let Err(mpsc::error::SendError(WriteOp::Commit { release, .. })) = self.tx.send(op) {
-            release(Err(Error::WriterClosed));
+        match self.shared.queue.send(op, true, false) {
+            Sent::Queued => {}
+            Sent::Inline(op) => self.shared.apply_inline(op),
+            Sent::Refused(op) => refuse(op),
         }
     }
 
@@ -179,12 +220,20 @@ impl WriterHandle {
             // The caller may have stopped waiting.
             let _ = tx.send(result);
         });
-        if let Err(mpsc::error::SendError(WriteOp::DeleteActor { release, .. })) =
-            self.tx.send(WriteOp::DeleteActor { actor_id, release })
+        if let Sent::Refused(op) =
+            self.shared
+                .queue
+                .send(WriteOp::DeleteActor { actor_id, release }, false, false)
         {
-            release(Err(Error::WriterClosed));
+            refuse(op);
         }
         rx.await.map_err(|_| Error::WriterClosed)?
+    }
+
+    /// The queue, for tests of when commits skip it.
+    #[cfg(test)]
+    pub(crate) fn shared_queue(&self) -> &WriteQueue<WriteOp> {
+        &self.shared.queue
     }
 
     /// Resolves once everything queued before it is durable.
@@ -218,6 +267,92 @@ impl WriterHandle {
         })?;
         rx.await.map_err(|_| Error::WriterClosed)?
     }
+}
+
+/// Releases an op the writer refused, with `storage.writer_closed`.
+fn refuse(op: WriteOp) {
+    match op {
+        WriteOp::Commit { release, .. } | WriteOp::DeleteActor { release, .. } => {
+            release(Err(Error::WriterClosed))
+        }
+        // Dropping the reply tells its waiter the writer is closed.
+        WriteOp::CreateActor { .. } | WriteOp::Close => {}
+    }
+}
+
+impl Shared {
+    /// Applies `op` on the calling thread as a batch of one, holding the queue's right to
+    /// apply (which [`WriteQueue::send`] just gave this caller).
+    fn apply_inline(&self, op: WriteOp) {
+        let started = Instant::now();
+        let mut batch = vec![op];
+        let mut core = self.core.lock();
+        let Some(writer) = core.as_mut() else {
+            // Unreachable while the right to apply is held: the thread closes the connection
+            // only after taking `Close`, which it cannot take before this caller finishes.
+            drop(core);
+            batch.drain(..).for_each(refuse);
+            self.queue.finish(started);
+            return;
+        };
+        if writer.apply(&mut batch) {
+            drop(core);
+            self.queue.finish(started);
+        } else {
+            tracing::debug!("storage writer stopped by an injected crash");
+            // Dropped, not closed, as a crashed process would leave it.
+            core.take();
+            drop(core);
+            // Whatever is still queued is dropped unreleased, as after a real crash.
+            drop(self.queue.stop());
+        }
+    }
+}
+
+/// The writer thread's loop: take a batch, apply, commit, release; until `Close`, every
+/// handle is gone, or an injected crash.
+fn run(shared: &Shared) {
+    let mut batch = Vec::new();
+    while shared
+        .queue
+        .take(&mut batch, MAX_BATCH_OPS, |op| matches!(op, WriteOp::Close))
+    {
+        let started = Instant::now();
+        let closing = matches!(batch.last(), Some(WriteOp::Close));
+        if closing {
+            batch.pop();
+        }
+        let mut core = shared.core.lock();
+        let Some(writer) = core.as_mut() else {
+            // An inline sender crashed the writer: dropped unreleased, and `take` now ends
+            // the loop.
+            batch.clear();
+            continue;
+        };
+        if !writer.apply(&mut batch) {
+            tracing::debug!("storage writer stopped by an injected crash");
+            core.take();
+            drop(core);
+            // Whatever is still queued is dropped unreleased: as after a real crash, its
+            // callers are never acknowledged.
+            drop(shared.queue.stop());
+            return;
+        }
+        drop(core);
+        if closing {
+            break;
+        }
+        shared.queue.finish(started);
+    }
+    // Sends are refused from here on; nothing can be queued behind `Close`.
+    drop(shared.queue.stop());
+    let writer = shared.core.lock().take();
+    if let Some(writer) = writer {
+        if let Err((_, err)) = writer.conn.close() {
+            tracing::warn!(error = %err, "closing the writer connection failed");
+        }
+    }
+    tracing::debug!("storage writer stopped");
 }
 
 /// The writer thread's state: its connection, the store to reopen it from, the faults, and
@@ -254,40 +389,6 @@ impl From<Error> for Refused {
 }
 
 impl WriterThread {
-    /// The loop: batch, apply, commit, release; until `Close`, every handle is gone, or an
-    /// injected crash.
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
-        let mut batch = Vec::new();
-        let mut closing = false;
-        while let Some(first) = rx.blocking_recv() {
-            let mut next = Some(first);
-            while let Some(op) = next.take() {
-                match op {
-                    WriteOp::Close => closing = true,
-                    op => batch.push(op),
-                }
-                if closing || batch.len() >= MAX_BATCH_OPS {
-                    break;
-                }
-                next = rx.try_recv().ok();
-            }
-            if !self.apply(&mut batch) {
-                // Whatever is still queued is dropped unreleased with the receiver: as after a
-                // real crash, its callers are never acknowledged.
-                tracing::debug!("storage writer stopped by an injected crash");
-                return;
-            }
-            if closing {
-                break;
-            }
-        }
-        drop(rx);
-        if let Err((_, err)) = self.conn.close() {
-            tracing::warn!(error = %err, "closing the writer connection failed");
-        }
-        tracing::debug!("storage writer stopped");
-    }
-
     /// Applies one batch and releases its ops. Returns `false` after an injected crash.
     fn apply(&mut self, batch: &mut Vec<WriteOp>) -> bool {
         let count = batch.len() as u64;
@@ -650,3 +751,6 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,203 @@
+//! The writer's queue, and when a commit skips it: ops wait here for the writer in the order
+//! they were sent, and a commit sent to an idle writer is applied by its sender instead.
+//!
+//! Handing a commit to the writer thread costs two thread wake-ups (the thread's, then the
+//! waiting task's once the release has run), which on the sequential path is as much as the
+//! commit itself when it does not wait for a disk sync. So [`WriteQueue::send`] lets the
+//! sender apply the commit itself, on its own thread, before `commit` returns, when the writer
+//! is idle: nothing is queued, no batch is being applied, and the last batch ended at least
+//! as long ago as it took (the writer was busy at most half the time lately). Under load the
+//! last condition fails, commits queue, and the writer thread groups them as before: one
+//! transaction per batch.
+//!
+//! What must stay true:
+//! - **One applier at a time.** Whoever is applying (the thread or an inline sender) holds
+//!   `applying`; an op is applied inline only when it would have been the next op taken and
+//!   nobody is applying, so the commit order is the order of `send`, inline or queued.
+//! - **A batch's releases run before the next batch starts**, because `applying` is cleared
+//!   ([`WriteQueue::finish`]) only after they ran; a poison mark set by a failed batch is
+//!   therefore seen by every later commit of the instance.
+//! - **Nothing waits unseen.** An op queued while an inline sender applies is taken by the
+//!   thread as soon as that sender finishes ([`WriteQueue::finish`] wakes it).
+//! - After `Close`, after the last handle is gone or after an injected crash, sends are
+//!   refused (their sender releases them with `storage.writer_closed`).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+/// The queue shared by every writer handle and the writer thread.
+/// Generic over the op type `Op`, so that it needs nothing of the writer's.
+pub(crate) struct WriteQueue<Op> {
+    state: Mutex<State<Op>>,
+    /// The writer thread waits on it in [`WriteQueue::take`]; notified when an op is queued
+    /// while nobody applies, when an inline sender finishes with ops queued, and when sends
+    /// stop.
+    ready: Condvar,
+    /// Whether commits may be applied inline at all (see [`WriteQueue::new`]).
+    inline: bool,
+    /// Notified whenever a batch finishes, for tests that wait for an idle writer.
+    #[cfg(test)]
+    finished: Condvar,
+}
+
+struct State<Op> {
+    ops: VecDeque<Op>,
+    /// Someone is applying a batch (the thread, or a sender inline).
+    applying: bool,
+    /// Sends are accepted: false once `Close` is queued or every handle is gone.
+    open: bool,
+    /// The writer has stopped for good (an injected crash, or it closed): `take` returns.
+    stopped: bool,
+    /// Live writer handles; sends stop when the last one goes.
+    handles: usize,
+    /// When the last batch ended.
+    idle_since: Instant,
+    /// How long the last batch took to apply and release.
+    last_batch: Duration,
+}
+
+/// What [`WriteQueue::send`] did with an op.
+pub(crate) enum Sent<Op> {
+    /// It waits in the queue for the writer thread.
+    Queued,
+    /// The caller applies it now, then calls [`WriteQueue::finish`] (or [`WriteQueue::stop`]).
+    Inline(Op),
+    /// Sends are refused; the op comes back for the caller to release with the error.
+    Refused(Op),
+}
+
+impl<Op> WriteQueue<Op> {
+    /// An empty queue with one handle. `inline` allows commits to be applied by their
+    /// senders when the writer is idle.
+    pub(crate) fn new(inline: bool) -> WriteQueue<Op> {
+        WriteQueue {
+            state: Mutex::new(State {
+                ops: VecDeque::new(),
+                applying: false,
+                open: true,
+                stopped: false,
+                handles: 1,
+                idle_since: Instant::now(),
+                last_batch: Duration::ZERO,
+            }),
+            ready: Condvar::new(),
+            inline,
+            #[cfg(test)]
+            finished: Condvar::new(),
+        }
+    }
+
+    /// Queues `op`, or hands it back to be applied inline when `may_inline` and the writer
+    /// is idle (see the module doc), or refuses it once sends have stopped. `closes` marks
+    /// the op after which sends are refused (`Close`).
+    pub(crate) fn send(&self, op: Op, may_inline: bool, closes: bool) -> Sent<Op> {
+        let mut state = self.state.lock();
+        if !state.open {
+            return Sent::Refused(op);
+        }
+        if closes {
+            state.open = false;
+        }
+        if may_inline
+            && self.inline
+            && !state.applying
+            && state.ops.is_empty()
+            && state.idle_since.elapsed() >= state.last_batch
+        {
+            state.applying = true;
+            return Sent::Inline(op);
+        }
+        state.ops.push_back(op);
+        if !state.applying {
+            self.ready.notify_one();
+        }
+        Sent::Queued
+    }
+
+    /// For the writer thread: waits for ops and moves up to `max` of them (stopping after one
+    /// that `closes`) into `batch`, claiming the right to apply them. Returns `false` once
+    /// there will be nothing more to take.
+    pub(crate) fn take(
+        &self,
+        batch: &mut Vec<Op>,
+        max: usize,
+        closes: impl Fn(&Op) -> bool,
+    ) -> bool {
+        let mut state = self.state.lock();
+        loop {
+            if state.stopped {
+                return false;
+            }
+            if !state.applying && !state.ops.is_empty() {
+                state.applying = true;
+                while batch.len() < max {
+                    let Some(op) = state.ops.pop_front() else {
+                        break;
+                    };
+                    let close = closes(&op);
+                    batch.push(op);
+                    if close {
+                        break;
+                    }
+                }
+                return true;
+            }
+            if !state.open && !state.applying {
+                return false;
+            }
+            self.ready.wait(&mut state);
+        }
+    }
+
+    /// Gives up the right to apply after a batch that began at `started` has been applied
+    /// and released, waking the writer thread if ops queued meanwhile.
+    pub(crate) fn finish(&self, started: Instant) {
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        state.applying = false;
+        state.last_batch = now.saturating_duration_since(started);
+        state.idle_since = now;
+        if !state.ops.is_empty() || !state.open {
+            self.ready.notify_one();
+        }
+        #[cfg(test)]
+        self.finished.notify_all();
+    }
+
+    /// Stops the writer for good: later sends are refused, and what is still queued is
+    /// returned unreleased (after an injected crash, as after a real one, its senders are
+    /// never acknowledged).
+    pub(crate) fn stop(&self) -> VecDeque<Op> {
+        let mut state = self.state.lock();
+        state.open = false;
+        state.stopped = true;
+        self.ready.notify_all();
+        #[cfg(test)]
+        self.finished.notify_all();
+        std::mem::take(&mut state.ops)
+    }
+
+    /// Waits until nothing is queued or being applied, then forgets how long the last batch
+    /// took, so that the next commit finds the writer idle.
+    #[cfg(test)]
+    pub(crate) fn forget_last_batch(&self) {
+        let mut state = self.state.lock();
+        while !state.stopped && (state.applying || !state.ops.is_empty()) {
+            self.finished.wait(&mut state);
+        }
+        state.last_batch = Duration::ZERO;
+    }
+
+    /// Drops a handle; once the last is gone sends stop, and the thread ends after what is
+    /// queued.
+    pub(crate) fn drop_handle(&self) {
+        let mut state = self.state.lock();
+        state.handles -= 1;
+        if state.handles == 0 {
+            state.open = false;
+            self.ready.notify_all();
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! When a commit skips the writer's queue (`queue.rs`), and that the order, the grouping
+//! and the refusal after close hold either way.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::thread::{self, ThreadId};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::config::Durability;
+use crate::storage::store::{ActorRecord, Store};
+use crate::storage::writer::{CreateMode, Release, Writer, WriterHandle, Writes};
+
+/// A store in a new temp dir, its writer, and one actor row.
+async fn writer_with_actor(dir: &tempfile::TempDir) -> (Arc<Store>, Writer, WriterHandle) {
+    let store = Store::open(dir.path(), Durability::Relaxed).unwrap();
+    let writer = Writer::start(&store, None).unwrap();
+    let handle = writer.handle();
+    let record = ActorRecord {
+        id: "a1".into(),
+        name: "counter".into(),
+        key: "k".into(),
+    };
+    handle
+        .create_actor(record, None, CreateMode::GetOrCreate)
+        .await
+        .unwrap();
+    (store, writer, handle)
+}
+
+fn state(byte: u8) -> Option<Box<Writes>> {
+    Some(Box::new(Writes {
+        state: Some(vec![byte]),
+        ..Writes::default()
+    }))
+}
+
+/// A release that notes which op it was and on which thread it ran.
+fn noting(log: &Arc<Mutex<Vec<(u8, ThreadId)>>>, op: u8) -> Release {
+    let log = log.clone();
+    Box::new(move |result| {
+        result.unwrap();
+        log.lock().push((op, thread::current().id()));
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_writer_commits_on_the_senders_thread_before_commit_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer, handle) = writer_with_actor(&dir).await;
+    let transactions = writer.stats().transactions.load(Ordering::Relaxed);
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    handle.commit("a1".into(), state(7), None, noting(&log, 1));
+    // Released already, here: durable before `commit` returned.
+    assert_eq!(*log.lock(), vec![(1, thread::current().id())]);
+    assert_eq!(
+        writer.stats().transactions.load(Ordering::Relaxed),
+        transactions + 1
+    );
+    assert_eq!(store.load("a1").unwrap().unwrap().state, Some(vec![7]));
+    writer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_sent_while_one_is_applied_inline_are_grouped_and_released_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer, handle) = writer_with_actor(&dir).await;
+    let transactions = writer.stats().transactions.load(Ordering::Relaxed);
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (started_tx, started) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel::<()>();
+    // The first commit is applied inline on its own thread, whose release holds the
+    // writer until the test lets it go.
+    let first = {
+        let (handle, log) = (handle.clone(), log.clone());
+        thread::spawn(move || {
+            let release = noting(&log, 1);
+            handle.commit(
+                "a1".into(),
+                state(1),
+                None,
+                Box::new(move |result| {
+                    started_tx.send(thread::current().id()).unwrap();
+                    go_rx.recv().unwrap();
+                    release(result);
+                }),
+            );
+            thread::current().id()
+        })
+    };
+    let inline_thread = started.recv().unwrap();
+    for op in 2..=4 {
+        handle.commit("a1".into(), state(op), None, noting(&log, op));
+    }
+    // Queued behind the first: none released yet, on any thread.
+    assert!(log.lock().is_empty());
+    go.send(()).unwrap();
+    assert_eq!(first.join().unwrap(), inline_thread);
+    handle.flush().await.unwrap();
+    let log = log.lock().clone();
+    let order: Vec<u8> = log.iter().map(|(op, _)| *op).collect();
+    assert_eq!(order, vec![1, 2, 3, 4]);
+    assert_eq!(log[0].1, inline_thread);
+    let main = thread::current().id();
+    for (_, thread) in &log[1..] {
+        assert_ne!(*thread, inline_thread);
+        assert_ne!(*thread, main);
+    }
+    assert_eq!(log[1].1, log[3].1, "the queued commits share one batch");
+    // The inline commit, then one transaction for the three queued ones.
+    assert_eq!(
+        writer.stats().transactions.load(Ordering::Relaxed),
+        transactions + 2
+    );
+    assert_eq!(store.load("a1").unwrap().unwrap().state, Some(vec![4]));
+    writer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_right_after_a_long_batch_goes_to_the_writer_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, writer, handle) = writer_with_actor(&dir).await;
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let slow = noting(&log, 1);
+    // A batch that takes 200 ms (its release stands in for a slow disk): the writer was
+    // busy nearly all of the time since, so the next commit is queued, not applied here.
+    handle.commit(
+        "a1".into(),
+        state(1),
+        None,
+        Box::new(move |result| {
+            thread::sleep(Duration::from_millis(200));
+            slow(result);
+        }),
+    );
+    handle.commit("a1".into(), state(2), None, noting(&log, 2));
+    assert_eq!(
+        log.lock().len(),
+        1,
+        "the second commit was not applied inline"
+    );
+    handle.flush().await.unwrap();
+    let log = log.lock().clone();
+    assert_eq!(log[0].1, thread::current().id());
+    assert_eq!(log[1].0, 2);
+    assert_ne!(log[1].1, thread::current().id());
+    writer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_close_commits_are_refused_with_writer_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, writer, handle) = writer_with_actor(&dir).await;
+    writer.close().await;
+    handle.shared_queue().forget_last_batch();
+    let (tx, rx) = mpsc::channel();
+    handle.commit(
+        "a1".into(),
+        state(1),
+        None,
+        Box::new(move |result| tx.send(result.unwrap_err().code().to_string()).unwrap()),
+    );
+    assert_eq!(rx.try_recv().unwrap(), "writer_closed");
+}
