@@ -73,6 +73,112 @@ export const conformance = {
     assert.equal(who.name, "counter");
   },
 
+  async "sleep and wake: a call after c.sleep() wakes the actor with its state; so does one after the sleep timer"({ client }) {
+    const vault = client.vault.getOrCreate(fresh("s"));
+    assert.equal(await vault.bump(), 1);
+    assert.equal(await vault.bump(), 2);
+    let stats = await vault.stats();
+    assert.deepEqual([stats.wakes, stats.sleeps], [1, 0], "one activation so far");
+    const id = stats.actorId;
+    await vault.nap();
+    // The call after c.sleep() runs in the next activation: onSleep's change was saved,
+    // onWake ran again, and the state is the one saved before.
+    stats = await vault.stats();
+    assert.deepEqual({ n: stats.n, wakes: stats.wakes, sleeps: stats.sleeps }, { n: 2, wakes: 2, sleeps: 1 });
+    assert.equal(stats.actorId, id, "the same actor");
+    assert.equal(await vault.bump(), 3);
+    await vault.nap();
+    await vault.nap();
+    stats = await vault.stats();
+    assert.deepEqual({ n: stats.n, wakes: stats.wakes, sleeps: stats.sleeps }, { n: 3, wakes: 4, sleeps: 3 });
+
+    // The idle timer (dozer: sleepTimeoutMs 300). A sleep cannot be seen without waking the
+    // actor, so ask less often than the timeout: a call that finds a new activation proves
+    // the actor slept in between, with its state.
+    const dozer = client.dozer.getOrCreate(fresh("d"));
+    assert.equal(await dozer.bump(), 1);
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      stats = await dozer.stats();
+      if (stats.wakes > 1) break;
+      assert.ok(Date.now() < deadline, "the idle actor never slept");
+    }
+    assert.deepEqual({ n: stats.n, wakes: stats.wakes, sleeps: stats.sleeps }, { n: 1, wakes: 2, sleeps: 1 });
+  },
+
+  async "KV: put, get, list by prefix, delete; kept across a sleep"({ client }) {
+    const vault = client.vault.getOrCreate(fresh("kv"));
+    assert.equal(await vault.kvGet("doc/a"), undefined, "an absent key");
+    await vault.kvPut("doc/b", { title: "B", tags: ["x", "y"] });
+    await vault.kvPut("doc/a", "A");
+    await vault.kvPut("doc/c", 3);
+    await vault.kvPut("other", true);
+    await vault.kvPut("doc/a", "A2");
+    assert.equal(await vault.kvGet("doc/a"), "A2", "a put overwrites");
+    assert.deepEqual(await vault.kvGet("doc/b"), { title: "B", tags: ["x", "y"] });
+    const all = [
+      ["doc/a", "A2"],
+      ["doc/b", { title: "B", tags: ["x", "y"] }],
+      ["doc/c", 3],
+      ["other", true],
+    ];
+    assert.deepEqual(await vault.kvList(), all, "every entry, in key order");
+    assert.deepEqual(await vault.kvList("doc/"), all.slice(0, 3), "only the prefix");
+    await vault.kvDelete("doc/b");
+    await vault.kvDelete("doc/missing");
+    assert.equal(await vault.kvGet("doc/b"), undefined, "deleted");
+    await vault.nap();
+    assert.deepEqual(await vault.kvList(), [all[0], all[2], all[3]], "the store survived the sleep");
+    const stats = await vault.stats();
+    assert.deepEqual([stats.wakes, stats.sleeps], [2, 1], "read in the next activation");
+  },
+
+  async "a schedule wakes the sleeping actor and runs exactly once"({ client }) {
+    const vault = client.vault.getOrCreate(fresh("sch"));
+    await vault.bump();
+    const dueAt = Date.now() + 1000;
+    await vault.tickLaterAndNap(1000);
+    // No request until well past the due time: only the schedule can wake the actor.
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, dueAt - Date.now()) + 3000));
+    const firstAsked = Date.now();
+    let stats = await vault.stats();
+    const deadline = Date.now() + 30_000;
+    while (stats.ticks.length === 0) {
+      assert.ok(Date.now() < deadline, "the schedule never ran");
+      await new Promise((resolve) => setTimeout(resolve, 250));
+      stats = await vault.stats();
+    }
+    assert.equal(stats.ticks.length, 1);
+    const [tick] = stats.ticks;
+    assert.ok(tick.at >= dueAt - 50, `ran at its due time or later (${tick.at - dueAt} ms)`);
+    assert.ok(tick.at < firstAsked, "ran before any request could have woken the actor");
+    assert.equal(tick.wake, 2, "ran in the activation the schedule started, not the one that slept");
+    assert.equal(await vault.pending(), 0, "nothing left pending");
+    // Sleep and wake again: a committed run never runs again.
+    await vault.nap();
+    stats = await vault.stats();
+    assert.equal(stats.wakes, 3);
+    assert.equal(stats.ticks.length, 1, "exactly once");
+  },
+
+  async "destroy: the key is free, get answers actor.not_found, getOrCreate makes a fresh actor"({ client }) {
+    const key = fresh("x");
+    const vault = client.vault.getOrCreate(key);
+    assert.equal(await vault.bump(), 1);
+    await vault.kvPut("k", "v");
+    const { actorId: oldId } = await vault.stats();
+    assert.equal(await vault.destroyMe(), "bye", "the destroying call still answers");
+    await rejectsWith(client.vault.get(key).stats(), "actor.not_found");
+    await rejectsWith(client.vault.getForId(oldId).stats(), "actor.not_found");
+    const again = client.vault.getOrCreate(key);
+    const stats = await again.stats();
+    assert.notEqual(stats.actorId, oldId, "a new actor");
+    assert.deepEqual({ n: stats.n, wakes: stats.wakes, sleeps: stats.sleeps, ticks: stats.ticks }, { n: 0, wakes: 1, sleeps: 0, ticks: [] });
+    assert.equal(await again.kvGet("k"), undefined, "its KV is fresh");
+    assert.equal(await client.vault.get(key).bump(), 1, "get reaches the new actor");
+  },
+
   async "connections: hooks, conn state, and events in order"({ client }) {
     const key = fresh("room");
     const ada = client.room.getOrCreate(key).connect({ name: "ada" });
