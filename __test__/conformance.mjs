@@ -274,8 +274,14 @@ export const conformance = {
 };
 
 /** Runs every body as a subtest of `t` against `target`. */
-export async function runConformance(t, target) {
+/**
+ * Runs every body as a subtest of `t`. `known` names bodies that fail in this mode for a
+ * reason docs/engine.md lists as not fixed yet: they are reported as skipped with that reason
+ * (visible in the test output), never silently dropped.
+ */
+export async function runConformance(t, target, known = {}) {
+  for (const name of Object.keys(known)) assert.ok(name in conformance, `no conformance body named ${name}`);
   for (const [name, body] of Object.entries(conformance)) {
-    await t.test(name, () => body(target));
+    await t.test(name, { skip: known[name] ?? false }, () => body(target));
   }
 }
