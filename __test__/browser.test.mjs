@@ -211,8 +211,15 @@ test("useActor disconnects its socket when the key changes and when the componen
   await statusIs(page, "b:open");
   // The event subscription moved with the connection: room b's messages arrive, a's do not.
   await watchA.send("to a again");
-  await watchB.send("to b");
-  await page.waitForFunction(() => document.querySelector("#heard")?.textContent === "watcher: to a|watcher: to b", null, { timeout: WAIT_MS });
+  // The page subscribes to room b with a `sub` frame sent when its connection opened; a message
+  // sent the moment the page shows "open" can reach the actor before it: send until one is heard.
+  const heardB = () => page.evaluate(() => document.querySelector("#heard")?.textContent.includes("watcher: to b"));
+  for (let attempt = 0; !(await heardB()); attempt++) {
+    assert.ok(attempt < 100, `the page never heard room b: ${await page.textContent("#heard")}`);
+    await watchB.send("to b");
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  assert.match(await page.textContent("#heard"), /^watcher: to a(\|watcher: to b)+$/, "room a's message after the move is not heard");
 
   const leftB = leaves(watchB, "page");
   await page.evaluate(() => window.setMounted(false));
