@@ -224,40 +224,42 @@ export class ActorConnectionImpl {
   private open(): void {
     const { url, getParams } = this.target;
     if (getParams === undefined && typeof url === "string") return this.openWith({ url }, this.target.params);
-    // Fresh params for every attempt, so a token can be refreshed between reconnects. A
-    // throwing `getParams` (or a URL that cannot be found) fails this attempt like a lost
-    // socket: it is reported and retried.
-    const failed = (err: KeelError, reason: string) => {
-      if (this.disposed) return;
-      this.emitError(err);
-      this.socket = undefined;
-      this.onClose(undefined, 1006, reason);
-    };
-    Promise.resolve(typeof url === "string" ? { url } : url()).then(
-      (found) =>
-        Promise.resolve()
-          .then(() => (getParams === undefined ? this.target.params : getParams()))
-          .then(
-            (params) => {
-              if (!this.disposed) this.openWith(found, params);
-            },
-            (cause) =>
-              failed(
-                new KeelError(
-                  { group: "client", code: "get_params_failed", message: `getParams threw: ${(cause as Error)?.message ?? cause}` },
-                  { cause },
-                ),
-                "getParams failed",
-              ),
-          ),
-      (cause) =>
-        failed(
-          cause instanceof KeelError
-            ? cause
-            : new KeelError({ group: "client", code: "unreachable", message: `${(cause as Error)?.message ?? cause}` }, { cause }),
-          "server unreachable",
-        ),
-    );
+    void this.findAndOpen(url, getParams);
+  }
+
+  /**
+   * One attempt's address and params, then its socket. Fresh params for every attempt, so a
+   * token can be refreshed between reconnects. A throwing `getParams` (or a URL that cannot be
+   * found) fails this attempt like a lost socket: it is reported and retried.
+   */
+  private async findAndOpen(url: ConnectTarget["url"], getParams: ConnectTarget["getParams"]): Promise<void> {
+    let found: SocketAddress;
+    try {
+      // Awaited even when it is a string, so `getParams` runs after `open()` has returned.
+      found = await (typeof url === "string" ? { url } : url());
+    } catch (cause) {
+      const err =
+        cause instanceof KeelError
+          ? cause
+          : new KeelError({ group: "client", code: "unreachable", message: `${(cause as Error)?.message ?? cause}` }, { cause });
+      return this.failAttempt(err, "server unreachable");
+    }
+    let params: unknown;
+    try {
+      params = getParams === undefined ? this.target.params : await getParams();
+    } catch (cause) {
+      const message = `getParams threw: ${(cause as Error)?.message ?? cause}`;
+      return this.failAttempt(new KeelError({ group: "client", code: "get_params_failed", message }, { cause }), "getParams failed");
+    }
+    if (!this.disposed) this.openWith(found, params);
+  }
+
+  /** Ends an attempt that could not open its socket, as a lost socket would. */
+  private failAttempt(err: KeelError, reason: string): void {
+    if (this.disposed) return;
+    this.emitError(err);
+    this.socket = undefined;
+    this.onClose(undefined, 1006, reason);
   }
 
   private openWith(address: SocketAddress, params: unknown): void {
