@@ -5,17 +5,34 @@
 // The HTTP side makes the same `increment` calls one at a time from this process over one
 // keep-alive connection to 127.0.0.1. Both wait for the same durable commit per call.
 //
-// Usage (from the repo root, after `npm run build` for release figures):
-//   node bench/actor-calls.mjs [calls=2000]
-// Prints one JSON line per transport: {"transport","calls","p50Ms","p99Ms","callsPerSec"}.
+// Usage (from the repo root, after `npm run build`: a debug addon is refused):
+//   node bench/actor-calls.mjs [calls=2000] [--rounds 3] [--json]
+//   KEEL_DIR=/path/to/other/tree node bench/actor-calls.mjs   # that tree's dist/ and addon
+// Each round runs both transports (the order alternating per round) on one registry; the
+// figures are medians over rounds and the ratio in-process / HTTP per round. Prints a table,
+// or with --json (how run.mjs's `actor-calls` workload runs it) one JSON line.
 import http from "node:http";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { actor, setup } from "../dist/index.js";
+import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+import { treeAddon } from "./run/setup.mjs";
+import { median, round3 } from "./run/stats.mjs";
+import { checkAddon } from "./servers/keel-tree.mjs";
 
-const calls = Number(process.argv[2] ?? 2000);
+const argv = process.argv.slice(2);
+const asJson = argv.includes("--json");
+const roundsAt = argv.indexOf("--rounds");
+const rounds = roundsAt === -1 ? 3 : Number(argv[roundsAt + 1]);
+const calls = Number(argv.find((a, i) => /^\d+$/.test(a) && argv[i - 1] !== "--rounds") ?? 2000);
+if (!Number.isInteger(rounds) || rounds < 1 || rounds > 20) throw new Error("--rounds must be an integer from 1 to 20");
+if (!Number.isInteger(calls) || calls < 1 || calls > 100_000) throw new Error("calls must be an integer from 1 to 100000");
 const BATCH = 200;
+
+const keelDir = resolve(process.env.KEEL_DIR ?? join(import.meta.dirname, ".."));
+process.env.NAPI_RS_NATIVE_LIBRARY_PATH = treeAddon(keelDir); // refuses a debug addon
+const { actor, setup } = await import(pathToFileURL(join(keelDir, "dist/index.js")).href);
+checkAddon("actor-calls bench");
 
 const counter = actor({
   state: { count: 0 },
@@ -59,30 +76,64 @@ function post(port, path, body) {
 }
 
 const dataDir = mkdtempSync(join(tmpdir(), "keel-bench-calls-"));
-const registry = setup({ use: { counter, relay }, port: 0, dataDir, disableSignalHandlers: true });
+const registry = setup({ use: { counter, relay }, host: "127.0.0.1", port: 0, dataDir, durability: "full", disableSignalHandlers: true });
 const serving = registry.start();
 try {
   const { url } = await registry.listening();
   const port = Number(new URL(url).port);
 
-  const inProcess = [];
-  let started = process.hrtime.bigint();
-  for (let done = 0; done < calls; done += BATCH) {
-    const reply = await post(port, "/v1/actors/relay/actions/run", { key: ["bench"], args: [Math.min(BATCH, calls - done), ["in-process"]] });
-    inProcess.push(...reply.output);
+  async function inProcessRound(round) {
+    const latencies = [];
+    for (let done = 0; done < calls; done += BATCH) {
+      const reply = await post(port, "/v1/actors/relay/actions/run", { key: ["bench"], args: [Math.min(BATCH, calls - done), [`in-process-${round}`]] });
+      latencies.push(...reply.output);
+    }
+    // Counts the time inside the actions only, so the HTTP calls that start each batch are out.
+    return summary("c.client() in process", latencies, latencies.reduce((sum, ms) => sum + ms, 0) / 1000);
   }
-  // Counts the time inside the actions only, so the HTTP calls that start each batch are out.
-  const inProcessSeconds = inProcess.reduce((sum, ms) => sum + ms, 0) / 1000;
-  console.log(JSON.stringify(summary("c.client() in process", inProcess, inProcessSeconds)));
+  async function httpRound(round) {
+    const latencies = [];
+    const started = process.hrtime.bigint();
+    for (let i = 0; i < calls; i += 1) {
+      const callStarted = process.hrtime.bigint();
+      await post(port, "/v1/actors/counter/actions/increment", { key: [`over-http-${round}`], args: [1] });
+      latencies.push(Number(process.hrtime.bigint() - callStarted) / 1e6);
+    }
+    return summary("HTTP from a client", latencies, Number(process.hrtime.bigint() - started) / 1e9);
+  }
+  // Warm-up: both actors of each kind started, the HTTP connection open.
+  await post(port, "/v1/actors/relay/actions/run", { key: ["bench"], args: [50, ["warm-up"]] });
+  for (let i = 0; i < 50; i += 1) await post(port, "/v1/actors/counter/actions/increment", { key: ["warm-up"], args: [1] });
 
-  const overHttp = [];
-  started = process.hrtime.bigint();
-  for (let i = 0; i < calls; i += 1) {
-    const callStarted = process.hrtime.bigint();
-    await post(port, "/v1/actors/counter/actions/increment", { key: ["over-http"], args: [1] });
-    overHttp.push(Number(process.hrtime.bigint() - callStarted) / 1e6);
+  const got = { inProcess: [], http: [] };
+  for (let round = 0; round < rounds; round += 1) {
+    const order = round % 2 === 0 ? ["inProcess", "http"] : ["http", "inProcess"];
+    for (const side of order) {
+      const r = side === "inProcess" ? await inProcessRound(round) : await httpRound(round);
+      got[side].push(r);
+      if (!asJson) console.error(`round ${round + 1}/${rounds}: ${JSON.stringify(r)}`);
+    }
   }
-  console.log(JSON.stringify(summary("HTTP from a client", overHttp, Number(process.hrtime.bigint() - started) / 1e9)));
+  const med = (side, field) => round3(median(got[side].map((r) => r[field])));
+  const ratios = got.inProcess.map((r, i) => round3(r.p50Ms / got.http[i].p50Ms));
+  const report = {
+    keelDir,
+    calls,
+    rounds,
+    inProcess: { p50Ms: med("inProcess", "p50Ms"), p99Ms: med("inProcess", "p99Ms"), callsPerSec: med("inProcess", "callsPerSec") },
+    http: { p50Ms: med("http", "p50Ms"), p99Ms: med("http", "p99Ms"), callsPerSec: med("http", "callsPerSec") },
+    p50Ratio: { median: round3(median(ratios)), min: Math.min(...ratios), max: Math.max(...ratios) },
+    perRound: got,
+  };
+  if (asJson) console.log(JSON.stringify(report));
+  else {
+    console.log(`keel from ${keelDir}, ${calls} calls per transport, ${rounds} rounds (medians)`);
+    console.log("| transport | p50 ms | p99 ms | calls/s |");
+    console.log("|---|---|---|---|");
+    console.log(`| c.client() in process | ${report.inProcess.p50Ms} | ${report.inProcess.p99Ms} | ${report.inProcess.callsPerSec} |`);
+    console.log(`| HTTP from a client | ${report.http.p50Ms} | ${report.http.p99Ms} | ${report.http.callsPerSec} |`);
+    console.log(`p50 in process / HTTP: **${report.p50Ratio.median.toFixed(2)}×** (range ${report.p50Ratio.min.toFixed(2)}–${report.p50Ratio.max.toFixed(2)})`);
+  }
 } finally {
   agent.destroy();
   await registry.shutdown();

@@ -19,7 +19,8 @@
 //   --only LIST          run only these workloads (comma-separated, from sequential,
 //                        concurrent,ws-sequential,ws-concurrent,broadcast,wake,memory,alarms,
 //                        http-sequential,http-concurrent,http-sequential-relaxed,
-//                        http-concurrent-relaxed,cold-start,idle-rss,many-actors,sockets)
+//                        http-concurrent-relaxed,cold-start,idle-rss,many-actors,sockets,
+//                        db,actor-calls)
 //   --rounds N           repeat every measurement N times and report medians (default 3)
 //   --seq-calls N        calls in the sequential workload (default 2000)
 //   --concurrency N      actors (= requests in flight) in the concurrent workload (default 64)
@@ -48,6 +49,8 @@
 // The http-* workloads drive HTTP with wrk (installed with apt-get when missing and root; else
 // the JS generator, noted in the table), in `full` and `relaxed` durability; see http-wrk.mjs.
 // cold-start, idle-rss and many-actors are the start-up figures (see figures.mjs).
+// db and actor-calls run bench/db.mjs and bench/actor-calls.mjs once each (--rounds inside,
+// --duration as db's seconds per workload): c.db vs better-sqlite3, c.client() vs HTTP.
 //   --socket-conns N     sockets per server in the sockets workload (default 10000)
 //   --socket-actors N    actors they are spread over (default 1000)
 //
@@ -81,6 +84,8 @@ import {
   measure,
   measureHttp,
   measureManyActors,
+  runScript,
+  SCRIPT_WORKLOADS,
   workloads,
 } from "./run/workloads.mjs";
 import { socketsWorkload } from "./sockets.mjs";
@@ -197,6 +202,14 @@ async function main() {
   // Memory per socket is measured once, whatever --rounds says (see sockets.mjs).
   if (opts.only.includes("sockets")) {
     summary.sockets = await socketsWorkload({ connections: opts.socketConns, actors: opts.socketActors, addonPath, keelDir });
+  }
+
+  // db.mjs and actor-calls.mjs, once each as a child, with their rounds inside.
+  for (const name of SCRIPT_WORKLOADS) {
+    if (!opts.only.includes(name)) continue;
+    console.error(`${name} (bench/${name}.mjs, ${opts.rounds} rounds) ...`);
+    summary[name] = runScript(name, opts, spec);
+    console.error(`  verified: ${summary[name].verified}`);
   }
 
   const figures = FIGURE_WORKLOADS.some((n) => raw[n]) ? summarizeFigures(raw, summary) : null;

@@ -188,4 +188,19 @@ export function printTables(summary, figures, wrk) {
     console.log("");
     printSocketsTable(summary.sockets);
   }
+  if (summary.db) {
+    console.log("\nc.db insert + indexed select per call (db.mjs), keel vs better-sqlite3, medians");
+    for (const [name, w] of Object.entries(summary.db.summary)) {
+      console.log(
+        `${name.padEnd(14)} ${String(w.actors).padStart(3)} actors  keel ${w.keel.callsPerSec} calls/s (p50 ${w.keel.p50Ms} ms)  baseline ${w.baseline.callsPerSec} calls/s (p50 ${w.baseline.p50Ms} ms)  ${w.ratioMedian}x (${w.ratioMin}-${w.ratioMax})${summary.db.verified ? "" : "  NOT VERIFIED"}`,
+      );
+    }
+  }
+  if (summary["actor-calls"]) {
+    const a = summary["actor-calls"];
+    console.log("\nactor-to-actor calls (actor-calls.mjs), medians");
+    console.log(`c.client() in process  p50 ${a.inProcess.p50Ms} ms  p99 ${a.inProcess.p99Ms} ms  ${a.inProcess.callsPerSec} calls/s`);
+    console.log(`HTTP from a client     p50 ${a.http.p50Ms} ms  p99 ${a.http.p99Ms} ms  ${a.http.callsPerSec} calls/s`);
+    console.log(`p50 in process / HTTP  ${a.p50Ratio.median}x (${a.p50Ratio.min}-${a.p50Ratio.max})${a.verified ? "" : "  NOT VERIFIED"}`);
+  }
 }

@@ -8,7 +8,10 @@
 // The life-cycle workloads run on keel only, with the probe and --expose-gc.
 
 import { runWrkCounter } from "../http-wrk.mjs";
+import { spawnSync } from "node:child_process";
+import path from "node:path";
 import { runLoad, startServer, stopServer } from "./children.mjs";
+import { benchDir } from "./paths.mjs";
 
 // Calls on the counter, keel vs the baseline: over HTTP, then over WebSocket connections.
 export const COUNTER_WORKLOADS = ["sequential", "concurrent", "ws-sequential", "ws-concurrent"];
@@ -23,11 +26,15 @@ export const FIGURE_WORKLOADS = ["cold-start", "idle-rss", "many-actors"];
 export const PEERS = ["rivetkit"];
 // Server memory per open WebSocket, keel (both socket kinds) vs the baseline (sockets.mjs).
 export const SOCKET_WORKLOADS = ["sockets"];
+// Standalone scripts run once as a child each (rounds inside), keel vs its own baseline:
+// db.mjs (`c.db` insert + indexed select vs better-sqlite3) and actor-calls.mjs (`c.client()`
+// in process vs a plain HTTP call to keel). See runScript.
+export const SCRIPT_WORKLOADS = ["db", "actor-calls"];
 // Opt-in, run only when `--only` names them: `engine`, keel and RivetKit 2.3.19 on a Rivet Engine
 // with embedded keel beside (bench/engine/workloads.mjs); it needs the engine binary.
 export const OPT_IN_WORKLOADS = ["engine"];
 // The default of `--only`.
-export const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS, ...HTTP_WORKLOADS, ...FIGURE_WORKLOADS, ...SOCKET_WORKLOADS];
+export const ALL_WORKLOADS = [...COUNTER_WORKLOADS, ...FANOUT_WORKLOADS, ...LIFECYCLE_WORKLOADS, ...HTTP_WORKLOADS, ...FIGURE_WORKLOADS, ...SOCKET_WORKLOADS, ...SCRIPT_WORKLOADS];
 
 /** The workloads of latest.json's `workloads`: the counter, fan-out and life-cycle ones selected. */
 export function workloads(opts) {
@@ -206,4 +213,25 @@ export async function measureManyActors(kind, opts, spec) {
     const clean = await stopServer(server);
     if (!clean) console.error(`warning: ${kind} server did not shut down cleanly:\n${server.out.stderr}`);
   }
+}
+
+/**
+ * One of SCRIPT_WORKLOADS: `bench/<name>.mjs --json` as a child on the keel tree under test
+ * (KEEL_DIR; the script refuses a debug addon itself), with --rounds and, for db, --duration
+ * as its seconds per workload. Returns its report with `verified` set from its exit status.
+ */
+export function runScript(name, opts, spec) {
+  const args = [path.join(benchDir, `${name}.mjs`), "--json", "--rounds", String(opts.rounds)];
+  if (name === "db") args.push("--seconds", String(opts.durationS));
+  const env = { ...process.env, KEEL_DIR: spec.keelDir };
+  delete env.NAPI_RS_NATIVE_LIBRARY_PATH;
+  const child = spawnSync(process.execPath, args, { cwd: benchDir, env, encoding: "utf8", timeout: 900_000, maxBuffer: 64 << 20 });
+  const line = child.stdout.trim().split("\n").pop();
+  let report;
+  try {
+    report = JSON.parse(line);
+  } catch {
+    throw new Error(`${name}.mjs printed no report (status ${child.status}${child.signal ? `, ${child.signal}` : ""}):\n${child.stderr.slice(-4000)}`);
+  }
+  return { ...report, verified: child.status === 0 && report.ok !== false, stderr: child.status === 0 ? undefined : child.stderr.slice(-4000) };
 }
