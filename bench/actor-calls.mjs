@@ -6,7 +6,7 @@
 // keep-alive connection to 127.0.0.1. Both wait for the same durable commit per call.
 //
 // Usage (from the repo root, after `npm run build`: a debug addon is refused):
-//   node bench/actor-calls.mjs [calls=2000] [--rounds 3] [--json]
+//   node bench/actor-calls.mjs [calls=2000] [--rounds 3] [--durability full|relaxed] [--json]
 //   KEEL_DIR=/path/to/other/tree node bench/actor-calls.mjs   # that tree's dist/ and addon
 // Each round runs both transports (the order alternating per round) on one registry; the
 // figures are medians over rounds and the ratio in-process / HTTP per round. Prints a table,
@@ -24,9 +24,12 @@ const argv = process.argv.slice(2);
 const asJson = argv.includes("--json");
 const roundsAt = argv.indexOf("--rounds");
 const rounds = roundsAt === -1 ? 3 : Number(argv[roundsAt + 1]);
-const calls = Number(argv.find((a, i) => /^\d+$/.test(a) && argv[i - 1] !== "--rounds") ?? 2000);
+const calls = Number(argv.find((a, i) => /^\d+$/.test(a) && !["--rounds", "--durability"].includes(argv[i - 1])) ?? 2000);
 if (!Number.isInteger(rounds) || rounds < 1 || rounds > 20) throw new Error("--rounds must be an integer from 1 to 20");
 if (!Number.isInteger(calls) || calls < 1 || calls > 100_000) throw new Error("calls must be an integer from 1 to 100000");
+const durabilityAt = argv.indexOf("--durability");
+const durability = durabilityAt === -1 ? "full" : argv[durabilityAt + 1];
+if (!["full", "relaxed"].includes(durability)) throw new Error("--durability must be full or relaxed");
 const BATCH = 200;
 
 const keelDir = resolve(process.env.KEEL_DIR ?? join(import.meta.dirname, ".."));
@@ -76,7 +79,7 @@ function post(port, path, body) {
 }
 
 const dataDir = mkdtempSync(join(tmpdir(), "keel-bench-calls-"));
-const registry = setup({ use: { counter, relay }, host: "127.0.0.1", port: 0, dataDir, durability: "full", disableSignalHandlers: true });
+const registry = setup({ use: { counter, relay }, host: "127.0.0.1", port: 0, dataDir, durability, disableSignalHandlers: true });
 const serving = registry.start();
 try {
   const { url } = await registry.listening();
@@ -120,6 +123,7 @@ try {
     keelDir,
     calls,
     rounds,
+    durability,
     inProcess: { p50Ms: med("inProcess", "p50Ms"), p99Ms: med("inProcess", "p99Ms"), callsPerSec: med("inProcess", "callsPerSec") },
     http: { p50Ms: med("http", "p50Ms"), p99Ms: med("http", "p99Ms"), callsPerSec: med("http", "callsPerSec") },
     p50Ratio: { median: round3(median(ratios)), min: Math.min(...ratios), max: Math.max(...ratios) },
@@ -127,7 +131,7 @@ try {
   };
   if (asJson) console.log(JSON.stringify(report));
   else {
-    console.log(`keel from ${keelDir}, ${calls} calls per transport, ${rounds} rounds (medians)`);
+    console.log(`keel from ${keelDir}, durability ${durability}, ${calls} calls per transport, ${rounds} rounds (medians)`);
     console.log("| transport | p50 ms | p99 ms | calls/s |");
     console.log("|---|---|---|---|");
     console.log(`| c.client() in process | ${report.inProcess.p50Ms} | ${report.inProcess.p99Ms} | ${report.inProcess.callsPerSec} |`);

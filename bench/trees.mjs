@@ -63,10 +63,11 @@ for (let round = 0; round < opts.rounds; round++) {
     const result = await measure("keel", workload, trees[side].spec);
     const ok = result.errors === 0 && result.verify.ok;
     failed ||= !ok;
-    got[side] = { callsPerSec: result.callsPerSec, p50: result.latencyMs.p50, p99: result.latencyMs.p99, calls: result.calls, errors: result.errors, verified: result.verify.ok };
-    console.error(`round ${round + 1}/${opts.rounds} ${side}: ${result.callsPerSec} calls/s, p50 ${result.latencyMs.p50} ms, p99 ${result.latencyMs.p99} ms, ${result.errors} errors, verified: ${result.verify.ok}`);
+    got[side] = { callsPerSec: result.callsPerSec, serverCpuUsPerCall: result.cpuUsPerCall?.server ?? null, p50: result.latencyMs.p50, p99: result.latencyMs.p99, calls: result.calls, errors: result.errors, verified: result.verify.ok };
+    console.error(`round ${round + 1}/${opts.rounds} ${side}: ${result.callsPerSec} calls/s, server CPU ${got[side].serverCpuUsPerCall} µs/call, p50 ${result.latencyMs.p50} ms, p99 ${result.latencyMs.p99} ms, ${result.errors} errors, verified: ${result.verify.ok}`);
   }
-  rounds.push({ order, ...got, ratio: round3(got.after.callsPerSec / got.before.callsPerSec) });
+  const cpuRatio = got.after.serverCpuUsPerCall && got.before.serverCpuUsPerCall ? round3(got.after.serverCpuUsPerCall / got.before.serverCpuUsPerCall) : null;
+  rounds.push({ order, ...got, ratio: round3(got.after.callsPerSec / got.before.callsPerSec), cpuRatio });
 }
 
 const ratios = rounds.map((r) => r.ratio);
@@ -78,15 +79,24 @@ const summary = {
   ratioMedian: round3(median(ratios)),
   ratioMin: Math.min(...ratios),
   ratioMax: Math.max(...ratios),
+  // Server CPU per call, after / before: less sensitive than calls/s to what else the machine runs.
+  cpuRatioMedian: rounds.every((r) => r.cpuRatio !== null) ? round3(median(rounds.map((r) => r.cpuRatio))) : null,
+  cpuRatioMin: Math.min(...rounds.map((r) => r.cpuRatio ?? Infinity)),
+  cpuRatioMax: Math.max(...rounds.map((r) => r.cpuRatio ?? -Infinity)),
 };
 fs.mkdirSync(resultsDir, { recursive: true });
 const out = path.join(resultsDir, "trees.json");
 fs.writeFileSync(out, JSON.stringify({ startedAt: new Date().toISOString(), loadavgStart, loadavgEnd: os.loadavg(), cpus: os.cpus().length, opts, trees: { before: trees.before.git, after: trees.after.git }, summary, rounds }, null, 2) + "\n");
 
-console.log(`| round | first | before calls/s | after calls/s | after / before |`);
-console.log(`|---|---|---|---|---|`);
-rounds.forEach((r, i) => console.log(`| ${i + 1} | ${r.order[0]} | ${Math.round(r.before.callsPerSec)} | ${Math.round(r.after.callsPerSec)} | ${r.ratio.toFixed(2)} |`));
-console.log(`| median | | ${Math.round(summary.beforeMedian)} | ${Math.round(summary.afterMedian)} | **${summary.ratioMedian.toFixed(2)}** (range ${summary.ratioMin.toFixed(2)}–${summary.ratioMax.toFixed(2)}) |`);
+const fmt = (x) => (x === null || !Number.isFinite(x) ? "-" : x.toFixed(2));
+console.log(`| round | first | before calls/s | after calls/s | after / before | server CPU µs/call before / after | CPU after / before |`);
+console.log(`|---|---|---|---|---|---|---|`);
+rounds.forEach((r, i) =>
+  console.log(`| ${i + 1} | ${r.order[0]} | ${Math.round(r.before.callsPerSec)} | ${Math.round(r.after.callsPerSec)} | ${r.ratio.toFixed(2)} | ${r.before.serverCpuUsPerCall} / ${r.after.serverCpuUsPerCall} | ${fmt(r.cpuRatio)} |`),
+);
+console.log(
+  `| median | | ${Math.round(summary.beforeMedian)} | ${Math.round(summary.afterMedian)} | **${summary.ratioMedian.toFixed(2)}** (range ${summary.ratioMin.toFixed(2)}–${summary.ratioMax.toFixed(2)}) | | **${fmt(summary.cpuRatioMedian)}** (range ${fmt(summary.cpuRatioMin)}–${fmt(summary.cpuRatioMax)}) |`,
+);
 console.log(`\nload average ${loadavgStart.map((x) => x.toFixed(2)).join(" ")} at the start, ${os.loadavg().map((x) => x.toFixed(2)).join(" ")} at the end; written to ${out}`);
 if (failed) {
   console.error("FAILED: some calls errored or a durable count did not match (see trees.json)");
