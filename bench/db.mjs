@@ -195,7 +195,7 @@ for (const w of WORKLOADS) {
   const ratios = raw[w.name].keel.map((k, i) => round3(k.callsPerSec / raw[w.name].baseline[i].callsPerSec));
   summary[w.name] = { actors: w.actors, keel: side("keel"), baseline: side("baseline"), ratioMedian: round3(median(ratios)), ratioMin: Math.min(...ratios), ratioMax: Math.max(...ratios) };
 }
-const report = { keelDir, seconds, rounds, summary, rounds_: raw, ok: failures.length === 0, failures };
+const report = { keelDir, seconds, rounds, summary, perRound: raw, ok: failures.length === 0, failures };
 if (asJson) console.log(JSON.stringify(report));
 else {
   console.log(`keel from ${keelDir}, ${seconds} s per workload, ${rounds} rounds (medians)`);
