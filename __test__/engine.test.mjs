@@ -490,6 +490,30 @@ test("keel's connection protocol through the gateway by id: ready, replies and e
   assert.deepEqual(await unknown.closed, { code: 1008, reason: "request.route_not_found" });
 });
 
+test("requests that reach an actor while it goes to sleep by itself are served by its next activation", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  const client = createClient(engine.url);
+  const vault = client.vault.getOrCreate("slow-nap");
+  assert.equal(await vault.bump(), 1);
+  const id = await vault.resolve();
+  // The reply leaves first; then the actor stops by itself, its onSleep taking 1.5 s: the
+  // engine still routes requests to this activation all that time (keel has not asked it to
+  // sleep yet), so everything below reaches keel in the window.
+  await vault.napSlowly(1500);
+  const socket = openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/${id}/connect`);
+  const stats = await vault.stats();
+  assert.deepEqual({ n: stats.n, wakes: stats.wakes, sleeps: stats.sleeps }, { n: 1, wakes: 2, sleeps: 1 }, "served by the next activation, once");
+  assert.equal(await vault.bump(), 2);
+  // A socket opened in the window speaks keel's protocol with the next activation.
+  const ws = await socket;
+  ws.send("{not json");
+  assert.equal((await ws.closed).code, 1008);
+  assert.equal(JSON.parse(ws.messages[0]).error.code, "malformed");
+  const after = await vault.stats();
+  assert.deepEqual({ wakes: after.wakes, sleeps: after.sleeps }, { wakes: 2, sleeps: 1 }, "no further activation");
+});
+
 test("raw WebSocket echo through the gateway by rvt-* query, and its latencies", async (t) => {
   const engine = await startEngine(t);
   await startKeel(t, engine, {}, conformanceServer);
