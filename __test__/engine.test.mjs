@@ -423,9 +423,15 @@ test("SIGTERM tells the engine, stops the actors as going away, and exits by the
 });
 
 test("conformance: through the engine's gateway, the typed client not told it is an engine", async (t) => {
-  const engine = await startEngine(t);
-  await startKeel(t, engine, {}, conformanceServer);
-  await runConformance(t, { mode: "engine", url: engine.url, client: createClient(engine.url) });
+  // A fresh engine and keel per body. After one actor has slept and woken a few times in a
+  // row, engine 2.3.19 now and then stops placing new actors for 15 s to minutes (no start
+  // command reaches keel; docs/engine.md, "Not supported yet"), which would fail every later
+  // body's first call; so no body inherits an engine another body used.
+  await runConformance(t, async (st) => {
+    const engine = await startEngine(st);
+    await startKeel(st, engine, {}, conformanceServer);
+    return { mode: "engine", url: engine.url, client: createClient(engine.url) };
+  });
 });
 
 /** Opens a WebSocket (offering the gateway's `rivet` subprotocol) and resolves once open. */

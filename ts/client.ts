@@ -311,6 +311,14 @@ const undelivered = (err: unknown): boolean => err instanceof KeelError && UNDEL
 const GONE = new Set(["destroyed_while_waiting_for_ready", "destroyed_during_creation"]);
 const GONE_ATTEMPTS = 8;
 const gone = (err: unknown): err is KeelError => err instanceof KeelError && GONE.has(err.code);
+/**
+ * The envoy's own refusal of a call the gateway routed to an activation that is no longer
+ * there (destroyed, or stopped since): it never reached an actor, and the gateway passes it on
+ * instead of retrying. Sent again after a short wait, by key or by id, it reaches the actor's
+ * current activation, or the engine's own answer for an actor that is gone.
+ */
+const ENVOY_REFUSED = new Set(["envoy.actor_not_found", "envoy.actor_generation_mismatch"]);
+const envoyRefused = (err: unknown): boolean => err instanceof KeelError && ENVOY_REFUSED.has(err.fullCode);
 const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 function makeHandle(transport: Transport, name: string, target: Target): any {
@@ -323,8 +331,8 @@ function makeHandle(transport: Transport, name: string, target: Target): any {
         try {
           return (await transport.postUrl(url, { args })).output;
         } catch (err) {
-          if (gone(err)) {
-            if (target.kind === "id") {
+          if (gone(err) || envoyRefused(err)) {
+            if (target.kind === "id" && gone(err)) {
               throw new KeelError({ group: "actor", code: "not_found", message: "the actor was destroyed" }, { cause: err });
             }
             if (goneAttempt >= GONE_ATTEMPTS) throw err;
