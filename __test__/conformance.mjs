@@ -255,9 +255,10 @@ export const conformance = {
     assert.equal(await closed, 1009);
     void url;
   },
-  // Last: in engine runs here the first getOrCreate of a *new* key after a body that used
-  // tunneled WebSockets sometimes got no start command from the engine within its 15 s route
-  // timeout (`Timed out resolving actor query route`); not understood yet (docs/engine.md).
+  // In engine runs the first getOrCreate of a *new* key after earlier sleeps or tunneled
+  // WebSockets sometimes got no start command from the engine within its 15 s route timeout
+  // (`Timed out resolving actor query route`; docs/engine.md): engine.test.mjs gives each body
+  // a fresh engine.
   async "an actor that sleeps closes its sockets with 1001; the client reconnects to the next activation, state kept"({ client }) {
     const key = fresh("nap");
     const conn = client.room.getOrCreate(key).connect({ name: "ada" });
