@@ -72,7 +72,7 @@ impl JsHost {
         Arc::new_cyclic(|weak: &Weak<JsHost>| JsHost {
             uv: raw
                 .filter(|_| use_uv)
-                .map(|(env, func)| unsafe { UvWake::new(env, func, weak.clone()) }),
+                .and_then(|(env, func)| unsafe { UvWake::new(env, func, weak.clone()) }),
             dispatch,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
@@ -331,21 +331,34 @@ struct UvContext {
 }
 
 impl UvWake {
+    /// Opens the handle on `env`'s loop, for batches to `func`; `None` (and the threadsafe
+    /// function is used) if napi or libuv refuses.
+    ///
+    /// # Safety
+    /// On the JS thread of `env`, with `func` a live function value of that environment.
     unsafe fn new(
         env: napi::sys::napi_env,
         func: napi::sys::napi_value,
         host: Weak<JsHost>,
-    ) -> UvWake {
+    ) -> Option<UvWake> {
         use napi::sys;
         let mut func_ref = std::ptr::null_mut();
-        sys::napi_create_reference(env, func, 1, &mut func_ref);
+        if sys::napi_create_reference(env, func, 1, &mut func_ref) != sys::Status::napi_ok {
+            return None;
+        }
         let mut uv_loop = std::ptr::null_mut();
-        sys::napi_get_uv_event_loop(env, &mut uv_loop);
+        if sys::napi_get_uv_event_loop(env, &mut uv_loop) != sys::Status::napi_ok {
+            sys::napi_delete_reference(env, func_ref);
+            return None;
+        }
         let size = uv::uv_handle_size(uv::UV_ASYNC);
         let words = size.div_ceil(16);
         let handle =
             Box::into_raw(vec![0u128; words].into_boxed_slice()) as *mut std::os::raw::c_void;
-        uv::uv_async_init(uv_loop.cast(), handle, on_async);
+        if uv::uv_async_init(uv_loop.cast(), handle, on_async) != 0 {
+            sys::napi_delete_reference(env, func_ref);
+            return None;
+        }
         uv::uv_unref(handle);
         let alive = Arc::new(parking_lot::RwLock::new(true));
         let context = Box::into_raw(Box::new(UvContext {
@@ -357,7 +370,7 @@ impl UvWake {
         // `data` is the first field of every uv handle.
         *(handle as *mut *mut UvContext) = context;
         sys::napi_add_env_cleanup_hook(env, Some(on_cleanup), handle);
-        UvWake { handle, alive }
+        Some(UvWake { handle, alive })
     }
 }
 
