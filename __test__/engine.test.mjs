@@ -215,9 +215,10 @@ test("a schedule that fell due while its actor slept fires when the actor is sta
     const { body } = await gateway(engine, "napper", "s2", "status");
     return body.output.count === 1 ? body.output : undefined;
   });
-  // It ran once, in a later activation. (Often the third: the engine starts the actor for the
-  // due alarm as it stops, and the request that arrives meanwhile starts another.)
-  assert.ok(after.wakes >= 2, `wakes ${after.wakes}`);
+  // It ran once, in the next activation: a request that reaches the stopping activation is
+  // refused for the gateway to retry, so it never starts that activation's task again (which
+  // once made a third wake: that task, then the engine's next generation).
+  assert.equal(after.wakes, 2, `wakes ${after.wakes}`);
 });
 
 /** The engine's record of one actor (its API), without touching the actor. */
@@ -422,13 +423,14 @@ test("SIGTERM tells the engine, stops the actors as going away, and exits by the
 });
 
 test("conformance: through the engine's gateway, the typed client not told it is an engine", async (t) => {
-  const engine = await startEngine(t);
-  await startKeel(t, engine, {}, conformanceServer);
-  const notFixed = "an engine-mode difference docs/engine.md lists as not fixed yet";
-  await runConformance(t, { mode: "engine", url: engine.url, client: createClient(engine.url) }, {
-    "sleep and wake: a call after c.sleep() wakes the actor with its state; so does one after the sleep timer": `${notFixed} (a short sleep timer)`,
-    "KV: put, get, list by prefix, delete; kept across a sleep": `${notFixed} (KV list after a sleep)`,
-    "destroy: the key is free, get answers actor.not_found, getOrCreate makes a fresh actor": `${notFixed} (getOrCreate after destroy)`,
+  // A fresh engine and keel per body. After one actor has slept and woken a few times in a
+  // row, engine 2.3.19 now and then stops placing new actors for 15 s to minutes (no start
+  // command reaches keel; docs/engine.md, "Not supported yet"), which would fail every later
+  // body's first call; so no body inherits an engine another body used.
+  await runConformance(t, async (st) => {
+    const engine = await startEngine(st);
+    await startKeel(st, engine, {}, conformanceServer);
+    return { mode: "engine", url: engine.url, client: createClient(engine.url) };
   });
 });
 
@@ -488,6 +490,30 @@ test("keel's connection protocol through the gateway by id: ready, replies and e
   // An unknown route closes 1008 with its error as the reason.
   const unknown = await openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/${id}/nowhere`);
   assert.deepEqual(await unknown.closed, { code: 1008, reason: "request.route_not_found" });
+});
+
+test("requests that reach an actor while it goes to sleep by itself are served by its next activation", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  const client = createClient(engine.url);
+  const vault = client.vault.getOrCreate("slow-nap");
+  assert.equal(await vault.bump(), 1);
+  const id = await vault.resolve();
+  // The reply leaves first; then the actor stops by itself, its onSleep taking 1.5 s: the
+  // engine still routes requests to this activation all that time (keel has not asked it to
+  // sleep yet), so everything below reaches keel in the window.
+  await vault.napSlowly(1500);
+  const socket = openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/${id}/connect`);
+  const stats = await vault.stats();
+  assert.deepEqual({ n: stats.n, wakes: stats.wakes, sleeps: stats.sleeps }, { n: 1, wakes: 2, sleeps: 1 }, "served by the next activation, once");
+  assert.equal(await vault.bump(), 2);
+  // A socket opened in the window speaks keel's protocol with the next activation.
+  const ws = await socket;
+  ws.send("{not json");
+  assert.equal((await ws.closed).code, 1008);
+  assert.equal(JSON.parse(ws.messages[0]).error.code, "malformed");
+  const after = await vault.stats();
+  assert.deepEqual({ wakes: after.wakes, sleeps: after.sleeps }, { wakes: 2, sleeps: 1 }, "no further activation");
 });
 
 test("raw WebSocket echo through the gateway by rvt-* query, and its latencies", async (t) => {

@@ -13,6 +13,11 @@
 //! between, so an uncontended call wakes no Rust thread on its way to JS or back from the
 //! batch call.
 //!
+//! With `KEEL_UV_DISPATCH=1` (experimental, off by default) batches leave the same way but
+//! wake the JS thread through keel's own libuv async handle ([`UvWake`]) instead of the
+//! threadsafe function: Node sends a threadsafe function's wake while holding its queue's
+//! mutex, so the JS thread wakes, blocks on that mutex, and is woken again by the unlock.
+//!
 //! Invocations and completions are discriminated unions (napi structured enums): each kind
 //! carries exactly its fields. Besides calls, the queue carries notices (a connection opened
 //! or closed on a type without the hooks that would run then), which JS takes without
@@ -43,6 +48,9 @@ const MAX_BATCH_LEN: usize = 1024;
 pub struct JsHost {
     /// Batches leave through this function; JS answers through [`JsHost::complete`].
     dispatch: DispatchFn,
+    /// Opt-in (`KEEL_UV_DISPATCH=1`, experimental): batches leave through keel's own libuv
+    /// async handle instead of `dispatch`, whose send wakes JS while holding Node's lock.
+    uv: Option<UvWake>,
     /// Waiting invocations by id; the entry is removed on completion or when the waiter
     /// gives up (a timeout drops it).
     pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
@@ -56,8 +64,15 @@ pub struct JsHost {
 
 impl JsHost {
     /// A host that sends batches to `dispatch`.
-    pub fn new(dispatch: DispatchFn) -> Arc<JsHost> {
-        Arc::new(JsHost {
+    pub fn new(
+        dispatch: DispatchFn,
+        raw: Option<(napi::sys::napi_env, napi::sys::napi_value)>,
+    ) -> Arc<JsHost> {
+        let use_uv = std::env::var("KEEL_UV_DISPATCH").is_ok_and(|v| v == "1");
+        Arc::new_cyclic(|weak: &Weak<JsHost>| JsHost {
+            uv: raw
+                .filter(|_| use_uv)
+                .and_then(|(env, func)| unsafe { UvWake::new(env, func, weak.clone()) }),
             dispatch,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
@@ -82,6 +97,24 @@ impl JsHost {
     /// goes straight from the actor's task to the JS thread, and the next batch leaves from the
     /// JS thread itself, in the return callback of the one before.
     fn send(self: &Arc<Self>, invocations: impl IntoIterator<Item = Invocation>) {
+        if let Some(uv) = &self.uv {
+            let wake = {
+                let mut outbox = self.outbox.lock();
+                outbox.queue.extend(invocations);
+                !std::mem::replace(&mut outbox.in_flight, true)
+            };
+            if wake && !uv.send() {
+                // The JS environment is gone: nothing will run these.
+                let refused: Vec<Invocation> = {
+                    let mut outbox = self.outbox.lock();
+                    outbox.in_flight = false;
+                    outbox.queue.drain(..).collect()
+                };
+                let ids: Vec<u32> = refused.iter().filter_map(Invocation::id).collect();
+                self.fail(&ids, "the call never reached JS (it is shutting down)");
+            }
+            return;
+        }
         let batch = {
             let mut outbox = self.outbox.lock();
             outbox.queue.extend(invocations);
@@ -148,6 +181,18 @@ impl JsHost {
             }
         }
         waiting.push(notice);
+    }
+
+    /// Fails the waiters of `ids` (those still waiting) with `reason`.
+    fn fail(&self, ids: &[u32], reason: &str) {
+        tracing::error!(error = %reason, invocations = ids.len(), "dispatching to JS failed");
+        let mut pending = self.pending.lock();
+        for id in ids {
+            if let Some(waiter) = pending.remove(id) {
+                // The waiter may have given up already.
+                let _ = waiter.send(Reply::failed(format!("dispatching to JS failed: {reason}")));
+            }
+        }
     }
 
     /// A fresh invocation id.
@@ -228,6 +273,177 @@ impl Drop for BatchInFlight {
         let next = host.outbox.lock().next_batch();
         if let Some(batch) = next {
             host.dispatch_batch(batch);
+        }
+    }
+}
+
+/// The few libuv functions the opt-in wake uses; Node exports them to addons.
+mod uv {
+    use std::os::raw::{c_int, c_void};
+    extern "C" {
+        pub fn uv_handle_size(kind: c_int) -> usize;
+        pub fn uv_async_init(
+            loop_: *mut c_void,
+            handle: *mut c_void,
+            cb: unsafe extern "C" fn(*mut c_void),
+        ) -> c_int;
+        pub fn uv_async_send(handle: *mut c_void) -> c_int;
+        pub fn uv_unref(handle: *mut c_void);
+        pub fn uv_close(handle: *mut c_void, cb: Option<unsafe extern "C" fn(*mut c_void)>);
+    }
+    pub const UV_ASYNC: c_int = 1;
+}
+
+/// Wakes the JS thread through a libuv async handle: `uv_async_send` takes no lock, so the
+/// woken JS thread never blocks on the sender (Node's threadsafe functions send while holding
+/// their queue's mutex, which costs a JS sleep and two preemptions of the worker per call).
+/// The handle is unreferenced, so it never keeps Node alive; an environment cleanup hook
+/// closes it, after which sends are refused.
+struct UvWake {
+    handle: *mut std::os::raw::c_void,
+    /// Whether the handle is still open; the cleanup hook clears it under the write lock.
+    alive: Arc<parking_lot::RwLock<bool>>,
+}
+
+impl UvWake {
+    /// Wakes the JS thread; false once the environment is gone.
+    fn send(&self) -> bool {
+        let alive = self.alive.read();
+        if *alive {
+            // SAFETY: the handle stays open while `alive` is set, and the read lock keeps the
+            // cleanup hook from closing it meanwhile; `uv_async_send` is thread-safe.
+            unsafe { uv::uv_async_send(self.handle) };
+        }
+        *alive
+    }
+}
+
+// The handle is only sent to (uv_async_send is thread-safe) off the JS thread.
+unsafe impl Send for UvWake {}
+unsafe impl Sync for UvWake {}
+
+/// What the JS-thread callback needs, reached through the handle's `data` field.
+struct UvContext {
+    env: napi::sys::napi_env,
+    func: napi::sys::napi_ref,
+    host: Weak<JsHost>,
+    alive: Arc<parking_lot::RwLock<bool>>,
+}
+
+impl UvWake {
+    /// Opens the handle on `env`'s loop, for batches to `func`; `None` (and the threadsafe
+    /// function is used) if napi or libuv refuses.
+    ///
+    /// # Safety
+    /// On the JS thread of `env`, with `func` a live function value of that environment.
+    unsafe fn new(
+        env: napi::sys::napi_env,
+        func: napi::sys::napi_value,
+        host: Weak<JsHost>,
+    ) -> Option<UvWake> {
+        use napi::sys;
+        let mut func_ref = std::ptr::null_mut();
+        if sys::napi_create_reference(env, func, 1, &mut func_ref) != sys::Status::napi_ok {
+            return None;
+        }
+        let mut uv_loop = std::ptr::null_mut();
+        if sys::napi_get_uv_event_loop(env, &mut uv_loop) != sys::Status::napi_ok {
+            sys::napi_delete_reference(env, func_ref);
+            return None;
+        }
+        let size = uv::uv_handle_size(uv::UV_ASYNC);
+        let words = size.div_ceil(16);
+        let handle =
+            Box::into_raw(vec![0u128; words].into_boxed_slice()) as *mut std::os::raw::c_void;
+        if uv::uv_async_init(uv_loop.cast(), handle, on_async) != 0 {
+            sys::napi_delete_reference(env, func_ref);
+            return None;
+        }
+        uv::uv_unref(handle);
+        let alive = Arc::new(parking_lot::RwLock::new(true));
+        let context = Box::into_raw(Box::new(UvContext {
+            env,
+            func: func_ref,
+            host,
+            alive: alive.clone(),
+        }));
+        // `data` is the first field of every uv handle.
+        *(handle as *mut *mut UvContext) = context;
+        sys::napi_add_env_cleanup_hook(env, Some(on_cleanup), handle);
+        Some(UvWake { handle, alive })
+    }
+}
+
+/// Closes the handle when the JS environment is torn down; later sends are refused. The
+/// handle's memory and context are left allocated (once per registry, at teardown).
+unsafe extern "C" fn on_cleanup(handle: *mut std::os::raw::c_void) {
+    let context = &*(*(handle as *mut *mut UvContext));
+    let mut alive = context.alive.write();
+    *alive = false;
+    uv::uv_close(handle, None);
+}
+
+/// Runs on the JS thread when woken: sends everything queued to `dispatch`, a batch at a
+/// time, through `napi_make_callback` (so microtasks run after each batch, as after a
+/// threadsafe-function call), until the queue is empty.
+unsafe extern "C" fn on_async(handle: *mut std::os::raw::c_void) {
+    use napi::sys;
+    let context = &*(*(handle as *mut *mut UvContext));
+    let Some(host) = context.host.upgrade() else {
+        return;
+    };
+    let env = context.env;
+    loop {
+        let batch = {
+            let mut outbox = host.outbox.lock();
+            if outbox.queue.is_empty() {
+                outbox.in_flight = false;
+                break;
+            }
+            let len = outbox.queue.len().min(MAX_BATCH_LEN);
+            outbox.queue.drain(..len).collect::<Vec<_>>()
+        };
+        let ids: Vec<u32> = batch.iter().filter_map(Invocation::id).collect();
+        let mut scope = std::ptr::null_mut();
+        sys::napi_open_handle_scope(env, &mut scope);
+        let mut func = std::ptr::null_mut();
+        sys::napi_get_reference_value(env, context.func, &mut func);
+        let mut recv = std::ptr::null_mut();
+        sys::napi_get_global(env, &mut recv);
+        let outcome = match <Vec<Invocation> as napi::bindgen_prelude::ToNapiValue>::to_napi_value(
+            env, batch,
+        ) {
+            Ok(arg) => {
+                let mut result = std::ptr::null_mut();
+                let status = sys::napi_make_callback(
+                    env,
+                    std::ptr::null_mut(),
+                    recv,
+                    func,
+                    1,
+                    &arg,
+                    &mut result,
+                );
+                if status == sys::Status::napi_ok {
+                    Ok(())
+                } else {
+                    let mut exception = std::ptr::null_mut();
+                    sys::napi_get_and_clear_last_exception(env, &mut exception);
+                    Err(format!("napi status {status}"))
+                }
+            }
+            Err(err) => Err(err.to_string()),
+        };
+        sys::napi_close_handle_scope(env, scope);
+        if let Err(reason) = outcome {
+            tracing::error!(error = %reason, invocations = ids.len(), "dispatching to JS failed");
+            let mut pending = host.pending.lock();
+            for id in &ids {
+                if let Some(waiter) = pending.remove(id) {
+                    let _ =
+                        waiter.send(Reply::failed(format!("dispatching to JS failed: {reason}")));
+                }
+            }
         }
     }
 }

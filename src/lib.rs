@@ -64,14 +64,22 @@ pub struct CoreRegistry {
 
 #[napi]
 impl CoreRegistry {
-    /// Creates an idle registry whose user code runs through `dispatch`.
+    /// Creates an idle registry whose user code runs through `dispatch`. `rawDispatch` (the
+    /// same function) is called directly from keel's own libuv wake-up when
+    /// `KEEL_UV_DISPATCH=1` (experimental; see docs/configuration.md).
     #[napi(constructor)]
     pub fn new(
+        env: napi::Env,
         #[napi(ts_arg_type = "(batch: Invocation[]) => void")] dispatch: DispatchFn,
+        #[napi(ts_arg_type = "(batch: Invocation[]) => void")] raw_dispatch: Option<
+            napi::bindgen_prelude::Function<'_>,
+        >,
     ) -> CoreRegistry {
+        use napi::JsValue;
+        let raw = raw_dispatch.map(|func| (env.raw(), func.raw()));
         // Without options this cannot fail; `setup()` calls `initLogging` with its own first.
         let _ = logging::init(None);
-        let host = JsHost::new(dispatch);
+        let host = JsHost::new(dispatch, raw);
         let registry = Arc::new(Registry::new(Arc::new(SharedHost(host.clone()))));
         CoreRegistry {
             registry,

@@ -299,16 +299,49 @@ const GATEWAY_ATTEMPTS = 3;
 const UNDELIVERED = new Set(["route_resolve_query_timeout", "actor_ready_timeout"]);
 const undelivered = (err: unknown): boolean => err instanceof KeelError && UNDELIVERED.has(err.code);
 
+/**
+ * Engine answers that the actor the gateway waited for went away before the call reached it:
+ * destroyed before it was ready (a call right after `c.destroy()`, while the engine finishes
+ * the destroy: the key still names the old actor), or a new actor that lost its key to
+ * another one created for the same key (an earlier attempt of this call that timed out). The
+ * call did not run. By key, it is sent again after a short wait, so it resolves the key afresh
+ * as embedded does (a fresh actor for `getOrCreate`, `actor.not_found` for `get`); by id it
+ * is `actor.not_found`, as a destroyed actor's id is embedded.
+ */
+const GONE = new Set(["destroyed_while_waiting_for_ready", "destroyed_during_creation"]);
+const GONE_ATTEMPTS = 8;
+const gone = (err: unknown): err is KeelError => err instanceof KeelError && GONE.has(err.code);
+/**
+ * The envoy's own refusal of a call the gateway routed to an activation that is no longer
+ * there (destroyed, or stopped since): it never reached an actor, and the gateway passes it on
+ * instead of retrying. Sent again after a short wait, by key or by id, it reaches the actor's
+ * current activation, or the engine's own answer for an actor that is gone.
+ */
+const ENVOY_REFUSED = new Set(["envoy.actor_not_found", "envoy.actor_generation_mismatch"]);
+const envoyRefused = (err: unknown): boolean => err instanceof KeelError && ENVOY_REFUSED.has(err.fullCode);
+const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
 function makeHandle(transport: Transport, name: string, target: Target): any {
   const encodedName = encodeURIComponent(name);
   const call = async (action: string, args: unknown[]) => {
     const encodedAction = encodeURIComponent(action);
     if ((await transport.kind()) === "engine") {
       const url = await gatewayUrl(transport.engine, gatewayTarget(name, target), `/action/${encodedAction}`);
-      for (let attempt = 1; ; attempt++) {
+      for (let attempt = 1, goneAttempt = 1; ; attempt++) {
         try {
           return (await transport.postUrl(url, { args })).output;
         } catch (err) {
+          if (gone(err) || envoyRefused(err)) {
+            if (target.kind === "id" && gone(err)) {
+              throw new KeelError({ group: "actor", code: "not_found", message: "the actor was destroyed" }, { cause: err });
+            }
+            if (goneAttempt >= GONE_ATTEMPTS) throw err;
+            // 50 ms doubling: about 6 s in all for the engine to finish the destroy.
+            await pause(50 * 2 ** (goneAttempt - 1));
+            goneAttempt++;
+            attempt--;
+            continue;
+          }
           if (attempt >= GATEWAY_ATTEMPTS || !undelivered(err)) throw err;
         }
       }

@@ -200,6 +200,28 @@ pub trait Tunnel: Send + Sync + 'static {
     fn fetch(&self, actor_id: String, request: TunneledRequest) -> BoxFuture<TunneledResponse>;
     /// Serves one WebSocket for `actor_id`, already open (see `socket.rs`); returns at once.
     fn websocket(&self, actor_id: String, socket: keel_core::TunneledSocket);
+    /// Whether `actor_id`'s activation here takes requests now. `false` once it has begun to
+    /// sleep or destroy itself (the engine's stop is on its way) or was stopped: what the
+    /// gateway still sends it belongs to the actor's next activation, so it is refused in the
+    /// way the gateway retries (see [`retry_response`]).
+    fn serves(&self, actor_id: &str) -> bool;
+}
+
+/// The header, and its value, by which the engine's gateway tells a response it should retry
+/// (after a backoff, resolving the actor's route afresh: a sleeping actor is started again)
+/// from one it passes on: a 503 carrying the gateway's own retryable error code. keel sets it
+/// on a request its activation refused because that activation has begun to stop by itself,
+/// so the request reaches the next activation, as the next call after a sleep does embedded.
+pub const RETRY_HEADER: (&str, &str) = ("x-rivet-error", "guard.service_unavailable");
+
+/// `response` (keel's refusal of a request for an actor this activation no longer serves)
+/// marked so the gateway sends the request again, to the actor's next activation.
+pub(crate) fn retry_response(mut response: TunneledResponse) -> TunneledResponse {
+    response.status = 503;
+    response
+        .headers
+        .insert(RETRY_HEADER.0.to_string(), RETRY_HEADER.1.to_string());
+    response
 }
 
 /// The envoy's callbacks: forwards commands as [`EngineEvent`]s.
@@ -358,6 +380,14 @@ impl EnvoyCallbacks for Callbacks {
             tracing::debug!(%actor_id, %path, "tunneled websocket has no route");
             return Box::pin(async move { Err(anyhow::anyhow!("no websocket route for {path}")) });
         };
+        if !tunnel.serves(&actor_id) {
+            // Refused before it opens: the gateway opens it again once the actor's next
+            // activation runs, instead of handing the client a socket that closes at once.
+            tracing::debug!(%actor_id, %path, "tunneled websocket for an activation that is stopping");
+            return Box::pin(
+                async move { Err(anyhow::anyhow!("the actor's activation is stopping")) },
+            );
+        }
         tracing::debug!(%actor_id, %path, "tunneled websocket");
         let handler = crate::socket::handler(self.sockets.clone(), path, headers, move |socket| {
             tunnel.websocket(actor_id, socket)

@@ -28,7 +28,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::activation::{error_response, EngineEvent, Tunnel, TunneledRequest, TunneledResponse};
+use crate::activation::{
+    error_response, retry_response, EngineEvent, Tunnel, TunneledRequest, TunneledResponse,
+};
 use crate::config::EngineConfig;
 use crate::envoy::{connect_with, Engine, ShutdownOutcome};
 use crate::seam::EngineStorage;
@@ -256,6 +258,12 @@ struct RuntimeTunnel {
 }
 
 impl Tunnel for RuntimeTunnel {
+    fn serves(&self, actor_id: &str) -> bool {
+        self.runtime
+            .get()
+            .is_some_and(|runtime| runtime.serves_actor(actor_id))
+    }
+
     fn websocket(&self, actor_id: String, socket: keel_core::TunneledSocket) {
         match self.runtime.get() {
             Some(runtime) => runtime.serve_tunneled_socket(&actor_id, socket),
@@ -303,11 +311,19 @@ impl Tunnel for RuntimeTunnel {
                     headers.insert(name.as_str().to_string(), value.to_string());
                 }
             }
-            TunneledResponse {
+            let response = TunneledResponse {
                 status: parts.status.as_u16(),
                 headers,
                 body,
+            };
+            if response.status == 503 && !runtime.serves_actor(&actor_id) {
+                // Refused because this activation stopped (it went to sleep by itself, say,
+                // and the gateway sent the request before the engine took that in): the
+                // request belongs to the next activation, so the gateway is told to retry.
+                tracing::debug!(%actor_id, "tunneled request refused by a stopping activation; the gateway retries it");
+                return retry_response(response);
             }
+            response
         })
     }
 }

@@ -235,6 +235,11 @@ impl ActorHandle {
         *self.stopped.borrow() || self.stopped.has_changed().is_err()
     }
 
+    /// Whether the task has begun to stop (its mailbox is closed) or has ended.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.tx.is_closed() || self.has_exited()
+    }
+
     /// Asks the task to stop for `reason` from outside it (an engine's stop command): it
     /// stops as for the drain, with that reason's hooks. The first reason asked for wins.
     pub(crate) fn request_stop(&self, reason: StopReason) {

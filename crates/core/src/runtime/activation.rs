@@ -18,9 +18,11 @@
 //!   leaves (a new actor whose creation hook failed is deleted first), so the next message
 //!   starts a fresh task; a task that died without leaving (a panic) is replaced, never
 //!   waited on. Nothing acknowledged is lost either way: state is what storage holds.
-//! - Stopping is the task's own decision today (its idle timer, `c.sleep()`, `c.destroy()`,
-//!   the drain); it reports leaving through [`Lifecycle::left`] with its generation, which
-//!   is also where an engine's stop command would land.
+//! - Stopping is the task's own decision (its idle timer, `c.sleep()`, `c.destroy()`, the
+//!   drain), or a driver's stop ([`Driven::stop`]); a task reports leaving through
+//!   [`Lifecycle::left`] with its generation.
+//! - A driven actor that stopped by itself is not started again at its generation: the
+//!   driver's stop is on its way, and the next activation is the driver's to start.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -182,12 +184,17 @@ struct Owned {
     /// The driver's generation of this activation; tags its tasks.
     generation: u64,
     info: Arc<ActorInfo>,
-    /// The live task, if one runs: an actor that slept by itself keeps its entry (the driver
-    /// still counts it as running until its stop arrives) and is started again by the next
-    /// message, at the same generation.
+    /// The live task, if one runs.
     handle: Option<ActorHandle>,
     /// Set once the actor destroyed itself: nothing starts it again.
     destroyed: bool,
+    /// Set once the actor went to sleep by itself (its idle timer, `c.sleep()`) and the
+    /// driver was asked to stop it: the entry stays until that stop arrives, but nothing
+    /// starts this generation again. A message meanwhile is refused with `actor.stopped`,
+    /// so the driver delivers it to the next generation, as the next call after a sleep
+    /// reaches the next activation embedded. (Started again at the same generation, the
+    /// task would be stopped under that message by the stop already on its way.)
+    asleep: bool,
 }
 
 /// The activation of a driven runtime: a task runs only for an actor the driver has started
@@ -250,6 +257,7 @@ impl Driven {
                 info: info.clone(),
                 handle: None,
                 destroyed: false,
+                asleep: false,
             },
         );
         let entry = owned.get_mut(&info.id).ok_or(Error::ActorStopped)?;
@@ -273,6 +281,21 @@ impl Driven {
             handle.request_stop(reason);
             handle.wait_stopped().await;
         }
+    }
+
+    /// Whether the actor's activation runs here and takes requests: the driver started it,
+    /// and it has not begun to sleep or to destroy itself. `false` tells a caller of the
+    /// driver that a request refused for this actor belongs to its next activation.
+    pub(crate) fn serves(&self, id: &str) -> bool {
+        let owned = self.owned.lock();
+        owned.get(id).is_some_and(|entry| {
+            !entry.asleep
+                && !entry.destroyed
+                && entry
+                    .handle
+                    .as_ref()
+                    .is_none_or(|handle| !handle.is_stopping())
+        })
     }
 
     fn spawn(&self, entry: &mut Owned) -> Result<ActorHandle> {
@@ -303,6 +326,9 @@ impl Activation for Driven {
         let entry = owned.get_mut(&info.id).ok_or(Error::ActorStopped)?;
         if entry.destroyed {
             return Err(Error::ActorNotFound);
+        }
+        if entry.asleep {
+            return Err(Error::ActorStopped);
         }
         if let Some(handle) = &entry.handle {
             if !handle.has_exited() {
@@ -359,6 +385,7 @@ impl Lifecycle for Driven {
                 return;
             }
             entry.handle = None;
+            entry.asleep = !entry.destroyed;
             self.directory.forget_key(&entry.info);
             if self.is_closed() || self.env.stop.is_cancelled() {
                 None

@@ -209,6 +209,15 @@ impl Runtime {
         Ok(())
     }
 
+    /// Whether a driven runtime runs the actor `id`'s activation and takes its requests: the
+    /// driver started it and it has not begun to sleep or destroy itself. A request this
+    /// runtime refused for an actor it no longer serves belongs to the actor's next
+    /// activation, which only the driver can start (it may retry the request there).
+    /// `false` on a runtime that is not driven.
+    pub fn serves_actor(&self, id: &str) -> bool {
+        self.dispatch.driven().is_ok_and(|driven| driven.serves(id))
+    }
+
     /// Handles one request tunneled to the actor `actor_id`, which the driver has already
     /// resolved: keel's own routes, and `POST /action/{name}` with `{"args": [...]}` answered
     /// `{"output": ...}` (the shape RivetKit's gateway clients use).
