@@ -64,7 +64,9 @@ async function startEngine(t, pegboard = {}) {
   const dir = tempDir(t);
   const [guard, apiPeer, metrics] = await freePorts(3);
   // Every listener on 127.0.0.1 (the engine binds all interfaces by default), no telemetry
-  // (on by default).
+  // (on by default), and no load shedding: by default the engine's workflow worker skips a
+  // growing share of due workflows (actor creation and start among them) once the CPU of its
+  // whole cgroup, other processes included, passes 70% (docs/engine.md).
   writeFileSync(
     join(dir, "engine.json"),
     JSON.stringify({
@@ -72,6 +74,7 @@ async function startEngine(t, pegboard = {}) {
       api_peer: { host: "127.0.0.1", port: apiPeer },
       metrics: { host: "127.0.0.1", port: metrics },
       telemetry: { enabled: false },
+      runtime: { worker_load_shedding_curve: [[999, 1000], [1000, 999]] },
       pegboard,
       file_system: { path: join(dir, "db") },
     }),

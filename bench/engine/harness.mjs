@@ -2,7 +2,10 @@
 // keel's tests start it (__test__/engine.test.mjs): every listener (guard, api_peer, metrics) on
 // 127.0.0.1 at a port picked free just before, telemetry off, its RocksDB data in a new temp dir.
 // Without such a config the engine binds every interface and sends telemetry, so it is never
-// started any other way.
+// started any other way. Load shedding is off (`runtime.worker_load_shedding_curve`): by
+// default the engine's workflow worker skips a growing share of due workflows once the CPU of
+// its whole cgroup (every process on this shared machine) passes 70%, and a skipped actor
+// creation waited past the gateway's 15 s route timeout (docs/engine.md).
 //
 // What must stay true: startEngine() resolves only once /health answers and the `default`
 // pool's runner config is upserted (retried while the `default` namespace is still being
@@ -62,6 +65,7 @@ export async function startEngine() {
     api_peer: { host: "127.0.0.1", port: apiPeer },
     metrics: { host: "127.0.0.1", port: metrics },
     telemetry: { enabled: false },
+    runtime: { worker_load_shedding_curve: [[999, 1000], [1000, 999]] },
     file_system: { path: path.join(dir, "db") },
   };
   fs.writeFileSync(path.join(dir, "engine.json"), JSON.stringify(config));

@@ -9,7 +9,8 @@
 //   2. first call to a new actor: `firstActors` new keys, one `increment` each, one at a time
 //      (on the engine, the gateway's getOrCreate: create, allocate, start, call);
 //   3. sequential: `seqCalls` increments on one key, one at a time, after 20 untimed ones;
-//      p50/p99, and the server's and the engine's CPU per call over them;
+//      p50/p99, and the server's and the engine's CPU per call over them; on the engine
+//      then as many again by actor id (`/gateway/{id}/...`), which skips the key resolution;
 //   4. throughput with 8 and with 64 actors (`--engine-actors`): wrk, one connection per actor
 //      with one request in flight (http-wrk.mjs with wrk/counter.lua), `durationS` after a 1 s
 //      warm-up, on actors created beforehand one at a time (create() below);
@@ -126,8 +127,7 @@ function route(server, name, key) {
 }
 
 /** One call; resolves `{ms, status, output}` (output null unless a 200 with `{"output"}`). */
-async function call(server, name, key, action, args = []) {
-  const r = route(server, name, key);
+async function call(server, name, key, action, args = [], r = route(server, name, key)) {
   const start = performance.now();
   const res = await fetch(`http://127.0.0.1:${server.port}${r.path(action)}`, {
     method: "POST",
@@ -257,6 +257,30 @@ export async function measureEngineKind(kind, opts, spec) {
     const count = await call(server, "counter", "seq", "getCount");
     check(count.output === 20 + n, `sequential getCount ${count.output}, expected ${20 + n}`);
 
+    // 3b. On the engine, the same increments by actor id (`/gateway/{id}/...`, resolved once
+    // with the engine's `GET /actors`): the gateway then skips resolving the key on every call,
+    // which is about half of the engine's CPU per call (bench/README.md).
+    if (engine) {
+      const listed = await (await fetch(`${engine.url}/actors?namespace=default&name=counter&key=seq`, { signal: AbortSignal.timeout(STEP_MS) })).json();
+      const id = (listed.actors ?? [listed.actor])[0]?.actor_id;
+      check(typeof id === "string", `GET /actors for seq: ${JSON.stringify(listed).slice(0, 300)}`);
+      const byId = { path: (action) => `/gateway/${id}/action/${action}`, body: (args) => ({ args }) };
+      const ids = [];
+      const cpu1 = { server: cpuMsOf(server.child.pid), engine: cpuMsOf(engine.child.pid) };
+      for (let i = 21 + n; i < 21 + 2 * n; i++) {
+        const r = await call(server, "counter", "seq", "increment", [1], byId);
+        check(r.output === i, `sequential by id ${i}: ${r.status} ${r.text ?? r.output}`);
+        ids.push(r.ms);
+      }
+      result.sequentialById = {
+        calls: n,
+        p50: pct(ids, 50),
+        p99: pct(ids, 99),
+        serverCpuUsPerCall: round3(((cpuMsOf(server.child.pid) - cpu1.server) / n) * 1000),
+        engineCpuUsPerCall: round3(((cpuMsOf(engine.child.pid) - cpu1.engine) / n) * 1000),
+      };
+    }
+
     // 4. Throughput with 8 and 64 actors, under wrk.
     result.throughput = {};
     for (const actors of opts.engineActors) {
@@ -326,6 +350,9 @@ export function engineFigures(actorCounts) {
     ["sequential increments, p99 ms", (r) => r.sequential?.p99],
     ["sequential, server CPU µs/call", (r) => r.sequential?.serverCpuUsPerCall],
     ["sequential, engine CPU µs/call", (r) => r.sequential?.engineCpuUsPerCall],
+    ["sequential by actor id, p50 ms", (r) => r.sequentialById?.p50],
+    ["sequential by actor id, p99 ms", (r) => r.sequentialById?.p99],
+    ["sequential by actor id, engine CPU µs/call", (r) => r.sequentialById?.engineCpuUsPerCall],
     ["wake from sleep, p50 ms", (r) => r.wakeMs?.p50],
     ...actorCounts.flatMap((n) => [
       [`${n} actors (wrk), calls/s`, (r) => r.throughput?.[n]?.callsPerSec],

@@ -58,13 +58,16 @@ impl TestEngine {
         );
         let dir = tempfile::tempdir().expect("temp dir");
         let [guard_port, api_peer_port, metrics_port] = free_ports();
-        // Every listener on 127.0.0.1 (the engine binds all interfaces by default) and no
-        // telemetry (on by default).
+        // Every listener on 127.0.0.1 (the engine binds all interfaces by default), no
+        // telemetry (on by default), and no load shedding: by default the engine's workflow
+        // worker skips a growing share of due workflows (actor creation and start among them)
+        // once the CPU of its whole cgroup, other processes included, passes 70%.
         let config = json!({
             "guard": { "host": "127.0.0.1", "port": guard_port },
             "api_peer": { "host": "127.0.0.1", "port": api_peer_port },
             "metrics": { "host": "127.0.0.1", "port": metrics_port },
             "telemetry": { "enabled": false },
+            "runtime": { "worker_load_shedding_curve": [[999, 1000], [1000, 999]] },
             "pegboard": pegboard,
             "file_system": { "path": dir.path().join("db") },
         });
