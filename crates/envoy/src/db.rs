@@ -2,12 +2,13 @@
 //! truth, and each activation runs the user's SQL on a local copy rebuilt when it starts.
 //!
 //! What the engine holds, next to the actor's state (`storage.rs`'s schema):
-//! - `keel_db_log`: one row per call that changed the database, its SQLite changeset under the
-//!   actor's next change number. It goes in the call's own commit (`Writes::db`), so it is in
+//! - `keel_db_log`: the SQLite changeset of each call that changed the database, under the
+//!   actor's next change number, in parts of [`PART_BYTES`] (engine 2.3.19 refuses a bound
+//!   value over 128 KiB: seen as `storage.io` for a 130 KiB changeset). It goes in the call's own commit (`Writes::db`), so it is in
 //!   the same generation-fenced batch as the call's state, KV and schedules: a zombie owner's
 //!   SQL is refused with its state, and a call's SQL lands with the rest of the call or not.
 //! - `keel_db_image` and `keel_db_head`: an image of the whole database file (`VACUUM INTO`),
-//!   in parts of [`IMAGE_PART_BYTES`], with the newest change it holds. Log rows up to it are
+//!   in parts of [`PART_BYTES`], with the newest change it holds. Log rows up to it are
 //!   dropped by the batch that makes it the head.
 //!
 //! What must stay true:
@@ -21,7 +22,7 @@
 //!   on, by a new image: the log never holds a change the image's schema cannot take. A start
 //!   whose replayed log is over [`COMPACT_LOG_BYTES`] or [`COMPACT_LOG_ROWS`] writes one too,
 //!   so a start reads a bounded log.
-//! - An image is written in batches of one part each, all under a new image number, then made
+//! - An image is written in batches of [`PARTS_PER_WRITE`] parts, under a new image number, then made
 //!   the head by one last batch; a start only ever reads the head's parts, so an image cut
 //!   off half way is never read (and its parts are dropped by the next head).
 //! - Images go through the actor's commit queue, so they are fenced like every write and
@@ -39,8 +40,12 @@ use keel_core::{ActorDb, DbChange, DbConfig, Error, MigrationStep, Result};
 use crate::sql::{damage, Rows, Statement, Value};
 use crate::storage::ActorStore;
 
-/// The size of one part of an image, and so of one batch that writes it.
-pub const IMAGE_PART_BYTES: usize = 1024 * 1024;
+/// The most bytes one stored part of a changeset or an image holds: under the engine's limit
+/// on one bound value.
+pub const PART_BYTES: usize = 96 * 1024;
+
+/// How many image parts one batch writes.
+const PARTS_PER_WRITE: usize = 8;
 
 /// The most bytes of image parts or log rows one read batch asks for (the engine answers up
 /// to 20 MiB).
@@ -71,13 +76,13 @@ pub(crate) async fn open(
     let results = store
         .read(vec![
             Statement::plain("SELECT image, seq, parts, bytes FROM keel_db_head WHERE id = 1"),
-            Statement::plain("SELECT seq, length(changeset) FROM keel_db_log ORDER BY seq"),
+            Statement::plain("SELECT seq, part, length(bytes) FROM keel_db_log ORDER BY seq, part"),
         ])
         .await?;
     let [head, log_index]: [_; 2] = results
         .try_into()
         .map_err(|_| damage(&actor_id, "a read returned the wrong number of results"))?;
-    let log_index = Rows::new(&actor_id, log_index).values(2)?;
+    let log_index = Rows::new(&actor_id, log_index).values(3)?;
     let head = match Rows::new(&actor_id, head).values(4)?.pop() {
         Some(row) => {
             let [image, seq, parts, bytes]: [Value; 4] = row
@@ -99,13 +104,14 @@ pub(crate) async fn open(
     let since = head.as_ref().map_or(0, |head| head.seq);
     let mut wanted = Vec::new();
     for row in log_index {
-        let [seq, len]: [Value; 2] = row
+        let [seq, part, len]: [Value; 3] = row
             .try_into()
             .map_err(|_| damage(&actor_id, "a SQL log row has the wrong width"))?;
         let seq = seq.integer(&actor_id, "a SQL change number")?;
+        let part = part.integer(&actor_id, "a SQL change's part")?;
         let len = len.integer(&actor_id, "a SQL change's size")?;
         if seq > since {
-            wanted.push((seq, usize::try_from(len).unwrap_or(usize::MAX)));
+            wanted.push((seq, part, usize::try_from(len).unwrap_or(usize::MAX)));
         }
     }
     let log = read_log(&store, &wanted).await?;
@@ -147,7 +153,7 @@ pub(crate) async fn open(
 /// The head's image, part by part, checked against its recorded size.
 async fn read_image(store: &ActorStore, head: &Head) -> Result<Vec<u8>> {
     let actor_id = store.actor_id();
-    let per_batch = (READ_BATCH_BYTES / IMAGE_PART_BYTES).max(1) as i64;
+    let per_batch = (READ_BATCH_BYTES / PART_BYTES).max(1) as i64;
     let mut image = Vec::with_capacity(usize::try_from(head.bytes).unwrap_or(0));
     let mut part = 0;
     while part < head.parts {
@@ -182,43 +188,55 @@ async fn read_image(store: &ActorStore, head: &Head) -> Result<Vec<u8>> {
     Ok(image)
 }
 
-/// The changesets of log rows `wanted` (number, size), in order, in bounded batches.
-async fn read_log(store: &ActorStore, wanted: &[(i64, usize)]) -> Result<Vec<(u64, Vec<u8>)>> {
+/// The changesets of log parts `wanted` (number, part, size; in order), in bounded batches.
+async fn read_log(store: &ActorStore, wanted: &[(i64, i64, usize)]) -> Result<Vec<(u64, Vec<u8>)>> {
     let actor_id = store.actor_id();
-    let mut log = Vec::with_capacity(wanted.len());
+    let mut log: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut rest = wanted;
     while !rest.is_empty() {
         let mut bytes = 0;
         let mut take = 0;
-        while take < rest.len() && (take == 0 || bytes + rest[take].1 <= READ_BATCH_BYTES) {
-            bytes += rest[take].1;
+        while take < rest.len() && (take == 0 || bytes + rest[take].2 <= READ_BATCH_BYTES) {
+            bytes += rest[take].2;
             take += 1;
         }
         let (batch, later) = rest.split_at(take);
         rest = later;
         let statements = batch
             .iter()
-            .map(|(seq, _)| {
+            .map(|(seq, part, _)| {
                 Statement::new(
-                    "SELECT changeset FROM keel_db_log WHERE seq = ?",
-                    vec![(*seq).into()],
+                    "SELECT bytes FROM keel_db_log WHERE seq = ? AND part = ?",
+                    vec![(*seq).into(), (*part).into()],
                 )
             })
             .collect();
-        for ((seq, _), result) in batch.iter().zip(store.read(statements).await?) {
+        for ((seq, part, _), result) in batch.iter().zip(store.read(statements).await?) {
             let mut row = Rows::new(actor_id, result)
                 .values(1)?
                 .pop()
                 .ok_or_else(|| damage(actor_id, format!("SQL change {seq} is missing")))?;
-            let changeset = row.remove(0).blob(actor_id, "a SQL changeset")?;
-            log.push((u64::try_from(*seq).unwrap_or(0), changeset));
+            let bytes = row.remove(0).blob(actor_id, "a SQL changeset")?;
+            let seq = u64::try_from(*seq).unwrap_or(0);
+            match log.last_mut() {
+                Some((last, changeset)) if *last == seq && *part > 0 => changeset.extend(bytes),
+                _ if *part == 0 => log.push((seq, bytes)),
+                _ => {
+                    return Err(damage(
+                        actor_id,
+                        format!("SQL change {seq} misses parts before {part}"),
+                    ))
+                }
+            }
         }
     }
     Ok(log)
 }
 
 /// Runs blocking file work off the async workers.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|err| Error::ActorInternal {
@@ -243,38 +261,44 @@ impl EngineActorDb {
         let watch = self.watch.clone();
         let (seq, bytes) = blocking(move || watch.image()).await?;
         let image = self.next_image.fetch_add(1, Ordering::Relaxed);
-        let parts: Vec<&[u8]> = bytes.chunks(IMAGE_PART_BYTES).collect();
+        let parts: Vec<Statement> = bytes
+            .chunks(PART_BYTES)
+            .enumerate()
+            .map(|(part, chunk)| put_part(image, part as i64, chunk))
+            .collect();
+        if parts.is_empty() {
+            return Err(damage(self.store.actor_id(), "the SQL image is empty"));
+        }
         let count = parts.len() as i64;
-        let (last, earlier) = parts
-            .split_last()
-            .ok_or_else(|| damage(self.store.actor_id(), "the SQL image is empty"))?;
-        for (part, chunk) in earlier.iter().enumerate() {
-            self.store
-                .write(vec![put_part(image, part as i64, chunk)])
-                .await?;
+        let mut batches: Vec<Vec<Statement>> = Vec::new();
+        let mut parts = parts.into_iter().peekable();
+        while parts.peek().is_some() {
+            batches.push(parts.by_ref().take(PARTS_PER_WRITE).collect());
+        }
+        let mut last = batches.pop().unwrap_or_default();
+        for batch in batches {
+            self.store.write(batch).await?;
         }
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        self.store
-            .write(vec![
-                put_part(image, count - 1, last),
-                Statement::new(
-                    "DELETE FROM keel_db_image WHERE image <> ? OR part >= ?",
-                    vec![image.into(), count.into()],
-                ),
-                Statement::new(
-                    "INSERT INTO keel_db_head (id, image, seq, parts, bytes) VALUES (1, ?, ?, ?, ?) \
+        last.extend([
+            Statement::new(
+                "DELETE FROM keel_db_image WHERE image <> ? OR part >= ?",
+                vec![image.into(), count.into()],
+            ),
+            Statement::new(
+                "INSERT INTO keel_db_head (id, image, seq, parts, bytes) VALUES (1, ?, ?, ?, ?) \
                      ON CONFLICT (id) DO UPDATE SET image = excluded.image, seq = excluded.seq, \
                      parts = excluded.parts, bytes = excluded.bytes",
-                    vec![
-                        image.into(),
-                        seq.into(),
-                        count.into(),
-                        (bytes.len() as i64).into(),
-                    ],
-                ),
-                Statement::new("DELETE FROM keel_db_log WHERE seq <= ?", vec![seq.into()]),
-            ])
-            .await?;
+                vec![
+                    image.into(),
+                    seq.into(),
+                    count.into(),
+                    (bytes.len() as i64).into(),
+                ],
+            ),
+            Statement::new("DELETE FROM keel_db_log WHERE seq <= ?", vec![seq.into()]),
+        ]);
+        self.store.write(last).await?;
         tracing::debug!(
             image,
             seq,

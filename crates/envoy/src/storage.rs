@@ -70,12 +70,14 @@ const CREATE_SCHEMA: &[&str] = &[
         attempts  INTEGER NOT NULL DEFAULT 0
     ) STRICT",
     "CREATE INDEX IF NOT EXISTS keel_schedules_by_due ON keel_schedules (at_ms, id)",
-    // The actor's SQL database (`c.db`, see `db.rs`): its changes since the image, one row per
-    // call, and its image (the whole file, in parts) with the newest change the image holds.
+    // The actor's SQL database (`c.db`, see `db.rs`): its changes since the image, one per
+    // call, in parts, and its image (the whole file, in parts) with the newest change it holds.
     "CREATE TABLE IF NOT EXISTS keel_db_log (
-        seq        INTEGER PRIMARY KEY,
-        changeset  BLOB NOT NULL
-    ) STRICT",
+        seq    INTEGER NOT NULL,
+        part   INTEGER NOT NULL,
+        bytes  BLOB NOT NULL,
+        PRIMARY KEY (seq, part)
+    ) STRICT, WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS keel_db_image (
         image  INTEGER NOT NULL,
         part   INTEGER NOT NULL,
@@ -636,7 +638,10 @@ fn op_size(op: &Op) -> (usize, usize) {
         + writes.kv.len()
         + writes.schedules.len()
         + usize::from(writes.settle.is_some())
-        + usize::from(writes.db.is_some());
+        + writes
+            .db
+            .as_ref()
+            .map_or(0, |db| db.changeset.len().div_ceil(crate::db::PART_BYTES));
     (count, state + kv + schedules + db + 64)
 }
 
@@ -710,18 +715,19 @@ fn op_statements(op: &mut Op, state_encoding: Encoding, with_state: bool) -> Vec
         )),
         None => {}
     }
-    // The call's SQL changes, with the next number of the actor's log: a plain insert, so a
-    // number logged already (a second writer) fails the whole batch. `trim_below` is the
-    // embedded log's: here the log is trimmed only by a newer image (`db.rs`), since the local
-    // copy that holds the older changes goes with the activation.
+    // The call's SQL changes, under the next number of the actor's log, in parts (the engine
+    // refuses a bound value much over 128 KiB): plain inserts, so a number logged already (a
+    // second writer) fails the whole batch. `trim_below` is the embedded log's: here the log
+    // is trimmed only by a newer image (`db.rs`), since the local copy that holds the older
+    // changes goes with the activation.
     if let Some(db) = &writes.db {
-        statements.push(Statement::new(
-            "INSERT INTO keel_db_log (seq, changeset) VALUES (?, ?)",
-            vec![
-                i64::try_from(db.seq).unwrap_or(i64::MAX).into(),
-                db.changeset.clone().into(),
-            ],
-        ));
+        let seq = i64::try_from(db.seq).unwrap_or(i64::MAX);
+        for (part, bytes) in db.changeset.chunks(crate::db::PART_BYTES).enumerate() {
+            statements.push(Statement::new(
+                "INSERT INTO keel_db_log (seq, part, bytes) VALUES (?, ?, ?)",
+                vec![seq.into(), (part as i64).into(), bytes.to_vec().into()],
+            ));
+        }
     }
     statements
 }

@@ -823,3 +823,68 @@ async fn after_a_batch_lost_to_an_engine_crash_the_reloaded_instance_commits_aga
     );
     envoy.abandon();
 }
+
+/// A commit of state `n` carrying change `seq` of the actor's SQL database (the changeset's
+/// bytes are only stored here, never applied).
+fn state_and_sql(n: u64, seq: u64) -> Writes {
+    Writes {
+        db: Some(keel_core::DbChange {
+            seq,
+            changeset: format!("changeset {seq} of state {n}").into_bytes(),
+            trim_below: 0,
+        }),
+        ..state(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_generation_s_batch_carrying_sql_is_refused_and_lands_nothing() {
+    let pool = "keel-db-fence";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    let actor_id = engine
+        .create_actor("counter", "db-fence", pool, b"null")
+        .await;
+    let first = accept_start(&envoy, &mut events).await;
+    commit(&first.store, state_and_sql(1, 1))
+        .await
+        .expect("change 1 commits with its state");
+
+    envoy.sleep_actor(&actor_id, first.generation);
+    let EngineEvent::Stop { done, .. } = next_event(&mut events).await else {
+        panic!("expected a stop");
+    };
+    done.complete();
+    let gateway = wake_through_gateway(&engine, &actor_id);
+    let second = accept_start(&envoy, &mut events).await;
+    assert_eq!(second.generation, first.generation + 1);
+    gateway.await.expect("joined").expect("gateway answered");
+
+    // The zombie's SQL change 2 is refused with its state, by the generation fence.
+    let err = commit(&first.store, state_and_sql(999, 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ActorStopped), "{err}");
+    // It landed nothing: the successor's own change 2 commits (change numbers are a primary
+    // key, so a landed change 2 would fail this batch, as the next commit shows).
+    commit(&second.store, state_and_sql(2, 2))
+        .await
+        .expect("the successor's change 2");
+    assert_eq!(load_count(&second.store).await, Some(2));
+    let err = commit(&second.store, state_and_sql(3, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        "io",
+        "a change number logged twice fails its batch: {err}"
+    );
+    assert_eq!(
+        load_count(&second.store).await,
+        Some(2),
+        "and its state with it"
+    );
+    envoy.abandon();
+}
