@@ -308,7 +308,7 @@ test("c.db through the engine: rows survive sleep and wake, a throwing call's SQ
 
 test("c.db through the engine: a long log and a database of several image parts are rebuilt exactly", async (t) => {
   const engine = await startEngine(t);
-  await startKeel(t, engine);
+  const keel = await startKeel(t, engine, { KEEL_LOG: "warn,keel_envoy::db=debug" });
   // Over 256 logged calls and over 1 MiB of changes: the next start writes an image (3 parts
   // of 1 MiB) and trims the log; the start after that reads the image back.
   for (let i = 0; i < 5; i++) {
@@ -326,6 +326,9 @@ test("c.db through the engine: a long log and a database of several image parts 
     assert.deepEqual({ ...stats, wakes: 0 }, { ...written, wakes: 0 }, `after wake ${wake}`);
     assert.equal((await gateway(engine, "notes", "d2", "digest")).body.output, digest, `the blobs after wake ${wake}`);
   }
+  // The first wake wrote the image (in more parts than one batch carries) that the second read.
+  const images = [...keel.stderrText.matchAll(/wrote an image of the actor's SQL database.*?parts=(\d+)/g)].map((m) => Number(m[1]));
+  assert.ok(images.some((parts) => parts > 8), `images written: ${JSON.stringify(images)}`);
 });
 
 test("kill -9 of keel after acknowledged SQL writes loses none: the pool's other keel answers with the rows", async (t) => {

@@ -440,8 +440,7 @@ impl DbWatch {
             .execute("VACUUM INTO ?1", [out.to_string_lossy().as_ref()])
             .map_err(Error::from)
             .and_then(|_| {
-                std::fs::read(&out)
-                    .map_err(|e| Error::io(format!("reading {}", out.display()), e))
+                std::fs::read(&out).map_err(|e| Error::io(format!("reading {}", out.display()), e))
             });
         remove_files(&out)?;
         *self.seen.lock() = data_version(&conn)?;
