@@ -304,6 +304,16 @@ test("c.db through the engine: rows survive sleep and wake, a throwing call's SQ
   assert.deepEqual([stats.rows, stats.bodies, stats.writes], [3, "a,b,c", 3], "rebuilt from the engine after the sleep");
   assert.equal((await gateway(engine, "notes", "d1", "add", ["d"])).status, 200);
   assert.equal((await gateway(engine, "notes", "d1", "stats")).body.output.bodies, "a,b,c,d");
+  // A call with an INSERT against the same call without SQL, same run (figures, not a bound).
+  const perCall = async (name, key, action, args) => {
+    const started = performance.now();
+    for (let i = 0; i < 30; i++) assert.equal((await gateway(engine, name, key, action, args)).status, 200);
+    return (performance.now() - started) / 30;
+  };
+  await gateway(engine, "counter", "d1-baseline", "increment");
+  const plain = await perCall("counter", "d1-baseline", "increment", []);
+  const withSql = await perCall("notes", "d1", "add", ["x"]);
+  console.log(`measured: gateway call with one INSERT ${withSql.toFixed(1)} ms vs without SQL ${plain.toFixed(1)} ms (x${(withSql / plain).toFixed(2)})`);
 });
 
 test("c.db through the engine: a long log and a database of several image parts are rebuilt exactly", async (t) => {
@@ -319,9 +329,17 @@ test("c.db through the engine: a long log and a database of several image parts 
   const digest = (await gateway(engine, "notes", "d2", "digest")).body.output;
   const written = (await gateway(engine, "notes", "d2", "stats")).body.output;
   assert.deepEqual([written.rows, written.blobs, written.blobBytes, written.writes], [260, 25, 25 * 102400, 265]);
+  // Baseline: the wake of an actor whose database holds one row.
+  assert.equal((await gateway(engine, "notes", "d2-small", "add", ["one"])).status, 200);
+  await napAndWait(engine, "notes", "d2-small");
+  let woken = performance.now();
+  assert.equal((await gateway(engine, "notes", "d2-small", "stats")).status, 200);
+  const wakes = [performance.now() - woken];
   for (let wake = 2; wake <= 3; wake++) {
     await napAndWait(engine, "notes", "d2");
+    woken = performance.now();
     const stats = (await gateway(engine, "notes", "d2", "stats")).body.output;
+    wakes.push(performance.now() - woken);
     assert.equal(stats.wakes, wake);
     assert.deepEqual({ ...stats, wakes: 0 }, { ...written, wakes: 0 }, `after wake ${wake}`);
     assert.equal((await gateway(engine, "notes", "d2", "digest")).body.output, digest, `the blobs after wake ${wake}`);
@@ -329,6 +347,8 @@ test("c.db through the engine: a long log and a database of several image parts 
   // The first wake wrote the image (in more parts than one batch carries) that the second read.
   const images = [...keel.stderrText.matchAll(/wrote an image of the actor's SQL database.*?parts=(\d+)/g)].map((m) => Number(m[1]));
   assert.ok(images.some((parts) => parts > 8), `images written: ${JSON.stringify(images)}`);
+  const [small, replay, image] = wakes.map((ms) => ms.toFixed(0));
+  console.log(`measured: wake to first answer, 2.5 MiB database: replaying 265 changes and writing its image ${replay} ms, reading the image ${image} ms; one-row database ${small} ms`);
 });
 
 test("kill -9 of keel after acknowledged SQL writes loses none: the pool's other keel answers with the rows", async (t) => {
