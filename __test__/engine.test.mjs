@@ -533,6 +533,7 @@ test("conformance: through the engine's gateway, the typed client not told it is
   await runConformance(t, { mode: "engine", url: engine.url, client: createClient(engine.url) }, {
     "sleep and wake: a call after c.sleep() wakes the actor with its state; so does one after the sleep timer": `${notFixed} (a short sleep timer)`,
     "KV: put, get, list by prefix, delete; kept across a sleep": `${notFixed} (KV list after a sleep)`,
+    "c.db: a call's SQL commits with its state, a throwing call keeps neither, rows survive a sleep": `${notFixed} (a call right after c.sleep(), as KV list after a sleep)`,
     "destroy: the key is free, get answers actor.not_found, getOrCreate makes a fresh actor": `${notFixed} (getOrCreate after destroy)`,
   });
 });
