@@ -316,6 +316,19 @@ test("c.db through the engine: rows survive sleep and wake, a throwing call's SQ
   console.log(`measured: gateway call with one INSERT ${withSql.toFixed(1)} ms vs without SQL ${plain.toFixed(1)} ms (x${(withSql / plain).toFixed(2)})`);
 });
 
+test("c.db through the engine: the time and size limits and the authorizer hold as embedded", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine);
+  const code = (answer) => `${answer.body.group}.${answer.body.code}`;
+  assert.equal(code(await gateway(engine, "limited", "l1", "runaway")), "db.statement_timed_out");
+  assert.equal((await gateway(engine, "limited", "l1", "grow", [1000])).status, 200);
+  assert.equal(code(await gateway(engine, "limited", "l1", "grow", [200 * 1024])), "db.too_large");
+  for (const sql of ["CREATE TABLE evil (a)", "ATTACH 'evil.db' AS evil", "PRAGMA journal_mode = DELETE", "BEGIN", "SELECT * FROM _keel_applied"]) {
+    assert.equal(code(await gateway(engine, "limited", "l1", "run", [sql])), "db.not_allowed", sql);
+  }
+  assert.deepEqual((await gateway(engine, "limited", "l1", "count")).body, { output: 1 });
+});
+
 test("c.db through the engine: a long log and a database of several image parts are rebuilt exactly", async (t) => {
   const engine = await startEngine(t);
   const keel = await startKeel(t, engine, { KEEL_LOG: "warn,keel_envoy::db=debug" });
