@@ -21,6 +21,10 @@
 //!   not hold yet; older rows are dropped by the commit that adds the next one. The file is
 //!   not rebuilt from the log: a file that is missing while the log has rows, that is ahead of
 //!   the log, or that misses rows the log dropped, is `storage.corrupt`, never reset.
+//! - Another storage that keeps the truth elsewhere (the engine's, in `keel-envoy`) opens a
+//!   local copy with [`open_copy`] instead: a fresh file per opening, made from an image the
+//!   other storage kept ([`DbWatch::image`]) with the changes it logged after it applied; the
+//!   call's transaction, limits and authorizer are the same.
 //! - Schema changes (DDL) run only in `onMigrate`, in a transaction of their own committed to
 //!   the file directly: a changeset cannot carry them, and they are idempotent by contract
 //!   (`IF NOT EXISTS`, `PRAGMA user_version`), since they run on every start.
