@@ -876,6 +876,57 @@ mod tests {
     }
 
     #[test]
+    fn a_call_s_changeset_goes_in_its_batch_in_parts_and_a_delete_drops_the_database() {
+        let changeset: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+        let mut ops = vec![
+            commit(Writes {
+                state: Some(b"1".to_vec()),
+                db: Some(keel_core::DbChange {
+                    seq: 7,
+                    changeset: changeset.clone(),
+                    trim_below: 7,
+                }),
+                ..Writes::default()
+            }),
+            Op::Delete {
+                release: Box::new(|_| {}),
+            },
+        ];
+        assert_eq!(op_size(&ops[0]).0, 4, "the state and three parts");
+        let statements = batch_statements(&mut ops, Encoding::Json);
+        let parts: Vec<&Statement> = statements
+            .iter()
+            .filter(|s| s.sql.starts_with("INSERT INTO keel_db_log"))
+            .collect();
+        assert_eq!(parts.len(), 3);
+        let mut joined = Vec::new();
+        for (index, part) in parts.iter().enumerate() {
+            assert_eq!(part.params[0], Value::Integer(7));
+            assert_eq!(part.params[1], Value::Integer(index as i64));
+            let Value::Blob(bytes) = &part.params[2] else {
+                panic!("a blob");
+            };
+            assert!(bytes.len() <= crate::db::PART_BYTES);
+            joined.extend_from_slice(bytes);
+        }
+        assert_eq!(joined, changeset);
+        assert!(
+            !statements
+                .iter()
+                .any(|s| s.sql.contains("DELETE FROM keel_db_log WHERE")),
+            "the embedded log's trim is not applied: the log is trimmed by images only"
+        );
+        for table in ["keel_db_log", "keel_db_image", "keel_db_head"] {
+            assert!(
+                statements
+                    .iter()
+                    .any(|s| s.sql == format!("DELETE FROM {table}")),
+                "the delete drops {table}"
+            );
+        }
+    }
+
+    #[test]
     fn prefix_successor_covers_the_edges() {
         assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
         assert_eq!(prefix_successor(&[b'a', 0xff]), Some(b"b".to_vec()));
