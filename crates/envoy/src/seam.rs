@@ -47,13 +47,36 @@ pub struct EngineStorage {
 }
 
 impl Default for EngineStorage {
-    /// Local copies go under the system's temporary folder, in a folder of this process.
+    /// Local copies go under the system's temporary folder, in a folder of this process; the
+    /// folders of processes that are gone (killed before they closed their copies) are
+    /// removed, where `/proc` tells which are.
     fn default() -> Self {
-        EngineStorage::with_db_dir(
-            std::env::temp_dir()
-                .join("keel-engine-db")
-                .join(std::process::id().to_string()),
-        )
+        let root = std::env::temp_dir().join("keel-engine-db");
+        remove_copies_of_gone_processes(&root);
+        EngineStorage::with_db_dir(root.join(std::process::id().to_string()))
+    }
+}
+
+/// Removes the folders under `root` named by the id of a process that no longer runs. Best
+/// effort, and only where `/proc` lists processes (elsewhere nothing is removed).
+fn remove_copies_of_gone_processes(root: &std::path::Path) {
+    let proc = std::path::Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|name| name.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+            if let Err(err) = std::fs::remove_dir_all(entry.path()) {
+                tracing::debug!(error = %err, "removing a gone process's SQL copies failed");
+            }
+        }
     }
 }
 
