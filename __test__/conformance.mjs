@@ -110,6 +110,18 @@ export const conformance = {
     assert.deepEqual({ n: stats.n, wakes: stats.wakes, sleeps: stats.sleeps }, { n: 1, wakes: 2, sleeps: 1 });
   },
 
+  async "c.db: a call's SQL commits with its state, a throwing call keeps neither, rows survive a sleep"({ client }) {
+    const ledger = client.ledger.getOrCreate(fresh("db"));
+    assert.equal(await ledger.add("a"), 1);
+    assert.equal(await ledger.add("b"), 2);
+    await rejectsWith(ledger.addThenThrow("never"), "user.refused");
+    assert.deepEqual(await ledger.entries(), { bodies: ["a", "b"], writes: 2, wakes: 1 });
+    await ledger.nap();
+    assert.deepEqual(await ledger.entries(), { bodies: ["a", "b"], writes: 2, wakes: 2 }, "after the sleep");
+    assert.equal(await ledger.add("c"), 3);
+    assert.deepEqual((await ledger.entries()).bodies, ["a", "b", "c"]);
+  },
+
   async "KV: put, get, list by prefix, delete; kept across a sleep"({ client }) {
     const vault = client.vault.getOrCreate(fresh("kv"));
     assert.equal(await vault.kvGet("doc/a"), undefined, "an absent key");

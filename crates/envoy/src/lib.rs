@@ -25,6 +25,8 @@
 //! - [`activation`]: the client's callbacks, as [`EngineEvent`]s on a channel.
 //! - [`storage`]: one actor's schema, snapshot and group commit ([`ActorStore`]).
 //! - [`seam`]: keel-core's `Storage` seam over the stores of the actors this envoy runs.
+//! - `db`: each actor's SQL database (`c.db`): a local copy per activation, its changes and
+//!   images in the engine.
 //! - [`serve`]: keel's registry as an envoy: engine events into the driven runtime, tunneled
 //!   requests into its routes, actors' own sleep and destroy out as intents.
 //! - `remote`: one activation's fenced requests, and the one mapping of failures to keel's
@@ -36,6 +38,7 @@
 
 pub mod activation;
 pub mod config;
+mod db;
 pub mod envoy;
 mod remote;
 pub mod seam;

@@ -11,16 +11,19 @@
 //!   task replaces its instance before it runs on top of writes that did not land. The new
 //!   instance's load renews the actor's store (the failed one refuses everything after its
 //!   failure), so the actor writes again once it runs on what is committed.
+//! - An actor's SQL database (`c.db`) is a local copy per activation, rebuilt from what the
+//!   engine holds when it opens (`db.rs`); its changes travel in the call's commit.
 //! - Creating actors by key is the engine's job (its gateway resolves `rvt-*` queries):
 //!   `create` is refused with `actor.not_found`.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use keel_core::store::{ActorListing, ActorRecord, ActorSnapshot, StoredSchedule};
 use keel_core::writer::{CreateMode, Poison, Release, Writes};
-use keel_core::{Error, Payload, Result, Storage};
+use keel_core::{ActorDb, DbConfig, Error, Payload, Result, Storage};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -37,12 +40,55 @@ struct Open {
 }
 
 /// The engine-backed storage of one envoy's runtime.
-#[derive(Default)]
 pub struct EngineStorage {
     open: Mutex<HashMap<Arc<str>, Open>>,
+    /// The folder of this process's local copies of actors' SQL databases.
+    db_dir: PathBuf,
+}
+
+impl Default for EngineStorage {
+    /// Local copies go under the system's temporary folder, in a folder of this process; the
+    /// folders of processes that are gone (killed before they closed their copies) are
+    /// removed, where `/proc` tells which are.
+    fn default() -> Self {
+        let root = std::env::temp_dir().join("keel-engine-db");
+        remove_copies_of_gone_processes(&root);
+        EngineStorage::with_db_dir(root.join(std::process::id().to_string()))
+    }
+}
+
+/// Removes the folders under `root` named by the id of a process that no longer runs. Best
+/// effort, and only where `/proc` lists processes (elsewhere nothing is removed).
+fn remove_copies_of_gone_processes(root: &std::path::Path) {
+    let proc = std::path::Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|name| name.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+            if let Err(err) = std::fs::remove_dir_all(entry.path()) {
+                tracing::debug!(error = %err, "removing a gone process's SQL copies failed");
+            }
+        }
+    }
 }
 
 impl EngineStorage {
+    /// Storage whose local copies of actors' SQL databases go in `db_dir`.
+    pub fn with_db_dir(db_dir: PathBuf) -> Self {
+        EngineStorage {
+            open: Mutex::default(),
+            db_dir,
+        }
+    }
+
     /// Adds the store of an actor the engine started, with what it loaded on opening.
     pub fn insert(
         &self,
@@ -297,6 +343,11 @@ impl Storage for EngineStorage {
 
     fn health(&self) -> Result<()> {
         Ok(())
+    }
+
+    async fn open_db(&self, actor_id: Arc<str>, config: DbConfig) -> Result<Arc<dyn ActorDb>> {
+        let store = self.store(&actor_id).ok_or(Error::ActorStopped)?;
+        crate::db::open(store, config, &self.db_dir).await
     }
 
     async fn close(&self) {

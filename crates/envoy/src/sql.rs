@@ -59,6 +59,20 @@ impl Statement {
         Statement { sql, params }
     }
 
+    /// Roughly how many bytes the statement takes as sent.
+    pub fn size(&self) -> usize {
+        let params: usize = self
+            .params
+            .iter()
+            .map(|param| match param {
+                Value::Null | Value::Integer(_) => 9,
+                Value::Text(text) => text.len() + 4,
+                Value::Blob(blob) => blob.len() + 4,
+            })
+            .sum();
+        self.sql.len() + params + 16
+    }
+
     /// A statement without parameters.
     pub fn plain(sql: &'static str) -> Statement {
         Statement::new(sql, Vec::new())

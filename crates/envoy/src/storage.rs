@@ -70,6 +70,27 @@ const CREATE_SCHEMA: &[&str] = &[
         attempts  INTEGER NOT NULL DEFAULT 0
     ) STRICT",
     "CREATE INDEX IF NOT EXISTS keel_schedules_by_due ON keel_schedules (at_ms, id)",
+    // The actor's SQL database (`c.db`, see `db.rs`): its changes since the image, one per
+    // call, in parts, and its image (the whole file, in parts) with the newest change it holds.
+    "CREATE TABLE IF NOT EXISTS keel_db_log (
+        seq    INTEGER NOT NULL,
+        part   INTEGER NOT NULL,
+        bytes  BLOB NOT NULL,
+        PRIMARY KEY (seq, part)
+    ) STRICT, WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS keel_db_image (
+        image  INTEGER NOT NULL,
+        part   INTEGER NOT NULL,
+        bytes  BLOB NOT NULL,
+        PRIMARY KEY (image, part)
+    ) STRICT, WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS keel_db_head (
+        id     INTEGER PRIMARY KEY CHECK (id = 1),
+        image  INTEGER NOT NULL,
+        seq    INTEGER NOT NULL,
+        parts  INTEGER NOT NULL,
+        bytes  INTEGER NOT NULL
+    ) STRICT",
 ];
 
 /// Inserts the actor's row on its first start only; later starts keep what is stored.
@@ -146,12 +167,19 @@ enum Op {
     },
     /// Deletes the actor's state, KV and schedules; nothing is committed after it.
     Delete { release: Release },
+    /// Statements of keel's own (an image of the actor's SQL database), in a batch alone.
+    Batch {
+        statements: Vec<Statement>,
+        release: Release,
+    },
 }
 
 impl Op {
     fn into_release(self) -> Release {
         match self {
-            Op::Commit { release, .. } | Op::Delete { release } => release,
+            Op::Commit { release, .. } | Op::Delete { release } | Op::Batch { release, .. } => {
+                release
+            }
         }
     }
 }
@@ -251,6 +279,28 @@ impl ActorStore {
         let alarm = snapshot.schedules.first().map(|s| s.schedule.at_ms);
         self.remote.set_alarm_later(alarm);
         ActorStore::start(self.remote.clone(), self.state_encoding, alarm)
+    }
+
+    /// Runs `statements` as one batch of their own, in order with the store's commits (after
+    /// every earlier one, before every later one); resolves once it was acknowledged.
+    pub(crate) async fn write(&self, statements: Vec<Statement>) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(Op::Batch {
+            statements,
+            release: Box::new(move |result| {
+                // The waiter may be gone; nothing to tell then.
+                let _ = tx.send(result);
+            }),
+        });
+        rx.await.map_err(|_| Error::WriterClosed)?
+    }
+
+    /// Runs reads as one batch, outside the commit queue: they see acknowledged batches only.
+    pub(crate) async fn read(
+        &self,
+        statements: Vec<Statement>,
+    ) -> Result<Vec<rivet_envoy_client::protocol::SqliteExecuteResult>> {
+        self.remote.batch(statements).await
     }
 
     /// Whether a batch of this store failed (every later commit is then refused).
@@ -410,14 +460,15 @@ impl CommitTask {
     }
 
     /// Takes `first` and whatever is queued behind it, up to the batch limits; a delete ends
-    /// the batch.
+    /// the batch, and keel's own statements go alone.
     fn take_batch(&mut self, first: Op) -> Vec<Op> {
         let (mut statements, mut bytes) = op_size(&first);
         let mut ops = vec![first];
-        while !matches!(ops.last(), Some(Op::Delete { .. })) {
+        while !matches!(ops.last(), Some(Op::Delete { .. } | Op::Batch { .. })) {
             let Ok(next) = self.rx.try_recv() else { break };
             let (next_statements, next_bytes) = op_size(&next);
-            if statements + next_statements > MAX_BATCH_STATEMENTS
+            if matches!(next, Op::Batch { .. })
+                || statements + next_statements > MAX_BATCH_STATEMENTS
                 || bytes + next_bytes > MAX_BATCH_BYTES
             {
                 self.carried = Some(next);
@@ -430,8 +481,8 @@ impl CommitTask {
         ops
     }
 
-    async fn send(&mut self, ops: Vec<Op>) {
-        let mut statements = batch_statements(&ops, self.state_encoding);
+    async fn send(&mut self, mut ops: Vec<Op>) {
+        let mut statements = batch_statements(&mut ops, self.state_encoding);
         let reschedules = ops.iter().any(changes_schedules);
         if reschedules {
             statements.push(Statement::plain(NEXT_DUE));
@@ -516,15 +567,15 @@ impl CommitTask {
     }
 }
 
-/// The statements of a batch of ops, in order. Only the last state write of the batch is
-/// sent: each overwrites the whole state, so the earlier ones would be overwritten within the
-/// same transaction anyway.
-fn batch_statements(ops: &[Op], state_encoding: Encoding) -> Vec<Statement> {
+/// The statements of a batch of ops, in order (keel's own statements are moved out of their
+/// op). Only the last state write of the batch is sent: each overwrites the whole state, so
+/// the earlier ones would be overwritten within the same transaction anyway.
+fn batch_statements(ops: &mut [Op], state_encoding: Encoding) -> Vec<Statement> {
     let last_state = ops.iter().rposition(|op| match op {
         Op::Commit { writes, .. } => writes.state.is_some(),
-        Op::Delete { .. } => false,
+        Op::Delete { .. } | Op::Batch { .. } => false,
     });
-    ops.iter()
+    ops.iter_mut()
         .enumerate()
         .flat_map(|(index, op)| op_statements(op, state_encoding, Some(index) == last_state))
         .collect()
@@ -535,6 +586,7 @@ fn changes_schedules(op: &Op) -> bool {
     match op {
         Op::Commit { writes, .. } => !writes.schedules.is_empty() || writes.settle.is_some(),
         Op::Delete { .. } => true,
+        Op::Batch { .. } => false,
     }
 }
 
@@ -554,8 +606,13 @@ fn next_due(
 
 /// How many statements one op adds to a batch at most, and roughly how many bytes.
 fn op_size(op: &Op) -> (usize, usize) {
-    let Op::Commit { writes, .. } = op else {
-        return (3, 64);
+    let writes = match op {
+        Op::Commit { writes, .. } => writes,
+        Op::Delete { .. } => return (6, 64),
+        Op::Batch { statements, .. } => {
+            let bytes = statements.iter().map(Statement::size).sum();
+            return (statements.len(), bytes);
+        }
     };
     let state = writes.state.as_ref().map_or(0, |state| state.len() + 128);
     let kv: usize = writes
@@ -576,24 +633,33 @@ fn op_size(op: &Op) -> (usize, usize) {
             ScheduleWrite::Cancel { id } => id.len() + 48,
         })
         .sum();
+    let db = writes.db.as_ref().map_or(0, |db| db.changeset.len() + 64);
     let count = usize::from(writes.state.is_some())
         + writes.kv.len()
         + writes.schedules.len()
-        + usize::from(writes.settle.is_some());
-    (count, state + kv + schedules + 64)
+        + usize::from(writes.settle.is_some())
+        + writes
+            .db
+            .as_ref()
+            .map_or(0, |db| db.changeset.len().div_ceil(crate::db::PART_BYTES));
+    (count, state + kv + schedules + db + 64)
 }
 
 /// The statements of one op; `with_state` says whether to include its state write.
-fn op_statements(op: &Op, state_encoding: Encoding, with_state: bool) -> Vec<Statement> {
+fn op_statements(op: &mut Op, state_encoding: Encoding, with_state: bool) -> Vec<Statement> {
     let writes = match op {
         Op::Commit { writes, .. } => writes,
         Op::Delete { .. } => {
             return vec![
                 Statement::plain("DELETE FROM keel_kv"),
                 Statement::plain("DELETE FROM keel_schedules"),
+                Statement::plain("DELETE FROM keel_db_log"),
+                Statement::plain("DELETE FROM keel_db_image"),
+                Statement::plain("DELETE FROM keel_db_head"),
                 Statement::plain("DELETE FROM keel_actor"),
             ];
         }
+        Op::Batch { statements, .. } => return std::mem::take(statements),
     };
     let mut statements = Vec::new();
     if let (Some(state), true) = (&writes.state, with_state) {
@@ -648,6 +714,20 @@ fn op_statements(op: &Op, state_encoding: Encoding, with_state: bool) -> Vec<Sta
             ],
         )),
         None => {}
+    }
+    // The call's SQL changes, under the next number of the actor's log, in parts (the engine
+    // refuses a bound value much over 128 KiB): plain inserts, so a number logged already (a
+    // second writer) fails the whole batch. `trim_below` is the embedded log's: here the log
+    // is trimmed only by a newer image (`db.rs`), since the local copy that holds the older
+    // changes goes with the activation.
+    if let Some(db) = &writes.db {
+        let seq = i64::try_from(db.seq).unwrap_or(i64::MAX);
+        for (part, bytes) in db.changeset.chunks(crate::db::PART_BYTES).enumerate() {
+            statements.push(Statement::new(
+                "INSERT INTO keel_db_log (seq, part, bytes) VALUES (?, ?, ?)",
+                vec![seq.into(), (part as i64).into(), bytes.to_vec().into()],
+            ));
+        }
     }
     statements
 }
@@ -785,13 +865,65 @@ mod tests {
             }),
             commit(Writes::default()),
         ];
-        let statements = batch_statements(&ops, Encoding::Json);
+        let mut ops = ops;
+        let statements = batch_statements(&mut ops, Encoding::Json);
         let sql: Vec<&str> = statements.iter().map(|s| s.sql).collect();
         assert_eq!(sql.len(), 3);
         assert!(sql[0].starts_with("INSERT INTO keel_kv"));
         assert!(sql[1].starts_with("UPDATE keel_actor"));
         assert_eq!(statements[1].params[0], Value::Blob(b"2".to_vec()));
         assert!(sql[2].starts_with("DELETE FROM keel_kv"));
+    }
+
+    #[test]
+    fn a_call_s_changeset_goes_in_its_batch_in_parts_and_a_delete_drops_the_database() {
+        let changeset: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+        let mut ops = vec![
+            commit(Writes {
+                state: Some(b"1".to_vec()),
+                db: Some(keel_core::DbChange {
+                    seq: 7,
+                    changeset: changeset.clone(),
+                    trim_below: 7,
+                }),
+                ..Writes::default()
+            }),
+            Op::Delete {
+                release: Box::new(|_| {}),
+            },
+        ];
+        assert_eq!(op_size(&ops[0]).0, 4, "the state and three parts");
+        let statements = batch_statements(&mut ops, Encoding::Json);
+        let parts: Vec<&Statement> = statements
+            .iter()
+            .filter(|s| s.sql.starts_with("INSERT INTO keel_db_log"))
+            .collect();
+        assert_eq!(parts.len(), 3);
+        let mut joined = Vec::new();
+        for (index, part) in parts.iter().enumerate() {
+            assert_eq!(part.params[0], Value::Integer(7));
+            assert_eq!(part.params[1], Value::Integer(index as i64));
+            let Value::Blob(bytes) = &part.params[2] else {
+                panic!("a blob");
+            };
+            assert!(bytes.len() <= crate::db::PART_BYTES);
+            joined.extend_from_slice(bytes);
+        }
+        assert_eq!(joined, changeset);
+        assert!(
+            !statements
+                .iter()
+                .any(|s| s.sql.contains("DELETE FROM keel_db_log WHERE")),
+            "the embedded log's trim is not applied: the log is trimmed by images only"
+        );
+        for table in ["keel_db_log", "keel_db_image", "keel_db_head"] {
+            assert!(
+                statements
+                    .iter()
+                    .any(|s| s.sql == format!("DELETE FROM {table}")),
+                "the delete drops {table}"
+            );
+        }
     }
 
     #[test]

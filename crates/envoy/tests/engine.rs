@@ -823,3 +823,182 @@ async fn after_a_batch_lost_to_an_engine_crash_the_reloaded_instance_commits_aga
     );
     envoy.abandon();
 }
+
+/// A commit of state `n` carrying change `seq` of the actor's SQL database (the changeset's
+/// bytes are only stored here, never applied).
+fn state_and_sql(n: u64, seq: u64) -> Writes {
+    Writes {
+        db: Some(keel_core::DbChange {
+            seq,
+            changeset: format!("changeset {seq} of state {n}").into_bytes(),
+            trim_below: 0,
+        }),
+        ..state(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_generation_s_batch_carrying_sql_is_refused_and_lands_nothing() {
+    let pool = "keel-db-fence";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    let actor_id = engine
+        .create_actor("counter", "db-fence", pool, b"null")
+        .await;
+    let first = accept_start(&envoy, &mut events).await;
+    commit(&first.store, state_and_sql(1, 1))
+        .await
+        .expect("change 1 commits with its state");
+
+    envoy.sleep_actor(&actor_id, first.generation);
+    let EngineEvent::Stop { done, .. } = next_event(&mut events).await else {
+        panic!("expected a stop");
+    };
+    done.complete();
+    let gateway = wake_through_gateway(&engine, &actor_id);
+    let second = accept_start(&envoy, &mut events).await;
+    assert_eq!(second.generation, first.generation + 1);
+    gateway.await.expect("joined").expect("gateway answered");
+
+    // The zombie's SQL change 2 is refused with its state, by the generation fence.
+    let err = commit(&first.store, state_and_sql(999, 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ActorStopped), "{err}");
+    // It landed nothing: the successor's own change 2 commits (change numbers are a primary
+    // key, so a landed change 2 would fail this batch, as the next commit shows).
+    commit(&second.store, state_and_sql(2, 2))
+        .await
+        .expect("the successor's change 2");
+    assert_eq!(load_count(&second.store).await, Some(2));
+    let err = commit(&second.store, state_and_sql(3, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        "io",
+        "a change number logged twice fails its batch: {err}"
+    );
+    assert_eq!(
+        load_count(&second.store).await,
+        Some(2),
+        "and its state with it"
+    );
+    envoy.abandon();
+}
+
+/// Runs `sql` on the actor's database, without parameters (an empty CBOR array).
+async fn run_sql(db: &Arc<dyn keel_core::ActorDb>, sql: &str) -> Result<Vec<u8>> {
+    db.execute(sql.to_string(), vec![0x80]).await
+}
+
+/// One call of the actor that runs `statements` and commits their change with state `n`,
+/// as keel-core's task does: prepare, commit, then finish by the commit's outcome.
+async fn sql_call(
+    storage: &EngineStorage,
+    id: &Arc<str>,
+    db: &Arc<dyn keel_core::ActorDb>,
+    statements: &[&str],
+    n: u64,
+) -> Result<()> {
+    db.enter();
+    for statement in statements {
+        run_sql(db, statement).await?;
+    }
+    let change = db.prepare().await?;
+    let seq = change.as_ref().map(|change| change.seq);
+    let result = seam_commit(
+        storage,
+        id,
+        Writes {
+            db: change,
+            ..state(n)
+        },
+    )
+    .await;
+    if let Some(seq) = seq {
+        db.finish(seq, result.is_ok());
+    }
+    db.settled().await;
+    result
+}
+
+/// What a read-only call sees: `sql`'s result, its transaction dropped.
+async fn read_sql(db: &Arc<dyn keel_core::ActorDb>, sql: &str) -> Result<Vec<u8>> {
+    db.enter();
+    let result = run_sql(db, sql).await;
+    db.rollback().await;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_s_sql_database_is_rebuilt_from_the_engine_and_deleted_with_the_actor() {
+    let pool = "keel-db-delete";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    engine
+        .create_actor("counter", "db-delete", pool, b"null")
+        .await;
+    let started = accept_start(&envoy, &mut events).await;
+    let copies = tempfile::tempdir().expect("tempdir");
+    let storage = EngineStorage::with_db_dir(copies.path().to_path_buf());
+    let record = ActorRecord {
+        id: started.actor_id.clone(),
+        name: "counter".into(),
+        key: "db-delete".into(),
+    };
+    let id: Arc<str> = started.actor_id.as_str().into();
+    storage.insert(started.store, record, 0, started.snapshot);
+    assert!(storage.load(&id).await.expect("load").is_some());
+
+    let config = keel_core::DbConfig::default();
+    let db = storage.open_db(id.clone(), config).await.expect("open");
+    db.migration(keel_core::MigrationStep::Begin)
+        .await
+        .expect("begin");
+    run_sql(&db, "CREATE TABLE IF NOT EXISTS t (x INTEGER NOT NULL)")
+        .await
+        .expect("create");
+    db.migration(keel_core::MigrationStep::Commit)
+        .await
+        .expect("the migration commits (and its image is written)");
+    for n in 1..=3 {
+        sql_call(
+            &storage,
+            &id,
+            &db,
+            &[&format!("INSERT INTO t (x) VALUES ({n})") as &str],
+            n,
+        )
+        .await
+        .expect("a call's SQL commits");
+    }
+    let query = "SELECT count(*) AS n, sum(x) AS s FROM t";
+    let written = read_sql(&db, query).await.expect("read");
+    db.close().await;
+    assert_eq!(
+        std::fs::read_dir(copies.path()).expect("dir").count(),
+        0,
+        "closing removes the local copy"
+    );
+
+    // A new opening has no local file: it is rebuilt from the image and the log.
+    let db = storage.open_db(id.clone(), config).await.expect("reopen");
+    assert_eq!(read_sql(&db, query).await.expect("read"), written);
+    db.close().await;
+
+    storage.delete(id.clone()).await.expect("delete");
+    let db = storage
+        .open_db(id.clone(), config)
+        .await
+        .expect("open after the delete");
+    let err = read_sql(&db, query).await.unwrap_err();
+    assert_eq!(err.group(), "db", "{err}");
+    assert!(err.to_string().contains("no such table"), "{err}");
+    db.close().await;
+    envoy.abandon();
+}

@@ -21,6 +21,10 @@
 //!   not hold yet; older rows are dropped by the commit that adds the next one. The file is
 //!   not rebuilt from the log: a file that is missing while the log has rows, that is ahead of
 //!   the log, or that misses rows the log dropped, is `storage.corrupt`, never reset.
+//! - Another storage that keeps the truth elsewhere (the engine's, in `keel-envoy`) opens a
+//!   local copy with [`open_copy`] instead: a fresh file per opening, made from an image the
+//!   other storage kept ([`DbWatch::image`]) with the changes it logged after it applied; the
+//!   call's transaction, limits and authorizer are the same.
 //! - Schema changes (DDL) run only in `onMigrate`, in a transaction of their own committed to
 //!   the file directly: a changeset cannot carry them, and they are idempotent by contract
 //!   (`IF NOT EXISTS`, `PRAGMA user_version`), since they run on every start.
@@ -348,6 +352,110 @@ pub(crate) fn remove_db(dir: &Path, actor_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes the file at `path` and its side files; a missing file is no error.
+fn remove_files(path: &Path) -> Result<()> {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = path.to_path_buf().into_os_string();
+        file.push(suffix);
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(Error::io(format!("removing {}", path.display()), err)),
+        }
+    }
+    Ok(())
+}
+
+/// Opens an actor's database as a local copy of one whose truth is kept elsewhere (the
+/// engine's per-actor storage, `keel-envoy`): the file at `path` is made afresh from `image`
+/// (a file [`DbWatch::image`] took; none: empty), then `log`'s changes newer than the image
+/// are applied, exactly as [`SqliteActorDb::open`] applies keel.db's. Statements, limits, the
+/// authorizer and the call's transaction are the embedded database's. The copy is not
+/// synced to disk (it is rebuilt on every start); [`remove_copy`] removes it. Blocking.
+pub fn open_copy(
+    path: &Path,
+    actor_id: &str,
+    config: DbConfig,
+    image: Option<&[u8]>,
+    log: Vec<(u64, Vec<u8>)>,
+) -> Result<Arc<dyn ActorDb>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    remove_files(path)?;
+    if let Some(image) = image {
+        std::fs::write(path, image)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    }
+    let db = SqliteActorDb::open_at(path, actor_id, config, Durability::Relaxed, log)?;
+    Ok(Arc::new(db))
+}
+
+/// Removes a copy [`open_copy`] made (after its database closed). Blocking.
+pub fn remove_copy(path: &Path) -> Result<()> {
+    remove_files(path)
+}
+
+/// A second connection to an actor's database file, keel's own: it tells whether the file
+/// changed since it last looked, and takes an image of the file, while the actor's own
+/// connection holds no transaction. Blocking.
+pub struct DbWatch {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    /// `PRAGMA data_version` at the last look: it changes when another connection commits.
+    seen: Mutex<i64>,
+}
+
+impl DbWatch {
+    /// Watches the database file at `path` (opened already).
+    pub fn open(path: &Path) -> Result<DbWatch> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let seen = data_version(&conn)?;
+        Ok(DbWatch {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            seen: Mutex::new(seen),
+        })
+    }
+
+    /// Whether another connection committed to the file since the last call (or the opening).
+    pub fn changed(&self) -> Result<bool> {
+        let now = data_version(&self.conn.lock())?;
+        let mut seen = self.seen.lock();
+        let changed = now != *seen;
+        *seen = now;
+        Ok(changed)
+    }
+
+    /// The file's contents as one compact database (`VACUUM INTO`), with the number of the
+    /// newest logged change it holds.
+    pub fn image(&self) -> Result<(u64, Vec<u8>)> {
+        let conn = self.conn.lock();
+        let seq = applied_seq(&conn)?;
+        let mut out = self.path.clone().into_os_string();
+        out.push(".image");
+        let out = PathBuf::from(out);
+        remove_files(&out)?;
+        let taken = conn
+            .execute("VACUUM INTO ?1", [out.to_string_lossy().as_ref()])
+            .map_err(Error::from)
+            .and_then(|_| {
+                std::fs::read(&out).map_err(|e| Error::io(format!("reading {}", out.display()), e))
+            });
+        remove_files(&out)?;
+        *self.seen.lock() = data_version(&conn)?;
+        Ok((seq, taken?))
+    }
+}
+
+fn data_version(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("PRAGMA data_version", [], |row| row.get(0))?)
+}
+
 /// An open actor database: the handle the actor's task and the runtime hold. Statements
 /// go to its thread in order.
 pub(crate) struct SqliteActorDb {
@@ -395,7 +503,18 @@ impl SqliteActorDb {
     ) -> Result<SqliteActorDb> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let path = db_path(dir, actor_id);
+        SqliteActorDb::open_at(&db_path(dir, actor_id), actor_id, config, durability, log)
+    }
+
+    /// [`SqliteActorDb::open`] of the file at `path`, whose folder exists.
+    fn open_at(
+        path: &Path,
+        actor_id: &str,
+        config: DbConfig,
+        durability: Durability,
+        log: Vec<(u64, Vec<u8>)>,
+    ) -> Result<SqliteActorDb> {
+        let path = path.to_path_buf();
         let existed = path.exists();
         let corrupt = |detail: String| Error::StorageCorrupt {
             detail,
