@@ -238,6 +238,62 @@ async fn a_change_logged_in_keel_db_but_missing_from_the_file_is_applied_at_the_
     assert_eq!(file_rows(dir.path(), &id), 3);
 }
 
+/// The log rows of one actor's SQL changes in keel.db.
+fn log_rows(dir: &std::path::Path, actor_id: &str) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join("keel.db")).unwrap();
+    conn.query_row(
+        "SELECT count(*) FROM db_log WHERE actor_id = ?1",
+        [actor_id],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_lost_its_unflushed_commits_is_repaired_from_the_log() {
+    // The file's commits are not flushed one by one: a power loss can take it back to its
+    // last checkpoint (the one at open). The log must still hold every change since then.
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = open(dir.path(), None);
+    call(&runtime, "a", "insert").await.unwrap();
+    let id = runtime.resolve(notes("a")).await.unwrap().id.to_string();
+    runtime.drain().await;
+    let path = keel_core::actor_db::db_path(&dir.path().join(keel_core::actor_db::DB_DIR), &id);
+    let flushed = std::fs::read(&path).unwrap();
+
+    let runtime = open(dir.path(), None);
+    for _ in 0..5 {
+        call(&runtime, "a", "insert").await.unwrap();
+    }
+    runtime.drain().await;
+    assert_eq!(file_rows(dir.path(), &id), 6);
+    // The power loss: the file as it was flushed at its last checkpoint.
+    std::fs::write(&path, flushed).unwrap();
+    let runtime = open(dir.path(), None);
+    assert_eq!(call(&runtime, "a", "count").await.unwrap(), "6");
+    runtime.drain().await;
+    assert_eq!(file_rows(dir.path(), &id), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_trimmed_after_each_checkpoint_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = open(dir.path(), None);
+    let calls = 2 * keel_core::actor_db::SYNC_EVERY as i64 + 10;
+    for _ in 0..calls {
+        call(&runtime, "a", "insert").await.unwrap();
+    }
+    let id = runtime.resolve(notes("a")).await.unwrap().id.to_string();
+    runtime.drain().await;
+    let rows = log_rows(dir.path(), &id);
+    // What the file held at its last checkpoint, plus every change after it.
+    assert!(
+        (1..=keel_core::actor_db::SYNC_EVERY as i64 + 1).contains(&rows),
+        "{rows} log rows after {calls} changes"
+    );
+    assert_eq!(file_rows(dir.path(), &id), calls);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_file_is_reported_and_destroy_removes_the_file() {
     let dir = tempfile::tempdir().unwrap();

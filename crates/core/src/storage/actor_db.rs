@@ -17,8 +17,13 @@
 //! - On open, log rows newer than the file's sequence number are applied to it (a crash
 //!   between the two commits). Changesets are deterministic: replaying them gives the rows
 //!   the call produced, whatever `random()` or `datetime('now')` returned then.
-//! - The log keeps, per actor, the newest change the file holds durably plus those it does
-//!   not hold yet; older rows are dropped by the commit that adds the next one. The file is
+//! - The file's own commits are not flushed one by one (`synchronous = NORMAL` in WAL mode):
+//!   the call's durability is its log row's, flushed with keel.db's commit, so a SQL-writing
+//!   call costs one flush, not two. The file is flushed by a checkpoint when it opens and
+//!   every [`SYNC_EVERY`] changes after that; only then is what it holds durable.
+//! - The log keeps, per actor, the newest change the file holds durably (as of its last
+//!   checkpoint) plus every newer one, so a power loss that takes the file back to its last
+//!   checkpoint loses nothing; older rows are dropped by the commit that adds the next one. The file is
 //!   not rebuilt from the log: a file that is missing while the log has rows, that is ahead of
 //!   the log, or that misses rows the log dropped, is `storage.corrupt`, never reset.
 //! - Another storage that keeps the truth elsewhere (the engine's, in `keel-envoy`) opens a
@@ -54,7 +59,6 @@ use tokio::sync::{oneshot, watch};
 
 use crate::actor_type::DbConfig;
 use crate::cbor;
-use crate::config::Durability;
 use crate::error::{DbError, Error, Result};
 use crate::storage::seam::{ActorDb, DbChange, MigrationStep};
 
@@ -388,7 +392,7 @@ pub fn open_copy(
         std::fs::write(path, image)
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     }
-    let db = SqliteActorDb::open_at(path, actor_id, config, Durability::Relaxed, log)?;
+    let db = SqliteActorDb::open_at(path, actor_id, config, false, log)?;
     Ok(Arc::new(db))
 }
 
@@ -498,20 +502,21 @@ impl SqliteActorDb {
         dir: &Path,
         actor_id: &str,
         config: DbConfig,
-        durability: Durability,
         log: Vec<(u64, Vec<u8>)>,
     ) -> Result<SqliteActorDb> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        SqliteActorDb::open_at(&db_path(dir, actor_id), actor_id, config, durability, log)
+        SqliteActorDb::open_at(&db_path(dir, actor_id), actor_id, config, true, log)
     }
 
-    /// [`SqliteActorDb::open`] of the file at `path`, whose folder exists.
+    /// [`SqliteActorDb::open`] of the file at `path`, whose folder exists. `synced`: the file
+    /// is flushed by checkpoints (see the module's notes), so the log may drop what it holds;
+    /// a copy that is rebuilt on every opening is not.
     fn open_at(
         path: &Path,
         actor_id: &str,
         config: DbConfig,
-        durability: Durability,
+        synced: bool,
         log: Vec<(u64, Vec<u8>)>,
     ) -> Result<SqliteActorDb> {
         let path = path.to_path_buf();
@@ -527,7 +532,7 @@ impl SqliteActorDb {
                 path.display()
             )));
         }
-        let conn = open_connection(&path, durability).map_err(|err| match err {
+        let conn = open_connection(&path).map_err(|err| match err {
             Error::Storage(source) if crate::error::sqlite_reports_damage(&source) => {
                 Error::StorageCorrupt {
                     detail: format!("the actor's SQL database {} is damaged", path.display()),
@@ -577,6 +582,12 @@ impl SqliteActorDb {
                 "applied logged SQL changes to the actor's database"
             );
         }
+        // What the file holds is durable from here on, so the log may drop it.
+        let synced = if synced && checkpoint(&conn)? {
+            Some(applied)
+        } else {
+            None
+        };
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
         let max_pages = (config.max_size_bytes / page_size.max(512) as u64).max(1);
         conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| {
@@ -612,6 +623,8 @@ impl SqliteActorDb {
             statement_timeout: config.statement_timeout,
             max_size_bytes: config.max_size_bytes,
             applied,
+            synced,
+            unsynced: 0,
             busy: busy_tx,
             state: State::Idle,
         };
@@ -711,7 +724,10 @@ impl Drop for SqliteActorDb {
     }
 }
 
-fn open_connection(path: &Path, durability: Durability) -> Result<Connection> {
+/// How many changes the file takes between its checkpoints (flushes), which bounds the log.
+pub const SYNC_EVERY: u32 = 64;
+
+fn open_connection(path: &Path) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -723,16 +739,23 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection> {
             path.display()
         )));
     }
-    let sync = match durability {
-        Durability::Full => "FULL",
-        Durability::Relaxed => "NORMAL",
-    };
-    conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA trusted_schema = OFF;
+    // Not flushed per commit: see the module's notes.
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA trusted_schema = OFF;
          CREATE TABLE IF NOT EXISTS _keel_applied (seq INTEGER NOT NULL);
-         INSERT INTO _keel_applied (seq) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM _keel_applied);"
-    ))?;
+         INSERT INTO _keel_applied (seq) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM _keel_applied);",
+    )?;
     Ok(conn)
+}
+
+/// Copies the whole WAL into the file, flushing both (`synchronous = NORMAL` flushes at a
+/// checkpoint); whether it got all of it (a reader can hold part of it back).
+fn checkpoint(conn: &Connection) -> Result<bool> {
+    let (busy, log, done): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?;
+    Ok(busy == 0 && log == done)
 }
 
 fn applied_seq(conn: &Connection) -> Result<u64> {
@@ -766,8 +789,13 @@ struct Worker {
     timed_out: Arc<AtomicBool>,
     statement_timeout: Duration,
     max_size_bytes: u64,
-    /// The newest change durable in the file.
+    /// The newest change the file holds.
     applied: u64,
+    /// The newest change the file holds durably (flushed by a checkpoint): the log keeps it
+    /// and everything newer. None for a copy that is rebuilt on every opening.
+    synced: Option<u64>,
+    /// Changes committed since the last checkpoint.
+    unsynced: u32,
     busy: watch::Sender<bool>,
     state: State,
 }
@@ -990,7 +1018,8 @@ impl Worker {
                         Ok(Some(DbChange {
                             seq,
                             changeset,
-                            trim_below: self.applied,
+                            // A copy's log is kept elsewhere; it trims nothing here.
+                            trim_below: self.synced.unwrap_or(0),
                         }))
                     }
                     Err(err) => {
@@ -1019,7 +1048,10 @@ impl Worker {
                 .map_err(Error::from)
                 .and_then(|_| self.keel("COMMIT"));
             match committed {
-                Ok(()) => self.applied = seq,
+                Ok(()) => {
+                    self.applied = seq;
+                    self.sync_now_and_then();
+                }
                 Err(err) => {
                     // keel.db holds the change; the file gets it at its next open.
                     tracing::error!(error = %err, seq, "committing a logged SQL change to the actor's database failed");
@@ -1030,6 +1062,27 @@ impl Worker {
             self.rollback_open();
         }
         self.busy.send_replace(false);
+    }
+
+    /// Every [`SYNC_EVERY`] changes, a checkpoint, after which the log may drop what the
+    /// file holds. Runs after the call's reply left; the next call's statements wait for it.
+    fn sync_now_and_then(&mut self) {
+        if self.synced.is_none() {
+            return;
+        }
+        self.unsynced += 1;
+        if self.unsynced < SYNC_EVERY {
+            return;
+        }
+        match checkpoint(&self.conn) {
+            Ok(true) => {
+                self.synced = Some(self.applied);
+                self.unsynced = 0;
+            }
+            // The log keeps everything since the last checkpoint; the next change tries again.
+            Ok(false) => {}
+            Err(err) => tracing::warn!(error = %err, "checkpointing the actor's database failed"),
+        }
     }
 
     fn rollback(&mut self) {

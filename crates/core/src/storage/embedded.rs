@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::actor_type::DbConfig;
-use crate::config::{Durability, RuntimeConfig};
+use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::faults::{FaultState, Registration};
 use crate::host::Payload;
@@ -45,8 +45,6 @@ pub(crate) struct EmbeddedStorage {
     _faults: Option<Registration>,
     /// Where actors' SQL databases live (see `actor_db.rs`).
     db_dir: PathBuf,
-    /// The durability actors' SQL databases commit with, as keel.db's.
-    durability: Durability,
 }
 
 impl EmbeddedStorage {
@@ -75,7 +73,6 @@ impl EmbeddedStorage {
             store,
             _faults: registration,
             db_dir: config.data_dir.join(crate::storage::actor_db::DB_DIR),
-            durability: config.durability,
         };
         Ok((storage, pending))
     }
@@ -156,12 +153,11 @@ impl Storage for EmbeddedStorage {
 
     async fn open_db(&self, actor_id: Arc<str>, config: DbConfig) -> Result<Arc<dyn ActorDb>> {
         let dir = self.db_dir.clone();
-        let durability = self.durability;
         let span = tracing::Span::current();
         self.blocking(move |store| {
             let _entered = span.enter();
             let log = store.db_log(&actor_id)?;
-            let db = SqliteActorDb::open(&dir, &actor_id, config, durability, log)?;
+            let db = SqliteActorDb::open(&dir, &actor_id, config, log)?;
             Ok(Arc::new(db) as Arc<dyn ActorDb>)
         })
         .await
