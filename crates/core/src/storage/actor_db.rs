@@ -343,17 +343,7 @@ pub fn db_path(dir: &Path, actor_id: &str) -> PathBuf {
 
 /// Removes an actor's database and its side files; a missing file is no error.
 pub(crate) fn remove_db(dir: &Path, actor_id: &str) -> Result<()> {
-    let path = db_path(dir, actor_id);
-    for suffix in ["", "-wal", "-shm", "-journal"] {
-        let mut file = path.clone().into_os_string();
-        file.push(suffix);
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(Error::io(format!("removing {}", path.display()), err)),
-        }
-    }
-    Ok(())
+    remove_files(&db_path(dir, actor_id))
 }
 
 /// Removes the file at `path` and its side files; a missing file is no error.
