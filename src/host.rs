@@ -260,15 +260,7 @@ impl Drop for BatchInFlight {
             return;
         };
         if let Err(reason) = &self.outcome {
-            tracing::error!(error = %reason, invocations = self.ids.len(), "dispatching to JS failed");
-            let mut pending = host.pending.lock();
-            for id in &self.ids {
-                if let Some(waiter) = pending.remove(id) {
-                    // The waiter may have given up already.
-                    let _ =
-                        waiter.send(Reply::failed(format!("dispatching to JS failed: {reason}")));
-                }
-            }
+            host.fail(&self.ids, reason);
         }
         let next = host.outbox.lock().next_batch();
         if let Some(batch) = next {
@@ -394,14 +386,9 @@ unsafe extern "C" fn on_async(handle: *mut std::os::raw::c_void) {
     };
     let env = context.env;
     loop {
-        let batch = {
-            let mut outbox = host.outbox.lock();
-            if outbox.queue.is_empty() {
-                outbox.in_flight = false;
-                break;
-            }
-            let len = outbox.queue.len().min(MAX_BATCH_LEN);
-            outbox.queue.drain(..len).collect::<Vec<_>>()
+        // Clears `in_flight` once the queue is empty, so the next send wakes JS again.
+        let Some(batch) = host.outbox.lock().next_batch() else {
+            break;
         };
         let ids: Vec<u32> = batch.iter().filter_map(Invocation::id).collect();
         let mut scope = std::ptr::null_mut();
@@ -436,14 +423,7 @@ unsafe extern "C" fn on_async(handle: *mut std::os::raw::c_void) {
         };
         sys::napi_close_handle_scope(env, scope);
         if let Err(reason) = outcome {
-            tracing::error!(error = %reason, invocations = ids.len(), "dispatching to JS failed");
-            let mut pending = host.pending.lock();
-            for id in &ids {
-                if let Some(waiter) = pending.remove(id) {
-                    let _ =
-                        waiter.send(Reply::failed(format!("dispatching to JS failed: {reason}")));
-                }
-            }
+            host.fail(&ids, &reason);
         }
     }
 }
