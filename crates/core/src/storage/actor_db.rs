@@ -499,14 +499,14 @@ impl SqliteActorDb {
         SqliteActorDb::open_at(&db_path(dir, actor_id), actor_id, config, true, log)
     }
 
-    /// [`SqliteActorDb::open`] of the file at `path`, whose folder exists. `synced`: the file
-    /// is flushed by checkpoints (see the module's notes), so the log may drop what it holds;
-    /// a copy that is rebuilt on every opening is not.
+    /// [`SqliteActorDb::open`] of the file at `path`, whose folder exists. `checkpoints`: the
+    /// file is flushed by checkpoints (see the module's notes), so the log may drop what it
+    /// holds; a copy that is rebuilt on every opening is not.
     fn open_at(
         path: &Path,
         actor_id: &str,
         config: DbConfig,
-        synced: bool,
+        checkpoints: bool,
         log: Vec<(u64, Vec<u8>)>,
     ) -> Result<SqliteActorDb> {
         let path = path.to_path_buf();
@@ -572,11 +572,12 @@ impl SqliteActorDb {
                 "applied logged SQL changes to the actor's database"
             );
         }
-        // What the file holds is durable from here on, so the log may drop it.
-        let synced = if synced && checkpoint(&conn)? {
-            Some(applied)
+        // What the file holds is durable from here on, so the log may drop it; if the
+        // checkpoint did not get everything, the log keeps all it has until one does.
+        let synced = if checkpoints && checkpoint(&conn)? {
+            applied
         } else {
-            None
+            0
         };
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
         let max_pages = (config.max_size_bytes / page_size.max(512) as u64).max(1);
@@ -613,6 +614,7 @@ impl SqliteActorDb {
             statement_timeout: config.statement_timeout,
             max_size_bytes: config.max_size_bytes,
             applied,
+            checkpoints,
             synced,
             unsynced: 0,
             busy: busy_tx,
@@ -781,9 +783,12 @@ struct Worker {
     max_size_bytes: u64,
     /// The newest change the file holds.
     applied: u64,
-    /// The newest change the file holds durably (flushed by a checkpoint): the log keeps it
-    /// and everything newer. None for a copy that is rebuilt on every opening.
-    synced: Option<u64>,
+    /// Whether the file is checkpointed to let the log drop what it holds (not for a copy
+    /// that is rebuilt on every opening, whose log is kept elsewhere).
+    checkpoints: bool,
+    /// The newest change the file holds durably (flushed by a checkpoint; 0 before the
+    /// first complete one): the log keeps it and everything newer.
+    synced: u64,
     /// Changes committed since the last checkpoint.
     unsynced: u32,
     busy: watch::Sender<bool>,
@@ -1008,8 +1013,7 @@ impl Worker {
                         Ok(Some(DbChange {
                             seq,
                             changeset,
-                            // A copy's log is kept elsewhere; it trims nothing here.
-                            trim_below: self.synced.unwrap_or(0),
+                            trim_below: self.synced,
                         }))
                     }
                     Err(err) => {
@@ -1057,7 +1061,7 @@ impl Worker {
     /// Every [`SYNC_EVERY`] changes, a checkpoint, after which the log may drop what the
     /// file holds. Runs after the call's reply left; the next call's statements wait for it.
     fn sync_now_and_then(&mut self) {
-        if self.synced.is_none() {
+        if !self.checkpoints {
             return;
         }
         self.unsynced += 1;
@@ -1066,7 +1070,7 @@ impl Worker {
         }
         match checkpoint(&self.conn) {
             Ok(true) => {
-                self.synced = Some(self.applied);
+                self.synced = self.applied;
                 self.unsynced = 0;
             }
             // The log keeps everything since the last checkpoint; the next change tries again.
