@@ -287,6 +287,47 @@ export const conformance = {
     conn.dispose();
   },
 
+  async "hibernatable connections: the socket stays open while the actor sleeps, its next message wakes it with conn.state, events reach it, destroy closes it"({ client }) {
+    const key = fresh("hib");
+    const conn = client.lounge.getOrCreate(key).connect({ name: "ada" });
+    // Subscribed in the connection's init, so no later frame races the event.
+    const news = collect(conn, "news", 1);
+    const statuses = [];
+    conn.onStatusChange((status) => statuses.push(status));
+    await conn.ready;
+    const connId = conn.connId;
+    let reply = await conn.bump();
+    assert.deepEqual({ count: reply.count, wakes: reply.wakes, sleeps: reply.sleeps }, { count: 1, wakes: 1, sleeps: 0 });
+    // Idle past its sleepTimeoutMs (300) the actor sleeps with the connection open. A sleep
+    // cannot be seen without waking the actor, so the connection calls less often than the
+    // timeout: the call that finds a new activation woke it.
+    let bumps = 1;
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      reply = await conn.bump();
+      bumps += 1;
+      assert.equal(reply.count, bumps, "conn.state is durable: every call counted once");
+      if (reply.wakes > 1) break;
+      assert.ok(Date.now() < deadline, "the idle actor never slept");
+    }
+    assert.deepEqual({ wakes: reply.wakes, sleeps: reply.sleeps }, { wakes: 2, sleeps: 1 }, "woken by the message");
+    assert.deepEqual(reply.seenAtWake, [`ada:${bumps - 1}`], "the wake found the connection in c.conns, with its conn.state");
+    assert.equal(conn.connId, connId, "the same connection");
+    // An event sent after the wake (by a call from elsewhere) reaches it.
+    assert.equal(await client.lounge.getOrCreate(key).announce("hi"), 1);
+    assert.deepEqual(await news, ["hi"]);
+    // Put to sleep again, with the connection kept; destroying the actor (the call wakes it)
+    // closes the connection for good (1000: the client does not reconnect).
+    await client.lounge.getOrCreate(key).nap();
+    const closed = statusOf(conn, "closed");
+    const bye = await client.lounge.getOrCreate(key).destroyMe();
+    assert.equal(bye.conns, 1, "the destroying activation had the connection back");
+    assert.ok(bye.wakes > reply.wakes, "the destroy woke the actor again");
+    await closed;
+    assert.ok(!statuses.includes("reconnecting"), `the socket never closed before the destroy (statuses: ${statuses.join(", ")})`);
+  },
+
 };
 
 /** Runs every body as a subtest of `t` against `target`. */

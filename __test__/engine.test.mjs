@@ -613,6 +613,59 @@ test("keel's connection protocol through the gateway by id: ready, replies and e
   assert.deepEqual(await unknown.closed, { code: 1008, reason: "request.route_not_found" });
 });
 
+test("a hibernatable connection through the gateway by id: the socket stays open while its actor sleeps, and a call on it wakes the actor with conn.state", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  const id = await createClient(engine.url).lounge.getOrCreate("raw-hib").resolve();
+  const ws = await openSocket(`${engine.url.replace(/^http/, "ws")}/gateway/${id}/connect`);
+  let closed;
+  ws.closed.then((close) => (closed = close));
+  ws.send(JSON.stringify({ t: "init", key: ["ignored"], params: { name: "ada" }, subs: ["news"] }));
+  await ws.received(1);
+  const ready = JSON.parse(ws.messages[0]);
+  assert.equal(ready.t, "ready");
+  assert.equal(typeof ready.connToken, "string", "a hibernatable connection's ready carries its token");
+  const call = async (n, action, args = []) => {
+    const before = ws.messages.length;
+    ws.send(JSON.stringify({ t: "call", id: n, action, args }));
+    await ws.received(before + 1);
+    const reply = JSON.parse(ws.messages[before]);
+    assert.equal(reply.id, n, JSON.stringify(reply));
+    return reply.output;
+  };
+  assert.deepEqual(await call(1, "bump"), { count: 1, wakes: 1, sleeps: 0, seenAtWake: [] });
+  // lounge sleeps after 300 ms without a message; call less often than that until a call
+  // finds the next activation: it woke the actor, on the socket the gateway kept open.
+  let reply;
+  let n = 1;
+  let wokeIn;
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    assert.equal(closed, undefined, "the socket stays open while the actor sleeps");
+    n += 1;
+    const sent = Date.now();
+    reply = await call(n, "bump");
+    assert.equal(reply.count, n, "conn.state is durable: every call counted once");
+    if (reply.wakes > 1) {
+      wokeIn = Date.now() - sent;
+      break;
+    }
+    assert.ok(Date.now() < deadline, "the idle actor never slept");
+  }
+  assert.deepEqual({ wakes: reply.wakes, sleeps: reply.sleeps, seenAtWake: reply.seenAtWake }, { wakes: 2, sleeps: 1, seenAtWake: [`ada:${n - 1}`] });
+  t.diagnostic(`a call on a hibernated socket, woken actor's reply: ${wokeIn} ms`);
+  // An event broadcast after the wake (from an HTTP call) reaches the socket.
+  const before = ws.messages.length;
+  assert.deepEqual((await gateway(engine, "lounge", "raw-hib", "announce", ["hi"])).body, { output: 1 });
+  await ws.received(before + 1);
+  assert.deepEqual(JSON.parse(ws.messages[before]), { t: "event", event: "news", data: "hi" });
+  // Destroy closes it for good, after the destroying call's reply.
+  // (The actor may have slept again since; then this call woke it, the socket restored.)
+  assert.equal((await call(n + 1, "destroyMe")).conns, 1);
+  assert.deepEqual(await ws.closed, { code: 1000, reason: "actor destroyed" });
+});
+
 test("requests that reach an actor while it goes to sleep by itself are served by its next activation", async (t) => {
   const engine = await startEngine(t);
   await startKeel(t, engine, {}, conformanceServer);

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actor_type::ActorTypes;
 use crate::config::RuntimeConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::host::Host;
 use crate::metrics::{Gauges, Metrics, WriterStats};
 use crate::runtime::activation::Intents;
@@ -81,13 +81,6 @@ impl Runtime {
         intents: Arc<dyn Intents>,
     ) -> Result<Runtime> {
         config.validate()?;
-        // The engine's storage does not carry durable connections yet.
-        if let Some(actor_type) = types.iter().find(|t| t.hibernatable_conns) {
-            return Err(Error::config(format!(
-                "actor type {}: hibernatableConnections is not supported in engine mode yet",
-                actor_type.name
-            )));
-        }
         let writer_stats = Arc::new(WriterStats::default());
         let dispatch = Arc::new(Dispatch::new(
             config,

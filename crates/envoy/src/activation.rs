@@ -205,6 +205,17 @@ pub trait Tunnel: Send + Sync + 'static {
     /// gateway still sends it belongs to the actor's next activation, so it is refused in the
     /// way the gateway retries (see [`retry_response`]).
     fn serves(&self, actor_id: &str) -> bool;
+    /// Whether a socket at `path` (with its query) of `actor_id`'s running activation is
+    /// hibernatable: the gateway then keeps it open while the actor sleeps, and hands it back
+    /// on the next start (see `socket.rs`). keel's `/connect` of a type with hibernatable
+    /// connections.
+    fn hibernates(&self, actor_id: &str, path: &str) -> bool;
+    /// A hibernatable socket of `actor_id` opened: recorded with the actor's data, so that
+    /// an activation elsewhere can name it to the envoy (which then closes it, and keel's
+    /// client reconnects).
+    fn hibernatable_opened(&self, actor_id: &str, socket: crate::storage::StoredSocket);
+    /// A hibernatable socket of `actor_id` ended (or is of no use any more): its record goes.
+    fn hibernatable_ended(&self, actor_id: &str, gateway_id: [u8; 4], request_id: [u8; 4]);
 }
 
 /// The header, and its value, by which the engine's gateway tells a response it should retry
@@ -230,14 +241,17 @@ pub(crate) struct Callbacks {
     events: mpsc::Sender<EngineEvent>,
     /// Serves tunneled requests; `None` answers each with a structured 404.
     tunnel: Option<Arc<dyn Tunnel>>,
-    /// The tunneled sockets open through this envoy's connection.
+    /// The tunneled sockets open through this envoy's connection (shared with the
+    /// [`crate::Engine`], which hands an actor's hibernated ones back on its start).
     sockets: Arc<crate::socket::Sockets>,
 }
 
 impl Callbacks {
-    pub fn new(tunnel: Option<Arc<dyn Tunnel>>) -> (Callbacks, mpsc::Receiver<EngineEvent>) {
+    pub fn new(
+        tunnel: Option<Arc<dyn Tunnel>>,
+        sockets: Arc<crate::socket::Sockets>,
+    ) -> (Callbacks, mpsc::Receiver<EngineEvent>) {
         let (events, rx) = mpsc::channel(MAX_PENDING_EVENTS);
-        let sockets = Arc::default();
         (
             Callbacks {
                 events,
@@ -365,21 +379,38 @@ impl EnvoyCallbacks for Callbacks {
 
     fn websocket(
         &self,
-        _handle: EnvoyHandle,
+        handle: EnvoyHandle,
         actor_id: String,
-        _gateway_id: protocol::GatewayId,
-        _request_id: protocol::RequestId,
+        gateway_id: protocol::GatewayId,
+        request_id: protocol::RequestId,
         _request: HttpRequest,
         path: String,
         headers: HashMap<String, String>,
-        _is_hibernatable: bool,
-        _is_restoring_hibernatable: bool,
-        _sender: WebSocketSender,
+        is_hibernatable: bool,
+        is_restoring_hibernatable: bool,
+        sender: WebSocketSender,
     ) -> BoxFuture<anyhow::Result<WebSocketHandler>> {
         let Some(tunnel) = self.tunnel.clone() else {
             tracing::debug!(%actor_id, %path, "tunneled websocket has no route");
             return Box::pin(async move { Err(anyhow::anyhow!("no websocket route for {path}")) });
         };
+        let key = (gateway_id, request_id);
+        if is_restoring_hibernatable {
+            // A socket the actor's connection kept while it slept, handed back on its start.
+            let restored = crate::socket::restore(
+                self.sockets.clone(),
+                tunnel,
+                &actor_id,
+                key,
+                sender,
+            );
+            return Box::pin(async move {
+                restored.ok_or_else(|| {
+                    tracing::debug!(%actor_id, %path, "no hibernated socket to restore");
+                    anyhow::anyhow!("no hibernated socket to restore")
+                })
+            });
+        }
         if !tunnel.serves(&actor_id) {
             // Refused before it opens: the gateway opens it again once the actor's next
             // activation runs, instead of handing the client a socket that closes at once.
@@ -388,8 +419,16 @@ impl EnvoyCallbacks for Callbacks {
                 async move { Err(anyhow::anyhow!("the actor's activation is stopping")) },
             );
         }
-        tracing::debug!(%actor_id, %path, "tunneled websocket");
-        let handler = crate::socket::handler(self.sockets.clone(), path, headers, move |socket| {
+        tracing::debug!(%actor_id, %path, hibernatable = is_hibernatable, "tunneled websocket");
+        let new = crate::socket::NewSocket {
+            sockets: self.sockets.clone(),
+            envoy: handle,
+            tunnel: tunnel.clone(),
+            actor_id: actor_id.clone(),
+            key,
+            hibernatable: is_hibernatable,
+        };
+        let handler = crate::socket::handler(new, path, headers, sender, move |socket| {
             tunnel.websocket(actor_id, socket)
         });
         Box::pin(async move { Ok(handler) })
@@ -397,12 +436,16 @@ impl EnvoyCallbacks for Callbacks {
 
     fn can_hibernate(
         &self,
-        _actor_id: &str,
+        actor_id: &str,
         _gateway_id: &protocol::GatewayId,
         _request_id: &protocol::RequestId,
-        _request: &HttpRequest,
+        request: &HttpRequest,
     ) -> BoxFuture<anyhow::Result<bool>> {
-        Box::pin(async { Ok(false) })
+        let hibernates = self
+            .tunnel
+            .as_ref()
+            .is_some_and(|tunnel| tunnel.hibernates(actor_id, &request.path));
+        Box::pin(async move { Ok(hibernates) })
     }
 }
 

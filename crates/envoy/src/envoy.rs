@@ -34,6 +34,8 @@ pub enum ShutdownOutcome {
 pub struct Engine {
     handle: EnvoyHandle,
     namespace: Arc<str>,
+    /// The tunneled sockets open through this envoy (shared with its callbacks).
+    sockets: Arc<crate::socket::Sockets>,
 }
 
 /// Connects to the engine as an envoy of `config.pool` and waits for the engine's `Init`, at
@@ -49,7 +51,8 @@ pub async fn connect_with(
     tunnel: Option<Arc<dyn Tunnel>>,
 ) -> Result<(Engine, mpsc::Receiver<EngineEvent>)> {
     config.validate()?;
-    let (callbacks, events) = Callbacks::new(tunnel);
+    let sockets = Arc::<crate::socket::Sockets>::default();
+    let (callbacks, events) = Callbacks::new(tunnel, sockets.clone());
     let namespace: Arc<str> = config.namespace.as_str().into();
     let endpoint = config.endpoint.clone();
     let handle = rivet_envoy_client::envoy::start_envoy_sync(EnvoyConfig {
@@ -82,7 +85,14 @@ pub async fn connect_with(
         ));
     }
     tracing::info!(%endpoint, envoy_key = handle.get_envoy_key(), "connected to the engine");
-    Ok((Engine { handle, namespace }, events))
+    Ok((
+        Engine {
+            handle,
+            namespace,
+            sockets,
+        },
+        events,
+    ))
 }
 
 impl Engine {
@@ -102,6 +112,18 @@ impl Engine {
             generation,
         );
         ActorStore::open(remote, identity, state_encoding).await
+    }
+
+    /// Hands the envoy the sockets of the actor's hibernated connections that this process
+    /// kept while it slept, so that the start now under way restores them (the gateway kept
+    /// them open; see `socket.rs`), and those `stored` with the actor's data that it did not
+    /// keep, which the envoy closes. Called before every start is answered; returns how many.
+    pub fn restore_sockets(&self, actor_id: &str, stored: &[crate::storage::StoredSocket]) -> usize {
+        let kept = self.sockets.hibernating(actor_id, stored);
+        let count = kept.len();
+        self.handle
+            .restore_hibernating_requests(actor_id.to_string(), kept);
+        count
     }
 
     /// Asks the engine to put the actor to sleep; it answers with a stop (`Sleep`), keeps the

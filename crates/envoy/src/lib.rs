@@ -31,7 +31,8 @@
 //!   requests into its routes, actors' own sleep and destroy out as intents.
 //! - `remote`: one activation's fenced requests, and the one mapping of failures to keel's
 //!   errors.
-//! - `socket`: tunneled WebSockets, handed to keel-core's socket code (not hibernatable).
+//! - `socket`: tunneled WebSockets, handed to keel-core's socket code; those of hibernatable
+//!   connections kept while their actor sleeps and handed back on its next start.
 //! - `sql`: statements and values, converted to and from the protocol's types.
 
 #![warn(missing_docs)]
@@ -54,4 +55,4 @@ pub use config::EngineConfig;
 pub use envoy::{connect, connect_with, Engine, ShutdownOutcome};
 pub use seam::EngineStorage;
 pub use serve::{serve, EngineRun};
-pub use storage::{ActorIdentity, ActorStore, CommitStats, Snapshot};
+pub use storage::{ActorIdentity, ActorStore, CommitStats, Snapshot, StoredSocket};

@@ -132,6 +132,11 @@ impl EngineStorage {
         }
     }
 
+    /// The store of an actor this envoy runs.
+    pub(crate) fn store_of(&self, actor_id: &str) -> Option<Arc<ActorStore>> {
+        self.store(actor_id)
+    }
+
     fn store(&self, actor_id: &str) -> Option<Arc<ActorStore>> {
         self.open
             .lock()

@@ -80,9 +80,12 @@ pub async fn serve(
     on_connected: impl FnOnce(EngineRun),
 ) -> Result<()> {
     let drain_timeout = config.drain_timeout;
-    let tunnel = Arc::new(RuntimeTunnel::default());
-    let (engine, events) = connect_with(engine, Some(tunnel.clone())).await?;
     let storage = Arc::new(EngineStorage::default());
+    let tunnel = Arc::new(RuntimeTunnel {
+        runtime: OnceLock::new(),
+        storage: storage.clone(),
+    });
+    let (engine, events) = connect_with(engine, Some(tunnel.clone())).await?;
     let run = EngineRun {
         engine: engine.clone(),
         done: CancellationToken::new(),
@@ -217,7 +220,7 @@ impl EventLoop {
             created_at_ms,
             input: input.map(input_payload),
         };
-        let (store, snapshot) = self
+        let (store, mut snapshot) = self
             .engine
             .open_actor(actor_id, generation, &identity, self.state_encoding)
             .await?;
@@ -231,11 +234,19 @@ impl EventLoop {
             .iter()
             .map(|stored| (stored.schedule.id.clone(), stored.schedule.at_ms))
             .collect();
+        let sockets = std::mem::take(&mut snapshot.sockets);
         self.storage.insert(store, record, created_at_ms, snapshot);
         self.runtime
             .start_actor(actor_id, &name, &key, u64::from(generation))?;
         // Overdue ones fire at once, through the task just started.
         self.runtime.index_schedules(actor_id, schedules);
+        // The sockets of the connections it left hibernated here when it slept, restored by
+        // the envoy once this start is answered; the task just started has taken the
+        // connections themselves back.
+        let restored = self.engine.restore_sockets(actor_id, &sockets);
+        if restored > 0 {
+            tracing::debug!(%actor_id, generation, sockets = restored, "restoring hibernated sockets");
+        }
         Ok(())
     }
 }
@@ -252,9 +263,11 @@ fn input_payload(bytes: Vec<u8>) -> Payload {
 }
 
 /// Serves tunneled requests with the runtime's routes, once it runs.
-#[derive(Default)]
 struct RuntimeTunnel {
     runtime: OnceLock<Arc<Runtime>>,
+    /// The stores of the actors this envoy runs, where their hibernatable sockets are
+    /// recorded.
+    storage: Arc<EngineStorage>,
 }
 
 impl Tunnel for RuntimeTunnel {
@@ -262,6 +275,28 @@ impl Tunnel for RuntimeTunnel {
         self.runtime
             .get()
             .is_some_and(|runtime| runtime.serves_actor(actor_id))
+    }
+
+    fn hibernates(&self, actor_id: &str, path: &str) -> bool {
+        let bare = path.split_once('?').map_or(path, |(bare, _)| bare);
+        bare == "/connect"
+            && self
+                .runtime
+                .get()
+                .is_some_and(|runtime| runtime.hibernates_connections(actor_id))
+    }
+
+    fn hibernatable_opened(&self, actor_id: &str, socket: crate::storage::StoredSocket) {
+        match self.storage.store_of(actor_id) {
+            Some(store) => store.record_socket(&socket),
+            None => tracing::debug!(%actor_id, "a hibernatable socket of an actor without storage here"),
+        }
+    }
+
+    fn hibernatable_ended(&self, actor_id: &str, gateway_id: [u8; 4], request_id: [u8; 4]) {
+        if let Some(store) = self.storage.store_of(actor_id) {
+            store.forget_socket(gateway_id, request_id);
+        }
     }
 
     fn websocket(&self, actor_id: String, socket: keel_core::TunneledSocket) {

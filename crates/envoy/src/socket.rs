@@ -6,43 +6,162 @@
 //! the peer's messages into it in order, and whose `on_close` passes the peer's close on. keel's
 //! frames go back through the client's [`WebSocketSender`].
 //!
+//! Hibernatable sockets (`/connect` of a type with hibernatable connections, see
+//! `activation.rs`): while the actor sleeps the gateway keeps the client's socket open and
+//! keel keeps its side (the connection keel-core left hibernated, and the channel its reader
+//! waits on) here. The next start restores the socket: the client is handed the sockets of
+//! the actor's hibernated connections ([`Sockets::hibernating`]), the gateway rebinds each
+//! one, and [`restore`] points the socket kept here at the new route, so the connection,
+//! its `conn.state` and its reader carry on as if nothing happened. The gateway keeps every
+//! message it forwarded until keel acknowledges its index, and sends the unacknowledged
+//! ones again to the next activation; the client drops those whose index is not past the
+//! one keel reports at the restore.
+//!
 //! What must stay true:
-//! - Sockets are not hibernatable (`canHibernate` is false): when the actor stops, its sockets
-//!   close (with the codes keel documents) and the client reconnects to the next activation.
+//! - A message of a hibernatable socket is acknowledged only once keel has taken it (its call
+//!   is in the actor's mailbox, or answered: [`keel_core::SocketPeer::taken`]). One that
+//!   reached keel as the actor began to sleep waits in keel for the next activation, and is
+//!   not acknowledged meanwhile, so the gateway wakes the actor at once when it stops.
+//! - The index reported at a restore is that of the last message passed to keel: the copies
+//!   the gateway sends again of messages keel holds already are dropped, nothing is skipped.
+//! - Other sockets are not hibernatable: when the actor stops, they close (with the codes keel
+//!   documents) and the client reconnects to the next activation.
 //! - A socket whose engine connection dropped ends at once for keel (as a vanished peer): its
 //!   actor's `onDisconnect` or close listeners run, and nothing waits on it.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use keel_core::{SocketMessage, SocketPeer, TunneledSocket};
 use parking_lot::Mutex;
 use rivet_envoy_client::config::{WebSocketHandler, WebSocketSender};
+use rivet_envoy_client::handle::EnvoyHandle;
+use rivet_envoy_client::protocol;
+use rivet_envoy_client::tunnel::HibernatingWebSocketMetadata;
 use tokio::sync::mpsc;
 
-/// Where one socket's messages go, until it closes or the engine connection drops.
-type Slot = Arc<Mutex<Option<mpsc::Sender<SocketMessage>>>>;
+use crate::activation::Tunnel;
+use crate::storage::StoredSocket;
 
-/// The tunneled sockets open on this envoy, so a dropped engine connection can end them.
+/// A socket at the gateway: its gateway's id and its request's id (unique per socket).
+pub(crate) type SocketKey = (protocol::GatewayId, protocol::RequestId);
+
+/// Acknowledges the messages of a hibernatable socket as keel takes them.
+struct Acks {
+    envoy: EnvoyHandle,
+    key: SocketKey,
+    /// The indexes of the messages passed to keel and not yet taken, oldest first.
+    pending: Mutex<VecDeque<u16>>,
+}
+
+impl Acks {
+    fn passed(&self, index: u16) {
+        self.pending.lock().push_back(index);
+    }
+
+    fn taken(&self) {
+        let taken = self.pending.lock().pop_front();
+        if let Some(index) = taken {
+            self.envoy
+                .send_hibernatable_ws_message_ack(self.key.0, self.key.1, index);
+        }
+    }
+}
+
+/// One socket open through this envoy, from its `on_open` until keel has finished with it.
+struct Open {
+    /// The actor it is tunneled to.
+    actor_id: String,
+    /// Where the peer's messages go; keel's reader holds the receiver. Taken on close.
+    tx: Option<mpsc::Sender<SocketMessage>>,
+    /// keel's way back to the peer; pointed at the new route when a hibernated socket is
+    /// restored.
+    peer: Arc<Peer>,
+    /// Whether the gateway keeps the socket while the actor sleeps.
+    hibernatable: bool,
+    /// The path and headers the socket opened with, for the restore.
+    path: String,
+    headers: HashMap<String, String>,
+    /// The index of the last message passed to keel.
+    last_index: Option<u16>,
+}
+
+impl Open {
+    /// Whether keel still reads the socket.
+    fn is_live(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+}
+
+type Slot = Arc<Mutex<Open>>;
+
+/// The tunneled sockets open on this envoy, so a dropped engine connection can end them and
+/// an actor's next start can restore its hibernated ones.
 #[derive(Default)]
 pub(crate) struct Sockets {
-    open: Mutex<HashMap<u64, Slot>>,
-    next: AtomicU64,
+    open: Mutex<HashMap<SocketKey, Slot>>,
 }
 
 impl Sockets {
-    fn insert(&self, slot: Slot) -> u64 {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+    fn insert(&self, key: SocketKey, slot: Slot) {
         let mut open = self.open.lock();
         // Sockets keel has finished with (their reader dropped the receiver) leave here.
-        open.retain(|_, slot| slot.lock().as_ref().is_some_and(|tx| !tx.is_closed()));
-        open.insert(id, slot);
-        id
+        open.retain(|_, slot| slot.lock().is_live());
+        open.insert(key, slot);
     }
 
-    fn remove(&self, id: u64) {
-        self.open.lock().remove(&id);
+    fn remove(&self, key: &SocketKey) {
+        self.open.lock().remove(key);
+    }
+
+    fn get(&self, key: &SocketKey) -> Option<Slot> {
+        self.open.lock().get(key).cloned()
+    }
+
+    /// What the envoy needs to restore the actor's hibernated sockets on its start: one entry
+    /// per hibernatable socket of `actor_id` that keel still reads here, and one per socket
+    /// `stored` with the actor's data that this process does not hold (kept by an earlier
+    /// activation elsewhere): the envoy asks [`restore`] for it, which has none, and closes it
+    /// (1011), so its client reconnects and resumes its connection.
+    pub(crate) fn hibernating(
+        &self,
+        actor_id: &str,
+        stored: &[StoredSocket],
+    ) -> Vec<HibernatingWebSocketMetadata> {
+        let open = self.open.lock();
+        let mut kept: Vec<HibernatingWebSocketMetadata> = open
+            .iter()
+            .filter_map(|(key, slot)| {
+                let slot = slot.lock();
+                if slot.actor_id != actor_id || !slot.hibernatable || !slot.is_live() {
+                    return None;
+                }
+                Some(HibernatingWebSocketMetadata {
+                    gateway_id: key.0,
+                    request_id: key.1,
+                    // The envoy numbers what it sends itself; the gateway does not check it.
+                    envoy_message_index: 0,
+                    rivet_message_index: slot.last_index?,
+                    path: slot.path.clone(),
+                    headers: slot.headers.clone(),
+                })
+            })
+            .collect();
+        for socket in stored {
+            let key = (socket.gateway_id, socket.request_id);
+            if open.contains_key(&key) {
+                continue;
+            }
+            kept.push(HibernatingWebSocketMetadata {
+                gateway_id: key.0,
+                request_id: key.1,
+                envoy_message_index: 0,
+                rivet_message_index: 0,
+                path: socket.path.clone(),
+                headers: socket.headers.clone(),
+            });
+        }
+        kept
     }
 
     /// Ends every open socket for keel, as if its peer had vanished: the engine connection
@@ -56,37 +175,159 @@ impl Sockets {
             );
         }
         for slot in open.into_values() {
-            slot.lock().take();
+            slot.lock().tx.take();
         }
     }
 }
 
-/// keel's frames to the gateway's socket.
-struct Peer(WebSocketSender);
+/// keel's frames to the gateway's socket, through the route it has now, and (hibernatable
+/// sockets) the acknowledgements of the messages keel took.
+struct Peer {
+    sender: Mutex<WebSocketSender>,
+    acks: Option<Acks>,
+}
 
 impl SocketPeer for Peer {
     fn send(&self, data: Vec<u8>, binary: bool) {
-        self.0.send(data, binary);
+        self.sender.lock().send(data, binary);
     }
 
     fn close(&self, code: u16, reason: &str) {
-        self.0.close(Some(code), Some(reason.to_string()));
+        self.sender
+            .lock()
+            .close(Some(code), Some(reason.to_string()));
+    }
+
+    fn taken(&self) {
+        if let Some(acks) = &self.acks {
+            acks.taken();
+        }
     }
 }
 
-/// The handler of one tunneled socket at `path`; `serve` gets the socket once it is open.
+/// What a new socket's handler needs besides its path and headers.
+pub(crate) struct NewSocket {
+    pub sockets: Arc<Sockets>,
+    pub envoy: EnvoyHandle,
+    pub tunnel: Arc<dyn Tunnel>,
+    pub actor_id: String,
+    pub key: SocketKey,
+    pub hibernatable: bool,
+}
+
+/// The handler of one new tunneled socket at `path`; `serve` gets the socket once it is open.
 pub(crate) fn handler(
-    sockets: Arc<Sockets>,
+    new: NewSocket,
     path: String,
     headers: HashMap<String, String>,
+    sender: WebSocketSender,
     serve: impl FnOnce(TunneledSocket) + Send + 'static,
 ) -> WebSocketHandler {
-    let slot: Slot = Arc::default();
+    let NewSocket {
+        sockets,
+        envoy,
+        tunnel,
+        actor_id,
+        key,
+        hibernatable,
+    } = new;
+    let acks = hibernatable.then(|| Acks {
+        envoy,
+        key,
+        pending: Mutex::default(),
+    });
+    let slot: Slot = Arc::new(Mutex::new(Open {
+        actor_id,
+        tx: None,
+        peer: Arc::new(Peer {
+            sender: Mutex::new(sender),
+            acks,
+        }),
+        hibernatable,
+        path: path.clone(),
+        headers: headers.clone(),
+        last_index: None,
+    }));
+    let mut handler = handlers(sockets.clone(), tunnel.clone(), key, slot.clone());
+    let on_open = move |sender: WebSocketSender| {
+        let (peer, actor_id) = {
+            let slot = slot.lock();
+            *slot.peer.sender.lock() = sender;
+            (slot.peer.clone(), slot.actor_id.clone())
+        };
+        if hibernatable {
+            tunnel.hibernatable_opened(
+                &actor_id,
+                StoredSocket {
+                    gateway_id: key.0,
+                    request_id: key.1,
+                    path: path.clone(),
+                    headers: headers.clone(),
+                },
+            );
+        }
+        let headers = headers.into_iter().collect();
+        let (socket, tx) = TunneledSocket::new(path, headers, peer);
+        slot.lock().tx = Some(tx);
+        sockets.insert(key, slot);
+        serve(socket);
+        Box::pin(async {}) as rivet_envoy_client::config::BoxFuture<()>
+    };
+    handler.on_open = Some(Box::new(on_open));
+    handler
+}
+
+/// The handler of a hibernated socket the envoy restores on the actor's next start, if keel
+/// kept it (see the module doc): the socket now answers through `sender`, and keel's reader
+/// carries on. `None` if keel has no such socket for `actor_id` (it slept in another process,
+/// or keel has finished with it): the envoy then closes it with 1011 and keel's client
+/// reconnects, resuming its connection with its token.
+pub(crate) fn restore(
+    sockets: Arc<Sockets>,
+    tunnel: Arc<dyn Tunnel>,
+    actor_id: &str,
+    key: SocketKey,
+    sender: WebSocketSender,
+) -> Option<WebSocketHandler> {
+    let Some(slot) = sockets.get(&key) else {
+        // Kept by an activation elsewhere, or ended unnoticed: its record is of no use.
+        tunnel.hibernatable_ended(actor_id, key.0, key.1);
+        return None;
+    };
+    {
+        let open = slot.lock();
+        if open.actor_id != actor_id || !open.is_live() {
+            tunnel.hibernatable_ended(actor_id, key.0, key.1);
+            return None;
+        }
+        // Frames keel sends from now on take the new route; the envoy forwards them once the
+        // gateway has the socket again.
+        *open.peer.sender.lock() = sender;
+    }
+    tracing::debug!(%actor_id, "hibernated websocket restored");
+    Some(handlers(sockets, tunnel, key, slot))
+}
+
+/// The message and close handlers of the socket in `slot`.
+fn handlers(
+    sockets: Arc<Sockets>,
+    tunnel: Arc<dyn Tunnel>,
+    key: SocketKey,
+    slot: Slot,
+) -> WebSocketHandler {
     let on_message = {
         let slot = slot.clone();
         move |message: rivet_envoy_client::config::WebSocketMessage| {
-            let tx = slot.lock().clone();
-            let message = if message.binary {
+            let tx = {
+                let mut open = slot.lock();
+                if let (Some(acks), Some(_)) = (&open.peer.acks, &open.tx) {
+                    // Counted before keel can take it, so its acknowledgement finds it.
+                    acks.passed(message.message_index);
+                    open.last_index = Some(message.message_index);
+                }
+                open.tx.clone()
+            };
+            let data = if message.binary {
                 SocketMessage::Binary(message.data)
             } else {
                 SocketMessage::Text(message.data)
@@ -95,41 +336,30 @@ pub(crate) fn handler(
                 // Waits while keel's reader is behind (bounded backlog); a socket keel has
                 // finished with drops what still arrives.
                 if let Some(tx) = tx {
-                    let _ = tx.send(message).await;
+                    let _ = tx.send(data).await;
                 }
             }) as rivet_envoy_client::config::BoxFuture<()>
         }
     };
-    let on_close = {
-        let slot = slot.clone();
-        let sockets = sockets.clone();
-        let id = Arc::new(Mutex::new(None::<u64>));
-        let opened = id.clone();
-        let on_close = move |code: u16, reason: String| {
-            let tx = slot.lock().take();
-            if let Some(id) = *id.lock() {
-                sockets.remove(id);
-            }
-            Box::pin(async move {
-                if let Some(tx) = tx {
-                    let _ = tx.send(SocketMessage::Close { code, reason }).await;
-                }
-            }) as rivet_envoy_client::config::BoxFuture<()>
+    let on_close = move |code: u16, reason: String| {
+        let (tx, hibernatable, actor_id) = {
+            let mut open = slot.lock();
+            (open.tx.take(), open.hibernatable, open.actor_id.clone())
         };
-        (on_close, opened)
-    };
-    let (on_close, opened) = on_close;
-    let on_open = move |sender: WebSocketSender| {
-        let headers = headers.into_iter().collect();
-        let (socket, tx) = TunneledSocket::new(path, headers, Arc::new(Peer(sender)));
-        *slot.lock() = Some(tx);
-        *opened.lock() = Some(sockets.insert(slot));
-        serve(socket);
-        Box::pin(async {}) as rivet_envoy_client::config::BoxFuture<()>
+        sockets.remove(&key);
+        if hibernatable {
+            tunnel.hibernatable_ended(&actor_id, key.0, key.1);
+        }
+        Box::pin(async move {
+            if let Some(tx) = tx {
+                // keel's reader may have finished already; then the close has no one to tell.
+                let _ = tx.send(SocketMessage::Close { code, reason }).await;
+            }
+        }) as rivet_envoy_client::config::BoxFuture<()>
     };
     WebSocketHandler {
         on_message: Box::new(on_message),
         on_close: Box::new(on_close),
-        on_open: Some(Box::new(on_open)),
+        on_open: None,
     }
 }

@@ -4,8 +4,12 @@
 //! generation-fenced remote SQLite requests (see `remote.rs`); the engine's KV requests are not
 //! fenced, so nothing durable goes there. The schema mirrors what keel-core's `store.rs` keeps
 //! per actor, so one actor model maps one to one: `keel_actor` (one row: identity, creation
-//! input, state and its encoding), `keel_kv`, `keel_schedules`, and `keel_schema` (the version,
-//! for forward migrations).
+//! input, state and its encoding), `keel_kv`, `keel_schedules`, `keel_conns` (the durable
+//! connections of a type with hibernatable connections: their token, params and `conn.state`,
+//! written in the batch of the call that admitted, changed or closed them), `keel_sockets`
+//! (where the gateway holds the sockets of those connections, so an activation in another
+//! process can tell it which ones it cannot restore), and `keel_schema` (the version, for
+//! forward migrations).
 //!
 //! What must stay true:
 //! - One commit is one atomic batch, or part of one: its writes land together or not at all.
@@ -24,8 +28,8 @@
 
 use std::time::{Duration, Instant};
 
-use keel_core::store::{ActorSnapshot, StoredSchedule};
-use keel_core::writer::{Release, Settle, Writes};
+use keel_core::store::{ActorSnapshot, StoredConn, StoredSchedule};
+use keel_core::writer::{ConnWrite, Release, Settle, Writes};
 use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -70,6 +74,24 @@ const CREATE_SCHEMA: &[&str] = &[
         attempts  INTEGER NOT NULL DEFAULT 0
     ) STRICT",
     "CREATE INDEX IF NOT EXISTS keel_schedules_by_due ON keel_schedules (at_ms, id)",
+    // The actor's durable connections (types with hibernatable connections), as keel-core's
+    // `conns` table keeps them embedded.
+    "CREATE TABLE IF NOT EXISTS keel_conns (
+        id        TEXT PRIMARY KEY,
+        token     TEXT NOT NULL,
+        encoding  TEXT NOT NULL,
+        params    BLOB NOT NULL,
+        state     BLOB
+    ) STRICT, WITHOUT ROWID",
+    // The gateway's hibernatable sockets of the actor: the gateway's and the request's ids,
+    // and the path and headers (a JSON object) the socket opened with.
+    "CREATE TABLE IF NOT EXISTS keel_sockets (
+        gateway_id  BLOB NOT NULL,
+        request_id  BLOB NOT NULL,
+        path        TEXT NOT NULL,
+        headers     TEXT NOT NULL,
+        PRIMARY KEY (gateway_id, request_id)
+    ) STRICT, WITHOUT ROWID",
     // The actor's SQL database (`c.db`, see `db.rs`): its changes since the image, one per
     // call, in parts, and its image (the whole file, in parts) with the newest change it holds.
     "CREATE TABLE IF NOT EXISTS keel_db_log (
@@ -106,6 +128,8 @@ const LOAD: &[&str] = &[
     "SELECT version FROM keel_schema",
     "SELECT state, state_encoding, input, input_encoding FROM keel_actor WHERE id = 1",
     "SELECT id, at_ms, action, args, attempts FROM keel_schedules ORDER BY at_ms, id",
+    "SELECT id, token, encoding, params, state FROM keel_conns ORDER BY id",
+    "SELECT gateway_id, request_id, path, headers FROM keel_sockets",
 ];
 
 /// Who the actor is, written once, on its first start.
@@ -121,7 +145,8 @@ pub struct ActorIdentity {
     pub input: Option<Payload>,
 }
 
-/// What an actor's start needs: its state and creation input, and its pending schedules.
+/// What an actor's start needs: its state and creation input, its pending schedules and its
+/// durable connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// The last committed state with its encoding; `None` until the state was first written.
@@ -130,15 +155,33 @@ pub struct Snapshot {
     pub input: Option<Payload>,
     /// Pending schedules, soonest first.
     pub schedules: Vec<StoredSchedule>,
+    /// The durable connections (types with hibernatable connections), by id.
+    pub conns: Vec<StoredConn>,
+    /// The gateway's hibernatable sockets of the actor, as recorded when they opened.
+    pub sockets: Vec<StoredSocket>,
+}
+
+/// A hibernatable socket of the actor at the engine's gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSocket {
+    /// The gateway's id.
+    pub gateway_id: [u8; 4],
+    /// The socket's request id at that gateway.
+    pub request_id: [u8; 4],
+    /// The path (and query) the socket opened with.
+    pub path: String,
+    /// The headers the socket opened with.
+    pub headers: std::collections::HashMap<String, String>,
 }
 
 impl Snapshot {
-    /// keel-core's start snapshot (state and input; schedules go to the alarm index).
+    /// keel-core's start snapshot (state, input and connections; schedules go to the alarm
+    /// index).
     pub fn core(&self) -> ActorSnapshot {
         ActorSnapshot {
             state: self.state.as_ref().map(|state| state.bytes.clone()),
             input: self.input.clone(),
-            ..ActorSnapshot::default()
+            conns: self.conns.clone(),
         }
     }
 }
@@ -293,6 +336,49 @@ impl ActorStore {
             }),
         });
         rx.await.map_err(|_| Error::WriterClosed)?
+    }
+
+    /// Records a hibernatable socket of the actor at the gateway (see [`StoredSocket`]), in
+    /// order with the store's commits; a failure is logged, and fails the store's later
+    /// commits as any failed batch does.
+    pub(crate) fn record_socket(&self, socket: &StoredSocket) {
+        let headers = serde_json::to_string(&socket.headers).unwrap_or_else(|_| "{}".into());
+        self.write_later(
+            "recording a hibernatable socket",
+            vec![Statement::new(
+                "INSERT OR REPLACE INTO keel_sockets (gateway_id, request_id, path, headers) \
+                 VALUES (?, ?, ?, ?)",
+                vec![
+                    socket.gateway_id.to_vec().into(),
+                    socket.request_id.to_vec().into(),
+                    socket.path.as_str().into(),
+                    headers.into(),
+                ],
+            )],
+        );
+    }
+
+    /// Forgets a hibernatable socket of the actor that ended (see [`ActorStore::record_socket`]).
+    pub(crate) fn forget_socket(&self, gateway_id: [u8; 4], request_id: [u8; 4]) {
+        self.write_later(
+            "forgetting a hibernatable socket",
+            vec![Statement::new(
+                "DELETE FROM keel_sockets WHERE gateway_id = ? AND request_id = ?",
+                vec![gateway_id.to_vec().into(), request_id.to_vec().into()],
+            )],
+        );
+    }
+
+    /// Queues keel's own `statements` as a batch of their own, without waiting for it.
+    fn write_later(&self, what: &'static str, statements: Vec<Statement>) {
+        self.enqueue(Op::Batch {
+            statements,
+            release: Box::new(move |result| {
+                if let Err(err) = result {
+                    tracing::warn!(error = %err, what, "an engine batch of keel's own failed");
+                }
+            }),
+        });
     }
 
     /// Runs reads as one batch, outside the commit queue: they see acknowledged batches only.
@@ -608,7 +694,7 @@ fn next_due(
 fn op_size(op: &Op) -> (usize, usize) {
     let writes = match op {
         Op::Commit { writes, .. } => writes,
-        Op::Delete { .. } => return (6, 64),
+        Op::Delete { .. } => return (8, 64),
         Op::Batch { statements, .. } => {
             let bytes = statements.iter().map(Statement::size).sum();
             return (statements.len(), bytes);
@@ -634,15 +720,31 @@ fn op_size(op: &Op) -> (usize, usize) {
         })
         .sum();
     let db = writes.db.as_ref().map_or(0, |db| db.changeset.len() + 64);
+    let conns: usize = writes
+        .conns
+        .iter()
+        .map(|write| match write {
+            ConnWrite::Open(conn) => {
+                conn.id.len()
+                    + conn.token.len()
+                    + conn.params.len()
+                    + conn.state.as_ref().map_or(0, Vec::len)
+                    + 128
+            }
+            ConnWrite::State { id, state } => id.len() + state.len() + 64,
+            ConnWrite::Close { id } => id.len() + 48,
+        })
+        .sum();
     let count = usize::from(writes.state.is_some())
         + writes.kv.len()
         + writes.schedules.len()
+        + writes.conns.len()
         + usize::from(writes.settle.is_some())
         + writes
             .db
             .as_ref()
             .map_or(0, |db| db.changeset.len().div_ceil(crate::db::PART_BYTES));
-    (count, state + kv + schedules + db + 64)
+    (count, state + kv + schedules + conns + db + 64)
 }
 
 /// The statements of one op; `with_state` says whether to include its state write.
@@ -653,6 +755,8 @@ fn op_statements(op: &mut Op, state_encoding: Encoding, with_state: bool) -> Vec
             return vec![
                 Statement::plain("DELETE FROM keel_kv"),
                 Statement::plain("DELETE FROM keel_schedules"),
+                Statement::plain("DELETE FROM keel_conns"),
+                Statement::plain("DELETE FROM keel_sockets"),
                 Statement::plain("DELETE FROM keel_db_log"),
                 Statement::plain("DELETE FROM keel_db_image"),
                 Statement::plain("DELETE FROM keel_db_head"),
@@ -715,6 +819,29 @@ fn op_statements(op: &mut Op, state_encoding: Encoding, with_state: bool) -> Vec
         )),
         None => {}
     }
+    for write in &writes.conns {
+        statements.push(match write {
+            ConnWrite::Open(conn) => Statement::new(
+                "INSERT OR REPLACE INTO keel_conns (id, token, encoding, params, state) \
+                 VALUES (?, ?, ?, ?, ?)",
+                vec![
+                    conn.id.as_str().into(),
+                    conn.token.as_str().into(),
+                    conn.encoding.as_str().into(),
+                    conn.params.clone().into(),
+                    conn.state.clone().into(),
+                ],
+            ),
+            ConnWrite::State { id, state } => Statement::new(
+                "UPDATE keel_conns SET state = ? WHERE id = ?",
+                vec![state.clone().into(), id.as_str().into()],
+            ),
+            ConnWrite::Close { id } => Statement::new(
+                "DELETE FROM keel_conns WHERE id = ?",
+                vec![id.as_str().into()],
+            ),
+        });
+    }
     // The call's SQL changes, under the next number of the actor's log, in parts (the engine
     // refuses a bound value much over 128 KiB): plain inserts, so a number logged already (a
     // second writer) fails the whole batch. `trim_below` is the embedded log's: here the log
@@ -738,7 +865,7 @@ fn parse_load(
     results: Vec<rivet_envoy_client::protocol::SqliteExecuteResult>,
     state_encoding: Encoding,
 ) -> Result<Option<Snapshot>> {
-    let [schema, actor, schedules]: [_; 3] = results
+    let [schema, actor, schedules, conns, sockets]: [_; 5] = results
         .try_into()
         .map_err(|_| damage(actor_id, "a load returned the wrong number of results"))?;
     let version = match Rows::new(actor_id, schema).values(1)?.as_mut_slice() {
@@ -790,10 +917,22 @@ fn parse_load(
         .into_iter()
         .map(|row| schedule_row(actor_id, row))
         .collect::<Result<Vec<_>>>()?;
+    let conns = Rows::new(actor_id, conns)
+        .values(5)?
+        .into_iter()
+        .map(|row| conn_row(actor_id, row))
+        .collect::<Result<Vec<_>>>()?;
+    let sockets = Rows::new(actor_id, sockets)
+        .values(4)?
+        .into_iter()
+        .map(|row| socket_row(actor_id, row))
+        .collect::<Result<Vec<_>>>()?;
     let snapshot = Snapshot {
         state,
         input,
         schedules,
+        conns,
+        sockets,
     };
     // The state is checked in the encoding it was written in; a host whose encoding changed
     // sees that in `Snapshot::state`.
@@ -803,6 +942,41 @@ fn parse_load(
         .map_or(state_encoding, |state| state.encoding);
     snapshot.core().verify(actor_id, check_encoding)?;
     Ok(Some(snapshot))
+}
+
+fn socket_row(actor_id: &str, row: Vec<Value>) -> Result<StoredSocket> {
+    let [gateway_id, request_id, path, headers]: [Value; 4] = row
+        .try_into()
+        .map_err(|_| damage(actor_id, "a socket row has the wrong width"))?;
+    let id = |value: Value, what: &str| -> Result<[u8; 4]> {
+        value
+            .blob(actor_id, what)?
+            .try_into()
+            .map_err(|_| damage(actor_id, format!("{what} is not 4 bytes")))
+    };
+    let headers = headers.text(actor_id, "a socket's headers")?;
+    Ok(StoredSocket {
+        gateway_id: id(gateway_id, "a socket's gateway id")?,
+        request_id: id(request_id, "a socket's request id")?,
+        path: path.text(actor_id, "a socket's path")?,
+        headers: serde_json::from_str(&headers)
+            .map_err(|_| damage(actor_id, "a socket's headers are not a JSON object"))?,
+    })
+}
+
+fn conn_row(actor_id: &str, row: Vec<Value>) -> Result<StoredConn> {
+    let [id, token, encoding, params, state]: [Value; 5] = row
+        .try_into()
+        .map_err(|_| damage(actor_id, "a connection row has the wrong width"))?;
+    let encoding = encoding.text(actor_id, "a connection's encoding")?;
+    Ok(StoredConn {
+        id: id.text(actor_id, "a connection id")?,
+        token: token.text(actor_id, "a connection token")?,
+        encoding: Encoding::parse(&encoding)
+            .ok_or_else(|| damage(actor_id, "a connection's encoding is unknown"))?,
+        params: params.blob(actor_id, "a connection's parameters")?,
+        state: state.optional_blob(actor_id, "a connection's state")?,
+    })
 }
 
 fn schedule_row(actor_id: &str, row: Vec<Value>) -> Result<StoredSchedule> {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{next_event, TestEngine, STEP_TIMEOUT};
-use keel_core::store::ActorRecord;
-use keel_core::writer::{Settle, Writes};
+use keel_core::store::{ActorRecord, StoredConn};
+use keel_core::writer::{ConnWrite, Settle, Writes};
 use keel_core::Storage as _;
 use keel_core::{Encoding, Error, KvWrite, Payload, Result, Schedule, ScheduleWrite};
 use keel_envoy::{
@@ -1005,5 +1005,107 @@ async fn an_actor_s_sql_database_is_rebuilt_from_the_engine_and_deleted_with_the
     assert_eq!(err.group(), "db", "{err}");
     assert!(err.to_string().contains("no such table"), "{err}");
     db.close().await;
+    envoy.abandon();
+}
+
+fn stored_conn(id: &str, state: Option<&[u8]>) -> StoredConn {
+    StoredConn {
+        id: id.into(),
+        token: format!("token{id}"),
+        encoding: Encoding::Json,
+        params: br#"{"name":"ada"}"#.to_vec(),
+        state: state.map(<[u8]>::to_vec),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_records_commit_with_their_call_a_refused_batch_lands_none_and_the_next_generation_loads_them(
+) {
+    let pool = "keel-conns";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    let actor_id = engine.create_actor("room", "conns", pool, b"null").await;
+    let first = accept_start(&envoy, &mut events).await;
+    assert!(first.snapshot.conns.is_empty());
+
+    // Admitted with the state its connect gave it, in the same batch as the call's state.
+    commit(
+        &first.store,
+        Writes {
+            state: Some(b"1".to_vec()),
+            conns: vec![
+                ConnWrite::Open(stored_conn("c1", Some(br#"{"n":0}"#))),
+                ConnWrite::Open(stored_conn("c2", None)),
+            ],
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("admit two connections");
+    // A later call changes one connection's state and closes the other, in one commit.
+    commit(
+        &first.store,
+        Writes {
+            conns: vec![
+                ConnWrite::State {
+                    id: "c1".into(),
+                    state: br#"{"n":1}"#.to_vec(),
+                },
+                ConnWrite::Close { id: "c2".into() },
+            ],
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("change and close");
+    let loaded = first.store.load().await.expect("load").expect("exists");
+    assert_eq!(loaded.conns, [stored_conn("c1", Some(br#"{"n":1}"#))]);
+    assert_eq!(
+        loaded.core().conns,
+        loaded.conns,
+        "keel-core's snapshot carries them"
+    );
+
+    let generation = first.generation;
+    let stale = first.store.renewed(&loaded);
+    sleep_and_stop(&envoy, &mut events, first).await;
+    let gateway = wake_through_gateway(&engine, &actor_id);
+    let second = accept_start(&envoy, &mut events).await;
+    assert_eq!(second.generation, generation + 1);
+    assert_eq!(
+        second.snapshot.conns,
+        [stored_conn("c1", Some(br#"{"n":1}"#))],
+        "the next generation loads the records"
+    );
+    let _ = gateway.await;
+
+    // The old generation's change of a connection's state is fenced off: nothing of it lands.
+    let err = commit(
+        &stale,
+        Writes {
+            state: Some(b"999".to_vec()),
+            conns: vec![ConnWrite::State {
+                id: "c1".into(),
+                state: br#"{"n":999}"#.to_vec(),
+            }],
+            ..Writes::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), "stopped", "{err}");
+    let now = second.store.load().await.expect("load").expect("exists");
+    assert_eq!(now.conns, [stored_conn("c1", Some(br#"{"n":1}"#))]);
+
+    // A delete takes the records with the actor.
+    let (tx, rx) = oneshot::channel();
+    second.store.delete(Box::new(move |result| {
+        let _ = tx.send(result); // Awaited below.
+    }));
+    rx.await.expect("released").expect("deleted");
+    let reloaded = second.store.load().await.expect("load");
+    assert!(reloaded.is_none(), "the actor row is gone");
     envoy.abandon();
 }

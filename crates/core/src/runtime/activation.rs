@@ -211,6 +211,8 @@ pub(crate) struct Driven {
     /// The actors the driver has started, by id.
     owned: Mutex<HashMap<Arc<str>, Owned>>,
     closed: AtomicBool,
+    /// Woken at every start, for whoever waits for an actor's next activation.
+    started: tokio::sync::Notify,
 }
 
 impl Driven {
@@ -230,7 +232,28 @@ impl Driven {
             intents,
             owned: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            started: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Waits until the actor `id` has an activation that serves (see [`Driven::serves`]):
+    /// `false` if none was started by `deadline`, or once the drain has begun.
+    pub(crate) async fn wait_serving(&self, id: &str, deadline: tokio::time::Instant) -> bool {
+        loop {
+            // Armed before the check, so a start between the two is not missed.
+            let started = self.started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            if self.is_closed() || self.env.stop.is_cancelled() {
+                return false;
+            }
+            if self.serves(id) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, started).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// The driver started the actor at `generation`: its task starts now (it loads the
@@ -261,7 +284,9 @@ impl Driven {
             },
         );
         let entry = owned.get_mut(&info.id).ok_or(Error::ActorStopped)?;
-        self.spawn(entry)
+        let handle = self.spawn(entry);
+        self.started.notify_waiters();
+        handle
     }
 
     /// The driver stops the actor's activation at `generation` for `reason`; resolves once

@@ -344,9 +344,45 @@ impl Dispatch {
             call,
             reply: Reply::Conn(reply),
         };
-        if let Err(failed) = self.deliver_or_return(info, command).await {
+        if let Err(failed) = self.deliver_for_conn(info, command).await {
             if let (err, Command::Action { reply, .. }) = *failed {
                 reply.send(Err(err));
+            }
+        }
+    }
+
+    /// [`Dispatch::deliver_or_return`] for a connection's message. A hibernatable connection
+    /// of a driven actor outlives the activation: a message that finds the activation gone
+    /// to sleep (it arrived as the actor began to sleep) waits for the driver to start the
+    /// next one and goes there, as it would wake the actor embedded. The driver is woken by
+    /// the tunnel, which holds the message unacknowledged until then (`SocketPeer::taken`).
+    /// The wait is bounded by the action timeout; past it the message fails `actor.stopped`.
+    async fn deliver_for_conn(
+        &self,
+        info: &Arc<ActorInfo>,
+        command: Command,
+    ) -> Result<(), Box<(Error, Command)>> {
+        let waits = self.driven.as_ref().filter(|_| {
+            self.types
+                .get(&info.name)
+                .is_ok_and(|actor_type| actor_type.hibernatable_conns)
+        });
+        let Some(driven) = waits else {
+            return self.deliver_or_return(info, command).await;
+        };
+        let deadline = tokio::time::Instant::now() + self.config.action_timeout;
+        let mut command = command;
+        loop {
+            match self.deliver_or_return(info, command).await {
+                Err(failed) if matches!(failed.0, Error::ActorStopped) && !self.is_draining() => {
+                    let (err, returned) = *failed;
+                    if !driven.wait_serving(&info.id, deadline).await {
+                        return Err(Box::new((err, returned)));
+                    }
+                    tracing::debug!(actor_id = %info.id, "a connection's message goes to the actor's next activation");
+                    command = returned;
+                }
+                other => return other,
             }
         }
     }
@@ -388,7 +424,7 @@ impl Dispatch {
             event,
             subscribe,
         };
-        if let Err(failed) = self.deliver_or_return(info, command).await {
+        if let Err(failed) = self.deliver_for_conn(info, command).await {
             if let (err, Command::Subscribe { event, .. }) = *failed {
                 conn.refuse_subscription(&event, &err, self.config.dev);
             }

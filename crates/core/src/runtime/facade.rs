@@ -218,6 +218,18 @@ impl Runtime {
         self.dispatch.driven().is_ok_and(|driven| driven.serves(id))
     }
 
+    /// Whether the connections of the running actor `actor_id` may outlive its sleep (its
+    /// type has hibernatable connections): a tunnel then keeps their sockets open while the
+    /// actor sleeps and hands them back on its next start. `false` for an actor with no task.
+    pub fn hibernates_connections(&self, actor_id: &str) -> bool {
+        self.dispatch.live_handle(actor_id).is_some_and(|handle| {
+            self.dispatch
+                .types
+                .get(&handle.info.name)
+                .is_ok_and(|actor_type| actor_type.hibernatable_conns)
+        })
+    }
+
     /// Handles one request tunneled to the actor `actor_id`, which the driver has already
     /// resolved: keel's own routes, and `POST /action/{name}` with `{"args": [...]}` answered
     /// `{"output": ...}` (the shape RivetKit's gateway clients use).

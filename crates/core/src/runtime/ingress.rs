@@ -73,6 +73,12 @@ pub trait SocketPeer: Send + Sync + 'static {
     fn send(&self, data: Vec<u8>, binary: bool);
     /// Closes the socket with `code` and `reason`.
     fn close(&self, code: u16, reason: &str);
+    /// keel has finished with the oldest text or binary message of the peer it had not yet
+    /// reported: what it asked for is in the actor's mailbox (or was answered), and it asks
+    /// for the next message. One call per such message, in order. A tunnel that keeps
+    /// messages until their receiver has them (an engine's hibernatable socket) acknowledges
+    /// them here.
+    fn taken(&self) {}
 }
 
 /// A WebSocket that reached keel through a tunnel (an engine's gateway) rather than its own

@@ -12,6 +12,9 @@
 //!   past `maxWsMessageBytes` is a read error that closes with 1009, a text message that is
 //!   not UTF-8 one that closes with 1007.
 //! - Nothing is sent to the peer after the close frame.
+//! - [`SocketPeer::taken`] is called once per text or binary message, in order, when the
+//!   reader asks for the message after it: only once that message's call (or subscription) is
+//!   in the actor's mailbox or answered.
 //! - The actor is the one the tunnel resolved: a socket of keel's protocol ignores what its
 //!   `init` says about which actor, and a raw socket goes to that actor's `onWebSocket`.
 
@@ -39,6 +42,9 @@ struct TunnelStream {
     limit: usize,
     /// Set once the close frame went to the peer: later frames are dropped.
     closed: bool,
+    /// Set when a text or binary message was handed to the reader: the reader's next poll
+    /// means it has finished with it ([`SocketPeer::taken`]).
+    handed: bool,
 }
 
 impl TunnelStream {
@@ -52,6 +58,7 @@ impl TunnelStream {
             peer,
             limit,
             closed: false,
+            handed: false,
         }
     }
 
@@ -84,8 +91,16 @@ impl Stream for TunnelStream {
     type Item = std::result::Result<Message, axum::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // The reader asks for the next message only once it has handled the last one (its
+        // call is in the actor's mailbox, or answered).
+        if std::mem::take(&mut self.handed) {
+            self.peer.taken();
+        }
         match self.incoming.poll_recv(cx) {
-            Poll::Ready(Some(message)) => Poll::Ready(Some(self.read(message))),
+            Poll::Ready(Some(message)) => {
+                self.handed = !matches!(message, SocketMessage::Close { .. });
+                Poll::Ready(Some(self.read(message)))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
