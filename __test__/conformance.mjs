@@ -314,7 +314,13 @@ export const conformance = {
     assert.deepEqual({ wakes: reply.wakes, sleeps: reply.sleeps }, { wakes: 2, sleeps: 1 }, "woken by the message");
     assert.deepEqual(reply.seenAtWake, [`ada:${bumps - 1}`], "the wake found the connection in c.conns, with its conn.state");
     assert.equal(conn.connId, connId, "the same connection");
-    // An event sent after the wake (by a call from elsewhere) reaches it.
+    // Calls sent right behind one that puts the actor to sleep run once each, in order (in
+    // the activation going to sleep, or in the next one, which they wake).
+    const napped = conn.nap();
+    const behind = await Promise.all([conn.bump(), conn.bump(), conn.bump()]);
+    await napped;
+    assert.deepEqual(behind.map((r) => r.count), [bumps + 1, bumps + 2, bumps + 3]);
+    // An event sent after a wake (by a call from elsewhere) reaches it.
     assert.equal(await client.lounge.getOrCreate(key).announce("hi"), 1);
     assert.deepEqual(await news, ["hi"]);
     // Put to sleep again, with the connection kept; destroying the actor (the call wakes it)
