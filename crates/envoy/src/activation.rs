@@ -397,13 +397,8 @@ impl EnvoyCallbacks for Callbacks {
         let key = (gateway_id, request_id);
         if is_restoring_hibernatable {
             // A socket the actor's connection kept while it slept, handed back on its start.
-            let restored = crate::socket::restore(
-                self.sockets.clone(),
-                tunnel,
-                &actor_id,
-                key,
-                sender,
-            );
+            let restored =
+                crate::socket::restore(self.sockets.clone(), tunnel, &actor_id, key, sender);
             return Box::pin(async move {
                 restored.ok_or_else(|| {
                     tracing::debug!(%actor_id, %path, "no hibernated socket to restore");

@@ -118,7 +118,11 @@ impl Engine {
     /// kept while it slept, so that the start now under way restores them (the gateway kept
     /// them open; see `socket.rs`), and those `stored` with the actor's data that it did not
     /// keep, which the envoy closes. Called before every start is answered; returns how many.
-    pub fn restore_sockets(&self, actor_id: &str, stored: &[crate::storage::StoredSocket]) -> usize {
+    pub fn restore_sockets(
+        &self,
+        actor_id: &str,
+        stored: &[crate::storage::StoredSocket],
+    ) -> usize {
         let kept = self.sockets.hibernating(actor_id, stored);
         let count = kept.len();
         self.handle

@@ -289,7 +289,9 @@ impl Tunnel for RuntimeTunnel {
     fn hibernatable_opened(&self, actor_id: &str, socket: crate::storage::StoredSocket) {
         match self.storage.store_of(actor_id) {
             Some(store) => store.record_socket(&socket),
-            None => tracing::debug!(%actor_id, "a hibernatable socket of an actor without storage here"),
+            None => {
+                tracing::debug!(%actor_id, "a hibernatable socket of an actor without storage here")
+            }
         }
     }
 
