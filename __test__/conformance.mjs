@@ -297,7 +297,9 @@ export const conformance = {
     await conn.ready;
     const connId = conn.connId;
     let reply = await conn.bump();
-    assert.deepEqual({ count: reply.count, wakes: reply.wakes, sleeps: reply.sleeps }, { count: 1, wakes: 1, sleeps: 0 });
+    assert.equal(reply.count, 1);
+    // (On a loaded machine the actor may have slept once already, between `ready` and this.)
+    const firstWakes = reply.wakes;
     // Idle past its sleepTimeoutMs (300) the actor sleeps with the connection open. A sleep
     // cannot be seen without waking the actor, so the connection calls less often than the
     // timeout: the call that finds a new activation woke it.
@@ -308,10 +310,10 @@ export const conformance = {
       reply = await conn.bump();
       bumps += 1;
       assert.equal(reply.count, bumps, "conn.state is durable: every call counted once");
-      if (reply.wakes > 1) break;
+      if (reply.wakes > firstWakes) break;
       assert.ok(Date.now() < deadline, "the idle actor never slept");
     }
-    assert.deepEqual({ wakes: reply.wakes, sleeps: reply.sleeps }, { wakes: 2, sleeps: 1 }, "woken by the message");
+    assert.deepEqual({ wakes: reply.wakes, sleeps: reply.sleeps }, { wakes: firstWakes + 1, sleeps: firstWakes }, "woken by the message");
     assert.deepEqual(reply.seenAtWake, [`ada:${bumps - 1}`], "the wake found the connection in c.conns, with its conn.state");
     assert.equal(conn.connId, connId, "the same connection");
     // Calls sent right behind one that puts the actor to sleep run once each, in order (in

@@ -623,7 +623,7 @@ test("a hibernatable connection through the gateway by id: the socket stays open
   ws.send(JSON.stringify({ t: "init", key: ["ignored"], params: { name: "ada" }, subs: ["news"] }));
   await ws.received(1);
   const ready = JSON.parse(ws.messages[0]);
-  assert.equal(ready.t, "ready");
+  assert.equal(ready.t, "ready", JSON.stringify(ready));
   assert.equal(typeof ready.connToken, "string", "a hibernatable connection's ready carries its token");
   const call = async (n, action, args = []) => {
     const before = ws.messages.length;
@@ -633,7 +633,9 @@ test("a hibernatable connection through the gateway by id: the socket stays open
     assert.equal(reply.id, n, JSON.stringify(reply));
     return reply.output;
   };
-  assert.deepEqual(await call(1, "bump"), { count: 1, wakes: 1, sleeps: 0, seenAtWake: [] });
+  const first = await call(1, "bump");
+  assert.equal(first.count, 1);
+  // (On a loaded machine the actor may have slept once already, between `ready` and this.)
   // lounge sleeps after 300 ms without a message; call less often than that until a call
   // finds the next activation: it woke the actor, on the socket the gateway kept open.
   let reply;
@@ -647,13 +649,16 @@ test("a hibernatable connection through the gateway by id: the socket stays open
     const sent = Date.now();
     reply = await call(n, "bump");
     assert.equal(reply.count, n, "conn.state is durable: every call counted once");
-    if (reply.wakes > 1) {
+    if (reply.wakes > first.wakes) {
       wokeIn = Date.now() - sent;
       break;
     }
     assert.ok(Date.now() < deadline, "the idle actor never slept");
   }
-  assert.deepEqual({ wakes: reply.wakes, sleeps: reply.sleeps, seenAtWake: reply.seenAtWake }, { wakes: 2, sleeps: 1, seenAtWake: [`ada:${n - 1}`] });
+  assert.deepEqual(
+    { wakes: reply.wakes, sleeps: reply.sleeps, seenAtWake: reply.seenAtWake },
+    { wakes: first.wakes + 1, sleeps: first.wakes, seenAtWake: [`ada:${n - 1}`] },
+  );
   t.diagnostic(`a call on a hibernated socket, woken actor's reply: ${wokeIn} ms`);
   // An event broadcast after the wake (from an HTTP call) reaches the socket.
   const before = ws.messages.length;

@@ -351,10 +351,11 @@ impl Dispatch {
         }
     }
 
-    /// [`Dispatch::deliver_or_return`] for a connection's message. A hibernatable connection
-    /// of a driven actor outlives the activation: a message that finds the activation gone
-    /// to sleep (it arrived as the actor began to sleep) waits for the driver to start the
-    /// next one and goes there, as it would wake the actor embedded. The driver is woken by
+    /// [`Dispatch::deliver_or_return`] for a connection's message (its admission, a call, a
+    /// subscription). A hibernatable connection of a driven actor outlives the activation: a
+    /// message that finds the activation gone to sleep (it arrived as the actor began to
+    /// sleep) waits for the driver to start the next one and goes there, as it would wake
+    /// the actor embedded. The driver is woken by
     /// the tunnel, which holds the message unacknowledged until then (`SocketPeer::taken`).
     /// The wait is bounded by the action timeout; past it the message fails `actor.stopped`.
     async fn deliver_for_conn(
@@ -405,7 +406,9 @@ impl Dispatch {
             request: Some(upgrade),
             reply,
         };
-        self.deliver(info, command).await?;
+        self.deliver_for_conn(info, command)
+            .await
+            .map_err(|failed| failed.0)?;
         rx.await.map_err(|_| Error::ActorStopped)?
     }
 
