@@ -194,6 +194,11 @@ impl Store {
     }
 
     /// The damage latch and commit record, for the writer.
+    /// How hard its commits work to survive a power loss.
+    pub(crate) fn durability(&self) -> Durability {
+        self.durability
+    }
+
     pub(crate) fn integrity(&self) -> Arc<Integrity> {
         self.integrity.clone()
     }

@@ -245,3 +245,31 @@ async fn commits_that_come_slower_than_a_batch_takes_keep_skipping_the_queue() {
     }
     writer.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_full_durability_an_idle_writer_still_commits_on_its_own_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Durability::Full).unwrap();
+    let writer = Writer::start(&store, None).unwrap();
+    let handle = writer.handle();
+    let record = ActorRecord {
+        id: "a1".into(),
+        name: "counter".into(),
+        key: "k".into(),
+    };
+    handle
+        .create_actor(record, None, CreateMode::GetOrCreate)
+        .await
+        .unwrap();
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    // Idle, and the last batch alone: under `relaxed` this would be applied here. Under
+    // `full` its flush would hold this thread (a tokio worker, for an actor), so it queues.
+    handle.commit("a1".into(), state(1), None, noting(&log, 1));
+    handle.flush().await.unwrap();
+    let log = log.lock().clone();
+    assert_eq!(log.len(), 1);
+    assert_ne!(log[0].1, thread::current().id());
+    assert_eq!(store.load("a1").unwrap().unwrap().state, Some(vec![1]));
+    writer.close().await;
+}
