@@ -24,10 +24,10 @@
 //! The writer allows inline commits only with `durability: "relaxed"` (`Writer::start`), where
 //! applying a commit does not wait for a disk flush. Under `"full"` an inline commit's flush
 //! held the sender's tokio worker, and with it every other actor's replies and completions,
-//! for the length of the flush: the first rule above avoids most of those, but not the commits
-//! that find the writer idle because the worker they would come from was itself blocked, and
-//! on the 64-connection counter the remaining ones still cost throughput (bench/README.md,
-//! "Actors without `db` lose nothing").
+//! for the length of the flush. The alone rule avoids most of those, but not the commits that
+//! find the writer idle because the worker they would come from was itself blocked; on the
+//! 64-connection counter the inline commits cost more transactions and more CPU per call
+//! (bench/README.md, "Actors without `db` lose nothing").
 //!
 //! What must stay true:
 //! - **One applier at a time.** Whoever is applying (the thread or an inline sender) holds
