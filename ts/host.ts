@@ -5,7 +5,6 @@
 // Everything a call changes (state, KV writes, schedules, sleep/destroy requests) is collected
 // per call and reported with its completion; core commits it atomically with the reply. A
 // call that throws reports nothing, and its state changes are rolled back.
-import { randomUUID } from "node:crypto";
 import { createActorClient } from "./actor-client";
 import type { Client, RegistryLike } from "./client";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
@@ -39,21 +38,45 @@ type Notice = InvocationOf<"conn_opened" | "conn_closed">;
 /** The invocations that are calls, each answered by one completion. */
 type Call = Exclude<Invocation, Notice>;
 
+/** The state of an instance that has reported none yet; never written to, so shared. */
+const NO_SNAPSHOT = Buffer.alloc(0);
+
 /** What one call changed, reported with its completion. */
 class Effects {
   readonly messages: Array<{ to?: string; event: string; data: unknown }> = [];
   readonly disconnects: Array<{ connId: string; reason: string }> = [];
-  /** KV writes by `pendingId`; the last write of a key wins. */
-  readonly kv = new Map<string, { key: string | Buffer; value: Buffer | null }>();
   readonly schedules: ScheduleOpJs[] = [];
-  readonly added = new Map<string, ScheduledCall>();
-  readonly cancelled = new Set<string>();
   sleep = false;
   destroy = false;
+  // Every awake actor holds one of these between calls, and most calls touch none of the
+  // collections below, so each is made on first use (an empty Map costs about 200 bytes).
+  private kvWrites: Map<string, { key: string | Buffer; value: Buffer | null }> | undefined;
+  private addedCalls: Map<string, ScheduledCall> | undefined;
+  private cancelledIds: Set<string> | undefined;
+
+  /** KV writes by `pendingId`; the last write of a key wins. */
+  get kv(): Map<string, { key: string | Buffer; value: Buffer | null }> {
+    return (this.kvWrites ??= new Map());
+  }
+
+  /** How many keys `kv` holds, without making it. */
+  get kvCount(): number {
+    return this.kvWrites?.size ?? 0;
+  }
+
+  /** The schedules this call added, by id, for `c.schedule.list()`. */
+  get added(): Map<string, ScheduledCall> {
+    return (this.addedCalls ??= new Map());
+  }
+
+  /** The schedule ids this call cancelled, for `c.schedule.list()`. */
+  get cancelled(): Set<string> {
+    return (this.cancelledIds ??= new Set());
+  }
 
   /** Whether nothing was changed through these effects. */
   get empty(): boolean {
-    return this.kv.size === 0 && this.schedules.length === 0 && !this.sleep && !this.destroy && this.messages.length === 0 && this.disconnects.length === 0;
+    return this.kvCount === 0 && this.schedules.length === 0 && !this.sleep && !this.destroy && this.messages.length === 0 && this.disconnects.length === 0;
   }
 }
 
@@ -234,7 +257,7 @@ export class JsHost {
           : config.state === undefined
             ? null
             : structuredClone(config.state);
-      instance.snapshot = Buffer.alloc(0);
+      instance.snapshot = NO_SNAPSHOT;
     } else {
       instance.snapshot = invocation.state!;
       instance.state = decodeStoredState(invocation.actorId, instance.snapshot);
@@ -311,7 +334,7 @@ export class JsHost {
   private dropBackgroundEffects(instance: Instance): void {
     if (instance.effects.empty) return;
     instance.ctx.log.warn("background work changed KV, schedules or connections outside a call; dropped", {
-      kvWrites: instance.effects.kv.size,
+      kvWrites: instance.effects.kvCount,
       schedules: instance.effects.schedules.length,
       messages: instance.effects.messages.length,
     });
@@ -588,11 +611,9 @@ export class JsHost {
     }
     const connStates = hibernatable(instance) ? this.changedConnStates(instance) : undefined;
     if (connStates !== undefined) (reported ??= {}).connStates = connStates;
-    if (effects.kv.size === 0 && effects.schedules.length === 0 && !effects.sleep && !effects.destroy && effects.messages.length === 0 && effects.disconnects.length === 0) {
-      return reported;
-    }
+    if (effects.empty) return reported;
     reported ??= {};
-    if (effects.kv.size > 0) reported.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
+    if (effects.kvCount > 0) reported.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
     if (effects.schedules.length > 0) reported.schedules = effects.schedules;
     if (effects.sleep) reported.sleep = true;
     if (effects.destroy) reported.destroy = true;
@@ -652,7 +673,7 @@ export class JsHost {
       def,
       state: undefined,
       vars: undefined,
-      snapshot: Buffer.alloc(0),
+      snapshot: NO_SNAPSHOT,
       effects: new Effects(),
       conns: new Map(),
       currentConn: undefined,
@@ -696,7 +717,8 @@ export class JsHost {
       if (!Object.hasOwn(actions, action) || typeof actions[action] !== "function") throw new TypeError(`cannot schedule unknown action ${JSON.stringify(action)}`);
       const ms = "at" in when ? when.at : when.after;
       if (typeof ms !== "number" || !Number.isFinite(ms)) throw new TypeError("a schedule time must be a finite number");
-      const id = randomUUID();
+      // The global Web Crypto, loaded on first use: `node:crypto` would cost every start-up.
+      const id = globalThis.crypto.randomUUID();
       const encodedArgs = Buffer.from(encode(args));
       if ("at" in when) {
         instance.effects.schedules.push({ op: "at", id, atMs: Math.round(ms), action, args: encodedArgs });
