@@ -509,6 +509,18 @@ test("kill -9 of the engine, restarted on its data, 3 times in a row: keel serve
   console.log(`measured: engine kill -9, restart's /health answering to keel serving again, 3 crashes in a row: ${recoveries.join(", ")} ms`);
 });
 
+test("a plain destroy through the engine: the actor is gone and keel logs no error", async (t) => {
+  const engine = await startEngine(t);
+  const keel = await startKeel(t, engine, {}, conformanceServer);
+  assert.deepEqual((await gateway(engine, "vault", "d1", "bump")).body, { output: 1 });
+  const { actorId } = (await gateway(engine, "vault", "d1", "stats")).body.output;
+  assert.deepEqual((await gateway(engine, "vault", "d1", "destroyMe")).body, { output: "bye" });
+  await until("the engine recording the destroy", async () => ((await engineActor(engine, actorId))?.destroy_ts ? true : undefined));
+  // The stop that follows the destroy has run (the engine records it once keel completed it).
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.doesNotMatch(keel.stderrText, /level=error|ERROR/, keel.stderrText);
+});
+
 test("an owner frozen while the engine moves its actor, then thawed (a zombie), never overwrites its successor", async (t) => {
   // A frozen process keeps its socket open, and the engine keeps an envoy eligible for new
   // placements until it closes its socket for missing pongs (`envoy_ping_timeout`, 15 s by
