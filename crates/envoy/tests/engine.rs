@@ -1068,3 +1068,85 @@ async fn an_actor_s_sql_database_is_rebuilt_from_the_engine_and_deleted_with_the
     db.close().await;
     envoy.abandon();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_awake_actor_s_sql_log_is_folded_into_an_image_and_stays_bounded() {
+    let pool = "keel-db-awake";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    engine
+        .create_actor("counter", "db-awake", pool, b"null")
+        .await;
+    let started = accept_start(&envoy, &mut events).await;
+    let copies = tempfile::tempdir().expect("tempdir");
+    let storage = EngineStorage::with_db_dir(copies.path().to_path_buf());
+    let record = ActorRecord {
+        id: started.actor_id.clone(),
+        name: "counter".into(),
+        key: "db-awake".into(),
+    };
+    let id: Arc<str> = started.actor_id.as_str().into();
+    let generation = started.generation;
+    storage.insert(started.store, record, 0, started.snapshot);
+    assert!(storage.load(&id).await.expect("load").is_some());
+    // A second store of the same activation, to read what the engine holds.
+    let identity = ActorIdentity {
+        name: "counter".into(),
+        key: "db-awake".into(),
+        created_at_ms: 0,
+        input: None,
+    };
+    let (reader, _) = envoy
+        .open_actor(&id, generation, &identity, Encoding::Json)
+        .await
+        .expect("a reader");
+
+    let config = keel_core::DbConfig::default();
+    let db = storage.open_db(id.clone(), config).await.expect("open");
+    db.migration(keel_core::MigrationStep::Begin)
+        .await
+        .expect("begin");
+    run_sql(&db, "CREATE TABLE IF NOT EXISTS t (x INTEGER NOT NULL)")
+        .await
+        .expect("create");
+    db.migration(keel_core::MigrationStep::Commit)
+        .await
+        .expect("the migration commits (and its image is written)");
+    // More calls than a log may hold past its image (256 changes), all in one activation.
+    let calls = 400;
+    let mut longest = 0;
+    for n in 1..=calls {
+        sql_call(
+            &storage,
+            &id,
+            &db,
+            &[&format!("INSERT INTO t (x) VALUES ({n})") as &str],
+            n,
+        )
+        .await
+        .expect("a call's SQL commits");
+        if n % 50 == 0 {
+            longest = longest.max(reader.sql_log_len().await.expect("log length"));
+        }
+    }
+    let query = "SELECT count(*) AS n, sum(x) AS s FROM t";
+    let written = read_sql(&db, query).await.expect("read");
+    // Closing waits for an image being written.
+    db.close().await;
+    let left = reader.sql_log_len().await.expect("log length");
+    longest = longest.max(left);
+    assert!(
+        left < 256 && longest <= 300,
+        "the log holds {left} changes after {calls} calls (at most {longest} on the way): \
+         it is folded into images while the actor is awake"
+    );
+
+    // A new opening rebuilds every row from the image and what is left of the log.
+    let db = storage.open_db(id.clone(), config).await.expect("reopen");
+    assert_eq!(read_sql(&db, query).await.expect("read"), written);
+    db.close().await;
+    eprintln!("measured: SQL log after {calls} calls awake: {left} changes (at most {longest})");
+    envoy.abandon();
+}
