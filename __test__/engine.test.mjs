@@ -637,6 +637,72 @@ test("requests that reach an actor while it goes to sleep by itself are served b
   assert.deepEqual({ wakes: after.wakes, sleeps: after.sleeps }, { wakes: 2, sleeps: 1 }, "no further activation");
 });
 
+test("the typed client resolves a key once and calls by id after; a destroyed actor's key is resolved again", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine, {}, conformanceServer);
+  // What the client sends: its action calls name the actor by key (`rvt-*`) or by id.
+  const sent = [];
+  const client = createClient(engine.url, {
+    fetch: (url, init) => {
+      if (String(url).includes("/action/")) sent.push(String(url).slice(engine.url.length));
+      return fetch(url, init);
+    },
+  });
+  const byKey = (action, key) =>
+    `/gateway/vault/action/${action}?rvt-namespace=default&rvt-method=getOrCreate&rvt-runner=default&rvt-key=${key}`;
+  const byId = (action, id) => `/gateway/${id}/action/${action}`;
+  const vault = client.vault.getOrCreate("once");
+  for (let i = 1; i <= 5; i++) assert.equal(await vault.bump(), i);
+  const first = await vault.stats();
+  assert.deepEqual(sent, [byKey("bump", "once"), ...Array(4).fill(byId("bump", first.actorId)), byId("stats", first.actorId)]);
+  // Another handle for the same key, of the same client, goes by id from its first call.
+  sent.length = 0;
+  assert.equal(await client.vault.get("once").bump(), 6);
+  assert.equal(await client.vault.getOrCreate("once").bump(), 7);
+  assert.deepEqual(sent, [byId("bump", first.actorId), byId("bump", first.actorId)]);
+  // The actor sleeps and is woken by a call by id, with its state.
+  await vault.nap();
+  await until("the engine marking the actor asleep", async () => {
+    const { actors } = await (await fetch(`${engine.url}/actors?namespace=default&actor_ids=${first.actorId}`)).json();
+    return actors?.[0]?.sleep_ts ? true : undefined;
+  });
+  sent.length = 0;
+  const woken = await vault.stats();
+  assert.deepEqual({ n: woken.n, wakes: woken.wakes, actorId: woken.actorId }, { n: 7, wakes: 2, actorId: first.actorId });
+  assert.deepEqual(sent, [byId("stats", first.actorId)]);
+  // Destroyed: the next call by the old id is answered by the engine that the actor is gone;
+  // the client forgets the id and resolves the key again: a fresh actor for getOrCreate.
+  assert.equal(await vault.destroyMe(), "bye");
+  sent.length = 0;
+  const fresh = await vault.stats();
+  assert.notEqual(fresh.actorId, first.actorId, "a new actor, not the destroyed one");
+  assert.deepEqual({ n: fresh.n, wakes: fresh.wakes }, { n: 0, wakes: 1 });
+  // The old id once, then the key (sent again while the engine still finishes the destroy).
+  assert.equal(sent[0], byId("stats", first.actorId), sent.join("\n"));
+  assert.ok(sent.length >= 2 && sent.slice(1).every((url) => url === byKey("stats", "once")), sent.join("\n"));
+  // The key now names the new actor, by its id, for every handle.
+  sent.length = 0;
+  assert.equal(await vault.bump(), 1);
+  assert.equal(await client.vault.get("once").bump(), 2);
+  assert.equal(await vault.resolve(), fresh.actorId);
+  assert.deepEqual(sent, [byId("bump", fresh.actorId), byId("bump", fresh.actorId)]);
+  // Destroyed again, a `get` handle finds no actor: `actor.not_found`, and nothing was created.
+  assert.equal(await vault.destroyMe(), "bye");
+  await assert.rejects(client.vault.get("once").stats(), (err) => err.group === "actor" && err.code === "not_found");
+  await assert.rejects(client.vault.get("once").stats(), (err) => err.group === "actor" && err.code === "not_found");
+  const { actors } = await (await fetch(`${engine.url}/actors?namespace=default&name=vault&key=once`)).json();
+  assert.equal(actors.length, 0, "no actor has the key");
+  // Errors the actor itself answers keep its id: a call by id that fails stays by id.
+  sent.length = 0;
+  const counter = client.counter.getOrCreate("errs");
+  assert.equal(await counter.increment(), 1);
+  await assert.rejects(counter.refuse(), (err) => err.group === "user" && err.code === "forbidden");
+  await assert.rejects(counter.noSuchAction(), (err) => err.group === "actor" && err.code === "action_not_found");
+  assert.equal(await counter.getCount(), 1, "the refused call changed nothing");
+  const counterId = await counter.resolve();
+  assert.deepEqual(sent.slice(1), ["refuse", "noSuchAction", "getCount"].map((action) => byId(action, counterId)));
+});
+
 test("raw WebSocket echo through the gateway by rvt-* query, and its latencies", async (t) => {
   const engine = await startEngine(t);
   await startKeel(t, engine, {}, conformanceServer);
