@@ -120,7 +120,7 @@ async function startEngine(t, pegboard = {}) {
     err.message += `\nengine log:\n${log}`;
     throw err;
   }
-  return { url, guard, kill, restart: spawnEngine };
+  return { url, guard, metrics: `http://127.0.0.1:${metrics}/metrics`, kill, restart: spawnEngine };
 }
 
 /** keel in engine mode, as a child process; resolves once the engine accepted it. */
@@ -701,6 +701,51 @@ test("the typed client resolves a key once and calls by id after; a destroyed ac
   assert.equal(await counter.getCount(), 1, "the refused call changed nothing");
   const counterId = await counter.resolve();
   assert.deepEqual(sent.slice(1), ["refuse", "noSuchAction", "getCount"].map((action) => byId(action, counterId)));
+});
+
+/** How many messages of each kind the engine has taken from its envoys, from its own metrics. */
+async function envoyMessages(engine) {
+  const text = await (await fetch(engine.metrics)).text();
+  const counts = {};
+  for (const line of text.split("\n")) {
+    const match = /^rivet_pegboard_envoy_ws_message_processing_duration_seconds_count\{[^}]*message_kind="([a-z_]+)"[^}]*\} (\d+)/.exec(line);
+    if (match) counts[match[1]] = (counts[match[1]] ?? 0) + Number(match[2]);
+  }
+  return counts;
+}
+
+test("what a call sends the engine: one remote SQLite batch per write, nothing for a read, no KV or alarm", async (t) => {
+  const engine = await startEngine(t);
+  await startKeel(t, engine);
+  const client = createClient(engine.url);
+  const counter = client.counter.getOrCreate("costs");
+  assert.equal(await counter.increment(), 1);
+  // Calls by id after the first; let the start's own messages (state, alarm) settle.
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  const calls = 20;
+  const delta = async (run) => {
+    const before = await envoyMessages(engine);
+    await run();
+    const after = await envoyMessages(engine);
+    const kinds = new Set([...Object.keys(before), ...Object.keys(after)]);
+    return Object.fromEntries([...kinds].map((kind) => [kind, (after[kind] ?? 0) - (before[kind] ?? 0)]).filter(([, n]) => n !== 0));
+  };
+  const writes = await delta(async () => {
+    for (let i = 2; i <= calls + 1; i++) assert.equal(await counter.increment(), i);
+  });
+  assert.equal(writes.sqlite_execute_batch, calls, `one batch per increment: ${JSON.stringify(writes)}`);
+  const reads = await delta(async () => {
+    for (let i = 0; i < calls; i++) assert.equal(await counter.getCount(), calls + 1);
+  });
+  assert.equal(reads.sqlite_execute_batch ?? 0, 0, `no batch for a read: ${JSON.stringify(reads)}`);
+  for (const [label, seen] of [["writes", writes], ["reads", reads]]) {
+    // Only the tunnel and the batches: no KV request, no event (an alarm is one), per call.
+    for (const kind of Object.keys(seen)) {
+      assert.ok(["tunnel_message", "sqlite_execute_batch", "pong", "ack_commands"].includes(kind), `${label}: ${JSON.stringify(seen)}`);
+    }
+    assert.equal(seen.tunnel_message, writes.tunnel_message, "the same tunnel messages for a read as for a write");
+  }
+  t.diagnostic(`per call, from the engine's metrics: writes ${JSON.stringify(writes)}, reads ${JSON.stringify(reads)} (${calls} calls each)`);
 });
 
 test("raw WebSocket echo through the gateway by rvt-* query, and its latencies", async (t) => {
