@@ -27,6 +27,8 @@
 # seq-client.mjs (a separate process), detaches and prints the tool's figures, raw and per
 # call. Build first: `npx napi build --platform --release && npx tsc -p tsconfig.json` for
 # keel-*, `npm install --prefix bench` for baseline-*; core-* builds its test binary itself.
+# KEEL_PROFILE_ADDON (a release addon) and KEEL_BENCH_KEEL_DIR (a tree with dist/) profile
+# another build of keel-* than this repo's.
 # Wall-clock figures under strace or perf are slowed by the tool; compare counts, not times.
 set -euo pipefail
 
@@ -42,16 +44,16 @@ run=$(mktemp -d /tmp/keel-profile.XXXXXX)
 mkdir -p "$run/data"
 mkfifo "$run/server.in" "$run/client.in"
 
-# Under callgrind the server starts with counting off; it is switched on for the timed calls.
+# Under callgrind the server starts uninstrumented; counting is switched on for the timed calls.
 wrap=()
 if [[ $tool == callgrind ]]; then
-  wrap=(valgrind --tool=callgrind --collect-atstart=no --separate-threads=yes
+  wrap=(valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes
     --smc-check=all-non-file --callgrind-out-file="$run/callgrind.out.%p")
 fi
 
 case $server in
   keel-relaxed | keel-full)
-    addon="$repo/keel.linux-x64-gnu.node"
+    addon=${KEEL_PROFILE_ADDON:-$repo/keel.linux-x64-gnu.node}
     NAPI_RS_NATIVE_LIBRARY_PATH=$addon KEEL_BENCH_DURABILITY=${server#keel-} \
       "${wrap[@]}" node "$bench/servers/keel.mjs" "$run/data" <"$run/server.in" >"$run/server.out" 2>"$run/server.err" &
     ;;
@@ -166,10 +168,9 @@ case $tool in
   perfstat) cat "$run/perf.out" ;;
   callgrind)
     echo "thread  instructions/call"
-    for file in "$run"/callgrind.out.*; do
-      ir=$(sed -n 's/^summary: \([0-9]*\).*/\1/p' "$file")
-      [[ -n $ir ]] || ir=$(sed -n 's/^totals: \([0-9]*\).*/\1/p' "$file")
-      echo "${file##*callgrind.out.} ${ir:-0}"
+    for file in "$run"/callgrind.out.*-*; do
+      ir=$(sed -n 's/^totals: \([0-9]*\).*/\1/p' "$file")
+      echo "thread-${file##*-} ${ir:-0}"
     done | awk -v c="$calls" '{ total += $2; if ($2 > c * 100) printf "%-12s %12.0f\n", $1, $2 / c }
       END { printf "%-12s %12.0f\n", "all", total / c }'
     ;;
