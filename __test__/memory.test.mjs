@@ -16,10 +16,21 @@ test("10,000 actors created and asleep leave memory near the baseline", async (t
     const deadline = Date.now() + 30_000;
     for (;;) {
       const memory = await probe();
-      if (memory.live <= 1) return memory; // only the probe is awake
+      if (memory.live <= 1) break; // only the probe is awake
       assert.ok(Date.now() < deadline, `${memory.live} actors still awake`);
       await settle(100);
     }
+    // What the allocator and V8 give back after the actors left takes a moment (freed pages are
+    // returned in the background), so the reading is the lowest over a second: memory a sleeping
+    // actor still held would be in every reading.
+    let lowest = await probe();
+    for (let i = 0; i < 10; i++) {
+      await settle(100);
+      const memory = await probe();
+      if (memory.rss < lowest.rss) lowest = { ...memory, heapUsed: Math.min(memory.heapUsed, lowest.heapUsed) };
+      else lowest.heapUsed = Math.min(memory.heapUsed, lowest.heapUsed);
+    }
+    return lowest;
   };
   const wave = async (prefix, count) => {
     let next = 0;

@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::faults::{Failpoint, Fault, FaultInjector, Faults};
@@ -313,4 +314,38 @@ async fn a_missing_file_is_reported_and_destroy_removes_the_file() {
     call(&runtime, "b", "destroy").await.unwrap();
     runtime.drain().await;
     assert!(!keel_core::actor_db::db_path(&db_dir, &b).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_older_than_the_log_reaches_is_reported_not_waited_on() {
+    // The log keeps changes back to the file's last checkpoint only: a file put back from
+    // before that (an old backup) cannot be brought up to date, and the call says so.
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = open(dir.path(), None);
+    call(&runtime, "a", "insert").await.unwrap();
+    let id = runtime.resolve(notes("a")).await.unwrap().id.to_string();
+    runtime.drain().await;
+    let path = keel_core::actor_db::db_path(&dir.path().join(keel_core::actor_db::DB_DIR), &id);
+    let old = std::fs::read(&path).unwrap();
+
+    let runtime = open(dir.path(), None);
+    for _ in 0..2 * keel_core::actor_db::SYNC_EVERY + 10 {
+        call(&runtime, "a", "insert").await.unwrap();
+    }
+    runtime.drain().await;
+    std::fs::write(&path, old).unwrap();
+
+    let runtime = open(dir.path(), None);
+    let answer = tokio::time::timeout(Duration::from_secs(30), call(&runtime, "a", "count"))
+        .await
+        .expect("a call to an actor whose file cannot be repaired never answered");
+    let err = answer.unwrap_err();
+    assert_eq!((err.group(), err.code()), ("storage", "corrupt"), "{err}");
+    // And the next call is refused the same way, at once.
+    let err = tokio::time::timeout(Duration::from_secs(30), call(&runtime, "a", "count"))
+        .await
+        .expect("the second call never answered")
+        .unwrap_err();
+    assert_eq!((err.group(), err.code()), ("storage", "corrupt"), "{err}");
+    runtime.drain().await;
 }

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::config::Durability;
@@ -27,6 +27,12 @@ use crate::storage::integrity::{self, Integrity};
 pub const DB_FILE: &str = "keel.db";
 /// File name of the process lock inside the data directory.
 pub const LOCK_FILE: &str = "LOCK";
+
+/// The most read connections the store keeps open. Reads run on tokio's blocking threads, so
+/// without a bound the pool would grow to the busiest moment's concurrency and keep every
+/// connection (each with its own page cache, up to 2 MiB) for the process's life; beyond
+/// this many, a read waits for a connection another read gives back.
+const MAX_READERS: usize = 4;
 
 /// Forward migrations; entry `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -135,8 +141,11 @@ pub struct Store {
     durability: Durability,
     /// The damage latch and the commit record, shared with the writer.
     integrity: Arc<Integrity>,
-    /// Idle read connections; a reader takes one and puts it back.
-    readers: Mutex<Vec<Connection>>,
+    /// The read connections: a reader takes an idle one (or opens one, up to
+    /// [`MAX_READERS`]) and puts it back.
+    readers: Mutex<Readers>,
+    /// Signalled when a read connection is put back.
+    reader_returned: Condvar,
     /// Held until [`Store::close`] or drop; releasing it hands the directory to other processes.
     lock: Mutex<Option<File>>,
     /// Set by [`Store::close`]; reads fail afterwards.
@@ -180,11 +189,16 @@ impl Store {
             path,
             durability,
             integrity: Arc::new(integrity),
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::new(Readers::default()),
+            reader_returned: Condvar::new(),
             lock: Mutex::new(Some(lock)),
             closed: std::sync::atomic::AtomicBool::new(false),
         };
-        store.readers.lock().push(store.connect(false)?);
+        let first = store.connect(false)?;
+        let mut readers = store.readers.lock();
+        readers.idle.push(first);
+        readers.open = 1;
+        drop(readers);
         Ok(Arc::new(store))
     }
 
@@ -208,7 +222,7 @@ impl Store {
     pub fn close(&self) {
         self.closed
             .store(true, std::sync::atomic::Ordering::Release);
-        self.readers.lock().clear();
+        self.readers.lock().idle.clear();
         if let Some(lock) = self.lock.lock().take() {
             if let Err(err) = lock.unlock() {
                 tracing::warn!(error = %err, "releasing the data directory lock failed");
@@ -223,13 +237,37 @@ impl Store {
             return Err(Error::RegistryShutDown);
         }
         self.integrity.check()?;
-        let conn = match self.readers.lock().pop() {
-            Some(conn) => conn,
-            None => self.connect(false)?,
-        };
+        let conn = self.take_reader()?;
         let result = f(&conn);
-        self.readers.lock().push(conn);
+        self.readers.lock().idle.push(conn);
+        self.reader_returned.notify_one();
         result.map_err(|e| self.integrity.observe(e.into()))
+    }
+
+    /// An idle read connection, a new one while fewer than [`MAX_READERS`] are open, or else
+    /// the next one given back.
+    fn take_reader(&self) -> Result<Connection> {
+        let mut readers = self.readers.lock();
+        loop {
+            if let Some(conn) = readers.idle.pop() {
+                return Ok(conn);
+            }
+            if readers.open < MAX_READERS {
+                readers.open += 1;
+                drop(readers);
+                return self.connect(false).inspect_err(|_| {
+                    self.readers.lock().open -= 1;
+                    self.reader_returned.notify_one();
+                });
+            }
+            self.reader_returned.wait(&mut readers);
+        }
+    }
+
+    /// How many read connections are open (idle or in use).
+    #[cfg(test)]
+    pub(crate) fn open_readers(&self) -> usize {
+        self.readers.lock().open
     }
 
     /// Looks an actor up by type name and canonical key.
@@ -509,6 +547,14 @@ impl Store {
     }
 }
 
+/// The store's read connections.
+#[derive(Default)]
+struct Readers {
+    idle: Vec<Connection>,
+    /// Idle and in use.
+    open: usize,
+}
+
 /// Opens a connection to `path` with keel's pragmas. `writer` connections set the durability.
 fn connect(path: &Path, durability: Durability, writer: bool) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -730,6 +776,33 @@ fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_reads_share_a_bounded_set_of_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        // Twice as many reads as connections, each held long enough that all are under way
+        // at once: the pool opens no more than its bound, and every read still completes.
+        let reads = 2 * MAX_READERS;
+        let done: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..reads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        store.read(|conn| {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            conn.query_row("SELECT count(*) FROM actors", [], |row| {
+                                row.get::<_, i64>(0)
+                            })
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(done.iter().all(|read| matches!(read, Ok(0))), "{done:?}");
+        assert_eq!(store.open_readers(), MAX_READERS);
+        store.close();
+    }
 
     #[test]
     fn prefix_successors() {
