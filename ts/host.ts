@@ -200,27 +200,27 @@ export class JsHost {
     this.push(completion);
   }
 
-  /** Runs one call's user code; throws what it throws. */
+  /** Runs one call's user code; rejects with what it throws. (No `await` per kind: the promise is handed on as it is.) */
   private async invoke(invocation: Call): Promise<Completion> {
     switch (invocation.kind) {
       case "action":
-        return await this.action(invocation);
+        return this.action(invocation);
       case "start":
-        return await this.start(invocation);
+        return this.start(invocation);
       case "stop":
-        return await this.stop(invocation);
+        return this.stop(invocation);
       case "connect":
-        return await this.connect(invocation);
+        return this.connect(invocation);
       case "disconnect":
-        return await this.disconnect(invocation);
+        return this.disconnect(invocation);
       case "subscribe":
-        return await this.subscribe(invocation);
+        return this.subscribe(invocation);
       case "request":
-        return await this.request(invocation);
+        return this.request(invocation);
       case "ws_open":
       case "ws_message":
       case "ws_close":
-        return await this.rawSocket(invocation);
+        return this.rawSocket(invocation);
       default:
         throw new Error(`unknown invocation kind ${(invocation as { kind: unknown }).kind}`);
     }
@@ -341,8 +341,11 @@ export class JsHost {
   }
 
   private async guarded<T>(instance: Instance, body: () => Promise<T>): Promise<T> {
-    this.dropBackgroundEffects(instance);
-    instance.effects = new Effects();
+    // Effects that are still empty (the usual case between calls) are kept, not remade.
+    if (!instance.effects.empty) {
+      this.dropBackgroundEffects(instance);
+      instance.effects = new Effects();
+    }
     try {
       return await body();
     } catch (err) {
@@ -579,19 +582,27 @@ export class JsHost {
    * hook may not change the state: assigning `c.state` throws, and a state that encodes
    * differently after the hook fails the call, so the call's changes are rolled back.
    */
-  private async settleCall(instance: Instance): Promise<EffectsJs | undefined> {
+  private settleCall(instance: Instance): EffectsJs | undefined | Promise<EffectsJs | undefined> {
     const hook = instance.def.config.onStateChange;
-    if (hook !== undefined) {
-      const changed = encodeState(instance.state);
-      if (!changed.equals(instance.snapshot)) {
-        instance.observing = true;
-        try {
-          await hook(instance.ctx as never, instance.state);
-        } finally {
-          instance.observing = false;
-        }
-        if (!encodeState(instance.state).equals(changed)) throw stateChangeMutation("changed a value inside c.state");
+    // Without the hook there is nothing to wait for: no promise of its own per call.
+    if (hook === undefined) return this.finishCall(instance);
+    return this.observeState(instance, hook);
+  }
+
+  /** `settleCall` with an `onStateChange` hook. */
+  private async observeState(
+    instance: Instance,
+    hook: (c: never, state: unknown) => unknown,
+  ): Promise<EffectsJs | undefined> {
+    const changed = encodeState(instance.state);
+    if (!changed.equals(instance.snapshot)) {
+      instance.observing = true;
+      try {
+        await hook(instance.ctx as never, instance.state);
+      } finally {
+        instance.observing = false;
       }
+      if (!encodeState(instance.state).equals(changed)) throw stateChangeMutation("changed a value inside c.state");
     }
     return this.finishCall(instance);
   }
@@ -603,7 +614,8 @@ export class JsHost {
   private finishCall(instance: Instance): EffectsJs | undefined {
     const snapshot = encodeState(instance.state);
     const effects = instance.effects;
-    instance.effects = new Effects();
+    // Empty effects hand nothing out below, so the next call may keep using them.
+    if (!effects.empty) instance.effects = new Effects();
     let reported: EffectsJs | undefined;
     if (!snapshot.equals(instance.snapshot)) {
       instance.snapshot = snapshot;
