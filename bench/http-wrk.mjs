@@ -124,8 +124,25 @@ function wrk(port, plan, durationS) {
   });
 }
 
-/** The counts of every key, read once wrk has stopped. */
-const countsOf = (port, routes) => Promise.all(routes.map(async (r) => (await send(port, "POST", r.path("getCount"), r.body([]))).output));
+/**
+ * The counts of every key (before and after the timed part), read concurrently. A read changes
+ * nothing, so one a Rivet Engine answers with a 5xx of its own (on a loaded engine its gateway
+ * now and then times out subscribing to, or waking, one of 64 actors read at once) is read
+ * again, up to 5 times, 250 ms apart.
+ */
+const countsOf = (port, routes) =>
+  Promise.all(
+    routes.map(async (r) => {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return (await send(port, "POST", r.path("getCount"), r.body([]))).output;
+        } catch (err) {
+          if (attempt >= 5 || !/: HTTP 5\d\d: /.test(err.message)) throw err;
+          await new Promise((resolve) => setTimeout(resolve, 250));
+        }
+      }
+    }),
+  );
 
 const round3 = (x) => (x === null || x === undefined ? null : Math.round(x * 1000) / 1000);
 
@@ -136,7 +153,7 @@ const round3 = (x) => (x === null || x === undefined ? null : Math.round(x * 100
  * `{path(action), body(args)}` for a key; by default the server's own counter route
  * (counterRoute), the engine workloads pass the gateway's (bench/engine/workloads.mjs).
  */
-export async function runWrkCounter({ kind, port, serverPid, workload, connections, durationS, warmupS = 1, routeFor = (key) => counterRoute(kind, port, key) }) {
+export async function runWrkCounter({ kind, port, serverPid, enginePid = null, workload, connections, durationS, warmupS = 1, routeFor = (key) => counterRoute(kind, port, key) }) {
   const keys = Array.from({ length: connections }, (_, i) => `${workload}-${i}`);
   const routes = await Promise.all(keys.map((key) => routeFor(key)));
   const planWith = (starts) => routes.map((r, i) => ({ path: r.path("increment"), body: r.body([1]), start: starts[i] }));
@@ -146,8 +163,10 @@ export async function runWrkCounter({ kind, port, serverPid, workload, connectio
   const starts = await countsOf(port, routes);
 
   const cpuStart = cpuMsOf(serverPid);
+  const engineCpuStart = enginePid === null ? null : cpuMsOf(enginePid);
   const timed = await wrk(port, planWith(starts), durationS);
   const cpuMs = cpuMsOf(serverPid) - cpuStart;
+  const engineCpuMs = enginePid === null ? null : cpuMsOf(enginePid) - engineCpuStart;
 
   const ends = await countsOf(port, routes);
   const mismatches = [];
@@ -174,8 +193,12 @@ export async function runWrkCounter({ kind, port, serverPid, workload, connectio
     warmupCalls: warm.requests,
     elapsedMs: round3(elapsedMs),
     callsPerSec: Math.round((calls / elapsedMs) * 1000 * 10) / 10,
-    cpuMs: { server: cpuMs, client: null },
-    cpuUsPerCall: { server: round3((cpuMs / calls) * 1000), client: null },
+    cpuMs: { server: cpuMs, client: null, engine: engineCpuMs },
+    cpuUsPerCall: {
+      server: round3((cpuMs / calls) * 1000),
+      client: null,
+      engine: engineCpuMs === null ? null : round3((engineCpuMs / calls) * 1000),
+    },
     latencyMs: {
       p50: round3(timed.latencyUs.p50 / 1000),
       p99: round3(timed.latencyUs.p99 / 1000),

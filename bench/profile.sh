@@ -15,6 +15,11 @@
 #              perfstat task-clock, context switches and migrations (perf stat, software events)
 #              perfrecord  a cpu-clock profile with call graphs (perf record -g); prints the top
 #                          symbols and leaves perf.data in the run's directory
+#              callgrind   instructions executed per call, by thread (the server runs under
+#                          valgrind --tool=callgrind, counting only between the warm-up and the
+#                          end of the timed calls; about 50x slower, so use a few hundred
+#                          calls); leaves callgrind.out.* in the run's directory for
+#                          callgrind_annotate
 #   calls:     timed calls (default 2000); warmup: untimed calls before them (default 200)
 #
 # Each run starts the server on 127.0.0.1 port 0 over a new data directory, warms up with a
@@ -22,6 +27,8 @@
 # seq-client.mjs (a separate process), detaches and prints the tool's figures, raw and per
 # call. Build first: `npx napi build --platform --release && npx tsc -p tsconfig.json` for
 # keel-*, `npm install --prefix bench` for baseline-*; core-* builds its test binary itself.
+# KEEL_PROFILE_ADDON (a release addon) and KEEL_BENCH_KEEL_DIR (a tree with dist/) profile
+# another build of keel-* than this repo's.
 # Wall-clock figures under strace or perf are slowed by the tool; compare counts, not times.
 set -euo pipefail
 
@@ -37,15 +44,22 @@ run=$(mktemp -d /tmp/keel-profile.XXXXXX)
 mkdir -p "$run/data"
 mkfifo "$run/server.in" "$run/client.in"
 
+# Under callgrind the server starts uninstrumented; counting is switched on for the timed calls.
+wrap=()
+if [[ $tool == callgrind ]]; then
+  wrap=(valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes
+    --smc-check=all-non-file --callgrind-out-file="$run/callgrind.out.%p")
+fi
+
 case $server in
   keel-relaxed | keel-full)
-    addon="$repo/keel.linux-x64-gnu.node"
+    addon=${KEEL_PROFILE_ADDON:-$repo/keel.linux-x64-gnu.node}
     NAPI_RS_NATIVE_LIBRARY_PATH=$addon KEEL_BENCH_DURABILITY=${server#keel-} \
-      node "$bench/servers/keel.mjs" "$run/data" <"$run/server.in" >"$run/server.out" 2>"$run/server.err" &
+      "${wrap[@]}" node "$bench/servers/keel.mjs" "$run/data" <"$run/server.in" >"$run/server.out" 2>"$run/server.err" &
     ;;
   baseline-normal | baseline-full)
     sync=${server#baseline-}
-    BASELINE_SYNCHRONOUS=${sync^^} node "$bench/servers/baseline.mjs" "$run/data" \
+    BASELINE_SYNCHRONOUS=${sync^^} "${wrap[@]}" node "$bench/servers/baseline.mjs" "$run/data" \
       <"$run/server.in" >"$run/server.out" 2>"$run/server.err" &
     ;;
   core-relaxed | core-full)
@@ -53,7 +67,7 @@ case $server in
       sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -1)
     [[ -x $repo/$binary ]] || { echo "profile.sh: could not build the core test host" >&2; exit 2; }
     KEEL_PROFILE_DIR=$run/data KEEL_PROFILE_DURABILITY=${server#core-} \
-      "$repo/$binary" --ignored --exact serve_for_profiling --nocapture \
+      "${wrap[@]}" "$repo/$binary" --ignored --exact serve_for_profiling --nocapture \
       <"$run/server.in" >"$run/server.out" 2>"$run/server.err" &
     ;;
   *) echo "profile.sh: unknown server $server" >&2; exit 2 ;;
@@ -91,6 +105,7 @@ ctx() {
 tool_pid=
 case $tool in
   ctx) ctx >"$run/ctx.before" ;;
+  callgrind) callgrind_control -i on "$pid" >/dev/null ;;
   strace)
     strace -f -c -S calls -o "$run/strace.out" -p "$pid" 2>"$run/strace.err" &
     tool_pid=$!
@@ -122,6 +137,11 @@ result=$(tail -1 "$run/client.out")
 
 case $tool in
   ctx) ctx >"$run/ctx.after" ;;
+  callgrind)
+    callgrind_control -i off "$pid" >/dev/null
+    exec 7>&- # the server exits, and callgrind writes one file per thread
+    wait "$pid" || true
+    ;;
   strace) kill -INT "$tool_pid"; wait "$tool_pid" || true ;;
   perfstat | perfrecord)
     echo disable >&9
@@ -146,6 +166,14 @@ case $tool in
       { printf "%s   %7.2f/call\n", $0, $4 / c }' "$run/strace.out"
     ;;
   perfstat) cat "$run/perf.out" ;;
+  callgrind)
+    echo "thread  instructions/call"
+    for file in "$run"/callgrind.out.*-*; do
+      ir=$(sed -n 's/^totals: \([0-9]*\).*/\1/p' "$file")
+      echo "thread-${file##*-} ${ir:-0}"
+    done | awk -v c="$calls" '{ total += $2; if ($2 > c * 100) printf "%-12s %12.0f\n", $1, $2 / c }
+      END { printf "%-12s %12.0f\n", "all", total / c }'
+    ;;
   perfrecord)
     perf report -i "$run/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
       grep -v '^$' | grep -E '^ +[0-9]' | head -40

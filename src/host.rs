@@ -13,10 +13,11 @@
 //! between, so an uncontended call wakes no Rust thread on its way to JS or back from the
 //! batch call.
 //!
-//! With `KEEL_UV_DISPATCH=1` (experimental, off by default) batches leave the same way but
-//! wake the JS thread through keel's own libuv async handle ([`UvWake`]) instead of the
-//! threadsafe function: Node sends a threadsafe function's wake while holding its queue's
-//! mutex, so the JS thread wakes, blocks on that mutex, and is woken again by the unlock.
+//! Batches wake the JS thread through keel's own libuv async handle ([`UvWake`]) by default.
+//! Node's threadsafe function, the alternative (`KEEL_UV_DISPATCH=0`, or wherever the handle
+//! cannot be opened), sends its wake while holding its queue's mutex, so the JS thread wakes,
+//! blocks on that mutex, and is woken again by the unlock: about two more context switches
+//! per call.
 //!
 //! Invocations and completions are discriminated unions (napi structured enums): each kind
 //! carries exactly its fields. Besides calls, the queue carries notices (a connection opened
@@ -24,8 +25,9 @@
 //! answering; a notice waits here until the actor's next call, so it costs no trip of its own.
 
 use std::collections::HashMap;
+use std::os::raw::c_void;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
 use keel_core::{
@@ -34,7 +36,7 @@ use keel_core::{
 };
 use napi::bindgen_prelude::Buffer;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
 use crate::shapes::{
@@ -46,11 +48,8 @@ const MAX_BATCH_LEN: usize = 1024;
 
 /// Calls JS for core.
 pub struct JsHost {
-    /// Batches leave through this function; JS answers through [`JsHost::complete`].
-    dispatch: DispatchFn,
-    /// Opt-in (`KEEL_UV_DISPATCH=1`, experimental): batches leave through keel's own libuv
-    /// async handle instead of `dispatch`, whose send wakes JS while holding Node's lock.
-    uv: Option<UvWake>,
+    /// How batches reach JS; JS answers through [`JsHost::complete`].
+    route: Route,
     /// Waiting invocations by id; the entry is removed on completion or when the waiter
     /// gives up (a timeout drops it).
     pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
@@ -62,23 +61,64 @@ pub struct JsHost {
     notices: Mutex<HashMap<Arc<str>, Vec<Invocation>>>,
 }
 
+/// How batches reach the JS thread.
+enum Route {
+    /// keel's own libuv async handle, which wakes JS without holding a lock (the default).
+    Uv(UvWake),
+    /// Node's threadsafe function (`KEEL_UV_DISPATCH=0`, or where the handle cannot be
+    /// opened).
+    Threadsafe(DispatchFn),
+}
+
 impl JsHost {
-    /// A host that sends batches to `dispatch`.
-    pub fn new(
-        dispatch: DispatchFn,
-        raw: Option<(napi::sys::napi_env, napi::sys::napi_value)>,
-    ) -> Arc<JsHost> {
-        let use_uv = std::env::var("KEEL_UV_DISPATCH").is_ok_and(|v| v == "1");
-        Arc::new_cyclic(|weak: &Weak<JsHost>| JsHost {
-            uv: raw
-                .filter(|_| use_uv)
-                .and_then(|(env, func)| unsafe { UvWake::new(env, func, weak.clone()) }),
-            dispatch,
+    /// A host that sends batches to the JS function `dispatch`, through keel's libuv handle
+    /// unless `KEEL_UV_DISPATCH=0` (or the handle cannot be opened), else through a threadsafe
+    /// function.
+    ///
+    /// # Safety
+    /// On the JS thread of `env`, with `dispatch` a function value of that environment.
+    pub unsafe fn new(
+        env: napi::sys::napi_env,
+        dispatch: napi::sys::napi_value,
+    ) -> napi::Result<Arc<JsHost>> {
+        let uv = if uv_dispatch_wanted() {
+            UvWake::open(env, dispatch)
+        } else {
+            None
+        };
+        let route = match uv {
+            Some(uv) => Route::Uv(uv),
+            None => Route::Threadsafe(
+                <DispatchFn as napi::bindgen_prelude::FromNapiValue>::from_napi_value(
+                    env, dispatch,
+                )?,
+            ),
+        };
+        let host = Arc::new(JsHost {
+            route,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             outbox: Mutex::new(Outbox::default()),
             notices: Mutex::new(HashMap::new()),
-        })
+        });
+        if let Route::Uv(uv) = &host.route {
+            uv.attach(Arc::downgrade(&host));
+        }
+        Ok(host)
+    }
+
+    /// Whether batches go through keel's libuv handle (for diagnostics and tests).
+    pub fn uses_uv(&self) -> bool {
+        matches!(self.route, Route::Uv(_))
+    }
+
+    /// Lets go of the JS thread once the registry has shut down: the libuv handle is closed
+    /// (on the JS thread, at its next turn) and the reference to `dispatch` deleted. Calls
+    /// after that fail as calls refused during shutdown do. Idempotent.
+    pub fn close(&self) {
+        if let Route::Uv(uv) = &self.route {
+            uv.close();
+        }
     }
 
     /// Takes completions reported by JS and wakes their waiters.
@@ -95,26 +135,32 @@ impl JsHost {
     /// Sends `invocations` to JS at once if no batch is in flight, or queues them for the batch
     /// that leaves when the one in flight returns. No Rust task stands in between: a lone call
     /// goes straight from the actor's task to the JS thread, and the next batch leaves from the
-    /// JS thread itself, in the return callback of the one before.
+    /// JS thread itself (in the return callback of the one before, or in the libuv callback's
+    /// loop).
     fn send(self: &Arc<Self>, invocations: impl IntoIterator<Item = Invocation>) {
-        if let Some(uv) = &self.uv {
-            let wake = {
-                let mut outbox = self.outbox.lock();
-                outbox.queue.extend(invocations);
-                !std::mem::replace(&mut outbox.in_flight, true)
-            };
-            if wake && !uv.send() {
-                // The JS environment is gone: nothing will run these.
-                let refused: Vec<Invocation> = {
+        let dispatch = match &self.route {
+            Route::Uv(uv) => {
+                let wake = {
                     let mut outbox = self.outbox.lock();
-                    outbox.in_flight = false;
-                    outbox.queue.drain(..).collect()
+                    outbox.queue.extend(invocations);
+                    !std::mem::replace(&mut outbox.in_flight, true)
                 };
-                let ids: Vec<u32> = refused.iter().filter_map(Invocation::id).collect();
-                self.fail(&ids, "the call never reached JS (it is shutting down)");
+                // The lock is released before the wake: the JS thread never waits for it.
+                if wake && !uv.send() {
+                    // The handle is closed (the registry shut down or the environment is
+                    // gone): nothing will run these.
+                    let refused: Vec<Invocation> = {
+                        let mut outbox = self.outbox.lock();
+                        outbox.in_flight = false;
+                        outbox.queue.drain(..).collect()
+                    };
+                    let ids: Vec<u32> = refused.iter().filter_map(Invocation::id).collect();
+                    self.fail(&ids, "the call never reached JS (it is shutting down)");
+                }
+                return;
             }
-            return;
-        }
+            Route::Threadsafe(dispatch) => dispatch,
+        };
         let batch = {
             let mut outbox = self.outbox.lock();
             outbox.queue.extend(invocations);
@@ -124,13 +170,13 @@ impl JsHost {
             outbox.next_batch()
         };
         if let Some(batch) = batch {
-            self.dispatch_batch(batch);
+            self.dispatch_batch(dispatch, batch);
         }
     }
 
     /// Calls JS with `batch`; the batch counts as in flight until its call returns or is
     /// refused (see [`BatchInFlight`]).
-    fn dispatch_batch(self: &Arc<Self>, batch: Vec<Invocation>) {
+    fn dispatch_batch(self: &Arc<Self>, dispatch: &DispatchFn, batch: Vec<Invocation>) {
         let in_flight = BatchInFlight {
             host: Arc::downgrade(self),
             ids: batch.iter().filter_map(Invocation::id).collect(),
@@ -138,7 +184,7 @@ impl JsHost {
         };
         // A refused call drops the callback unrun, and with it `in_flight`, which fails the
         // batch; so the status adds nothing here.
-        let _ = self.dispatch.call_with_return_value(
+        let _ = dispatch.call_with_return_value(
             batch,
             ThreadsafeFunctionCallMode::NonBlocking,
             move |result, _env| {
@@ -262,14 +308,22 @@ impl Drop for BatchInFlight {
         if let Err(reason) = &self.outcome {
             host.fail(&self.ids, reason);
         }
+        let Route::Threadsafe(dispatch) = &host.route else {
+            return;
+        };
         let next = host.outbox.lock().next_batch();
         if let Some(batch) = next {
-            host.dispatch_batch(batch);
+            host.dispatch_batch(dispatch, batch);
         }
     }
 }
 
-/// The few libuv functions the opt-in wake uses; Node exports them to addons.
+/// Whether `KEEL_UV_DISPATCH` leaves the libuv wake on: anything but `0` does.
+fn uv_dispatch_wanted() -> bool {
+    std::env::var("KEEL_UV_DISPATCH").map_or(true, |value| value.trim() != "0")
+}
+
+/// The few libuv functions the wake uses; Node exports them to addons.
 mod uv {
     use std::os::raw::{c_int, c_void};
     extern "C" {
@@ -286,146 +340,275 @@ mod uv {
     pub const UV_ASYNC: c_int = 1;
 }
 
-/// Wakes the JS thread through a libuv async handle: `uv_async_send` takes no lock, so the
-/// woken JS thread never blocks on the sender (Node's threadsafe functions send while holding
-/// their queue's mutex, which costs a JS sleep and two preemptions of the worker per call).
-/// The handle is unreferenced, so it never keeps Node alive; an environment cleanup hook
-/// closes it, after which sends are refused.
+/// Where a handle is in its life.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UvState {
+    /// Sends wake the JS thread.
+    Open,
+    /// The registry let go of it: sends are refused, and the JS thread closes it at its next
+    /// turn, after running what is already queued.
+    Closing,
+    /// `uv_close` was called (or is about to be); the handle's memory may be gone.
+    Closed,
+}
+
+/// What the sending threads and the JS thread share about one handle.
+struct UvShared {
+    handle: *mut c_void,
+    /// Only the JS thread sets `Closed`, under the write lock and before `uv_close`, so a
+    /// sender that reads `Open` or `Closing` under the read lock may still signal the handle.
+    state: RwLock<UvState>,
+    /// The host whose outbox the JS thread empties; weak, so a host dropped by the registry
+    /// closes the handle instead of being kept by it.
+    host: OnceLock<Weak<JsHost>>,
+}
+
+// The handle is only signalled (`uv_async_send` is thread-safe) off the JS thread, and only
+// while `state` says it is not closed.
+unsafe impl Send for UvShared {}
+unsafe impl Sync for UvShared {}
+
+/// Wakes the JS thread through a libuv async handle on Node's loop. `uv_async_send` takes no
+/// lock, so the woken JS thread never blocks on the sender (Node's threadsafe functions send
+/// while holding their queue's mutex, which costs a JS sleep and two preemptions of the worker
+/// per call).
+///
+/// It never keeps Node alive and never keeps the registry's JS side alive: the handle is
+/// unreferenced (the server's handles and the pending `serve` promise are what keep a
+/// serving process up), and `dispatch` is held by a weak reference (the JS registry holds the
+/// function; the binding only finds it). The handle is closed on the JS thread when the
+/// registry shuts down ([`UvWake::close`]), when the host is dropped, or when the environment
+/// is torn down (an async cleanup hook, which Node waits for), whichever comes first.
 struct UvWake {
-    handle: *mut std::os::raw::c_void,
-    /// Whether the handle is still open; the cleanup hook clears it under the write lock.
-    alive: Arc<parking_lot::RwLock<bool>>,
+    shared: Arc<UvShared>,
 }
 
 impl UvWake {
-    /// Wakes the JS thread; false once the environment is gone.
+    /// Wakes the JS thread; false once the handle is closing or closed.
     fn send(&self) -> bool {
-        let alive = self.alive.read();
-        if *alive {
-            // SAFETY: the handle stays open while `alive` is set, and the read lock keeps the
-            // cleanup hook from closing it meanwhile; `uv_async_send` is thread-safe.
-            unsafe { uv::uv_async_send(self.handle) };
+        let state = self.shared.state.read();
+        if *state != UvState::Open {
+            return false;
         }
-        *alive
+        // SAFETY: not closed (see `UvShared::state`); `uv_async_send` is thread-safe.
+        unsafe { uv::uv_async_send(self.shared.handle) };
+        true
     }
-}
 
-// The handle is only sent to (uv_async_send is thread-safe) off the JS thread.
-unsafe impl Send for UvWake {}
-unsafe impl Sync for UvWake {}
+    /// Refuses further sends and has the JS thread close the handle at its next turn.
+    fn close(&self) {
+        let mut state = self.shared.state.write();
+        if *state == UvState::Open {
+            *state = UvState::Closing;
+            // SAFETY: not closed yet, and only the JS thread closes it, under this lock.
+            unsafe { uv::uv_async_send(self.shared.handle) };
+        }
+    }
 
-/// What the JS-thread callback needs, reached through the handle's `data` field.
-struct UvContext {
-    env: napi::sys::napi_env,
-    func: napi::sys::napi_ref,
-    host: Weak<JsHost>,
-    alive: Arc<parking_lot::RwLock<bool>>,
-}
+    /// Names the host whose outbox the JS thread empties when woken.
+    fn attach(&self, host: Weak<JsHost>) {
+        let _ = self.shared.host.set(host);
+    }
 
-impl UvWake {
     /// Opens the handle on `env`'s loop, for batches to `func`; `None` (and the threadsafe
     /// function is used) if napi or libuv refuses.
     ///
     /// # Safety
     /// On the JS thread of `env`, with `func` a live function value of that environment.
-    unsafe fn new(
-        env: napi::sys::napi_env,
-        func: napi::sys::napi_value,
-        host: Weak<JsHost>,
-    ) -> Option<UvWake> {
+    unsafe fn open(env: napi::sys::napi_env, func: napi::sys::napi_value) -> Option<UvWake> {
         use napi::sys;
-        let mut func_ref = std::ptr::null_mut();
-        if sys::napi_create_reference(env, func, 1, &mut func_ref) != sys::Status::napi_ok {
-            return None;
-        }
         let mut uv_loop = std::ptr::null_mut();
         if sys::napi_get_uv_event_loop(env, &mut uv_loop) != sys::Status::napi_ok {
-            sys::napi_delete_reference(env, func_ref);
             return None;
         }
-        let size = uv::uv_handle_size(uv::UV_ASYNC);
-        let words = size.div_ceil(16);
-        let handle =
-            Box::into_raw(vec![0u128; words].into_boxed_slice()) as *mut std::os::raw::c_void;
+        let mut name = std::ptr::null_mut();
+        let label = "keel.dispatch";
+        if sys::napi_create_string_utf8(env, label.as_ptr().cast(), label.len() as isize, &mut name)
+            != sys::Status::napi_ok
+        {
+            return None;
+        }
+        let mut async_context = std::ptr::null_mut();
+        if sys::napi_async_init(env, std::ptr::null_mut(), name, &mut async_context)
+            != sys::Status::napi_ok
+        {
+            return None;
+        }
+        // Weak (count 0): the JS registry holds `dispatch` for as long as it can be called.
+        let mut func_ref = std::ptr::null_mut();
+        if sys::napi_create_reference(env, func, 0, &mut func_ref) != sys::Status::napi_ok {
+            sys::napi_async_destroy(env, async_context);
+            return None;
+        }
+        let words = uv::uv_handle_size(uv::UV_ASYNC).div_ceil(16);
+        let handle = Box::into_raw(vec![0u128; words].into_boxed_slice()) as *mut c_void;
         if uv::uv_async_init(uv_loop.cast(), handle, on_async) != 0 {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                handle as *mut u128,
+                words,
+            )));
             sys::napi_delete_reference(env, func_ref);
+            sys::napi_async_destroy(env, async_context);
             return None;
         }
         uv::uv_unref(handle);
-        let alive = Arc::new(parking_lot::RwLock::new(true));
+        let shared = Arc::new(UvShared {
+            handle,
+            state: RwLock::new(UvState::Open),
+            host: OnceLock::new(),
+        });
         let context = Box::into_raw(Box::new(UvContext {
             env,
             func: func_ref,
-            host,
-            alive: alive.clone(),
+            async_context,
+            shared: shared.clone(),
+            words,
+            cleanup: std::ptr::null_mut(),
         }));
         // `data` is the first field of every uv handle.
         *(handle as *mut *mut UvContext) = context;
-        sys::napi_add_env_cleanup_hook(env, Some(on_cleanup), handle);
-        Some(UvWake { handle, alive })
+        // A failure here leaves only the teardown without a close: the handle is unreferenced,
+        // so it still never keeps Node alive.
+        sys::napi_add_async_cleanup_hook(env, Some(on_cleanup), handle, &mut (*context).cleanup);
+        Some(UvWake { shared })
     }
 }
 
-/// Closes the handle when the JS environment is torn down; later sends are refused. The
-/// handle's memory and context are left allocated (once per registry, at teardown).
-unsafe extern "C" fn on_cleanup(handle: *mut std::os::raw::c_void) {
-    let context = &*(*(handle as *mut *mut UvContext));
-    let mut alive = context.alive.write();
-    *alive = false;
-    uv::uv_close(handle, None);
+impl Drop for UvWake {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// What the JS-thread callbacks need, reached through the handle's `data` field. Freed with
+/// the handle, in [`on_closed`].
+struct UvContext {
+    env: napi::sys::napi_env,
+    /// The weak reference to `dispatch`.
+    func: napi::sys::napi_ref,
+    /// The async resource the batches run in (as a threadsafe function's calls do).
+    async_context: napi::sys::napi_async_context,
+    shared: Arc<UvShared>,
+    /// The handle's size in 16-byte words, to free it.
+    words: usize,
+    /// The environment's async cleanup hook; removed (or told it is done) when closed.
+    cleanup: napi::sys::napi_async_cleanup_hook_handle,
+}
+
+/// The context of a handle.
+///
+/// # Safety
+/// `handle` is open (not yet passed to `on_closed`) and its `data` is its context.
+unsafe fn context_of<'a>(handle: *mut c_void) -> &'a UvContext {
+    &*(*(handle as *mut *mut UvContext))
 }
 
 /// Runs on the JS thread when woken: sends everything queued to `dispatch`, a batch at a
 /// time, through `napi_make_callback` (so microtasks run after each batch, as after a
-/// threadsafe-function call), until the queue is empty.
-unsafe extern "C" fn on_async(handle: *mut std::os::raw::c_void) {
-    use napi::sys;
-    let context = &*(*(handle as *mut *mut UvContext));
-    let Some(host) = context.host.upgrade() else {
-        return;
-    };
-    let env = context.env;
-    loop {
-        // Clears `in_flight` once the queue is empty, so the next send wakes JS again.
-        let Some(batch) = host.outbox.lock().next_batch() else {
-            break;
-        };
-        let ids: Vec<u32> = batch.iter().filter_map(Invocation::id).collect();
-        let mut scope = std::ptr::null_mut();
-        sys::napi_open_handle_scope(env, &mut scope);
-        let mut func = std::ptr::null_mut();
-        sys::napi_get_reference_value(env, context.func, &mut func);
-        let mut recv = std::ptr::null_mut();
-        sys::napi_get_global(env, &mut recv);
-        let outcome = match <Vec<Invocation> as napi::bindgen_prelude::ToNapiValue>::to_napi_value(
-            env, batch,
-        ) {
-            Ok(arg) => {
-                let mut result = std::ptr::null_mut();
-                let status = sys::napi_make_callback(
-                    env,
-                    std::ptr::null_mut(),
-                    recv,
-                    func,
-                    1,
-                    &arg,
-                    &mut result,
-                );
-                if status == sys::Status::napi_ok {
-                    Ok(())
-                } else {
-                    let mut exception = std::ptr::null_mut();
-                    sys::napi_get_and_clear_last_exception(env, &mut exception);
-                    Err(format!("napi status {status}"))
-                }
+/// threadsafe-function call), until the queue is empty; then closes the handle if the
+/// registry let go of it or the host is gone.
+unsafe extern "C" fn on_async(handle: *mut c_void) {
+    let context = context_of(handle);
+    let host = context.shared.host.get().and_then(Weak::upgrade);
+    if let Some(host) = &host {
+        loop {
+            // Clears `in_flight` once the queue is empty, so the next send wakes JS again.
+            let Some(batch) = host.outbox.lock().next_batch() else {
+                break;
+            };
+            let ids: Vec<u32> = batch.iter().filter_map(Invocation::id).collect();
+            if let Err(reason) = call_dispatch(context, batch) {
+                host.fail(&ids, &reason);
             }
-            Err(err) => Err(err.to_string()),
-        };
-        sys::napi_close_handle_scope(env, scope);
-        if let Err(reason) = outcome {
-            host.fail(&ids, &reason);
         }
     }
+    if host.is_none() || *context.shared.state.read() == UvState::Closing {
+        close_handle(handle);
+    }
+}
+
+/// Calls `dispatch` with one batch on the JS thread; a throw, or a `dispatch` that is gone,
+/// is the batch's failure (as a threadsafe call's throw is).
+unsafe fn call_dispatch(context: &UvContext, batch: Vec<Invocation>) -> Result<(), String> {
+    use napi::sys;
+    let env = context.env;
+    let mut scope = std::ptr::null_mut();
+    if sys::napi_open_handle_scope(env, &mut scope) != sys::Status::napi_ok {
+        return Err("the JS environment refused the call".into());
+    }
+    let outcome = (|| {
+        let mut func = std::ptr::null_mut();
+        sys::napi_get_reference_value(env, context.func, &mut func);
+        if func.is_null() {
+            return Err("the registry's JS host is gone (it was garbage collected)".to_string());
+        }
+        // `napi_make_callback` takes an object as the receiver; `dispatch` is an arrow
+        // function, which ignores it.
+        let mut recv = std::ptr::null_mut();
+        sys::napi_get_global(env, &mut recv);
+        let arg =
+            <Vec<Invocation> as napi::bindgen_prelude::ToNapiValue>::to_napi_value(env, batch)
+                .map_err(|err| err.to_string())?;
+        let mut result = std::ptr::null_mut();
+        let status =
+            sys::napi_make_callback(env, context.async_context, recv, func, 1, &arg, &mut result);
+        if status == sys::Status::napi_ok {
+            return Ok(());
+        }
+        let mut exception = std::ptr::null_mut();
+        sys::napi_get_and_clear_last_exception(env, &mut exception);
+        if exception.is_null() {
+            return Err(format!("the call into JS failed (napi status {status})"));
+        }
+        // Read without running user code (no `toString`, no getters), as napi-rs reads a
+        // threadsafe call's throw.
+        let thrown = napi::Error::from_unknown_without_coercion(
+            napi::bindgen_prelude::Unknown::from_raw_unchecked(env, exception),
+        );
+        Err(thrown.reason.clone())
+    })();
+    sys::napi_close_handle_scope(env, scope);
+    outcome
+}
+
+/// Closes the handle on the JS thread, once; sends are refused from here on.
+///
+/// # Safety
+/// On the JS thread, with `handle` not yet freed.
+unsafe fn close_handle(handle: *mut c_void) {
+    {
+        let mut state = context_of(handle).shared.state.write();
+        if *state == UvState::Closed {
+            return;
+        }
+        *state = UvState::Closed;
+    }
+    uv::uv_close(handle, Some(on_closed));
+}
+
+/// The environment is being torn down: close the handle; Node waits until [`on_closed`] says
+/// it is done.
+unsafe extern "C" fn on_cleanup(
+    _remove: napi::sys::napi_async_cleanup_hook_handle,
+    arg: *mut c_void,
+) {
+    close_handle(arg);
+}
+
+/// The handle is closed: drop the reference to `dispatch` and the async resource, end (or
+/// remove) the cleanup hook, and free the handle and its context.
+unsafe extern "C" fn on_closed(handle: *mut c_void) {
+    use napi::sys;
+    let context = Box::from_raw(*(handle as *mut *mut UvContext));
+    sys::napi_delete_reference(context.env, context.func);
+    sys::napi_async_destroy(context.env, context.async_context);
+    if !context.cleanup.is_null() {
+        sys::napi_remove_async_cleanup_hook(context.cleanup);
+    }
+    drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+        handle as *mut u128,
+        context.words,
+    )));
 }
 
 fn check(reply: Reply, what: &str) -> Result<Reply, Error> {

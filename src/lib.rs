@@ -40,7 +40,7 @@ use crate::convert::{
 };
 use crate::host::{JsHost, SharedHost};
 pub use crate::logging::{init_logging, log_max_level};
-use crate::shapes::{kv_key_of, kv_key_to_js, kv_writes, Completion, DispatchFn, KvWriteJs};
+use crate::shapes::{kv_key_of, kv_key_to_js, kv_writes, Completion, KvWriteJs};
 pub use crate::workers::worker_threads;
 
 /// Called once with the bound address (`host:port`) when the server listens. Weak: the
@@ -64,30 +64,40 @@ pub struct CoreRegistry {
 
 #[napi]
 impl CoreRegistry {
-    /// Creates an idle registry whose user code runs through `dispatch`. `rawDispatch` (the
-    /// same function) is called directly from keel's own libuv wake-up when
-    /// `KEEL_UV_DISPATCH=1` (experimental; see docs/configuration.md).
+    /// Creates an idle registry whose user code runs through `dispatch`, woken through keel's
+    /// own libuv handle (or a threadsafe function with `KEEL_UV_DISPATCH=0`; see
+    /// docs/configuration.md). The binding holds `dispatch` weakly: the JS registry keeps it.
     #[napi(constructor)]
     pub fn new(
         env: napi::Env,
-        #[napi(ts_arg_type = "(batch: Invocation[]) => void")] dispatch: DispatchFn,
-        #[napi(ts_arg_type = "(batch: Invocation[]) => void")] raw_dispatch: Option<
-            napi::bindgen_prelude::Function<'_>,
-        >,
-    ) -> CoreRegistry {
+        #[napi(ts_arg_type = "(batch: Invocation[]) => void")]
+        dispatch: napi::bindgen_prelude::Function<'_>,
+    ) -> napi::Result<CoreRegistry> {
         use napi::JsValue;
-        let raw = raw_dispatch.map(|func| (env.raw(), func.raw()));
         // Without options this cannot fail; `setup()` calls `initLogging` with its own first.
         let _ = logging::init(None);
-        let host = JsHost::new(dispatch, raw);
+        // SAFETY: a constructor runs on the JS thread of `env`, and `dispatch` is its argument.
+        let host = unsafe { JsHost::new(env.raw(), dispatch.raw()) }?;
         let registry = Arc::new(Registry::new(Arc::new(SharedHost(host.clone()))));
-        CoreRegistry {
+        Ok(CoreRegistry {
             registry,
             host,
             engine: Arc::default(),
             serverless: Mutex::new(None),
             option_resolutions: AtomicU32::new(0),
+        })
+    }
+
+    /// How this registry wakes the JS thread: `uv` (keel's libuv handle) or `threadsafe`
+    /// (Node's threadsafe function). For tests and diagnostics.
+    #[napi(getter)]
+    pub fn dispatch_route(&self) -> String {
+        if self.host.uses_uv() {
+            "uv"
+        } else {
+            "threadsafe"
         }
+        .to_string()
     }
 
     /// Adds an actor type; only while idle. Returns an error object instead of throwing.
@@ -213,6 +223,8 @@ impl CoreRegistry {
     pub async fn shutdown(&self) {
         engine::stop(&self.engine).await;
         self.registry.shutdown().await;
+        // Nothing runs user code after the drain: let go of the JS thread's wake-up.
+        self.host.close();
     }
 
     /// Runs one SQL statement on a live actor's database for the instance whose start carried

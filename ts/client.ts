@@ -3,7 +3,7 @@ import type { ActorDefinition, AnyActorDefinition } from "./actor";
 import { decode, encode } from "./cbor";
 import { ActorConnectionImpl, loadWebSocket, openWebSocket, type ConnectionStatus, type ReconnectOptions } from "./connection";
 import { KeelError, type ErrorBody } from "./errors";
-import { discover, EngineApi, gatewayUrl, gatewayUrlNow, type GatewayTarget, type ServerKind } from "./gateway";
+import { ACTOR_ID_HEADER, discover, EngineApi, gatewayUrl, gatewayUrlNow, type GatewayTarget, type ServerKind } from "./gateway";
 
 /** Anything with actor definitions, such as a `Registry` from `setup()`. */
 export interface RegistryLike {
@@ -159,6 +159,13 @@ class Transport {
   /** The kind of server, once known; a failed probe is forgotten, so the next call asks again. */
   private known: ServerKind | undefined;
   private probing: Promise<ServerKind> | undefined;
+  /**
+   * Engine only: the actor id each actor type and key resolved to, learned from the actor's
+   * answers (keel's envoy names the answering actor in a header) and from `resolve()` and
+   * `create()`. Actions by key go by that id, and the gateway no longer resolves the key on
+   * every call; an id the engine answers is gone is forgotten, and the key is resolved again.
+   */
+  private readonly ids = new Map<string, string>();
   constructor(
     url: string,
     readonly options: ClientOptions,
@@ -195,6 +202,22 @@ class Transport {
     return this.probing;
   }
 
+  /** The actor id `name`/`key` last resolved to, if known (engine only). */
+  knownId(name: string, key: readonly string[]): string | undefined {
+    return this.ids.get(idSlot(name, key));
+  }
+
+  /** Keeps `id` as what `name`/`key` resolves to (engine only). */
+  learnId(name: string, key: readonly string[], id: string): void {
+    this.ids.set(idSlot(name, key), id);
+  }
+
+  /** Forgets that `name`/`key` resolves to `id`; a newer id learned meanwhile stays. */
+  forgetId(name: string, key: readonly string[], id: string): void {
+    const slot = idSlot(name, key);
+    if (this.ids.get(slot) === id) this.ids.delete(slot);
+  }
+
   /** POSTs `body` (CBOR unless `json`) to `path` below the base URL and returns the decoded reply. */
   post(path: string, body: unknown, json = false): Promise<any> {
     return this.postUrl(`${this.base}${path}`, body, json);
@@ -202,6 +225,18 @@ class Transport {
 
   /** POSTs `body` (CBOR unless `json`) to `url` and returns the decoded reply. */
   async postUrl(url: string, body: unknown, json = false): Promise<any> {
+    const answer = await this.postAnswer(url, body, json);
+    if (answer.error !== undefined) throw answer.error;
+    return answer.body;
+  }
+
+  /**
+   * POSTs `body` (CBOR unless `json`) to `url`: the decoded reply, or the structured error it
+   * answered, with the id of the actor that answered when the answer names it (keel's envoy
+   * does in engine mode; the engine's own answers do not). Throws only when no answer came or
+   * it cannot be decoded.
+   */
+  async postAnswer(url: string, body: unknown, json = false): Promise<Answer> {
     // Encoding fails (with a TypeError naming the value) before anything is sent.
     const payload = json ? JSON.stringify(body) : encode(body);
     let response: Response;
@@ -231,17 +266,32 @@ class Transport {
         message: `the server answered ${response.status} with a body that cannot be decoded`,
       });
     }
+    const actorId = response.headers.get(ACTOR_ID_HEADER) ?? undefined;
     if (!response.ok) {
       const body = (parsed ?? {}) as Partial<ErrorBody>;
-      throw new KeelError({
+      const error = new KeelError({
         group: body.group ?? "client",
         code: body.code ?? "bad_response",
         message: body.message ?? `the server answered ${response.status}`,
         metadata: body.metadata ?? undefined,
       });
+      return { body: undefined, error, actorId };
     }
-    return parsed;
+    return { body: parsed, error: undefined, actorId };
   }
+}
+
+/** One answer to a POST: its body, or the error it carried, and who answered if it says. */
+interface Answer {
+  body: any;
+  error: KeelError | undefined;
+  /** The id of the actor that answered; absent when the engine answered by itself. */
+  actorId: string | undefined;
+}
+
+/** The slot of an actor type and key in the client's known ids. */
+function idSlot(name: string, key: readonly string[]): string {
+  return JSON.stringify([name, ...key]);
 }
 
 const CONNECTION_MEMBERS = new Set(["on", "ready", "status", "onStatusChange", "onError", "actorId", "dispose", "connId", "call"]);
@@ -321,30 +371,69 @@ const ENVOY_REFUSED = new Set(["envoy.actor_not_found", "envoy.actor_generation_
 const envoyRefused = (err: unknown): boolean => err instanceof KeelError && ENVOY_REFUSED.has(err.fullCode);
 const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/**
+ * The error of a call by id whose actor is gone: the engine answered, not an actor, that it
+ * has no actor with this id (`actor.not_found`), or that the actor was destroyed before the
+ * call reached it. The call did not run. The set holds the errors `sendAction` made for it.
+ */
+const goneById = new WeakSet<KeelError>();
+
+/**
+ * Sends one action to `gatewayTarget` through the engine's gateway until it is answered: the
+ * answers that mean the engine never delivered it are sent again (see above). Resolves the
+ * output; a by-key answer that names the actor teaches the client its id. By id, an actor
+ * that is gone is `actor.not_found` (an error in `goneById`).
+ */
+async function sendAction(transport: Transport, name: string, target: GatewayTarget, action: string, args: unknown[]): Promise<unknown> {
+  const url = await gatewayUrl(transport.engine, target, `/action/${encodeURIComponent(action)}`);
+  for (let attempt = 1, goneAttempt = 1; ; attempt++) {
+    const answer = await transport.postAnswer(url, { args });
+    if (target.kind === "key" && answer.actorId !== undefined) transport.learnId(name, target.key, answer.actorId);
+    const err = answer.error;
+    if (err === undefined) return answer.body.output;
+    if (target.kind === "id" && answer.actorId === undefined && (GONE.has(err.code) || err.is("actor.not_found"))) {
+      const notFound = GONE.has(err.code)
+        ? new KeelError({ group: "actor", code: "not_found", message: "the actor was destroyed" }, { cause: err })
+        : new KeelError({ group: "actor", code: "not_found", message: err.message, metadata: err.metadata }, { cause: err });
+      goneById.add(notFound);
+      throw notFound;
+    }
+    // `actor.not_found` from the engine for getOrCreate by key: the key still named an actor
+    // that is gone (being destroyed); the call did not run, and resolving afresh creates one.
+    const keyNamedGone = target.kind === "key" && target.mode === "getOrCreate" && answer.actorId === undefined && err.is("actor.not_found");
+    if (gone(err) || envoyRefused(err) || keyNamedGone) {
+      if (goneAttempt >= GONE_ATTEMPTS) throw err;
+      // 50 ms doubling: about 6 s in all for the engine to finish the destroy.
+      await pause(50 * 2 ** (goneAttempt - 1));
+      goneAttempt++;
+      attempt--;
+      continue;
+    }
+    if (attempt >= GATEWAY_ATTEMPTS || !undelivered(err)) throw err;
+  }
+}
+
 function makeHandle(transport: Transport, name: string, target: Target): any {
   const encodedName = encodeURIComponent(name);
   const call = async (action: string, args: unknown[]) => {
     const encodedAction = encodeURIComponent(action);
     if ((await transport.kind()) === "engine") {
-      const url = await gatewayUrl(transport.engine, gatewayTarget(name, target), `/action/${encodedAction}`);
-      for (let attempt = 1, goneAttempt = 1; ; attempt++) {
-        try {
-          return (await transport.postUrl(url, { args })).output;
-        } catch (err) {
-          if (gone(err) || envoyRefused(err)) {
-            if (target.kind === "id" && gone(err)) {
-              throw new KeelError({ group: "actor", code: "not_found", message: "the actor was destroyed" }, { cause: err });
-            }
-            if (goneAttempt >= GONE_ATTEMPTS) throw err;
-            // 50 ms doubling: about 6 s in all for the engine to finish the destroy.
-            await pause(50 * 2 ** (goneAttempt - 1));
-            goneAttempt++;
-            attempt--;
-            continue;
+      if (target.kind === "key") {
+        // By the id the key resolved to before, if known: the gateway then has no key to
+        // resolve. Once the engine says that actor is gone (destroyed), the id is forgotten
+        // and the key resolved again, as the handle's mode says: a fresh actor for
+        // `getOrCreate`, `actor.not_found` for `get`.
+        const known = transport.knownId(name, target.key);
+        if (known !== undefined) {
+          try {
+            return await sendAction(transport, name, { kind: "id", id: known }, action, args);
+          } catch (err) {
+            if (!(err instanceof KeelError && goneById.has(err))) throw err;
+            transport.forgetId(name, target.key, known);
           }
-          if (attempt >= GATEWAY_ATTEMPTS || !undelivered(err)) throw err;
         }
       }
+      return sendAction(transport, name, gatewayTarget(name, target), action, args);
     }
     const reply =
       target.kind === "key"
@@ -359,7 +448,11 @@ function makeHandle(transport: Transport, name: string, target: Target): any {
   };
   const resolve = async (): Promise<string> => {
     if (target.kind === "id") return target.id;
-    if ((await transport.kind()) === "engine") return transport.engine.resolve(gatewayTarget(name, target));
+    if ((await transport.kind()) === "engine") {
+      const id = await transport.engine.resolve(gatewayTarget(name, target));
+      transport.learnId(name, target.key, id);
+      return id;
+    }
     const reply = await transport.post(`/v1/actors/${encodedName}/resolve`, {
       key: target.key,
       mode: target.mode,
@@ -434,6 +527,7 @@ export function createClient<R extends RegistryLike>(url: string, options: Clien
       create: async (key, opts) => {
         if ((await transport.kind()) === "engine") {
           const id = await transport.engine.create(name, normalizeKey(key), opts?.input);
+          transport.learnId(name, normalizeKey(key), id);
           return makeHandle(transport, name, { kind: "id", id, key: normalizeKey(key) });
         }
         const reply = await transport.post(`/v1/actors/${encodeURIComponent(name)}/resolve`, {

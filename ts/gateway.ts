@@ -5,6 +5,12 @@
 import { encode } from "./cbor";
 import { KeelError, type ErrorBody } from "./errors";
 
+/**
+ * The response header by which keel's envoy names the actor that answered a tunneled request
+ * (the engine's own answers carry none). The client learns a key's actor id from it.
+ */
+export const ACTOR_ID_HEADER = "x-keel-actor-id";
+
 /** Which kind of server a client talks to. */
 export type ServerKind = "keel" | "engine";
 

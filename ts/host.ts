@@ -5,7 +5,6 @@
 // Everything a call changes (state, KV writes, schedules, sleep/destroy requests) is collected
 // per call and reported with its completion; core commits it atomically with the reply. A
 // call that throws reports nothing, and its state changes are rolled back.
-import { randomUUID } from "node:crypto";
 import { createActorClient } from "./actor-client";
 import type { Client, RegistryLike } from "./client";
 import type { ActorContext, AnyActorDefinition, Conn, KvKey, KvListOptions, RawWebSocket, ScheduledCall } from "./actor";
@@ -39,21 +38,45 @@ type Notice = InvocationOf<"conn_opened" | "conn_closed">;
 /** The invocations that are calls, each answered by one completion. */
 type Call = Exclude<Invocation, Notice>;
 
+/** The state of an instance that has reported none yet; never written to, so shared. */
+const NO_SNAPSHOT = Buffer.alloc(0);
+
 /** What one call changed, reported with its completion. */
 class Effects {
   readonly messages: Array<{ to?: string; event: string; data: unknown }> = [];
   readonly disconnects: Array<{ connId: string; reason: string }> = [];
-  /** KV writes by `pendingId`; the last write of a key wins. */
-  readonly kv = new Map<string, { key: string | Buffer; value: Buffer | null }>();
   readonly schedules: ScheduleOpJs[] = [];
-  readonly added = new Map<string, ScheduledCall>();
-  readonly cancelled = new Set<string>();
   sleep = false;
   destroy = false;
+  // Every awake actor holds one of these between calls, and most calls touch none of the
+  // collections below, so each is made on first use (an empty Map costs about 200 bytes).
+  private kvWrites: Map<string, { key: string | Buffer; value: Buffer | null }> | undefined;
+  private addedCalls: Map<string, ScheduledCall> | undefined;
+  private cancelledIds: Set<string> | undefined;
+
+  /** KV writes by `pendingId`; the last write of a key wins. */
+  get kv(): Map<string, { key: string | Buffer; value: Buffer | null }> {
+    return (this.kvWrites ??= new Map());
+  }
+
+  /** How many keys `kv` holds, without making it. */
+  get kvCount(): number {
+    return this.kvWrites?.size ?? 0;
+  }
+
+  /** The schedules this call added, by id, for `c.schedule.list()`. */
+  get added(): Map<string, ScheduledCall> {
+    return (this.addedCalls ??= new Map());
+  }
+
+  /** The schedule ids this call cancelled, for `c.schedule.list()`. */
+  get cancelled(): Set<string> {
+    return (this.cancelledIds ??= new Set());
+  }
 
   /** Whether nothing was changed through these effects. */
   get empty(): boolean {
-    return this.kv.size === 0 && this.schedules.length === 0 && !this.sleep && !this.destroy && this.messages.length === 0 && this.disconnects.length === 0;
+    return this.kvCount === 0 && this.schedules.length === 0 && !this.sleep && !this.destroy && this.messages.length === 0 && this.disconnects.length === 0;
   }
 }
 
@@ -177,27 +200,27 @@ export class JsHost {
     this.push(completion);
   }
 
-  /** Runs one call's user code; throws what it throws. */
+  /** Runs one call's user code; rejects with what it throws. (No `await` per kind: the promise is handed on as it is.) */
   private async invoke(invocation: Call): Promise<Completion> {
     switch (invocation.kind) {
       case "action":
-        return await this.action(invocation);
+        return this.action(invocation);
       case "start":
-        return await this.start(invocation);
+        return this.start(invocation);
       case "stop":
-        return await this.stop(invocation);
+        return this.stop(invocation);
       case "connect":
-        return await this.connect(invocation);
+        return this.connect(invocation);
       case "disconnect":
-        return await this.disconnect(invocation);
+        return this.disconnect(invocation);
       case "subscribe":
-        return await this.subscribe(invocation);
+        return this.subscribe(invocation);
       case "request":
-        return await this.request(invocation);
+        return this.request(invocation);
       case "ws_open":
       case "ws_message":
       case "ws_close":
-        return await this.rawSocket(invocation);
+        return this.rawSocket(invocation);
       default:
         throw new Error(`unknown invocation kind ${(invocation as { kind: unknown }).kind}`);
     }
@@ -234,7 +257,7 @@ export class JsHost {
           : config.state === undefined
             ? null
             : structuredClone(config.state);
-      instance.snapshot = Buffer.alloc(0);
+      instance.snapshot = NO_SNAPSHOT;
     } else {
       instance.snapshot = invocation.state!;
       instance.state = decodeStoredState(invocation.actorId, instance.snapshot);
@@ -311,15 +334,18 @@ export class JsHost {
   private dropBackgroundEffects(instance: Instance): void {
     if (instance.effects.empty) return;
     instance.ctx.log.warn("background work changed KV, schedules or connections outside a call; dropped", {
-      kvWrites: instance.effects.kv.size,
+      kvWrites: instance.effects.kvCount,
       schedules: instance.effects.schedules.length,
       messages: instance.effects.messages.length,
     });
   }
 
   private async guarded<T>(instance: Instance, body: () => Promise<T>): Promise<T> {
-    this.dropBackgroundEffects(instance);
-    instance.effects = new Effects();
+    // Effects that are still empty (the usual case between calls) are kept, not remade.
+    if (!instance.effects.empty) {
+      this.dropBackgroundEffects(instance);
+      instance.effects = new Effects();
+    }
     try {
       return await body();
     } catch (err) {
@@ -556,19 +582,27 @@ export class JsHost {
    * hook may not change the state: assigning `c.state` throws, and a state that encodes
    * differently after the hook fails the call, so the call's changes are rolled back.
    */
-  private async settleCall(instance: Instance): Promise<EffectsJs | undefined> {
+  private settleCall(instance: Instance): EffectsJs | undefined | Promise<EffectsJs | undefined> {
     const hook = instance.def.config.onStateChange;
-    if (hook !== undefined) {
-      const changed = encodeState(instance.state);
-      if (!changed.equals(instance.snapshot)) {
-        instance.observing = true;
-        try {
-          await hook(instance.ctx as never, instance.state);
-        } finally {
-          instance.observing = false;
-        }
-        if (!encodeState(instance.state).equals(changed)) throw stateChangeMutation("changed a value inside c.state");
+    // Without the hook there is nothing to wait for: no promise of its own per call.
+    if (hook === undefined) return this.finishCall(instance);
+    return this.observeState(instance, hook);
+  }
+
+  /** `settleCall` with an `onStateChange` hook. */
+  private async observeState(
+    instance: Instance,
+    hook: (c: never, state: unknown) => unknown,
+  ): Promise<EffectsJs | undefined> {
+    const changed = encodeState(instance.state);
+    if (!changed.equals(instance.snapshot)) {
+      instance.observing = true;
+      try {
+        await hook(instance.ctx as never, instance.state);
+      } finally {
+        instance.observing = false;
       }
+      if (!encodeState(instance.state).equals(changed)) throw stateChangeMutation("changed a value inside c.state");
     }
     return this.finishCall(instance);
   }
@@ -580,7 +614,8 @@ export class JsHost {
   private finishCall(instance: Instance): EffectsJs | undefined {
     const snapshot = encodeState(instance.state);
     const effects = instance.effects;
-    instance.effects = new Effects();
+    // Empty effects hand nothing out below, so the next call may keep using them.
+    if (!effects.empty) instance.effects = new Effects();
     let reported: EffectsJs | undefined;
     if (!snapshot.equals(instance.snapshot)) {
       instance.snapshot = snapshot;
@@ -588,11 +623,9 @@ export class JsHost {
     }
     const connStates = hibernatable(instance) ? this.changedConnStates(instance) : undefined;
     if (connStates !== undefined) (reported ??= {}).connStates = connStates;
-    if (effects.kv.size === 0 && effects.schedules.length === 0 && !effects.sleep && !effects.destroy && effects.messages.length === 0 && effects.disconnects.length === 0) {
-      return reported;
-    }
+    if (effects.empty) return reported;
     reported ??= {};
-    if (effects.kv.size > 0) reported.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
+    if (effects.kvCount > 0) reported.kv = [...effects.kv.values()].map(({ key, value }) => ({ key, value: value ?? undefined }));
     if (effects.schedules.length > 0) reported.schedules = effects.schedules;
     if (effects.sleep) reported.sleep = true;
     if (effects.destroy) reported.destroy = true;
@@ -652,7 +685,7 @@ export class JsHost {
       def,
       state: undefined,
       vars: undefined,
-      snapshot: Buffer.alloc(0),
+      snapshot: NO_SNAPSHOT,
       effects: new Effects(),
       conns: new Map(),
       currentConn: undefined,
@@ -696,7 +729,8 @@ export class JsHost {
       if (!Object.hasOwn(actions, action) || typeof actions[action] !== "function") throw new TypeError(`cannot schedule unknown action ${JSON.stringify(action)}`);
       const ms = "at" in when ? when.at : when.after;
       if (typeof ms !== "number" || !Number.isFinite(ms)) throw new TypeError("a schedule time must be a finite number");
-      const id = randomUUID();
+      // The global Web Crypto, loaded on first use: `node:crypto` would cost every start-up.
+      const id = globalThis.crypto.randomUUID();
       const encodedArgs = Buffer.from(encode(args));
       if ("at" in when) {
         instance.effects.schedules.push({ op: "at", id, atMs: Math.round(ms), action, args: encodedArgs });

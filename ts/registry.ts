@@ -205,8 +205,8 @@ export class Registry<U extends Record<string, AnyActorDefinition>> {
     // The first registry of the process installs the logger; later ones only check theirs.
     fail(initLogging(config.logging));
     this.host = new JsHost(definitions);
-    // The second is for the opt-in libuv wake-up (KEEL_UV_DISPATCH=1), which calls it directly.
-    this.native = new CoreRegistry(this.host.dispatch, this.host.dispatch);
+    // The binding holds `dispatch` weakly: this registry (through `host`) is what keeps it.
+    this.native = new CoreRegistry(this.host.dispatch);
     this.host.native = this.native;
     this.host.logMaxLevel = logMaxLevel();
     this.host.waitUntilGraceMs = config.waitUntilGraceMs ?? defaultOf("waitUntilGraceMs");

@@ -10,10 +10,13 @@
 //      (on the engine, the gateway's getOrCreate: create, allocate, start, call);
 //   3. sequential: `seqCalls` increments on one key, one at a time, after 20 untimed ones;
 //      p50/p99, and the server's and the engine's CPU per call over them; on the engine
-//      then as many again by actor id (`/gateway/{id}/...`), which skips the key resolution;
+//      then as many again by actor id (`/gateway/{id}/...`), which skips the key resolution,
+//      and as many `getCount`s by id (nothing written: what a write costs the engine is the
+//      difference);
 //   4. throughput with 8 and with 64 actors (`--engine-actors`): wrk, one connection per actor
 //      with one request in flight (http-wrk.mjs with wrk/counter.lua), `durationS` after a 1 s
-//      warm-up, on actors created beforehand one at a time (create() below);
+//      warm-up, on actors created beforehand one at a time (create() below), with the
+//      engine's CPU per call over the timed part;
 //   5. wake: `wakeActors` `dozer`s, all created first (create(), one increment); then each is put to
 //      sleep by `nap` (`c.sleep()`) and, once asleep (on the engine: its `sleep_ts` is set;
 //      embedded: the probe's live count dropped), gets one timed increment, which wakes it.
@@ -279,6 +282,23 @@ export async function measureEngineKind(kind, opts, spec) {
         serverCpuUsPerCall: round3(((cpuMsOf(server.child.pid) - cpu1.server) / n) * 1000),
         engineCpuUsPerCall: round3(((cpuMsOf(engine.child.pid) - cpu1.engine) / n) * 1000),
       };
+      // 3c. As many `getCount`s by id: a call that changes nothing, so keel sends the engine
+      // no batch for it and RivetKit no save. The difference to 3b is what a write costs the
+      // engine per call (keel: the commit's remote SQLite batch before the reply).
+      const reads = [];
+      const cpu2 = { server: cpuMsOf(server.child.pid), engine: cpuMsOf(engine.child.pid) };
+      for (let i = 0; i < n; i++) {
+        const r = await call(server, "counter", "seq", "getCount", [], byId);
+        check(r.output === 20 + 2 * n, `read by id ${i}: ${r.status} ${r.text ?? r.output}`);
+        reads.push(r.ms);
+      }
+      result.readsById = {
+        calls: n,
+        p50: pct(reads, 50),
+        p99: pct(reads, 99),
+        serverCpuUsPerCall: round3(((cpuMsOf(server.child.pid) - cpu2.server) / n) * 1000),
+        engineCpuUsPerCall: round3(((cpuMsOf(engine.child.pid) - cpu2.engine) / n) * 1000),
+      };
     }
 
     // 4. Throughput with 8 and 64 actors, under wrk.
@@ -296,13 +316,14 @@ export async function measureEngineKind(kind, opts, spec) {
         kind,
         port: server.port,
         serverPid: server.child.pid,
+        enginePid: engine?.child.pid ?? null,
         workload: `tp${actors}`,
         connections: actors,
         durationS: opts.durationS,
         routeFor: async (key) => route(server, "counter", key),
       });
       check(t.verify.ok && t.errors === 0, `throughput ${actors}: ${t.errors} errors, verify ${JSON.stringify(t.verify.mismatches)}`);
-      result.throughput[actors] = { callsPerSec: t.callsPerSec, p50: t.latencyMs.p50, p99: t.latencyMs.p99, calls: t.calls, errors: t.errors, serverCpuUsPerCall: t.cpuUsPerCall.server };
+      result.throughput[actors] = { callsPerSec: t.callsPerSec, p50: t.latencyMs.p50, p99: t.latencyMs.p99, calls: t.calls, errors: t.errors, serverCpuUsPerCall: t.cpuUsPerCall.server, engineCpuUsPerCall: t.cpuUsPerCall.engine };
       } catch (err) {
         // A failed count is a failure of the round, but the wake figure is still measured.
         check(false, `throughput ${actors}: ${String(err.stack ?? err).slice(0, 1500)}`);
@@ -353,10 +374,13 @@ export function engineFigures(actorCounts) {
     ["sequential by actor id, p50 ms", (r) => r.sequentialById?.p50],
     ["sequential by actor id, p99 ms", (r) => r.sequentialById?.p99],
     ["sequential by actor id, engine CPU µs/call", (r) => r.sequentialById?.engineCpuUsPerCall],
+    ["reads by actor id (getCount, nothing written), p50 ms", (r) => r.readsById?.p50],
+    ["reads by actor id, engine CPU µs/call", (r) => r.readsById?.engineCpuUsPerCall],
     ["wake from sleep, p50 ms", (r) => r.wakeMs?.p50],
     ...actorCounts.flatMap((n) => [
       [`${n} actors (wrk), calls/s`, (r) => r.throughput?.[n]?.callsPerSec],
       [`${n} actors, p99 ms`, (r) => r.throughput?.[n]?.p99],
+      [`${n} actors, engine CPU µs/call`, (r) => r.throughput?.[n]?.engineCpuUsPerCall],
     ]),
   ];
 }

@@ -225,6 +225,14 @@ pub trait Tunnel: Send + Sync + 'static {
 /// so the request reaches the next activation, as the next call after a sleep does embedded.
 pub const RETRY_HEADER: (&str, &str) = ("x-rivet-error", "guard.service_unavailable");
 
+/// The header on every tunneled response that an actor's activation here answered: that
+/// actor's id.
+/// keel's client learns from it which actor a key resolved to on its first call by `rvt-*`
+/// query, and calls that id afterwards, which spares the engine's gateway the key's
+/// resolution on every call. Its absence also tells an answer of the engine (the actor is
+/// gone, say) from one of the actor.
+pub const ACTOR_ID_HEADER: &str = "x-keel-actor-id";
+
 /// `response` (keel's refusal of a request for an actor this activation no longer serves)
 /// marked so the gateway sends the request again, to the actor's next activation.
 pub(crate) fn retry_response(mut response: TunneledResponse) -> TunneledResponse {

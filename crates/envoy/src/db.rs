@@ -19,23 +19,31 @@
 //!   call's transaction, the changeset, the limits and the authorizer are the embedded ones.
 //! - A schema change cannot travel in a changeset, so a migration that committed anything
 //!   (seen by a second connection's `PRAGMA data_version`) is followed, before the start goes
-//!   on, by a new image: the log never holds a change the image's schema cannot take. A start
-//!   whose replayed log is over [`COMPACT_LOG_BYTES`] or [`COMPACT_LOG_ROWS`] writes one too,
-//!   so a start reads a bounded log.
+//!   on, by a new image: the log never holds a change the image's schema cannot take. A log
+//!   that grew past [`COMPACT_LOG_BYTES`] or [`COMPACT_LOG_ROWS`] since the head makes a new
+//!   image too: at a start (before the start goes on), and while the actor is awake (in the
+//!   background, after the change that crossed the bound was committed; one at a time). So
+//!   the log stays bounded, and a start reads a bounded log.
 //! - An image is written in batches of [`PARTS_PER_WRITE`] parts, under a new image number, then made
 //!   the head by one last batch; a start only ever reads the head's parts, so an image cut
 //!   off half way is never read (and its parts are dropped by the next head).
 //! - Images go through the actor's commit queue, so they are fenced like every write and
 //!   ordered with its commits.
-//! - The local file is the activation's alone and is removed when the database closes.
+//! - An image holds only what the local file committed, which is only what the engine
+//!   acknowledged (a call's change is committed to the file once its batch is), under the
+//!   number of the newest change in it: the log rows it drops are in it.
+//! - The local file is the activation's alone and is removed when the database closes, after
+//!   an image being written from it is done.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use keel_core::actor_db::{db_path, open_copy, remove_copy, DbWatch};
 use keel_core::{ActorDb, DbChange, DbConfig, Error, MigrationStep, Result};
+use parking_lot::Mutex;
+use tracing::Instrument as _;
 
 use crate::sql::{damage, Rows, Statement, Value};
 use crate::storage::ActorStore;
@@ -51,10 +59,10 @@ const PARTS_PER_WRITE: usize = 8;
 /// to 20 MiB).
 const READ_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
-/// A start that replayed more log bytes than this writes a new image.
+/// A log grown by more bytes than this since the head makes a new image.
 const COMPACT_LOG_BYTES: usize = 1024 * 1024;
 
-/// A start that replayed more log rows than this writes a new image.
+/// A log grown by more changes than this since the head makes a new image.
 const COMPACT_LOG_ROWS: usize = 256;
 
 /// The image of an actor's database the engine holds.
@@ -131,18 +139,27 @@ pub(crate) async fn open(
     };
     let db = Arc::new(EngineActorDb {
         inner,
-        watch: Arc::new(watch),
-        store,
+        images: Arc::new(Images {
+            watch: Arc::new(watch),
+            store,
+            next_image: AtomicI64::new(head.as_ref().map_or(1, |head| head.image + 1)),
+            grown: Mutex::new(Grown {
+                rows: replayed_rows,
+                bytes: replayed_bytes,
+                ..Grown::default()
+            }),
+            writing: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
+        }),
         path,
-        next_image: AtomicI64::new(head.as_ref().map_or(1, |head| head.image + 1)),
     });
-    if replayed_bytes > COMPACT_LOG_BYTES || replayed_rows > COMPACT_LOG_ROWS {
+    if db.images.grown.lock().over_bound() {
         tracing::debug!(
             replayed_bytes,
             replayed_rows,
             "writing a new image of the actor's SQL database"
         );
-        if let Err(err) = db.write_image().await {
+        if let Err(err) = db.images.write().await {
             db.close().await;
             return Err(err);
         }
@@ -248,17 +265,48 @@ async fn blocking<T: Send + 'static>(
 /// engine's copy whole.
 struct EngineActorDb {
     inner: Arc<dyn ActorDb>,
-    watch: Arc<DbWatch>,
-    store: Arc<ActorStore>,
+    images: Arc<Images>,
     path: PathBuf,
-    /// The number the next image is written under.
-    next_image: AtomicI64,
 }
 
-impl EngineActorDb {
+/// How much the log grew since the head, as this activation saw it.
+#[derive(Default)]
+struct Grown {
+    rows: usize,
+    bytes: usize,
+    /// The change prepared and not finished yet, and its size.
+    prepared: Option<(u64, usize)>,
+    /// Whether an image is being written in the background.
+    imaging: bool,
+}
+
+impl Grown {
+    fn over_bound(&self) -> bool {
+        self.rows > COMPACT_LOG_ROWS || self.bytes > COMPACT_LOG_BYTES
+    }
+}
+
+/// What writes the images of one activation's database.
+struct Images {
+    watch: Arc<DbWatch>,
+    store: Arc<ActorStore>,
+    /// The number the next image is written under.
+    next_image: AtomicI64,
+    grown: Mutex<Grown>,
+    /// Held while an image is written: the close waits for it before removing the file.
+    writing: tokio::sync::Mutex<()>,
+    /// Set by the close: no image starts after it.
+    closed: AtomicBool,
+}
+
+impl Images {
     /// Takes an image of the local copy and makes it the engine's head (see the module doc).
-    async fn write_image(&self) -> Result<()> {
+    async fn write(&self) -> Result<()> {
         let watch = self.watch.clone();
+        let (counted_rows, counted_bytes) = {
+            let grown = self.grown.lock();
+            (grown.rows, grown.bytes)
+        };
         let (seq, bytes) = blocking(move || watch.image()).await?;
         let image = self.next_image.fetch_add(1, Ordering::Relaxed);
         let parts: Vec<Statement> = bytes
@@ -299,6 +347,13 @@ impl EngineActorDb {
             Statement::new("DELETE FROM keel_db_log WHERE seq <= ?", vec![seq.into()]),
         ]);
         self.store.write(last).await?;
+        {
+            // What was counted before the image was taken is in it (and what was counted
+            // since may be too: counted again, it only brings the next image sooner).
+            let mut grown = self.grown.lock();
+            grown.rows = grown.rows.saturating_sub(counted_rows);
+            grown.bytes = grown.bytes.saturating_sub(counted_bytes);
+        }
         tracing::debug!(
             image,
             seq,
@@ -307,6 +362,55 @@ impl EngineActorDb {
             "wrote an image of the actor's SQL database"
         );
         Ok(())
+    }
+
+    /// Counts a change the engine acknowledged and, once the log is past its bound, starts
+    /// writing an image in the background (unless one is being written).
+    fn committed(self: &Arc<Self>, seq: u64) {
+        {
+            let mut grown = self.grown.lock();
+            match grown.prepared.take() {
+                Some((prepared, bytes)) if prepared == seq => {
+                    grown.rows += 1;
+                    grown.bytes += bytes;
+                }
+                other => grown.prepared = other,
+            }
+            if !grown.over_bound() || grown.imaging || self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            grown.imaging = true;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Commits are released on keel's runtime; without one the next start compacts.
+            self.grown.lock().imaging = false;
+            return;
+        };
+        let images = self.clone();
+        let span = tracing::debug_span!("sql_image", actor_id = %self.store.actor_id());
+        runtime.spawn(
+            async move {
+                {
+                    let _writing = images.writing.lock().await;
+                    if !images.closed.load(Ordering::Acquire) {
+                        tracing::debug!("writing a new image of the actor's SQL database");
+                        match images.write().await {
+                            Ok(()) => {}
+                            // A successor owns the actor: its start compacts the log.
+                            Err(Error::ActorStopped) => {
+                                tracing::debug!("an image of a stopped activation was refused")
+                            }
+                            Err(err) => tracing::warn!(
+                                error = %err,
+                                "writing an image of the actor's SQL database failed"
+                            ),
+                        }
+                    }
+                }
+                images.grown.lock().imaging = false;
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -335,15 +439,15 @@ impl ActorDb for EngineActorDb {
         match step {
             MigrationStep::Begin => {
                 // What committed before (the replay) is in the engine already.
-                let watch = self.watch.clone();
+                let watch = self.images.watch.clone();
                 blocking(move || watch.changed()).await?;
                 self.inner.migration(step).await
             }
             MigrationStep::Commit => {
                 self.inner.migration(step).await?;
-                let watch = self.watch.clone();
+                let watch = self.images.watch.clone();
                 if blocking(move || watch.changed()).await? {
-                    self.write_image().await?;
+                    self.images.write().await?;
                 }
                 Ok(())
             }
@@ -352,7 +456,11 @@ impl ActorDb for EngineActorDb {
     }
 
     async fn prepare(&self) -> Result<Option<DbChange>> {
-        self.inner.prepare().await
+        let change = self.inner.prepare().await?;
+        if let Some(change) = &change {
+            self.images.grown.lock().prepared = Some((change.seq, change.changeset.len()));
+        }
+        Ok(change)
     }
 
     async fn rollback(&self) {
@@ -361,6 +469,11 @@ impl ActorDb for EngineActorDb {
 
     fn finish(&self, seq: u64, durable: bool) {
         self.inner.finish(seq, durable);
+        if durable {
+            self.images.committed(seq);
+        } else {
+            self.images.grown.lock().prepared = None;
+        }
     }
 
     async fn settled(&self) {
@@ -368,6 +481,9 @@ impl ActorDb for EngineActorDb {
     }
 
     async fn close(&self) {
+        self.images.closed.store(true, Ordering::Release);
+        // An image being taken reads the file: it ends before the file is removed.
+        drop(self.images.writing.lock().await);
         self.inner.close().await;
         let path = self.path.clone();
         if let Err(err) = blocking(move || remove_copy(&path)).await {

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::activation::{Callbacks, EngineEvent, Tunnel};
 use crate::config::{EngineConfig, CONNECT_TIMEOUT};
+use crate::relay::Relay;
 use crate::remote::Remote;
 use crate::storage::{ActorIdentity, ActorStore, Snapshot};
 
@@ -36,6 +37,9 @@ pub struct Engine {
     namespace: Arc<str>,
     /// The tunneled sockets open through this envoy (shared with its callbacks).
     sockets: Arc<crate::socket::Sockets>,
+    /// The loopback relay the client dials instead of an `http://` engine (`relay.rs`);
+    /// stopped with the envoy.
+    relay: Option<Arc<Relay>>,
 }
 
 /// Connects to the engine as an envoy of `config.pool` and waits for the engine's `Init`, at
@@ -55,9 +59,18 @@ pub async fn connect_with(
     let (callbacks, events) = Callbacks::new(tunnel, sockets.clone());
     let namespace: Arc<str> = config.namespace.as_str().into();
     let endpoint = config.endpoint.clone();
+    // The client dials the relay, which reaches the engine as soon as it answers again after
+    // an outage, instead of at the client's next backoff step.
+    let relay = Relay::start(&endpoint)
+        .await
+        .map_err(|source| Error::io("starting the engine relay failed", source))?
+        .map(Arc::new);
+    let client_endpoint = relay
+        .as_ref()
+        .map_or_else(|| endpoint.clone(), |relay| relay.endpoint().to_string());
     let handle = rivet_envoy_client::envoy::start_envoy_sync(EnvoyConfig {
         version: ENVOY_VERSION,
-        endpoint: config.endpoint,
+        endpoint: client_endpoint,
         token: config.token,
         namespace: config.namespace,
         pool_name: config.pool,
@@ -79,6 +92,9 @@ pub async fn connect_with(
     if let Err(source) = started {
         // Leave nothing behind: the envoy would otherwise keep retrying in the background.
         handle.shutdown(true);
+        if let Some(relay) = &relay {
+            relay.stop();
+        }
         return Err(Error::io(
             format!("connecting to the engine at {endpoint} failed"),
             source,
@@ -90,6 +106,7 @@ pub async fn connect_with(
             handle,
             namespace,
             sockets,
+            relay,
         },
         events,
     ))
@@ -157,6 +174,7 @@ impl Engine {
             .await
             .is_ok()
         {
+            self.stop_relay();
             return ShutdownOutcome::Graceful;
         }
         tracing::warn!(
@@ -164,6 +182,7 @@ impl Engine {
             "the envoy did not stop within its budget; stopping it at once"
         );
         self.handle.shutdown(true);
+        self.stop_relay();
         ShutdownOutcome::Forced
     }
 
@@ -171,5 +190,14 @@ impl Engine {
     /// engine keeps the actors assigned until it declares the envoy lost.
     pub fn abandon(&self) {
         self.handle.shutdown(true);
+        self.stop_relay();
+    }
+
+    /// Stops the relay's listener and any connection of it still waiting for the engine: the
+    /// envoy, stopped, dials no more.
+    fn stop_relay(&self) {
+        if let Some(relay) = &self.relay {
+            relay.stop();
+        }
     }
 }

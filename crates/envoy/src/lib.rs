@@ -29,6 +29,8 @@
 //!   images in the engine.
 //! - [`serve`]: keel's registry as an envoy: engine events into the driven runtime, tunneled
 //!   requests into its routes, actors' own sleep and destroy out as intents.
+//! - `relay`: the loopback relay the client dials, which reaches the engine again as soon as
+//!   it answers after an outage.
 //! - `remote`: one activation's fenced requests, and the one mapping of failures to keel's
 //!   errors.
 //! - `socket`: tunneled WebSockets, handed to keel-core's socket code; those of hibernatable
@@ -41,6 +43,7 @@ pub mod activation;
 pub mod config;
 mod db;
 pub mod envoy;
+mod relay;
 mod remote;
 pub mod seam;
 pub mod serve;

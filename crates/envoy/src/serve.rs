@@ -30,6 +30,7 @@ use tracing::Instrument;
 
 use crate::activation::{
     error_response, retry_response, EngineEvent, Tunnel, TunneledRequest, TunneledResponse,
+    ACTOR_ID_HEADER,
 };
 use crate::config::EngineConfig;
 use crate::envoy::{connect_with, Engine, ShutdownOutcome};
@@ -348,7 +349,7 @@ impl Tunnel for RuntimeTunnel {
                     headers.insert(name.as_str().to_string(), value.to_string());
                 }
             }
-            let response = TunneledResponse {
+            let mut response = TunneledResponse {
                 status: parts.status.as_u16(),
                 headers,
                 body,
@@ -359,6 +360,21 @@ impl Tunnel for RuntimeTunnel {
                 // request belongs to the next activation, so the gateway is told to retry.
                 tracing::debug!(%actor_id, "tunneled request refused by a stopping activation; the gateway retries it");
                 return retry_response(response);
+            }
+            if runtime.serves_actor(&actor_id) {
+                // Answered by the actor's activation here: say which actor (the client learns
+                // a key's id from it). Without it the answer is keel's for an actor it does
+                // not run (`actor.not_found`, say), which the client takes as the engine's.
+                if response.headers.contains_key("access-control-allow-origin") {
+                    // A page of an allowed origin may read it too.
+                    response.headers.insert(
+                        "access-control-expose-headers".to_string(),
+                        ACTOR_ID_HEADER.to_string(),
+                    );
+                }
+                response
+                    .headers
+                    .insert(ACTOR_ID_HEADER.to_string(), actor_id);
             }
             response
         })

@@ -389,6 +389,26 @@ impl ActorStore {
         self.remote.batch(statements).await
     }
 
+    /// How many changes of the actor's SQL database its log holds: what its next start
+    /// replays on top of the image (see `db.rs`; bounded while the actor is awake too).
+    pub async fn sql_log_len(&self) -> Result<u64> {
+        let results = self
+            .read(vec![Statement::plain(
+                "SELECT count(DISTINCT seq) FROM keel_db_log",
+            )])
+            .await?;
+        let count = results
+            .into_iter()
+            .next()
+            .map(|result| Rows::new(self.actor_id(), result).values(1))
+            .transpose()?
+            .and_then(|mut rows| rows.pop())
+            .and_then(|mut row| row.pop())
+            .ok_or_else(|| damage(self.actor_id(), "counting the SQL log returned no row"))?
+            .integer(self.actor_id(), "the SQL log's length")?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     /// Whether a batch of this store failed (every later commit is then refused).
     pub fn has_failed(&self) -> bool {
         self.stats.borrow().failed > 0

@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{next_event, TestEngine, STEP_TIMEOUT};
 use keel_core::store::{ActorRecord, StoredConn};
@@ -440,6 +440,67 @@ async fn a_killed_engine_loses_no_acknowledged_commit() {
         .expect("commits go on");
     assert_eq!(load_count(&store).await, Some(count + 1));
     eprintln!("measured: engine restart to the actor's storage reopened {recovered:?}");
+    envoy.abandon();
+}
+
+/// How soon after the restarted engine answers `/health` keel must be connected and
+/// committing again.
+const RECONNECTED_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long the engine stays down at each crash before it is started again.
+const ENGINE_DOWN: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_each_of_three_engine_crashes_in_a_row_commits_are_acknowledged_within_5_s_of_health()
+{
+    let pool = "keel-outages";
+    let mut engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    engine
+        .create_actor("counter", "outages", pool, b"null")
+        .await;
+    let started = accept_start(&envoy, &mut events).await;
+    let mut n = 0;
+    for _ in 0..5 {
+        n += 1;
+        commit(&started.store, state(n)).await.expect("commit");
+    }
+    let mut recoveries = Vec::new();
+    for outage in 1..=3 {
+        // Nothing in flight at the kill: every commit before it was acknowledged. The engine
+        // stays down for a while, as a restart on a loaded machine does: the envoy's attempts
+        // meanwhile find nobody.
+        engine.kill();
+        tokio::time::sleep(ENGINE_DOWN).await;
+        engine.restart().await;
+        let healthy = Instant::now();
+        // Sent while the envoy may still be reconnecting: it waits for the connection, and
+        // the engine keeps the actor on this envoy at the same generation.
+        n += 1;
+        tokio::time::timeout(STEP_TIMEOUT, commit(&started.store, state(n)))
+            .await
+            .unwrap_or_else(|_| panic!("outage {outage}: no commit acknowledged in time"))
+            .unwrap_or_else(|err| panic!("outage {outage}: {err}"));
+        let recovered = healthy.elapsed();
+        recoveries.push(recovered);
+        assert!(
+            recovered < RECONNECTED_WITHIN,
+            "outage {outage}: the first commit was acknowledged {recovered:?} after the engine \
+             answered /health (all: {recoveries:?})"
+        );
+        for _ in 0..5 {
+            n += 1;
+            commit(&started.store, state(n)).await.expect("commit");
+        }
+    }
+    assert_eq!(
+        load_count(&started.store).await,
+        Some(n),
+        "every acknowledged commit is there"
+    );
+    eprintln!("measured: engine /health answering to a commit acknowledged, 3 crashes in a row: {recoveries:?}");
     envoy.abandon();
 }
 
@@ -1005,6 +1066,88 @@ async fn an_actor_s_sql_database_is_rebuilt_from_the_engine_and_deleted_with_the
     assert_eq!(err.group(), "db", "{err}");
     assert!(err.to_string().contains("no such table"), "{err}");
     db.close().await;
+    envoy.abandon();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_awake_actor_s_sql_log_is_folded_into_an_image_and_stays_bounded() {
+    let pool = "keel-db-awake";
+    let engine = TestEngine::start(pool).await;
+    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+        .await
+        .expect("connect");
+    engine
+        .create_actor("counter", "db-awake", pool, b"null")
+        .await;
+    let started = accept_start(&envoy, &mut events).await;
+    let copies = tempfile::tempdir().expect("tempdir");
+    let storage = EngineStorage::with_db_dir(copies.path().to_path_buf());
+    let record = ActorRecord {
+        id: started.actor_id.clone(),
+        name: "counter".into(),
+        key: "db-awake".into(),
+    };
+    let id: Arc<str> = started.actor_id.as_str().into();
+    let generation = started.generation;
+    storage.insert(started.store, record, 0, started.snapshot);
+    assert!(storage.load(&id).await.expect("load").is_some());
+    // A second store of the same activation, to read what the engine holds.
+    let identity = ActorIdentity {
+        name: "counter".into(),
+        key: "db-awake".into(),
+        created_at_ms: 0,
+        input: None,
+    };
+    let (reader, _) = envoy
+        .open_actor(&id, generation, &identity, Encoding::Json)
+        .await
+        .expect("a reader");
+
+    let config = keel_core::DbConfig::default();
+    let db = storage.open_db(id.clone(), config).await.expect("open");
+    db.migration(keel_core::MigrationStep::Begin)
+        .await
+        .expect("begin");
+    run_sql(&db, "CREATE TABLE IF NOT EXISTS t (x INTEGER NOT NULL)")
+        .await
+        .expect("create");
+    db.migration(keel_core::MigrationStep::Commit)
+        .await
+        .expect("the migration commits (and its image is written)");
+    // More calls than a log may hold past its image (256 changes), all in one activation.
+    let calls = 400;
+    let mut longest = 0;
+    for n in 1..=calls {
+        sql_call(
+            &storage,
+            &id,
+            &db,
+            &[&format!("INSERT INTO t (x) VALUES ({n})") as &str],
+            n,
+        )
+        .await
+        .expect("a call's SQL commits");
+        if n % 50 == 0 {
+            longest = longest.max(reader.sql_log_len().await.expect("log length"));
+        }
+    }
+    let query = "SELECT count(*) AS n, sum(x) AS s FROM t";
+    let written = read_sql(&db, query).await.expect("read");
+    // Closing waits for an image being written.
+    db.close().await;
+    let left = reader.sql_log_len().await.expect("log length");
+    longest = longest.max(left);
+    assert!(
+        left < 256 && longest <= 300,
+        "the log holds {left} changes after {calls} calls (at most {longest} on the way): \
+         it is folded into images while the actor is awake"
+    );
+
+    // A new opening rebuilds every row from the image and what is left of the log.
+    let db = storage.open_db(id.clone(), config).await.expect("reopen");
+    assert_eq!(read_sql(&db, query).await.expect("read"), written);
+    db.close().await;
+    eprintln!("measured: SQL log after {calls} calls awake: {left} changes (at most {longest})");
     envoy.abandon();
 }
 

@@ -110,6 +110,12 @@ pub(crate) enum Command {
     },
 }
 
+/// A message in an actor's mailbox. Boxed, so that a mailbox's slots are one pointer each:
+/// tokio's channel allocates a block of 32 slots for every actor as it starts, which with
+/// [`Command`] inline (a few hundred bytes) was several KiB per awake actor, most of it never
+/// used (an actor rarely has more than one message queued).
+pub(crate) type Mail = Box<Command>;
+
 /// Where an action's outcome goes.
 pub(crate) enum Reply {
     /// To a task that awaits it (an HTTP request, an in-process call).
@@ -170,7 +176,10 @@ pub(crate) struct ActorHandle {
     /// Who the actor is.
     pub(crate) info: Arc<ActorInfo>,
     /// The actor's mailbox; the task closes it when it begins to stop and drops it on exit.
-    tx: mpsc::Sender<Command>,
+    /// Messages travel boxed: the channel allocates its first block of slots when it is
+    /// created and keeps it while the actor lives, so each slot is a pointer rather than the
+    /// largest message inline (see [`Mail`]).
+    tx: mpsc::Sender<Mail>,
     /// Becomes `true` once the task has stopped and left the live set.
     stopped: watch::Receiver<bool>,
     /// Commits sent to the writer and not yet durable.
@@ -191,15 +200,15 @@ impl ActorHandle {
     /// `actor.stopped` if the actor is stopping. On failure the message comes back, so a
     /// caller can deliver it to the actor's next task.
     pub(crate) fn try_deliver(&self, command: Command) -> Result<(), Box<(Error, Command)>> {
-        self.tx.try_send(command).map_err(|err| {
+        self.tx.try_send(Box::new(command)).map_err(|err| {
             Box::new(match err {
                 mpsc::error::TrySendError::Full(command) => (
                     Error::ActorOverloaded {
                         capacity: self.tx.max_capacity(),
                     },
-                    command,
+                    *command,
                 ),
-                mpsc::error::TrySendError::Closed(command) => (Error::ActorStopped, command),
+                mpsc::error::TrySendError::Closed(command) => (Error::ActorStopped, *command),
             })
         })
     }
@@ -368,4 +377,17 @@ pub(crate) trait Lifecycle: Send + Sync + 'static {
     /// The task tagged `generation` has stopped and flushed: drop it from the live set,
     /// unless a newer task replaced it.
     fn left(&self, id: &str, generation: u64);
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every awake actor's mailbox holds 32 slots from its start; each must stay one pointer.
+    #[test]
+    fn a_mailbox_slot_is_one_pointer() {
+        assert_eq!(
+            std::mem::size_of::<super::Mail>(),
+            std::mem::size_of::<usize>()
+        );
+        assert!(std::mem::size_of::<super::Command>() > 4 * std::mem::size_of::<usize>());
+    }
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actor::conn::{self, close, ConnHandle};
 use crate::actor::outbox::Outbox;
-use crate::actor::{ActorEnv, ActorHandle, Command, Lifecycle};
+use crate::actor::{ActorEnv, ActorHandle, Lifecycle, Mail};
 use crate::actor_type::ActorType;
 use crate::actor_type::DbConfig;
 use crate::error::{Error, Result};
@@ -50,7 +50,7 @@ pub(crate) struct ActorTask {
     /// The directory that started this task, told when the task stops or is destroyed.
     lifecycle: Arc<dyn Lifecycle>,
     /// The mailbox; every [`ActorHandle`] holds a sender.
-    rx: mpsc::Receiver<Command>,
+    rx: mpsc::Receiver<Mail>,
     /// A child of the runtime's stop token: cancelled when the graceful drain begins, or
     /// when a handle asks the task to stop (`ActorHandle::request_stop`).
     stop: CancellationToken,
@@ -310,7 +310,7 @@ impl ActorTask {
                 command = self.rx.recv() => match command {
                     Some(command) => {
                         self.recover_from_failed_commit().await;
-                        self.handle(command).await;
+                        self.handle(*command).await;
                         idle_deadline = Instant::now() + idle;
                     }
                     None => return self.stopping.or(Some(StopReason::Shutdown)),
@@ -776,7 +776,7 @@ impl ActorTask {
     fn close_and_fail(&mut self, err: impl Fn() -> Error) {
         self.rx.close();
         while let Ok(command) = self.rx.try_recv() {
-            command.fail(err());
+            (*command).fail(err());
         }
     }
 

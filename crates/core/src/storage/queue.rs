@@ -5,10 +5,29 @@
 //! waiting task's once the release has run), which on the sequential path is as much as the
 //! commit itself when it does not wait for a disk sync. So [`WriteQueue::send`] lets the
 //! sender apply the commit itself, on its own thread, before `commit` returns, when the writer
-//! is idle: nothing is queued, no batch is being applied, and the last batch ended at least
-//! as long ago as it took (the writer was busy at most half the time lately). Under load the
-//! last condition fails, commits queue, and the writer thread groups them as before: one
+//! is idle: nothing is queued, no batch is being applied, the last batch ended at least as long
+//! ago as it took (the writer was busy at most half the time lately), and the last batch was
+//! alone (one op, and nothing was queued behind it by the time it finished). Under load the
+//! last two conditions fail, commits queue, and the writer thread groups them as before: one
 //! transaction per batch.
+//!
+//! The last condition is there for bursts. With many actors each with a call in flight, commits
+//! come in bursts (one per batch of completions from JS), and the pause before a burst is
+//! often longer than the last batch took; by the first three conditions alone the first commit
+//! of every burst was applied inline, as a transaction of its own, with its flush holding the
+//! sender's tokio worker (the only one on a small machine) while the rest of the burst waited
+//! behind it. A burst's batches hold several ops, or have ops queued behind them, so after one
+//! the next burst's first commit queues with the rest. One-call-at-a-time traffic makes every
+//! batch alone, so it keeps skipping the queue; and a lone commit after a burst, applied by the
+//! thread, is alone too, so the one after it skips the queue again.
+//!
+//! The writer allows inline commits only with `durability: "relaxed"` (`Writer::start`), where
+//! applying a commit does not wait for a disk flush. Under `"full"` an inline commit's flush
+//! held the sender's tokio worker, and with it every other actor's replies and completions,
+//! for the length of the flush. The alone rule avoids most of those, but not the commits that
+//! find the writer idle because the worker they would come from was itself blocked; on the
+//! 64-connection counter the inline commits cost more transactions and more CPU per call
+//! (bench/README.md, "Actors without `db` lose nothing").
 //!
 //! What must stay true:
 //! - **One applier at a time.** Whoever is applying (the thread or an inline sender) holds
@@ -56,6 +75,11 @@ struct State<Op> {
     idle_since: Instant,
     /// How long the last batch took to apply and release.
     last_batch: Duration,
+    /// How many ops the batch being applied (or the last one) holds.
+    batch_ops: usize,
+    /// Whether the last batch was alone: one op, with nothing queued behind it when it
+    /// finished.
+    last_alone: bool,
 }
 
 /// What [`WriteQueue::send`] did with an op.
@@ -81,6 +105,8 @@ impl<Op> WriteQueue<Op> {
                 handles: 1,
                 idle_since: Instant::now(),
                 last_batch: Duration::ZERO,
+                batch_ops: 0,
+                last_alone: true,
             }),
             ready: Condvar::new(),
             inline,
@@ -105,8 +131,10 @@ impl<Op> WriteQueue<Op> {
             && !state.applying
             && state.ops.is_empty()
             && state.idle_since.elapsed() >= state.last_batch
+            && state.last_alone
         {
             state.applying = true;
+            state.batch_ops = 1;
             return Sent::Inline(op);
         }
         state.ops.push_back(op);
@@ -142,6 +170,7 @@ impl<Op> WriteQueue<Op> {
                         break;
                     }
                 }
+                state.batch_ops = batch.len();
                 return true;
             }
             if !state.open && !state.applying {
@@ -159,6 +188,7 @@ impl<Op> WriteQueue<Op> {
         state.applying = false;
         state.last_batch = now.saturating_duration_since(started);
         state.idle_since = now;
+        state.last_alone = state.batch_ops == 1 && state.ops.is_empty();
         if !state.ops.is_empty() || !state.open {
             self.ready.notify_one();
         }
@@ -179,15 +209,28 @@ impl<Op> WriteQueue<Op> {
         std::mem::take(&mut state.ops)
     }
 
-    /// Waits until nothing is queued or being applied, then forgets how long the last batch
-    /// took, so that the next commit finds the writer idle.
+    /// Waits until nothing is queued or being applied, then forgets the last batch (how long
+    /// it took, and whether it was alone), so that the next commit finds the writer idle.
     #[cfg(test)]
     pub(crate) fn forget_last_batch(&self) {
+        let mut state = self.idle_state();
+        state.last_batch = Duration::ZERO;
+        state.last_alone = true;
+    }
+
+    /// Waits until nothing is queued or being applied (or the writer stopped).
+    #[cfg(test)]
+    pub(crate) fn wait_idle(&self) {
+        drop(self.idle_state());
+    }
+
+    #[cfg(test)]
+    fn idle_state(&self) -> parking_lot::MutexGuard<'_, State<Op>> {
         let mut state = self.state.lock();
         while !state.stopped && (state.applying || !state.ops.is_empty()) {
             self.finished.wait(&mut state);
         }
-        state.last_batch = Duration::ZERO;
+        state
     }
 
     /// Drops a handle; once the last is gone sends stop, and the thread ends after what is

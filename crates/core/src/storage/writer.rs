@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::faults::{self, Failpoint, Fault, FaultState};
 use crate::host::{KvWrite, Payload, ScheduleWrite};
@@ -127,7 +128,9 @@ impl Writer {
         let integrity = store.integrity();
         let stats = Arc::new(WriterStats::default());
         let shared = Arc::new(Shared {
-            queue: WriteQueue::new(true),
+            // Inline only where a commit does not wait for a disk flush: under `full` an
+            // inline commit's flush would hold the sender's tokio worker (see `queue.rs`).
+            queue: WriteQueue::new(store.durability() == Durability::Relaxed),
             core: Mutex::new(Some(WriterThread {
                 conn,
                 store: store.clone(),

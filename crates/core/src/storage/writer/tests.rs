@@ -165,3 +165,111 @@ async fn after_close_commits_are_refused_with_writer_closed() {
     );
     assert_eq!(rx.try_recv().unwrap(), "writer_closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_the_next_commit_queues_even_after_a_pause() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, writer, handle) = writer_with_actor(&dir).await;
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    // A burst, as many actors with a call in flight each send one: the first is applied
+    // inline on its own thread, and three more are sent while it is.
+    let (started_tx, started) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let first = {
+        let (handle, log) = (handle.clone(), log.clone());
+        thread::spawn(move || {
+            let release = noting(&log, 1);
+            handle.commit(
+                "a1".into(),
+                state(1),
+                None,
+                Box::new(move |result| {
+                    started_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    release(result);
+                }),
+            );
+        })
+    };
+    started.recv().unwrap();
+    for op in 2..=4 {
+        handle.commit("a1".into(), state(op), None, noting(&log, op));
+    }
+    go.send(()).unwrap();
+    first.join().unwrap();
+    handle.shared_queue().wait_idle();
+    // Idle for far longer than the last batch took, which alone would let the next commit
+    // be applied here; but that batch was part of a burst, so it queues.
+    thread::sleep(Duration::from_millis(200));
+    handle.commit("a1".into(), state(5), None, noting(&log, 5));
+    handle.shared_queue().wait_idle();
+    // That one was alone on the writer thread, so the next, after a pause, skips the queue.
+    thread::sleep(Duration::from_millis(200));
+    handle.commit("a1".into(), state(6), None, noting(&log, 6));
+    let log = log.lock().clone();
+    let order: Vec<u8> = log.iter().map(|(op, _)| *op).collect();
+    assert_eq!(order, (1..=6).collect::<Vec<u8>>());
+    let here = thread::current().id();
+    assert_ne!(
+        log[4].1, here,
+        "the commit after the burst went to the writer thread"
+    );
+    assert_eq!(
+        log[5].1, here,
+        "the one after a lone commit was applied inline"
+    );
+    writer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_that_come_slower_than_a_batch_takes_keep_skipping_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, writer, handle) = writer_with_actor(&dir).await;
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    // One actor's calls one at a time: each commit is sent well after the one before was
+    // released, as a sequential client's are.
+    for op in 1..=5 {
+        handle.commit("a1".into(), state(op), None, noting(&log, op));
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = log.lock().clone();
+    assert_eq!(log.len(), 5, "each was released before its commit returned");
+    for (op, thread) in &log {
+        assert_eq!(
+            *thread,
+            thread::current().id(),
+            "commit {op} was applied inline"
+        );
+    }
+    writer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_full_durability_an_idle_writer_still_commits_on_its_own_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Durability::Full).unwrap();
+    let writer = Writer::start(&store, None).unwrap();
+    let handle = writer.handle();
+    let record = ActorRecord {
+        id: "a1".into(),
+        name: "counter".into(),
+        key: "k".into(),
+    };
+    handle
+        .create_actor(record, None, CreateMode::GetOrCreate)
+        .await
+        .unwrap();
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    // Idle, and the last batch alone: under `relaxed` this would be applied here. Under
+    // `full` its flush would hold this thread (a tokio worker, for an actor), so it queues.
+    handle.commit("a1".into(), state(1), None, noting(&log, 1));
+    handle.flush().await.unwrap();
+    let log = log.lock().clone();
+    assert_eq!(log.len(), 1);
+    assert_ne!(log[0].1, thread::current().id());
+    assert_eq!(store.load("a1").unwrap().unwrap().state, Some(vec![1]));
+    writer.close().await;
+}
