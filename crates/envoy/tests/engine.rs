@@ -999,39 +999,72 @@ async fn read_sql(db: &Arc<dyn keel_core::ActorDb>, sql: &str) -> Result<Vec<u8>
     result
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_actor_s_sql_database_is_rebuilt_from_the_engine_and_deleted_with_the_actor() {
-    let pool = "keel-db-delete";
-    let engine = TestEngine::start(pool).await;
-    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
-        .await
-        .expect("connect");
-    engine
-        .create_actor("counter", "db-delete", pool, b"null")
-        .await;
-    let started = accept_start(&envoy, &mut events).await;
-    let copies = tempfile::tempdir().expect("tempdir");
-    let storage = EngineStorage::with_db_dir(copies.path().to_path_buf());
-    let record = ActorRecord {
-        id: started.actor_id.clone(),
-        name: "counter".into(),
-        key: "db-delete".into(),
-    };
-    let id: Arc<str> = started.actor_id.as_str().into();
-    storage.insert(started.store, record, 0, started.snapshot);
-    assert!(storage.load(&id).await.expect("load").is_some());
+/// A `counter` actor started by a test engine, with engine storage whose SQL copies live in
+/// `copies`.
+struct DbActor {
+    _engine: TestEngine,
+    envoy: Engine,
+    copies: tempfile::TempDir,
+    storage: EngineStorage,
+    id: Arc<str>,
+    generation: u32,
+}
 
-    let config = keel_core::DbConfig::default();
-    let db = storage.open_db(id.clone(), config).await.expect("open");
+impl DbActor {
+    async fn start(pool: &str, key: &str) -> DbActor {
+        let engine = TestEngine::start(pool).await;
+        let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
+            .await
+            .expect("connect");
+        engine.create_actor("counter", key, pool, b"null").await;
+        let started = accept_start(&envoy, &mut events).await;
+        let copies = tempfile::tempdir().expect("tempdir");
+        let storage = EngineStorage::with_db_dir(copies.path().to_path_buf());
+        let record = ActorRecord {
+            id: started.actor_id.clone(),
+            name: "counter".into(),
+            key: key.into(),
+        };
+        let id: Arc<str> = started.actor_id.as_str().into();
+        storage.insert(started.store, record, 0, started.snapshot);
+        assert!(storage.load(&id).await.expect("load").is_some());
+        DbActor {
+            _engine: engine,
+            envoy,
+            copies,
+            storage,
+            id,
+            generation: started.generation,
+        }
+    }
+}
+
+/// The migration every db test starts with: one table `t (x)`.
+async fn create_table(db: &Arc<dyn keel_core::ActorDb>) {
     db.migration(keel_core::MigrationStep::Begin)
         .await
         .expect("begin");
-    run_sql(&db, "CREATE TABLE IF NOT EXISTS t (x INTEGER NOT NULL)")
+    run_sql(db, "CREATE TABLE IF NOT EXISTS t (x INTEGER NOT NULL)")
         .await
         .expect("create");
     db.migration(keel_core::MigrationStep::Commit)
         .await
         .expect("the migration commits (and its image is written)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_s_sql_database_is_rebuilt_from_the_engine_and_deleted_with_the_actor() {
+    let DbActor {
+        _engine,
+        envoy,
+        copies,
+        storage,
+        id,
+        generation: _,
+    } = DbActor::start("keel-db-delete", "db-delete").await;
+    let config = keel_core::DbConfig::default();
+    let db = storage.open_db(id.clone(), config).await.expect("open");
+    create_table(&db).await;
     for n in 1..=3 {
         sql_call(
             &storage,
@@ -1071,26 +1104,14 @@ async fn an_actor_s_sql_database_is_rebuilt_from_the_engine_and_deleted_with_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_awake_actor_s_sql_log_is_folded_into_an_image_and_stays_bounded() {
-    let pool = "keel-db-awake";
-    let engine = TestEngine::start(pool).await;
-    let (envoy, mut events) = keel_envoy::connect(engine.config(pool))
-        .await
-        .expect("connect");
-    engine
-        .create_actor("counter", "db-awake", pool, b"null")
-        .await;
-    let started = accept_start(&envoy, &mut events).await;
-    let copies = tempfile::tempdir().expect("tempdir");
-    let storage = EngineStorage::with_db_dir(copies.path().to_path_buf());
-    let record = ActorRecord {
-        id: started.actor_id.clone(),
-        name: "counter".into(),
-        key: "db-awake".into(),
-    };
-    let id: Arc<str> = started.actor_id.as_str().into();
-    let generation = started.generation;
-    storage.insert(started.store, record, 0, started.snapshot);
-    assert!(storage.load(&id).await.expect("load").is_some());
+    let DbActor {
+        _engine,
+        envoy,
+        copies: _copies,
+        storage,
+        id,
+        generation,
+    } = DbActor::start("keel-db-awake", "db-awake").await;
     // A second store of the same activation, to read what the engine holds.
     let identity = ActorIdentity {
         name: "counter".into(),
@@ -1105,15 +1126,7 @@ async fn an_awake_actor_s_sql_log_is_folded_into_an_image_and_stays_bounded() {
 
     let config = keel_core::DbConfig::default();
     let db = storage.open_db(id.clone(), config).await.expect("open");
-    db.migration(keel_core::MigrationStep::Begin)
-        .await
-        .expect("begin");
-    run_sql(&db, "CREATE TABLE IF NOT EXISTS t (x INTEGER NOT NULL)")
-        .await
-        .expect("create");
-    db.migration(keel_core::MigrationStep::Commit)
-        .await
-        .expect("the migration commits (and its image is written)");
+    create_table(&db).await;
     // More calls than a log may hold past its image (256 changes), all in one activation.
     let calls = 400;
     let mut longest = 0;
