@@ -63,17 +63,18 @@ async fn an_idle_writer_commits_on_the_senders_thread_before_commit_returns() {
     writer.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commits_sent_while_one_is_applied_inline_are_grouped_and_released_after_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, writer, handle) = writer_with_actor(&dir).await;
-    let transactions = writer.stats().transactions.load(Ordering::Relaxed);
-    handle.shared_queue().forget_last_batch();
-    let log = Arc::new(Mutex::new(Vec::new()));
+/// A burst of commits 1 to 4 held at its start: commit 1 is applied inline on a thread of its
+/// own (`first`, which returns its id, `inline_thread`), whose release holds the writer until
+/// `go` is sent, and 2 to 4 are sent while it is.
+struct Burst {
+    first: thread::JoinHandle<ThreadId>,
+    inline_thread: ThreadId,
+    go: mpsc::Sender<()>,
+}
+
+fn burst(handle: &WriterHandle, log: &Arc<Mutex<Vec<(u8, ThreadId)>>>) -> Burst {
     let (started_tx, started) = mpsc::channel();
     let (go, go_rx) = mpsc::channel::<()>();
-    // The first commit is applied inline on its own thread, whose release holds the
-    // writer until the test lets it go.
     let first = {
         let (handle, log) = (handle.clone(), log.clone());
         thread::spawn(move || {
@@ -95,6 +96,25 @@ async fn commits_sent_while_one_is_applied_inline_are_grouped_and_released_after
     for op in 2..=4 {
         handle.commit("a1".into(), state(op), None, noting(&log, op));
     }
+    Burst {
+        first,
+        inline_thread,
+        go,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_sent_while_one_is_applied_inline_are_grouped_and_released_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer, handle) = writer_with_actor(&dir).await;
+    let transactions = writer.stats().transactions.load(Ordering::Relaxed);
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let Burst {
+        first,
+        inline_thread,
+        go,
+    } = burst(&handle, &log);
     // Queued behind the first: none released yet, on any thread.
     assert!(log.lock().is_empty());
     go.send(()).unwrap();
@@ -172,30 +192,8 @@ async fn after_a_burst_the_next_commit_queues_even_after_a_pause() {
     let (_store, writer, handle) = writer_with_actor(&dir).await;
     handle.shared_queue().forget_last_batch();
     let log = Arc::new(Mutex::new(Vec::new()));
-    // A burst, as many actors with a call in flight each send one: the first is applied
-    // inline on its own thread, and three more are sent while it is.
-    let (started_tx, started) = mpsc::channel();
-    let (go, go_rx) = mpsc::channel::<()>();
-    let first = {
-        let (handle, log) = (handle.clone(), log.clone());
-        thread::spawn(move || {
-            let release = noting(&log, 1);
-            handle.commit(
-                "a1".into(),
-                state(1),
-                None,
-                Box::new(move |result| {
-                    started_tx.send(()).unwrap();
-                    go_rx.recv().unwrap();
-                    release(result);
-                }),
-            );
-        })
-    };
-    started.recv().unwrap();
-    for op in 2..=4 {
-        handle.commit("a1".into(), state(op), None, noting(&log, op));
-    }
+    // A burst, as many actors with a call in flight each send one.
+    let Burst { first, go, .. } = burst(&handle, &log);
     go.send(()).unwrap();
     first.join().unwrap();
     handle.shared_queue().wait_idle();
