@@ -94,7 +94,7 @@ fn burst(handle: &WriterHandle, log: &Arc<Mutex<Vec<(u8, ThreadId)>>>) -> Burst 
     };
     let inline_thread = started.recv().unwrap();
     for op in 2..=4 {
-        handle.commit("a1".into(), state(op), None, noting(&log, op));
+        handle.commit("a1".into(), state(op), None, noting(log, op));
     }
     Burst {
         first,
