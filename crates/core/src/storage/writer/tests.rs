@@ -12,9 +12,17 @@ use crate::config::Durability;
 use crate::storage::store::{ActorRecord, Store};
 use crate::storage::writer::{CreateMode, Release, Writer, WriterHandle, Writes};
 
-/// A store in a new temp dir, its writer, and one actor row.
+/// A store in a new temp dir with `relaxed` durability, its writer, and one actor row.
 async fn writer_with_actor(dir: &tempfile::TempDir) -> (Arc<Store>, Writer, WriterHandle) {
-    let store = Store::open(dir.path(), Durability::Relaxed).unwrap();
+    writer_with_actor_at(dir, Durability::Relaxed).await
+}
+
+/// A store in a new temp dir with `durability`, its writer, and one actor row.
+async fn writer_with_actor_at(
+    dir: &tempfile::TempDir,
+    durability: Durability,
+) -> (Arc<Store>, Writer, WriterHandle) {
+    let store = Store::open(dir.path(), durability).unwrap();
     let writer = Writer::start(&store, None).unwrap();
     let handle = writer.handle();
     let record = ActorRecord {
@@ -247,18 +255,7 @@ async fn commits_that_come_slower_than_a_batch_takes_keep_skipping_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_full_durability_an_idle_writer_still_commits_on_its_own_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), Durability::Full).unwrap();
-    let writer = Writer::start(&store, None).unwrap();
-    let handle = writer.handle();
-    let record = ActorRecord {
-        id: "a1".into(),
-        name: "counter".into(),
-        key: "k".into(),
-    };
-    handle
-        .create_actor(record, None, CreateMode::GetOrCreate)
-        .await
-        .unwrap();
+    let (store, writer, handle) = writer_with_actor_at(&dir, Durability::Full).await;
     handle.shared_queue().forget_last_batch();
     let log = Arc::new(Mutex::new(Vec::new()));
     // Idle, and the last batch alone: under `relaxed` this would be applied here. Under
