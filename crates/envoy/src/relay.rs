@@ -424,9 +424,8 @@ mod tests {
         client
     }
 
-    #[tokio::test]
-    async fn holds_a_connection_until_the_engine_listens_then_pipes_it() {
-        // A port that is free now, and nobody listens on it yet.
+    /// A relay to a port that is free now, where nobody listens yet.
+    async fn relay_to_nobody() -> (u16, Relay) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -436,6 +435,12 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        (port, relay)
+    }
+
+    #[tokio::test]
+    async fn holds_a_connection_until_the_engine_listens_then_pipes_it() {
+        let (port, relay) = relay_to_nobody().await;
         let mut client = upgrade(&relay).await;
         // Several attempts are refused meanwhile; the client's connection stays open.
         tokio::time::sleep(RETRY_INTERVAL * 4).await;
@@ -477,15 +482,7 @@ mod tests {
         relay.stop();
 
         // A connection held for an engine that is not there ends at the stop.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let relay = Relay::start(&format!("http://127.0.0.1:{port}"))
-            .await
-            .unwrap()
-            .unwrap();
+        let (_, relay) = relay_to_nobody().await;
         let mut client = upgrade(&relay).await;
         tokio::time::sleep(RETRY_INTERVAL * 2).await;
         relay.stop();
