@@ -209,3 +209,66 @@ export async function runWrkCounter({ kind, port, serverPid, enginePid = null, w
     verify: { ok: mismatches.length === 0, actorsChecked: keys.length, ackedTotal: calls, mismatches: mismatches.slice(0, 10) },
   };
 }
+
+/**
+ * The many-actors workload under wrk (wrk/many.lua) against a started server: `actors` new
+ * counters over `connections` connections (one wrk thread each), each created by its first
+ * call (an `increment` of 1, which must answer 1; RivetKit: `PUT /actors`, then the action).
+ * Timed from wrk's spawn to the last thread's last reply (so wrk's own start-up and the
+ * connects are in it); afterwards the server's RSS is read from /proc (no GC is forced: what
+ * a user would see). Resolves the fields of the JS generator's many-actors result.
+ */
+export async function runWrkManyActors({ kind, port, serverPid, actors, connections = 64, timeCapS = 300 }) {
+  // Threads 1..extra create one actor more, so that exactly `actors` are created.
+  const per = Math.floor(actors / connections);
+  const extra = actors % connections;
+  const total = actors;
+  const args = ["-t", String(connections), "-c", String(connections), "-d", `${timeCapS}s`, "--timeout", "30s", "-s", path.join(benchDir, "wrk", "many.lua"), `http://${HOST}:${port}/`];
+  const env = { ...process.env, KEEL_BENCH_MANY_KIND: kind, KEEL_BENCH_MANY_PREFIX: `many-${Date.now()}`, KEEL_BENCH_MANY_PER: String(per), KEEL_BENCH_MANY_EXTRA: String(extra) };
+  const cpuStart = cpuMsOf(serverPid);
+  const t0 = performance.now();
+  const { result, elapsedMs } = await new Promise((resolve, reject) => {
+    const child = spawn("wrk", args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    let err = "";
+    let finished = 0;
+    let elapsed = null;
+    child.stdout.setEncoding("utf8").on("data", (d) => (out += d));
+    child.stderr.setEncoding("utf8").on("data", (d) => {
+      finished += (d.match(/^MANY_DONE /gm) ?? []).length;
+      err = (err + d.replace(/^MANY_DONE \d+\n/gm, "")).slice(-4000);
+      if (finished === connections && elapsed === null) {
+        elapsed = performance.now() - t0;
+        child.kill("SIGINT");
+      }
+    });
+    const timer = setTimeout(() => child.kill("SIGKILL"), (timeCapS + 60) * 1000);
+    child.on("error", reject);
+    child.on("exit", (code, signal) => {
+      clearTimeout(timer);
+      const line = out.split("\n").find((l) => l.startsWith("WRK_RESULT "));
+      if (!line) return reject(new Error(`wrk ${args.join(" ")} failed (${code ?? signal}):\n${out}\n${err}`));
+      resolve({ result: JSON.parse(line.slice("WRK_RESULT ".length)), elapsedMs: elapsed ?? performance.now() - t0 });
+    });
+  });
+  const cpuMs = cpuMsOf(serverPid) - cpuStart;
+  const status = fs.readFileSync(`/proc/${serverPid}/status`, "utf8");
+  const kb = (field) => Number.parseInt(status.split("\n").find((l) => l.startsWith(`${field}:`))?.split(":")[1] ?? "NaN", 10);
+  const ok = result.threads.reduce((n, t) => n + t.ok, 0);
+  const wrong = total - ok;
+  const wrkErrors = Object.values(result.errors).reduce((a, b) => a + b, 0);
+  return {
+    workload: "many-actors",
+    client: "wrk",
+    actors: total,
+    concurrency: connections,
+    elapsedMs: round3(elapsedMs),
+    actorsPerSec: Math.round((total / elapsedMs) * 1000 * 10) / 10,
+    cpuMs: { server: cpuMs, client: null },
+    serverCpuUsPerActor: round3((cpuMs / total) * 1000),
+    serverRssBytes: kb("VmRSS") * 1024,
+    serverRssAnonBytes: kb("RssAnon") * 1024,
+    errors: wrong + wrkErrors,
+    verify: { ok: wrong === 0 && wrkErrors === 0, answeredOne: ok, wrkErrors: result.errors },
+  };
+}

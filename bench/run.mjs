@@ -109,7 +109,7 @@ async function main() {
 
   // wrk for the http-* workloads (installed here when missing and root).
   const withEngine = opts.only.includes("engine");
-  const wrk = httpWorkloads(opts).length || withEngine ? ensureWrk() : { available: false, version: null, note: "not used" };
+  const wrk = httpWorkloads(opts).length || withEngine || opts.only.includes("many-actors") ? ensureWrk() : { available: false, version: null, note: "not used" };
   if (withEngine && !wrk.available) throw new Error(`the engine workloads need wrk: ${wrk.note}`);
 
   const disk = probeDisk();
@@ -183,7 +183,7 @@ async function main() {
   if (opts.only.includes("many-actors")) {
     for (const kind of ["keel", "baseline", ...opts.peers]) {
       console.error(`many-actors on ${kind} ...`);
-      const result = await measureManyActors(kind, opts, spec);
+      const result = await measureManyActors(kind, opts, spec, wrk);
       console.error(`  ${result.actors} actors in ${result.elapsedMs} ms, server RSS ${(result.serverRssBytes / 1048576).toFixed(1)} MiB, ${result.errors} errors`);
       ((raw["many-actors"] ??= {})[kind] ??= []).push(result);
     }

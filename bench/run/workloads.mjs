@@ -7,7 +7,7 @@
 // (see its usage comment), and every workload is bounded in calls and in time (`timeCapMs`).
 // The life-cycle workloads run on keel only, with the probe and --expose-gc.
 
-import { runWrkCounter } from "../http-wrk.mjs";
+import { runWrkCounter, runWrkManyActors } from "../http-wrk.mjs";
 import { spawnSync } from "node:child_process";
 import path from "node:path";
 import { runLoad, startServer, stopServer } from "./children.mjs";
@@ -195,11 +195,17 @@ export async function measureHttp(kind, workload, wrk, spec) {
   }
 }
 
-/** 10,000 actors created by one call each, 64 in flight (load/counter.mjs, manyActors). */
-export async function measureManyActors(kind, opts, spec) {
+/**
+ * 10,000 actors created by one call each, 64 in flight: under wrk when there is one
+ * (wrk/many.lua), else the JS generator (load/counter.mjs, manyActors).
+ */
+export async function measureManyActors(kind, opts, spec, wrk) {
   const server = await startServer(kind, spec);
   try {
-    return await runLoad({
+    if (wrk.available) {
+      return await runWrkManyActors({ kind, port: server.port, serverPid: server.child.pid, actors: opts.manyActors, connections: 64, timeCapS: 300 });
+    }
+    const result = await runLoad({
       port: server.port,
       serverPid: server.child.pid,
       workload: "many-actors",
@@ -209,6 +215,7 @@ export async function measureManyActors(kind, opts, spec) {
       requestTimeoutMs: 30_000,
       timeCapMs: 300_000,
     });
+    return { ...result, client: "js" };
   } finally {
     const clean = await stopServer(server);
     if (!clean) console.error(`warning: ${kind} server did not shut down cleanly:\n${server.out.stderr}`);
