@@ -8,6 +8,7 @@
 //! - Faults (for tests) are registered before the store opens, so that its first connection
 //!   already goes through their VFS, and stay registered until this storage is dropped.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -45,7 +46,18 @@ pub(crate) struct EmbeddedStorage {
     _faults: Option<Registration>,
     /// Where actors' SQL databases live (see `actor_db.rs`).
     db_dir: PathBuf,
+    /// Actors this storage created and has not loaded, committed to or deleted since, with
+    /// their creation input: all that [`Storage::load`] would read back for them (no state,
+    /// no connections), so a new actor's first start skips that read. Every write goes
+    /// through this storage, and a commit or a delete forgets the actor's entry, so an entry
+    /// always says what the row holds. At most [`FRESH_CAP`] entries: an actor created but
+    /// never started (a `create` without a call) holds one until then.
+    fresh: Mutex<HashMap<Arc<str>, Option<Payload>>>,
 }
+
+/// How many created, not yet loaded actors [`EmbeddedStorage`] remembers; beyond it a new
+/// actor's first start reads its row like any other start.
+const FRESH_CAP: usize = 4096;
 
 impl EmbeddedStorage {
     /// Opens the data directory of `config` (locking it, checking and migrating the file) and
@@ -73,6 +85,7 @@ impl EmbeddedStorage {
             store,
             _faults: registration,
             db_dir: config.data_dir.join(crate::storage::actor_db::DB_DIR),
+            fresh: Mutex::new(HashMap::new()),
         };
         Ok((storage, pending))
     }
@@ -105,6 +118,13 @@ impl EmbeddedStorage {
 #[async_trait]
 impl Storage for EmbeddedStorage {
     async fn load(&self, actor_id: &str) -> Result<Option<ActorSnapshot>> {
+        if let Some(input) = self.fresh.lock().remove(actor_id) {
+            return Ok(Some(ActorSnapshot {
+                state: None,
+                input,
+                conns: Vec::new(),
+            }));
+        }
         let id = actor_id.to_string();
         self.blocking(move |store| store.load(&id)).await
     }
@@ -126,7 +146,15 @@ impl Storage for EmbeddedStorage {
         input: Option<Payload>,
         mode: CreateMode,
     ) -> Result<(ActorRecord, bool)> {
-        self.writer.create_actor(record, input, mode).await
+        let kept = input.clone();
+        let (record, created) = self.writer.create_actor(record, input, mode).await?;
+        if created {
+            let mut fresh = self.fresh.lock();
+            if fresh.len() < FRESH_CAP {
+                fresh.insert(Arc::from(record.id.as_str()), kept);
+            }
+        }
+        Ok((record, created))
     }
 
     fn commit(
@@ -136,10 +164,17 @@ impl Storage for EmbeddedStorage {
         poison: Option<Arc<Poison>>,
         release: Release,
     ) {
+        {
+            let mut fresh = self.fresh.lock();
+            if !fresh.is_empty() {
+                fresh.remove(&actor_id);
+            }
+        }
         self.writer.commit(actor_id, writes, poison, release);
     }
 
     async fn delete(&self, actor_id: Arc<str>) -> Result<()> {
+        self.fresh.lock().remove(&actor_id);
         self.writer.delete_actor(actor_id.clone()).await?;
         // Only once the actor's rows (its SQL log among them) are gone: a crash in between
         // leaves a file no actor names, never an actor whose file is missing.
@@ -257,6 +292,83 @@ mod tests {
             Box::new(move |result| drop(tx.send(result))),
         );
         rx.await.unwrap().unwrap();
+    }
+
+    fn record(id: &str) -> ActorRecord {
+        ActorRecord {
+            id: id.into(),
+            name: "room".into(),
+            key: format!("key-{id}"),
+        }
+    }
+
+    /// A new actor's first load comes from what its creation wrote, not a read: it must say
+    /// the same as the row, and nothing once the actor is deleted or committed to.
+    #[tokio::test]
+    async fn a_new_actor_loads_its_input_and_a_deleted_one_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RuntimeConfig {
+            data_dir: dir.path().to_path_buf(),
+            // Thousands of creations below: no sync for each.
+            durability: crate::config::Durability::Relaxed,
+            ..RuntimeConfig::default()
+        };
+        let (storage, _) = EmbeddedStorage::open(&config).unwrap();
+        let input = Payload::json("[1,2]");
+        let (_, created) = storage
+            .create(record("a1"), Some(input.clone()), CreateMode::Create)
+            .await
+            .unwrap();
+        assert!(created);
+        let loaded = storage.load("a1").await.unwrap().unwrap();
+        assert_eq!(loaded.state, None);
+        assert_eq!(loaded.input, Some(input.clone()));
+        // The second load reads the row, and finds the same.
+        let again = storage.load("a1").await.unwrap().unwrap();
+        assert_eq!((again.state, again.input), (None, Some(input)));
+
+        // Created, then deleted before its first start: nothing to load.
+        storage
+            .create(record("a2"), None, CreateMode::Create)
+            .await
+            .unwrap();
+        storage.delete(Arc::from("a2")).await.unwrap();
+        assert!(storage.load("a2").await.unwrap().is_none());
+
+        // Created, then given state before its first load: the load sees the state.
+        storage
+            .create(record("a3"), None, CreateMode::Create)
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let writes = Writes {
+            state: Some(b"\xa0".to_vec()),
+            ..Writes::default()
+        };
+        storage.commit(
+            Arc::from("a3"),
+            Some(Box::new(writes)),
+            None,
+            Box::new(move |result| drop(tx.send(result))),
+        );
+        rx.await.unwrap().unwrap();
+        assert_eq!(
+            storage.load("a3").await.unwrap().unwrap().state,
+            Some(b"\xa0".to_vec())
+        );
+
+        // Beyond the cap, new actors load by a read, and load the same.
+        for i in 0..FRESH_CAP + 2 {
+            storage
+                .create(record(&format!("m{i}")), None, CreateMode::Create)
+                .await
+                .unwrap();
+        }
+        for i in [0, FRESH_CAP - 1, FRESH_CAP, FRESH_CAP + 1] {
+            let loaded = storage.load(&format!("m{i}")).await.unwrap().unwrap();
+            assert_eq!((loaded.state, loaded.input), (None, None));
+        }
+        storage.close().await;
     }
 
     #[tokio::test]
