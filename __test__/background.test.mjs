@@ -64,6 +64,27 @@ const stoppable = actor({
   },
 });
 
+/** What `lateLooker` saw of its abort signal in onSleep, the first time it looked. */
+let lateLook = deferred();
+
+const lateLooker = actor({
+  state: null,
+  onSleep: (c) => {
+    const signal = c.abortSignal;
+    lateLook.resolve({ aborted: signal.aborted, reason: signal.reason, same: signal === c.abortSignal, flag: c.aborted });
+  },
+  actions: {
+    // The context's methods are its own functions: they work taken off it.
+    nap: (c) => {
+      const { sleep, broadcast, log } = c;
+      broadcast("napping", 1);
+      log.info("going to sleep");
+      sleep();
+      return c.aborted;
+    },
+  },
+});
+
 /** What the waitUntil actor's background work and hooks did, in order. */
 const order = [];
 let waits = { slept: deferred() };
@@ -132,7 +153,7 @@ const idle = actor({
 });
 
 async function start(t, options = {}) {
-  const registry = setup({ use: { watched, stoppable, waiting, held, idle }, port: 0, dataDir: tempDir(t), disableSignalHandlers: true, dev: true, ...options });
+  const registry = setup({ use: { watched, stoppable, waiting, held, idle, lateLooker }, port: 0, dataDir: tempDir(t), disableSignalHandlers: true, dev: true, ...options });
   const serving = registry.start();
   const { url } = await registry.listening();
   t.after(async () => {
@@ -180,6 +201,18 @@ test("c.abortSignal fires when the actor sleeps, before onSleep runs", async (t)
   assert.equal(reason.code, "stopped");
   assert.equal(await aborts.duringSleep.promise, true, "onSleep sees c.aborted");
   assert.equal(await handle.startLoop(), false, "the next wake has a fresh signal");
+});
+
+test("c.abortSignal first looked at while the actor stops is already aborted, and c's methods work taken off it", async (t) => {
+  lateLook = deferred();
+  const { client } = await start(t);
+  const handle = client.lateLooker.getOrCreate(["late"]);
+  assert.equal(await handle.nap(), false, "not aborted while the call runs");
+  const seen = await lateLook.promise;
+  assert.equal(seen.aborted, true, "the signal is made aborted");
+  assert.equal(seen.reason.code, "stopped");
+  assert.equal(seen.same, true, "one signal per instance");
+  assert.equal(seen.flag, true);
 });
 
 test("c.abortSignal fires when the call's timeout expires", async (t) => {

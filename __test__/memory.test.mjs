@@ -1,6 +1,7 @@
 // Sleeping actors cost no memory: 10,000 actors wake, sleep, and leave nothing behind.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { join } from "node:path";
 import { createClient } from "keel";
 import { fixtures, startServer, tempDir } from "./helpers.mjs";
@@ -69,4 +70,12 @@ test("10,000 actors created and asleep leave memory near the baseline", async (t
   assert.ok(afterFirst.rss <= peak.rss + 12 * MiB);
   server.kill("SIGTERM");
   await server.exited;
+});
+
+test("every awake actor's context shares one hidden class with the others", () => {
+  // V8 keeps an object's accessors in its hidden class: getters made per context gave every
+  // awake actor a hidden class of its own, about 2 KB each (bench/README.md, "Memory").
+  const out = execFileSync(process.execPath, ["--allow-natives-syntax", join(fixtures, "shapes.mjs")], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"], timeout: 60_000 });
+  const shapes = JSON.parse(out.trim().split("\n").pop());
+  assert.deepEqual(shapes, { contexts: 6, ctx: true, conns: true, kv: true, schedule: true });
 });

@@ -119,8 +119,14 @@ interface Instance {
   currentRequest: CallerRequest | undefined;
   /** Open raw sockets. */
   readonly sockets: Map<string, RawSocketEntry>;
-  /** Aborted once the instance is stopping: sleep, destroy, shutdown, or a timed-out call. */
-  readonly abort: AbortController;
+  /**
+   * Aborted once the instance is stopping: sleep, destroy, shutdown, or a timed-out call. Made
+   * when user code first asks for `c.abortSignal` (most actors never do); until then
+   * `stopReason` alone says the instance is stopping.
+   */
+  abort: AbortController | undefined;
+  /** Why the instance is stopping, once it is (what `abort` is aborted with). */
+  stopReason: unknown;
   /** Set while `onStateChange` runs, so assigning `c.state` is refused. */
   observing: boolean;
   /** The `c.waitUntil` promises not settled yet; a stop waits for them, up to the grace. */
@@ -129,6 +135,108 @@ interface Instance {
   holds: number;
   /** For a type with a SQL database, the token this instance's statements carry. */
   dbToken: number | undefined;
+}
+
+/** Marks the instance as stopping for `reason`, aborting its `c.abortSignal` if it made one. */
+function stopInstance(instance: Instance, reason: unknown): void {
+  if (instance.stopReason !== undefined) return;
+  instance.stopReason = reason;
+  instance.abort?.abort(reason);
+}
+
+/**
+ * The accessors of `c` (`state`, `vars`, `conn`, `request`, `abortSignal`, `aborted`), on one
+ * prototype that every context shares. As getters of an object literal they were made anew for
+ * each context, and V8 keeps accessors in an object's hidden class, so every awake actor had a
+ * hidden class of its own (about 2 KB). The methods of `c` stay the context's own closures, so
+ * they keep working when taken off it (`const { sleep } = c`).
+ */
+class ContextAccessors {
+  readonly #instance: Instance;
+
+  constructor(instance: Instance) {
+    this.#instance = instance;
+  }
+
+  get state(): unknown {
+    return this.#instance.state;
+  }
+
+  set state(value: unknown) {
+    if (this.#instance.observing) throw stateChangeMutation("assigned c.state");
+    this.#instance.state = value;
+  }
+
+  get vars(): unknown {
+    return this.#instance.vars;
+  }
+
+  set vars(value: unknown) {
+    this.#instance.vars = value;
+  }
+
+  get conn(): Conn | undefined {
+    return this.#instance.currentConn;
+  }
+
+  get request(): Request | undefined {
+    return this.#instance.currentRequest?.request;
+  }
+
+  /** Made on first use; already aborted if the instance is stopping by then. */
+  get abortSignal(): AbortSignal {
+    const instance = this.#instance;
+    if (instance.abort === undefined) {
+      instance.abort = new AbortController();
+      if (instance.stopReason !== undefined) instance.abort.abort(instance.stopReason);
+    }
+    return instance.abort.signal;
+  }
+
+  get aborted(): boolean {
+    return this.#instance.stopReason !== undefined;
+  }
+}
+
+/** `c.conns`: the open connections as a read-only map of `Conn`s, over the host's entries. */
+class ConnsView implements ReadonlyMap<string, Conn> {
+  readonly #entries: Map<string, ConnEntry>;
+
+  constructor(entries: Map<string, ConnEntry>) {
+    this.#entries = entries;
+  }
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  get(id: string): Conn | undefined {
+    return this.#entries.get(id)?.conn;
+  }
+
+  has(id: string): boolean {
+    return this.#entries.has(id);
+  }
+
+  forEach(callback: (conn: Conn, id: string, map: ReadonlyMap<string, Conn>) => void): void {
+    for (const [id, entry] of this.#entries) callback(entry.conn, id, this);
+  }
+
+  *entries(): MapIterator<[string, Conn]> {
+    for (const [id, entry] of this.#entries) yield [id, entry.conn];
+  }
+
+  keys(): MapIterator<string> {
+    return this.#entries.keys();
+  }
+
+  *values(): MapIterator<Conn> {
+    for (const entry of this.#entries.values()) yield entry.conn;
+  }
+
+  [Symbol.iterator](): MapIterator<[string, Conn]> {
+    return this.entries();
+  }
 }
 
 export class JsHost {
@@ -531,7 +639,7 @@ export class JsHost {
     if (instance === undefined) return { kind: "ok", id: invocation.id };
     // User code's own work (fetches, loops, background promises) learns it should stop
     // before the stop hook runs.
-    instance.abort.abort(abortReason(invocation.reason));
+    stopInstance(instance, abortReason(invocation.reason));
     // The actor's task outlives a discarded instance: close its holds, or a promise that
     // never settles would keep the actor awake for good.
     for (; instance.holds > 0; instance.holds -= 1) this.native!.keepAwake(invocation.actorId, false);
@@ -691,35 +799,14 @@ export class JsHost {
       currentConn: undefined,
       currentRequest: undefined,
       sockets: new Map(),
-      abort: new AbortController(),
+      abort: undefined,
+      stopReason: undefined,
       observing: false,
       background: new Set(),
       holds: 0,
       dbToken: undefined,
       ctx: undefined as never,
     };
-    const connsView: ReadonlyMap<string, Conn> = {
-      get size() {
-        return instance.conns.size;
-      },
-      get: (id: string) => instance.conns.get(id)?.conn,
-      has: (id: string) => instance.conns.has(id),
-      forEach(callback: (conn: Conn, id: string, map: ReadonlyMap<string, Conn>) => void) {
-        for (const [id, entry] of instance.conns) callback(entry.conn, id, this);
-      },
-      *entries() {
-        for (const [id, entry] of instance.conns) yield [id, entry.conn] as [string, Conn];
-      },
-      *keys() {
-        yield* instance.conns.keys();
-      },
-      *values() {
-        for (const entry of instance.conns.values()) yield entry.conn;
-      },
-      [Symbol.iterator]() {
-        return this.entries();
-      },
-    } as ReadonlyMap<string, Conn>;
     const actions = def.config.actions as Record<string, unknown>;
     // `at` is absolute; `after` goes to core as a delay, which core resolves on its own clock
     // (the one that fires schedules) when it takes the call's effects. Until then `list()`
@@ -744,22 +831,11 @@ export class JsHost {
     };
     // The in-process client of `c.client()`, made on first use.
     let actorClient: Client<RegistryLike> | undefined;
-    const ctx = {
+    // The same own properties in the same order for every instance, over one shared
+    // prototype with the accessors: every context shares one hidden class.
+    const ctx = Object.assign(new ContextAccessors(instance), {
       ...identity,
       log: createActorLog(host, identity),
-      get state() {
-        return instance.state;
-      },
-      set state(value: unknown) {
-        if (instance.observing) throw stateChangeMutation("assigned c.state");
-        instance.state = value;
-      },
-      get vars() {
-        return instance.vars;
-      },
-      set vars(value: unknown) {
-        instance.vars = value;
-      },
       kv: {
         async get(key: KvKey) {
           const passed = kvKey(key);
@@ -816,13 +892,7 @@ export class JsHost {
           return listed.sort((a, b) => a.at - b.at || (a.id < b.id ? -1 : 1));
         },
       },
-      conns: connsView,
-      get conn() {
-        return instance.currentConn;
-      },
-      get request() {
-        return instance.currentRequest?.request;
-      },
+      conns: new ConnsView(instance.conns),
       broadcast(event: string, data?: unknown) {
         instance.effects.messages.push({ event: String(event), data });
       },
@@ -858,11 +928,7 @@ export class JsHost {
         instance.background.add(settled);
         void settled.finally(() => instance.background.delete(settled));
       },
-      abortSignal: instance.abort.signal,
-      get aborted() {
-        return instance.abort.signal.aborted;
-      },
-    };
+    });
     (instance as { ctx: unknown }).ctx = Object.freeze(ctx);
     return instance;
   }
