@@ -10,6 +10,9 @@
 -- done() prints one JSON line: wrk's totals, exact latency percentiles from its histogram
 -- (microseconds), and per thread the replies that were 200, not 200, or off count, and base.
 
+-- This script's directory, where result.lua is.
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+
 local plan = {}
 local next_thread = 1
 
@@ -66,10 +69,5 @@ function done(summary, latency, requests)
     per[#per + 1] = string.format('{"index":%d,"ok":%d,"refused":%d,"mismatches":%d,"base":%d}',
       t:get("index"), t:get("ok"), t:get("refused"), t:get("mismatches"), t:get("base") or -1)
   end
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_RESULT {"durationUs":%d,"requests":%d,"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"latencyUs":{"p50":%d,"p99":%d,"mean":%.1f,"max":%d},"threads":[%s]}\n',
-    summary.duration, summary.requests, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.mean, latency.max, table.concat(per, ",")))
+  dofile(here .. "result.lua")(summary, latency, per)
 end

@@ -11,6 +11,9 @@
 -- SIGINT once every thread has, and done() prints one JSON line with wrk's totals and per
 -- thread the actors answered 1 (`ok`) and the replies that were not (`wrong`).
 
+-- This script's directory, where result.lua is.
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+
 local kind = os.getenv("KEEL_BENCH_MANY_KIND")
 local prefix = os.getenv("KEEL_BENCH_MANY_PREFIX")
 local per = tonumber(os.getenv("KEEL_BENCH_MANY_PER"))
@@ -73,10 +76,5 @@ function done(summary, latency, requests)
   for _, t in ipairs(threads) do
     per_thread[#per_thread + 1] = string.format('{"index":%d,"ok":%d,"wrong":%d}', t:get("index"), t:get("ok"), t:get("wrong"))
   end
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_RESULT {"durationUs":%d,"requests":%d,"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"latencyUs":{"p50":%d,"p99":%d,"mean":%.1f,"max":%d},"threads":[%s]}\n',
-    summary.duration, summary.requests, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.mean, latency.max, table.concat(per_thread, ",")))
+  dofile(here .. "result.lua")(summary, latency, per_thread)
 end
