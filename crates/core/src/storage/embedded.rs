@@ -3,7 +3,8 @@
 //!
 //! What must stay true:
 //! - Every read from async code runs here, on tokio's blocking pool ([`EmbeddedStorage::blocking`]),
-//!   never on an async worker: a read may wait on SQLite's busy timeout or a slow disk.
+//!   never on an async worker: a read may wait on SQLite's busy timeout or a slow disk. At most
+//!   as many run at once as the store has read connections; the rest wait without a thread.
 //! - Every write goes through the one writer thread, in the order it was sent.
 //! - Faults (for tests) are registered before the store opens, so that its first connection
 //!   already goes through their VFS, and stay registered until this storage is dropped.
@@ -53,6 +54,11 @@ pub(crate) struct EmbeddedStorage {
     /// always says what the row holds. At most [`FRESH_CAP`] entries: an actor created but
     /// never started (a `create` without a call) holds one until then.
     fresh: Mutex<HashMap<Arc<str>, Option<Payload>>>,
+    /// One permit per read connection of the store: a read takes one before it takes a
+    /// blocking-pool thread, so reads beyond the connections wait here, asynchronously,
+    /// instead of each holding a thread blocked on the pool (64 new actors at once had
+    /// tokio start about 36 threads for them).
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// How many created, not yet loaded actors [`EmbeddedStorage`] remembers; beyond it a new
@@ -86,6 +92,9 @@ impl EmbeddedStorage {
             _faults: registration,
             db_dir: config.data_dir.join(crate::storage::actor_db::DB_DIR),
             fresh: Mutex::new(HashMap::new()),
+            reads: Arc::new(tokio::sync::Semaphore::new(
+                crate::storage::store::MAX_READERS,
+            )),
         };
         Ok((storage, pending))
     }
@@ -106,12 +115,19 @@ impl EmbeddedStorage {
         &self,
         read: impl FnOnce(&Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        // Never closed, so this only waits. The read holds its permit until it ends, even if
+        // its caller stops waiting for it.
+        let permit = self.reads.clone().acquire_owned().await;
+        let permit = permit.map_err(|_| Error::RegistryShutDown)?;
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || read(&store))
-            .await
-            .map_err(|err| Error::ActorInternal {
-                message: format!("a storage read panicked: {err}"),
-            })?
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            read(&store)
+        })
+        .await
+        .map_err(|err| Error::ActorInternal {
+            message: format!("a storage read panicked: {err}"),
+        })?
     }
 }
 
@@ -369,6 +385,57 @@ mod tests {
             assert_eq!((loaded.state, loaded.input), (None, None));
         }
         storage.close().await;
+    }
+
+    /// Reads beyond the store's connections wait for a permit, not each on a blocking
+    /// thread of its own: 32 reads stuck behind a held read pool start at most
+    /// `MAX_READERS` threads (without the permits, one each).
+    #[test]
+    fn reads_beyond_the_connections_wait_without_a_thread_each() {
+        const NAME: &str = "keel-reads-test";
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(NAME)
+            .enable_all()
+            .build()
+            .unwrap();
+        let threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim() == NAME)
+                .count()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = RuntimeConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..RuntimeConfig::default()
+        };
+        let storage = {
+            let _entered = runtime.enter();
+            Arc::new(EmbeddedStorage::open(&config).unwrap().0)
+        };
+        let before = threads();
+        let held = storage.store().hold_readers();
+        let reads: Vec<_> = (0..32)
+            .map(|i| {
+                let storage = storage.clone();
+                runtime.spawn(async move { storage.load(&format!("x{i}")).await })
+            })
+            .collect();
+        // Time for the runtime to start whatever threads it would start for them.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let during = threads();
+        drop(held);
+        for read in reads {
+            assert!(runtime.block_on(read).unwrap().unwrap().is_none());
+        }
+        assert!(
+            during - before <= crate::storage::store::MAX_READERS,
+            "{} threads started for 32 waiting reads",
+            during - before
+        );
+        runtime.block_on(storage.close());
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@ pub const LOCK_FILE: &str = "LOCK";
 /// without a bound the pool would grow to the busiest moment's concurrency and keep every
 /// connection (each with its own page cache, up to 2 MiB) for the process's life; beyond
 /// this many, a read waits for a connection another read gives back.
-const MAX_READERS: usize = 4;
+pub(crate) const MAX_READERS: usize = 4;
 
 /// Forward migrations; entry `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
