@@ -152,7 +152,7 @@ async function coldStartOnce(kind, spec) {
 }
 
 /** VmRSS and RssAnon, in bytes, of the process `pid`. */
-function rssOf(pid) {
+export function rssOf(pid) {
   const out = {};
   for (const line of fs.readFileSync(`/proc/${pid}/status`, "utf8").split("\n")) {
     const [name, value] = line.split(":");

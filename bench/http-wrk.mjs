@@ -22,6 +22,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { rssOf } from "./figures.mjs";
 
 const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const SCRIPT = path.join(benchDir, "wrk", "counter.lua");
@@ -222,7 +223,6 @@ export async function runWrkManyActors({ kind, port, serverPid, actors, connecti
   // Threads 1..extra create one actor more, so that exactly `actors` are created.
   const per = Math.floor(actors / connections);
   const extra = actors % connections;
-  const total = actors;
   const args = ["-t", String(connections), "-c", String(connections), "-d", `${timeCapS}s`, "--timeout", "30s", "-s", path.join(benchDir, "wrk", "many.lua"), `http://${HOST}:${port}/`];
   const env = { ...process.env, KEEL_BENCH_MANY_KIND: kind, KEEL_BENCH_MANY_PREFIX: `many-${Date.now()}`, KEEL_BENCH_MANY_PER: String(per), KEEL_BENCH_MANY_EXTRA: String(extra) };
   const cpuStart = cpuMsOf(serverPid);
@@ -252,22 +252,21 @@ export async function runWrkManyActors({ kind, port, serverPid, actors, connecti
     });
   });
   const cpuMs = cpuMsOf(serverPid) - cpuStart;
-  const status = fs.readFileSync(`/proc/${serverPid}/status`, "utf8");
-  const kb = (field) => Number.parseInt(status.split("\n").find((l) => l.startsWith(`${field}:`))?.split(":")[1] ?? "NaN", 10);
+  const { rss, rssAnon } = rssOf(serverPid);
   const ok = result.threads.reduce((n, t) => n + t.ok, 0);
-  const wrong = total - ok;
+  const wrong = actors - ok;
   const wrkErrors = Object.values(result.errors).reduce((a, b) => a + b, 0);
   return {
     workload: "many-actors",
     client: "wrk",
-    actors: total,
+    actors,
     concurrency: connections,
     elapsedMs: round3(elapsedMs),
-    actorsPerSec: Math.round((total / elapsedMs) * 1000 * 10) / 10,
+    actorsPerSec: Math.round((actors / elapsedMs) * 1000 * 10) / 10,
     cpuMs: { server: cpuMs, client: null },
-    serverCpuUsPerActor: round3((cpuMs / total) * 1000),
-    serverRssBytes: kb("VmRSS") * 1024,
-    serverRssAnonBytes: kb("RssAnon") * 1024,
+    serverCpuUsPerActor: round3((cpuMs / actors) * 1000),
+    serverRssBytes: rss,
+    serverRssAnonBytes: rssAnon,
     errors: wrong + wrkErrors,
     verify: { ok: wrong === 0 && wrkErrors === 0, answeredOne: ok, wrkErrors: result.errors },
   };

@@ -7,7 +7,7 @@
 // increments (or lie within the calls whose effect is unknown); warm-up calls are counted by
 // that check but never timed.
 
-import { readFileSync } from "node:fs";
+import { rssOf } from "../figures.mjs";
 import { config } from "./config.mjs";
 import { answered, post, request } from "./http.mjs";
 import { cpuNow, cpuSince, forEachConcurrently, percentile, round3 } from "./measure.mjs";
@@ -181,8 +181,7 @@ export async function manyActors() {
   });
   const elapsedMs = performance.now() - start;
   const cpuMs = cpuSince(cpuStart);
-  const status = readFileSync(`/proc/${config.serverPid}/status`, "utf8");
-  const kb = (field) => Number.parseInt(status.split("\n").find((l) => l.startsWith(`${field}:`))?.split(":")[1] ?? "NaN", 10);
+  const { rss, rssAnon } = rssOf(config.serverPid);
   return {
     workload: "many-actors",
     actors: config.actors,
@@ -190,8 +189,8 @@ export async function manyActors() {
     elapsedMs: round3(elapsedMs),
     actorsPerSec: Math.round((config.actors / elapsedMs) * 1000 * 10) / 10,
     cpuMs,
-    serverRssBytes: kb("VmRSS") * 1024,
-    serverRssAnonBytes: kb("RssAnon") * 1024,
+    serverRssBytes: rss,
+    serverRssAnonBytes: rssAnon,
     errors: wrong,
     verify: { ok: wrong === 0, firstErrors: errors },
   };
