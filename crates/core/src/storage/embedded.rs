@@ -415,7 +415,20 @@ mod tests {
             let _entered = runtime.enter();
             Arc::new(EmbeddedStorage::open(&config).unwrap().0)
         };
-        let before = threads();
+        // A new thread names itself once it runs: wait until the threads the open started
+        // (the worker, the writer) all carry the runtime's name, so none of them is counted
+        // as started for the reads.
+        let mut before = threads();
+        let mut stable = 0;
+        for _ in 0..250 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = threads();
+            stable = if now == before { stable + 1 } else { 0 };
+            before = now;
+            if stable == 5 {
+                break;
+            }
+        }
         let held = storage.store().hold_readers();
         let reads: Vec<_> = (0..32)
             .map(|i| {
