@@ -213,13 +213,18 @@ impl Storage for EngineStorage {
         Ok(self.open.lock().get(id).map(|entry| entry.record.clone()))
     }
 
+    /// The engine creates actors; this finds an actor that is open here by its key.
     async fn create(
         &self,
-        _record: ActorRecord,
+        record: ActorRecord,
         _input: Option<Payload>,
-        _mode: CreateMode,
+        mode: CreateMode,
     ) -> Result<(ActorRecord, bool)> {
-        Err(Error::ActorNotFound)
+        match self.find_by_key(&record.name, &record.key).await? {
+            Some(_) if mode == CreateMode::Create => Err(Error::ActorAlreadyExists),
+            Some(found) => Ok((found, false)),
+            None => Err(Error::ActorNotFound),
+        }
     }
 
     fn commit(

@@ -88,12 +88,15 @@ impl Directory {
                     _ => Ok(known.info),
                 };
             }
-            let found = self.storage.find_by_key(name, &key_string).await?;
-            let record = match (found, mode) {
-                (Some(_), Resolve::Create) => return Err(Error::ActorAlreadyExists),
-                (Some(record), _) => record,
-                (None, Resolve::Get) => return Err(Error::ActorNotFound),
-                (None, mode) => {
+            let record = match mode {
+                Resolve::Get => self
+                    .storage
+                    .find_by_key(name, &key_string)
+                    .await?
+                    .ok_or(Error::ActorNotFound)?,
+                // No lookup first: the creation finds the key's row itself (the embedded
+                // writer answers an existing one without a commit), one hop fewer per new actor.
+                Resolve::Create | Resolve::GetOrCreate => {
                     let record = ActorRecord {
                         id: new_actor_id(),
                         name: actor_type.name.clone(),

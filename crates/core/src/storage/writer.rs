@@ -395,6 +395,11 @@ impl WriterThread {
     /// Applies one batch and releases its ops. Returns `false` after an injected crash.
     fn apply(&mut self, batch: &mut Vec<WriteOp>) -> bool {
         let count = batch.len() as u64;
+        self.answer_existing_keys(batch);
+        if batch.is_empty() {
+            self.stats.ops.fetch_add(count, Ordering::Relaxed);
+            return true;
+        }
         let writes = batch.iter().any(|op| match op {
             WriteOp::CreateActor { .. } | WriteOp::DeleteActor { .. } => true,
             WriteOp::Commit { writes, poison, .. } => {
@@ -472,6 +477,55 @@ impl WriterThread {
             }
         }
         true
+    }
+
+    /// Answers the creations whose key already has a row, outside any transaction: that row
+    /// is committed (this thread is the only writer), so its caller waits for no commit and
+    /// no sync. Skipped while the connection is not in autocommit (a batch failed and could
+    /// not be rolled back) and for a batch that deletes an actor, whose row must not be handed
+    /// out before the delete. A lookup that fails leaves its op to the transaction, which
+    /// reports the error as it always did.
+    fn answer_existing_keys(&mut self, batch: &mut Vec<WriteOp>) {
+        let creates = batch
+            .iter()
+            .any(|op| matches!(op, WriteOp::CreateActor { .. }));
+        let deletes = batch
+            .iter()
+            .any(|op| matches!(op, WriteOp::DeleteActor { .. }));
+        if !creates || deletes || !self.conn.is_autocommit() {
+            return;
+        }
+        let conn = &self.conn;
+        let mut kept = Vec::with_capacity(batch.len());
+        for op in batch.drain(..) {
+            let WriteOp::CreateActor {
+                record,
+                input,
+                mode,
+                reply,
+            } = op
+            else {
+                kept.push(op);
+                continue;
+            };
+            match crate::storage::store::actor_id_by_key(conn, &record.name, &record.key) {
+                Ok(Some(id)) => {
+                    let answer = match mode {
+                        CreateMode::Create => Err(Error::ActorAlreadyExists),
+                        CreateMode::GetOrCreate => Ok((ActorRecord { id, ..record }, false)),
+                    };
+                    // The caller may have given up waiting; nothing was written for it.
+                    let _ = reply.send(answer);
+                }
+                Ok(None) | Err(_) => kept.push(WriteOp::CreateActor {
+                    record,
+                    input,
+                    mode,
+                    reply,
+                }),
+            }
+        }
+        *batch = kept;
     }
 
     /// Makes a failed `COMMIT` definitely failed, before its callers hear so. When the

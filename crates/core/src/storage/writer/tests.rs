@@ -268,3 +268,76 @@ async fn with_full_durability_an_idle_writer_still_commits_on_its_own_thread() {
     assert_eq!(store.load("a1").unwrap().unwrap().state, Some(vec![1]));
     writer.close().await;
 }
+
+fn record(id: &str, key: &str) -> ActorRecord {
+    ActorRecord {
+        id: id.into(),
+        name: "counter".into(),
+        key: key.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_whose_key_has_a_row_is_answered_without_a_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, writer, handle) = writer_with_actor_at(&dir, Durability::Full).await;
+    let transactions = writer.stats().transactions.load(Ordering::Relaxed);
+    let (found, created) = handle
+        .create_actor(record("a2", "k"), None, CreateMode::GetOrCreate)
+        .await
+        .unwrap();
+    assert_eq!((found.id.as_str(), created), ("a1", false));
+    let err = handle
+        .create_actor(record("a3", "k"), None, CreateMode::Create)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "already_exists");
+    assert_eq!(
+        writer.stats().transactions.load(Ordering::Relaxed),
+        transactions,
+        "neither needed a commit"
+    );
+    let (made, created) = handle
+        .create_actor(record("a4", "other"), None, CreateMode::GetOrCreate)
+        .await
+        .unwrap();
+    assert_eq!((made.id.as_str(), created), ("a4", true));
+    assert_eq!(
+        writer.stats().transactions.load(Ordering::Relaxed),
+        transactions + 1
+    );
+    writer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_batched_behind_the_delete_of_its_key_makes_a_new_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer, handle) = writer_with_actor(&dir).await;
+    handle.shared_queue().forget_last_batch();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let Burst { first, go, .. } = burst(&handle, &log);
+    // Both queue behind the held commit, so they are applied as one batch.
+    let (deleted_tx, deleted) = mpsc::channel();
+    handle
+        .send(super::WriteOp::DeleteActor {
+            actor_id: "a1".into(),
+            release: Box::new(move |result| deleted_tx.send(result.is_ok()).unwrap()),
+        })
+        .unwrap();
+    let (reply, created) = tokio::sync::oneshot::channel();
+    handle
+        .send(super::WriteOp::CreateActor {
+            record: record("a2", "k"),
+            input: None,
+            mode: CreateMode::GetOrCreate,
+            reply,
+        })
+        .unwrap();
+    go.send(()).unwrap();
+    first.join().unwrap();
+    let (made, was_created) = created.await.unwrap().unwrap();
+    assert!(deleted.recv().unwrap());
+    assert_eq!((made.id.as_str(), was_created), ("a2", true));
+    assert_eq!(store.find_by_key("counter", "k").unwrap().unwrap().id, "a2");
+    writer.close().await;
+}
