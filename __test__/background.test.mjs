@@ -74,7 +74,7 @@ const lateLooker = actor({
     lateLook.resolve({ aborted: signal.aborted, reason: signal.reason, same: signal === c.abortSignal, flag: c.aborted });
   },
   actions: {
-    // The context's methods are its own functions: they work taken off it.
+    // The context's methods are made for its instance (on first use): they work taken off it.
     nap: (c) => {
       const { sleep, broadcast, log } = c;
       broadcast("napping", 1);

@@ -104,6 +104,7 @@ interface RawSocketEntry {
 
 interface Instance {
   readonly def: AnyActorDefinition;
+  readonly identity: Identity;
   readonly ctx: ActorContext<unknown, unknown>;
   state: unknown;
   vars: unknown;
@@ -137,6 +138,16 @@ interface Instance {
   dbToken: number | undefined;
 }
 
+/** Who an instance is: `c.actorId`, `c.name` and `c.key`. */
+interface Identity {
+  readonly actorId: string;
+  readonly name: string;
+  readonly key: readonly string[];
+}
+
+/** `c`'s methods and method groups, made for an instance when its code first uses one. */
+type ContextMethods = ReturnType<JsHost["contextMethods"]>;
+
 /** Marks the instance as stopping for `reason`, aborting its `c.abortSignal` if it made one. */
 function stopInstance(instance: Instance, reason: unknown): void {
   if (instance.stopReason !== undefined) return;
@@ -153,9 +164,61 @@ function stopInstance(instance: Instance, reason: unknown): void {
  */
 class ContextAccessors {
   readonly #instance: Instance;
+  readonly #host: JsHost;
+  #methods: ContextMethods | undefined;
 
-  constructor(instance: Instance) {
+  constructor(instance: Instance, host: JsHost) {
     this.#instance = instance;
+    this.#host = host;
+  }
+
+  /** The methods, made on first use: most calls of most actors touch only `c.state`. */
+  #made(): ContextMethods {
+    return (this.#methods ??= this.#host.contextMethods(this.#instance));
+  }
+
+  get log(): ContextMethods["log"] {
+    return this.#made().log;
+  }
+
+  get kv(): ContextMethods["kv"] {
+    return this.#made().kv;
+  }
+
+  get schedule(): ContextMethods["schedule"] {
+    return this.#made().schedule;
+  }
+
+  get conns(): ContextMethods["conns"] {
+    return this.#made().conns;
+  }
+
+  get broadcast(): ContextMethods["broadcast"] {
+    return this.#made().broadcast;
+  }
+
+  get sleep(): ContextMethods["sleep"] {
+    return this.#made().sleep;
+  }
+
+  get destroy(): ContextMethods["destroy"] {
+    return this.#made().destroy;
+  }
+
+  get client(): ContextMethods["client"] {
+    return this.#made().client;
+  }
+
+  get db(): ContextMethods["db"] {
+    return this.#made().db;
+  }
+
+  get keepAwake(): ContextMethods["keepAwake"] {
+    return this.#made().keepAwake;
+  }
+
+  get waitUntil(): ContextMethods["waitUntil"] {
+    return this.#made().waitUntil;
   }
 
   get state(): unknown {
@@ -361,7 +424,7 @@ export class JsHost {
       input = decodeClientPayload(invocation.input, invocation.inputEncoding, "creation input");
       instance.state =
         config.createState !== undefined
-          ? await config.createState(Object.freeze({ ...identity, log: instance.ctx.log }), input)
+          ? await config.createState(Object.freeze({ ...identity, log: createActorLog(this, identity) }), input)
           : config.state === undefined
             ? null
             : structuredClone(config.state);
@@ -787,10 +850,10 @@ export class JsHost {
     };
   }
 
-  private newInstance(def: AnyActorDefinition, identity: { actorId: string; name: string; key: readonly string[] }): Instance {
-    const host = this;
+  private newInstance(def: AnyActorDefinition, identity: Identity): Instance {
     const instance: Instance = {
       def,
+      identity,
       state: undefined,
       vars: undefined,
       snapshot: NO_SNAPSHOT,
@@ -807,6 +870,18 @@ export class JsHost {
       dbToken: undefined,
       ctx: undefined as never,
     };
+    // Own properties: only the identity, the same for every instance, over one shared
+    // prototype with the accessors and the methods: every context shares one hidden class,
+    // and its methods are made when its code first uses one (see `ContextAccessors`).
+    const ctx = Object.assign(new ContextAccessors(instance, this), identity);
+    (instance as { ctx: unknown }).ctx = Object.freeze(ctx);
+    return instance;
+  }
+
+  /** `c`'s methods for `instance` (`ContextAccessors` asks once, on the first use of one). */
+  contextMethods(instance: Instance) {
+    const host = this;
+    const { def, identity } = instance;
     const actions = def.config.actions as Record<string, unknown>;
     // `at` is absolute; `after` goes to core as a delay, which core resolves on its own clock
     // (the one that fires schedules) when it takes the call's effects. Until then `list()`
@@ -831,10 +906,7 @@ export class JsHost {
     };
     // The in-process client of `c.client()`, made on first use.
     let actorClient: Client<RegistryLike> | undefined;
-    // The same own properties in the same order for every instance, over one shared
-    // prototype with the accessors: every context shares one hidden class.
-    const ctx = Object.assign(new ContextAccessors(instance), {
-      ...identity,
+    return {
       log: createActorLog(host, identity),
       kv: {
         async get(key: KvKey) {
@@ -928,9 +1000,7 @@ export class JsHost {
         instance.background.add(settled);
         void settled.finally(() => instance.background.delete(settled));
       },
-    });
-    (instance as { ctx: unknown }).ctx = Object.freeze(ctx);
-    return instance;
+    };
   }
 
   private push(completion: Completion): void {
