@@ -25,6 +25,7 @@ pub mod conn;
 pub(crate) mod hibernation;
 pub(crate) mod outbox;
 pub(crate) mod schedules;
+pub(crate) mod signals;
 pub(crate) mod task;
 
 use std::collections::HashMap;
@@ -32,13 +33,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::actor::conn::ConnHandle;
 use crate::actor::hibernation::Hibernated;
 use crate::actor::schedules::{Alarms, Firing};
+use crate::actor::signals::TaskSignals;
 use crate::clock::Clock;
 use crate::config::{Limits, RuntimeConfig};
 use crate::error::{DbError, Error, Result};
@@ -180,13 +182,11 @@ pub(crate) struct ActorHandle {
     /// created and keeps it while the actor lives, so each slot is a pointer rather than the
     /// largest message inline (see [`Mail`]).
     tx: mpsc::Sender<Mail>,
-    /// Becomes `true` once the task has stopped and left the live set.
-    stopped: watch::Receiver<bool>,
+    /// Says when the task has stopped and left the live set, and holds the open keep-awake
+    /// holds, which the task watches (see [`ActorHandle::keep_awake`]).
+    signals: Arc<TaskSignals>,
     /// Commits sent to the writer and not yet durable.
     pending_commits: Arc<AtomicUsize>,
-    /// The open keep-awake holds, shared with the task, which watches it (see
-    /// [`ActorHandle::keep_awake`]).
-    holds: Arc<watch::Sender<usize>>,
     /// The task's own stop token (a child of the drain token): cancelling it makes the task
     /// stop for the reason in `stop_reason`, as the drain does.
     stop: CancellationToken,
@@ -222,26 +222,18 @@ impl ActorHandle {
     /// for being idle; closing the last one starts its idle time afresh. Closing more holds
     /// than were opened is ignored.
     pub(crate) fn keep_awake(&self, held: bool) {
-        self.holds.send_modify(|count| {
-            *count = if held {
-                count.saturating_add(1)
-            } else {
-                count.saturating_sub(1)
-            }
-        });
+        self.signals.change_holds(held);
     }
 
     /// Resolves once the task has stopped and left the live set.
     pub(crate) async fn wait_stopped(&self) {
-        let mut stopped = self.stopped.clone();
-        // An error means the task is gone, which is what we wait for.
-        let _ = stopped.wait_for(|stopped| *stopped).await;
+        self.signals.wait_stopped().await;
     }
 
     /// Whether the task has ended: it signalled `stopped`, or it is gone without signalling
     /// (a panic in user-facing code unwinds the task).
     pub(crate) fn has_exited(&self) -> bool {
-        *self.stopped.borrow() || self.stopped.has_changed().is_err()
+        self.signals.is_stopped()
     }
 
     /// Whether the task has begun to stop (its mailbox is closed) or has ended.
@@ -371,7 +363,7 @@ impl ActorEnv {
 pub(crate) trait Lifecycle: Send + Sync + 'static {
     /// The actor is being destroyed: requests by its key wait until `stopped` turns `true`.
     /// Called before the destroying call's reply is released.
-    fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: watch::Receiver<bool>);
+    fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: Arc<TaskSignals>);
     /// The actor's key no longer resolves to it (its row is gone, or its creation failed).
     fn forget_key(&self, info: &ActorInfo);
     /// The task tagged `generation` has stopped and flushed: drop it from the live set,

@@ -23,12 +23,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::actor::conn::{self, close, ConnHandle};
 use crate::actor::outbox::Outbox;
+use crate::actor::signals::StopSignal;
 use crate::actor::{ActorEnv, ActorHandle, Command, Lifecycle, Mail};
 use crate::actor_type::ActorType;
 use crate::actor_type::DbConfig;
@@ -60,8 +61,9 @@ pub(crate) struct ActorTask {
     force: CancellationToken,
     /// Tells this task's entry in the live set apart from a later task for the same actor.
     generation: u64,
-    /// Set to `true` when the task has stopped; handles wait on it before retrying.
-    stopped: watch::Sender<bool>,
+    /// Signals the handles (and the directory) that the task has stopped; handles wait on it
+    /// before retrying. Shares the keep-awake holds with them too (see `signals.rs`).
+    stopped: StopSignal,
     /// Shared with the handles; counts commits not yet durable.
     pending_commits: Arc<AtomicUsize>,
     /// Travels with every commit; the writer sets it when one of the instance's commits
@@ -92,9 +94,6 @@ pub(crate) struct ActorTask {
     /// Where commits' releases hand over what leaves for clients; started with the first
     /// connection, and from then on used by every release of the task (see `outbox.rs`).
     outbox: Option<Outbox>,
-    /// How many keep-awake holds (`c.keepAwake` in JS) are open; shared with the handles,
-    /// which change it. While it is above zero the actor does not sleep for being idle.
-    holds: Arc<watch::Sender<usize>>,
     /// The instance's SQL database, for a type with one: opened by each start, closed when
     /// the instance is discarded or the task stops.
     db: Option<Arc<dyn ActorDb>>,
@@ -113,9 +112,8 @@ impl ActorTask {
         generation: u64,
     ) -> (ActorTask, ActorHandle) {
         let (tx, rx) = mpsc::channel(env.limits.max_mailbox_len);
-        let (stopped, stopped_rx) = watch::channel(false);
+        let (stopped, signals) = StopSignal::new();
         let pending_commits = Arc::new(AtomicUsize::new(0));
-        let holds = Arc::new(watch::channel(0).0);
         let stop = env.stop.child_token();
         let stop_reason = Arc::new(parking_lot::Mutex::new(None));
         let task = ActorTask {
@@ -140,16 +138,14 @@ impl ActorTask {
             conn_writes: Vec::new(),
             raw_sockets: HashMap::new(),
             outbox: None,
-            holds: holds.clone(),
             db: None,
             db_change: parking_lot::Mutex::new(None),
         };
         let handle = ActorHandle {
             info,
             tx,
-            stopped: stopped_rx,
+            signals,
             pending_commits,
-            holds,
             stop,
             stop_reason,
         };
@@ -301,7 +297,7 @@ impl ActorTask {
             .sleep_timeout
             .unwrap_or(self.env.sleep_timeout);
         let mut idle_deadline = Instant::now() + idle;
-        let mut holds = self.holds.subscribe();
+        let signals = self.stopped.shared().clone();
         loop {
             tokio::select! {
                 // Lifecycle first: once the drain begins, take no new messages but finish the
@@ -319,9 +315,9 @@ impl ActorTask {
                     }
                     None => return self.stopping.or(Some(StopReason::Shutdown)),
                 },
-                // A keep-awake hold opened or closed: the idle time counts from now. The task
-                // holds a sender itself, so this never reports a closed channel.
-                Ok(()) = holds.changed() => {
+                // A keep-awake hold (`c.keepAwake` in JS) opened or closed: the idle time
+                // counts from now.
+                _ = signals.holds_changed() => {
                     idle_deadline = Instant::now() + idle;
                 }
                 // A restored connection was not resumed in its window: it closed for good.
@@ -356,7 +352,7 @@ impl ActorTask {
             // Requests by key wait for this task to leave from now on, before the destroying
             // call's reply is released, so the key is free once that reply is out.
             self.lifecycle
-                .mark_dying(&self.info, self.stopped.subscribe());
+                .mark_dying(&self.info, self.stopped.shared().clone());
             self.stopping = Some(reason);
             self.close_and_fail(|| Error::ActorNotFound);
             return;
@@ -374,7 +370,7 @@ impl ActorTask {
         (self.conns.is_empty() || self.actor_type.hibernatable_conns)
             && self.detached.is_empty()
             && self.raw_sockets.is_empty()
-            && *self.holds.borrow() == 0
+            && self.stopped.shared().holds() == 0
     }
 
     /// Hands effects to the writer. `release` runs once they are durable; schedule changes
@@ -793,7 +789,7 @@ impl ActorTask {
     /// Leaves the live set and wakes the callers waiting to retry.
     fn exit(self) {
         self.lifecycle.left(&self.info.id, self.generation);
-        self.stopped.send_replace(true);
+        self.stopped.signal();
     }
 }
 

@@ -28,8 +28,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
+use crate::actor::signals::TaskSignals;
 use parking_lot::Mutex;
-use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -146,7 +146,7 @@ impl Activation for OnDemand {
 }
 
 impl Lifecycle for OnDemand {
-    fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: watch::Receiver<bool>) {
+    fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: Arc<TaskSignals>) {
         self.directory.mark_dying(info, stopped);
     }
 
@@ -386,7 +386,7 @@ impl Activation for Driven {
 }
 
 impl Lifecycle for Driven {
-    fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: watch::Receiver<bool>) {
+    fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: Arc<TaskSignals>) {
         if let Some(entry) = self.owned.lock().get_mut(&info.id) {
             entry.destroyed = true;
         }

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::watch;
 
+use crate::actor::signals::TaskSignals;
 use crate::actor_type::ActorTypes;
 use crate::config::Limits;
 use crate::error::{Error, Result};
@@ -34,7 +34,7 @@ struct Known {
     /// Set once the actor is being destroyed: becomes `true` when its task has left, after
     /// its row was deleted. A request by key that meets it waits for that, then resolves
     /// afresh, so the key is free as soon as the destroying call's reply is out.
-    dying: Option<watch::Receiver<bool>>,
+    dying: Option<Arc<TaskSignals>>,
 }
 
 /// Resolved keys of live (or just-resolved) actors, by type name then canonical key.
@@ -166,15 +166,14 @@ impl Directory {
 
     /// Waits until a dying actor's task has left, and forgets its key (it has normally done
     /// so itself; not if its task died in a panic).
-    async fn wait_gone(&self, info: &ActorInfo, mut dying: watch::Receiver<bool>) {
-        // An error means the task is gone, which is what we wait for.
-        let _ = dying.wait_for(|gone| *gone).await;
+    async fn wait_gone(&self, info: &ActorInfo, dying: Arc<TaskSignals>) {
+        dying.wait_stopped().await;
         self.forget_key(info);
     }
 
     /// Marks a key whose actor is being destroyed, before the destroying call's reply is
     /// released: requests by key wait until `stopped` says the task has left.
-    pub(crate) fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: watch::Receiver<bool>) {
+    pub(crate) fn mark_dying(&self, info: &Arc<ActorInfo>, stopped: Arc<TaskSignals>) {
         let entry = Known {
             info: info.clone(),
             dying: Some(stopped),
