@@ -159,24 +159,29 @@ impl ActorTask {
     /// heap, made when they begin and freed when they end: an actor's task holds only what
     /// waiting for its next message needs (the largest of those steps, inline, would make
     /// every idle actor carry kilobytes it is not using).
-    pub(crate) async fn run(mut self) {
-        if let Err(err) = Box::pin(self.start()).await {
-            tracing::warn!(error = %err, "actor failed to start");
-            self.close_and_fail(|| err.duplicate());
-            self.close_sockets(close::GOING_AWAY, "actor failed to start");
-            self.close_db().await;
-            self.exit();
-            return;
-        }
-        tracing::debug!("actor started");
-        match self.serve().await {
-            Some(reason) => Box::pin(self.finish(reason)).await,
-            None => {
-                self.close_and_fail(|| Error::RegistryShutDown);
-                self.close_sockets(close::GOING_AWAY, "server shutting down");
-                tracing::debug!("actor abandoned by a forced drain");
-                self.close_db().await;
-                self.exit();
+    pub(crate) fn run(self) -> impl std::future::Future<Output = ()> + Send {
+        // An `async fn` would keep `self` twice in its future (the argument and the local it
+        // is moved into); a block captures it once.
+        let mut task = self;
+        async move {
+            if let Err(err) = Box::pin(task.start()).await {
+                tracing::warn!(error = %err, "actor failed to start");
+                task.close_and_fail(|| err.duplicate());
+                task.close_sockets(close::GOING_AWAY, "actor failed to start");
+                task.close_db().await;
+                task.exit();
+                return;
+            }
+            tracing::debug!("actor started");
+            match task.serve().await {
+                Some(reason) => Box::pin(task.finish(reason)).await,
+                None => {
+                    task.close_and_fail(|| Error::RegistryShutDown);
+                    task.close_sockets(close::GOING_AWAY, "server shutting down");
+                    tracing::debug!("actor abandoned by a forced drain");
+                    task.close_db().await;
+                    task.exit();
+                }
             }
         }
     }
@@ -299,6 +304,10 @@ impl ActorTask {
         let mut idle_deadline = Instant::now() + idle;
         let signals = self.stopped.shared().clone();
         loop {
+            let deadline = match self.stopping {
+                None => self.next_deadline(idle_deadline),
+                Some(_) => None,
+            };
             tokio::select! {
                 // Lifecycle first: once the drain begins, take no new messages but finish the
                 // queued ones, which were already accepted.
@@ -320,17 +329,18 @@ impl ActorTask {
                 _ = signals.holds_changed() => {
                     idle_deadline = Instant::now() + idle;
                 }
-                // A restored connection was not resumed in its window: it closed for good.
-                _ = tokio::time::sleep_until(
-                    self.detached.values().min().copied().unwrap_or_else(Instant::now)
-                ), if self.stopping.is_none() && !self.detached.is_empty() => {
-                    Box::pin(self.expire_detached()).await;
-                    idle_deadline = Instant::now() + idle;
-                }
-                // Idle for the whole sleep timeout, with nobody connected (or only
-                // hibernatable connections): sleep.
-                _ = tokio::time::sleep_until(idle_deadline), if self.stopping.is_none() && self.is_unattended() => {
-                    self.begin_stopping(StopReason::Sleep);
+                // One timer (each awake actor carries it inline) for the sooner of two: a
+                // restored connection not resumed in its window closes for good; idle for the
+                // whole sleep timeout, with nobody connected (or only hibernatable
+                // connections), the actor sleeps.
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    let now = Instant::now();
+                    if self.detached.values().any(|deadline| *deadline <= now) {
+                        Box::pin(self.expire_detached()).await;
+                        idle_deadline = Instant::now() + idle;
+                    } else if self.is_unattended() && idle_deadline <= now {
+                        self.begin_stopping(StopReason::Sleep);
+                    }
                 }
             }
             if self.force.is_cancelled() {
@@ -361,6 +371,14 @@ impl ActorTask {
             self.stopping = Some(reason);
             self.rx.close();
         }
+    }
+
+    /// When the serve loop's timer is due: the first restored connection's window ends, or
+    /// (while nothing keeps the actor awake) `idle_deadline`.
+    fn next_deadline(&self, idle_deadline: Instant) -> Option<Instant> {
+        let detached = self.detached.values().min().copied();
+        let idle = self.is_unattended().then_some(idle_deadline);
+        detached.into_iter().chain(idle).min()
     }
 
     /// Whether no client and no keep-awake hold keeps the actor awake. Hibernatable
