@@ -23,6 +23,7 @@
 
 pub mod conn;
 pub(crate) mod hibernation;
+pub(crate) mod mailbox;
 pub(crate) mod outbox;
 pub(crate) mod schedules;
 pub(crate) mod signals;
@@ -33,12 +34,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::actor::conn::ConnHandle;
 use crate::actor::hibernation::Hibernated;
+use crate::actor::mailbox::{MailSender, TrySend};
 use crate::actor::schedules::{Alarms, Firing};
 use crate::actor::signals::TaskSignals;
 use crate::clock::Clock;
@@ -112,10 +114,9 @@ pub(crate) enum Command {
     },
 }
 
-/// A message in an actor's mailbox. Boxed, so that a mailbox's slots are one pointer each:
-/// tokio's channel allocates a block of 32 slots for every actor as it starts, which with
-/// [`Command`] inline (a few hundred bytes) was several KiB per awake actor, most of it never
-/// used (an actor rarely has more than one message queued).
+/// A message in an actor's mailbox. Boxed, so that a mailbox slot is one pointer: the queue
+/// keeps the room it grew to until it empties (see `mailbox.rs`), and [`Command`] inline is a
+/// few hundred bytes.
 pub(crate) type Mail = Box<Command>;
 
 /// Where an action's outcome goes.
@@ -178,10 +179,8 @@ pub(crate) struct ActorHandle {
     /// Who the actor is.
     pub(crate) info: Arc<ActorInfo>,
     /// The actor's mailbox; the task closes it when it begins to stop and drops it on exit.
-    /// Messages travel boxed: the channel allocates its first block of slots when it is
-    /// created and keeps it while the actor lives, so each slot is a pointer rather than the
-    /// largest message inline (see [`Mail`]).
-    tx: mpsc::Sender<Mail>,
+    /// Messages travel boxed (see [`Mail`]).
+    tx: MailSender<Mail>,
     /// Says when the task has stopped and left the live set, and holds the open keep-awake
     /// holds, which the task watches (see [`ActorHandle::keep_awake`]).
     signals: Arc<TaskSignals>,
@@ -202,13 +201,13 @@ impl ActorHandle {
     pub(crate) fn try_deliver(&self, command: Command) -> Result<(), Box<(Error, Command)>> {
         self.tx.try_send(Box::new(command)).map_err(|err| {
             Box::new(match err {
-                mpsc::error::TrySendError::Full(command) => (
+                TrySend::Full(command) => (
                     Error::ActorOverloaded {
                         capacity: self.tx.max_capacity(),
                     },
                     *command,
                 ),
-                mpsc::error::TrySendError::Closed(command) => (Error::ActorStopped, *command),
+                TrySend::Closed(command) => (Error::ActorStopped, *command),
             })
         })
     }
@@ -373,7 +372,7 @@ pub(crate) trait Lifecycle: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
-    /// Every awake actor's mailbox holds 32 slots from its start; each must stay one pointer.
+    /// A mailbox's slots are kept while it holds messages; each must stay one pointer.
     #[test]
     fn a_mailbox_slot_is_one_pointer() {
         assert_eq!(

@@ -23,11 +23,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::actor::conn::{self, close, ConnHandle};
+use crate::actor::mailbox::{mailbox, MailReceiver};
 use crate::actor::outbox::Outbox;
 use crate::actor::signals::StopSignal;
 use crate::actor::{ActorEnv, ActorHandle, Command, Lifecycle, Mail};
@@ -51,7 +51,7 @@ pub(crate) struct ActorTask {
     /// The directory that started this task, told when the task stops or is destroyed.
     lifecycle: Arc<dyn Lifecycle>,
     /// The mailbox; every [`ActorHandle`] holds a sender.
-    rx: mpsc::Receiver<Mail>,
+    rx: MailReceiver<Mail>,
     /// A child of the runtime's stop token: cancelled when the graceful drain begins, or
     /// when a handle asks the task to stop (`ActorHandle::request_stop`).
     stop: CancellationToken,
@@ -111,7 +111,7 @@ impl ActorTask {
         lifecycle: Arc<dyn Lifecycle>,
         generation: u64,
     ) -> (ActorTask, ActorHandle) {
-        let (tx, rx) = mpsc::channel(env.limits.max_mailbox_len);
+        let (tx, rx) = mailbox(env.limits.max_mailbox_len);
         let (stopped, signals) = StopSignal::new();
         let pending_commits = Arc::new(AtomicUsize::new(0));
         let stop = env.stop.child_token();
@@ -799,7 +799,7 @@ impl ActorTask {
     /// Closes the mailbox and fails whatever is queued.
     fn close_and_fail(&mut self, err: impl Fn() -> Error) {
         self.rx.close();
-        while let Ok(command) = self.rx.try_recv() {
+        while let Some(command) = self.rx.try_recv() {
             (*command).fail(err());
         }
     }
