@@ -148,6 +148,13 @@ interface Identity {
 /** `c`'s methods and method groups, made for an instance when its code first uses one. */
 type ContextMethods = ReturnType<JsHost["contextMethods"]>;
 
+/** The members of `ContextMethods`, each a getter on `c`'s prototype. */
+const CONTEXT_METHODS = ["log", "kv", "schedule", "conns", "broadcast", "sleep", "destroy", "client", "db", "keepAwake", "waitUntil"] as const satisfies readonly (keyof ContextMethods)[];
+/** Every member of `ContextMethods` has its getter (this fails to compile otherwise). */
+type MissingContextGetters = Exclude<keyof ContextMethods, (typeof CONTEXT_METHODS)[number]>;
+const everyMethodHasAGetter: [MissingContextGetters] extends [never] ? true : never = true;
+void everyMethodHasAGetter;
+
 /** Marks the instance as stopping for `reason`, aborting its `c.abortSignal` if it made one. */
 function stopInstance(instance: Instance, reason: unknown): void {
   if (instance.stopReason !== undefined) return;
@@ -177,48 +184,16 @@ class ContextAccessors {
     return (this.#methods ??= this.#host.contextMethods(this.#instance));
   }
 
-  get log(): ContextMethods["log"] {
-    return this.#made().log;
-  }
-
-  get kv(): ContextMethods["kv"] {
-    return this.#made().kv;
-  }
-
-  get schedule(): ContextMethods["schedule"] {
-    return this.#made().schedule;
-  }
-
-  get conns(): ContextMethods["conns"] {
-    return this.#made().conns;
-  }
-
-  get broadcast(): ContextMethods["broadcast"] {
-    return this.#made().broadcast;
-  }
-
-  get sleep(): ContextMethods["sleep"] {
-    return this.#made().sleep;
-  }
-
-  get destroy(): ContextMethods["destroy"] {
-    return this.#made().destroy;
-  }
-
-  get client(): ContextMethods["client"] {
-    return this.#made().client;
-  }
-
-  get db(): ContextMethods["db"] {
-    return this.#made().db;
-  }
-
-  get keepAwake(): ContextMethods["keepAwake"] {
-    return this.#made().keepAwake;
-  }
-
-  get waitUntil(): ContextMethods["waitUntil"] {
-    return this.#made().waitUntil;
+  static {
+    // `c.log`, `c.kv`, …: each a getter of the bundle, defined once for every context.
+    for (const name of CONTEXT_METHODS) {
+      Object.defineProperty(ContextAccessors.prototype, name, {
+        get(this: ContextAccessors) {
+          return this.#made()[name];
+        },
+        configurable: true,
+      });
+    }
   }
 
   get state(): unknown {
