@@ -131,7 +131,7 @@ export async function memory() {
   // engine, Node's own allocations) and mapped files.
   const breakdown = (to, from) => {
     const out = {};
-    for (const field of ["rss", "rssAnon", "rssFile", "heapTotal", "heapUsed", "external"]) out[field] = perActor(to, from, field);
+    for (const field of ["rss", "rssAnon", "rssFile", "heapTotal", "heapUsed", "newSpace", "external"]) out[field] = perActor(to, from, field);
     out.anonOutsideV8Heap = Math.round((to.rssAnon - to.heapTotal - (from.rssAnon - from.heapTotal)) / n);
     return out;
   };
@@ -142,6 +142,10 @@ export async function memory() {
     probes: { base, asleep, awake, napped },
     bytesPerActor: {
       asleep: perActor(asleep, base, "rss"),
+      // The same, less what V8's young generation grew by over the wave: it grows (up to 16
+      // MB per semi-space) under the wave's traffic whatever the number of actors, and may
+      // finish growing in this wave rather than in the warm-up.
+      asleepBesidesYoung: Math.round((asleep.rss - asleep.newSpace - (base.rss - base.newSpace)) / n),
       awake: perActor(awake, asleep, "rss"),
       // What stays in the process after the awake ones slept too (allocator and V8 pools).
       napped: perActor(napped, asleep, "rss"),

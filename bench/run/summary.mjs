@@ -75,6 +75,7 @@ function summarizeLifecycle(name, rounds, summary) {
       bytesPerActor: {
         awake: Math.round(median(rounds.map((r) => r.bytesPerActor.awake))),
         asleep: Math.round(median(rounds.map((r) => r.bytesPerActor.asleep))),
+        asleepBesidesYoung: Math.round(median(rounds.map((r) => r.bytesPerActor.asleepBesidesYoung))),
         napped: Math.round(median(rounds.map((r) => r.bytesPerActor.napped))),
       },
       bytesPerActorRange: {

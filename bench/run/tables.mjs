@@ -84,6 +84,7 @@ function printLifecycleTable(summary) {
     const m = summary.memory;
     rows.push(["memory", "RSS bytes/actor, awake", String(m.bytesPerActor.awake), "", "", yes(m)]);
     rows.push(["memory", "RSS bytes/actor, asleep", String(m.bytesPerActor.asleep), "", "", yes(m)]);
+    rows.push(["memory", "… less V8 young-generation growth", String(m.bytesPerActor.asleepBesidesYoung), "", "", yes(m)]);
     rows.push(["memory", "RSS bytes/actor, awake then asleep", String(m.bytesPerActor.napped), "", "", yes(m)]);
   }
   if (summary.alarms) {

@@ -10,11 +10,12 @@
 //
 // With KEEL_BENCH_PROBE=1 it also answers `GET /probe` on a second, plain node:http listener
 // (127.0.0.1, port `probePort`): `{live, rss, vmRss, rssAnon, rssFile, rssShmem, heapTotal,
-// heapUsed, external}`, where `live` is `registry.liveActors`, the rss* fields come from
-// /proc/self/status, and with `?gc=1` the figures are read after a full GC (the process must
+// heapUsed, newSpace, external}`, where `live` is `registry.liveActors`, `newSpace` is what V8
+// holds for its young generation, the rss* fields come from /proc/self/status, and with `?gc=1` the figures are read after a full GC (the process must
 // run with --expose-gc). The probe is not an actor, so asking never wakes one or counts as one.
 
 import http from "node:http";
+import v8 from "node:v8";
 import { readFileSync } from "node:fs";
 import { actions, initialState } from "./counter.mjs";
 import * as lifecycle from "./lifecycle.mjs";
@@ -74,7 +75,8 @@ function startProbe() {
       globalThis.gc();
     }
     const { rss, heapTotal, heapUsed, external } = process.memoryUsage();
-    const body = JSON.stringify({ live: registry.liveActors, rss, ...status(), heapTotal, heapUsed, external, gc: Boolean(globalThis.gc) });
+    const newSpace = v8.getHeapSpaceStatistics().find((space) => space.space_name === "new_space")?.space_size ?? 0;
+    const body = JSON.stringify({ live: registry.liveActors, rss, ...status(), heapTotal, heapUsed, newSpace, external, gc: Boolean(globalThis.gc) });
     res.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body) }).end(body);
   });
   server.keepAliveTimeout = 60_000;
