@@ -482,8 +482,9 @@ impl WriterThread {
     /// Answers the creations whose key already has a row, outside any transaction: that row
     /// is committed (this thread is the only writer), so its caller waits for no commit and
     /// no sync. Skipped while the connection is not in autocommit (a batch failed and could
-    /// not be rolled back) and for a batch that deletes an actor, whose row must not be handed
-    /// out before the delete. A lookup that fails leaves its op to the transaction, which
+    /// not be rolled back), once damage has been seen (the transaction refuses the batch with
+    /// `storage.corrupt`, as every read is refused), and for a batch that deletes an actor,
+    /// whose row must not be handed out before the delete. A lookup that fails leaves its op to the transaction, which
     /// reports the error as it always did.
     fn answer_existing_keys(&mut self, batch: &mut Vec<WriteOp>) {
         let creates = batch
@@ -492,7 +493,7 @@ impl WriterThread {
         let deletes = batch
             .iter()
             .any(|op| matches!(op, WriteOp::DeleteActor { .. }));
-        if !creates || deletes || !self.conn.is_autocommit() {
+        if !creates || deletes || !self.conn.is_autocommit() || self.integrity.check().is_err() {
             return;
         }
         let conn = &self.conn;

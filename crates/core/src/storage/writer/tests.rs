@@ -341,3 +341,18 @@ async fn a_creation_batched_behind_the_delete_of_its_key_makes_a_new_row() {
     assert_eq!(store.find_by_key("counter", "k").unwrap().unwrap().id, "a2");
     writer.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_damage_is_seen_a_creation_of_an_existing_key_is_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer, handle) = writer_with_actor(&dir).await;
+    store
+        .integrity()
+        .observe(crate::error::Error::corrupt("seen by a test"));
+    let err = handle
+        .create_actor(record("a2", "k"), None, CreateMode::GetOrCreate)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "corrupt");
+    writer.close().await;
+}
