@@ -221,8 +221,7 @@ impl Storage for EngineStorage {
         mode: CreateMode,
     ) -> Result<(ActorRecord, bool)> {
         match self.find_by_key(&record.name, &record.key).await? {
-            Some(_) if mode == CreateMode::Create => Err(Error::ActorAlreadyExists),
-            Some(found) => Ok((found, false)),
+            Some(found) => mode.answer_existing(found),
             None => Err(Error::ActorNotFound),
         }
     }

@@ -298,6 +298,16 @@ pub enum CreateMode {
     GetOrCreate,
 }
 
+impl CreateMode {
+    /// What a creation in this mode answers when the key already has the actor `found`.
+    pub fn answer_existing(self, found: ActorRecord) -> Result<(ActorRecord, bool)> {
+        match self {
+            CreateMode::Create => Err(Error::ActorAlreadyExists),
+            CreateMode::GetOrCreate => Ok((found, false)),
+        }
+    }
+}
+
 /// What happens to a schedule after one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {

@@ -484,8 +484,8 @@ impl WriterThread {
     /// no sync. Skipped while the connection is not in autocommit (a batch failed and could
     /// not be rolled back), once damage has been seen (the transaction refuses the batch with
     /// `storage.corrupt`, as every read is refused), and for a batch that deletes an actor,
-    /// whose row must not be handed out before the delete. A lookup that fails leaves its op to the transaction, which
-    /// reports the error as it always did.
+    /// whose row must not be handed out before the delete. A lookup that fails leaves its op
+    /// to the transaction, which reports the error as it always did.
     fn answer_existing_keys(&mut self, batch: &mut Vec<WriteOp>) {
         let creates = batch
             .iter()
@@ -511,12 +511,8 @@ impl WriterThread {
             };
             match crate::storage::store::actor_id_by_key(conn, &record.name, &record.key) {
                 Ok(Some(id)) => {
-                    let answer = match mode {
-                        CreateMode::Create => Err(Error::ActorAlreadyExists),
-                        CreateMode::GetOrCreate => Ok((ActorRecord { id, ..record }, false)),
-                    };
                     // The caller may have given up waiting; nothing was written for it.
-                    let _ = reply.send(answer);
+                    let _ = reply.send(mode.answer_existing(ActorRecord { id, ..record }));
                 }
                 Ok(None) | Err(_) => kept.push(WriteOp::CreateActor {
                     record,
@@ -778,10 +774,7 @@ fn create_actor(
 ) -> Result<(ActorRecord, bool)> {
     let existing = crate::storage::store::actor_id_by_key(tx, &record.name, &record.key)?;
     if let Some(id) = existing {
-        return match mode {
-            CreateMode::Create => Err(Error::ActorAlreadyExists),
-            CreateMode::GetOrCreate => Ok((ActorRecord { id, ..record }, false)),
-        };
+        return mode.answer_existing(ActorRecord { id, ..record });
     }
     let (input, encoding) = match input {
         Some(payload) => (Some(payload.bytes), Some(payload.encoding.as_str())),
