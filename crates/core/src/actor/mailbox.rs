@@ -50,6 +50,17 @@ struct Queue<T> {
     senders: usize,
 }
 
+impl<T> Queue<T> {
+    /// The first message, if any; an emptied queue gives back room grown past [`KEPT_SLOTS`].
+    fn pop(&mut self) -> Option<T> {
+        let mail = self.mail.pop_front();
+        if self.mail.is_empty() && self.mail.capacity() > KEPT_SLOTS {
+            self.mail = VecDeque::new();
+        }
+        mail
+    }
+}
+
 struct Shared<T> {
     queue: Mutex<Queue<T>>,
     /// Wakes the receiver: a message arrived, or the last sender left. Its stored permit
@@ -142,12 +153,12 @@ impl<T> MailReceiver<T> {
     /// empty. Cancel-safe.
     pub(crate) async fn recv(&mut self) -> Option<T> {
         loop {
-            if let Some(mail) = self.take() {
-                return Some(mail);
-            }
             {
-                let queue = self.shared.queue.lock();
-                if queue.mail.is_empty() && (queue.closed || queue.senders == 0) {
+                let mut queue = self.shared.queue.lock();
+                if let Some(mail) = queue.pop() {
+                    return Some(mail);
+                }
+                if queue.closed || queue.senders == 0 {
                     return None;
                 }
             }
@@ -157,21 +168,12 @@ impl<T> MailReceiver<T> {
 
     /// The next message if one is queued.
     pub(crate) fn try_recv(&mut self) -> Option<T> {
-        self.take()
+        self.shared.queue.lock().pop()
     }
 
     /// Refuses further messages; those queued can still be received.
     pub(crate) fn close(&mut self) {
         self.shared.queue.lock().closed = true;
-    }
-
-    fn take(&mut self) -> Option<T> {
-        let mut queue = self.shared.queue.lock();
-        let mail = queue.mail.pop_front();
-        if queue.mail.is_empty() && queue.mail.capacity() > KEPT_SLOTS {
-            queue.mail = VecDeque::new();
-        }
-        mail
     }
 }
 
