@@ -11,8 +11,8 @@
 // With KEEL_BENCH_PROBE=1 it also answers `GET /probe` on a second, plain node:http listener
 // (127.0.0.1, port `probePort`): `{live, rss, vmRss, rssAnon, rssFile, rssShmem, heapTotal,
 // heapUsed, newSpace, external}`, where `live` is `registry.liveActors`, `newSpace` is what V8
-// holds for its young generation, the rss* fields come from /proc/self/status, and with `?gc=1` the figures are read after a full GC (the process must
-// run with --expose-gc). The probe is not an actor, so asking never wakes one or counts as one.
+// holds for its young generation, the rss* fields come from /proc/self/status, and with
+// `?gc=1` the figures are read after a full GC (the process must run with --expose-gc). The probe is not an actor, so asking never wakes one or counts as one.
 
 import http from "node:http";
 import v8 from "node:v8";

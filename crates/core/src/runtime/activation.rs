@@ -28,11 +28,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use crate::actor::signals::TaskSignals;
 use parking_lot::Mutex;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::actor::signals::TaskSignals;
 use crate::actor::task::ActorTask;
 use crate::actor::{ActorEnv, ActorHandle, Lifecycle};
 use crate::actor_type::ActorTypes;
