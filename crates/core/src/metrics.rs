@@ -252,6 +252,9 @@ pub struct WriterStats {
     pub transactions: AtomicU64,
     /// Ops applied.
     pub ops: AtomicU64,
+    /// Commits applied by their senders instead of the writer thread (see `storage/queue.rs`),
+    /// counted before they are applied.
+    pub inline: AtomicU64,
     /// How long each committed transaction took, fsync included.
     pub commit_seconds: Histogram<CommitBuckets>,
 }

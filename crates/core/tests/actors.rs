@@ -98,6 +98,53 @@ async fn writes_from_many_actors_share_transactions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_actor_called_one_call_at_a_time_commits_on_its_own_thread_unless_another_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = CounterHost::new();
+    // `full`, the default: a commit applied by its sender holds the sender's thread for the
+    // flush, so only one actor called one call at a time, with no other actor busy, does it.
+    let runtime = Arc::new(open(dir.path(), host.clone()));
+    call(&runtime, counter("other"), "get", "[]").await.unwrap();
+    let inline = || runtime.writer_stats().inline.load(Ordering::Relaxed);
+    let before = inline();
+    for i in 1..=20 {
+        let output = call(&runtime, counter("seq"), "increment", "[1]").await;
+        assert_eq!(output.unwrap(), i.to_string());
+    }
+    // Each after the first may be applied inline; a flush slower than the bound (a busy
+    // disk) sends the next one to the writer thread, so not all of them need be.
+    let alone = inline() - before;
+    assert!(
+        alone >= 1,
+        "no commit of 20 sequential calls was applied inline"
+    );
+    // Another actor's call in progress: the same sequential calls all go to the writer thread.
+    let blocked = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { call(&runtime, counter("other"), "block", "[]").await })
+    };
+    host.blocked
+        .subscribe()
+        .wait_for(|waiting| *waiting == 1)
+        .await
+        .unwrap();
+    let before = inline();
+    for i in 21..=40 {
+        let output = call(&runtime, counter("seq"), "increment", "[1]").await;
+        assert_eq!(output.unwrap(), i.to_string());
+    }
+    assert_eq!(
+        inline() - before,
+        0,
+        "a commit was applied inline while another actor was busy"
+    );
+    host.gate.add_permits(1);
+    assert_eq!(blocked.await.unwrap().unwrap(), "1");
+    assert_eq!(committed_count(dir.path(), "seq").unwrap(), 40);
+    runtime.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_reopening_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = open(dir.path(), CounterHost::new());

@@ -232,6 +232,8 @@ impl Storage for EngineStorage {
         writes: Option<Box<Writes>>,
         poison: Option<Arc<Poison>>,
         release: Release,
+        // Every batch goes to the engine from the actor's commit task; nothing runs inline.
+        _alone: bool,
     ) {
         if let Some(err) = poison.as_ref().and_then(|poison| poison.refusal()) {
             release(Err(err));

@@ -813,6 +813,7 @@ async fn seam_commit(storage: &EngineStorage, actor_id: &Arc<str>, writes: Write
         Box::new(move |result| {
             let _ = tx.send(result); // Awaited below.
         }),
+        false,
     );
     rx.await.expect("every commit is released")
 }

@@ -288,6 +288,36 @@ pub(crate) struct ActorEnv {
     /// The SQL databases of live actors, by actor id: tasks add theirs when they start and
     /// remove it when they stop; the runtime finds them for the host's statements.
     pub(crate) databases: Arc<OpenDbs>,
+    /// How many actors are handling a message now, for where a commit may be applied.
+    pub(crate) activity: Activity,
+}
+
+/// How many of the runtime's actors are handling a message now (a call, a connection's
+/// event, a schedule). A commit made while its actor is the only one tells storage it is
+/// `alone`: holding the thread for a flush then delays no other actor's call.
+#[derive(Debug, Default)]
+pub(crate) struct Activity(AtomicUsize);
+
+/// One actor's message being handled; counted in [`Activity`] until dropped.
+pub(crate) struct Handling<'a>(&'a Activity);
+
+impl Activity {
+    /// Counts one more actor handling a message, until the guard drops.
+    pub(crate) fn handling(&self) -> Handling<'_> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Handling(self)
+    }
+
+    /// Whether no actor but (at most) the caller is handling a message.
+    pub(crate) fn alone(&self) -> bool {
+        self.0.load(Ordering::Relaxed) <= 1
+    }
+}
+
+impl Drop for Handling<'_> {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The open SQL databases of live actors, by actor id.
@@ -353,6 +383,7 @@ impl ActorEnv {
             schedules,
             hibernated,
             databases: Arc::default(),
+            activity: Activity::default(),
         }
     }
 }

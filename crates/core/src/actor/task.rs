@@ -319,6 +319,8 @@ impl ActorTask {
                 // The next message; `None` once the mailbox is closed and empty.
                 command = self.rx.recv() => match command {
                     Some(command) => {
+                        let env = self.env.clone();
+                        let _handling = env.activity.handling();
                         Box::pin(self.next_message(*command)).await;
                         idle_deadline = Instant::now() + idle;
                     }
@@ -510,6 +512,7 @@ impl ActorTask {
                 }
                 pending.fetch_sub(1, Ordering::AcqRel);
             }),
+            self.env.activity.alone(),
         );
     }
 

@@ -179,6 +179,7 @@ impl Storage for EmbeddedStorage {
         writes: Option<Box<Writes>>,
         poison: Option<Arc<Poison>>,
         release: Release,
+        alone: bool,
     ) {
         {
             let mut fresh = self.fresh.lock();
@@ -186,7 +187,7 @@ impl Storage for EmbeddedStorage {
                 fresh.remove(&actor_id);
             }
         }
-        self.writer.commit(actor_id, writes, poison, release);
+        self.writer.commit(actor_id, writes, poison, release, alone);
     }
 
     async fn delete(&self, actor_id: Arc<str>) -> Result<()> {
@@ -306,6 +307,7 @@ mod tests {
             Some(Box::new(writes)),
             None,
             Box::new(move |result| drop(tx.send(result))),
+            false,
         );
         rx.await.unwrap().unwrap();
     }
@@ -366,6 +368,7 @@ mod tests {
             Some(Box::new(writes)),
             None,
             Box::new(move |result| drop(tx.send(result))),
+            false,
         );
         rx.await.unwrap().unwrap();
         assert_eq!(

@@ -21,13 +21,19 @@
 //! batch alone, so it keeps skipping the queue; and a lone commit after a burst, applied by the
 //! thread, is alone too, so the one after it skips the queue again.
 //!
-//! The writer allows inline commits only with `durability: "relaxed"` (`Writer::start`), where
-//! applying a commit does not wait for a disk flush. Under `"full"` an inline commit's flush
-//! held the sender's tokio worker, and with it every other actor's replies and completions,
-//! for the length of the flush. The alone rule avoids most of those, but not the commits that
-//! find the writer idle because the worker they would come from was itself blocked; on the
-//! 64-connection counter the inline commits cost more transactions and more CPU per call
-//! (bench/README.md, "Actors without `db` lose nothing").
+//! Under `durability: "full"` applying a commit waits for its flush, and an inline commit's
+//! flush holds the sender's tokio worker, and with it every other actor's replies and
+//! completions. The rules above do not keep that off the 64-connection counter: a commit can
+//! find the writer idle because the worker it would come from was itself blocked, and inline
+//! commits there cost more transactions and more CPU per call (bench/README.md, "Actors
+//! without `db` lose nothing"). So under `full` ([`Inline::Alone`]) a commit is applied inline
+//! only when nobody can be waiting behind it: its sender is alone (no other actor of the
+//! runtime is handling a message), the commit sent before it was the same actor's (one actor
+//! called one call at a time; with several actors busy their commits interleave), the last
+//! batch was alone, and that batch, flush included, took at most [`INLINE_FLUSH_BOUND`], so a
+//! request that arrives meanwhile waits at most that long, as it would behind a plain Node
+//! server's synchronous commit. The duty-cycle rule does not apply there: a flush takes longer
+//! than the gap between one caller's calls, and the other rules already rule out a burst.
 //!
 //! What must stay true:
 //! - **One applier at a time.** Whoever is applying (the thread or an inline sender) holds
@@ -42,9 +48,35 @@
 //!   refused (their sender releases them with `storage.writer_closed`).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+
+/// The longest a batch may have taken for the next commit under `full` to be applied inline:
+/// that long the sender's thread (a tokio worker) is held by the flush, and requests that
+/// arrive meanwhile wait for it. A disk that flushes slower than this gains little from two
+/// wake-ups saved, next to its flush.
+pub(crate) const INLINE_FLUSH_BOUND: Duration = Duration::from_millis(1);
+
+/// When commits may be applied by their senders (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inline {
+    /// When the writer is idle (`durability: "relaxed"`: applying waits for no flush).
+    Idle,
+    /// When the writer is idle, the sender is alone (no other actor has a call in progress),
+    /// the last commit sent was the same actor's, and the last batch, its flush included,
+    /// took at most [`INLINE_FLUSH_BOUND`] (`durability: "full"`).
+    Alone,
+}
+
+/// Who sends a commit, for whether it may be applied inline.
+pub(crate) struct Sender<'a> {
+    /// The actor whose commit it is.
+    pub(crate) actor: &'a Arc<str>,
+    /// No other actor has a call in progress.
+    pub(crate) alone: bool,
+}
 
 /// The queue shared by every writer handle and the writer thread.
 /// Generic over the op type `Op`, so that it needs nothing of the writer's.
@@ -54,8 +86,8 @@ pub(crate) struct WriteQueue<Op> {
     /// while nobody applies, when an inline sender finishes with ops queued, and when sends
     /// stop.
     ready: Condvar,
-    /// Whether commits may be applied inline at all (see [`WriteQueue::new`]).
-    inline: bool,
+    /// When commits may be applied inline (see [`WriteQueue::new`]).
+    inline: Inline,
     /// Notified whenever a batch finishes, for tests that wait for an idle writer.
     #[cfg(test)]
     finished: Condvar,
@@ -80,6 +112,8 @@ struct State<Op> {
     /// Whether the last batch was alone: one op, with nothing queued behind it when it
     /// finished.
     last_alone: bool,
+    /// The actor of the last op sent, if it was a commit.
+    last_actor: Option<Arc<str>>,
 }
 
 /// What [`WriteQueue::send`] did with an op.
@@ -93,9 +127,9 @@ pub(crate) enum Sent<Op> {
 }
 
 impl<Op> WriteQueue<Op> {
-    /// An empty queue with one handle. `inline` allows commits to be applied by their
-    /// senders when the writer is idle.
-    pub(crate) fn new(inline: bool) -> WriteQueue<Op> {
+    /// An empty queue with one handle; `inline` says when commits may be applied by their
+    /// senders.
+    pub(crate) fn new(inline: Inline) -> WriteQueue<Op> {
         WriteQueue {
             state: Mutex::new(State {
                 ops: VecDeque::new(),
@@ -107,6 +141,7 @@ impl<Op> WriteQueue<Op> {
                 last_batch: Duration::ZERO,
                 batch_ops: 0,
                 last_alone: true,
+                last_actor: None,
             }),
             ready: Condvar::new(),
             inline,
@@ -115,10 +150,10 @@ impl<Op> WriteQueue<Op> {
         }
     }
 
-    /// Queues `op`, or hands it back to be applied inline when `may_inline` and the writer
-    /// is idle (see the module doc), or refuses it once sends have stopped. `closes` marks
-    /// the op after which sends are refused (`Close`).
-    pub(crate) fn send(&self, op: Op, may_inline: bool, closes: bool) -> Sent<Op> {
+    /// Queues `op`, or hands it back to be applied inline when it is a commit (`sender` is
+    /// given) and the writer is idle (see the module doc), or refuses it once sends have
+    /// stopped. `closes` marks the op after which sends are refused (`Close`).
+    pub(crate) fn send(&self, op: Op, sender: Option<Sender<'_>>, closes: bool) -> Sent<Op> {
         let mut state = self.state.lock();
         if !state.open {
             return Sent::Refused(op);
@@ -126,13 +161,21 @@ impl<Op> WriteQueue<Op> {
         if closes {
             state.open = false;
         }
-        if may_inline
-            && self.inline
-            && !state.applying
-            && state.ops.is_empty()
-            && state.idle_since.elapsed() >= state.last_batch
-            && state.last_alone
-        {
+        let same_actor = match (&sender, &state.last_actor) {
+            (Some(sender), Some(last)) => **last == **sender.actor,
+            _ => false,
+        };
+        state.last_actor = sender.as_ref().map(|sender| sender.actor.clone());
+        let allowed = match (&sender, self.inline) {
+            (None, _) => false,
+            (Some(_), Inline::Idle) => state.idle_since.elapsed() >= state.last_batch,
+            // Nobody waits behind the sender, so how busy the writer was lately says nothing
+            // about a burst (a flush takes longer than the gap between sequential calls).
+            (Some(sender), Inline::Alone) => {
+                sender.alone && same_actor && state.last_batch <= INLINE_FLUSH_BOUND
+            }
+        };
+        if allowed && !state.applying && state.ops.is_empty() && state.last_alone {
             state.applying = true;
             state.batch_ops = 1;
             return Sent::Inline(op);

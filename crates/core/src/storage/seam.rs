@@ -60,12 +60,16 @@ pub trait Storage: Send + Sync + 'static {
     /// Commits one call's writes (state, KV writes, schedule changes, the settled schedule);
     /// `None` writes only orders `release` behind earlier commits. `release` runs once the
     /// writes are durable, or failed; `poison` is the instance's mark (see the module doc).
+    /// `alone` says that no other actor of the runtime has a call in progress, so that a
+    /// commit holding the caller's thread (a tokio worker) for a disk flush delays no other
+    /// call; a storage may ignore it.
     fn commit(
         &self,
         actor_id: Arc<str>,
         writes: Option<Box<Writes>>,
         poison: Option<Arc<Poison>>,
         release: Release,
+        alone: bool,
     );
 
     /// Deletes an actor with its KV entries and schedules; resolves once durable, in commit

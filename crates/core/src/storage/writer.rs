@@ -38,7 +38,7 @@ use crate::faults::{self, Failpoint, Fault, FaultState};
 use crate::host::{KvWrite, Payload, ScheduleWrite};
 use crate::metrics::WriterStats;
 use crate::storage::integrity::Integrity;
-use crate::storage::queue::{Sent, WriteQueue};
+use crate::storage::queue::{Inline, Sender, Sent, WriteQueue};
 use crate::storage::store::{ActorRecord, Store};
 
 /// The most ops one transaction takes; a longer queue is split over several commits.
@@ -128,9 +128,13 @@ impl Writer {
         let integrity = store.integrity();
         let stats = Arc::new(WriterStats::default());
         let shared = Arc::new(Shared {
-            // Inline only where a commit does not wait for a disk flush: under `full` an
-            // inline commit's flush would hold the sender's tokio worker (see `queue.rs`).
-            queue: WriteQueue::new(store.durability() == Durability::Relaxed),
+            // Under `full` an inline commit's flush holds the sender's tokio worker, so only a
+            // sender that nobody waits behind applies one, on a disk that flushes fast (see
+            // `queue.rs`).
+            queue: WriteQueue::new(match store.durability() {
+                Durability::Relaxed => Inline::Idle,
+                Durability::Full => Inline::Alone,
+            }),
             core: Mutex::new(Some(WriterThread {
                 conn,
                 store: store.clone(),
@@ -183,7 +187,7 @@ impl WriterHandle {
     /// Queues an op. Fails only when the writer has stopped.
     pub fn send(&self, op: WriteOp) -> Result<()> {
         let closes = matches!(op, WriteOp::Close);
-        match self.shared.queue.send(op, false, closes) {
+        match self.shared.queue.send(op, None, closes) {
             Sent::Queued => Ok(()),
             Sent::Inline(_) => unreachable!("only commits are applied inline"),
             Sent::Refused(_) => Err(Error::WriterClosed),
@@ -194,22 +198,32 @@ impl WriterHandle {
     /// this thread when the writer is idle: `release` may then run before this returns. If
     /// the writer has stopped, `release` runs at once with `storage.writer_closed`. An actor
     /// passes its instance's `poison`, so the commit is refused if an earlier one of the
-    /// instance failed.
+    /// instance failed, and says whether it is `alone` (no other actor has a call in
+    /// progress: under `full` only such a commit may be applied here, see `queue.rs`).
     pub fn commit(
         &self,
         actor_id: Arc<str>,
         writes: Option<Box<Writes>>,
         poison: Option<Arc<Poison>>,
         release: Release,
+        alone: bool,
     ) {
         let writes = writes.filter(|writes| !writes.is_empty());
-        let op = WriteOp::Commit {
-            actor_id,
-            writes,
-            poison,
-            release,
+        let sender = Sender {
+            actor: &actor_id,
+            alone,
         };
-        match self.shared.queue.send(op, true, false) {
+        let sent = self.shared.queue.send(
+            WriteOp::Commit {
+                actor_id: actor_id.clone(),
+                writes,
+                poison,
+                release,
+            },
+            Some(sender),
+            false,
+        );
+        match sent {
             Sent::Queued => {}
             Sent::Inline(op) => self.shared.apply_inline(op),
             Sent::Refused(op) => refuse(op),
@@ -226,7 +240,7 @@ impl WriterHandle {
         if let Sent::Refused(op) =
             self.shared
                 .queue
-                .send(WriteOp::DeleteActor { actor_id, release }, false, false)
+                .send(WriteOp::DeleteActor { actor_id, release }, None, false)
         {
             refuse(op);
         }
@@ -250,6 +264,7 @@ impl WriterHandle {
                 // The flusher may have stopped waiting; nobody else needs the result.
                 let _ = tx.send(result);
             }),
+            false,
         );
         rx.await.map_err(|_| Error::WriterClosed)?
     }
@@ -298,6 +313,9 @@ impl Shared {
             self.queue.finish(started);
             return;
         };
+        // Counted first: the release, which runs within `apply`, may be what a reader of the
+        // count waited for.
+        writer.stats.inline.fetch_add(1, Ordering::Relaxed);
         if writer.apply(&mut batch) {
             drop(core);
             self.queue.finish(started);

@@ -60,7 +60,7 @@ async fn an_idle_writer_commits_on_the_senders_thread_before_commit_returns() {
     let transactions = writer.stats().transactions.load(Ordering::Relaxed);
     handle.shared_queue().forget_last_batch();
     let log = Arc::new(Mutex::new(Vec::new()));
-    handle.commit("a1".into(), state(7), None, noting(&log, 1));
+    handle.commit("a1".into(), state(7), None, noting(&log, 1), false);
     // Released already, here: durable before `commit` returned.
     assert_eq!(*log.lock(), vec![(1, thread::current().id())]);
     assert_eq!(
@@ -96,13 +96,14 @@ fn burst(handle: &WriterHandle, log: &Arc<Mutex<Vec<(u8, ThreadId)>>>) -> Burst 
                     go_rx.recv().unwrap();
                     release(result);
                 }),
+                false,
             );
             thread::current().id()
         })
     };
     let inline_thread = started.recv().unwrap();
     for op in 2..=4 {
-        handle.commit("a1".into(), state(op), None, noting(log, op));
+        handle.commit("a1".into(), state(op), None, noting(log, op), false);
     }
     Burst {
         first,
@@ -164,10 +165,11 @@ async fn a_commit_right_after_a_long_batch_goes_to_the_writer_thread() {
             thread::sleep(Duration::from_millis(200));
             slow(result);
         }),
+        false,
     );
     // The first was applied (and released) before its commit returned.
     assert_eq!(log.lock().len(), 1);
-    handle.commit("a1".into(), state(2), None, noting(&log, 2));
+    handle.commit("a1".into(), state(2), None, noting(&log, 2), false);
     // The second is queued: the writer thread may already have applied it by now, so which
     // thread applied it is what tells (below), not whether it is done yet.
     handle.flush().await.unwrap();
@@ -190,6 +192,7 @@ async fn after_close_commits_are_refused_with_writer_closed() {
         state(1),
         None,
         Box::new(move |result| tx.send(result.unwrap_err().code().to_string()).unwrap()),
+        false,
     );
     assert_eq!(rx.try_recv().unwrap(), "writer_closed");
 }
@@ -208,11 +211,11 @@ async fn after_a_burst_the_next_commit_queues_even_after_a_pause() {
     // Idle for far longer than the last batch took, which alone would let the next commit
     // be applied here; but that batch was part of a burst, so it queues.
     thread::sleep(Duration::from_millis(200));
-    handle.commit("a1".into(), state(5), None, noting(&log, 5));
+    handle.commit("a1".into(), state(5), None, noting(&log, 5), false);
     handle.shared_queue().wait_idle();
     // That one was alone on the writer thread, so the next, after a pause, skips the queue.
     thread::sleep(Duration::from_millis(200));
-    handle.commit("a1".into(), state(6), None, noting(&log, 6));
+    handle.commit("a1".into(), state(6), None, noting(&log, 6), false);
     let log = log.lock().clone();
     let order: Vec<u8> = log.iter().map(|(op, _)| *op).collect();
     assert_eq!(order, (1..=6).collect::<Vec<u8>>());
@@ -237,7 +240,7 @@ async fn commits_that_come_slower_than_a_batch_takes_keep_skipping_the_queue() {
     // One actor's calls one at a time: each commit is sent well after the one before was
     // released, as a sequential client's are.
     for op in 1..=5 {
-        handle.commit("a1".into(), state(op), None, noting(&log, op));
+        handle.commit("a1".into(), state(op), None, noting(&log, op), false);
         thread::sleep(Duration::from_millis(100));
     }
     let log = log.lock().clone();
@@ -253,19 +256,82 @@ async fn commits_that_come_slower_than_a_batch_takes_keep_skipping_the_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_full_durability_an_idle_writer_still_commits_on_its_own_thread() {
+async fn with_full_durability_only_an_alone_actors_next_commit_skips_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let (store, writer, handle) = writer_with_actor_at(&dir, Durability::Full).await;
-    handle.shared_queue().forget_last_batch();
+    handle
+        .create_actor(record("a2", "k2"), None, CreateMode::GetOrCreate)
+        .await
+        .unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
-    // Idle, and the last batch alone: under `relaxed` this would be applied here. Under
-    // `full` its flush would hold this thread (a tokio worker, for an actor), so it queues.
-    handle.commit("a1".into(), state(1), None, noting(&log, 1));
-    handle.flush().await.unwrap();
+    // Each commit finds the writer idle after a fast lone batch: under `relaxed` every one of
+    // them would be applied here. Under `full` its flush would hold this thread (a tokio
+    // worker, for an actor), so only a commit whose sender is alone, of the actor whose commit
+    // was sent last (one actor called one call at a time), is applied here.
+    let send = |op: u8, actor: &str, alone: bool| {
+        handle.shared_queue().forget_last_batch();
+        handle.commit(actor.into(), state(op), None, noting(&log, op), alone);
+        handle.shared_queue().wait_idle();
+    };
+    send(1, "a1", true); // the first commit since a creation
+    send(2, "a1", true);
+    send(3, "a1", false); // another actor has a call in progress
+    send(4, "a1", true);
+    send(5, "a2", true); // another actor's commit was sent last
+    send(6, "a2", true);
+    let here = thread::current().id();
+    let applied_here: Vec<(u8, bool)> = log
+        .lock()
+        .iter()
+        .map(|(op, thread)| (*op, *thread == here))
+        .collect();
+    assert_eq!(
+        applied_here,
+        [
+            (1, false),
+            (2, true),
+            (3, false),
+            (4, true),
+            (5, false),
+            (6, true)
+        ]
+    );
+    assert_eq!(store.load("a1").unwrap().unwrap().state, Some(vec![4]));
+    assert_eq!(store.load("a2").unwrap().unwrap().state, Some(vec![6]));
+    writer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_full_durability_a_commit_after_a_slow_flush_goes_to_the_writer_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, writer, handle) = writer_with_actor_at(&dir, Durability::Full).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    handle.commit("a1".into(), state(1), None, noting(&log, 1), true);
+    handle.shared_queue().wait_idle();
+    // A batch that takes 5 ms (its release stands in for a slow disk's flush), longer than
+    // an inline commit may hold its thread.
+    let slow = noting(&log, 2);
+    handle.shared_queue().forget_last_batch();
+    handle.commit(
+        "a1".into(),
+        state(2),
+        None,
+        Box::new(move |result| {
+            thread::sleep(Duration::from_millis(5));
+            slow(result);
+        }),
+        true,
+    );
+    handle.shared_queue().wait_idle();
+    handle.commit("a1".into(), state(3), None, noting(&log, 3), true);
+    handle.shared_queue().wait_idle();
+    let here = thread::current().id();
     let log = log.lock().clone();
-    assert_eq!(log.len(), 1);
-    assert_ne!(log[0].1, thread::current().id());
-    assert_eq!(store.load("a1").unwrap().unwrap().state, Some(vec![1]));
+    assert_eq!(log.iter().map(|(op, _)| *op).collect::<Vec<_>>(), [1, 2, 3]);
+    // The second was applied here (a fast last batch, the same actor, alone); the third,
+    // after its 5 ms, went to the writer thread.
+    assert_eq!(log[1].1, here);
+    assert_ne!(log[2].1, here);
     writer.close().await;
 }
 
