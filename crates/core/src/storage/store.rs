@@ -186,7 +186,12 @@ impl Store {
         }
         let conn = connect(&path, durability, true)?;
         migrate(&path, &conn)?;
-        let seq = integrity::commit_seq(&conn).map_err(|e| classify(&path, e))?;
+        let seq = match durability {
+            Durability::Full => integrity::commit_seq(&conn),
+            // Relaxed commits leave the counter alone; each open counts once instead.
+            Durability::Relaxed => integrity::count_open(&conn),
+        }
+        .map_err(|e| classify(&path, e))?;
         let integrity = Integrity::open(path.clone(), &mark_path, seq, durability)?;
         let store = Store {
             path,

@@ -651,7 +651,7 @@ impl WriterThread {
         // Nothing more is committed once damage has been seen; the counter and its record let
         // the next open notice commits that the log lost (see `integrity.rs`).
         integrity.check()?;
-        let seq = crate::storage::integrity::next_commit_seq(&tx)?;
+        let seq = integrity.count_commit(&tx)?;
         match check(faults, Failpoint::BeforeWalWrite) {
             Fault::Continue => {}
             Fault::Fail => return Err(Refused::Failed(faults::injected_full())),
@@ -663,7 +663,9 @@ impl WriterThread {
             return Err(Refused::Crashed);
         }
         committed.map_err(|err| Refused::CommitFailed(Error::Storage(err)))?;
-        integrity.record(seq);
+        if let Some(seq) = seq {
+            integrity.record(seq);
+        }
         if check(faults, Failpoint::AfterCommitBeforeReply) == Fault::Crash {
             return Err(Refused::Crashed);
         }

@@ -422,3 +422,56 @@ async fn once_damage_is_seen_a_creation_of_an_existing_key_is_refused_as_corrupt
     assert_eq!(err.code(), "corrupt");
     writer.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_relaxed_durability_each_open_counts_once_and_commits_leave_the_counter_alone() {
+    use crate::storage::integrity::{self, Mark};
+    use crate::storage::store::DB_FILE;
+    let dir = tempfile::tempdir().unwrap();
+    let mark_path = dir.path().join(integrity::COMMITS_FILE);
+    let seq_of = |store: &Store| integrity::commit_seq(&store.connect(false).unwrap()).unwrap();
+    let (store, writer, handle) = writer_with_actor(&dir).await;
+    let opened = seq_of(&store);
+    assert_eq!(opened, 1, "the first open counts once");
+    let recorded = Mark {
+        seq: opened,
+        relaxed: true,
+    };
+    assert_eq!(integrity::read_mark(&mark_path).unwrap(), Some(recorded));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for op in 1..=5 {
+        handle.commit("a1".into(), state(op), None, noting(&log, op), false);
+    }
+    handle.flush().await.unwrap();
+    assert_eq!(log.lock().len(), 5);
+    assert_eq!(
+        seq_of(&store),
+        opened,
+        "relaxed commits leave the counter alone"
+    );
+    writer.close().await;
+    drop(store);
+    // A copy of the files as they are now, before the next open.
+    let files = [DB_FILE.to_string(), format!("{DB_FILE}-wal")];
+    let copy = tempfile::tempdir().unwrap();
+    for file in &files {
+        if dir.path().join(file).exists() {
+            std::fs::copy(dir.path().join(file), copy.path().join(file)).unwrap();
+        }
+    }
+    let store = Store::open(dir.path(), Durability::Relaxed).unwrap();
+    assert_eq!(seq_of(&store), opened + 1, "the next open counts once more");
+    assert_eq!(store.load("a1").unwrap().unwrap().state, Some(vec![5]));
+    drop(store);
+    // The copy is behind the record that open wrote: what the next open reports as commits
+    // the log lost (a warning, with relaxed durability), as a count per commit would.
+    for file in &files {
+        let _ = std::fs::remove_file(dir.path().join(file));
+        if copy.path().join(file).exists() {
+            std::fs::copy(copy.path().join(file), dir.path().join(file)).unwrap();
+        }
+    }
+    let mark = integrity::read_mark(&mark_path).unwrap().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    assert!(integrity::commit_seq(&conn).unwrap() < mark.seq);
+}
