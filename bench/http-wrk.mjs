@@ -2,14 +2,20 @@
 // what limits the figures. run.mjs starts the server; this module runs wrk against it with
 // wrk/counter.lua and checks the durable counts afterwards. Every target is 127.0.0.1.
 //
-// The shape is the JS generator's (load/counter.mjs, counterWorkload): `connections` keys, one
-// connection per key and one request in flight on each (wrk runs one thread per connection,
-// and the Lua script gives each thread its key), every request an `increment` of 1. A short
-// untimed wrk run warms up the same keys first; then the counts are read, and in the timed run
+// The shape is the JS generator's (load/counter.mjs, counterWorkload): `connections` keys and
+// connections, one request in flight on each connection, every request an `increment` of 1. A
+// short untimed wrk run warms up the same keys first; then the counts are read. By default wrk
+// runs one thread per connection and counter.lua gives each thread its key: in the timed run
 // each key's replies must count up by one from its first (which must be that count + 1, or + 2
-// when a warm-up request still in flight landed after the read). Afterwards every key's durable count must be the
-// start plus the replies (plus at most one request per connection still in flight when wrk
-// stopped, whose effect is unknown).
+// when a warm-up request still in flight landed after the read), and afterwards every key's
+// durable count must be the start plus the replies (plus at most one request per connection
+// still in flight when wrk stopped, whose effect is unknown). With `spread` (the
+// many-connection http-* workloads) wrk runs one thread per core and spread.lua sends each
+// thread's requests to its keys in turn; a reply cannot be matched to its key then, so the
+// keys are checked together: every reply a count, and the durable counts grown by exactly
+// the replies (plus the requests in flight at the stop). One thread per connection made wrk
+// the larger part of the load on this 2-core machine (bench/README.md, "The client's share at
+// 64 connections"); the engine workloads keep it, as there the engine is the load.
 //
 // The servers' routes (the same action either way):
 //   keel, baseline: POST /v1/actors/counter/actions/increment  {"key":[k],"args":[1]}
@@ -26,6 +32,10 @@ import { rssOf } from "./figures.mjs";
 
 const benchDir = path.dirname(fileURLToPath(import.meta.url));
 const SCRIPT = path.join(benchDir, "wrk", "counter.lua");
+const SPREAD_SCRIPT = path.join(benchDir, "wrk", "spread.lua");
+
+/** The wrk threads that drive `connections` connections with spread.lua: one per core. */
+const spreadThreads = (connections) => Math.min(connections, os.availableParallelism());
 const HOST = "127.0.0.1";
 
 /**
@@ -99,15 +109,21 @@ function cpuMsOf(pid) {
   return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
 }
 
-/** Runs wrk once with a plan (one `{path, body, start}` per connection); resolves its result. */
-function wrk(port, plan, durationS) {
+/**
+ * Runs wrk once with a plan (one `{path, body, start}` per connection); resolves its result.
+ * With `spread`, wrk runs one thread per core over all the connections (spread.lua), else one
+ * thread per connection (counter.lua).
+ */
+function wrk(port, plan, durationS, spread) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "keel-bench-wrk-"));
   const planFile = path.join(dir, "plan.tsv");
   fs.writeFileSync(planFile, plan.map((p) => `${p.path}\t${JSON.stringify(p.body)}\t${p.start}`).join("\n") + "\n");
-  const n = String(plan.length);
-  const args = ["-t", n, "-c", n, "-d", `${durationS}s`, "--timeout", "30s", "-s", SCRIPT, `http://${HOST}:${port}/`];
+  const threads = spread ? spreadThreads(plan.length) : plan.length;
+  const script = spread ? SPREAD_SCRIPT : SCRIPT;
+  const args = ["-t", String(threads), "-c", String(plan.length), "-d", `${durationS}s`, "--timeout", "30s", "-s", script, `http://${HOST}:${port}/`];
   return new Promise((resolve, reject) => {
-    const child = spawn("wrk", args, { env: { ...process.env, KEEL_BENCH_WRK_PLAN: planFile }, stdio: ["ignore", "pipe", "pipe"] });
+    const env = { ...process.env, KEEL_BENCH_WRK_PLAN: planFile, KEEL_BENCH_WRK_THREADS: String(threads) };
+    const child = spawn("wrk", args, { env, stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
     let err = "";
     child.stdout.setEncoding("utf8").on("data", (d) => (out += d));
@@ -145,31 +161,11 @@ const countsOf = (port, routes) =>
     }),
   );
 
-const round3 = (x) => (x === null || x === undefined ? null : Math.round(x * 1000) / 1000);
-
 /**
- * One HTTP counter workload under wrk against a started server. Resolves a result with the
- * fields run.mjs summarises for the JS generator's workloads (callsPerSec, latencyMs, calls,
- * errors, warmupErrors, cpuUsPerCall, verify), plus wrk's own totals. `routeFor(key)` resolves
- * `{path(action), body(args)}` for a key; by default the server's own counter route
- * (counterRoute), the engine workloads pass the gateway's (bench/engine/workloads.mjs).
+ * counter.lua's check, key by key: each key's replies counted up by one from its first, and its
+ * durable count is its start plus its replies.
  */
-export async function runWrkCounter({ kind, port, serverPid, enginePid = null, workload, connections, durationS, warmupS = 1, routeFor = (key) => counterRoute(kind, port, key) }) {
-  const keys = Array.from({ length: connections }, (_, i) => `${workload}-${i}`);
-  const routes = await Promise.all(keys.map((key) => routeFor(key)));
-  const planWith = (starts) => routes.map((r, i) => ({ path: r.path("increment"), body: r.body([1]), start: starts[i] }));
-
-  // Warm-up on the same keys (creates the actors, opens the connections, warms the JITs).
-  const warm = await wrk(port, planWith(keys.map(() => 0)), warmupS);
-  const starts = await countsOf(port, routes);
-
-  const cpuStart = cpuMsOf(serverPid);
-  const engineCpuStart = enginePid === null ? null : cpuMsOf(enginePid);
-  const timed = await wrk(port, planWith(starts), durationS);
-  const cpuMs = cpuMsOf(serverPid) - cpuStart;
-  const engineCpuMs = enginePid === null ? null : cpuMsOf(enginePid) - engineCpuStart;
-
-  const ends = await countsOf(port, routes);
+function keyMismatches(keys, starts, ends, timed) {
   const mismatches = [];
   timed.threads.forEach((t, i) => {
     // A warm-up request in flight when `starts` was read may have landed after it.
@@ -180,6 +176,49 @@ export async function runWrkCounter({ kind, port, serverPid, enginePid = null, w
       mismatches.push({ key: keys[i], start: starts[i], base: t.base, acked: t.ok, actual: ends[i], outputMismatches: t.mismatches });
     }
   });
+  return mismatches;
+}
+
+/**
+ * spread.lua's check, the keys together (a reply is not matched to its key): every reply had a
+ * count, no key went down, and the durable counts grew by exactly the replies, plus at most one
+ * request per connection still in flight when wrk stopped.
+ */
+function spreadMismatches(keys, starts, ends, timed) {
+  const acked = timed.threads.reduce((n, t) => n + t.ok, 0);
+  const grown = ends.reduce((n, end, i) => n + end - starts[i], 0);
+  const outputMismatches = timed.threads.reduce((n, t) => n + t.mismatches, 0);
+  const shrunk = keys.filter((_, i) => ends[i] < starts[i]);
+  if (grown >= acked && grown <= acked + keys.length && outputMismatches === 0 && shrunk.length === 0) return [];
+  return [{ keys: keys.length, acked, grown, outputMismatches, shrunk: shrunk.slice(0, 5) }];
+}
+
+const round3 = (x) => (x === null || x === undefined ? null : Math.round(x * 1000) / 1000);
+
+/**
+ * One HTTP counter workload under wrk against a started server. Resolves a result with the
+ * fields run.mjs summarises for the JS generator's workloads (callsPerSec, latencyMs, calls,
+ * errors, warmupErrors, cpuUsPerCall, verify), plus wrk's own totals. `routeFor(key)` resolves
+ * `{path(action), body(args)}` for a key; by default the server's own counter route
+ * (counterRoute), the engine workloads pass the gateway's (bench/engine/workloads.mjs).
+ */
+export async function runWrkCounter({ kind, port, serverPid, enginePid = null, workload, connections, durationS, warmupS = 1, spread = false, routeFor = (key) => counterRoute(kind, port, key) }) {
+  const keys = Array.from({ length: connections }, (_, i) => `${workload}-${i}`);
+  const routes = await Promise.all(keys.map((key) => routeFor(key)));
+  const planWith = (starts) => routes.map((r, i) => ({ path: r.path("increment"), body: r.body([1]), start: starts[i] }));
+
+  // Warm-up on the same keys (creates the actors, opens the connections, warms the JITs).
+  const warm = await wrk(port, planWith(keys.map(() => 0)), warmupS, spread);
+  const starts = await countsOf(port, routes);
+
+  const cpuStart = cpuMsOf(serverPid);
+  const engineCpuStart = enginePid === null ? null : cpuMsOf(enginePid);
+  const timed = await wrk(port, planWith(starts), durationS, spread);
+  const cpuMs = cpuMsOf(serverPid) - cpuStart;
+  const engineCpuMs = enginePid === null ? null : cpuMsOf(enginePid) - engineCpuStart;
+
+  const ends = await countsOf(port, routes);
+  const mismatches = spread ? spreadMismatches(keys, starts, ends, timed) : keyMismatches(keys, starts, ends, timed);
   const wrkErrors = (r) => Object.values(r.errors).reduce((a, b) => a + b, 0) + r.threads.reduce((n, t) => n + t.refused, 0);
   const calls = timed.threads.reduce((n, t) => n + t.ok, 0);
   const elapsedMs = timed.durationUs / 1000;

@@ -112,7 +112,7 @@ function printHttpTable(summary, wrk) {
   }
   printRows(rows, 3);
   console.log(
-    `http-*: ${wrk.available ? `${wrk.version}, one thread and one connection per key` : `JS load generator (${wrk.note})`}; ` +
+    `http-*: ${wrk.available ? `${wrk.version}, one connection per key (one wrk thread per connection for one key, else one per core, the keys in turn)` : `JS load generator (${wrk.note})`}; ` +
       "-relaxed = keel `durability: \"relaxed\"`, baseline synchronous=NORMAL. RivetKit has no such setting: it replies before writing state " +
       "(saved at most every 10 s, written and renamed without fsync), in both rows.",
   );

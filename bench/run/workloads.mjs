@@ -174,7 +174,10 @@ export async function measureHttp(kind, workload, wrk, spec) {
   const server = await startServer(kind, spec, { durability: workload.durability });
   try {
     if (wrk.available) {
-      return await runWrkCounter({ kind, port: server.port, serverPid: server.child.pid, workload: workload.name, connections: workload.actors, durationS: workload.durationS });
+      // Many connections are driven by one wrk thread per core (spread.lua): with one thread
+      // per connection wrk took most of the machine (bench/README.md).
+      const spread = workload.actors > 1;
+      return await runWrkCounter({ kind, port: server.port, serverPid: server.child.pid, workload: workload.name, connections: workload.actors, durationS: workload.durationS, spread });
     }
     const result = await runLoad({
       port: server.port,
