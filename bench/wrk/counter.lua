@@ -10,11 +10,11 @@
 -- done() prints one JSON line: wrk's totals, exact latency percentiles from its histogram
 -- (microseconds), and per thread the replies that were 200, not 200, or off count, and base.
 
--- This script's directory, where result.lua is.
+-- This script's directory, where result.lua and threads.lua are.
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 
+local threads = dofile(here .. "threads.lua")(here)
 local plan = {}
-local next_thread = 1
 
 function setup(thread)
   if #plan == 0 then
@@ -23,16 +23,12 @@ function setup(thread)
       plan[#plan + 1] = { path = path, body = body, start = tonumber(start) }
     end
   end
-  local entry = plan[next_thread]
-  thread:set("index", next_thread)
+  threads.setup(thread)
+  local entry = plan[thread:get("index")]
   thread:set("path", entry.path)
   thread:set("body", entry.body)
   thread:set("start", entry.start)
-  next_thread = next_thread + 1
-  threads[#threads + 1] = thread
 end
-
-threads = {}
 
 function init(args)
   ok = 0
@@ -64,10 +60,5 @@ function response(status, headers, reply)
 end
 
 function done(summary, latency, requests)
-  local per = {}
-  for _, t in ipairs(threads) do
-    per[#per + 1] = string.format('{"index":%d,"ok":%d,"refused":%d,"mismatches":%d,"base":%d}',
-      t:get("index"), t:get("ok"), t:get("refused"), t:get("mismatches"), t:get("base") or -1)
-  end
-  dofile(here .. "result.lua")(summary, latency, per)
+  threads.done(summary, latency, { "index", "ok", "refused", "mismatches", "base" })
 end

@@ -11,22 +11,15 @@
 -- SIGINT once every thread has, and done() prints one JSON line with wrk's totals and per
 -- thread the actors answered 1 (`ok`) and the replies that were not (`wrong`).
 
--- This script's directory, where result.lua is.
+-- This script's directory, where result.lua and threads.lua are.
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 
 local kind = os.getenv("KEEL_BENCH_MANY_KIND")
 local prefix = os.getenv("KEEL_BENCH_MANY_PREFIX")
 local per = tonumber(os.getenv("KEEL_BENCH_MANY_PER"))
 local extra = tonumber(os.getenv("KEEL_BENCH_MANY_EXTRA") or "0")
-local next_thread = 1
-
-threads = {}
-
-function setup(thread)
-  thread:set("index", next_thread)
-  next_thread = next_thread + 1
-  threads[#threads + 1] = thread
-end
+local threads = dofile(here .. "threads.lua")(here)
+setup = threads.setup
 
 local headers = { ["content-type"] = "application/json", ["x-rivet-encoding"] = "json" }
 
@@ -72,9 +65,5 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-  local per_thread = {}
-  for _, t in ipairs(threads) do
-    per_thread[#per_thread + 1] = string.format('{"index":%d,"ok":%d,"wrong":%d}', t:get("index"), t:get("ok"), t:get("wrong"))
-  end
-  dofile(here .. "result.lua")(summary, latency, per_thread)
+  threads.done(summary, latency, { "index", "ok", "wrong" })
 end

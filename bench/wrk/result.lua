@@ -1,4 +1,4 @@
--- What the bench's wrk scripts (counter.lua, many.lua) print from done(): one line,
+-- What the bench's wrk scripts print from done() (through threads.lua): one line,
 -- `WRK_RESULT {...}`, with wrk's totals, exact latency percentiles from its histogram
 -- (microseconds) and `per_thread`, the script's own JSON object for each thread.
 --

@@ -13,19 +13,13 @@
 -- done() prints one JSON line: wrk's totals, exact latency percentiles from its histogram
 -- (microseconds), and per thread the replies that were 200, not 200, or had no count.
 
--- This script's directory, where result.lua is.
+-- This script's directory, where result.lua and threads.lua are.
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 
 -- wrk runs setup() in its main Lua state and init() in each thread's own: the threads read the
 -- plan themselves and learn their number from setup and the count from the environment.
-local next_thread = 1
-threads = {}
-
-function setup(thread)
-  thread:set("index", next_thread)
-  next_thread = next_thread + 1
-  threads[#threads + 1] = thread
-end
+local threads = dofile(here .. "threads.lua")(here)
+setup = threads.setup
 
 function init(args)
   ok = 0
@@ -62,10 +56,5 @@ function response(status, headers, reply)
 end
 
 function done(summary, latency, requests)
-  local per = {}
-  for _, t in ipairs(threads) do
-    per[#per + 1] = string.format('{"index":%d,"ok":%d,"refused":%d,"mismatches":%d}',
-      t:get("index"), t:get("ok"), t:get("refused"), t:get("mismatches"))
-  end
-  dofile(here .. "result.lua")(summary, latency, per)
+  threads.done(summary, latency, { "index", "ok", "refused", "mismatches" })
 end
