@@ -119,15 +119,7 @@ async fn one_actor_called_one_call_at_a_time_commits_on_its_own_thread_unless_an
         "no commit of 20 sequential calls was applied inline"
     );
     // Another actor's call in progress: the same sequential calls all go to the writer thread.
-    let blocked = {
-        let runtime = runtime.clone();
-        tokio::spawn(async move { call(&runtime, counter("other"), "block", "[]").await })
-    };
-    host.blocked
-        .subscribe()
-        .wait_for(|waiting| *waiting == 1)
-        .await
-        .unwrap();
+    let blocked = common::block_a_call(&runtime, &host, "other").await;
     let before = inline();
     for i in 21..=40 {
         let output = call(&runtime, counter("seq"), "increment", "[1]").await;

@@ -46,30 +46,6 @@ fn open_with(dir: &std::path::Path, host: Arc<CounterHost>, faults: Arc<dyn Faul
     Runtime::open(config, common::types(), host, &CancellationToken::new()).unwrap()
 }
 
-/// Keeps another actor busy in a call until the host's gate opens (`host.gate.add_permits(1)`),
-/// so that no commit is alone and every one goes to the writer thread: a call can then run
-/// on top of a commit still in flight, which an inline commit, applied by its actor's own
-/// task, leaves no room for.
-async fn keep_another_actor_busy(
-    runtime: &Arc<Runtime>,
-    host: &Arc<CounterHost>,
-) -> tokio::task::JoinHandle<keel_core::Result<String>> {
-    // Started first, so that its start's own commit is durable before anything is held.
-    call(runtime, counter("neighbour"), "get", "[]")
-        .await
-        .unwrap();
-    let busy = {
-        let runtime = runtime.clone();
-        tokio::spawn(async move { call(&runtime, counter("neighbour"), "block", "[]").await })
-    };
-    host.blocked
-        .subscribe()
-        .wait_for(|waiting| *waiting == 1)
-        .await
-        .unwrap();
-    busy
-}
-
 fn assert_storage_error(result: keel_core::Result<String>) {
     let err = result.expect_err("the commit was refused");
     assert_eq!((err.group(), err.code()), ("storage", "sqlite"), "{err}");
@@ -193,7 +169,7 @@ async fn a_call_that_ran_on_top_of_a_failed_commit_fails_too() {
 
     // The next commit is held in the writer. The call behind it runs on the same instance,
     // on top of that change, before the commit fails.
-    let busy = keep_another_actor_busy(&runtime, &host).await;
+    let busy = common::block_a_call(&runtime, &host, "neighbour").await;
     hold.set(HoldStep::Armed);
     let spawn_increment = || {
         let runtime = runtime.clone();
@@ -235,7 +211,7 @@ async fn a_destroy_that_ran_on_top_of_a_failed_commit_does_not_happen() {
             .unwrap(),
         "5"
     );
-    let busy = keep_another_actor_busy(&runtime, &host).await;
+    let busy = common::block_a_call(&runtime, &host, "neighbour").await;
     hold.set(HoldStep::Armed);
     let spawn_call = |action: &'static str| {
         let runtime = runtime.clone();

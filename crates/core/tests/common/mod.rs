@@ -399,6 +399,30 @@ pub fn committed_count(dir: &Path, key: &str) -> Option<i64> {
 }
 
 /// Waits (bounded, real time) until `condition` holds.
+/// Keeps the actor `key` busy in a `block` call until the host's gate opens
+/// (`host.gate.add_permits(1)`); returns once the call waits at the gate. The actor is started
+/// first, so that its start's own commit is durable by then. While it waits no other actor is
+/// alone, so every commit goes to the writer thread: a call can then run on top of a commit
+/// still in flight, which an inline commit, applied by its actor's own task, leaves no room for.
+pub async fn block_a_call(
+    runtime: &Arc<Runtime>,
+    host: &Arc<CounterHost>,
+    key: &str,
+) -> tokio::task::JoinHandle<Result<String>> {
+    call(runtime, counter(key), "get", "[]").await.unwrap();
+    let blocked = {
+        let runtime = runtime.clone();
+        let key = key.to_string();
+        tokio::spawn(async move { call(&runtime, counter(&key), "block", "[]").await })
+    };
+    host.blocked
+        .subscribe()
+        .wait_for(|waiting| *waiting == 1)
+        .await
+        .unwrap();
+    blocked
+}
+
 pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     for _ in 0..500 {
         if condition() {
