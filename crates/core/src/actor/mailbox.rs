@@ -166,6 +166,11 @@ impl<T> MailReceiver<T> {
         }
     }
 
+    /// Whether no message is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.shared.queue.lock().mail.is_empty()
+    }
+
     /// The next message if one is queued.
     pub(crate) fn try_recv(&mut self) -> Option<T> {
         self.shared.queue.lock().pop()

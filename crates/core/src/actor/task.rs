@@ -512,7 +512,10 @@ impl ActorTask {
                 }
                 pending.fetch_sub(1, Ordering::AcqRel);
             }),
-            self.env.activity.alone(),
+            // Alone: no other actor is handling a message, and no message of this one waits
+            // behind this call (calls queued behind it run while the writer thread flushes
+            // this commit, and their commits share the next flush).
+            self.env.activity.alone() && self.rx.is_empty(),
         );
     }
 

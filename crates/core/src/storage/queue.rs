@@ -28,7 +28,9 @@
 //! commits there cost more transactions and more CPU per call (bench/README.md, "Actors
 //! without `db` lose nothing"). So under `full` ([`Inline::Alone`]) a commit is applied inline
 //! only when nobody can be waiting behind it: its sender is alone (no other actor of the
-//! runtime is handling a message), the commit sent before it was the same actor's (one actor
+//! runtime is handling a message, and no message waits for the sender's actor behind this
+//! call: those run while the thread flushes, and their commits share the next flush), the
+//! commit sent before it was the same actor's (one actor
 //! called one call at a time; with several actors busy their commits interleave), the last
 //! batch was alone, and that batch, flush included, took at most [`INLINE_FLUSH_BOUND`], so a
 //! request that arrives meanwhile waits at most that long, as it would behind a plain Node

@@ -60,9 +60,9 @@ pub trait Storage: Send + Sync + 'static {
     /// Commits one call's writes (state, KV writes, schedule changes, the settled schedule);
     /// `None` writes only orders `release` behind earlier commits. `release` runs once the
     /// writes are durable, or failed; `poison` is the instance's mark (see the module doc).
-    /// `alone` says that no other actor of the runtime has a call in progress, so that a
-    /// commit holding the caller's thread (a tokio worker) for a disk flush delays no other
-    /// call; a storage may ignore it.
+    /// `alone` says that no other actor of the runtime has a call in progress and no call
+    /// waits for this actor behind this one, so that a commit holding the caller's thread (a
+    /// tokio worker) for a disk flush delays no other call; a storage may ignore it.
     fn commit(
         &self,
         actor_id: Arc<str>,
