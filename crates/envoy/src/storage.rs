@@ -24,7 +24,10 @@
 //!   set when the store opens (from what it loaded) and after each acknowledged batch that
 //!   changed the schedules (from a read in that same batch), before the batch's releases run.
 //!   So a sleeping actor is started again when its next schedule falls due, and the last alarm
-//!   of an activation reaches the engine before its stop does.
+//!   of an activation reaches the engine before its stop does. While no batch has changed an
+//!   actor's schedules since its first start (`keel_no_alarm` holds its row), the engine holds
+//!   no alarm keel set for it, and its starts send none: most actors never schedule, and each
+//!   alarm is an event the engine processes.
 
 use std::time::{Duration, Instant};
 
@@ -92,6 +95,12 @@ const CREATE_SCHEMA: &[&str] = &[
         headers     TEXT NOT NULL,
         PRIMARY KEY (gateway_id, request_id)
     ) STRICT, WITHOUT ROWID",
+    // One row from the actor's first start until a batch changes its schedules (the batch
+    // deletes it): while it is there the engine holds no alarm keel set for the actor, so a
+    // start with no schedules has none to clear. Written only when the actor row is not there
+    // yet, so an actor stored before this table existed has no row, and its starts clear.
+    "CREATE TABLE IF NOT EXISTS keel_no_alarm (id INTEGER PRIMARY KEY CHECK (id = 1)) STRICT",
+    "INSERT INTO keel_no_alarm (id) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM keel_actor)",
     // The actor's SQL database (`c.db`, see `db.rs`): its changes since the image, one per
     // call, in parts, and its image (the whole file, in parts) with the newest change it holds.
     "CREATE TABLE IF NOT EXISTS keel_db_log (
@@ -123,6 +132,10 @@ const INSERT_ACTOR: &str =
 /// Read at the end of a batch that changed the schedules: what the actor's alarm must be.
 const NEXT_DUE: &str = "SELECT MIN(at_ms) FROM keel_schedules";
 
+/// In a batch that changed the schedules, before [`NEXT_DUE`]: the engine may hold an alarm
+/// for the actor from then on.
+const MAY_HAVE_ALARM: &str = "DELETE FROM keel_no_alarm";
+
 /// The reads of a load, in this order.
 const LOAD: &[&str] = &[
     "SELECT version FROM keel_schema",
@@ -130,6 +143,7 @@ const LOAD: &[&str] = &[
     "SELECT id, at_ms, action, args, attempts FROM keel_schedules ORDER BY at_ms, id",
     "SELECT id, token, encoding, params, state FROM keel_conns ORDER BY id",
     "SELECT gateway_id, request_id, path, headers FROM keel_sockets",
+    "SELECT COUNT(*) FROM keel_no_alarm",
 ];
 
 /// Who the actor is, written once, on its first start.
@@ -159,6 +173,9 @@ pub struct Snapshot {
     pub conns: Vec<StoredConn>,
     /// The gateway's hibernatable sockets of the actor, as recorded when they opened.
     pub sockets: Vec<StoredSocket>,
+    /// Whether no batch has changed the actor's schedules since its first start, so that the
+    /// engine holds no alarm keel set for it.
+    pub never_alarmed: bool,
 }
 
 /// A hibernatable socket of the actor at the engine's gateway.
@@ -281,10 +298,7 @@ impl ActorStore {
                 "the actor row is missing after its insert",
             )
         })?;
-        // Schedules are loaded soonest first. Set on every start: the previous activation may
-        // have committed a schedule change and died before its alarm reached the engine.
-        let alarm = snapshot.schedules.first().map(|s| s.schedule.at_ms);
-        remote.set_alarm_later(alarm);
+        let alarm = start_alarm(&remote, &snapshot);
         Ok((ActorStore::start(remote, state_encoding, alarm), snapshot))
     }
 
@@ -319,8 +333,7 @@ impl ActorStore {
     /// is committed again. Ops still queued on this store keep their refusal. A fenced-off
     /// activation gains nothing by it: the engine refuses its batches again.
     pub fn renewed(&self, snapshot: &Snapshot) -> ActorStore {
-        let alarm = snapshot.schedules.first().map(|s| s.schedule.at_ms);
-        self.remote.set_alarm_later(alarm);
+        let alarm = start_alarm(&self.remote, snapshot);
         ActorStore::start(self.remote.clone(), self.state_encoding, alarm)
     }
 
@@ -591,6 +604,7 @@ impl CommitTask {
         let mut statements = batch_statements(&mut ops, self.state_encoding);
         let reschedules = ops.iter().any(changes_schedules);
         if reschedules {
+            statements.push(Statement::plain(MAY_HAVE_ALARM));
             statements.push(Statement::plain(NEXT_DUE));
         }
         let count = ops.len() as u64;
@@ -671,6 +685,24 @@ impl CommitTask {
         self.stats.send_modify(|stats| stats.failed += 1);
         (op.into_release())(Err(err.duplicate()));
     }
+}
+
+/// Sets the engine's alarm for an activation starting from `snapshot` (schedules soonest
+/// first), and returns it: on every start, since the previous activation may have committed a
+/// schedule change and died before its alarm reached the engine. An actor whose schedules no
+/// batch has changed has no alarm to clear, and none is sent.
+fn start_alarm(remote: &Remote, snapshot: &Snapshot) -> Option<i64> {
+    let (alarm, send) = alarm_at_start(snapshot);
+    if send {
+        remote.set_alarm_later(alarm);
+    }
+    alarm
+}
+
+/// The alarm of an activation starting from `snapshot`, and whether the engine must be told.
+fn alarm_at_start(snapshot: &Snapshot) -> (Option<i64>, bool) {
+    let alarm = snapshot.schedules.first().map(|s| s.schedule.at_ms);
+    (alarm, alarm.is_some() || !snapshot.never_alarmed)
 }
 
 /// The statements of a batch of ops, in order (keel's own statements are moved out of their
@@ -885,7 +917,7 @@ fn parse_load(
     results: Vec<rivet_envoy_client::protocol::SqliteExecuteResult>,
     state_encoding: Encoding,
 ) -> Result<Option<Snapshot>> {
-    let [schema, actor, schedules, conns, sockets]: [_; 5] = results
+    let [schema, actor, schedules, conns, sockets, never_alarmed]: [_; 6] = results
         .try_into()
         .map_err(|_| damage(actor_id, "a load returned the wrong number of results"))?;
     let version = match Rows::new(actor_id, schema).values(1)?.as_mut_slice() {
@@ -947,12 +979,17 @@ fn parse_load(
         .into_iter()
         .map(|row| socket_row(actor_id, row))
         .collect::<Result<Vec<_>>>()?;
+    let never_alarmed = match Rows::new(actor_id, never_alarmed).values(1)?.as_mut_slice() {
+        [row] => row.remove(0).integer(actor_id, "the no-alarm mark")? > 0,
+        _ => return Err(damage(actor_id, "the no-alarm mark's count is not one row")),
+    };
     let snapshot = Snapshot {
         state,
         input,
         schedules,
         conns,
         sockets,
+        never_alarmed,
     };
     // The state is checked in the encoding it was written in; a host whose encoding changed
     // sees that in `Snapshot::state`.
@@ -1118,6 +1155,37 @@ mod tests {
                 "the delete drops {table}"
             );
         }
+    }
+
+    #[test]
+    fn a_start_sends_an_alarm_only_if_the_actor_has_schedules_or_may_have_had_one() {
+        let schedule = StoredSchedule {
+            actor_id: "a".into(),
+            schedule: Schedule {
+                id: "s".into(),
+                at_ms: 42,
+                action: "tick".into(),
+                args: vec![0x80],
+            },
+            attempts: 0,
+        };
+        let quiet = Snapshot {
+            never_alarmed: true,
+            ..Snapshot::default()
+        };
+        assert_eq!(
+            alarm_at_start(&quiet),
+            (None, false),
+            "nothing to set or clear"
+        );
+        let scheduled = Snapshot {
+            schedules: vec![schedule.clone()],
+            ..quiet.clone()
+        };
+        assert_eq!(alarm_at_start(&scheduled), (Some(42), true));
+        // Once a batch changed its schedules, or stored before the mark existed: cleared.
+        let emptied = Snapshot::default();
+        assert_eq!(alarm_at_start(&emptied), (None, true));
     }
 
     #[test]

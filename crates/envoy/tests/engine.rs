@@ -133,6 +133,10 @@ async fn an_actor_created_through_the_api_commits_100_increments_and_loads_them(
         Some(Payload::json(r#"{"start":0}"#)),
         "the creation input is kept until the state is first written"
     );
+    assert!(
+        started.snapshot.never_alarmed,
+        "a new actor has no alarm to clear"
+    );
 
     let store = &started.store;
     let mut round_trips = Vec::new();
@@ -147,6 +151,8 @@ async fn an_actor_created_through_the_api_commits_100_increments_and_loads_them(
             value: vec![1],
         });
         if n == 50 {
+            let before = store.load().await.expect("load").expect("the actor exists");
+            assert!(before.never_alarmed, "49 commits without schedules");
             writes.kv.push(KvWrite::Delete {
                 key: b"log/001".to_vec(),
             });
@@ -178,6 +184,10 @@ async fn an_actor_created_through_the_api_commits_100_increments_and_loads_them(
 
     let snapshot = store.load().await.expect("load").expect("the actor exists");
     assert_eq!(state_of(&snapshot), Some(100));
+    assert!(
+        !snapshot.never_alarmed,
+        "a batch changed the schedules: the engine may hold an alarm"
+    );
     assert_eq!(
         snapshot.input, None,
         "the input is dropped with the first state"
