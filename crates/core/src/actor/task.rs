@@ -303,6 +303,8 @@ impl ActorTask {
             .unwrap_or(self.env.sleep_timeout);
         let mut idle_deadline = Instant::now() + idle;
         let signals = self.stopped.shared().clone();
+        // Held for the loop, so that counting each message's handling takes no clone.
+        let env = self.env.clone();
         loop {
             let deadline = match self.stopping {
                 None => self.next_deadline(idle_deadline),
@@ -319,7 +321,6 @@ impl ActorTask {
                 // The next message; `None` once the mailbox is closed and empty.
                 command = self.rx.recv() => match command {
                     Some(command) => {
-                        let env = self.env.clone();
                         let _handling = env.activity.handling();
                         Box::pin(self.next_message(*command)).await;
                         idle_deadline = Instant::now() + idle;

@@ -30,11 +30,10 @@
 //! only when nobody can be waiting behind it: its sender is alone (no other actor of the
 //! runtime is handling a message, and no message waits for the sender's actor behind this
 //! call: those run while the thread flushes, and their commits share the next flush), the
-//! commit sent before it was the same actor's (one actor
-//! called one call at a time; with several actors busy their commits interleave), the last
-//! batch was alone, and that batch, flush included, took at most [`INLINE_FLUSH_BOUND`], so a
-//! request that arrives meanwhile waits at most that long, as it would behind a plain Node
-//! server's synchronous commit. The duty-cycle rule does not apply there: a flush takes longer
+//! commit sent before it was the same actor's (one actor called one call at a time; with
+//! several actors busy their commits interleave), the last batch was alone, and that batch,
+//! flush included, took at most [`INLINE_FLUSH_BOUND`], so a request that arrives meanwhile
+//! waits at most that long, as it would behind a plain Node server's synchronous commit. The duty-cycle rule does not apply there: a flush takes longer
 //! than the gap between one caller's calls, and the other rules already rule out a burst.
 //!
 //! What must stay true:
@@ -66,9 +65,9 @@ pub(crate) const INLINE_FLUSH_BOUND: Duration = Duration::from_millis(1);
 pub(crate) enum Inline {
     /// When the writer is idle (`durability: "relaxed"`: applying waits for no flush).
     Idle,
-    /// When the writer is idle, the sender is alone (no other actor has a call in progress),
-    /// the last commit sent was the same actor's, and the last batch, its flush included,
-    /// took at most [`INLINE_FLUSH_BOUND`] (`durability: "full"`).
+    /// When the writer is idle, the sender is alone (see [`Sender::alone`]), the last commit
+    /// sent was the same actor's, and the last batch, its flush included, took at most
+    /// [`INLINE_FLUSH_BOUND`] (`durability: "full"`).
     Alone,
 }
 
@@ -76,7 +75,8 @@ pub(crate) enum Inline {
 pub(crate) struct Sender<'a> {
     /// The actor whose commit it is.
     pub(crate) actor: &'a Arc<str>,
-    /// No other actor has a call in progress.
+    /// No other actor has a call in progress, and no call waits for this one's actor behind
+    /// it (`Storage::commit`'s `alone`).
     pub(crate) alone: bool,
 }
 

@@ -199,7 +199,8 @@ impl WriterHandle {
     /// the writer has stopped, `release` runs at once with `storage.writer_closed`. An actor
     /// passes its instance's `poison`, so the commit is refused if an earlier one of the
     /// instance failed, and says whether it is `alone` (no other actor has a call in
-    /// progress: under `full` only such a commit may be applied here, see `queue.rs`).
+    /// progress, and no call waits for this actor behind this one: under `full` only such a
+    /// commit may be applied here, see `queue.rs`).
     pub fn commit(
         &self,
         actor_id: Arc<str>,
