@@ -255,6 +255,10 @@ pub struct WriterStats {
     /// Commits applied by their senders instead of the writer thread (see `storage/queue.rs`),
     /// counted before they are applied.
     pub inline: AtomicU64,
+    /// Commits under `durability: "full"` sent to the writer thread only because the batch
+    /// before them took longer than the inline bound (see `storage/queue.rs`): on a disk
+    /// that flushes that slowly, every commit goes to the thread.
+    pub slow: AtomicU64,
     /// How long each committed transaction took, fsync included.
     pub commit_seconds: Histogram<CommitBuckets>,
 }

@@ -122,6 +122,9 @@ struct State<Op> {
 pub(crate) enum Sent<Op> {
     /// It waits in the queue for the writer thread.
     Queued,
+    /// It waits in the queue for the writer thread only because the last batch took longer
+    /// than [`INLINE_FLUSH_BOUND`]: every other rule would have let its sender apply it.
+    Slow,
     /// The caller applies it now, then calls [`WriteQueue::finish`] (or [`WriteQueue::stop`]).
     Inline(Op),
     /// Sends are refused; the op comes back for the caller to release with the error.
@@ -168,16 +171,19 @@ impl<Op> WriteQueue<Op> {
             _ => false,
         };
         state.last_actor = sender.as_ref().map(|sender| sender.actor.clone());
-        let allowed = match (&sender, self.inline) {
-            (None, _) => false,
-            (Some(_), Inline::Idle) => state.idle_since.elapsed() >= state.last_batch,
+        let idle = !state.applying && state.ops.is_empty() && state.last_alone;
+        let (allowed, slow) = match (&sender, self.inline) {
+            (None, _) => (false, false),
+            (Some(_), Inline::Idle) => (state.idle_since.elapsed() >= state.last_batch, false),
             // Nobody waits behind the sender, so how busy the writer was lately says nothing
             // about a burst (a flush takes longer than the gap between sequential calls).
             (Some(sender), Inline::Alone) => {
-                sender.alone && same_actor && state.last_batch <= INLINE_FLUSH_BOUND
+                let fast = state.last_batch <= INLINE_FLUSH_BOUND;
+                let rest = sender.alone && same_actor && idle;
+                (rest && fast, rest && !fast)
             }
         };
-        if allowed && !state.applying && state.ops.is_empty() && state.last_alone {
+        if allowed && idle {
             state.applying = true;
             state.batch_ops = 1;
             return Sent::Inline(op);
@@ -186,7 +192,11 @@ impl<Op> WriteQueue<Op> {
         if !state.applying {
             self.ready.notify_one();
         }
-        Sent::Queued
+        if slow {
+            Sent::Slow
+        } else {
+            Sent::Queued
+        }
     }
 
     /// For the writer thread: waits for ops and moves up to `max` of them (stopping after one

@@ -100,6 +100,8 @@ struct Shared {
     /// The connection and what applies a batch, locked by whoever holds the queue's right to
     /// apply (so never contended); `None` once the writer has closed or crashed.
     core: Mutex<Option<WriterThread>>,
+    /// The writer's counters (the thread's own copy is in `core`).
+    stats: Arc<WriterStats>,
 }
 
 /// Stops sends when the last [`WriterHandle`] clone drops.
@@ -142,6 +144,7 @@ impl Writer {
                 stats: stats.clone(),
                 integrity,
             })),
+            stats: stats.clone(),
         });
         let span = tracing::Span::current();
         let thread_shared = shared.clone();
@@ -188,7 +191,7 @@ impl WriterHandle {
     pub fn send(&self, op: WriteOp) -> Result<()> {
         let closes = matches!(op, WriteOp::Close);
         match self.shared.queue.send(op, None, closes) {
-            Sent::Queued => Ok(()),
+            Sent::Queued | Sent::Slow => Ok(()),
             Sent::Inline(_) => unreachable!("only commits are applied inline"),
             Sent::Refused(_) => Err(Error::WriterClosed),
         }
@@ -226,6 +229,9 @@ impl WriterHandle {
         );
         match sent {
             Sent::Queued => {}
+            Sent::Slow => {
+                self.shared.stats.slow.fetch_add(1, Ordering::Relaxed);
+            }
             Sent::Inline(op) => self.shared.apply_inline(op),
             Sent::Refused(op) => refuse(op),
         }

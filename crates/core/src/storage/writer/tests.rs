@@ -332,6 +332,8 @@ async fn with_full_durability_a_commit_after_a_slow_flush_goes_to_the_writer_thr
     // after its 5 ms, went to the writer thread.
     assert_eq!(log[1].1, here);
     assert_ne!(log[2].1, here);
+    // ...and is counted as sent there for that reason alone.
+    assert_eq!(writer.stats().slow.load(Ordering::Relaxed), 1);
     writer.close().await;
 }
 
