@@ -52,7 +52,7 @@ pub struct Limits {
     pub max_ws_message_bytes: usize,
     /// Largest key segment, in bytes.
     pub max_key_segment_bytes: usize,
-    /// Largest key (sum of its segments), in bytes.
+    /// Largest key, in bytes of its canonical string (see `key.rs`).
     pub max_key_bytes: usize,
     /// Messages one actor may hold queued before callers get `actor.overloaded`.
     pub max_mailbox_len: usize,

@@ -248,6 +248,11 @@ async fn a_full_mailbox_is_overloaded() {
         (refused.group(), refused.code(), refused.http_status()),
         ("actor", "overloaded", 429)
     );
+    // docs/protocol.md: the metadata names the mailbox's capacity.
+    assert_eq!(
+        refused.metadata(),
+        Some(serde_json::json!({ "capacity": 2 }))
+    );
     // The mailbox is now full and stays so: the next call is refused too.
     let err = call(&runtime, counter("busy"), "get", "[]")
         .await

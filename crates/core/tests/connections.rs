@@ -276,3 +276,36 @@ async fn a_socket_the_client_closes_is_let_go_at_once_so_the_drain_does_not_wait
     ended.expect("the server let go of the socket the client closed");
     runtime.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_init_is_answered_with_an_error_then_closed_1008() {
+    // docs/protocol.md, "Limits and close codes": 1008 `init was already sent`, after an
+    // `error` message (`request.malformed`); the actor serves other connections on.
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, addr, _host) = serve(dir.path()).await;
+    let mut socket = connect(addr, "twice").await;
+    let init = json!({ "t": "init", "key": ["twice"] });
+    socket.send(Message::text(init.to_string())).await.unwrap();
+    let error = loop {
+        match socket.next().await.unwrap().unwrap() {
+            Message::Text(text) => break serde_json::from_str::<Value>(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected the error message first, got {other:?}"),
+        }
+    };
+    assert_eq!(error["t"], "error", "{error}");
+    assert_eq!(
+        (&error["error"]["group"], &error["error"]["code"]),
+        (&json!("request"), &json!("malformed")),
+        "{error}"
+    );
+    assert_eq!(
+        next(&mut socket).await,
+        Frame::Close(1008, "init was already sent".into())
+    );
+    let mut other = connect(addr, "twice").await;
+    send_call(&mut other, 1, "increment", json!([])).await;
+    assert_eq!(next(&mut other).await, Frame::Reply(1));
+    drop(other);
+    runtime.drain().await;
+}

@@ -490,3 +490,62 @@ async fn serve_opens_storage_without_holding_the_state_lock() {
     // Nothing was left running: the data directory is free again.
     drop(keel_core::store::Store::open(dir.path(), keel_core::Durability::Full).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_reaches_keel_during_the_drain_is_answered_503_shutting_down() {
+    // docs/protocol.md, "Shutdown", step 1: once the drain has begun, a request that reaches
+    // keel is answered `503 registry.shutting_down`, while the call in progress finishes.
+    let dir = tempfile::tempdir().unwrap();
+    let host = CounterHost::new();
+    let registry = registry(host.clone());
+    let (addr, serving) = serve(&registry, config(dir.path())).await;
+    // A call in progress holds the drain open until the gate opens.
+    let blocked = tokio::spawn(async move {
+        post(addr, "/v1/actors/counter/actions/block", r#"{"key":["d"]}"#).await
+    });
+    common::eventually("the blocked call runs", || host.runs("block") == 1).await;
+    // A request whose head is in and whose body is still on its way: it reaches keel's
+    // routes only once the body is complete, after the drain has begun.
+    let body = r#"{"key":["late"],"args":[1]}"#;
+    let (first, rest) = body.split_at(10);
+    let mut late = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/actors/counter/actions/increment HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{first}",
+        body.len()
+    );
+    late.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let shutdown = {
+        let registry = registry.clone();
+        tokio::spawn(async move { registry.shutdown().await })
+    };
+    common::eventually("the drain begins", || {
+        registry.state_name() == "shutting_down"
+    })
+    .await;
+    late.write_all(rest.as_bytes()).await.unwrap();
+    let mut response = vec![0; 4096];
+    let read = late.read(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response[..read]).to_string();
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    let body: serde_json::Value =
+        serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(
+        (&body["group"], &body["code"]),
+        (
+            &serde_json::json!("registry"),
+            &serde_json::json!("shutting_down")
+        ),
+        "{response}"
+    );
+    // The call in progress finishes normally, after its commit.
+    host.gate.add_permits(1);
+    assert_eq!(blocked.await.unwrap().0, 200);
+    shutdown.await.unwrap();
+    serving.await.unwrap().unwrap();
+    assert_eq!(
+        committed_count(dir.path(), "late"),
+        None,
+        "the late request ran nothing"
+    );
+}

@@ -260,6 +260,14 @@ impl WriterHandle {
         &self.shared.queue
     }
 
+    /// Runs `f` on the writer's own connection, between batches (the writer idle).
+    #[cfg(test)]
+    pub(crate) fn with_writer_conn<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> T) -> T {
+        self.shared.queue.wait_idle();
+        let core = self.shared.core.lock();
+        f(&core.as_ref().expect("the writer is open").conn)
+    }
+
     /// Resolves once everything queued before it is durable.
     pub async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();

@@ -477,3 +477,24 @@ async fn with_relaxed_durability_each_open_counts_once_and_commits_leave_the_cou
     let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
     assert!(integrity::commit_seq(&conn).unwrap() < mark.seq);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_syncs_each_commit_as_its_durability_says() {
+    // docs/configuration.md: `full` is SQLite's `synchronous = FULL` (2), which survives a
+    // power loss; `relaxed` is `NORMAL` (1). Checked on the writer's own connection after
+    // commits, inline and queued, since every commit goes through it.
+    for (durability, expected) in [(Durability::Full, 2), (Durability::Relaxed, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, writer, handle) = writer_with_actor_at(&dir, durability).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        handle.commit("a1".into(), state(1), None, noting(&log, 1), true);
+        handle.commit("a1".into(), state(2), None, noting(&log, 2), false);
+        handle.flush().await.unwrap();
+        let sync: i64 = handle.with_writer_conn(|conn| {
+            conn.query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .unwrap()
+        });
+        assert_eq!(sync, expected, "{durability:?}");
+        writer.close().await;
+    }
+}
