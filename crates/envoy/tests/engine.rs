@@ -810,6 +810,41 @@ async fn the_engine_alarm_wakes_a_sleeping_actor_at_its_earliest_schedule_not_a_
         .collect();
     assert_eq!(ids, ["far"]);
     gateway.await.expect("joined").expect("gateway answered");
+
+    // A schedule due soon, then it and the far one cancelled: with no schedule left the
+    // engine's alarm is cleared (docs/engine.md), so nothing starts the sleeping actor, at the
+    // cancelled one's time or after it.
+    let soon = epoch_ms() + 1_500;
+    commit(
+        &third.store,
+        Writes {
+            schedules: vec![add_schedule("soon", soon)],
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("commit the soon schedule");
+    commit(
+        &third.store,
+        Writes {
+            schedules: vec![
+                ScheduleWrite::Cancel { id: "soon".into() },
+                ScheduleWrite::Cancel { id: "far".into() },
+            ],
+            ..Writes::default()
+        },
+    )
+    .await
+    .expect("commit the cancels");
+    sleep_and_stop(&envoy, &mut events, third).await;
+    let quiet_until = tokio::time::Instant::now()
+        + Duration::from_millis(u64::try_from(soon - epoch_ms()).unwrap_or(0) + 2_000);
+    while let Ok(Some(event)) = tokio::time::timeout_at(quiet_until, events.recv()).await {
+        assert!(
+            !matches!(event, EngineEvent::Start { .. }),
+            "the actor was started with no schedule left: the engine's alarm was not cleared"
+        );
+    }
     envoy.abandon();
 }
 
