@@ -88,12 +88,20 @@ async fn messages_queued_behind_a_destroy_fail_with_not_found_and_change_nothing
         let err = call.await.unwrap().unwrap_err();
         assert_eq!((err.group(), err.code()), ("actor", "not_found"));
     }
-    assert_eq!(host.runs("increment"), 0, "nothing queued behind the destroy ran");
+    assert_eq!(
+        host.runs("increment"),
+        0,
+        "nothing queued behind the destroy ran"
+    );
     let get = runtime
         .resolve(by_key("q", Resolve::Get))
         .await
         .unwrap_err();
-    assert_eq!(get.code(), "not_found", "no actor was created by them either");
+    assert_eq!(
+        get.code(),
+        "not_found",
+        "no actor was created by them either"
+    );
     let fresh = runtime.resolve(counter("q")).await.unwrap();
     assert_ne!(fresh.id, old.id);
     runtime.drain().await;
