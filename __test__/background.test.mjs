@@ -184,10 +184,18 @@ test("onStateChange changing the state fails the call with actor.state_change_mu
   const { client } = await start(t);
   const handle = client.watched.getOrCreate(["m"]);
   assert.equal(await handle.add(1), 1);
-  await assert.rejects(handle.mutateIn("assign"), { group: "actor", code: "state_change_mutation", message: /assigned c\.state/ });
-  await assert.rejects(handle.mutateIn("deep"), { group: "actor", code: "state_change_mutation", message: /changed a value inside c\.state/ });
+  // The hook broadcasts before it mutates: a listener would see a failed call's event leak.
+  const conn = handle.connect();
+  t.after(() => conn.dispose());
+  const heard = [];
+  conn.on("changed", (count) => heard.push(count));
+  await conn.ready;
+  await assert.rejects(conn.mutateIn("assign"), { group: "actor", code: "state_change_mutation", message: /assigned c\.state/ });
+  await assert.rejects(conn.mutateIn("deep"), { group: "actor", code: "state_change_mutation", message: /changed a value inside c\.state/ });
   assert.equal(await handle.read(), 1, "the failed calls' changes are rolled back");
-  assert.equal(await handle.add(1), 2, "the actor keeps working");
+  // Over the connection, a call's events arrive before its reply.
+  assert.equal(await conn.add(1), 2, "the actor keeps working");
+  assert.deepEqual(heard, [2], "the failed calls' broadcasts never left");
 });
 
 test("c.abortSignal fires when the actor sleeps, before onSleep runs", async (t) => {
