@@ -702,6 +702,46 @@ test("a hibernatable connection through the gateway by id: the socket stays open
   assert.deepEqual(await ws.closed, { code: 1000, reason: "actor destroyed" });
 });
 
+test("a hibernated connection whose actor wakes in the pool's other keel is closed at its next message and resumed there with conn.state", async (t) => {
+  // docs/engine.md, "What differs from embedded": only the process that kept a socket can
+  // restore it. The other cannot, and the socket is closed when the client next sends on it;
+  // keel's client then resumes its connection with its token.
+  const engine = await startEngine(t, { envoy_lost_threshold: 2000 });
+  const owner = await startKeel(t, engine, {}, conformanceServer);
+  const handle = createClient(engine.url).lounge.getOrCreate("moved");
+  const id = await handle.resolve();
+  const conn = handle.connect({ name: "ada" });
+  t.after(() => conn.dispose());
+  const first = await conn.bump();
+  assert.equal(first.count, 1);
+  // Asleep on `owner` (lounge sleeps after 300 ms without a message), the socket kept open by
+  // the gateway and its record committed with the connection.
+  await until("the engine marking the actor asleep", async () => {
+    const { actors } = await (await fetch(`${engine.url}/actors?namespace=default&actor_ids=${id}`)).json();
+    return actors?.[0]?.sleep_ts ? true : undefined;
+  });
+  const standby = await startKeel(t, engine, {}, conformanceServer);
+  owner.kill("SIGKILL");
+  await owner.exited;
+  // A request wakes the actor; with `owner` gone it starts on `standby`, which has the
+  // connection's record but no end of its socket.
+  const announced = await gateway(engine, "lounge", "moved", "announce", ["after the move"], { timeoutMs: STEP_MS });
+  assert.equal(announced.status, 200, JSON.stringify(announced.body) + standby.stderrText);
+  assert.equal(announced.body.output, 1, "the connection is restored from its record, waiting for its client");
+  // The call sent on the socket the gateway still holds closes it; it did not run.
+  const lost = new Promise((_, reject) => setTimeout(() => reject(new Error("the call on the moved socket got no answer in 10 s")), 10_000));
+  await assert.rejects(Promise.race([conn.bump(), lost]), (err) => {
+    assert.equal(err.code, "connection_lost", String(err));
+    return true;
+  });
+  // Resumed on `standby` with its token: the same connection and conn.state.
+  const second = await until("a call on the resumed connection", () => conn.bump());
+  assert.equal(second.count, 2, "conn.state came with the resumed connection; the lost call never ran");
+  assert.ok(second.wakes > first.wakes, "the actor woke again, on standby");
+  assert.equal(conn.status, "open");
+  assert.equal(standby.exitCode, null);
+});
+
 test("requests that reach an actor while it goes to sleep by itself are served by its next activation", async (t) => {
   const engine = await startEngine(t);
   await startKeel(t, engine, {}, conformanceServer);

@@ -374,7 +374,10 @@ export class ActorConnectionImpl {
     }
     // 1000: the actor closed this connection on purpose; 1007/1008: it refused what we sent.
     // Reconnecting would not help; 1001 (going away), 1006, 1011 and 1013 are worth a retry.
-    const final = code === 1000 || code === 1007 || code === 1008;
+    // A 1008 whose reason is the engine's own (`ws.…`, such as `ws.message_index_skip` when a
+    // hibernated socket's actor moved to another keel process) says nothing about what we
+    // sent: the connection is resumed like after a 1011.
+    const final = code === 1000 || code === 1007 || (code === 1008 && !reason.startsWith("ws."));
     const refused =
       this.refused ??
       (final && code !== 1000

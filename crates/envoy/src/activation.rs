@@ -407,12 +407,7 @@ impl EnvoyCallbacks for Callbacks {
             // A socket the actor's connection kept while it slept, handed back on its start.
             let restored =
                 crate::socket::restore(self.sockets.clone(), tunnel, &actor_id, key, sender);
-            return Box::pin(async move {
-                restored.ok_or_else(|| {
-                    tracing::debug!(%actor_id, %path, "no hibernated socket to restore");
-                    anyhow::anyhow!("no hibernated socket to restore")
-                })
-            });
+            return Box::pin(async move { Ok(restored) });
         }
         if !tunnel.serves(&actor_id) {
             // Refused before it opens: the gateway opens it again once the actor's next

@@ -277,35 +277,55 @@ pub(crate) fn handler(
     handler
 }
 
-/// The handler of a hibernated socket the envoy restores on the actor's next start, if keel
-/// kept it (see the module doc): the socket now answers through `sender`, and keel's reader
-/// carries on. `None` if keel has no such socket for `actor_id` (it slept in another process,
-/// or keel has finished with it): the envoy then closes it with 1011 and keel's client
-/// reconnects, resuming its connection with its token.
+/// The close reason of a hibernated socket that its actor's start found no end of here.
+pub(crate) const MOVED_REASON: &str = "actor moved";
+
+/// The handler of a hibernated socket the envoy restores on the actor's next start. If keel
+/// kept it (see the module doc), the socket now answers through `sender`, and keel's reader
+/// carries on. If keel has no such socket for `actor_id` (it slept in another process, or keel
+/// has finished with it), the socket is taken anyway and closed at once with 1011
+/// ([`MOVED_REASON`]): keel's client then reconnects, resuming its connection with its token.
+/// Refusing the restore instead is not enough: the gateway does not pass on a close for a
+/// socket it was not given back, so the client would keep a socket nobody answers.
 pub(crate) fn restore(
     sockets: Arc<Sockets>,
     tunnel: Arc<dyn Tunnel>,
     actor_id: &str,
     key: SocketKey,
     sender: WebSocketSender,
-) -> Option<WebSocketHandler> {
-    let Some(slot) = sockets.get(&key) else {
-        // Kept by an activation elsewhere, or ended unnoticed: its record is of no use.
-        tunnel.hibernatable_ended(actor_id, key.0, key.1);
-        return None;
-    };
-    {
+) -> WebSocketHandler {
+    let kept = sockets.get(&key).filter(|slot| {
         let open = slot.lock();
-        if open.actor_id != actor_id || !open.is_live() {
-            tunnel.hibernatable_ended(actor_id, key.0, key.1);
-            return None;
+        let live = open.actor_id == actor_id && open.is_live();
+        if live {
+            // Frames keel sends from now on take the new route; the envoy forwards them once
+            // the gateway has the socket again.
+            *open.peer.sender.lock() = sender.clone();
         }
-        // Frames keel sends from now on take the new route; the envoy forwards them once the
-        // gateway has the socket again.
-        *open.peer.sender.lock() = sender;
-    }
+        live
+    });
+    let Some(slot) = kept else {
+        // Kept by an activation elsewhere, or ended unnoticed: its record is of no use. The
+        // close is queued behind the envoy's restore of the route, so the gateway passes it
+        // on; what the client sent meanwhile is dropped (its calls never ran).
+        tracing::debug!(%actor_id, "hibernated websocket kept elsewhere; closing it for the client to resume");
+        tunnel.hibernatable_ended(actor_id, key.0, key.1);
+        let closed = std::sync::atomic::AtomicBool::new(false);
+        return WebSocketHandler {
+            on_message: Box::new(move |message| {
+                if !closed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    message
+                        .sender
+                        .close(Some(1011), Some(MOVED_REASON.to_string()));
+                }
+                Box::pin(async {})
+            }),
+            on_close: Box::new(|_, _| Box::pin(async {})),
+            on_open: None,
+        };
+    };
     tracing::debug!(%actor_id, "hibernated websocket restored");
-    Some(handlers(sockets, tunnel, key, slot))
+    handlers(sockets, tunnel, key, slot)
 }
 
 /// The message and close handlers of the socket in `slot`.
