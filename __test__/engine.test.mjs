@@ -702,13 +702,13 @@ test("a hibernatable connection through the gateway by id: the socket stays open
   assert.deepEqual(await ws.closed, { code: 1000, reason: "actor destroyed" });
 });
 
-test("a hibernated connection whose actor wakes in the pool's other keel is closed at its next message and resumed there with conn.state", async (t) => {
+for (const signal of ["SIGKILL", "SIGTERM"]) test(`a hibernated connection whose actor wakes in the pool's other keel after ${signal} of its owner is closed at its next message and resumed there with conn.state`, async (t) => {
   // docs/engine.md, "What differs from embedded": only the process that kept a socket can
   // restore it. The other cannot, and the socket is closed when the client next sends on it;
   // keel's client then resumes its connection with its token.
   const engine = await startEngine(t, { envoy_lost_threshold: 2000 });
   const owner = await startKeel(t, engine, {}, conformanceServer);
-  const handle = createClient(engine.url).lounge.getOrCreate("moved");
+  const handle = createClient(engine.url).lounge.getOrCreate(`moved-${signal}`);
   const id = await handle.resolve();
   const conn = handle.connect({ name: "ada" });
   t.after(() => conn.dispose());
@@ -721,11 +721,13 @@ test("a hibernated connection whose actor wakes in the pool's other keel is clos
     return actors?.[0]?.sleep_ts ? true : undefined;
   });
   const standby = await startKeel(t, engine, {}, conformanceServer);
-  owner.kill("SIGKILL");
+  // SIGTERM drains: the owner closes the sockets it kept for sleeping actors (1001), a close
+  // the gateway drops while it holds the socket for the sleeping actor.
+  owner.kill(signal);
   await owner.exited;
   // A request wakes the actor; with `owner` gone it starts on `standby`, which has the
   // connection's record but no end of its socket.
-  const announced = await gateway(engine, "lounge", "moved", "announce", ["after the move"], { timeoutMs: STEP_MS });
+  const announced = await gateway(engine, "lounge", `moved-${signal}`, "announce", ["after the move"], { timeoutMs: STEP_MS });
   assert.equal(announced.status, 200, JSON.stringify(announced.body) + standby.stderrText);
   assert.equal(announced.body.output, 1, "the connection is restored from its record, waiting for its client");
   // The call sent on the socket the gateway still holds closes it; it did not run.
