@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { setTimeout as sleep } from "node:timers/promises";
 import WebSocket from "ws";
 import { actor, setup, createClient } from "keel";
-import { post, tempDir } from "./helpers.mjs";
+import { post, startRegistry, tempDir } from "./helpers.mjs";
 
 /** Calls the test actors made on their instances, in order. */
 const seen = [];
@@ -93,25 +93,8 @@ const stuck = actor({
 });
 
 async function start(t, { dataDir = tempDir(t), ...options } = {}) {
-  const registry = setup({
-    use: { ledger, sluggish, stuck },
-    port: 0,
-    dataDir,
-    disableSignalHandlers: true,
-    dev: true,
-    ...options,
-  });
-  const serving = registry.start();
-  const { url } = await registry.listening();
-  let stopped = false;
-  const stop = async () => {
-    if (stopped) return;
-    stopped = true;
-    await registry.shutdown();
-    await serving;
-  };
-  t.after(stop);
-  return { registry, url, client: createClient(url), stop, dataDir };
+  const started = await startRegistry(t, setup, { use: { ledger, sluggish, stuck }, dataDir, dev: true, ...options });
+  return { ...started, client: createClient(started.url), dataDir };
 }
 
 function deferred() {

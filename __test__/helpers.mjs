@@ -92,3 +92,23 @@ export function waitForLine(child, line) {
     });
   });
 }
+
+/**
+ * Starts a registry made by keel's `setup(options)` in this process, listening on a free port,
+ * and resolves with { registry, url, stop }. `stop()` shuts it down once; it also runs after
+ * the test.
+ */
+export async function startRegistry(t, setup, options) {
+  const registry = setup({ port: 0, disableSignalHandlers: true, ...options });
+  const serving = registry.start();
+  const { url } = await registry.listening();
+  let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    await registry.shutdown();
+    await serving;
+  };
+  t.after(stop);
+  return { registry, url, stop };
+}

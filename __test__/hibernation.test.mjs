@@ -5,7 +5,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
 import { setup, createClient, actor, event } from "keel";
-import { tempDir } from "./helpers.mjs";
+import { startRegistry, tempDir } from "./helpers.mjs";
 
 /** What the actors' hooks saw, by actor key, in this process. */
 const seen = new Map();
@@ -72,18 +72,7 @@ const plain = roomOf({ sleepTimeoutMs: 200 });
 const shortWindow = roomOf({ hibernatableConnections: true, sleepTimeoutMs: 60_000, reconnectWindowMs: 300 });
 
 async function start(t, dataDir = tempDir(t), use = { room, plain, shortWindow }) {
-  const registry = setup({ use, port: 0, dataDir, disableSignalHandlers: true });
-  const serving = registry.start();
-  const { url } = await registry.listening();
-  let stopped = false;
-  const stop = async () => {
-    if (stopped) return;
-    stopped = true;
-    await registry.shutdown();
-    await serving;
-  };
-  t.after(stop);
-  return { registry, url, stop, dataDir };
+  return { ...(await startRegistry(t, setup, { use, dataDir })), dataDir };
 }
 
 async function until(what, condition, timeoutMs = 10_000) {
