@@ -121,8 +121,8 @@ impl Sockets {
     /// What the envoy needs to restore the actor's hibernated sockets on its start: one entry
     /// per hibernatable socket of `actor_id` that keel still reads here, and one per socket
     /// `stored` with the actor's data that this process does not hold (kept by an earlier
-    /// activation elsewhere): the envoy asks [`restore`] for it, which has none, and closes it
-    /// (1011), so its client reconnects and resumes its connection.
+    /// activation elsewhere): the envoy asks [`restore`] for it, which has none and closes it
+    /// at the client's next message, so its client reconnects and resumes its connection.
     pub(crate) fn hibernating(
         &self,
         actor_id: &str,
@@ -283,10 +283,15 @@ pub(crate) const MOVED_REASON: &str = "actor moved";
 /// The handler of a hibernated socket the envoy restores on the actor's next start. If keel
 /// kept it (see the module doc), the socket now answers through `sender`, and keel's reader
 /// carries on. If keel has no such socket for `actor_id` (it slept in another process, or keel
-/// has finished with it), the socket is taken anyway and closed at once with 1011
-/// ([`MOVED_REASON`]): keel's client then reconnects, resuming its connection with its token.
-/// Refusing the restore instead is not enough: the gateway does not pass on a close for a
-/// socket it was not given back, so the client would keep a socket nobody answers.
+/// has finished with it), the socket is taken anyway, with no reader, and closed when the
+/// client next sends on it: by the envoy (1008 `ws.message_index_skip`, as this process
+/// cannot know how far the old one read), or else here with 1011 ([`MOVED_REASON`]). keel's
+/// client then reconnects, resuming its connection with its token.
+///
+/// Neither refusing the restore nor closing the socket at once reaches the client: both send
+/// the close while the gateway still holds the socket for the sleeping actor, and engine
+/// 2.3.19's gateway drops a close then. The client's next message is the first moment the
+/// gateway is known to have the socket routed here again.
 pub(crate) fn restore(
     sockets: Arc<Sockets>,
     tunnel: Arc<dyn Tunnel>,
@@ -305,9 +310,8 @@ pub(crate) fn restore(
         live
     });
     let Some(slot) = kept else {
-        // Kept by an activation elsewhere, or ended unnoticed: its record is of no use. The
-        // close is queued behind the envoy's restore of the route, so the gateway passes it
-        // on; what the client sent meanwhile is dropped (its calls never ran).
+        // Kept by an activation elsewhere, or ended unnoticed: its record is of no use. What
+        // the client sends on it is dropped (its calls never run).
         tracing::debug!(%actor_id, "hibernated websocket kept elsewhere; closing it for the client to resume");
         tunnel.hibernatable_ended(actor_id, key.0, key.1);
         let closed = std::sync::atomic::AtomicBool::new(false);
