@@ -556,3 +556,61 @@ async fn a_keep_awake_hold_blocks_idle_sleep_until_it_is_closed() {
     );
     runtime.drain().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_due_schedule_that_finds_the_mailbox_full_is_offered_again_without_counting_a_failure() {
+    // docs/actors.md, "Retries": a run that finds the actor's mailbox full is offered again a
+    // second later, without counting as a failure. Held full for 20 s, longer than the five
+    // failed runs (at 0, 1, 3, 7 and 15 s) after which a failing schedule is dropped.
+    let dir = tempfile::tempdir().unwrap();
+    let host = CounterHost::new();
+    let mut config = common::config(dir.path());
+    config.limits.max_mailbox_len = 1;
+    let runtime = Arc::new(
+        Runtime::open(config, common::types(), host.clone(), &Default::default()).unwrap(),
+    );
+    let now = runtime.now_ms();
+    call(
+        &runtime,
+        counter("m"),
+        "schedule",
+        &schedule_args("m1", now + 1_000, "append", "5"),
+    )
+    .await
+    .unwrap();
+    let held = common::block_a_call(&runtime, &host, "m").await;
+    // One message waits behind the held call: the mailbox is full.
+    let queued = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { call(&runtime, counter("m"), "increment", "[1]").await })
+    };
+    settle().await;
+    for _ in 0..20 {
+        advance(Duration::from_millis(1_000)).await;
+        settle().await;
+    }
+    assert_eq!(
+        runtime.pending_schedules(),
+        1,
+        "the schedule was not given up"
+    );
+    assert_eq!(
+        rows(dir.path(), "SELECT attempts FROM schedules WHERE id = 'm1'"),
+        0,
+        "no failed run was counted"
+    );
+    assert_eq!(host.runs("append"), 0);
+    host.gate.add_permits(1);
+    held.await.unwrap().unwrap();
+    queued.await.unwrap().unwrap();
+    advance(Duration::from_millis(1_000)).await;
+    eventually("the schedule runs", || runtime.pending_schedules() == 0).await;
+    settle().await;
+    assert_eq!(
+        call(&runtime, counter("m"), "seen", "[]").await.unwrap(),
+        "[5]",
+        "it ran once the mailbox had room"
+    );
+    assert_eq!(rows(dir.path(), "SELECT count(*) FROM schedules"), 0);
+    runtime.drain().await;
+}
