@@ -309,3 +309,23 @@ async fn a_second_init_is_answered_with_an_error_then_closed_1008() {
     drop(other);
     runtime.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_socket_that_sends_no_init_is_closed_1008_after_ten_seconds() {
+    // docs/protocol.md: no `init` within 10 seconds closes the socket, 1008 `no init message`.
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, addr, _host) = serve(dir.path()).await;
+    let url = format!("ws://{addr}/v1/actors/counter/connect");
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let opened = std::time::Instant::now();
+    let close = tokio::time::timeout(std::time::Duration::from_secs(20), next(&mut socket))
+        .await
+        .expect("closed within 20 s");
+    let waited = opened.elapsed();
+    assert_eq!(close, Frame::Close(1008, "no init message".into()));
+    assert!(
+        waited >= std::time::Duration::from_millis(9_500),
+        "closed after {waited:?}, before the 10 s allowed"
+    );
+    runtime.drain().await;
+}

@@ -385,6 +385,46 @@ async fn a_state_that_does_not_decode_is_a_storage_error_for_its_actor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_input_that_does_not_decode_is_a_storage_error_for_its_actor() {
+    // docs/configuration.md, "Damage is reported, never served": one actor's stored creation
+    // input that does not decode fails only that actor's calls, with its id. The input is kept
+    // until the actor's first start has used it, so the actor here is created and not started.
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = open(dir.path(), CounterHost::new());
+    let with_input = Target::Key {
+        name: "counter".into(),
+        key: vec!["given".into()],
+        mode: Resolve::GetOrCreate,
+        input: Some(keel_core::Payload::json(r#"{"tag":"from the creator"}"#)),
+    };
+    let given = runtime.resolve(with_input).await.unwrap();
+    increment(&runtime, "fine", 2).await;
+    runtime.drain().await;
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let changed = conn
+            .execute(
+                "UPDATE actors SET input = substr(input, 1, 5) \
+                 WHERE key = 'given' AND state IS NULL AND input IS NOT NULL",
+                [],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "the created actor's input is stored, unused");
+    }
+
+    let runtime = open(dir.path(), CounterHost::new());
+    let err = call(&runtime, get("given"), "get", "[]").await.unwrap_err();
+    assert_corrupt(&err, "creation input");
+    assert_eq!(
+        err.metadata(),
+        Some(serde_json::json!({ "actorId": &*given.id }))
+    );
+    assert_eq!(call(&runtime, get("fine"), "get", "[]").await.unwrap(), "2");
+    runtime.drain().await;
+    assert_eq!(actor_rows(dir.path()), 2, "nothing was reset or deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_programs_database_is_refused_and_left_untouched() {
     for user_version in [0, 1] {
         let dir = tempfile::tempdir().unwrap();

@@ -549,3 +549,51 @@ async fn a_request_that_reaches_keel_during_the_drain_is_answered_503_shutting_d
         "the late request ran nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_answers_messages_queued_behind_a_running_call_after_their_commits() {
+    // docs/protocol.md, "Shutdown", step 2: messages already in an actor's mailbox, and the
+    // one running, finish and are answered normally, each after its commit.
+    let dir = tempfile::tempdir().unwrap();
+    let host = CounterHost::new();
+    let registry = registry(host.clone());
+    let (addr, serving) = serve(&registry, config(dir.path())).await;
+    let running = tokio::spawn(async move {
+        post(
+            addr,
+            "/v1/actors/counter/actions/slow",
+            r#"{"key":["q"],"args":[400]}"#,
+        )
+        .await
+    });
+    common::eventually("the slow call runs", || host.runs("slow") == 1).await;
+    let queued: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(async move {
+                post(
+                    addr,
+                    "/v1/actors/counter/actions/increment",
+                    r#"{"key":["q"],"args":[10]}"#,
+                )
+                .await
+            })
+        })
+        .collect();
+    // In the mailbox behind the slow call by then.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    registry.shutdown().await;
+    assert_eq!(running.await.unwrap(), (200, r#"{"output":1}"#.to_string()));
+    let mut outputs: Vec<String> = Vec::new();
+    for call in queued {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        outputs.push(body);
+    }
+    outputs.sort();
+    assert_eq!(
+        outputs,
+        [r#"{"output":11}"#, r#"{"output":21}"#, r#"{"output":31}"#]
+    );
+    serving.await.unwrap().unwrap();
+    assert_eq!(committed_count(dir.path(), "q"), Some(31));
+}
