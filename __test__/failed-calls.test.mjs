@@ -5,7 +5,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { setTimeout as sleep } from "node:timers/promises";
 import WebSocket from "ws";
-import { actor, setup, createClient } from "keel";
+import { actor, event, setup, createClient } from "keel";
 import { post, startRegistry, tempDir } from "./helpers.mjs";
 
 /** Calls the test actors made on their instances, in order. */
@@ -92,8 +92,16 @@ const stuck = actor({
   },
 });
 
+const gatekeeper = actor({
+  state: {},
+  events: { gated: event({ canSubscribe: () => new Promise(() => {}) }) },
+  actions: {
+    ping: () => "pong",
+  },
+});
+
 async function start(t, { dataDir = tempDir(t), ...options } = {}) {
-  const started = await startRegistry(t, setup, { use: { ledger, sluggish, stuck }, dataDir, dev: true, ...options });
+  const started = await startRegistry(t, setup, { use: { ledger, sluggish, stuck, gatekeeper }, dataDir, dev: true, ...options });
   return { ...started, client: createClient(started.url), dataDir };
 }
 
@@ -221,4 +229,18 @@ test("a start that never returns fails with hook_timed_out, and a new actor's fa
   assert.equal((await socket.closed).code, 1008);
   hang = false;
   assert.equal(await client.stuck.get(["s"]).tag(), "second", "the actor serves on");
+});
+
+test("a canSubscribe that never returns refuses the subscription with hook_timed_out, and the connection serves on", async (t) => {
+  const { client } = await start(t, { hookTimeoutMs: 300 });
+  const conn = client.gatekeeper.getOrCreate(["g"]).connect();
+  t.after(() => conn.dispose());
+  const errors = [];
+  conn.onError((err) => errors.push(err));
+  await conn.ready;
+  conn.on("gated", () => assert.fail("a refused subscription delivered an event"));
+  await until("the subscription is refused", () => errors.length > 0);
+  assert.equal(errors[0].code, "hook_timed_out", String(errors[0]));
+  assert.deepEqual(errors[0].metadata, { hook: "canSubscribe", timeoutMs: 300 });
+  assert.equal(await conn.ping(), "pong", "the connection stays open and serves calls");
 });
