@@ -35,7 +35,7 @@ function init(args)
   base = nil
   refused = 0
   mismatches = 0
-  req = wrk.format("POST", path, { ["content-type"] = "application/json", ["x-rivet-encoding"] = "json" }, body)
+  req = threads.post(path, body)
 end
 
 function request()
@@ -48,7 +48,7 @@ function response(status, headers, reply)
     return
   end
   ok = ok + 1
-  local output = tonumber(reply:match('"output":%s*(%-?%d+)'))
+  local output = threads.output(reply)
   -- The first reply anchors the sequence: a warm-up request still in flight when the plan's
   -- `start` was read may have landed since (run.mjs checks `base` is start or start + 1).
   if base == nil and output ~= nil then

@@ -21,7 +21,7 @@ local extra = tonumber(os.getenv("KEEL_BENCH_MANY_EXTRA") or "0")
 local threads = dofile(here .. "threads.lua")(here)
 setup = threads.setup
 
-local headers = { ["content-type"] = "application/json", ["x-rivet-encoding"] = "json" }
+local headers = threads.headers
 
 function init(args)
   ok = 0
@@ -36,14 +36,13 @@ end
 
 function request()
   if kind ~= "rivetkit" then
-    return wrk.format("POST", "/v1/actors/counter/actions/increment", headers,
-      string.format('{"key":["%s"],"args":[1]}', key()))
+    return threads.post("/v1/actors/counter/actions/increment", string.format('{"key":["%s"],"args":[1]}', key()))
   end
   if actor_id == nil then
     return wrk.format("PUT", "/actors", headers, string.format(
       '{"name":"counter","key":"%s","runner_name_selector":"default","crash_policy":"sleep"}', key()))
   end
-  return wrk.format("POST", "/gateway/" .. actor_id .. "/action/increment", headers, '{"args":[1]}')
+  return threads.post("/gateway/" .. actor_id .. "/action/increment", '{"args":[1]}')
 end
 
 local function finish_one(answered_one)
@@ -61,7 +60,7 @@ function response(status, headers, body)
     if actor_id == nil then finish_one(false) end
     return
   end
-  finish_one(status == 200 and tonumber(body:match('"output":%s*(%-?%d+)')) == 1)
+  finish_one(status == 200 and threads.output(body) == 1)
 end
 
 function done(summary, latency, requests)

@@ -32,7 +32,7 @@ function init(args)
     k = k + 1
     if (k - index) % step == 0 then
       local path, body = line:match("^([^\t]*)\t([^\t]*)\t%d+$")
-      reqs[#reqs + 1] = wrk.format("POST", path, { ["content-type"] = "application/json", ["x-rivet-encoding"] = "json" }, body)
+      reqs[#reqs + 1] = threads.post(path, body)
     end
   end
   turn = 0
@@ -49,7 +49,7 @@ function response(status, headers, reply)
     return
   end
   ok = ok + 1
-  local output = tonumber(reply:match('"output":%s*(%d+)'))
+  local output = threads.output(reply)
   if output == nil or output < 1 then
     mismatches = mismatches + 1
   end
