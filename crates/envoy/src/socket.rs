@@ -30,6 +30,7 @@
 //!   actor's `onDisconnect` or close listeners run, and nothing waits on it.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use keel_core::{SocketMessage, SocketPeer, TunneledSocket};
@@ -314,10 +315,10 @@ pub(crate) fn restore(
         // the client sends on it is dropped (its calls never run).
         tracing::debug!(%actor_id, "hibernated websocket kept elsewhere; closing it for the client to resume");
         tunnel.hibernatable_ended(actor_id, key.0, key.1);
-        let closed = std::sync::atomic::AtomicBool::new(false);
+        let closed = AtomicBool::new(false);
         return WebSocketHandler {
             on_message: Box::new(move |message| {
-                if !closed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                if !closed.swap(true, Ordering::Relaxed) {
                     message
                         .sender
                         .close(Some(1011), Some(MOVED_REASON.to_string()));

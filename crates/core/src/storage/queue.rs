@@ -33,8 +33,9 @@
 //! commit sent before it was the same actor's (one actor called one call at a time; with
 //! several actors busy their commits interleave), the last batch was alone, and that batch,
 //! flush included, took at most [`INLINE_FLUSH_BOUND`], so a request that arrives meanwhile
-//! waits at most that long, as it would behind a plain Node server's synchronous commit. The duty-cycle rule does not apply there: a flush takes longer
-//! than the gap between one caller's calls, and the other rules already rule out a burst.
+//! waits at most that long, as it would behind a plain Node server's synchronous commit. The
+//! duty-cycle rule does not apply there: a flush takes longer than the gap between one
+//! caller's calls, and the other rules already rule out a burst.
 //!
 //! What must stay true:
 //! - **One applier at a time.** Whoever is applying (the thread or an inline sender) holds
