@@ -186,11 +186,7 @@ test("c.sleep() puts the actor to sleep through the engine, and the next call wa
   assert.equal(before.wakes, 1);
   assert.deepEqual((await gateway(engine, "napper", "n1", "nap")).body, { output: 3 });
   // The engine records the sleep once keel's intent reached it and the stop completed.
-  await until("the engine marking the actor asleep", async () => {
-    const response = await fetch(`${engine.url}/actors?namespace=default&actor_ids=${before.actorId}`);
-    const { actors } = await response.json();
-    return actors?.[0]?.sleep_ts ? true : undefined;
-  });
+  await untilAsleep(engine, before.actorId);
   const after = (await gateway(engine, "napper", "n1", "status")).body.output;
   assert.equal(after.actorId, before.actorId);
   assert.equal(after.count, 3, "the state survived the sleep");
@@ -230,6 +226,11 @@ async function engineActor(engine, actorId) {
   return actors?.[0];
 }
 
+/** Waits until the engine marks the actor asleep (its `sleep_ts` is set). */
+async function untilAsleep(engine, actorId) {
+  await until("the engine marking the actor asleep", async () => ((await engineActor(engine, actorId))?.sleep_ts ? true : undefined));
+}
+
 test("a schedule wakes its sleeping actor through the engine's alarm, and its effect is durable", async (t) => {
   const engine = await startEngine(t);
   await startKeel(t, engine);
@@ -238,7 +239,7 @@ test("a schedule wakes its sleeping actor through the engine's alarm, and its ef
   const { status, body } = await gateway(engine, "napper", "a1", "alarmAsleep", [3000]);
   assert.equal(status, 200, JSON.stringify(body));
   const due = body.output;
-  await until("the engine marking the actor asleep", async () => ((await engineActor(engine, actorId))?.sleep_ts ? true : undefined));
+  await untilAsleep(engine, actorId);
   // No request reaches the actor from here: only the engine's alarm can start it again.
   await until("the engine starting the actor at its alarm", async () =>
     (await engineActor(engine, actorId))?.sleep_ts ? undefined : true);
@@ -286,11 +287,7 @@ test("kill -9 of keel during acknowledged increments loses none of them: the poo
 async function napAndWait(engine, name, key) {
   const { body } = await gateway(engine, name, key, "stats");
   assert.equal((await gateway(engine, name, key, "nap")).status, 200);
-  await until("the engine marking the actor asleep", async () => {
-    const response = await fetch(`${engine.url}/actors?namespace=default&actor_ids=${body.output.actorId}`);
-    const { actors } = await response.json();
-    return actors?.[0]?.sleep_ts ? true : undefined;
-  });
+  await untilAsleep(engine, body.output.actorId);
 }
 
 test("c.db through the engine: rows survive sleep and wake, a throwing call's SQL is rolled back", async (t) => {
@@ -716,10 +713,7 @@ for (const signal of ["SIGKILL", "SIGTERM"]) test(`a hibernated connection whose
   assert.equal(first.count, 1);
   // Asleep on `owner` (lounge sleeps after 300 ms without a message), the socket kept open by
   // the gateway and its record committed with the connection.
-  await until("the engine marking the actor asleep", async () => {
-    const { actors } = await (await fetch(`${engine.url}/actors?namespace=default&actor_ids=${id}`)).json();
-    return actors?.[0]?.sleep_ts ? true : undefined;
-  });
+  await untilAsleep(engine, id);
   const standby = await startKeel(t, engine, {}, conformanceServer);
   // SIGTERM drains: the owner closes the sockets it kept for sleeping actors (1001), a close
   // the gateway drops while it holds the socket for the sleeping actor.
@@ -793,10 +787,7 @@ test("the typed client resolves a key once and calls by id after; a destroyed ac
   assert.deepEqual(sent, [byId("bump", first.actorId), byId("bump", first.actorId)]);
   // The actor sleeps and is woken by a call by id, with its state.
   await vault.nap();
-  await until("the engine marking the actor asleep", async () => {
-    const { actors } = await (await fetch(`${engine.url}/actors?namespace=default&actor_ids=${first.actorId}`)).json();
-    return actors?.[0]?.sleep_ts ? true : undefined;
-  });
+  await untilAsleep(engine, first.actorId);
   sent.length = 0;
   const woken = await vault.stats();
   assert.deepEqual({ n: woken.n, wakes: woken.wakes, actorId: woken.actorId }, { n: 7, wakes: 2, actorId: first.actorId });
